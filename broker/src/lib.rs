@@ -1,0 +1,5 @@
+//! ferromq broker crate: the RocketMQ remoting protocol, the message store, the name server,
+//! the broker, and the client used by `mqadmin`, the operator and the tests.
+
+pub mod remoting;
+pub mod store;

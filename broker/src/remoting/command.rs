@@ -1,0 +1,426 @@
+//! `RemotingCommand`: the unit every request and response travels as, and its two header
+//! serializations (JSON and the compact ROCKETMQ binary form).
+
+use std::collections::HashMap;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+use super::code::ResponseCode;
+use super::RemotingError;
+
+/// Flag bit set on responses.
+pub const FLAG_RESPONSE: i32 = 1;
+/// Flag bit set on requests that expect no response.
+pub const FLAG_ONEWAY: i32 = 1 << 1;
+
+/// How a header is serialized; the high byte of the frame's header-info word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SerializeType {
+    /// Header as a JSON object (Java's default).
+    #[default]
+    Json,
+    /// Header in RocketMQ's compact big-endian binary form.
+    RocketMq,
+}
+
+impl SerializeType {
+    /// Wire byte of the type.
+    pub fn byte(self) -> u8 {
+        match self {
+            SerializeType::Json => 0,
+            SerializeType::RocketMq => 1,
+        }
+    }
+
+    /// Type for a wire byte.
+    pub fn from_byte(b: u8) -> Result<Self, RemotingError> {
+        match b {
+            0 => Ok(SerializeType::Json),
+            1 => Ok(SerializeType::RocketMq),
+            other => Err(RemotingError::UnknownSerializeType(other)),
+        }
+    }
+}
+
+/// Names of `LanguageCode` ordinals; the position is the wire byte.
+const LANGUAGES: &[&str] = &[
+    "JAVA", "CPP", "DOTNET", "PYTHON", "DELPHI", "ERLANG", "RUBY", "OTHER", "HTTP", "GO", "PHP",
+    "OMS", "RUST", "NODE_JS",
+];
+const LANGUAGE_OTHER: u8 = 7;
+
+/// Wire byte of a language name; unknown names count as OTHER, as they are only informative.
+pub fn language_from_name(name: &str) -> u8 {
+    LANGUAGES
+        .iter()
+        .position(|l| l.eq_ignore_ascii_case(name))
+        .map_or(LANGUAGE_OTHER, |p| p as u8)
+}
+
+/// Name of a language wire byte.
+pub fn language_name(code: u8) -> &'static str {
+    LANGUAGES
+        .get(code as usize)
+        .copied()
+        .unwrap_or(LANGUAGES[LANGUAGE_OTHER as usize])
+}
+
+/// Header fields of a command: the typed request/response headers flattened to strings.
+pub type ExtFields = HashMap<String, String>;
+
+/// One request or response of the remoting protocol.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RemotingCommand {
+    /// Request code, or response code on responses.
+    pub code: i32,
+    /// Language byte of the sender (informative).
+    pub language: u8,
+    /// Protocol version of the sender.
+    pub version: i32,
+    /// Correlates a response with its request.
+    pub opaque: i32,
+    /// Response and oneway bits.
+    pub flag: i32,
+    /// Human-readable detail, mostly on errors.
+    pub remark: Option<String>,
+    /// Flattened typed header.
+    pub ext_fields: ExtFields,
+    /// Payload, opaque to the frame layer.
+    pub body: Bytes,
+    /// Serialization the header arrived in (and a response will use).
+    pub serialize_type: SerializeType,
+}
+
+impl RemotingCommand {
+    /// A new request with the given code and header fields.
+    pub fn request(code: i32, ext_fields: ExtFields) -> Self {
+        RemotingCommand {
+            code,
+            language: language_from_name("RUST"),
+            version: PROTOCOL_VERSION,
+            ext_fields,
+            ..Default::default()
+        }
+    }
+
+    /// A response to `self` with the given code: same opaque, version and header serialization.
+    pub fn response_to(&self, code: ResponseCode) -> Self {
+        RemotingCommand {
+            code: code.code(),
+            language: 0,
+            version: self.version,
+            opaque: self.opaque,
+            flag: FLAG_RESPONSE,
+            serialize_type: self.serialize_type,
+            ..Default::default()
+        }
+    }
+
+    /// An error response to `self` with a remark telling the client what went wrong.
+    pub fn error_to(&self, code: ResponseCode, remark: impl Into<String>) -> Self {
+        let mut r = self.response_to(code);
+        r.remark = Some(remark.into());
+        r
+    }
+
+    /// Builder-style: set the body.
+    pub fn with_body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// Builder-style: add a header field.
+    pub fn with_ext(mut self, key: &str, value: impl ToString) -> Self {
+        self.ext_fields.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    /// Whether this command is a response.
+    pub fn is_response(&self) -> bool {
+        self.flag & FLAG_RESPONSE != 0
+    }
+
+    /// Whether the sender expects no response.
+    pub fn is_oneway(&self) -> bool {
+        self.flag & FLAG_ONEWAY != 0
+    }
+
+    /// Decodes a command from a frame without its leading length word
+    /// (`[i32 headerInfo][header][body]`).
+    pub fn decode(mut frame: Bytes) -> Result<Self, RemotingError> {
+        if frame.len() < 4 {
+            return Err(RemotingError::Truncated("header info"));
+        }
+        let info = frame.get_u32();
+        let ser = SerializeType::from_byte((info >> 24) as u8)?;
+        let header_len = (info & 0x00FF_FFFF) as usize;
+        if header_len > frame.len() {
+            return Err(RemotingError::HeaderLength {
+                header: header_len,
+                frame: frame.len(),
+            });
+        }
+        let header = frame.split_to(header_len);
+        let mut cmd = match ser {
+            SerializeType::Json => decode_json_header(&header)?,
+            SerializeType::RocketMq => decode_binary_header(header)?,
+        };
+        cmd.serialize_type = ser;
+        cmd.body = frame;
+        Ok(cmd)
+    }
+
+    /// Appends the whole frame (`[i32 total][i32 headerInfo][header][body]`) to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        let start = dst.len();
+        dst.put_u32(0); // total, patched below
+        dst.put_u32(0); // header info, patched below
+        let header_start = dst.len();
+        match self.serialize_type {
+            SerializeType::Json => encode_json_header(self, dst),
+            SerializeType::RocketMq => encode_binary_header(self, dst),
+        }
+        let header_len = dst.len() - header_start;
+        dst.extend_from_slice(&self.body);
+        let total = (dst.len() - start - 4) as u32;
+        let info = (u32::from(self.serialize_type.byte()) << 24) | (header_len as u32 & 0x00FF_FFFF);
+        dst[start..start + 4].copy_from_slice(&total.to_be_bytes());
+        dst[start + 4..start + 8].copy_from_slice(&info.to_be_bytes());
+    }
+
+    /// The whole frame as bytes.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(128 + self.body.len());
+        self.encode(&mut b);
+        b.freeze()
+    }
+}
+
+/// Version ferromq reports in its requests (RocketMQ V4_9_4's ordinal).
+pub const PROTOCOL_VERSION: i32 = 399;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonHeaderIn {
+    #[serde(default, deserialize_with = "lenient_i32")]
+    code: i32,
+    #[serde(default, deserialize_with = "lenient_language")]
+    language: u8,
+    #[serde(default, deserialize_with = "lenient_i32")]
+    version: i32,
+    #[serde(default, deserialize_with = "lenient_i32")]
+    opaque: i32,
+    #[serde(default, deserialize_with = "lenient_i32")]
+    flag: i32,
+    #[serde(default, deserialize_with = "lenient_opt_string")]
+    remark: Option<String>,
+    #[serde(default, deserialize_with = "lenient_ext")]
+    ext_fields: ExtFields,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JsonHeaderOut<'a> {
+    code: i32,
+    language: &'static str,
+    version: i32,
+    opaque: i32,
+    flag: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remark: Option<&'a str>,
+    #[serde(skip_serializing_if = "HashMap::is_empty")]
+    ext_fields: &'a ExtFields,
+    serialize_type_current_r_p_c: &'static str,
+}
+
+fn decode_json_header(header: &[u8]) -> Result<RemotingCommand, RemotingError> {
+    let h: JsonHeaderIn = serde_json::from_slice(header).map_err(RemotingError::Json)?;
+    Ok(RemotingCommand {
+        code: h.code,
+        language: h.language,
+        version: h.version,
+        opaque: h.opaque,
+        flag: h.flag,
+        remark: h.remark,
+        ext_fields: h.ext_fields,
+        ..Default::default()
+    })
+}
+
+fn encode_json_header(cmd: &RemotingCommand, dst: &mut BytesMut) {
+    let h = JsonHeaderOut {
+        code: cmd.code,
+        language: language_name(cmd.language),
+        version: cmd.version,
+        opaque: cmd.opaque,
+        flag: cmd.flag,
+        remark: cmd.remark.as_deref(),
+        ext_fields: &cmd.ext_fields,
+        serialize_type_current_r_p_c: "JSON",
+    };
+    // Serializing plain strings and integers into memory cannot fail.
+    let mut w = dst.writer();
+    if let Err(e) = serde_json::to_writer(&mut w, &h) {
+        tracing::error!(error = %e, "encoding a JSON header failed");
+    }
+}
+
+fn take<'a>(buf: &mut Bytes, n: usize, what: &'static str) -> Result<Bytes, RemotingError> {
+    if buf.remaining() < n {
+        return Err(RemotingError::Truncated(what));
+    }
+    Ok(buf.split_to(n))
+}
+
+fn take_len(buf: &mut Bytes, what: &'static str) -> Result<usize, RemotingError> {
+    if buf.remaining() < 4 {
+        return Err(RemotingError::Truncated(what));
+    }
+    let n = buf.get_i32();
+    usize::try_from(n).map_err(|_| RemotingError::Truncated(what))
+}
+
+fn utf8(b: Bytes, what: &'static str) -> Result<String, RemotingError> {
+    String::from_utf8(b.to_vec()).map_err(|_| RemotingError::NotUtf8(what))
+}
+
+fn decode_binary_header(mut h: Bytes) -> Result<RemotingCommand, RemotingError> {
+    if h.remaining() < 2 + 1 + 2 + 4 + 4 {
+        return Err(RemotingError::Truncated("binary header"));
+    }
+    let code = i32::from(h.get_i16());
+    let language = h.get_u8();
+    let version = i32::from(h.get_i16());
+    let opaque = h.get_i32();
+    let flag = h.get_i32();
+    let remark_len = take_len(&mut h, "remark length")?;
+    let remark = if remark_len > 0 {
+        Some(utf8(take(&mut h, remark_len, "remark")?, "remark")?)
+    } else {
+        None
+    };
+    let ext_len = take_len(&mut h, "ext fields length")?;
+    let mut ext = take(&mut h, ext_len, "ext fields")?;
+    let mut ext_fields = ExtFields::new();
+    while ext.has_remaining() {
+        if ext.remaining() < 2 {
+            return Err(RemotingError::Truncated("ext key length"));
+        }
+        let klen = ext.get_u16() as usize;
+        let key = utf8(take(&mut ext, klen, "ext key")?, "ext key")?;
+        let vlen = take_len(&mut ext, "ext value length")?;
+        let val = utf8(take(&mut ext, vlen, "ext value")?, "ext value")?;
+        ext_fields.insert(key, val);
+    }
+    Ok(RemotingCommand {
+        code,
+        language,
+        version,
+        opaque,
+        flag,
+        remark,
+        ext_fields,
+        ..Default::default()
+    })
+}
+
+fn encode_binary_header(cmd: &RemotingCommand, dst: &mut BytesMut) {
+    dst.put_i16(cmd.code as i16);
+    dst.put_u8(cmd.language);
+    dst.put_i16(cmd.version as i16);
+    dst.put_i32(cmd.opaque);
+    dst.put_i32(cmd.flag);
+    match &cmd.remark {
+        Some(r) => {
+            dst.put_i32(r.len() as i32);
+            dst.put_slice(r.as_bytes());
+        }
+        None => dst.put_i32(0),
+    }
+    let ext_len: usize = cmd
+        .ext_fields
+        .iter()
+        .map(|(k, v)| 2 + k.len() + 4 + v.len())
+        .sum();
+    dst.put_i32(ext_len as i32);
+    for (k, v) in &cmd.ext_fields {
+        dst.put_u16(k.len() as u16);
+        dst.put_slice(k.as_bytes());
+        dst.put_i32(v.len() as i32);
+        dst.put_slice(v.as_bytes());
+    }
+}
+
+/// A JSON scalar accepted where Java accepts it: strings, numbers, booleans and null.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Null,
+}
+
+impl Scalar {
+    fn into_string(self) -> Option<String> {
+        match self {
+            Scalar::Str(s) => Some(s),
+            Scalar::Int(i) => Some(i.to_string()),
+            Scalar::Float(f) => Some(f.to_string()),
+            Scalar::Bool(b) => Some(b.to_string()),
+            Scalar::Null => None,
+        }
+    }
+}
+
+fn lenient_i32<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+    match Scalar::deserialize(d)? {
+        Scalar::Int(i) => i32::try_from(i).map_err(de::Error::custom),
+        Scalar::Str(s) => s.trim().parse().map_err(de::Error::custom),
+        Scalar::Null => Ok(0),
+        _ => Err(de::Error::custom("expected an integer")),
+    }
+}
+
+fn lenient_language<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    match Scalar::deserialize(d)? {
+        Scalar::Str(s) => Ok(s
+            .parse::<u8>()
+            .unwrap_or_else(|_| language_from_name(&s))),
+        Scalar::Int(i) => Ok(u8::try_from(i).unwrap_or(LANGUAGE_OTHER)),
+        _ => Ok(LANGUAGE_OTHER),
+    }
+}
+
+fn lenient_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Scalar::deserialize(d)?.into_string())
+}
+
+fn lenient_ext<'de, D: Deserializer<'de>>(d: D) -> Result<ExtFields, D::Error> {
+    struct ExtVisitor;
+    impl<'de> Visitor<'de> for ExtVisitor {
+        type Value = ExtFields;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object of header fields or null")
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<ExtFields, E> {
+            Ok(ExtFields::new())
+        }
+        fn visit_none<E: de::Error>(self) -> Result<ExtFields, E> {
+            Ok(ExtFields::new())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ExtFields, A::Error> {
+            let mut out = ExtFields::new();
+            while let Some((k, v)) = map.next_entry::<String, Scalar>()? {
+                if let Some(v) = v.into_string() {
+                    out.insert(k, v);
+                }
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(ExtVisitor)
+}

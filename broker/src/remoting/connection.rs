@@ -1,0 +1,381 @@
+//! Connections: the server side (accept loop, one reader and one writer task per socket,
+//! requests processed concurrently) and the client side (request/response matched by opaque).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use super::{FrameCodec, RemotingCommand, RemotingError, ResponseCode};
+
+/// Requests a connection may have in flight before the server stops reading from it.
+const MAX_IN_FLIGHT_PER_CONNECTION: usize = 4096;
+/// Responses queued for a connection's writer.
+const WRITE_QUEUE: usize = 1024;
+
+/// What a request processor knows about the connection a request came on.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// Remote address.
+    pub addr: SocketAddr,
+    /// Pushes a command (e.g. a oneway notification) to this client.
+    pub push: mpsc::Sender<RemotingCommand>,
+}
+
+/// Answers requests: the name server and the broker each implement it once.
+pub trait Processor: Send + Sync + 'static {
+    /// Handles one request; `None` means no response (oneway requests).
+    fn process(
+        &self,
+        request: RemotingCommand,
+        peer: &Peer,
+    ) -> impl Future<Output = Option<RemotingCommand>> + Send;
+
+    /// Called once when a connection closes, so client registrations can be dropped.
+    fn disconnected(&self, _peer: &Peer) {}
+}
+
+/// Accepts connections on `listener` until `shutdown` fires, serving each with `processor`.
+pub async fn serve<P: Processor>(
+    listener: TcpListener,
+    processor: Arc<P>,
+    max_frame: usize,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((socket, addr)) => {
+                let _ = socket.set_nodelay(true);
+                let p = processor.clone();
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    serve_connection(socket, addr, p, max_frame, stop).await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection<P: Processor>(
+    socket: TcpStream,
+    addr: SocketAddr,
+    processor: Arc<P>,
+    max_frame: usize,
+    shutdown: CancellationToken,
+) {
+    let (rd, wr) = socket.into_split();
+    let mut reader = FramedRead::new(rd, FrameCodec::new(max_frame));
+    let (tx, mut rx) = mpsc::channel::<RemotingCommand>(WRITE_QUEUE);
+    let writer = tokio::spawn(async move {
+        let mut w = FramedWrite::new(wr, FrameCodec::new(usize::MAX));
+        while let Some(cmd) = rx.recv().await {
+            if w.feed(cmd).await.is_err() {
+                return;
+            }
+            // Drain whatever else is ready before one flush: fewer syscalls under load.
+            while let Ok(cmd) = rx.try_recv() {
+                if w.feed(cmd).await.is_err() {
+                    return;
+                }
+            }
+            if w.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let peer = Peer { addr, push: tx };
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            n = reader.next() => n,
+        };
+        let request = match next {
+            None => break,
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
+                tracing::warn!(peer = %addr, error = %e, "closing connection after a bad frame");
+                break;
+            }
+        };
+        if request.is_response() {
+            continue; // answers to our oneway pushes carry nothing we need
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let p = processor.clone();
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            let oneway = request.is_oneway();
+            let response = p.process(request, &peer).await;
+            if let (Some(r), false) = (response, oneway) {
+                let _ = peer.push.send(r).await;
+            }
+            drop(permit);
+        });
+    }
+    processor.disconnected(&peer);
+    drop(peer);
+    let _ = writer.await;
+}
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Could not connect.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// Address tried.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The connection broke before the response came.
+    #[error("connection to {0} closed")]
+    Closed(String),
+    /// No response within the timeout.
+    #[error("no response from {addr} within {timeout:?}")]
+    Timeout {
+        /// Address called.
+        addr: String,
+        /// Time waited.
+        timeout: Duration,
+    },
+    /// The server answered with an error code.
+    #[error("{addr} answered code {code}: {remark}")]
+    Response {
+        /// Address called.
+        addr: String,
+        /// Response code.
+        code: i32,
+        /// Server's explanation.
+        remark: String,
+    },
+    /// A response could not be understood.
+    #[error("bad response from {addr}: {detail}")]
+    BadResponse {
+        /// Address called.
+        addr: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The frame layer failed.
+    #[error(transparent)]
+    Remoting(#[from] RemotingError),
+}
+
+type Pending = Arc<Mutex<HashMap<i32, oneshot::Sender<RemotingCommand>>>>;
+
+/// One client connection; requests may be issued concurrently from many tasks.
+pub struct Connection {
+    addr: String,
+    tx: mpsc::Sender<RemotingCommand>,
+    pending: Pending,
+    next_opaque: AtomicI32,
+    closed: CancellationToken,
+}
+
+impl Connection {
+    /// Connects to `addr` (`host:port`).
+    pub async fn connect(addr: &str) -> Result<Arc<Connection>, ClientError> {
+        let socket = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let _ = socket.set_nodelay(true);
+        let (rd, wr) = socket.into_split();
+        let (tx, mut rx) = mpsc::channel::<RemotingCommand>(WRITE_QUEUE);
+        let pending: Pending = Arc::default();
+        let closed = CancellationToken::new();
+        let conn = Arc::new(Connection {
+            addr: addr.to_string(),
+            tx,
+            pending: pending.clone(),
+            next_opaque: AtomicI32::new(1),
+            closed: closed.clone(),
+        });
+        let closed_w = closed.clone();
+        tokio::spawn(async move {
+            let mut w = FramedWrite::new(wr, FrameCodec::new(usize::MAX));
+            loop {
+                let cmd = tokio::select! {
+                    _ = closed_w.cancelled() => return,
+                    c = rx.recv() => match c { Some(c) => c, None => return },
+                };
+                if w.feed(cmd).await.is_err() {
+                    break;
+                }
+                while let Ok(cmd) = rx.try_recv() {
+                    if w.feed(cmd).await.is_err() {
+                        break;
+                    }
+                }
+                if w.flush().await.is_err() {
+                    break;
+                }
+            }
+            closed_w.cancel();
+        });
+        let peer = addr.to_string();
+        tokio::spawn(async move {
+            let mut r = FramedRead::new(rd, FrameCodec::default());
+            loop {
+                let next = tokio::select! {
+                    _ = closed.cancelled() => break,
+                    n = r.next() => n,
+                };
+                match next {
+                    Some(Ok(cmd)) if cmd.is_response() => {
+                        let waiter = lock(&pending).remove(&cmd.opaque);
+                        if let Some(w) = waiter {
+                            let _ = w.send(cmd);
+                        }
+                    }
+                    Some(Ok(_)) => {} // server pushes (e.g. consumer ids changed) are not needed here
+                    Some(Err(e)) => {
+                        tracing::warn!(peer = %peer, error = %e, "client connection failed");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            closed.cancel();
+            lock(&pending).clear();
+        });
+        Ok(conn)
+    }
+
+    /// Address this connection goes to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Whether the connection has broken.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Sends `request` and waits up to `timeout` for its response (whatever its code).
+    pub async fn call(
+        &self,
+        mut request: RemotingCommand,
+        timeout: Duration,
+    ) -> Result<RemotingCommand, ClientError> {
+        let opaque = self.next_opaque.fetch_add(1, Ordering::Relaxed);
+        request.opaque = opaque;
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(opaque, tx);
+        if self.is_closed() || self.tx.send(request).await.is_err() {
+            lock(&self.pending).remove(&opaque);
+            return Err(ClientError::Closed(self.addr.clone()));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(_)) => Err(ClientError::Closed(self.addr.clone())),
+            Err(_) => {
+                lock(&self.pending).remove(&opaque);
+                Err(ClientError::Timeout {
+                    addr: self.addr.clone(),
+                    timeout,
+                })
+            }
+        }
+    }
+
+    /// Like [`Connection::call`], but turns any non-success code into an error.
+    pub async fn call_ok(
+        &self,
+        request: RemotingCommand,
+        timeout: Duration,
+    ) -> Result<RemotingCommand, ClientError> {
+        let resp = self.call(request, timeout).await?;
+        if resp.code != ResponseCode::Success.code() {
+            return Err(ClientError::Response {
+                addr: self.addr.clone(),
+                code: resp.code,
+                remark: resp.remark.unwrap_or_default(),
+            });
+        }
+        Ok(resp)
+    }
+
+    /// Closes the connection; pending calls fail with `Closed`.
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Connections shared by address, re-opened when broken.
+#[derive(Default)]
+pub struct ConnectionPool {
+    conns: tokio::sync::Mutex<HashMap<String, Arc<Connection>>>,
+}
+
+impl ConnectionPool {
+    /// A live connection to `addr`, opening one if needed.
+    pub async fn get(&self, addr: &str) -> Result<Arc<Connection>, ClientError> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(addr) {
+            if !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        let c = tokio::time::timeout(Duration::from_secs(3), Connection::connect(addr))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                addr: addr.to_string(),
+                timeout: Duration::from_secs(3),
+            })??;
+        conns.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Sends a request to `addr` and returns a successful response, or the error.
+    pub async fn call_ok(
+        &self,
+        addr: &str,
+        request: RemotingCommand,
+        timeout: Duration,
+    ) -> Result<RemotingCommand, ClientError> {
+        self.get(addr).await?.call_ok(request, timeout).await
+    }
+
+    /// Sends a request to `addr` and returns its response whatever the code.
+    pub async fn call(
+        &self,
+        addr: &str,
+        request: RemotingCommand,
+        timeout: Duration,
+    ) -> Result<RemotingCommand, ClientError> {
+        self.get(addr).await?.call(request, timeout).await
+    }
+}

@@ -1,0 +1,530 @@
+//! Typed request and response headers, flattened into a command's `extFields` as Java does.
+//!
+//! Parsing is lenient the way Java's is: numbers may carry spaces, booleans may be `0`/`1`,
+//! unknown keys are ignored, and optional fields may be missing.
+
+use super::ExtFields;
+
+/// Why a header could not be read from `extFields`; the response remark shows it to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// A required field is absent.
+    #[error("header field `{0}` is missing")]
+    Missing(&'static str),
+    /// A field's value has the wrong type.
+    #[error("header field `{key}` = {value:?} is not a valid {expected}")]
+    Invalid {
+        /// Field name.
+        key: &'static str,
+        /// Value as received.
+        value: String,
+        /// Type wanted.
+        expected: &'static str,
+    },
+}
+
+/// A value that can be read from and written to an `extFields` entry.
+pub trait ExtValue: Sized {
+    /// Reads the field `key`, applying Java's leniency.
+    fn read(ext: &ExtFields, key: &'static str) -> Result<Self, HeaderError>;
+    /// Writes the field `key` (absent values are left out).
+    fn write(&self, ext: &mut ExtFields, key: &'static str);
+    /// Whether an empty string means "absent" for an optional field of this type.
+    fn empty_is_absent() -> bool {
+        true
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(
+    ext: &ExtFields,
+    key: &'static str,
+    expected: &'static str,
+) -> Result<T, HeaderError> {
+    let v = ext.get(key).ok_or(HeaderError::Missing(key))?;
+    v.trim().parse().map_err(|_| HeaderError::Invalid {
+        key,
+        value: v.clone(),
+        expected,
+    })
+}
+
+impl ExtValue for String {
+    fn read(ext: &ExtFields, key: &'static str) -> Result<Self, HeaderError> {
+        ext.get(key).cloned().ok_or(HeaderError::Missing(key))
+    }
+    fn write(&self, ext: &mut ExtFields, key: &'static str) {
+        ext.insert(key.to_string(), self.clone());
+    }
+    fn empty_is_absent() -> bool {
+        false
+    }
+}
+
+macro_rules! num_ext_value {
+    ($($t:ty => $name:literal),*) => {$(
+        impl ExtValue for $t {
+            fn read(ext: &ExtFields, key: &'static str) -> Result<Self, HeaderError> {
+                parse_num(ext, key, $name)
+            }
+            fn write(&self, ext: &mut ExtFields, key: &'static str) {
+                ext.insert(key.to_string(), self.to_string());
+            }
+        }
+    )*};
+}
+num_ext_value!(i32 => "32-bit integer", i64 => "64-bit integer");
+
+impl ExtValue for bool {
+    /// A missing boolean is false, as in Java.
+    fn read(ext: &ExtFields, key: &'static str) -> Result<Self, HeaderError> {
+        match ext.get(key).map(|v| v.trim().to_ascii_lowercase()) {
+            None => Ok(false),
+            Some(v) if v == "true" || v == "1" => Ok(true),
+            Some(v) if v == "false" || v == "0" || v.is_empty() => Ok(false),
+            Some(v) => Err(HeaderError::Invalid {
+                key,
+                value: v,
+                expected: "boolean",
+            }),
+        }
+    }
+    fn write(&self, ext: &mut ExtFields, key: &'static str) {
+        ext.insert(key.to_string(), self.to_string());
+    }
+}
+
+impl<T: ExtValue> ExtValue for Option<T> {
+    fn read(ext: &ExtFields, key: &'static str) -> Result<Self, HeaderError> {
+        match ext.get(key) {
+            None => Ok(None),
+            Some(v) if v.is_empty() && T::empty_is_absent() => Ok(None),
+            Some(_) => T::read(ext, key).map(Some),
+        }
+    }
+    fn write(&self, ext: &mut ExtFields, key: &'static str) {
+        if let Some(v) = self {
+            v.write(ext, key);
+        }
+    }
+}
+
+/// Declares a header struct whose fields map one-to-one onto `extFields` keys.
+macro_rules! ext_header {
+    ($(#[$m:meta])* pub struct $name:ident { $( $(#[$fm:meta])* pub $f:ident : $t:ty => $key:literal ),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, PartialEq, Default)]
+        pub struct $name { $( $(#[$fm])* pub $f: $t ),* }
+
+        impl $name {
+            /// Reads the header from a command's `extFields`.
+            pub fn from_ext(ext: &ExtFields) -> Result<Self, HeaderError> {
+                Ok($name { $( $f: <$t as ExtValue>::read(ext, $key)? ),* })
+            }
+
+            /// Flattens the header into `extFields`.
+            pub fn to_ext(&self) -> ExtFields {
+                let mut ext = ExtFields::new();
+                $( ExtValue::write(&self.$f, &mut ext, $key); )*
+                ext
+            }
+        }
+    };
+}
+
+ext_header! {
+    /// SEND_MESSAGE / SEND_BATCH_MESSAGE request (long keys; V2 is translated by [`send_v2_to_v1`]).
+    pub struct SendMessageRequestHeader {
+        /// Producer group of the sender.
+        pub producer_group: String => "producerGroup",
+        /// Destination topic.
+        pub topic: String => "topic",
+        /// Template topic for auto-creation (TBW102).
+        pub default_topic: Option<String> => "defaultTopic",
+        /// Queue count for an auto-created topic.
+        pub default_topic_queue_nums: Option<i32> => "defaultTopicQueueNums",
+        /// Destination queue; negative lets the broker choose.
+        pub queue_id: Option<i32> => "queueId",
+        /// Message sysFlag bits.
+        pub sys_flag: Option<i32> => "sysFlag",
+        /// Producer-side creation time in ms.
+        pub born_timestamp: Option<i64> => "bornTimestamp",
+        /// User flag.
+        pub flag: Option<i32> => "flag",
+        /// Encoded message properties.
+        pub properties: Option<String> => "properties",
+        /// Delivery attempts so far (retry topic sends).
+        pub reconsume_times: Option<i32> => "reconsumeTimes",
+        /// Unit mode (unused by ferromq).
+        pub unit_mode: bool => "unitMode",
+        /// Retry limit before the DLQ.
+        pub max_reconsume_times: Option<i32> => "maxReconsumeTimes",
+        /// Whether the body is a batch.
+        pub batch: bool => "batch",
+        /// Broker the producer meant (informative).
+        pub broker_name: Option<String> => "brokerName",
+    }
+}
+
+/// Long key for each one-letter key of SEND_MESSAGE_V2.
+const SEND_V2_KEYS: &[(&str, &str)] = &[
+    ("a", "producerGroup"),
+    ("b", "topic"),
+    ("c", "defaultTopic"),
+    ("d", "defaultTopicQueueNums"),
+    ("e", "queueId"),
+    ("f", "sysFlag"),
+    ("g", "bornTimestamp"),
+    ("h", "flag"),
+    ("i", "properties"),
+    ("j", "reconsumeTimes"),
+    ("k", "unitMode"),
+    ("l", "maxReconsumeTimes"),
+    ("m", "batch"),
+    ("n", "brokerName"),
+];
+
+/// Rewrites SEND_MESSAGE_V2's one-letter keys to SEND_MESSAGE's long keys.
+pub fn send_v2_to_v1(ext: &ExtFields) -> ExtFields {
+    let mut out = ExtFields::with_capacity(ext.len());
+    for (k, v) in ext {
+        let long = SEND_V2_KEYS
+            .iter()
+            .find(|(short, _)| short == k)
+            .map_or(k.as_str(), |(_, long)| long);
+        out.insert(long.to_string(), v.clone());
+    }
+    out
+}
+
+/// Rewrites SEND_MESSAGE's long keys to SEND_MESSAGE_V2's one-letter keys.
+pub fn send_v1_to_v2(ext: &ExtFields) -> ExtFields {
+    let mut out = ExtFields::with_capacity(ext.len());
+    for (k, v) in ext {
+        let short = SEND_V2_KEYS
+            .iter()
+            .find(|(_, long)| long == k)
+            .map_or(k.as_str(), |(short, _)| short);
+        out.insert(short.to_string(), v.clone());
+    }
+    out
+}
+
+ext_header! {
+    /// Answer to a send: where the message landed.
+    pub struct SendMessageResponseHeader {
+        /// Offset message id (store host + commit-log offset, hex).
+        pub msg_id: String => "msgId",
+        /// Queue the message went to.
+        pub queue_id: i32 => "queueId",
+        /// Position of the message in its queue.
+        pub queue_offset: i64 => "queueOffset",
+        /// Transaction id (unused, kept for clients that read it).
+        pub transaction_id: Option<String> => "transactionId",
+    }
+}
+
+ext_header! {
+    /// PULL_MESSAGE request.
+    pub struct PullMessageRequestHeader {
+        /// Consumer group pulling.
+        pub consumer_group: String => "consumerGroup",
+        /// Topic pulled.
+        pub topic: String => "topic",
+        /// Queue pulled.
+        pub queue_id: i32 => "queueId",
+        /// First queue offset wanted.
+        pub queue_offset: i64 => "queueOffset",
+        /// Most messages to return.
+        pub max_msg_nums: i32 => "maxMsgNums",
+        /// Pull flags (commit offset, suspend, subscription, ...).
+        pub sys_flag: i32 => "sysFlag",
+        /// Offset to commit along with the pull.
+        pub commit_offset: Option<i64> => "commitOffset",
+        /// How long the broker may hold a pull that finds nothing.
+        pub suspend_timeout_millis: Option<i64> => "suspendTimeoutMillis",
+        /// Subscription expression (tags).
+        pub subscription: Option<String> => "subscription",
+        /// Version of the subscription.
+        pub sub_version: Option<i64> => "subVersion",
+        /// Expression type, TAG or SQL92.
+        pub expression_type: Option<String> => "expressionType",
+        /// Upper bound of bytes wanted.
+        pub max_msg_bytes: Option<i32> => "maxMsgBytes",
+    }
+}
+
+ext_header! {
+    /// Answer to a pull.
+    pub struct PullMessageResponseHeader {
+        /// Broker id the consumer should pull from next (0 = master).
+        pub suggest_which_broker_id: i64 => "suggestWhichBrokerId",
+        /// Queue offset of the next pull.
+        pub next_begin_offset: i64 => "nextBeginOffset",
+        /// Lowest queue offset stored.
+        pub min_offset: i64 => "minOffset",
+        /// Highest queue offset stored (exclusive).
+        pub max_offset: i64 => "maxOffset",
+    }
+}
+
+ext_header! {
+    /// A request naming one consumer group's queue (QUERY_CONSUMER_OFFSET).
+    pub struct QueryConsumerOffsetRequestHeader {
+        /// Consumer group.
+        pub consumer_group: String => "consumerGroup",
+        /// Topic.
+        pub topic: String => "topic",
+        /// Queue.
+        pub queue_id: i32 => "queueId",
+    }
+}
+
+ext_header! {
+    /// UPDATE_CONSUMER_OFFSET request.
+    pub struct UpdateConsumerOffsetRequestHeader {
+        /// Consumer group.
+        pub consumer_group: String => "consumerGroup",
+        /// Topic.
+        pub topic: String => "topic",
+        /// Queue.
+        pub queue_id: i32 => "queueId",
+        /// Offset of the next message the group will consume.
+        pub commit_offset: i64 => "commitOffset",
+    }
+}
+
+ext_header! {
+    /// A request naming one queue (GET_MAX_OFFSET, GET_MIN_OFFSET).
+    pub struct QueueRequestHeader {
+        /// Topic.
+        pub topic: String => "topic",
+        /// Queue.
+        pub queue_id: i32 => "queueId",
+    }
+}
+
+ext_header! {
+    /// SEARCH_OFFSET_BY_TIMESTAMP request.
+    pub struct SearchOffsetRequestHeader {
+        /// Topic.
+        pub topic: String => "topic",
+        /// Queue.
+        pub queue_id: i32 => "queueId",
+        /// Store time in ms to search for.
+        pub timestamp: i64 => "timestamp",
+    }
+}
+
+ext_header! {
+    /// A response carrying one offset.
+    pub struct OffsetResponseHeader {
+        /// The offset.
+        pub offset: i64 => "offset",
+    }
+}
+
+ext_header! {
+    /// A request naming a consumer group (GET_CONSUMER_LIST_BY_GROUP).
+    pub struct ConsumerGroupRequestHeader {
+        /// Consumer group.
+        pub consumer_group: String => "consumerGroup",
+    }
+}
+
+ext_header! {
+    /// UNREGISTER_CLIENT request.
+    pub struct UnregisterClientRequestHeader {
+        /// Client leaving.
+        pub client_id: String => "clientID",
+        /// Producer group it leaves, if any.
+        pub producer_group: Option<String> => "producerGroup",
+        /// Consumer group it leaves, if any.
+        pub consumer_group: Option<String> => "consumerGroup",
+    }
+}
+
+ext_header! {
+    /// CONSUMER_SEND_MSG_BACK request.
+    pub struct ConsumerSendMsgBackRequestHeader {
+        /// Commit-log offset of the message given back.
+        pub offset: i64 => "offset",
+        /// Consumer group giving it back.
+        pub group: String => "group",
+        /// Requested delay level (0 = broker decides).
+        pub delay_level: i32 => "delayLevel",
+        /// Original message id.
+        pub origin_msg_id: Option<String> => "originMsgId",
+        /// Original topic.
+        pub origin_topic: Option<String> => "originTopic",
+        /// Unit mode (unused).
+        pub unit_mode: bool => "unitMode",
+        /// Retry limit before the DLQ.
+        pub max_reconsume_times: Option<i32> => "maxReconsumeTimes",
+    }
+}
+
+ext_header! {
+    /// UPDATE_AND_CREATE_TOPIC request.
+    pub struct CreateTopicRequestHeader {
+        /// Topic to create or update.
+        pub topic: String => "topic",
+        /// Template topic (informative).
+        pub default_topic: Option<String> => "defaultTopic",
+        /// Readable queue count.
+        pub read_queue_nums: i32 => "readQueueNums",
+        /// Writable queue count.
+        pub write_queue_nums: i32 => "writeQueueNums",
+        /// Permission bits (READ 4, WRITE 2, INHERIT 1).
+        pub perm: i32 => "perm",
+        /// Filter type name (informative).
+        pub topic_filter_type: Option<String> => "topicFilterType",
+        /// Topic sysFlag.
+        pub topic_sys_flag: Option<i32> => "topicSysFlag",
+        /// Whether the topic is ordered.
+        pub order: bool => "order",
+    }
+}
+
+ext_header! {
+    /// A request naming one topic (GET_ROUTEINFO_BY_TOPIC, GET_CONSUME_STATS).
+    pub struct TopicRequestHeader {
+        /// Topic.
+        pub topic: String => "topic",
+    }
+}
+
+ext_header! {
+    /// GET_CONSUME_STATS request.
+    pub struct ConsumeStatsRequestHeader {
+        /// Consumer group.
+        pub consumer_group: String => "consumerGroup",
+        /// Only this topic, if set.
+        pub topic: Option<String> => "topic",
+    }
+}
+
+ext_header! {
+    /// REGISTER_BROKER request.
+    pub struct RegisterBrokerRequestHeader {
+        /// Group name.
+        pub broker_name: String => "brokerName",
+        /// Address clients reach the broker at.
+        pub broker_addr: String => "brokerAddr",
+        /// Cluster name.
+        pub cluster_name: String => "clusterName",
+        /// Address slaves replicate from.
+        pub ha_server_addr: Option<String> => "haServerAddr",
+        /// 0 for the master, otherwise a slave.
+        pub broker_id: i64 => "brokerId",
+        /// How long the name server keeps the broker without a new registration.
+        pub heartbeat_timeout_millis: Option<i64> => "heartbeatTimeoutMillis",
+        /// Whether the body is compressed (ferromq never compresses).
+        pub compressed: bool => "compressed",
+        /// CRC32 of the body (0 = unchecked).
+        pub body_crc32: Option<i32> => "bodyCrc32",
+    }
+}
+
+ext_header! {
+    /// Answer to REGISTER_BROKER: how a slave finds its master.
+    pub struct RegisterBrokerResponseHeader {
+        /// Master's HA address, if a master is registered.
+        pub ha_server_addr: Option<String> => "haServerAddr",
+        /// Master's address, if a master is registered.
+        pub master_addr: Option<String> => "masterAddr",
+    }
+}
+
+ext_header! {
+    /// UNREGISTER_BROKER request.
+    pub struct UnregisterBrokerRequestHeader {
+        /// Group name.
+        pub broker_name: String => "brokerName",
+        /// Broker address.
+        pub broker_addr: String => "brokerAddr",
+        /// Cluster name.
+        pub cluster_name: String => "clusterName",
+        /// Broker id.
+        pub broker_id: i64 => "brokerId",
+    }
+}
+
+ext_header! {
+    /// WIPE_WRITE_PERM_OF_BROKER request (to a name server).
+    pub struct WipeWritePermRequestHeader {
+        /// Group to make read-only.
+        pub broker_name: String => "brokerName",
+    }
+}
+
+ext_header! {
+    /// VIEW_MESSAGE_BY_ID request.
+    pub struct ViewMessageRequestHeader {
+        /// Commit-log offset of the message.
+        pub offset: i64 => "offset",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(pairs: &[(&str, &str)]) -> ExtFields {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn v2_short_keys_read_as_the_long_header() {
+        let v2 = ext(&[("a", "pg"), ("b", "T"), ("e", "3"), ("k", "false"), ("m", "1")]);
+        let h = SendMessageRequestHeader::from_ext(&send_v2_to_v1(&v2)).unwrap();
+        assert_eq!(h.producer_group, "pg");
+        assert_eq!(h.topic, "T");
+        assert_eq!(h.queue_id, Some(3));
+        assert!(h.batch);
+        assert_eq!(send_v1_to_v2(&h.to_ext()).get("b").map(String::as_str), Some("T"));
+    }
+
+    #[test]
+    fn missing_required_field_is_named() {
+        let err = QueueRequestHeader::from_ext(&ext(&[("topic", "T")])).unwrap_err();
+        assert_eq!(err, HeaderError::Missing("queueId"));
+        assert!(err.to_string().contains("queueId"));
+    }
+
+    #[test]
+    fn numbers_tolerate_spaces_and_bad_numbers_are_named() {
+        let h = QueueRequestHeader::from_ext(&ext(&[("topic", "T"), ("queueId", " 7 ")])).unwrap();
+        assert_eq!(h.queue_id, 7);
+        let err =
+            QueueRequestHeader::from_ext(&ext(&[("topic", "T"), ("queueId", "seven")])).unwrap_err();
+        assert!(matches!(err, HeaderError::Invalid { key: "queueId", .. }));
+    }
+
+    #[test]
+    fn optional_numbers_may_be_empty_and_booleans_may_be_digits() {
+        let h = PullMessageRequestHeader::from_ext(&ext(&[
+            ("consumerGroup", "g"),
+            ("topic", "T"),
+            ("queueId", "0"),
+            ("queueOffset", "0"),
+            ("maxMsgNums", "32"),
+            ("sysFlag", "2"),
+            ("commitOffset", ""),
+            ("expressionType", ""),
+        ]))
+        .unwrap();
+        assert_eq!(h.commit_offset, None);
+        assert_eq!(h.expression_type.as_deref(), Some(""));
+        let c = ConsumerSendMsgBackRequestHeader::from_ext(&ext(&[
+            ("offset", "1"),
+            ("group", "g"),
+            ("delayLevel", "0"),
+            ("unitMode", "1"),
+        ]))
+        .unwrap();
+        assert!(c.unit_mode);
+    }
+}

@@ -1,0 +1,436 @@
+//! The commit log: every message of every topic, appended to fixed-size segment files named
+//! by their first offset. Reads are positional (`pread`); durability is `fdatasync`, done by the
+//! flusher thread, never on the async runtime.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::{Bytes, BytesMut};
+
+use super::message::{decode_stored, StoredMessage, BLANK_MAGIC, MAGIC_V1, MAGIC_V2};
+use super::StoreError;
+
+/// Room always kept at a segment's end for the blank filler that closes it.
+const END_BLANK_MIN: u64 = 8;
+
+/// One segment file.
+#[derive(Debug)]
+pub struct Segment {
+    /// Commit-log offset of the file's first byte.
+    pub base: u64,
+    file: File,
+    path: PathBuf,
+}
+
+impl Segment {
+    /// Path of the file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The append-only log of all messages.
+#[derive(Debug)]
+pub struct CommitLog {
+    dir: PathBuf,
+    segment_size: u64,
+    segments: RwLock<Vec<Arc<Segment>>>,
+    /// End of the appended data (next write position).
+    written: AtomicU64,
+    /// End of the data known to be on disk.
+    flushed: AtomicU64,
+}
+
+fn segment_name(base: u64) -> String {
+    format!("{base:020}")
+}
+
+impl CommitLog {
+    /// Opens (or creates) the commit log in `dir`; call [`CommitLog::recover`] before use.
+    pub fn open(dir: &Path, segment_size: u64) -> Result<CommitLog, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        let mut segments = Vec::new();
+        let entries = std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io(dir, e))?;
+            let name = entry.file_name();
+            let Some(base) = name.to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                continue; // not a segment (e.g. a temp file)
+            };
+            let path = entry.path();
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| StoreError::io(&path, e))?;
+            let len = file.metadata().map_err(|e| StoreError::io(&path, e))?.len();
+            if len != segment_size {
+                return Err(StoreError::Corrupt(format!(
+                    "segment {} is {len} bytes but mappedFileSizeCommitLog is {segment_size}; \
+                     the segment size cannot change once data is stored",
+                    path.display()
+                )));
+            }
+            if base % segment_size != 0 {
+                return Err(StoreError::Corrupt(format!(
+                    "segment {} does not start at a multiple of {segment_size}",
+                    path.display()
+                )));
+            }
+            segments.push(Arc::new(Segment { base, file, path }));
+        }
+        segments.sort_by_key(|s| s.base);
+        for pair in segments.windows(2) {
+            if pair[1].base != pair[0].base + segment_size {
+                return Err(StoreError::Corrupt(format!(
+                    "commit log has a gap between {} and {}",
+                    pair[0].path.display(),
+                    pair[1].path.display()
+                )));
+            }
+        }
+        Ok(CommitLog {
+            dir: dir.to_path_buf(),
+            segment_size,
+            segments: RwLock::new(segments),
+            written: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+        })
+    }
+
+    /// Size of each segment file.
+    pub fn segment_size(&self) -> u64 {
+        self.segment_size
+    }
+
+    /// First offset still stored.
+    pub fn min_offset(&self) -> u64 {
+        read(&self.segments).first().map_or(0, |s| s.base)
+    }
+
+    /// End of appended data.
+    pub fn max_offset(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    /// End of durable data.
+    pub fn flushed_offset(&self) -> u64 {
+        self.flushed.load(Ordering::Acquire)
+    }
+
+    /// Largest message that fits in a segment.
+    pub fn max_message_len(&self) -> u64 {
+        self.segment_size - END_BLANK_MIN
+    }
+
+    fn segment_for(&self, offset: u64) -> Option<Arc<Segment>> {
+        let segs = read(&self.segments);
+        let first = segs.first()?.base;
+        if offset < first {
+            return None;
+        }
+        let idx = ((offset - first) / self.segment_size) as usize;
+        segs.get(idx).cloned()
+    }
+
+    fn create_segment(&self, base: u64) -> Result<Arc<Segment>, StoreError> {
+        let path = self.dir.join(segment_name(base));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| StoreError::io(&path, e))?;
+        file.set_len(self.segment_size)
+            .map_err(|e| StoreError::io(&path, e))?;
+        sync_dir(&self.dir)?;
+        let seg = Arc::new(Segment { base, file, path });
+        let mut segs = write(&self.segments);
+        segs.push(seg.clone());
+        Ok(seg)
+    }
+
+    /// Where a message of `len` bytes would start: `written`, or the next segment's base when it
+    /// does not fit in the current one (the caller must then call [`CommitLog::append`], which
+    /// writes the filler).
+    pub fn next_start(&self, len: u64) -> u64 {
+        let pos = self.max_offset();
+        let room = self.segment_size - pos % self.segment_size;
+        if len + END_BLANK_MIN > room {
+            pos + room
+        } else {
+            pos
+        }
+    }
+
+    /// Appends `data` (one or more whole messages) at [`CommitLog::next_start`]; the single
+    /// writer (the store's write lock holder) calls this. Returns the start offset.
+    pub fn append(&self, data: &[u8]) -> Result<u64, StoreError> {
+        let len = data.len() as u64;
+        if len > self.max_message_len() {
+            return Err(StoreError::MessageTooLarge {
+                len,
+                max: self.max_message_len(),
+            });
+        }
+        let mut pos = self.max_offset();
+        let room = self.segment_size - pos % self.segment_size;
+        if len + END_BLANK_MIN > room {
+            // Close the segment with a filler so readers and recovery jump to the next one.
+            if pos % self.segment_size != 0 || self.segment_for(pos).is_some() {
+                let seg = self.segment_or_create(pos)?;
+                let mut blank = [0u8; 8];
+                blank[..4].copy_from_slice(&(room as i32).to_be_bytes());
+                blank[4..].copy_from_slice(&BLANK_MAGIC.to_be_bytes());
+                seg.file
+                    .write_all_at(&blank, pos - seg.base)
+                    .map_err(|e| StoreError::io(&seg.path, e))?;
+            }
+            pos += room;
+        }
+        let seg = self.segment_or_create(pos)?;
+        seg.file
+            .write_all_at(data, pos - seg.base)
+            .map_err(|e| StoreError::io(&seg.path, e))?;
+        self.written.store(pos + len, Ordering::Release);
+        Ok(pos)
+    }
+
+    fn segment_or_create(&self, pos: u64) -> Result<Arc<Segment>, StoreError> {
+        match self.segment_for(pos) {
+            Some(s) => Ok(s),
+            None => self.create_segment(pos - pos % self.segment_size),
+        }
+    }
+
+    /// Reads `len` bytes at `offset`; the range must lie within one segment.
+    pub fn read(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+        if offset + len as u64 > self.max_offset() {
+            return Err(StoreError::OutOfRange { offset });
+        }
+        let seg = self
+            .segment_for(offset)
+            .ok_or(StoreError::OutOfRange { offset })?;
+        let mut buf = BytesMut::zeroed(len);
+        seg.file
+            .read_exact_at(&mut buf, offset - seg.base)
+            .map_err(|e| StoreError::io(&seg.path, e))?;
+        Ok(buf.freeze())
+    }
+
+    /// Reads and decodes the message at `offset`.
+    pub fn read_message(&self, offset: u64) -> Result<StoredMessage, StoreError> {
+        let head = self.read(offset, 4)?;
+        let size = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        if size <= 0 {
+            return Err(StoreError::OutOfRange { offset });
+        }
+        let bytes = self.read(offset, size as usize)?;
+        decode_stored(&bytes).map_err(|e| StoreError::Corrupt(format!("message at {offset}: {e}")))
+    }
+
+    /// Makes everything appended so far durable; returns the durable end. Runs on the
+    /// flusher thread.
+    pub fn flush(&self) -> Result<u64, StoreError> {
+        let target = self.max_offset();
+        let from = self.flushed_offset();
+        if target <= from {
+            return Ok(from);
+        }
+        let segs: Vec<Arc<Segment>> = read(&self.segments)
+            .iter()
+            .filter(|s| s.base + self.segment_size > from && s.base < target)
+            .cloned()
+            .collect();
+        for s in segs {
+            s.file.sync_data().map_err(|e| StoreError::io(&s.path, e))?;
+        }
+        self.flushed.fetch_max(target, Ordering::AcqRel);
+        Ok(target)
+    }
+
+    /// Scans forward from `from` (a message boundary known to be valid) and returns every
+    /// valid message after it, stopping at the first torn or corrupt one. Sets the write
+    /// position to the end of the last valid message and zeroes everything after it, so a
+    /// torn tail never resurfaces.
+    pub fn recover(
+        &self,
+        from: u64,
+        mut on_message: impl FnMut(&StoredMessage) -> Result<(), StoreError>,
+    ) -> Result<RecoveryReport, StoreError> {
+        let mut pos = from.max(self.min_offset());
+        let mut report = RecoveryReport::default();
+        let segs: Vec<Arc<Segment>> = read(&self.segments).clone();
+        const CHUNK: usize = 4 << 20;
+        'segments: for seg in segs.iter() {
+            if seg.base + self.segment_size <= pos {
+                continue;
+            }
+            if pos < seg.base {
+                pos = seg.base;
+            }
+            let mut buf: Vec<u8> = Vec::new();
+            let mut buf_start = pos; // commit-log offset of buf[0]
+            loop {
+                let in_seg = pos - seg.base;
+                if in_seg + 8 > self.segment_size {
+                    break 'segments;
+                }
+                // Make sure the header, then the whole message, are in buf.
+                let rel = (pos - buf_start) as usize;
+                if rel + 8 > buf.len() {
+                    buf = read_chunk(seg, in_seg, CHUNK, self.segment_size)?;
+                    buf_start = pos;
+                }
+                let rel = (pos - buf_start) as usize;
+                let size = i32::from_be_bytes([buf[rel], buf[rel + 1], buf[rel + 2], buf[rel + 3]]);
+                let magic =
+                    i32::from_be_bytes([buf[rel + 4], buf[rel + 5], buf[rel + 6], buf[rel + 7]]);
+                if magic == BLANK_MAGIC {
+                    pos = seg.base + self.segment_size;
+                    continue 'segments;
+                }
+                if (magic != MAGIC_V1 && magic != MAGIC_V2)
+                    || size <= 8
+                    || in_seg + size as u64 + END_BLANK_MIN > self.segment_size
+                {
+                    break 'segments;
+                }
+                let size = size as usize;
+                if rel + size > buf.len() {
+                    buf = read_chunk(seg, in_seg, CHUNK.max(size), self.segment_size)?;
+                    buf_start = pos;
+                }
+                let rel = (pos - buf_start) as usize;
+                let bytes = Bytes::copy_from_slice(&buf[rel..rel + size]);
+                let msg = match decode_stored(&bytes) {
+                    Ok(m) if m.physical_offset as u64 == pos => m,
+                    _ => break 'segments,
+                };
+                on_message(&msg)?;
+                report.messages += 1;
+                pos += size as u64;
+            }
+        }
+        // Everything from pos on is torn or garbage: zero it within the tail segment and drop
+        // later segments.
+        let end = pos;
+        let mut segs = write(&self.segments);
+        while let Some(last) = segs.last() {
+            if last.base > end || (last.base == end && end != 0 && segs.len() > 1) {
+                let path = last.path.clone();
+                segs.pop();
+                std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+                report.segments_removed += 1;
+            } else {
+                break;
+            }
+        }
+        if let Some(seg) = segs.iter().find(|s| s.base <= end && end < s.base + self.segment_size) {
+            let in_seg = end - seg.base;
+            report.truncated_bytes = zero_tail(seg, in_seg, self.segment_size)?;
+        }
+        drop(segs);
+        self.written.store(end, Ordering::Release);
+        self.flushed.store(end, Ordering::Release);
+        report.end = end;
+        Ok(report)
+    }
+
+    /// Deletes segments that lie wholly before `offset` and whose file is older than
+    /// `max_age`; never the segment being written. Returns the new min offset.
+    pub fn delete_expired(&self, max_age: std::time::Duration) -> Result<u64, StoreError> {
+        let now = std::time::SystemTime::now();
+        let written = self.max_offset();
+        let mut segs = write(&self.segments);
+        while segs.len() > 1 {
+            let first = &segs[0];
+            if first.base + self.segment_size > written {
+                break;
+            }
+            let modified = first
+                .file
+                .metadata()
+                .and_then(|m| m.modified())
+                .map_err(|e| StoreError::io(&first.path, e))?;
+            if now.duration_since(modified).unwrap_or_default() < max_age {
+                break;
+            }
+            let path = first.path.clone();
+            std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+            tracing::info!(segment = %path.display(), "deleted expired commit-log segment");
+            segs.remove(0);
+        }
+        Ok(segs.first().map_or(0, |s| s.base))
+    }
+}
+
+/// What crash recovery found.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RecoveryReport {
+    /// Valid messages found after the checkpoint.
+    pub messages: u64,
+    /// Non-zero bytes zeroed after the last valid message (a torn tail).
+    pub truncated_bytes: u64,
+    /// Segment files removed past the valid end.
+    pub segments_removed: u64,
+    /// End of the valid log.
+    pub end: u64,
+}
+
+fn read_chunk(seg: &Segment, at: u64, len: usize, seg_size: u64) -> Result<Vec<u8>, StoreError> {
+    let len = len.min((seg_size - at) as usize);
+    let mut buf = vec![0u8; len];
+    seg.file
+        .read_exact_at(&mut buf, at)
+        .map_err(|e| StoreError::io(&seg.path, e))?;
+    Ok(buf)
+}
+
+/// Zeroes a segment from `at` to its end; returns how many non-zero bytes were there.
+fn zero_tail(seg: &Segment, at: u64, seg_size: u64) -> Result<u64, StoreError> {
+    const CHUNK: usize = 1 << 20;
+    let mut dirty = 0u64;
+    let mut pos = at;
+    let zeros = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; CHUNK];
+    while pos < seg_size {
+        let n = CHUNK.min((seg_size - pos) as usize);
+        seg.file
+            .read_exact_at(&mut buf[..n], pos)
+            .map_err(|e| StoreError::io(&seg.path, e))?;
+        // Every chunk is checked: stale messages past a torn one must never be mistaken for
+        // new ones by a later recovery.
+        let nz = buf[..n].iter().filter(|b| **b != 0).count() as u64;
+        if nz > 0 {
+            dirty += nz;
+            seg.file
+                .write_all_at(&zeros[..n], pos)
+                .map_err(|e| StoreError::io(&seg.path, e))?;
+        }
+        pos += n as u64;
+    }
+    if dirty > 0 {
+        seg.file.sync_data().map_err(|e| StoreError::io(&seg.path, e))?;
+    }
+    Ok(dirty)
+}
+
+/// Makes a directory entry (a new or renamed file) durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io(dir, e))
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,513 @@
+//! The stored message format (what the commit log holds and PULL bodies carry, back to back),
+//! message properties, and batch bodies as producers send them.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// Magic of a stored message whose topic length is one byte.
+pub const MAGIC_V1: i32 = 0xDAA320A7_u32 as i32;
+/// Magic of a stored message whose topic length is two bytes.
+pub const MAGIC_V2: i32 = 0xDAA320AB_u32 as i32;
+/// Magic of the filler at the end of a commit-log segment.
+pub const BLANK_MAGIC: i32 = 0xCBD43194_u32 as i32;
+
+/// sysFlag bit: the born host is IPv6.
+pub const FLAG_BORN_V6: i32 = 0x10;
+/// sysFlag bit: the store host is IPv6.
+pub const FLAG_STORE_V6: i32 = 0x20;
+/// sysFlag bit: tags hold several values.
+pub const FLAG_MULTI_TAGS: i32 = 0x2;
+
+/// Offset of `queueOffset` within a stored message.
+pub const POS_QUEUE_OFFSET: usize = 20;
+/// Offset of `physicalOffset` within a stored message.
+pub const POS_PHYSICAL_OFFSET: usize = 28;
+/// Offset of `storeTimestamp` within a stored message whose born host is IPv4.
+pub const POS_STORE_TIMESTAMP_V4: usize = 56;
+
+/// Property key of the message tags.
+pub const PROP_TAGS: &str = "TAGS";
+/// Property key of the message keys (space separated).
+pub const PROP_KEYS: &str = "KEYS";
+/// Property key of the client-generated unique id.
+pub const PROP_UNIQ_KEY: &str = "UNIQ_KEY";
+/// Property key of the topic a retried message came from.
+pub const PROP_RETRY_TOPIC: &str = "RETRY_TOPIC";
+/// Property key of the original message id of a retried message.
+pub const PROP_ORIGIN_MESSAGE_ID: &str = "ORIGIN_MESSAGE_ID";
+/// Property key of the delay level requested.
+pub const PROP_DELAY: &str = "DELAY";
+/// Property key recording how many times a message was reconsumed.
+pub const PROP_RECONSUME_TIME: &str = "RECONSUME_TIME";
+/// Property key of the retry limit.
+pub const PROP_MAX_RECONSUME_TIMES: &str = "MAX_RECONSUME_TIMES";
+
+const NAME_SEP: char = '\u{1}';
+const PROP_SEP: char = '\u{2}';
+
+/// Why stored or batch bytes could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    /// The bytes end inside a message.
+    #[error("message truncated while reading {0}")]
+    Truncated(&'static str),
+    /// The magic word is not a message magic.
+    #[error("bad message magic {0:#x}")]
+    BadMagic(i32),
+    /// The body does not match its CRC.
+    #[error("body CRC mismatch")]
+    BadCrc,
+    /// A length field is out of range.
+    #[error("invalid {0} length")]
+    BadLength(&'static str),
+    /// Text is not UTF-8.
+    #[error("{0} is not valid UTF-8")]
+    NotUtf8(&'static str),
+}
+
+/// Message properties in wire order-insensitive form.
+pub type Properties = BTreeMap<String, String>;
+
+/// Parses `key\u0001value\u0002...`; malformed pairs are skipped, as Java does.
+pub fn parse_properties(s: &str) -> Properties {
+    s.split(PROP_SEP)
+        .filter_map(|kv| kv.split_once(NAME_SEP))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Encodes properties as `key\u0001value\u0002...`.
+pub fn format_properties(p: &Properties) -> String {
+    let mut s = String::new();
+    for (k, v) in p {
+        s.push_str(k);
+        s.push(NAME_SEP);
+        s.push_str(v);
+        s.push(PROP_SEP);
+    }
+    s
+}
+
+/// Java's `String.hashCode`, which RocketMQ uses as the tag code in consume queues.
+pub fn tag_hash(tag: &str) -> i64 {
+    let mut h: i32 = 0;
+    for unit in tag.encode_utf16() {
+        h = h.wrapping_mul(31).wrapping_add(i32::from(unit));
+    }
+    i64::from(h)
+}
+
+/// A message about to be stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    /// Topic.
+    pub topic: String,
+    /// Queue within the topic.
+    pub queue_id: i32,
+    /// User flag.
+    pub flag: i32,
+    /// Payload.
+    pub body: Bytes,
+    /// Encoded properties string.
+    pub properties: String,
+    /// sysFlag bits (host-address bits are set by the encoder).
+    pub sys_flag: i32,
+    /// Producer-side creation time, ms.
+    pub born_timestamp: i64,
+    /// Producer address.
+    pub born_host: SocketAddr,
+    /// Delivery attempts so far.
+    pub reconsume_times: i32,
+    /// Tag code for the consume queue.
+    pub tags_code: i64,
+}
+
+impl NewMessage {
+    /// Tag code of an encoded properties string (0 when untagged).
+    pub fn tags_code_of(properties: &str) -> i64 {
+        parse_properties(properties)
+            .get(PROP_TAGS)
+            .map_or(0, |t| tag_hash(t))
+    }
+
+    /// Bytes the message takes in the commit log.
+    pub fn stored_len(&self, store_host: &SocketAddr) -> usize {
+        let born = if self.born_host.is_ipv6() { 20 } else { 8 };
+        let store = if store_host.is_ipv6() { 20 } else { 8 };
+        let topic_len_bytes = if self.topic.len() > 255 { 2 } else { 1 };
+        4 + 4 + 4 + 4 + 4 + 8 + 8 + 4 + 8 + born + 8 + store + 4 + 8
+            + 4
+            + self.body.len()
+            + topic_len_bytes
+            + self.topic.len()
+            + 2
+            + self.properties.len()
+    }
+
+    /// Appends the stored form to `dst`.
+    pub fn encode(
+        &self,
+        dst: &mut BytesMut,
+        queue_offset: i64,
+        physical_offset: i64,
+        store_timestamp: i64,
+        store_host: &SocketAddr,
+    ) {
+        let total = self.stored_len(store_host);
+        let mut sys_flag = self.sys_flag & !(FLAG_BORN_V6 | FLAG_STORE_V6);
+        if self.born_host.is_ipv6() {
+            sys_flag |= FLAG_BORN_V6;
+        }
+        if store_host.is_ipv6() {
+            sys_flag |= FLAG_STORE_V6;
+        }
+        dst.reserve(total);
+        dst.put_i32(total as i32);
+        dst.put_i32(if self.topic.len() > 255 { MAGIC_V2 } else { MAGIC_V1 });
+        dst.put_i32(crc32fast::hash(&self.body) as i32);
+        dst.put_i32(self.queue_id);
+        dst.put_i32(self.flag);
+        dst.put_i64(queue_offset);
+        dst.put_i64(physical_offset);
+        dst.put_i32(sys_flag);
+        dst.put_i64(self.born_timestamp);
+        put_host(dst, &self.born_host);
+        dst.put_i64(store_timestamp);
+        put_host(dst, store_host);
+        dst.put_i32(self.reconsume_times);
+        dst.put_i64(0); // prepared transaction offset
+        dst.put_i32(self.body.len() as i32);
+        dst.put_slice(&self.body);
+        if self.topic.len() > 255 {
+            dst.put_u16(self.topic.len() as u16);
+        } else {
+            dst.put_u8(self.topic.len() as u8);
+        }
+        dst.put_slice(self.topic.as_bytes());
+        dst.put_i16(self.properties.len() as i16);
+        dst.put_slice(self.properties.as_bytes());
+    }
+}
+
+fn put_host(dst: &mut BytesMut, addr: &SocketAddr) {
+    match addr.ip() {
+        IpAddr::V4(ip) => dst.put_slice(&ip.octets()),
+        IpAddr::V6(ip) => dst.put_slice(&ip.octets()),
+    }
+    dst.put_i32(i32::from(addr.port()));
+}
+
+/// A stored message, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    /// Bytes the message takes in the commit log.
+    pub total_size: i32,
+    /// Queue within the topic.
+    pub queue_id: i32,
+    /// User flag.
+    pub flag: i32,
+    /// Position in its consume queue.
+    pub queue_offset: i64,
+    /// Position in the commit log.
+    pub physical_offset: i64,
+    /// sysFlag bits.
+    pub sys_flag: i32,
+    /// Producer-side creation time, ms.
+    pub born_timestamp: i64,
+    /// Producer address.
+    pub born_host: SocketAddr,
+    /// Broker-side store time, ms.
+    pub store_timestamp: i64,
+    /// Broker address.
+    pub store_host: SocketAddr,
+    /// Delivery attempts so far.
+    pub reconsume_times: i32,
+    /// Payload.
+    pub body: Bytes,
+    /// Topic.
+    pub topic: String,
+    /// Encoded properties.
+    pub properties: String,
+}
+
+impl StoredMessage {
+    /// Properties as a map.
+    pub fn properties_map(&self) -> Properties {
+        parse_properties(&self.properties)
+    }
+
+    /// Offset message id: store host, port and commit-log offset in hex, as clients expect.
+    pub fn offset_msg_id(&self) -> String {
+        offset_msg_id(&self.store_host, self.physical_offset)
+    }
+}
+
+/// Offset message id of a commit-log offset on a store host.
+pub fn offset_msg_id(store_host: &SocketAddr, physical_offset: i64) -> String {
+    let mut b = BytesMut::with_capacity(28);
+    put_host(&mut b, store_host);
+    b.put_i64(physical_offset);
+    let mut s = String::with_capacity(b.len() * 2);
+    for byte in b.iter() {
+        s.push_str(&format!("{byte:02X}"));
+    }
+    s
+}
+
+/// Commit-log offset inside an offset message id, if it parses as one.
+pub fn parse_offset_msg_id(id: &str) -> Option<i64> {
+    if id.len() != 32 && id.len() != 56 {
+        return None;
+    }
+    let tail = &id[id.len() - 16..];
+    u64::from_str_radix(tail, 16).ok().map(|v| v as i64)
+}
+
+fn need(buf: &impl Buf, n: usize, what: &'static str) -> Result<(), MessageError> {
+    if buf.remaining() < n {
+        Err(MessageError::Truncated(what))
+    } else {
+        Ok(())
+    }
+}
+
+fn get_host(buf: &mut Bytes, v6: bool, what: &'static str) -> Result<SocketAddr, MessageError> {
+    let ip = if v6 {
+        need(buf, 20, what)?;
+        let mut o = [0u8; 16];
+        buf.copy_to_slice(&mut o);
+        IpAddr::V6(Ipv6Addr::from(o))
+    } else {
+        need(buf, 8, what)?;
+        let mut o = [0u8; 4];
+        buf.copy_to_slice(&mut o);
+        IpAddr::V4(Ipv4Addr::from(o))
+    };
+    let port = buf.get_i32();
+    Ok(SocketAddr::new(ip, port as u16))
+}
+
+fn get_string(buf: &mut Bytes, len: usize, what: &'static str) -> Result<String, MessageError> {
+    need(buf, len, what)?;
+    String::from_utf8(buf.split_to(len).to_vec()).map_err(|_| MessageError::NotUtf8(what))
+}
+
+/// Decodes one stored message from the start of `buf`, checking its structure and body CRC.
+pub fn decode_stored(buf: &Bytes) -> Result<StoredMessage, MessageError> {
+    let mut b = buf.clone();
+    need(&b, 8, "header")?;
+    let total_size = b.get_i32();
+    let magic = b.get_i32();
+    if magic != MAGIC_V1 && magic != MAGIC_V2 {
+        return Err(MessageError::BadMagic(magic));
+    }
+    if total_size < 8 || total_size as usize > buf.len() {
+        return Err(MessageError::BadLength("total"));
+    }
+    let mut b = buf.slice(8..total_size as usize);
+    need(&b, 4 + 4 + 4 + 8 + 8 + 4 + 8, "fixed fields")?;
+    let body_crc = b.get_i32();
+    let queue_id = b.get_i32();
+    let flag = b.get_i32();
+    let queue_offset = b.get_i64();
+    let physical_offset = b.get_i64();
+    let sys_flag = b.get_i32();
+    let born_timestamp = b.get_i64();
+    let born_host = get_host(&mut b, sys_flag & FLAG_BORN_V6 != 0, "born host")?;
+    need(&b, 8, "store timestamp")?;
+    let store_timestamp = b.get_i64();
+    let store_host = get_host(&mut b, sys_flag & FLAG_STORE_V6 != 0, "store host")?;
+    need(&b, 4 + 8 + 4, "reconsume fields")?;
+    let reconsume_times = b.get_i32();
+    let _prepared = b.get_i64();
+    let body_len = b.get_i32();
+    if body_len < 0 || body_len as usize > b.remaining() {
+        return Err(MessageError::BadLength("body"));
+    }
+    let body = b.split_to(body_len as usize);
+    if crc32fast::hash(&body) as i32 != body_crc {
+        return Err(MessageError::BadCrc);
+    }
+    let topic_len = if magic == MAGIC_V2 {
+        need(&b, 2, "topic length")?;
+        b.get_u16() as usize
+    } else {
+        need(&b, 1, "topic length")?;
+        b.get_u8() as usize
+    };
+    let topic = get_string(&mut b, topic_len, "topic")?;
+    need(&b, 2, "properties length")?;
+    let prop_len = b.get_i16();
+    if prop_len < 0 {
+        return Err(MessageError::BadLength("properties"));
+    }
+    let properties = get_string(&mut b, prop_len as usize, "properties")?;
+    if b.has_remaining() {
+        return Err(MessageError::BadLength("total"));
+    }
+    Ok(StoredMessage {
+        total_size,
+        queue_id,
+        flag,
+        queue_offset,
+        physical_offset,
+        sys_flag,
+        born_timestamp,
+        born_host,
+        store_timestamp,
+        store_host,
+        reconsume_times,
+        body,
+        topic,
+        properties,
+    })
+}
+
+/// One message of a batch body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchItem {
+    /// User flag.
+    pub flag: i32,
+    /// Payload.
+    pub body: Bytes,
+    /// Encoded properties.
+    pub properties: String,
+}
+
+/// Splits a SEND_BATCH_MESSAGE body into its messages.
+pub fn decode_batch(body: &Bytes) -> Result<Vec<BatchItem>, MessageError> {
+    let mut out = Vec::new();
+    let mut b = body.clone();
+    while b.has_remaining() {
+        need(&b, 20, "batch item header")?;
+        let total = b.get_i32();
+        let _magic = b.get_i32();
+        let _crc = b.get_i32();
+        let flag = b.get_i32();
+        let body_len = b.get_i32();
+        if total < 22 || body_len < 0 || body_len as usize > b.remaining() {
+            return Err(MessageError::BadLength("batch item"));
+        }
+        let item_body = b.split_to(body_len as usize);
+        need(&b, 2, "batch properties length")?;
+        let prop_len = b.get_i16();
+        if prop_len < 0 {
+            return Err(MessageError::BadLength("batch properties"));
+        }
+        let properties = get_string(&mut b, prop_len as usize, "batch properties")?;
+        if total as usize != 20 + body_len as usize + 2 + prop_len as usize {
+            return Err(MessageError::BadLength("batch item total"));
+        }
+        out.push(BatchItem {
+            flag,
+            body: item_body,
+            properties,
+        });
+    }
+    Ok(out)
+}
+
+/// Encodes messages as a SEND_BATCH_MESSAGE body.
+pub fn encode_batch(items: &[BatchItem]) -> Bytes {
+    let mut b = BytesMut::new();
+    for it in items {
+        let total = 20 + it.body.len() + 2 + it.properties.len();
+        b.put_i32(total as i32);
+        b.put_i32(0);
+        b.put_i32(crc32fast::hash(&it.body) as i32);
+        b.put_i32(it.flag);
+        b.put_i32(it.body.len() as i32);
+        b.put_slice(&it.body);
+        b.put_i16(it.properties.len() as i16);
+        b.put_slice(it.properties.as_bytes());
+    }
+    b.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(topic: &str) -> NewMessage {
+        let mut props = Properties::new();
+        props.insert(PROP_TAGS.into(), "TagA".into());
+        props.insert(PROP_KEYS.into(), "k1 k2".into());
+        props.insert("color".into(), "blue".into());
+        NewMessage {
+            topic: topic.into(),
+            queue_id: 3,
+            flag: 7,
+            body: Bytes::from_static(b"hello"),
+            properties: format_properties(&props),
+            sys_flag: 0,
+            born_timestamp: 1_700_000_000_000,
+            born_host: "10.1.2.3:5555".parse().unwrap(),
+            reconsume_times: 2,
+            tags_code: tag_hash("TagA"),
+        }
+    }
+
+    #[test]
+    fn stored_message_round_trips() {
+        let store: SocketAddr = "127.0.0.1:10911".parse().unwrap();
+        let m = sample("TopicTest");
+        let mut b = BytesMut::new();
+        m.encode(&mut b, 42, 4096, 1_700_000_000_123, &store);
+        assert_eq!(b.len(), m.stored_len(&store));
+        let d = decode_stored(&b.freeze()).unwrap();
+        assert_eq!(d.topic, "TopicTest");
+        assert_eq!(d.queue_offset, 42);
+        assert_eq!(d.physical_offset, 4096);
+        assert_eq!(d.body, m.body);
+        assert_eq!(d.born_host, m.born_host);
+        assert_eq!(d.store_host, store);
+        assert_eq!(d.properties_map().get("color").map(String::as_str), Some("blue"));
+        assert_eq!(parse_offset_msg_id(&d.offset_msg_id()), Some(4096));
+    }
+
+    #[test]
+    fn ipv6_hosts_and_long_topics_round_trip() {
+        let store: SocketAddr = "[::1]:10911".parse().unwrap();
+        let mut m = sample(&"t".repeat(300));
+        m.born_host = "[fe80::1]:1234".parse().unwrap();
+        let mut b = BytesMut::new();
+        m.encode(&mut b, 0, 0, 0, &store);
+        let d = decode_stored(&b.freeze()).unwrap();
+        assert_eq!(d.topic.len(), 300);
+        assert_eq!(d.born_host, m.born_host);
+        assert_eq!(d.sys_flag & (FLAG_BORN_V6 | FLAG_STORE_V6), FLAG_BORN_V6 | FLAG_STORE_V6);
+    }
+
+    #[test]
+    fn corrupted_body_fails_the_crc() {
+        let store: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut b = BytesMut::new();
+        sample("T").encode(&mut b, 0, 0, 0, &store);
+        let body_at = b.len() - 2 - sample("T").properties.len() - 2 - 5;
+        b[body_at] ^= 0xFF;
+        assert_eq!(decode_stored(&b.freeze()), Err(MessageError::BadCrc));
+    }
+
+    #[test]
+    fn tag_hash_matches_java_string_hash_code() {
+        assert_eq!(tag_hash("TagA"), 2_598_919);
+        assert_eq!(tag_hash(""), 0);
+        // "polygenelubricants".hashCode() == Integer.MIN_VALUE in Java.
+        assert_eq!(tag_hash("polygenelubricants"), i64::from(i32::MIN));
+    }
+
+    #[test]
+    fn batch_bodies_round_trip_and_reject_bad_lengths() {
+        let items = vec![
+            BatchItem { flag: 0, body: Bytes::from_static(b"a"), properties: "k\u{1}v\u{2}".into() },
+            BatchItem { flag: 1, body: Bytes::from_static(b"bb"), properties: String::new() },
+        ];
+        let body = encode_batch(&items);
+        assert_eq!(decode_batch(&body).unwrap(), items);
+        let mut bad = BytesMut::from(&body[..]);
+        bad[19] = 100; // body length beyond the buffer
+        assert!(decode_batch(&bad.freeze()).is_err());
+    }
+}

@@ -1,0 +1,712 @@
+//! The message store: commit log, consume queues, flushing (group commit or background),
+//! crash recovery, and the small persisted tables (topics, consumer offsets, checkpoint).
+
+pub mod commitlog;
+pub mod consume_queue;
+pub mod message;
+pub mod offsets;
+pub mod persist;
+pub mod topics;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use commitlog::CommitLog;
+use consume_queue::{ConsumeQueue, CqEntry};
+use message::{NewMessage, StoredMessage};
+use persist::{load_json, save_json};
+
+/// What went wrong in the store; paths are included so an operator can find the file.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// File or directory.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A state file holds bad JSON.
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: serde_json::Error,
+    },
+    /// On-disk data contradicts itself or the configuration.
+    #[error("store is inconsistent: {0}")]
+    Corrupt(String),
+    /// A message (or batch) does not fit in a commit-log segment.
+    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
+    MessageTooLarge {
+        /// Size of the message.
+        len: u64,
+        /// Largest accepted.
+        max: u64,
+    },
+    /// An offset outside the stored range was read.
+    #[error("offset {offset} is not stored")]
+    OutOfRange {
+        /// Offset asked for.
+        offset: u64,
+    },
+    /// SYNC_FLUSH could not make the data durable in time (the data is stored, maybe not yet
+    /// durable).
+    #[error("flush did not complete within {0:?}")]
+    FlushTimeout(Duration),
+    /// The store is shutting down or its flusher died.
+    #[error("store is shut down")]
+    Shutdown,
+}
+
+impl StoreError {
+    /// An I/O error on `path`.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// When a send is acknowledged relative to the disk (broker.conf `flushDiskType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushDiskType {
+    /// Acknowledge from memory; flush in the background.
+    Async,
+    /// Acknowledge once fsync'ed; concurrent sends share one flush.
+    Sync,
+}
+
+/// Store settings, from broker.conf.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// `storePathRootDir`.
+    pub root: PathBuf,
+    /// `mappedFileSizeCommitLog`.
+    pub segment_size: u64,
+    /// `flushDiskType`.
+    pub flush: FlushDiskType,
+    /// `flushIntervalCommitLog` (ms).
+    pub flush_interval_ms: u64,
+    /// `flushCommitLogLeastPages`.
+    pub flush_least_pages: u64,
+    /// `flushCommitLogThoroughInterval` (ms): flush whatever is dirty at least this often.
+    pub flush_thorough_interval_ms: u64,
+    /// `syncFlushTimeout` (ms).
+    pub sync_flush_timeout_ms: u64,
+    /// `fileReservedTime` (hours).
+    pub file_reserved_hours: u64,
+    /// Address written into stored messages and message ids.
+    pub store_host: SocketAddr,
+}
+
+/// Where a stored message landed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PutResult {
+    /// Commit-log offset.
+    pub physical_offset: u64,
+    /// Position in its queue.
+    pub queue_offset: u64,
+    /// Queue it went to.
+    pub queue_id: i32,
+    /// Stored size.
+    pub size: u32,
+    /// End of the message in the commit log (what a slave or flush must reach).
+    pub end: u64,
+}
+
+/// Outcome of a read from a queue, mirroring RocketMQ's GetMessageStatus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GetStatus {
+    /// Messages were found.
+    Found,
+    /// The offset is the end of the queue: nothing new yet.
+    NoNewMessage,
+    /// The queue has no messages at all.
+    NoMessageInQueue,
+    /// Messages exist but the filter matched none of those looked at.
+    NoMatchedMessage,
+    /// The offset is below the first stored message.
+    OffsetTooSmall,
+    /// The offset is beyond the end of the queue.
+    OffsetOverflow,
+}
+
+/// A read from a queue.
+#[derive(Debug, Clone)]
+pub struct GetResult {
+    /// What happened.
+    pub status: GetStatus,
+    /// Stored messages, back to back.
+    pub body: Bytes,
+    /// How many messages `body` holds.
+    pub count: usize,
+    /// Queue offset the next read should start at.
+    pub next_offset: u64,
+    /// Lowest stored queue offset.
+    pub min_offset: u64,
+    /// Queue end (exclusive).
+    pub max_offset: u64,
+    /// Commit-log bytes after the last message returned (how far behind the reader is).
+    pub lag_bytes: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Checkpoint {
+    /// Commit-log offset up to which the log and every consume queue are durable and agree.
+    consistent_offset: u64,
+    /// Whether the broker stopped cleanly (nothing past `consistent_offset`).
+    clean_shutdown: bool,
+}
+
+type QueueKey = (String, i32);
+
+struct Waiter {
+    end: u64,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// State shared with the flusher thread.
+struct FlushShared {
+    waiters: Mutex<Vec<Waiter>>,
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+/// The broker's storage engine.
+pub struct MessageStore {
+    cfg: StoreConfig,
+    commitlog: CommitLog,
+    queues: RwLock<HashMap<QueueKey, Arc<ConsumeQueue>>>,
+    cq_dir: PathBuf,
+    /// Serializes appends so commit-log order and queue offsets agree; holds the encode buffer.
+    write_lock: Mutex<BytesMut>,
+    /// Commit-log offset below which every message is appended and dispatched to its queue.
+    dispatched: AtomicU64,
+    flush: Arc<FlushShared>,
+    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Consumer offsets.
+    pub offsets: offsets::ConsumerOffsets,
+    /// Topic configs.
+    pub topics: topics::TopicTable,
+    /// What recovery found at start.
+    pub recovery: commitlog::RecoveryReport,
+}
+
+impl std::fmt::Debug for MessageStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageStore").field("cfg", &self.cfg).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MessageStore {
+    /// Opens the store under `cfg.root`, recovering from a crash if the last stop was not
+    /// clean, and starts the flusher thread.
+    pub fn open(cfg: StoreConfig) -> Result<Arc<MessageStore>, StoreError> {
+        let root = cfg.root.clone();
+        let config_dir = root.join("config");
+        std::fs::create_dir_all(&config_dir).map_err(|e| StoreError::io(&config_dir, e))?;
+        let commitlog = CommitLog::open(&root.join("commitlog"), cfg.segment_size)?;
+        let cq_dir = root.join("consumequeue");
+        std::fs::create_dir_all(&cq_dir).map_err(|e| StoreError::io(&cq_dir, e))?;
+        let checkpoint_path = root.join("checkpoint");
+        let checkpoint: Checkpoint = load_json(&checkpoint_path)?.unwrap_or_default();
+
+        // Open every existing consume queue.
+        let mut queues = HashMap::new();
+        for topic_dir in read_dir(&cq_dir)? {
+            let Some(topic) = topic_dir.file_name().and_then(|n| n.to_str()).map(String::from)
+            else {
+                continue;
+            };
+            for qfile in read_dir(&topic_dir)? {
+                let Some(qid) = qfile
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.parse::<i32>().ok())
+                else {
+                    continue;
+                };
+                let cq = ConsumeQueue::open(&cq_dir, &topic, qid)?;
+                queues.insert((topic.clone(), qid), Arc::new(cq));
+            }
+        }
+
+        // Consume-queue entries past the checkpoint may be torn or point at a torn tail:
+        // drop them and re-dispatch from the commit log.
+        let from = checkpoint.consistent_offset;
+        for cq in queues.values() {
+            cq.truncate_from_offset(from)?;
+        }
+        let store_queues = RwLock::new(queues);
+        let report = {
+            let open_queue = |m: &StoredMessage| -> Result<(), StoreError> {
+                let key = (m.topic.clone(), m.queue_id);
+                let existing = store_queues
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&key)
+                    .cloned();
+                let cq = match existing {
+                    Some(cq) => cq,
+                    None => {
+                        let cq = Arc::new(ConsumeQueue::open(&cq_dir, &m.topic, m.queue_id)?);
+                        store_queues
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(key, cq.clone());
+                        cq
+                    }
+                };
+                cq.put(
+                    m.queue_offset as u64,
+                    CqEntry {
+                        offset: m.physical_offset as u64,
+                        size: m.total_size as u32,
+                        tags_code: NewMessage::tags_code_of(&m.properties),
+                    },
+                )
+            };
+            commitlog.recover(from, open_queue)?
+        };
+        if report.messages > 0 || report.truncated_bytes > 0 || !checkpoint.clean_shutdown {
+            tracing::info!(
+                from,
+                redispatched = report.messages,
+                torn_bytes = report.truncated_bytes,
+                end = report.end,
+                clean = checkpoint.clean_shutdown,
+                "commit log recovered"
+            );
+        }
+        let min_phys = commitlog.min_offset();
+        for cq in store_queues.read().unwrap_or_else(|p| p.into_inner()).values() {
+            cq.correct_min_offset(min_phys)?;
+        }
+
+        let offsets = offsets::ConsumerOffsets::load(config_dir.join("consumerOffset.json"))?;
+        let topics = topics::TopicTable::load(config_dir.join("topics.json"))?;
+        let end = report.end;
+        let store = Arc::new(MessageStore {
+            cfg,
+            commitlog,
+            queues: store_queues,
+            cq_dir,
+            write_lock: Mutex::new(BytesMut::with_capacity(1 << 20)),
+            dispatched: AtomicU64::new(end),
+            flush: Arc::new(FlushShared {
+                waiters: Mutex::new(Vec::new()),
+                wake: Condvar::new(),
+                stop: AtomicBool::new(false),
+            }),
+            flusher: Mutex::new(None),
+            offsets,
+            topics,
+            recovery: report,
+        });
+        // Mark the store as running: a crash from now on must recover.
+        store.write_checkpoint(end, false)?;
+        let s = store.clone();
+        let handle = std::thread::Builder::new()
+            .name("commitlog-flush".into())
+            .spawn(move || s.flush_loop())
+            .map_err(|e| StoreError::io(&root, e))?;
+        *lock(&store.flusher) = Some(handle);
+        Ok(store)
+    }
+
+    /// The store's configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.cfg
+    }
+
+    /// The commit log (read side, replication and metrics).
+    pub fn commitlog(&self) -> &CommitLog {
+        &self.commitlog
+    }
+
+    fn write_checkpoint(&self, offset: u64, clean: bool) -> Result<(), StoreError> {
+        save_json(
+            &self.cfg.root.join("checkpoint"),
+            &Checkpoint {
+                consistent_offset: offset,
+                clean_shutdown: clean,
+            },
+        )
+    }
+
+    /// The consume queue of `topic`/`queue_id`, if it exists.
+    pub fn queue(&self, topic: &str, queue_id: i32) -> Option<Arc<ConsumeQueue>> {
+        self.queues
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(topic.to_string(), queue_id))
+            .cloned()
+    }
+
+    /// Every consume queue.
+    pub fn all_queues(&self) -> Vec<Arc<ConsumeQueue>> {
+        self.queues
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn queue_or_create(&self, topic: &str, queue_id: i32) -> Result<Arc<ConsumeQueue>, StoreError> {
+        if let Some(q) = self.queue(topic, queue_id) {
+            return Ok(q);
+        }
+        let mut qs = self.queues.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(q) = qs.get(&(topic.to_string(), queue_id)) {
+            return Ok(q.clone());
+        }
+        let q = Arc::new(ConsumeQueue::open(&self.cq_dir, topic, queue_id)?);
+        qs.insert((topic.to_string(), queue_id), q.clone());
+        Ok(q)
+    }
+
+    /// Appends messages (all of one batch land contiguously) without waiting for the disk.
+    pub fn append(&self, msgs: &[NewMessage]) -> Result<Vec<PutResult>, StoreError> {
+        let store_host = self.cfg.store_host;
+        let total: u64 = msgs.iter().map(|m| m.stored_len(&store_host) as u64).sum();
+        if total > self.commitlog.max_message_len() {
+            return Err(StoreError::MessageTooLarge {
+                len: total,
+                max: self.commitlog.max_message_len(),
+            });
+        }
+        let mut buf = lock(&self.write_lock);
+        buf.clear();
+        let start = self.commitlog.next_start(total);
+        let now = topics::now_ms();
+        let mut results = Vec::with_capacity(msgs.len());
+        let mut next_in_queue: Vec<(Arc<ConsumeQueue>, u64)> = Vec::new();
+        for m in msgs {
+            let cq = self.queue_or_create(&m.topic, m.queue_id)?;
+            let qoff = match next_in_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &cq)) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    let n = cq.max_offset();
+                    next_in_queue.push((cq.clone(), n));
+                    n
+                }
+            };
+            let phys = start + buf.len() as u64;
+            let before = buf.len();
+            m.encode(&mut buf, qoff as i64, phys as i64, now, &store_host);
+            let size = (buf.len() - before) as u32;
+            results.push((cq, PutResult {
+                physical_offset: phys,
+                queue_offset: qoff,
+                queue_id: m.queue_id,
+                size,
+                end: phys + u64::from(size),
+            }, m.tags_code));
+        }
+        let at = self.commitlog.append(&buf)?;
+        debug_assert_eq!(at, start);
+        let mut out = Vec::with_capacity(results.len());
+        for (cq, r, tags_code) in results {
+            cq.put(
+                r.queue_offset,
+                CqEntry {
+                    offset: r.physical_offset,
+                    size: r.size,
+                    tags_code,
+                },
+            )?;
+            out.push(r);
+        }
+        self.dispatched.store(at + total, Ordering::Release);
+        Ok(out)
+    }
+
+    /// Appends messages and, under SYNC_FLUSH, waits until they are durable.
+    pub async fn put(&self, msgs: &[NewMessage]) -> Result<Vec<PutResult>, StoreError> {
+        let results = self.append(msgs)?;
+        if self.cfg.flush == FlushDiskType::Sync {
+            if let Some(end) = results.iter().map(|r| r.end).max() {
+                self.wait_durable(end).await?;
+            }
+        }
+        Ok(results)
+    }
+
+    /// Waits until the commit log is durable up to `end` (group commit: one fsync serves every
+    /// writer waiting at that moment).
+    pub async fn wait_durable(&self, end: u64) -> Result<(), StoreError> {
+        if self.commitlog.flushed_offset() >= end {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        lock(&self.flush.waiters).push(Waiter { end, done: tx });
+        self.flush.wake.notify_one();
+        let timeout = Duration::from_millis(self.cfg.sync_flush_timeout_ms);
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(StoreError::Corrupt(format!("flush failed: {e}"))),
+            Ok(Err(_)) => Err(StoreError::Shutdown),
+            Err(_) => Err(StoreError::FlushTimeout(timeout)),
+        }
+    }
+
+    fn flush_loop(&self) {
+        let interval = Duration::from_millis(self.cfg.flush_interval_ms.max(1));
+        let thorough = Duration::from_millis(self.cfg.flush_thorough_interval_ms.max(1));
+        let checkpoint_every = Duration::from_secs(1);
+        let mut last_thorough = Instant::now();
+        let mut last_checkpoint = Instant::now();
+        let mut checkpointed = self.dispatched.load(Ordering::Acquire);
+        loop {
+            let batch: Vec<Waiter> = {
+                let mut w = lock(&self.flush.waiters);
+                if w.is_empty() && !self.flush.stop.load(Ordering::Acquire) {
+                    w = self
+                        .flush
+                        .wake
+                        .wait_timeout(w, interval)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+                std::mem::take(&mut *w)
+            };
+            let stopping = self.flush.stop.load(Ordering::Acquire);
+            let dirty_pages = (self.commitlog.max_offset() - self.commitlog.flushed_offset()) / 4096;
+            let due = !batch.is_empty()
+                || stopping
+                || (dirty_pages > 0 && dirty_pages >= self.cfg.flush_least_pages)
+                || (dirty_pages > 0 || self.commitlog.max_offset() > self.commitlog.flushed_offset())
+                    && last_thorough.elapsed() >= thorough;
+            if due {
+                match self.commitlog.flush() {
+                    Ok(durable) => {
+                        last_thorough = Instant::now();
+                        let mut pending = Vec::new();
+                        for w in batch {
+                            if w.end <= durable {
+                                let _ = w.done.send(Ok(()));
+                            } else {
+                                pending.push(w);
+                            }
+                        }
+                        if !pending.is_empty() {
+                            lock(&self.flush.waiters).extend(pending);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "commit log flush failed");
+                        for w in batch {
+                            let _ = w.done.send(Err(e.to_string()));
+                        }
+                    }
+                }
+            }
+            if stopping || last_checkpoint.elapsed() >= checkpoint_every {
+                last_checkpoint = Instant::now();
+                let consistent = self.dispatched.load(Ordering::Acquire);
+                if consistent != checkpointed || stopping {
+                    if let Err(e) = self.checkpoint(consistent, stopping) {
+                        tracing::error!(error = %e, "checkpoint failed");
+                    } else {
+                        checkpointed = consistent;
+                    }
+                }
+                if let Err(e) = self.offsets.persist() {
+                    tracing::error!(error = %e, "saving consumer offsets failed");
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Makes the log and queues durable up to `consistent` and records it.
+    fn checkpoint(&self, consistent: u64, clean: bool) -> Result<(), StoreError> {
+        if self.commitlog.flushed_offset() < consistent {
+            self.commitlog.flush()?;
+        }
+        for cq in self.all_queues() {
+            cq.flush()?;
+        }
+        self.write_checkpoint(consistent, clean)
+    }
+
+    /// Deletes commit-log segments older than `fileReservedTime` and moves queue minimums.
+    pub fn delete_expired(&self) -> Result<(), StoreError> {
+        let age = Duration::from_secs(self.cfg.file_reserved_hours * 3600);
+        let before = self.commitlog.min_offset();
+        let min = self.commitlog.delete_expired(age)?;
+        if min != before {
+            for cq in self.all_queues() {
+                cq.correct_min_offset(min)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads up to `max_count` messages (and about `max_bytes`) of a queue from `offset`,
+    /// keeping those whose tag code `filter` accepts.
+    pub fn get(
+        &self,
+        topic: &str,
+        queue_id: i32,
+        offset: u64,
+        max_count: usize,
+        max_bytes: usize,
+        filter: impl Fn(i64) -> bool,
+    ) -> Result<GetResult, StoreError> {
+        let Some(cq) = self.queue(topic, queue_id) else {
+            return Ok(GetResult {
+                status: GetStatus::NoMessageInQueue,
+                body: Bytes::new(),
+                count: 0,
+                next_offset: 0,
+                min_offset: 0,
+                max_offset: 0,
+                lag_bytes: 0,
+            });
+        };
+        let (min, max) = (cq.min_offset(), cq.max_offset());
+        let mut res = GetResult {
+            status: GetStatus::NoNewMessage,
+            body: Bytes::new(),
+            count: 0,
+            next_offset: offset,
+            min_offset: min,
+            max_offset: max,
+            lag_bytes: 0,
+        };
+        if max == 0 {
+            res.status = GetStatus::NoMessageInQueue;
+            res.next_offset = 0;
+            return Ok(res);
+        }
+        if offset < min {
+            res.status = GetStatus::OffsetTooSmall;
+            res.next_offset = min;
+            return Ok(res);
+        }
+        if offset == max {
+            return Ok(res);
+        }
+        if offset > max {
+            res.status = GetStatus::OffsetOverflow;
+            res.next_offset = max;
+            return Ok(res);
+        }
+        // Look at up to max_count entries (more when filtering skips some), stopping at the
+        // byte budget.
+        let scan = max_count.max(1) * if max_count < 64 { 8 } else { 2 };
+        let entries = cq.get(offset, scan)?;
+        let mut body = BytesMut::new();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut next = offset;
+        let mut count = 0;
+        let mut bytes = 0usize;
+        for e in &entries {
+            if count >= max_count || (bytes > 0 && bytes + e.size as usize > max_bytes) {
+                break;
+            }
+            next += 1;
+            if !filter(e.tags_code) {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some((_, end)) if *end == e.offset => *end += u64::from(e.size),
+                _ => ranges.push((e.offset, e.offset + u64::from(e.size))),
+            }
+            count += 1;
+            bytes += e.size as usize;
+        }
+        for (start, end) in ranges {
+            body.extend_from_slice(&self.commitlog.read(start, (end - start) as usize)?);
+        }
+        res.next_offset = next;
+        res.count = count;
+        res.body = body.freeze();
+        res.status = if count > 0 {
+            GetStatus::Found
+        } else {
+            GetStatus::NoMatchedMessage
+        };
+        if let Some(last) = entries.get((next - offset).saturating_sub(1) as usize) {
+            res.lag_bytes = self
+                .commitlog
+                .max_offset()
+                .saturating_sub(last.offset + u64::from(last.size));
+        }
+        Ok(res)
+    }
+
+    /// Queue offset of the first message stored at or after `timestamp` (ms); the queue end if
+    /// none is.
+    pub fn search_offset(&self, topic: &str, queue_id: i32, timestamp: i64) -> Result<u64, StoreError> {
+        let Some(cq) = self.queue(topic, queue_id) else {
+            return Ok(0);
+        };
+        let (mut lo, mut hi) = (cq.min_offset(), cq.max_offset());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let Some(e) = cq.get(mid, 1)?.first().copied() else {
+                break;
+            };
+            let m = self.commitlog.read_message(e.offset)?;
+            if m.store_timestamp < timestamp {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
+    }
+
+    /// Store time of the first stored message of a queue.
+    pub fn earliest_time(&self, topic: &str, queue_id: i32) -> Result<Option<i64>, StoreError> {
+        let Some(cq) = self.queue(topic, queue_id) else {
+            return Ok(None);
+        };
+        match cq.get(cq.min_offset(), 1)?.first() {
+            Some(e) => Ok(Some(self.commitlog.read_message(e.offset)?.store_timestamp)),
+            None => Ok(None),
+        }
+    }
+
+    /// Flushes everything, records a clean shutdown and stops the flusher.
+    pub fn shutdown(&self) {
+        self.flush.stop.store(true, Ordering::Release);
+        self.flush.wake.notify_all();
+        if let Some(h) = lock(&self.flusher).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
+        out.push(e.map_err(|e| StoreError::io(dir, e))?.path());
+    }
+    Ok(out)
+}

@@ -1,0 +1,148 @@
+//! Topic configurations of a broker, persisted in `config/topics.json`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::RwLock;
+
+use serde::{Deserialize, Serialize};
+
+use super::persist::{load_json, save_json};
+use super::StoreError;
+
+/// Permission bit: the topic may be read.
+pub const PERM_READ: i32 = 4;
+/// Permission bit: the topic may be written.
+pub const PERM_WRITE: i32 = 2;
+/// Permission bit: the topic may serve as a template for auto-creation.
+pub const PERM_INHERIT: i32 = 1;
+
+/// The template topic producers name when their topic has no route yet.
+pub const AUTO_CREATE_TOPIC: &str = "TBW102";
+
+/// How a topic is laid out on this broker (RocketMQ's TopicConfig, same JSON names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicConfig {
+    /// Topic name.
+    pub topic_name: String,
+    /// Queues consumers read.
+    pub read_queue_nums: i32,
+    /// Queues producers write.
+    pub write_queue_nums: i32,
+    /// Permission bits.
+    pub perm: i32,
+    /// Filter type (always SINGLE_TAG).
+    #[serde(default = "single_tag")]
+    pub topic_filter_type: String,
+    /// Topic sysFlag.
+    #[serde(default)]
+    pub topic_sys_flag: i32,
+    /// Whether the topic is ordered.
+    #[serde(default)]
+    pub order: bool,
+}
+
+fn single_tag() -> String {
+    "SINGLE_TAG".to_string()
+}
+
+impl TopicConfig {
+    /// A read-write topic with `queues` read and write queues.
+    pub fn new(name: &str, queues: i32, perm: i32) -> Self {
+        TopicConfig {
+            topic_name: name.to_string(),
+            read_queue_nums: queues,
+            write_queue_nums: queues,
+            perm,
+            topic_filter_type: single_tag(),
+            topic_sys_flag: 0,
+            order: false,
+        }
+    }
+}
+
+/// RocketMQ's DataVersion: lets name servers skip unchanged registrations.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DataVersion {
+    /// When the table was last changed, ms.
+    pub timestamp: i64,
+    /// Change counter.
+    pub counter: i64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TopicsFile {
+    topic_config_table: BTreeMap<String, TopicConfig>,
+    #[serde(default)]
+    data_version: DataVersion,
+}
+
+/// The topic table, saved on every change (changes are rare).
+#[derive(Debug)]
+pub struct TopicTable {
+    path: PathBuf,
+    inner: RwLock<TopicsFile>,
+}
+
+impl TopicTable {
+    /// Loads the table from `path`, or starts empty.
+    pub fn load(path: PathBuf) -> Result<TopicTable, StoreError> {
+        let inner = load_json::<TopicsFile>(&path)?.unwrap_or_default();
+        Ok(TopicTable {
+            path,
+            inner: RwLock::new(inner),
+        })
+    }
+
+    /// The config of `topic`.
+    pub fn get(&self, topic: &str) -> Option<TopicConfig> {
+        read(&self.inner).topic_config_table.get(topic).cloned()
+    }
+
+    /// Every topic config, with the table version.
+    pub fn snapshot(&self) -> (BTreeMap<String, TopicConfig>, DataVersion) {
+        let t = read(&self.inner);
+        (t.topic_config_table.clone(), t.data_version.clone())
+    }
+
+    /// Creates or replaces a topic and saves the table. Returns true if anything changed.
+    pub fn put(&self, cfg: TopicConfig) -> Result<bool, StoreError> {
+        let mut t = write(&self.inner);
+        if t.topic_config_table.get(&cfg.topic_name) == Some(&cfg) {
+            return Ok(false);
+        }
+        t.topic_config_table.insert(cfg.topic_name.clone(), cfg);
+        t.data_version.counter += 1;
+        t.data_version.timestamp = now_ms();
+        save_json(&self.path, &*t)?;
+        Ok(true)
+    }
+
+    /// Sets the permission of every topic (e.g. to drop write before a scale-in).
+    pub fn set_all_perm(&self, perm: i32) -> Result<(), StoreError> {
+        let mut t = write(&self.inner);
+        for cfg in t.topic_config_table.values_mut() {
+            cfg.perm = perm;
+        }
+        t.data_version.counter += 1;
+        t.data_version.timestamp = now_ms();
+        save_json(&self.path, &*t)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
