@@ -3,3 +3,7 @@
 
 pub mod remoting;
 pub mod store;
+pub mod config;
+pub mod http;
+pub mod nameserver;
+pub mod server;

@@ -8,6 +8,7 @@ pub mod command;
 pub mod connection;
 pub mod frame;
 pub mod header;
+pub mod body;
 
 pub use code::{RequestCode, ResponseCode};
 pub use command::{ExtFields, RemotingCommand, SerializeType};

@@ -1,0 +1,453 @@
+//! broker.conf: RocketMQ's key names and values, parsed strictly (an unknown key or a bad
+//! value is an error naming the key) so a typo never silently runs with a default.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use crate::store::FlushDiskType;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A key ferromq does not know.
+    #[error("line {line}: unknown key `{key}`")]
+    UnknownKey {
+        /// Key as written.
+        key: String,
+        /// 1-based line number.
+        line: usize,
+    },
+    /// A value of the wrong type or out of range.
+    #[error("`{key}` = {value:?}: expected {expected}")]
+    BadValue {
+        /// Key.
+        key: String,
+        /// Value as written.
+        value: String,
+        /// What is accepted.
+        expected: String,
+    },
+    /// A line that is not `key=value`.
+    #[error("line {line}: expected `key=value`, found {text:?}")]
+    Syntax {
+        /// 1-based line number.
+        line: usize,
+        /// The line.
+        text: String,
+    },
+    /// Settings that contradict each other.
+    #[error("{0}")]
+    Inconsistent(String),
+    /// The file could not be read.
+    #[error("cannot read {path}: {reason}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        /// Cause, as text (keeps the error comparable in tests).
+        reason: String,
+    },
+}
+
+/// Parses Java-properties text (`key=value` or `key: value`, `#`/`!` comments) into pairs with
+/// their line numbers.
+pub fn parse_properties(text: &str) -> Result<Vec<(String, String, usize)>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        let sep = line.find(['=', ':']).ok_or_else(|| ConfigError::Syntax {
+            line: i + 1,
+            text: raw.to_string(),
+        })?;
+        let key = line[..sep].trim();
+        if key.is_empty() {
+            return Err(ConfigError::Syntax {
+                line: i + 1,
+                text: raw.to_string(),
+            });
+        }
+        out.push((key.to_string(), line[sep + 1..].trim().to_string(), i + 1));
+    }
+    Ok(out)
+}
+
+/// A master or slave role (`brokerRole`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerRole {
+    /// Master acknowledging without waiting for slaves.
+    AsyncMaster,
+    /// Master acknowledging once a slave holds the message.
+    SyncMaster,
+    /// Read-only replica.
+    Slave,
+}
+
+impl BrokerRole {
+    /// RocketMQ's name of the role.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerRole::AsyncMaster => "ASYNC_MASTER",
+            BrokerRole::SyncMaster => "SYNC_MASTER",
+            BrokerRole::Slave => "SLAVE",
+        }
+    }
+}
+
+/// Everything `mqbroker` is configured with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// `brokerClusterName`.
+    pub cluster_name: String,
+    /// `brokerName`: the group.
+    pub broker_name: String,
+    /// `brokerId`: 0 for the master.
+    pub broker_id: i64,
+    /// `brokerIP1`: the address advertised to clients.
+    pub broker_ip: String,
+    /// `listenPort`.
+    pub listen_port: u16,
+    /// `haListenPort`.
+    pub ha_listen_port: u16,
+    /// `httpPort` (ferromq): health and metrics.
+    pub http_port: u16,
+    /// `namesrvAddr`, split on `;`.
+    pub namesrv_addrs: Vec<String>,
+    /// `storePathRootDir`.
+    pub store_root: PathBuf,
+    /// `brokerRole`.
+    pub role: BrokerRole,
+    /// `flushDiskType`.
+    pub flush: FlushDiskType,
+    /// `flushIntervalCommitLog` (ms).
+    pub flush_interval_ms: u64,
+    /// `flushCommitLogLeastPages`.
+    pub flush_least_pages: u64,
+    /// `flushCommitLogThoroughInterval` (ms).
+    pub flush_thorough_interval_ms: u64,
+    /// `syncFlushTimeout` (ms).
+    pub sync_flush_timeout_ms: u64,
+    /// `mappedFileSizeCommitLog` (bytes).
+    pub segment_size: u64,
+    /// `fileReservedTime` (hours).
+    pub file_reserved_hours: u64,
+    /// `deleteWhen`: hour of day expired segments are deleted.
+    pub delete_when_hour: u32,
+    /// `maxMessageSize` (bytes).
+    pub max_message_size: u64,
+    /// `autoCreateTopicEnable`.
+    pub auto_create_topic: bool,
+    /// `defaultTopicQueueNums`.
+    pub default_topic_queue_nums: i32,
+    /// `brokerPermission`.
+    pub permission: i32,
+    /// `registerNameServerPeriod` (ms).
+    pub register_period_ms: u64,
+    /// `brokerNotActiveTimeoutMillis`: how long name servers keep us without a registration.
+    pub heartbeat_timeout_ms: u64,
+    /// `longPollingEnable`.
+    pub long_polling: bool,
+    /// `slaveReadEnable`.
+    pub slave_read_enable: bool,
+    /// `serverMaxFrameBytes` (ferromq): largest request frame accepted.
+    pub max_frame_bytes: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+        BrokerConfig {
+            cluster_name: "DefaultCluster".into(),
+            broker_name: "broker-a".into(),
+            broker_id: 0,
+            broker_ip: "127.0.0.1".into(),
+            listen_port: 10911,
+            ha_listen_port: 10912,
+            http_port: 10913,
+            namesrv_addrs: Vec::new(),
+            store_root: PathBuf::from(home).join("store"),
+            role: BrokerRole::AsyncMaster,
+            flush: FlushDiskType::Async,
+            flush_interval_ms: 500,
+            flush_least_pages: 4,
+            flush_thorough_interval_ms: 10_000,
+            sync_flush_timeout_ms: 5_000,
+            segment_size: 1 << 30,
+            file_reserved_hours: 72,
+            delete_when_hour: 4,
+            max_message_size: 4 << 20,
+            auto_create_topic: true,
+            default_topic_queue_nums: 8,
+            permission: 6,
+            register_period_ms: 30_000,
+            heartbeat_timeout_ms: 120_000,
+            long_polling: true,
+            slave_read_enable: true,
+            max_frame_bytes: 16 << 20,
+        }
+    }
+}
+
+fn bad(key: &str, value: &str, expected: &str) -> ConfigError {
+    ConfigError::BadValue {
+        key: key.to_string(),
+        value: value.to_string(),
+        expected: expected.to_string(),
+    }
+}
+
+fn num<T: std::str::FromStr>(key: &str, v: &str, expected: &str) -> Result<T, ConfigError> {
+    v.parse().map_err(|_| bad(key, v, expected))
+}
+
+fn boolean(key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(bad(key, v, "true or false")),
+    }
+}
+
+/// Splits a `namesrvAddr` value (`host:port;host:port`).
+pub fn split_namesrv(v: &str) -> Vec<String> {
+    v.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+impl BrokerConfig {
+    /// Parses broker.conf text.
+    pub fn parse(text: &str) -> Result<BrokerConfig, ConfigError> {
+        let mut c = BrokerConfig::default();
+        let mut ha_set = false;
+        let mut http_set = false;
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (key, v, line) in parse_properties(text)? {
+            if let Some(first) = seen.insert(key.clone(), line) {
+                return Err(ConfigError::Inconsistent(format!(
+                    "`{key}` is set twice (lines {first} and {line})"
+                )));
+            }
+            let v = v.as_str();
+            let k = key.as_str();
+            match k {
+                "brokerClusterName" => c.cluster_name = non_empty(k, v)?,
+                "brokerName" => c.broker_name = non_empty(k, v)?,
+                "brokerId" => c.broker_id = num(k, v, "a non-negative integer")?,
+                "brokerIP1" => c.broker_ip = non_empty(k, v)?,
+                "listenPort" => c.listen_port = num(k, v, "a port number")?,
+                "haListenPort" => {
+                    c.ha_listen_port = num(k, v, "a port number")?;
+                    ha_set = true;
+                }
+                "httpPort" => {
+                    c.http_port = num(k, v, "a port number")?;
+                    http_set = true;
+                }
+                "namesrvAddr" => c.namesrv_addrs = split_namesrv(v),
+                "storePathRootDir" => c.store_root = PathBuf::from(non_empty(k, v)?),
+                "brokerRole" => {
+                    c.role = match v {
+                        "ASYNC_MASTER" => BrokerRole::AsyncMaster,
+                        "SYNC_MASTER" => BrokerRole::SyncMaster,
+                        "SLAVE" => BrokerRole::Slave,
+                        _ => return Err(bad(k, v, "ASYNC_MASTER, SYNC_MASTER or SLAVE")),
+                    }
+                }
+                "flushDiskType" => {
+                    c.flush = match v {
+                        "ASYNC_FLUSH" => FlushDiskType::Async,
+                        "SYNC_FLUSH" => FlushDiskType::Sync,
+                        _ => return Err(bad(k, v, "ASYNC_FLUSH or SYNC_FLUSH")),
+                    }
+                }
+                "flushIntervalCommitLog" => {
+                    c.flush_interval_ms = num(k, v, "milliseconds")?;
+                }
+                "flushCommitLogLeastPages" => c.flush_least_pages = num(k, v, "a page count")?,
+                "flushCommitLogThoroughInterval" => {
+                    c.flush_thorough_interval_ms = num(k, v, "milliseconds")?;
+                }
+                "syncFlushTimeout" => c.sync_flush_timeout_ms = num(k, v, "milliseconds")?,
+                "mappedFileSizeCommitLog" => c.segment_size = num(k, v, "a size in bytes")?,
+                "fileReservedTime" => c.file_reserved_hours = num(k, v, "hours")?,
+                "deleteWhen" => {
+                    c.delete_when_hour = num(k, v, "an hour of day, 0-23")?;
+                    if c.delete_when_hour > 23 {
+                        return Err(bad(k, v, "an hour of day, 0-23"));
+                    }
+                }
+                "maxMessageSize" => c.max_message_size = num(k, v, "a size in bytes")?,
+                "autoCreateTopicEnable" => c.auto_create_topic = boolean(k, v)?,
+                "defaultTopicQueueNums" => {
+                    c.default_topic_queue_nums = num(k, v, "a queue count")?;
+                }
+                "brokerPermission" => c.permission = num(k, v, "permission bits (6 = read+write)")?,
+                "registerNameServerPeriod" => c.register_period_ms = num(k, v, "milliseconds")?,
+                "brokerNotActiveTimeoutMillis" => {
+                    c.heartbeat_timeout_ms = num(k, v, "milliseconds")?;
+                }
+                "longPollingEnable" => c.long_polling = boolean(k, v)?,
+                "slaveReadEnable" => c.slave_read_enable = boolean(k, v)?,
+                "serverMaxFrameBytes" => c.max_frame_bytes = num(k, v, "a size in bytes")?,
+                _ => return Err(ConfigError::UnknownKey { key, line }),
+            }
+        }
+        if !ha_set {
+            c.ha_listen_port = c.listen_port.wrapping_add(1);
+        }
+        if !http_set {
+            c.http_port = c.listen_port.wrapping_add(2);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reads and parses a broker.conf file.
+    pub fn load(path: &std::path::Path) -> Result<BrokerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        BrokerConfig::parse(&text)
+    }
+
+    /// Checks settings against each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let id = self.broker_id.to_string();
+        if self.broker_id < 0 {
+            return Err(bad("brokerId", &id, "a non-negative integer"));
+        }
+        match (self.role, self.broker_id) {
+            (BrokerRole::Slave, 0) => {
+                return Err(ConfigError::Inconsistent(
+                    "brokerRole=SLAVE needs a non-zero brokerId (0 is the master's)".into(),
+                ))
+            }
+            (BrokerRole::AsyncMaster | BrokerRole::SyncMaster, n) if n != 0 => {
+                return Err(ConfigError::Inconsistent(format!(
+                    "brokerRole={} needs brokerId=0 (found {n}); slaves use non-zero ids",
+                    self.role.as_str()
+                )))
+            }
+            _ => {}
+        }
+        if self.segment_size < 64 * 1024 {
+            return Err(bad(
+                "mappedFileSizeCommitLog",
+                &self.segment_size.to_string(),
+                "at least 65536 bytes",
+            ));
+        }
+        if self.max_message_size + 8 > self.segment_size {
+            return Err(ConfigError::Inconsistent(format!(
+                "maxMessageSize ({}) must be smaller than mappedFileSizeCommitLog ({}) - 8",
+                self.max_message_size, self.segment_size
+            )));
+        }
+        if !(1..=1024).contains(&self.default_topic_queue_nums) {
+            return Err(bad(
+                "defaultTopicQueueNums",
+                &self.default_topic_queue_nums.to_string(),
+                "1 to 1024",
+            ));
+        }
+        if !(0..=7).contains(&self.permission) {
+            return Err(bad("brokerPermission", &self.permission.to_string(), "0 to 7"));
+        }
+        if self.flush_interval_ms == 0 {
+            return Err(bad("flushIntervalCommitLog", "0", "at least 1 ms"));
+        }
+        if self.max_frame_bytes < 1024 {
+            return Err(bad(
+                "serverMaxFrameBytes",
+                &self.max_frame_bytes.to_string(),
+                "at least 1024",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The address clients use for this broker.
+    pub fn broker_addr(&self) -> String {
+        format!("{}:{}", self.broker_ip, self.listen_port)
+    }
+
+    /// The address slaves replicate from.
+    pub fn ha_addr(&self) -> String {
+        format!("{}:{}", self.broker_ip, self.ha_listen_port)
+    }
+}
+
+fn non_empty(key: &str, v: &str) -> Result<String, ConfigError> {
+    if v.is_empty() {
+        Err(bad(key, v, "a non-empty value"))
+    } else {
+        Ok(v.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rocketmq_sample_config_parses() {
+        let c = BrokerConfig::parse(
+            "# comment\nbrokerClusterName = DefaultCluster\nbrokerName=broker-b\nbrokerId=0\n\
+             deleteWhen=04\nfileReservedTime=48\nbrokerRole=ASYNC_MASTER\n\
+             flushDiskType=SYNC_FLUSH\nnamesrvAddr=10.0.0.1:9876;10.0.0.2:9876\nlistenPort=20911\n",
+        )
+        .unwrap();
+        assert_eq!(c.broker_name, "broker-b");
+        assert_eq!(c.flush, FlushDiskType::Sync);
+        assert_eq!(c.namesrv_addrs, vec!["10.0.0.1:9876", "10.0.0.2:9876"]);
+        assert_eq!(c.ha_listen_port, 20912);
+        assert_eq!(c.http_port, 20913);
+        assert_eq!(c.delete_when_hour, 4);
+        assert_eq!(c.file_reserved_hours, 48);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = BrokerConfig::parse("brokerName=a\nflushDiskTyp=SYNC_FLUSH\n").unwrap_err();
+        assert_eq!(
+            e,
+            ConfigError::UnknownKey {
+                key: "flushDiskTyp".into(),
+                line: 2
+            }
+        );
+        assert!(e.to_string().contains("flushDiskTyp"));
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_what_is_expected() {
+        let e = BrokerConfig::parse("flushDiskType=SOMETIMES").unwrap_err();
+        assert!(e.to_string().contains("flushDiskType") && e.to_string().contains("SYNC_FLUSH"));
+        let e = BrokerConfig::parse("listenPort=99999").unwrap_err();
+        assert!(e.to_string().contains("listenPort"));
+        let e = BrokerConfig::parse("autoCreateTopicEnable=yes").unwrap_err();
+        assert!(e.to_string().contains("autoCreateTopicEnable"));
+    }
+
+    #[test]
+    fn role_and_id_must_agree() {
+        assert!(BrokerConfig::parse("brokerRole=SLAVE\nbrokerId=0").is_err());
+        assert!(BrokerConfig::parse("brokerRole=SYNC_MASTER\nbrokerId=2").is_err());
+        assert!(BrokerConfig::parse("brokerRole=SLAVE\nbrokerId=1").is_ok());
+    }
+
+    #[test]
+    fn duplicate_keys_and_garbage_lines_are_refused() {
+        assert!(BrokerConfig::parse("brokerId=0\nbrokerId=0").is_err());
+        assert!(matches!(
+            BrokerConfig::parse("just words"),
+            Err(ConfigError::Syntax { line: 1, .. })
+        ));
+    }
+}

@@ -1,0 +1,102 @@
+//! The HTTP side door every process has: `/healthz` (the process runs), `/readyz` (it can
+//! serve), and Prometheus `/metrics`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// What the HTTP endpoints report.
+pub struct HealthState {
+    /// Metrics of the process.
+    pub registry: Registry,
+    /// Set once the process can serve requests.
+    pub ready: AtomicBool,
+}
+
+impl HealthState {
+    /// A not-yet-ready state with the given metrics.
+    pub fn new(registry: Registry) -> Arc<HealthState> {
+        Arc::new(HealthState {
+            registry,
+            ready: AtomicBool::new(false),
+        })
+    }
+}
+
+fn respond(state: &HealthState, path: &str) -> Response<Full<Bytes>> {
+    let (status, body, ctype) = match path {
+        "/healthz" => (StatusCode::OK, "ok\n".to_string(), "text/plain"),
+        "/readyz" if state.ready.load(Ordering::Acquire) => {
+            (StatusCode::OK, "ready\n".to_string(), "text/plain")
+        }
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready\n".to_string(),
+            "text/plain",
+        ),
+        "/metrics" => {
+            let mut out = String::new();
+            match prometheus_client::encoding::text::encode(&mut out, &state.registry) {
+                Ok(()) => (
+                    StatusCode::OK,
+                    out,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+                Err(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding metrics failed: {e}\n"),
+                    "text/plain",
+                ),
+            }
+        }
+        _ => (StatusCode::NOT_FOUND, "not found\n".to_string(), "text/plain"),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// Binds the HTTP port; fails early (at start-up) if it is taken.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves the endpoints until `shutdown` fires.
+pub async fn serve(listener: TcpListener, state: Arc<HealthState>, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, _)) = accepted else {
+            continue;
+        };
+        let st = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let st = st.clone();
+                async move { Ok::<_, Infallible>(respond(&st, req.uri().path())) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,289 @@
+//! The name server: brokers register here, clients ask here where topics live.
+
+pub mod route;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{self, HealthState};
+use crate::remoting::body::{from_json, to_json, RegisterBrokerBody, TopicList};
+use crate::remoting::connection::{serve, Peer, Processor};
+use crate::remoting::header::{
+    RegisterBrokerRequestHeader, RegisterBrokerResponseHeader, TopicRequestHeader,
+    UnregisterBrokerRequestHeader, WipeWritePermRequestHeader,
+};
+use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
+use route::{Registration, RouteTable};
+
+/// Name server settings.
+#[derive(Debug, Clone)]
+pub struct NameServerConfig {
+    /// Address of the remoting port (default 0.0.0.0:9876).
+    pub listen: SocketAddr,
+    /// Address of the HTTP port.
+    pub http: SocketAddr,
+    /// Default broker expiry when a registration names none (RocketMQ: 120 s).
+    pub broker_timeout: Duration,
+    /// How often expired brokers are looked for.
+    pub scan_interval: Duration,
+    /// Largest request frame accepted.
+    pub max_frame: usize,
+}
+
+impl Default for NameServerConfig {
+    fn default() -> Self {
+        NameServerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9876)),
+            http: SocketAddr::from(([0, 0, 0, 0], 9877)),
+            broker_timeout: Duration::from_secs(120),
+            scan_interval: Duration::from_secs(5),
+            max_frame: crate::remoting::frame::DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct CodeLabel {
+    code: i32,
+}
+
+struct Metrics {
+    requests: Family<CodeLabel, Counter>,
+    brokers: Gauge,
+    expired: Counter,
+}
+
+/// Request processor of the name server.
+pub struct NameServer {
+    cfg: NameServerConfig,
+    routes: Mutex<RouteTable>,
+    metrics: Metrics,
+}
+
+impl NameServer {
+    fn routes(&self) -> std::sync::MutexGuard<'_, RouteTable> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, req: &RemotingCommand) -> RemotingCommand {
+        let h = match RegisterBrokerRequestHeader::from_ext(&req.ext_fields) {
+            Ok(h) => h,
+            Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
+        };
+        if h.compressed {
+            return req.error_to(
+                ResponseCode::SystemError,
+                "compressed registration bodies are not supported; register uncompressed",
+            );
+        }
+        let body: RegisterBrokerBody = if req.body.is_empty() {
+            RegisterBrokerBody::default()
+        } else {
+            match from_json(&req.body) {
+                Ok(b) => b,
+                Err(e) => {
+                    return req.error_to(
+                        ResponseCode::SystemError,
+                        format!("registration body is not valid JSON: {e}"),
+                    )
+                }
+            }
+        };
+        let timeout = h
+            .heartbeat_timeout_millis
+            .filter(|t| *t > 0)
+            .map_or(self.cfg.broker_timeout, |t| Duration::from_millis(t as u64));
+        let outcome = self.routes().register(
+            Registration {
+                cluster: h.cluster_name.clone(),
+                broker_name: h.broker_name.clone(),
+                broker_addr: h.broker_addr.clone(),
+                broker_id: h.broker_id,
+                ha_addr: h.ha_server_addr,
+                timeout,
+                topics: body.topic_config_serialize_wrapper,
+            },
+            Instant::now(),
+        );
+        tracing::debug!(broker = %h.broker_addr, name = %h.broker_name, id = h.broker_id, "broker registered");
+        let mut resp = req.response_to(ResponseCode::Success);
+        resp.ext_fields = RegisterBrokerResponseHeader {
+            ha_server_addr: outcome.ha_server_addr,
+            master_addr: outcome.master_addr,
+        }
+        .to_ext();
+        resp
+    }
+
+    fn handle(&self, req: &RemotingCommand) -> RemotingCommand {
+        let Some(code) = RequestCode::from_code(req.code) else {
+            return req.error_to(
+                ResponseCode::RequestCodeNotSupported,
+                format!("request code {} is not supported by this name server", req.code),
+            );
+        };
+        match code {
+            RequestCode::RegisterBroker => self.register(req),
+            RequestCode::UnregisterBroker => {
+                match UnregisterBrokerRequestHeader::from_ext(&req.ext_fields) {
+                    Ok(h) => {
+                        self.routes().unregister(&h.broker_name, &h.broker_addr);
+                        tracing::info!(broker = %h.broker_addr, name = %h.broker_name, "broker unregistered");
+                        req.response_to(ResponseCode::Success)
+                    }
+                    Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                }
+            }
+            RequestCode::GetRouteinfoByTopic => match TopicRequestHeader::from_ext(&req.ext_fields) {
+                Ok(h) => match self.routes().route(&h.topic) {
+                    Some(r) => req.response_to(ResponseCode::Success).with_body(to_json(&r)),
+                    None => req.error_to(
+                        ResponseCode::TopicNotExist,
+                        format!("No topic route info in name server for the topic: {}", h.topic),
+                    ),
+                },
+                Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+            },
+            RequestCode::GetBrokerClusterInfo => req
+                .response_to(ResponseCode::Success)
+                .with_body(to_json(&self.routes().cluster_info())),
+            RequestCode::GetAllTopicListFromNameserver => {
+                let list = TopicList {
+                    topic_list: self.routes().topic_names(),
+                };
+                req.response_to(ResponseCode::Success).with_body(to_json(&list))
+            }
+            RequestCode::WipeWritePermOfBroker => {
+                match WipeWritePermRequestHeader::from_ext(&req.ext_fields) {
+                    Ok(h) => {
+                        let n = self.routes().wipe_write_perm(&h.broker_name);
+                        tracing::info!(name = %h.broker_name, topics = n, "write permission wiped");
+                        req.response_to(ResponseCode::Success)
+                            .with_ext("wipeTopicCount", n)
+                    }
+                    Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                }
+            }
+            other => req.error_to(
+                ResponseCode::RequestCodeNotSupported,
+                format!("{other:?} is a broker request; this is a name server"),
+            ),
+        }
+    }
+}
+
+impl Processor for NameServer {
+    async fn process(&self, req: RemotingCommand, _peer: &Peer) -> Option<RemotingCommand> {
+        self.metrics
+            .requests
+            .get_or_create(&CodeLabel { code: req.code })
+            .inc();
+        Some(self.handle(&req))
+    }
+}
+
+/// A running name server.
+pub struct NameServerHandle {
+    /// Bound remoting address.
+    pub addr: SocketAddr,
+    /// Bound HTTP address.
+    pub http_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl NameServerHandle {
+    /// Stops serving and waits for the accept loops to end.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Why the name server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NameServerError {
+    /// A port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Binds the ports and starts serving.
+pub async fn start(cfg: NameServerConfig) -> Result<NameServerHandle, NameServerError> {
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| NameServerError::Bind { addr: cfg.listen, source })?;
+    let http_listener = http::bind(cfg.http)
+        .await
+        .map_err(|source| NameServerError::Bind { addr: cfg.http, source })?;
+    let addr = listener.local_addr().map_err(|source| NameServerError::Bind { addr: cfg.listen, source })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| NameServerError::Bind { addr: cfg.http, source })?;
+
+    let mut registry = Registry::with_prefix("ferromq_namesrv");
+    let metrics = Metrics {
+        requests: Family::default(),
+        brokers: Gauge::default(),
+        expired: Counter::default(),
+    };
+    registry.register("requests", "Requests served, by request code", metrics.requests.clone());
+    registry.register("brokers", "Brokers currently registered", metrics.brokers.clone());
+    registry.register("brokers_expired", "Brokers dropped for missing heartbeats", metrics.expired.clone());
+    let health = HealthState::new(registry);
+
+    let ns = Arc::new(NameServer {
+        cfg: cfg.clone(),
+        routes: Mutex::new(RouteTable::default()),
+        metrics,
+    });
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(serve(listener, ns.clone(), cfg.max_frame, shutdown.clone())));
+    tasks.push(tokio::spawn(http::serve(http_listener, health.clone(), shutdown.clone())));
+    let scanner = ns.clone();
+    let stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(scanner.cfg.scan_interval);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let (dead, live) = {
+                let mut r = scanner.routes();
+                let dead = r.expire(Instant::now());
+                let live: usize = r.cluster_info().broker_addr_table.values().map(|b| b.broker_addrs.len()).sum();
+                (dead, live)
+            };
+            for addr in &dead {
+                tracing::warn!(broker = %addr, "broker expired: no registration within its timeout");
+                scanner.metrics.expired.inc();
+            }
+            scanner.metrics.brokers.set(live as i64);
+        }
+    }));
+    health.ready.store(true, std::sync::atomic::Ordering::Release);
+    tracing::info!(%addr, %http_addr, "name server started");
+    Ok(NameServerHandle {
+        addr,
+        http_addr,
+        shutdown,
+        tasks,
+    })
+}

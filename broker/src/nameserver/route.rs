@@ -1,0 +1,285 @@
+//! The name server's route table: which groups exist, which brokers are alive, and where each
+//! topic's queues are. Pure state; the processor and the expiry timer drive it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use crate::remoting::body::{BrokerData, ClusterInfo, QueueData, TopicConfigWrapper, TopicRouteData};
+use crate::store::topics::PERM_WRITE;
+
+#[derive(Debug, Clone)]
+struct LiveBroker {
+    last_seen: Instant,
+    timeout: Duration,
+    ha_addr: Option<String>,
+    cluster: String,
+    broker_name: String,
+    broker_id: i64,
+}
+
+/// What a registration tells the registering broker.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegisterOutcome {
+    /// The group master's HA address (for slaves).
+    pub ha_server_addr: Option<String>,
+    /// The group master's address (for slaves).
+    pub master_addr: Option<String>,
+}
+
+/// Every route the name server knows.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    brokers: BTreeMap<String, BrokerData>,
+    clusters: BTreeMap<String, BTreeSet<String>>,
+    topics: BTreeMap<String, BTreeMap<String, QueueData>>,
+    live: HashMap<String, LiveBroker>,
+}
+
+/// A registration, as REGISTER_BROKER carries it.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// Cluster name.
+    pub cluster: String,
+    /// Group name.
+    pub broker_name: String,
+    /// Broker address.
+    pub broker_addr: String,
+    /// 0 for the master.
+    pub broker_id: i64,
+    /// HA address (masters).
+    pub ha_addr: Option<String>,
+    /// How long to keep the broker without a new registration.
+    pub timeout: Duration,
+    /// The broker's topics.
+    pub topics: TopicConfigWrapper,
+}
+
+impl RouteTable {
+    /// Records a broker's registration (or heartbeat) at `now`.
+    pub fn register(&mut self, r: Registration, now: Instant) -> RegisterOutcome {
+        self.clusters
+            .entry(r.cluster.clone())
+            .or_default()
+            .insert(r.broker_name.clone());
+        let bd = self
+            .brokers
+            .entry(r.broker_name.clone())
+            .or_insert_with(|| BrokerData {
+                cluster: r.cluster.clone(),
+                broker_name: r.broker_name.clone(),
+                ..Default::default()
+            });
+        // A broker that moved to another id (e.g. a restarted pod) must not stay listed twice.
+        bd.broker_addrs
+            .retain(|id, addr| *id == r.broker_id || *addr != r.broker_addr);
+        bd.broker_addrs.insert(r.broker_id, r.broker_addr.clone());
+        bd.cluster = r.cluster.clone();
+        if r.broker_id == 0 {
+            // Only the master's registration defines the topic's queues (as in RocketMQ).
+            let mut present = BTreeSet::new();
+            for (name, cfg) in &r.topics.topic_config_table {
+                present.insert(name.clone());
+                self.topics.entry(name.clone()).or_default().insert(
+                    r.broker_name.clone(),
+                    QueueData {
+                        broker_name: r.broker_name.clone(),
+                        read_queue_nums: cfg.read_queue_nums,
+                        write_queue_nums: cfg.write_queue_nums,
+                        perm: cfg.perm,
+                        topic_sys_flag: cfg.topic_sys_flag,
+                    },
+                );
+            }
+            // Topics the master no longer has are gone from this group.
+            for (topic, groups) in self.topics.iter_mut() {
+                if !present.contains(topic) {
+                    groups.remove(&r.broker_name);
+                }
+            }
+            self.topics.retain(|_, g| !g.is_empty());
+        }
+        self.live.insert(
+            r.broker_addr.clone(),
+            LiveBroker {
+                last_seen: now,
+                timeout: r.timeout,
+                ha_addr: r.ha_addr.clone(),
+                cluster: r.cluster,
+                broker_name: r.broker_name.clone(),
+                broker_id: r.broker_id,
+            },
+        );
+        if r.broker_id == 0 {
+            return RegisterOutcome::default();
+        }
+        let master = self
+            .brokers
+            .get(&r.broker_name)
+            .and_then(|b| b.master_addr().map(String::from));
+        RegisterOutcome {
+            ha_server_addr: master
+                .as_ref()
+                .and_then(|m| self.live.get(m))
+                .and_then(|l| l.ha_addr.clone()),
+            master_addr: master,
+        }
+    }
+
+    /// Removes a broker (on UNREGISTER_BROKER or expiry).
+    pub fn unregister(&mut self, broker_name: &str, broker_addr: &str) {
+        self.live.remove(broker_addr);
+        let mut group_empty = false;
+        let mut cluster = None;
+        if let Some(bd) = self.brokers.get_mut(broker_name) {
+            bd.broker_addrs.retain(|_, a| a != broker_addr);
+            group_empty = bd.broker_addrs.is_empty();
+            cluster = Some(bd.cluster.clone());
+        }
+        if group_empty {
+            self.brokers.remove(broker_name);
+            if let Some(c) = cluster {
+                if let Some(names) = self.clusters.get_mut(&c) {
+                    names.remove(broker_name);
+                    if names.is_empty() {
+                        self.clusters.remove(&c);
+                    }
+                }
+            }
+            for groups in self.topics.values_mut() {
+                groups.remove(broker_name);
+            }
+            self.topics.retain(|_, g| !g.is_empty());
+        }
+    }
+
+    /// Drops brokers whose last registration is older than their timeout; returns their
+    /// addresses.
+    pub fn expire(&mut self, now: Instant) -> Vec<String> {
+        let dead: Vec<(String, String)> = self
+            .live
+            .iter()
+            .filter(|(_, l)| now.duration_since(l.last_seen) > l.timeout)
+            .map(|(a, l)| (l.broker_name.clone(), a.clone()))
+            .collect();
+        for (name, addr) in &dead {
+            self.unregister(name, addr);
+        }
+        dead.into_iter().map(|(_, a)| a).collect()
+    }
+
+    /// The route of `topic`, if any group holds it.
+    pub fn route(&self, topic: &str) -> Option<TopicRouteData> {
+        let groups = self.topics.get(topic)?;
+        let mut route = TopicRouteData::default();
+        for (name, qd) in groups {
+            route.queue_datas.push(qd.clone());
+            if let Some(bd) = self.brokers.get(name) {
+                route.broker_datas.push(bd.clone());
+            }
+        }
+        Some(route)
+    }
+
+    /// Every cluster and group.
+    pub fn cluster_info(&self) -> ClusterInfo {
+        ClusterInfo {
+            broker_addr_table: self.brokers.clone(),
+            cluster_addr_table: self.clusters.clone(),
+        }
+    }
+
+    /// Every topic name.
+    pub fn topic_names(&self) -> BTreeSet<String> {
+        self.topics.keys().cloned().collect()
+    }
+
+    /// Removes write permission from every topic of a group; returns how many topics changed.
+    pub fn wipe_write_perm(&mut self, broker_name: &str) -> usize {
+        let mut n = 0;
+        for groups in self.topics.values_mut() {
+            if let Some(qd) = groups.get_mut(broker_name) {
+                qd.perm &= !PERM_WRITE;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Role facts of a registered broker: (cluster, brokerName, brokerId).
+    pub fn broker_identity(&self, addr: &str) -> Option<(String, String, i64)> {
+        self.live
+            .get(addr)
+            .map(|l| (l.cluster.clone(), l.broker_name.clone(), l.broker_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::topics::TopicConfig;
+
+    fn reg(name: &str, addr: &str, id: i64, topics: &[&str]) -> Registration {
+        let mut w = TopicConfigWrapper::default();
+        for t in topics {
+            w.topic_config_table
+                .insert(t.to_string(), TopicConfig::new(t, 4, 6));
+        }
+        Registration {
+            cluster: "c".into(),
+            broker_name: name.into(),
+            broker_addr: addr.into(),
+            broker_id: id,
+            ha_addr: Some(format!("{addr}-ha")),
+            timeout: Duration::from_secs(120),
+            topics: w,
+        }
+    }
+
+    #[test]
+    fn route_lists_every_group_holding_the_topic() {
+        let mut t = RouteTable::default();
+        let now = Instant::now();
+        t.register(reg("a", "h1:1", 0, &["T"]), now);
+        t.register(reg("b", "h2:1", 0, &["T", "U"]), now);
+        let r = t.route("T").unwrap();
+        assert_eq!(r.queue_datas.len(), 2);
+        assert_eq!(r.broker_datas.len(), 2);
+        assert_eq!(t.route("U").unwrap().broker_datas[0].broker_name, "b");
+        assert!(t.route("V").is_none());
+    }
+
+    #[test]
+    fn slave_learns_its_master_and_is_listed_by_id() {
+        let mut t = RouteTable::default();
+        let now = Instant::now();
+        t.register(reg("a", "h1:1", 0, &["T"]), now);
+        let out = t.register(reg("a", "h2:1", 1, &[]), now);
+        assert_eq!(out.master_addr.as_deref(), Some("h1:1"));
+        assert_eq!(out.ha_server_addr.as_deref(), Some("h1:1-ha"));
+        let bd = &t.route("T").unwrap().broker_datas[0];
+        assert_eq!(bd.broker_addrs.len(), 2);
+        assert_eq!(bd.broker_addrs[&1], "h2:1");
+    }
+
+    #[test]
+    fn silent_broker_expires_and_its_topics_go_with_its_group() {
+        let mut t = RouteTable::default();
+        let start = Instant::now();
+        t.register(reg("a", "h1:1", 0, &["T"]), start);
+        t.register(reg("b", "h2:1", 0, &["T"]), start + Duration::from_secs(100));
+        let dead = t.expire(start + Duration::from_secs(121));
+        assert_eq!(dead, vec!["h1:1".to_string()]);
+        let r = t.route("T").unwrap();
+        assert_eq!(r.broker_datas.len(), 1);
+        assert_eq!(r.broker_datas[0].broker_name, "b");
+        assert!(!t.cluster_info().cluster_addr_table["c"].contains("a"));
+    }
+
+    #[test]
+    fn wipe_write_perm_leaves_read() {
+        let mut t = RouteTable::default();
+        t.register(reg("a", "h1:1", 0, &["T", "U"]), Instant::now());
+        assert_eq!(t.wipe_write_perm("a"), 2);
+        assert_eq!(t.route("T").unwrap().queue_datas[0].perm, 4);
+    }
+}

@@ -1,0 +1,210 @@
+//! Which clients are in which consumer group, and what they subscribe to: fed by heartbeats,
+//! trimmed by disconnects and silence, and announced to the group when it changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::remoting::body::{ConsumerData, SubscriptionData};
+use crate::remoting::{RemotingCommand, RequestCode};
+
+/// How long a client stays registered without a heartbeat (RocketMQ: 120 s).
+pub const CLIENT_EXPIRY: Duration = Duration::from_secs(120);
+
+#[derive(Debug)]
+struct ClientEntry {
+    addr: SocketAddr,
+    push: mpsc::Sender<RemotingCommand>,
+    last_seen: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    clients: BTreeMap<String, ClientEntry>,
+    subscriptions: HashMap<String, SubscriptionData>,
+    consume_from_where: Option<serde_json::Value>,
+}
+
+/// Consumer groups known to this broker.
+#[derive(Debug, Default)]
+pub struct ConsumerRegistry {
+    groups: Mutex<HashMap<String, Group>>,
+}
+
+impl ConsumerRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Group>> {
+        self.groups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a heartbeat of `client_id` for one consumer group; tells the group if its
+    /// membership changed.
+    pub fn heartbeat(
+        &self,
+        client_id: &str,
+        data: &ConsumerData,
+        addr: SocketAddr,
+        push: &mpsc::Sender<RemotingCommand>,
+    ) {
+        let changed = {
+            let mut groups = self.lock();
+            let g = groups.entry(data.group_name.clone()).or_default();
+            for s in &data.subscription_data_set {
+                g.subscriptions.insert(s.topic.clone(), s.clone());
+            }
+            g.consume_from_where = Some(data.consume_from_where.clone());
+            let entry = ClientEntry {
+                addr,
+                push: push.clone(),
+                last_seen: Instant::now(),
+            };
+            g.clients.insert(client_id.to_string(), entry).is_none()
+        };
+        if changed {
+            tracing::info!(group = %data.group_name, client = client_id, "consumer joined");
+            self.notify(&data.group_name);
+        }
+    }
+
+    /// Removes a client from a group (UNREGISTER_CLIENT).
+    pub fn unregister(&self, client_id: &str, group: &str) {
+        let removed = self
+            .lock()
+            .get_mut(group)
+            .is_some_and(|g| g.clients.remove(client_id).is_some());
+        if removed {
+            tracing::info!(group, client = client_id, "consumer left");
+            self.notify(group);
+        }
+    }
+
+    /// Removes every client that was on a closed connection.
+    pub fn disconnected(&self, addr: SocketAddr) {
+        let mut changed = Vec::new();
+        for (name, g) in self.lock().iter_mut() {
+            let before = g.clients.len();
+            g.clients.retain(|_, c| c.addr != addr);
+            if g.clients.len() != before {
+                changed.push(name.clone());
+            }
+        }
+        for g in changed {
+            tracing::info!(group = %g, peer = %addr, "consumer connection closed");
+            self.notify(&g);
+        }
+    }
+
+    /// Drops clients silent for longer than [`CLIENT_EXPIRY`].
+    pub fn expire(&self) {
+        let mut changed = Vec::new();
+        for (name, g) in self.lock().iter_mut() {
+            let before = g.clients.len();
+            g.clients.retain(|_, c| c.last_seen.elapsed() < CLIENT_EXPIRY);
+            if g.clients.len() != before {
+                changed.push(name.clone());
+            }
+        }
+        for g in changed {
+            self.notify(&g);
+        }
+    }
+
+    /// Client ids of a group.
+    pub fn client_ids(&self, group: &str) -> Vec<String> {
+        self.lock()
+            .get(group)
+            .map(|g| g.clients.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// A group's subscription of `topic`, from its heartbeats.
+    pub fn subscription(&self, group: &str, topic: &str) -> Option<SubscriptionData> {
+        self.lock()
+            .get(group)
+            .and_then(|g| g.subscriptions.get(topic).cloned())
+    }
+
+    /// Groups with at least one live client.
+    pub fn groups(&self) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter(|(_, g)| !g.clients.is_empty())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Total live consumer clients.
+    pub fn client_count(&self) -> usize {
+        self.lock().values().map(|g| g.clients.len()).sum()
+    }
+
+    /// Pushes NOTIFY_CONSUMER_IDS_CHANGED to every client of a group so they rebalance now.
+    fn notify(&self, group: &str) {
+        let targets: Vec<mpsc::Sender<RemotingCommand>> = self
+            .lock()
+            .get(group)
+            .map(|g| g.clients.values().map(|c| c.push.clone()).collect())
+            .unwrap_or_default();
+        for t in targets {
+            let mut cmd = RemotingCommand::request(
+                RequestCode::NotifyConsumerIdsChanged.code(),
+                Default::default(),
+            )
+            .with_ext("consumerGroup", group);
+            cmd.flag |= crate::remoting::command::FLAG_ONEWAY;
+            // Best effort: a full queue means the client is busy and will rebalance on its timer.
+            let _ = t.try_send(cmd);
+        }
+    }
+}
+
+/// A parsed tag expression: `None` matches everything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagFilter(Option<Vec<i64>>);
+
+impl TagFilter {
+    /// Parses `*`, empty, or `TagA || TagB`.
+    pub fn parse(expr: &str) -> TagFilter {
+        let e = expr.trim();
+        if e.is_empty() || e == "*" {
+            return TagFilter(None);
+        }
+        let codes = e
+            .split("||")
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(crate::store::message::tag_hash)
+            .collect::<Vec<_>>();
+        if codes.is_empty() {
+            TagFilter(None)
+        } else {
+            TagFilter(Some(codes))
+        }
+    }
+
+    /// Whether a consume-queue tag code may match (clients re-check the tag string).
+    pub fn matches(&self, code: i64) -> bool {
+        match &self.0 {
+            None => true,
+            Some(codes) => codes.contains(&code),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::message::tag_hash;
+
+    #[test]
+    fn tag_filter_matches_listed_tags_only() {
+        let f = TagFilter::parse("TagA || TagB");
+        assert!(f.matches(tag_hash("TagA")));
+        assert!(f.matches(tag_hash("TagB")));
+        assert!(!f.matches(tag_hash("TagC")));
+        assert!(TagFilter::parse("*").matches(12345));
+        assert!(TagFilter::parse("").matches(0));
+    }
+}

@@ -1,0 +1,545 @@
+//! The broker: request processors over the message store, registration with name servers,
+//! and the background chores (client expiry, retention).
+
+pub mod clients;
+mod pull;
+mod send;
+
+pub use send::validate_topic;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BrokerConfig, BrokerRole};
+use crate::http::{self, HealthState};
+use crate::remoting::body::{
+    from_json, to_json, ConsumerListBody, HeartbeatData, RegisterBrokerBody, TopicConfigWrapper,
+};
+use crate::remoting::connection::{serve, ConnectionPool, Peer, Processor};
+use crate::remoting::header::{
+    ConsumerGroupRequestHeader, CreateTopicRequestHeader, RegisterBrokerRequestHeader,
+    SendMessageRequestHeader, UnregisterBrokerRequestHeader, UnregisterClientRequestHeader,
+    ViewMessageRequestHeader,
+};
+use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
+use crate::store::topics::{TopicConfig, AUTO_CREATE_TOPIC, PERM_INHERIT, PERM_READ, PERM_WRITE};
+use crate::store::{MessageStore, StoreConfig, StoreError};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct CodeLabel {
+    code: i32,
+}
+
+struct Metrics {
+    requests: Family<CodeLabel, Counter>,
+    messages_in: Counter,
+    bytes_in: Counter,
+    messages_out: Counter,
+    send_latency: Histogram,
+}
+
+/// A broker: its configuration, store and client registry.
+pub struct Broker {
+    cfg: BrokerConfig,
+    store: Arc<MessageStore>,
+    consumers: clients::ConsumerRegistry,
+    metrics: Metrics,
+    next_queue: AtomicUsize,
+    /// Set when an operator wiped write permission (drain before scale-in).
+    wiped: AtomicBool,
+    /// Wakes the registration task after a topic change.
+    topics_changed: Notify,
+    pool: ConnectionPool,
+}
+
+type ErrorResponder = Box<dyn FnOnce(&RemotingCommand) -> RemotingCommand + Send>;
+
+impl Broker {
+    fn is_master(&self) -> bool {
+        self.cfg.role != BrokerRole::Slave
+    }
+
+    fn write_wiped(&self) -> bool {
+        self.wiped.load(Ordering::Acquire)
+    }
+
+    fn pick_queue(&self, n: i32) -> i32 {
+        (self.next_queue.fetch_add(1, Ordering::Relaxed) % n.max(1) as usize) as i32
+    }
+
+    /// The topic a send goes to, auto-creating it from the template topic when allowed.
+    fn topic_for_send(&self, h: &SendMessageRequestHeader) -> Result<TopicConfig, ErrorResponder> {
+        if let Some(t) = self.store.topics.get(&h.topic) {
+            return Ok(t);
+        }
+        if h.topic.starts_with("%RETRY%") {
+            return self
+                .ensure_topic(&h.topic, 1, PERM_READ | PERM_WRITE)
+                .map_err(|e| err_responder(ResponseCode::SystemError, e.to_string()));
+        }
+        let template = h.default_topic.clone().unwrap_or_else(|| AUTO_CREATE_TOPIC.to_string());
+        let tmpl = self.store.topics.get(&template).filter(|t| t.perm & PERM_INHERIT != 0);
+        let Some(tmpl) = tmpl.filter(|_| self.cfg.auto_create_topic) else {
+            return Err(err_responder(
+                ResponseCode::TopicNotExist,
+                format!(
+                    "topic[{}] not exist, apply first please! (autoCreateTopicEnable={})",
+                    h.topic, self.cfg.auto_create_topic
+                ),
+            ));
+        };
+        let queues = h
+            .default_topic_queue_nums
+            .filter(|n| *n > 0)
+            .unwrap_or(self.cfg.default_topic_queue_nums)
+            .min(tmpl.write_queue_nums);
+        self.ensure_topic(&h.topic, queues, PERM_READ | PERM_WRITE)
+            .map_err(|e| err_responder(ResponseCode::SystemError, e.to_string()))
+    }
+
+    /// Creates a topic unless it exists; announces new topics to the name servers.
+    fn ensure_topic(&self, name: &str, queues: i32, perm: i32) -> Result<TopicConfig, StoreError> {
+        if let Some(t) = self.store.topics.get(name) {
+            return Ok(t);
+        }
+        let cfg = TopicConfig::new(name, queues, perm);
+        if self.store.topics.put(cfg.clone())? {
+            tracing::info!(topic = name, queues, "topic created");
+            self.topics_changed.notify_one();
+        }
+        Ok(cfg)
+    }
+
+    fn heartbeat(&self, req: &RemotingCommand, peer: &Peer) -> RemotingCommand {
+        let hb: HeartbeatData = match from_json(&req.body) {
+            Ok(h) => h,
+            Err(e) => return req.error_to(ResponseCode::SystemError, format!("bad heartbeat body: {e}")),
+        };
+        for c in &hb.consumer_data_set {
+            // Every consumer group gets its retry topic, as in RocketMQ.
+            let retry = format!("%RETRY%{}", c.group_name);
+            if let Err(e) = self.ensure_topic(&retry, 1, PERM_READ | PERM_WRITE) {
+                tracing::warn!(error = %e, topic = %retry, "cannot create retry topic");
+            }
+            self.consumers.heartbeat(&hb.client_id, c, peer.addr, &peer.push);
+        }
+        req.response_to(ResponseCode::Success)
+    }
+
+    fn admin(&self, code: RequestCode, req: &RemotingCommand) -> RemotingCommand {
+        match code {
+            RequestCode::UnregisterClient => match UnregisterClientRequestHeader::from_ext(&req.ext_fields) {
+                Ok(h) => {
+                    if let Some(g) = h.consumer_group.filter(|g| !g.is_empty()) {
+                        self.consumers.unregister(&h.client_id, &g);
+                    }
+                    req.response_to(ResponseCode::Success)
+                }
+                Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+            },
+            RequestCode::GetConsumerListByGroup => match ConsumerGroupRequestHeader::from_ext(&req.ext_fields) {
+                Ok(h) => {
+                    let ids = self.consumers.client_ids(&h.consumer_group);
+                    if ids.is_empty() {
+                        return req.error_to(
+                            ResponseCode::SystemError,
+                            format!("no consumer for this group, {}", h.consumer_group),
+                        );
+                    }
+                    req.response_to(ResponseCode::Success)
+                        .with_body(to_json(&ConsumerListBody { consumer_id_list: ids }))
+                }
+                Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+            },
+            RequestCode::UpdateAndCreateTopic => match CreateTopicRequestHeader::from_ext(&req.ext_fields) {
+                Ok(h) => {
+                    if let Err(e) = validate_topic(&h.topic) {
+                        return req.error_to(ResponseCode::SystemError, e);
+                    }
+                    if h.topic == AUTO_CREATE_TOPIC {
+                        return req.error_to(ResponseCode::SystemError, "TBW102 is a system topic and cannot be changed");
+                    }
+                    if !(1..=1024).contains(&h.read_queue_nums) || !(1..=1024).contains(&h.write_queue_nums) {
+                        return req.error_to(ResponseCode::SystemError, "queue counts must be between 1 and 1024");
+                    }
+                    let cfg = TopicConfig {
+                        topic_name: h.topic.clone(),
+                        read_queue_nums: h.read_queue_nums,
+                        write_queue_nums: h.write_queue_nums,
+                        perm: h.perm & 7,
+                        topic_filter_type: h.topic_filter_type.unwrap_or_else(|| "SINGLE_TAG".into()),
+                        topic_sys_flag: h.topic_sys_flag.unwrap_or(0),
+                        order: h.order,
+                    };
+                    match self.store.topics.put(cfg) {
+                        Ok(changed) => {
+                            if changed {
+                                tracing::info!(topic = %h.topic, "topic created or updated");
+                                self.topics_changed.notify_one();
+                            }
+                            req.response_to(ResponseCode::Success)
+                        }
+                        Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                    }
+                }
+                Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+            },
+            RequestCode::GetAllTopicConfig => {
+                let (table, version) = self.store.topics.snapshot();
+                req.response_to(ResponseCode::Success).with_body(to_json(&TopicConfigWrapper {
+                    topic_config_table: table,
+                    data_version: version,
+                }))
+            }
+            RequestCode::ViewMessageById => match ViewMessageRequestHeader::from_ext(&req.ext_fields) {
+                Ok(h) => match self.store.commitlog().read_message(h.offset as u64) {
+                    Ok(m) => match self.store.commitlog().read(h.offset as u64, m.total_size as usize) {
+                        Ok(raw) => req.response_to(ResponseCode::Success).with_body(raw),
+                        Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                    },
+                    Err(e) => req.error_to(ResponseCode::SystemError, format!("no message at offset {}: {e}", h.offset)),
+                },
+                Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+            },
+            RequestCode::WipeWritePermOfBroker => {
+                self.wiped.store(true, Ordering::Release);
+                tracing::warn!("write permission wiped: this broker now refuses sends");
+                self.topics_changed.notify_one();
+                req.response_to(ResponseCode::Success)
+            }
+            other => req.error_to(
+                ResponseCode::RequestCodeNotSupported,
+                format!("{other:?} ({}) is not supported by this broker", req.code),
+            ),
+        }
+    }
+
+    /// The registration body and header for the name servers.
+    fn registration(&self) -> RemotingCommand {
+        let (mut table, version) = self.store.topics.snapshot();
+        if self.write_wiped() || self.cfg.permission & PERM_WRITE == 0 {
+            for t in table.values_mut() {
+                t.perm &= !PERM_WRITE;
+            }
+        }
+        let body = RegisterBrokerBody {
+            topic_config_serialize_wrapper: TopicConfigWrapper {
+                topic_config_table: table,
+                data_version: version,
+            },
+            filter_server_list: Vec::new(),
+        };
+        let body = to_json(&body);
+        let h = RegisterBrokerRequestHeader {
+            broker_name: self.cfg.broker_name.clone(),
+            broker_addr: self.cfg.broker_addr(),
+            cluster_name: self.cfg.cluster_name.clone(),
+            ha_server_addr: Some(self.cfg.ha_addr()),
+            broker_id: self.cfg.broker_id,
+            heartbeat_timeout_millis: Some(self.cfg.heartbeat_timeout_ms as i64),
+            compressed: false,
+            body_crc32: Some(crc32fast::hash(&body) as i32),
+        };
+        RemotingCommand::request(RequestCode::RegisterBroker.code(), h.to_ext()).with_body(body)
+    }
+
+    /// Registers with every address every configured name server resolves to.
+    async fn register_all(&self) {
+        let req = self.registration();
+        for addr in resolve_all(&self.cfg.namesrv_addrs).await {
+            match self.pool.call_ok(&addr, req.clone(), Duration::from_secs(6)).await {
+                Ok(_) => tracing::debug!(namesrv = %addr, "registered"),
+                Err(e) => tracing::warn!(namesrv = %addr, error = %e, "registration failed"),
+            }
+        }
+    }
+
+    async fn unregister_all(&self) {
+        let h = UnregisterBrokerRequestHeader {
+            broker_name: self.cfg.broker_name.clone(),
+            broker_addr: self.cfg.broker_addr(),
+            cluster_name: self.cfg.cluster_name.clone(),
+            broker_id: self.cfg.broker_id,
+        };
+        let req = RemotingCommand::request(RequestCode::UnregisterBroker.code(), h.to_ext());
+        for addr in resolve_all(&self.cfg.namesrv_addrs).await {
+            if let Err(e) = self.pool.call_ok(&addr, req.clone(), Duration::from_secs(3)).await {
+                tracing::warn!(namesrv = %addr, error = %e, "unregistration failed");
+            }
+        }
+    }
+
+    /// The store (for tests and tools embedding a broker).
+    pub fn store(&self) -> &Arc<MessageStore> {
+        &self.store
+    }
+}
+
+fn err_responder(code: ResponseCode, remark: String) -> ErrorResponder {
+    Box::new(move |req| req.error_to(code, remark))
+}
+
+/// Expands name-server entries: `host:port` names resolving to several addresses (a headless
+/// Service) yield every one, re-resolved on each call.
+pub async fn resolve_all(entries: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in entries {
+        match tokio::net::lookup_host(e.as_str()).await {
+            Ok(addrs) => {
+                for a in addrs.filter(|a| a.is_ipv4()) {
+                    let s = a.to_string();
+                    if !out.contains(&s) {
+                        out.push(s);
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(namesrv = %e, error = %err, "cannot resolve name server"),
+        }
+    }
+    out
+}
+
+impl Processor for Broker {
+    async fn process(&self, req: RemotingCommand, peer: &Peer) -> Option<RemotingCommand> {
+        self.metrics.requests.get_or_create(&CodeLabel { code: req.code }).inc();
+        let Some(code) = RequestCode::from_code(req.code) else {
+            tracing::debug!(code = req.code, peer = %peer.addr, "unsupported request code");
+            return Some(req.error_to(
+                ResponseCode::RequestCodeNotSupported,
+                format!("request code {} is not supported by this broker", req.code),
+            ));
+        };
+        let resp = match code {
+            RequestCode::SendMessage | RequestCode::SendMessageV2 | RequestCode::SendBatchMessage => {
+                self.send(&req, peer.addr).await
+            }
+            RequestCode::PullMessage => self.pull(&req).await,
+            RequestCode::QueryConsumerOffset => self.query_consumer_offset(&req),
+            RequestCode::UpdateConsumerOffset => self.update_consumer_offset(&req),
+            RequestCode::GetMaxOffset => self.queue_bound(&req, true),
+            RequestCode::GetMinOffset => self.queue_bound(&req, false),
+            RequestCode::SearchOffsetByTimestamp => self.search_offset(&req),
+            RequestCode::HeartBeat => self.heartbeat(&req, peer),
+            RequestCode::ConsumerSendMsgBack => self.send_back(&req, peer.addr).await,
+            other => self.admin(other, &req),
+        };
+        Some(resp)
+    }
+
+    fn disconnected(&self, peer: &Peer) {
+        self.consumers.disconnected(peer.addr);
+    }
+}
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// A port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The store could not be opened or recovered.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    /// The configuration asks for something this build cannot do.
+    #[error("{0}")]
+    Unsupported(String),
+    /// brokerIP1 is not an IP address.
+    #[error("brokerIP1 {0:?} is not an IP address")]
+    BadIp(String),
+}
+
+/// A running broker.
+pub struct BrokerHandle {
+    /// Remoting address bound.
+    pub addr: SocketAddr,
+    /// HTTP address bound.
+    pub http_addr: SocketAddr,
+    /// The broker itself.
+    pub broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl BrokerHandle {
+    /// Stops serving, unregisters from the name servers and closes the store cleanly.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.broker.unregister_all().await;
+        let store = self.broker.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
+        tracing::info!("broker stopped");
+    }
+}
+
+/// Opens the store, binds the ports, registers with the name servers and starts serving.
+pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
+    if cfg.role != BrokerRole::AsyncMaster {
+        return Err(BrokerError::Unsupported(format!(
+            "brokerRole={} is not supported by this build yet (replication is tracked in issue #3); use ASYNC_MASTER",
+            cfg.role.as_str()
+        )));
+    }
+    let ip: std::net::IpAddr = cfg.broker_ip.parse().map_err(|_| BrokerError::BadIp(cfg.broker_ip.clone()))?;
+    let listen = SocketAddr::from(([0, 0, 0, 0], cfg.listen_port));
+    let http_listen = SocketAddr::from(([0, 0, 0, 0], cfg.http_port));
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| BrokerError::Bind { addr: listen, source })?;
+    let http_listener = http::bind(http_listen)
+        .await
+        .map_err(|source| BrokerError::Bind { addr: http_listen, source })?;
+    let addr = listener.local_addr().map_err(|source| BrokerError::Bind { addr: listen, source })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| BrokerError::Bind { addr: http_listen, source })?;
+
+    let store_cfg = StoreConfig {
+        root: cfg.store_root.clone(),
+        segment_size: cfg.segment_size,
+        flush: cfg.flush,
+        flush_interval_ms: cfg.flush_interval_ms,
+        flush_least_pages: cfg.flush_least_pages,
+        flush_thorough_interval_ms: cfg.flush_thorough_interval_ms,
+        sync_flush_timeout_ms: cfg.sync_flush_timeout_ms,
+        file_reserved_hours: cfg.file_reserved_hours,
+        store_host: SocketAddr::new(ip, cfg.listen_port),
+    };
+    let store = tokio::task::spawn_blocking(move || MessageStore::open(store_cfg))
+        .await
+        .map_err(|e| BrokerError::Unsupported(format!("store open task failed: {e}")))??;
+
+    let mut registry = Registry::with_prefix("ferromq_broker");
+    let metrics = Metrics {
+        requests: Family::default(),
+        messages_in: Counter::default(),
+        bytes_in: Counter::default(),
+        messages_out: Counter::default(),
+        send_latency: Histogram::new(exponential_buckets(0.000_025, 2.0, 16)),
+    };
+    registry.register("requests", "Requests served, by request code", metrics.requests.clone());
+    registry.register("messages_stored", "Messages stored", metrics.messages_in.clone());
+    registry.register("bytes_stored", "Bytes appended to the commit log", metrics.bytes_in.clone());
+    registry.register("messages_pulled", "Messages returned to pulls", metrics.messages_out.clone());
+    registry.register(
+        "send_latency_seconds",
+        "Time from a send's arrival to its store acknowledgement (includes SYNC_FLUSH waits)",
+        metrics.send_latency.clone(),
+    );
+    let commitlog_max = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+    let commitlog_flushed = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+    let consumers_gauge = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+    registry.register("commitlog_max_offset", "End of the commit log", commitlog_max.clone());
+    registry.register("commitlog_flushed_offset", "End of the durable commit log", commitlog_flushed.clone());
+    registry.register("consumer_clients", "Live consumer clients", consumers_gauge.clone());
+    let health = HealthState::new(registry);
+
+    let broker = Arc::new(Broker {
+        cfg: cfg.clone(),
+        store,
+        consumers: clients::ConsumerRegistry::default(),
+        metrics,
+        next_queue: AtomicUsize::new(0),
+        wiped: AtomicBool::new(false),
+        topics_changed: Notify::new(),
+        pool: ConnectionPool::default(),
+    });
+    if cfg.auto_create_topic {
+        broker.ensure_topic(
+            AUTO_CREATE_TOPIC,
+            cfg.default_topic_queue_nums,
+            PERM_INHERIT | PERM_READ | PERM_WRITE,
+        )?;
+    }
+
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(serve(listener, broker.clone(), cfg.max_frame_bytes, shutdown.clone())));
+    tasks.push(tokio::spawn(http::serve(http_listener, health.clone(), shutdown.clone())));
+
+    // Registration: at start, on every topic change, and every registerNameServerPeriod.
+    broker.register_all().await;
+    let b = broker.clone();
+    let stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let period = Duration::from_millis(b.cfg.register_period_ms.max(1000));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+                _ = b.topics_changed.notified() => {}
+            }
+            b.register_all().await;
+        }
+    }));
+
+    // Chores: client expiry, metrics gauges, retention.
+    let b = broker.clone();
+    let stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last_retention = std::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            b.consumers.expire();
+            consumers_gauge.set(b.consumers.client_count() as i64);
+            commitlog_max.set(b.store.commitlog().max_offset() as i64);
+            commitlog_flushed.set(b.store.commitlog().flushed_offset() as i64);
+            if last_retention.elapsed() >= Duration::from_secs(60) && retention_hour(b.cfg.delete_when_hour) {
+                last_retention = std::time::Instant::now();
+                let s = b.store.clone();
+                match tokio::task::spawn_blocking(move || s.delete_expired()).await {
+                    Ok(Err(e)) => tracing::error!(error = %e, "retention failed"),
+                    Err(e) => tracing::error!(error = %e, "retention task failed"),
+                    Ok(Ok(())) => {}
+                }
+            }
+        }
+    }));
+    health.ready.store(true, Ordering::Release);
+    tracing::info!(
+        %addr,
+        %http_addr,
+        name = %cfg.broker_name,
+        id = cfg.broker_id,
+        role = cfg.role.as_str(),
+        flush = ?cfg.flush,
+        "broker started"
+    );
+    Ok(BrokerHandle {
+        addr,
+        http_addr,
+        broker,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Whether it is now the configured `deleteWhen` hour (UTC).
+fn retention_hour(hour: u32) -> bool {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    ((secs / 3600) % 24) as u32 == hour
+}

@@ -1,0 +1,219 @@
+//! PULL_MESSAGE with long polling, and the offset queries consumers make.
+
+use std::time::{Duration, Instant};
+
+use crate::remoting::header::{
+    OffsetResponseHeader, PullMessageRequestHeader, PullMessageResponseHeader,
+    QueryConsumerOffsetRequestHeader, QueueRequestHeader, SearchOffsetRequestHeader,
+    UpdateConsumerOffsetRequestHeader,
+};
+use crate::remoting::{RemotingCommand, ResponseCode};
+use crate::store::topics::PERM_READ;
+use crate::store::{GetResult, GetStatus};
+
+use super::clients::TagFilter;
+use super::Broker;
+
+/// Pull sysFlag bit: commit `commitOffset` along with the pull.
+const PULL_COMMIT_OFFSET: i32 = 1;
+/// Pull sysFlag bit: the broker may hold the pull until a message arrives.
+const PULL_SUSPEND: i32 = 1 << 1;
+/// Pull sysFlag bit: the request carries its subscription expression.
+const PULL_SUBSCRIPTION: i32 = 1 << 2;
+
+/// Longest a pull is held, whatever the client asks (clients time out at 30 s).
+const MAX_SUSPEND: Duration = Duration::from_secs(20);
+/// Bytes returned by one pull at most.
+const MAX_PULL_BYTES: usize = 4 << 20;
+/// Messages returned by one pull at most.
+const MAX_PULL_MESSAGES: usize = 1024;
+
+impl Broker {
+    /// Handles PULL_MESSAGE.
+    pub(super) async fn pull(&self, req: &RemotingCommand) -> RemotingCommand {
+        let h = match PullMessageRequestHeader::from_ext(&req.ext_fields) {
+            Ok(h) => h,
+            Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
+        };
+        if self.cfg.permission & PERM_READ == 0 {
+            return req.error_to(
+                ResponseCode::NoPermission,
+                format!("the broker[{}] pulling message is forbidden", self.cfg.broker_addr()),
+            );
+        }
+        let Some(topic) = self.store.topics.get(&h.topic) else {
+            return req.error_to(
+                ResponseCode::TopicNotExist,
+                format!("topic[{}] not exist, apply first please!", h.topic),
+            );
+        };
+        if topic.perm & PERM_READ == 0 {
+            return req.error_to(
+                ResponseCode::NoPermission,
+                format!("the topic[{}] pulling message is forbidden", h.topic),
+            );
+        }
+        if h.queue_id < 0 || h.queue_id >= topic.read_queue_nums.max(topic.write_queue_nums) {
+            return req.error_to(
+                ResponseCode::SystemError,
+                format!(
+                    "queueId[{}] is illegal, topic:[{}] topicConfig.readQueueNums:[{}]",
+                    h.queue_id, h.topic, topic.read_queue_nums
+                ),
+            );
+        }
+        let expr = if h.sys_flag & PULL_SUBSCRIPTION != 0 {
+            h.subscription.clone().unwrap_or_default()
+        } else {
+            self.consumers
+                .subscription(&h.consumer_group, &h.topic)
+                .map(|s| s.sub_string)
+                .unwrap_or_default()
+        };
+        let filter = TagFilter::parse(&expr);
+        if h.sys_flag & PULL_COMMIT_OFFSET != 0 && self.is_master() {
+            if let Some(off) = h.commit_offset.filter(|o| *o >= 0) {
+                self.store
+                    .offsets
+                    .commit(&h.consumer_group, &h.topic, h.queue_id, off);
+            }
+        }
+        let max = (h.max_msg_nums.max(1) as usize).min(MAX_PULL_MESSAGES);
+        let max_bytes = h
+            .max_msg_bytes
+            .filter(|b| *b > 0)
+            .map_or(MAX_PULL_BYTES, |b| (b as usize).min(MAX_PULL_BYTES));
+        let offset = h.queue_offset.max(0) as u64;
+        let suspend = if h.sys_flag & PULL_SUSPEND != 0 && self.cfg.long_polling {
+            Duration::from_millis(h.suspend_timeout_millis.unwrap_or(15_000).max(0) as u64).min(MAX_SUSPEND)
+        } else {
+            Duration::ZERO
+        };
+        let deadline = Instant::now() + suspend;
+        let mut cq = self.store.queue(&h.topic, h.queue_id);
+        loop {
+            if cq.is_none() {
+                cq = self.store.queue(&h.topic, h.queue_id);
+            }
+            // Register interest before reading so an arrival between the read and the wait
+            // is not missed.
+            let notified = cq.as_ref().map(|q| q.arrived.notified());
+            tokio::pin!(notified);
+            if let Some(n) = notified.as_mut().as_pin_mut() {
+                n.enable();
+            }
+            let got = match self.store.get(&h.topic, h.queue_id, offset, max, max_bytes, |c| filter.matches(c)) {
+                Ok(g) => g,
+                Err(e) => return req.error_to(ResponseCode::SystemError, format!("read failed: {e}")),
+            };
+            let waiting = matches!(got.status, GetStatus::NoNewMessage)
+                || (got.status == GetStatus::NoMessageInQueue && offset == 0);
+            let now = Instant::now();
+            if !waiting || now >= deadline {
+                return self.pull_response(req, offset, got);
+            }
+            match notified.as_mut().as_pin_mut() {
+                Some(n) => {
+                    let _ = tokio::time::timeout(deadline - now, n).await;
+                }
+                None => {
+                    // The queue does not exist yet: look again shortly.
+                    tokio::time::sleep((deadline - now).min(Duration::from_millis(100))).await;
+                }
+            }
+        }
+    }
+
+    fn pull_response(&self, req: &RemotingCommand, offset: u64, got: GetResult) -> RemotingCommand {
+        let (code, next) = match got.status {
+            GetStatus::Found => (ResponseCode::Success, got.next_offset),
+            GetStatus::NoNewMessage => (ResponseCode::PullNotFound, got.next_offset),
+            GetStatus::NoMatchedMessage => (ResponseCode::PullRetryImmediately, got.next_offset),
+            GetStatus::NoMessageInQueue if offset == 0 => (ResponseCode::PullNotFound, 0),
+            GetStatus::NoMessageInQueue => (ResponseCode::PullOffsetMoved, 0),
+            GetStatus::OffsetTooSmall | GetStatus::OffsetOverflow => {
+                (ResponseCode::PullOffsetMoved, got.next_offset)
+            }
+        };
+        if code == ResponseCode::Success {
+            self.metrics.messages_out.inc_by(got.count as u64);
+        }
+        let mut resp = req.response_to(code);
+        resp.ext_fields = PullMessageResponseHeader {
+            suggest_which_broker_id: 0,
+            next_begin_offset: next as i64,
+            min_offset: got.min_offset as i64,
+            max_offset: got.max_offset as i64,
+        }
+        .to_ext();
+        resp.body = got.body;
+        resp
+    }
+
+    /// Handles QUERY_CONSUMER_OFFSET.
+    pub(super) fn query_consumer_offset(&self, req: &RemotingCommand) -> RemotingCommand {
+        let h = match QueryConsumerOffsetRequestHeader::from_ext(&req.ext_fields) {
+            Ok(h) => h,
+            Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
+        };
+        let stored = self.store.offsets.get(&h.consumer_group, &h.topic, h.queue_id);
+        let offset = match stored {
+            Some(o) => o,
+            // A queue that still starts at 0 is read from its start by a new group (as Java
+            // does while the first message is in memory); otherwise the client decides.
+            None => match self.store.queue(&h.topic, h.queue_id) {
+                Some(q) if q.min_offset() > 0 => {
+                    return req.error_to(ResponseCode::QueryNotFound, "Not found, maybe this group consumer boot first")
+                }
+                _ => 0,
+            },
+        };
+        let mut resp = req.response_to(ResponseCode::Success);
+        resp.ext_fields = OffsetResponseHeader { offset }.to_ext();
+        resp
+    }
+
+    /// Handles UPDATE_CONSUMER_OFFSET.
+    pub(super) fn update_consumer_offset(&self, req: &RemotingCommand) -> RemotingCommand {
+        match UpdateConsumerOffsetRequestHeader::from_ext(&req.ext_fields) {
+            Ok(h) => {
+                self.store
+                    .offsets
+                    .commit(&h.consumer_group, &h.topic, h.queue_id, h.commit_offset);
+                req.response_to(ResponseCode::Success)
+            }
+            Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+        }
+    }
+
+    /// Handles GET_MAX_OFFSET and GET_MIN_OFFSET.
+    pub(super) fn queue_bound(&self, req: &RemotingCommand, max: bool) -> RemotingCommand {
+        let h = match QueueRequestHeader::from_ext(&req.ext_fields) {
+            Ok(h) => h,
+            Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
+        };
+        let offset = self
+            .store
+            .queue(&h.topic, h.queue_id)
+            .map_or(0, |q| if max { q.max_offset() } else { q.min_offset() });
+        let mut resp = req.response_to(ResponseCode::Success);
+        resp.ext_fields = OffsetResponseHeader { offset: offset as i64 }.to_ext();
+        resp
+    }
+
+    /// Handles SEARCH_OFFSET_BY_TIMESTAMP.
+    pub(super) fn search_offset(&self, req: &RemotingCommand) -> RemotingCommand {
+        let h = match SearchOffsetRequestHeader::from_ext(&req.ext_fields) {
+            Ok(h) => h,
+            Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
+        };
+        match self.store.search_offset(&h.topic, h.queue_id, h.timestamp) {
+            Ok(offset) => {
+                let mut resp = req.response_to(ResponseCode::Success);
+                resp.ext_fields = OffsetResponseHeader { offset: offset as i64 }.to_ext();
+                resp
+            }
+            Err(e) => req.error_to(ResponseCode::SystemError, format!("search failed: {e}")),
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! SEND_MESSAGE, SEND_MESSAGE_V2, SEND_BATCH_MESSAGE and CONSUMER_SEND_MSG_BACK.
+
+use std::net::SocketAddr;
+
+use crate::remoting::header::{
+    send_v2_to_v1, ConsumerSendMsgBackRequestHeader, SendMessageRequestHeader,
+    SendMessageResponseHeader,
+};
+use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
+use crate::store::message::{
+    decode_batch, format_properties, offset_msg_id, parse_properties, NewMessage,
+    PROP_MAX_RECONSUME_TIMES, PROP_ORIGIN_MESSAGE_ID, PROP_RETRY_TOPIC,
+};
+use crate::store::topics::{now_ms, PERM_READ, PERM_WRITE};
+use crate::store::{PutResult, StoreError};
+
+use super::Broker;
+
+/// Retry attempts before a message goes to the dead-letter queue (RocketMQ default).
+const DEFAULT_MAX_RECONSUME_TIMES: i32 = 16;
+
+/// Checks a topic name the way RocketMQ does (`[%|a-zA-Z0-9_-]`, at most 127 characters).
+pub fn validate_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() {
+        return Err("topic name is empty".into());
+    }
+    if topic.len() > 127 {
+        return Err(format!("topic name is {} characters; at most 127 are allowed", topic.len()));
+    }
+    if let Some(c) = topic
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '%' | '|' | '_' | '-')))
+    {
+        return Err(format!(
+            "topic name {topic:?} contains {c:?}; only letters, digits, %, |, _ and - are allowed"
+        ));
+    }
+    Ok(())
+}
+
+fn store_error_response(req: &RemotingCommand, e: &StoreError) -> RemotingCommand {
+    match e {
+        StoreError::MessageTooLarge { .. } => req.error_to(ResponseCode::MessageIllegal, e.to_string()),
+        StoreError::FlushTimeout(_) => req.error_to(ResponseCode::FlushDiskTimeout, e.to_string()),
+        StoreError::Shutdown => req.error_to(ResponseCode::ServiceNotAvailable, e.to_string()),
+        _ => req.error_to(ResponseCode::SystemError, format!("store failed: {e}")),
+    }
+}
+
+impl Broker {
+    /// Handles the three send requests.
+    pub(super) async fn send(&self, req: &RemotingCommand, born: SocketAddr) -> RemotingCommand {
+        let ext = if req.code == RequestCode::SendMessageV2.code() {
+            send_v2_to_v1(&req.ext_fields)
+        } else {
+            req.ext_fields.clone()
+        };
+        let h = match SendMessageRequestHeader::from_ext(&ext) {
+            Ok(h) => h,
+            Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
+        };
+        if !self.is_master() {
+            return req.error_to(
+                ResponseCode::ServiceNotAvailable,
+                format!("the broker {} is a slave and cannot accept messages", self.cfg.broker_addr()),
+            );
+        }
+        if self.cfg.permission & PERM_WRITE == 0 || self.write_wiped() {
+            return req.error_to(
+                ResponseCode::NoPermission,
+                format!("the broker[{}] sending message is forbidden", self.cfg.broker_addr()),
+            );
+        }
+        if let Err(e) = validate_topic(&h.topic) {
+            return req.error_to(ResponseCode::SystemError, e);
+        }
+        let topic = match self.topic_for_send(&h) {
+            Ok(t) => t,
+            Err(resp) => return resp(req),
+        };
+        if topic.perm & PERM_WRITE == 0 {
+            return req.error_to(
+                ResponseCode::NoPermission,
+                format!("the topic[{}] sending message is forbidden", h.topic),
+            );
+        }
+        let queue_id = match h.queue_id {
+            Some(q) if q >= 0 && q < topic.write_queue_nums => q,
+            Some(q) if q >= topic.write_queue_nums => {
+                return req.error_to(
+                    ResponseCode::SystemError,
+                    format!(
+                        "queueId {q} is illegal: topic {} has {} write queues",
+                        h.topic, topic.write_queue_nums
+                    ),
+                )
+            }
+            _ => self.pick_queue(topic.write_queue_nums),
+        };
+        let is_batch = req.code == RequestCode::SendBatchMessage.code() || h.batch;
+        let items: Vec<(i32, bytes::Bytes, String)> = if is_batch {
+            match decode_batch(&req.body) {
+                Ok(items) if !items.is_empty() => items
+                    .into_iter()
+                    .map(|i| (i.flag, i.body, i.properties))
+                    .collect(),
+                Ok(_) => return req.error_to(ResponseCode::MessageIllegal, "batch body holds no message"),
+                Err(e) => return req.error_to(ResponseCode::MessageIllegal, format!("bad batch body: {e}")),
+            }
+        } else {
+            vec![(h.flag.unwrap_or(0), req.body.clone(), h.properties.clone().unwrap_or_default())]
+        };
+        if let Some((_, b, _)) = items.iter().find(|(_, b, _)| b.len() as u64 > self.cfg.max_message_size) {
+            return req.error_to(
+                ResponseCode::MessageIllegal,
+                format!(
+                    "message body of {} bytes exceeds maxMessageSize {}",
+                    b.len(),
+                    self.cfg.max_message_size
+                ),
+            );
+        }
+        let born_ts = h.born_timestamp.unwrap_or_else(now_ms);
+        let msgs: Vec<NewMessage> = items
+            .into_iter()
+            .map(|(flag, body, properties)| NewMessage {
+                topic: h.topic.clone(),
+                queue_id,
+                flag,
+                tags_code: NewMessage::tags_code_of(&properties),
+                body,
+                properties,
+                sys_flag: h.sys_flag.unwrap_or(0) & !crate::store::message::FLAG_MULTI_TAGS,
+                born_timestamp: born_ts,
+                born_host: born,
+                reconsume_times: h.reconsume_times.unwrap_or(0),
+            })
+            .collect();
+        self.put_and_respond(req, &msgs).await
+    }
+
+    pub(super) async fn put_and_respond(&self, req: &RemotingCommand, msgs: &[NewMessage]) -> RemotingCommand {
+        let started = std::time::Instant::now();
+        let result = self.put(msgs).await;
+        self.metrics.send_latency.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(results) => self.send_response(req, &results),
+            Err(e) => {
+                tracing::warn!(error = %e, "send failed");
+                store_error_response(req, &e)
+            }
+        }
+    }
+
+    /// Stores messages, counting them in the metrics.
+    pub(super) async fn put(&self, msgs: &[NewMessage]) -> Result<Vec<PutResult>, StoreError> {
+        let results = self.store.put(msgs).await?;
+        self.metrics.messages_in.inc_by(results.len() as u64);
+        self.metrics
+            .bytes_in
+            .inc_by(results.iter().map(|r| u64::from(r.size)).sum());
+        Ok(results)
+    }
+
+    fn send_response(&self, req: &RemotingCommand, results: &[PutResult]) -> RemotingCommand {
+        let Some(first) = results.first() else {
+            return req.error_to(ResponseCode::SystemError, "nothing was stored");
+        };
+        let host = self.store.config().store_host;
+        let msg_id = results
+            .iter()
+            .map(|r| offset_msg_id(&host, r.physical_offset as i64))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut resp = req.response_to(ResponseCode::Success);
+        resp.ext_fields = SendMessageResponseHeader {
+            msg_id,
+            queue_id: first.queue_id,
+            queue_offset: first.queue_offset as i64,
+            transaction_id: None,
+        }
+        .to_ext();
+        resp.ext_fields.insert("MSG_REGION".into(), "DefaultRegion".into());
+        resp.ext_fields.insert("TRACE_ON".into(), "true".into());
+        resp
+    }
+
+    /// Handles CONSUMER_SEND_MSG_BACK: the message goes to the group's retry topic, or to its
+    /// dead-letter topic once it has been retried too often.
+    pub(super) async fn send_back(&self, req: &RemotingCommand, born: SocketAddr) -> RemotingCommand {
+        let h = match ConsumerSendMsgBackRequestHeader::from_ext(&req.ext_fields) {
+            Ok(h) => h,
+            Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
+        };
+        if !self.is_master() {
+            return req.error_to(ResponseCode::ServiceNotAvailable, "a slave cannot take messages back");
+        }
+        let orig = match self.store.commitlog().read_message(h.offset as u64) {
+            Ok(m) => m,
+            Err(e) => {
+                return req.error_to(
+                    ResponseCode::SystemError,
+                    format!("look message by offset failed, {}: {e}", h.offset),
+                )
+            }
+        };
+        let max = h.max_reconsume_times.unwrap_or(DEFAULT_MAX_RECONSUME_TIMES);
+        let times = orig.reconsume_times + 1;
+        let to_dlq = times > max || h.delay_level < 0;
+        let topic = if to_dlq {
+            format!("%DLQ%{}", h.group)
+        } else {
+            format!("%RETRY%{}", h.group)
+        };
+        let perm = if to_dlq { PERM_WRITE } else { PERM_READ | PERM_WRITE };
+        if let Err(e) = self.ensure_topic(&topic, 1, perm) {
+            return req.error_to(ResponseCode::SystemError, format!("cannot create {topic}: {e}"));
+        }
+        let mut props = parse_properties(&orig.properties);
+        props
+            .entry(PROP_RETRY_TOPIC.into())
+            .or_insert_with(|| orig.topic.clone());
+        props
+            .entry(PROP_ORIGIN_MESSAGE_ID.into())
+            .or_insert_with(|| h.origin_msg_id.clone().unwrap_or_else(|| orig.offset_msg_id()));
+        props.insert(PROP_MAX_RECONSUME_TIMES.into(), max.to_string());
+        let properties = format_properties(&props);
+        let msg = NewMessage {
+            topic,
+            queue_id: 0,
+            flag: orig.flag,
+            tags_code: NewMessage::tags_code_of(&properties),
+            body: orig.body.clone(),
+            properties,
+            sys_flag: orig.sys_flag & !(crate::store::message::FLAG_BORN_V6 | crate::store::message::FLAG_STORE_V6),
+            born_timestamp: orig.born_timestamp,
+            born_host: born,
+            reconsume_times: times,
+        };
+        match self.put(std::slice::from_ref(&msg)).await {
+            Ok(_) => req.response_to(ResponseCode::Success),
+            Err(e) => store_error_response(req, &e),
+        }
+    }
+}
