@@ -7,3 +7,5 @@ pub mod config;
 pub mod http;
 pub mod nameserver;
 pub mod server;
+pub mod client;
+pub mod logging;

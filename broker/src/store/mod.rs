@@ -226,7 +226,11 @@ impl MessageStore {
         let cq_dir = root.join("consumequeue");
         std::fs::create_dir_all(&cq_dir).map_err(|e| StoreError::io(&cq_dir, e))?;
         let checkpoint_path = root.join("checkpoint");
-        let checkpoint: Checkpoint = load_json(&checkpoint_path)?.unwrap_or_default();
+        // No checkpoint means a new store: nothing to recover.
+        let checkpoint: Checkpoint = load_json(&checkpoint_path)?.unwrap_or(Checkpoint {
+            consistent_offset: 0,
+            clean_shutdown: true,
+        });
 
         // Open every existing consume queue.
         let mut queues = HashMap::new();

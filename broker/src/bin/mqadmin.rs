@@ -1,0 +1,493 @@
+//! `mqadmin`: admin, produce/consume and benchmark tool for ferromq (and RocketMQ) clusters.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use broker::client::{Client, Message, Producer, PullConsumer};
+use broker::config::split_namesrv;
+use broker::remoting::connection::ClientError;
+use broker::store::topics::TopicConfig;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+
+/// Admin and benchmark tool for ferromq clusters.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Name server list (`host:port;host:port`).
+    #[arg(short = 'n', long = "namesrvAddr", env = "NAMESRV_ADDR", default_value = "127.0.0.1:9876", global = true)]
+    namesrv: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create or update a topic on every master of a cluster (or one broker).
+    #[command(name = "updateTopic")]
+    UpdateTopic {
+        /// Topic name.
+        #[arg(short = 't', long)]
+        topic: String,
+        /// Cluster whose masters get the topic.
+        #[arg(short = 'c', long, conflicts_with = "broker")]
+        cluster: Option<String>,
+        /// One broker address instead of a cluster.
+        #[arg(short = 'b', long)]
+        broker: Option<String>,
+        /// Read queues.
+        #[arg(short = 'r', long = "readQueueNums", default_value_t = 8)]
+        read: i32,
+        /// Write queues.
+        #[arg(short = 'w', long = "writeQueueNums", default_value_t = 8)]
+        write: i32,
+        /// Permission (6 = read+write).
+        #[arg(short = 'p', long, default_value_t = 6)]
+        perm: i32,
+    },
+    /// List every topic.
+    #[command(name = "topicList")]
+    TopicList,
+    /// Show a topic's route.
+    #[command(name = "topicRoute")]
+    TopicRoute {
+        /// Topic name.
+        #[arg(short = 't', long)]
+        topic: String,
+    },
+    /// Show clusters, broker groups and their members.
+    #[command(name = "clusterList")]
+    ClusterList,
+    /// Show a consumer group's committed offsets and lag per queue.
+    #[command(name = "consumerProgress")]
+    ConsumerProgress {
+        /// Consumer group.
+        #[arg(short = 'g', long)]
+        group: String,
+        /// Topic.
+        #[arg(short = 't', long)]
+        topic: String,
+    },
+    /// Send messages.
+    #[command(name = "produce")]
+    Produce {
+        /// Topic.
+        #[arg(short = 't', long)]
+        topic: String,
+        /// Messages to send.
+        #[arg(short = 'c', long, default_value_t = 10)]
+        count: u64,
+        /// Body size in bytes (bodies carry a sequence number).
+        #[arg(short = 's', long, default_value_t = 128)]
+        size: usize,
+        /// Tag of every message.
+        #[arg(long)]
+        tags: Option<String>,
+        /// Producer group.
+        #[arg(short = 'g', long, default_value = "mqadmin_producer")]
+        group: String,
+    },
+    /// Consume messages of a topic for a consumer group, committing offsets.
+    #[command(name = "consume")]
+    Consume {
+        /// Topic.
+        #[arg(short = 't', long)]
+        topic: String,
+        /// Consumer group.
+        #[arg(short = 'g', long, default_value = "mqadmin_consumer")]
+        group: String,
+        /// Stop after this many messages (0 = until idle).
+        #[arg(short = 'c', long, default_value_t = 0)]
+        count: u64,
+        /// Stop after this long without a new message (seconds).
+        #[arg(long = "idle-secs", default_value_t = 5)]
+        idle_secs: u64,
+        /// Print each message (body as UTF-8 where possible).
+        #[arg(long)]
+        print: bool,
+    },
+    /// Measure send and consume throughput and latency.
+    #[command(name = "bench")]
+    Bench {
+        /// Topic (created on every master if missing).
+        #[arg(short = 't', long, default_value = "BenchmarkTest")]
+        topic: String,
+        /// Concurrent producers.
+        #[arg(short = 'p', long, default_value_t = 4)]
+        producers: usize,
+        /// Body size in bytes.
+        #[arg(short = 's', long, default_value_t = 1024)]
+        size: usize,
+        /// Seconds to send for.
+        #[arg(short = 'd', long, default_value_t = 10)]
+        duration: u64,
+        /// Also drain what was sent with a consumer and report its rate.
+        #[arg(long)]
+        consume: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("mqadmin: {e}");
+    ExitCode::FAILURE
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    broker::logging::init("warn");
+    let args = Args::parse();
+    let client = Client::new(split_namesrv(&args.namesrv));
+    let result = match args.cmd {
+        Cmd::UpdateTopic { topic, cluster, broker, read, write, perm } => {
+            update_topic(&client, &topic, cluster, broker, read, write, perm).await
+        }
+        Cmd::TopicList => client.topic_list().await.map(|l| {
+            for t in l.topic_list {
+                println!("{t}");
+            }
+        }),
+        Cmd::TopicRoute { topic } => client.refresh_route(&topic).await.map(|r| {
+            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+        }),
+        Cmd::ClusterList => cluster_list(&client).await,
+        Cmd::ConsumerProgress { group, topic } => consumer_progress(&client, &group, &topic).await,
+        Cmd::Produce { topic, count, size, tags, group } => {
+            produce(client.clone(), &topic, count, size, tags, &group).await
+        }
+        Cmd::Consume { topic, group, count, idle_secs, print } => {
+            consume(client.clone(), &topic, &group, count, Duration::from_secs(idle_secs), print).await
+        }
+        Cmd::Bench { topic, producers, size, duration, consume, json } => {
+            bench(client.clone(), &topic, producers, size, Duration::from_secs(duration), consume, json).await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+async fn masters(client: &Client, cluster: Option<&str>) -> Result<Vec<(String, String)>, ClientError> {
+    let info = client.cluster_info().await?;
+    let mut out = Vec::new();
+    for (name, bd) in &info.broker_addr_table {
+        if cluster.is_some_and(|c| c != bd.cluster) {
+            continue;
+        }
+        if let Some(m) = bd.master_addr() {
+            out.push((name.clone(), m.to_string()));
+        }
+    }
+    Ok(out)
+}
+
+async fn update_topic(
+    client: &Client,
+    topic: &str,
+    cluster: Option<String>,
+    broker: Option<String>,
+    read: i32,
+    write: i32,
+    perm: i32,
+) -> Result<(), ClientError> {
+    if let Err(e) = broker::server::validate_topic(topic) {
+        return Err(ClientError::BadResponse { addr: "input".into(), detail: e });
+    }
+    let cfg = TopicConfig {
+        read_queue_nums: read,
+        write_queue_nums: write,
+        ..TopicConfig::new(topic, write, perm)
+    };
+    let targets = match broker {
+        Some(b) => vec![(b.clone(), b)],
+        None => masters(client, cluster.as_deref()).await?,
+    };
+    if targets.is_empty() {
+        return Err(ClientError::BadResponse {
+            addr: client.namesrv().join(";"),
+            detail: "no master broker registered (check -n and -c)".into(),
+        });
+    }
+    for (name, addr) in targets {
+        client.create_topic(&addr, &cfg).await?;
+        println!("create topic {topic} to {name} ({addr}) success: read={read} write={write} perm={perm}");
+    }
+    Ok(())
+}
+
+async fn cluster_list(client: &Client) -> Result<(), ClientError> {
+    let info = client.cluster_info().await?;
+    println!("{:<20} {:<20} {:>4} {:<24} {:<10}", "#Cluster", "#Broker", "#Id", "#Addr", "#Role");
+    for (cluster, names) in &info.cluster_addr_table {
+        for name in names {
+            let Some(bd) = info.broker_addr_table.get(name) else { continue };
+            for (id, addr) in &bd.broker_addrs {
+                let role = if *id == 0 { "MASTER" } else { "SLAVE" };
+                println!("{cluster:<20} {name:<20} {id:>4} {addr:<24} {role:<10}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn consumer_progress(client: &Client, group: &str, topic: &str) -> Result<(), ClientError> {
+    let progress = client.consumer_progress(group, topic).await?;
+    println!("{:<20} {:>6} {:>14} {:>14} {:>10}", "#Broker", "#Queue", "#Committed", "#MaxOffset", "#Lag");
+    let mut total = 0;
+    for p in &progress {
+        let committed = p.committed.map_or("-".to_string(), |c| c.to_string());
+        println!("{:<20} {:>6} {:>14} {:>14} {:>10}", p.broker_name, p.queue_id, committed, p.max_offset, p.lag());
+        total += p.lag();
+    }
+    println!("Total lag: {total}");
+    Ok(())
+}
+
+fn body_of(seq: u64, size: usize) -> Bytes {
+    let mut b = format!("{seq:016}").into_bytes();
+    b.resize(size.max(16), b'x');
+    Bytes::from(b)
+}
+
+/// Prints a progress line to stderr every second while `f` runs.
+fn spawn_progress(label: &'static str, done: Arc<AtomicU64>, target: u64, stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        let start = Instant::now();
+        while !stop.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            let n = done.load(Ordering::Relaxed);
+            let rate = n as f64 / start.elapsed().as_secs_f64();
+            if target > 0 {
+                eprintln!("{label}: {n}/{target} ({rate:.0} msg/s)");
+            } else {
+                eprintln!("{label}: {n} ({rate:.0} msg/s)");
+            }
+        }
+    });
+}
+
+async fn produce(
+    client: Arc<Client>,
+    topic: &str,
+    count: u64,
+    size: usize,
+    tags: Option<String>,
+    group: &str,
+) -> Result<(), ClientError> {
+    let producer = Producer::new(client, group);
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    spawn_progress("produce", done.clone(), count, stop.clone());
+    let result = async {
+        for seq in 0..count {
+            let msg = Message {
+                topic: topic.to_string(),
+                tags: tags.clone(),
+                keys: vec![format!("key-{seq}")],
+                properties: BTreeMap::from([("seq".to_string(), seq.to_string())]),
+                body: body_of(seq, size),
+            };
+            let r = producer.send(&msg).await?;
+            if count <= 20 {
+                println!("sent {seq}: msgId={} broker={} queue={} offset={}", r.msg_id, r.broker_name, r.queue_id, r.queue_offset);
+            }
+            done.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok::<(), ClientError>(())
+    }
+    .await;
+    stop.store(true, Ordering::Release);
+    result?;
+    println!("sent {count} messages to {topic}");
+    Ok(())
+}
+
+async fn consume(
+    client: Arc<Client>,
+    topic: &str,
+    group: &str,
+    count: u64,
+    idle: Duration,
+    print: bool,
+) -> Result<(), ClientError> {
+    let mut consumer = PullConsumer::new(client, group, topic).await?;
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    spawn_progress("consume", done.clone(), count, stop.clone());
+    let mut last = Instant::now();
+    let result = async {
+        loop {
+            if count > 0 && done.load(Ordering::Relaxed) >= count {
+                break;
+            }
+            let batch = consumer.poll(Duration::from_millis(500)).await?;
+            if batch.is_empty() {
+                if last.elapsed() >= idle {
+                    break;
+                }
+                continue;
+            }
+            last = Instant::now();
+            for m in &batch {
+                if print {
+                    let p = m.message.properties_map();
+                    println!(
+                        "{} queue={} offset={} tags={} keys={} body={}",
+                        m.broker_name,
+                        m.message.queue_id,
+                        m.message.queue_offset,
+                        p.get("TAGS").map_or("", String::as_str),
+                        p.get("KEYS").map_or("", String::as_str),
+                        String::from_utf8_lossy(&m.message.body)
+                    );
+                }
+            }
+            done.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            consumer.commit().await?;
+        }
+        consumer.commit().await
+    }
+    .await;
+    stop.store(true, Ordering::Release);
+    result?;
+    println!("consumed {} messages from {topic} as {group}", done.load(Ordering::Relaxed));
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct BenchReport {
+    producers: usize,
+    size: usize,
+    seconds: f64,
+    sent: u64,
+    failed: u64,
+    send_msgs_per_sec: f64,
+    send_mb_per_sec: f64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    max_us: u64,
+    consumed: Option<u64>,
+    consume_msgs_per_sec: Option<f64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn bench(
+    client: Arc<Client>,
+    topic: &str,
+    producers: usize,
+    size: usize,
+    duration: Duration,
+    consume: bool,
+    json: bool,
+) -> Result<(), ClientError> {
+    if client.route(topic).await.is_err() {
+        update_topic(&client, topic, None, None, 8, 8, 6).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let hist = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| ClientError::BadResponse {
+            addr: "bench".into(),
+            detail: e.to_string(),
+        })?,
+    ));
+    let sent = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    spawn_progress("bench send", sent.clone(), 0, stop.clone());
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for p in 0..producers.max(1) {
+        let producer = Producer::new(client.clone(), "bench_producer");
+        let (hist, sent, failed) = (hist.clone(), sent.clone(), failed.clone());
+        let topic = topic.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
+            let body = body_of(p as u64, size);
+            while Instant::now() < deadline {
+                let msg = Message { topic: topic.clone(), body: body.clone(), ..Default::default() };
+                let t = Instant::now();
+                match producer.send(&msg).await {
+                    Ok(_) => {
+                        if let Some(h) = local.as_mut() {
+                            let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            if let (Some(l), Ok(mut h)) = (local, hist.lock()) {
+                let _ = h.add(&l);
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    stop.store(true, Ordering::Release);
+    let secs = start.elapsed().as_secs_f64();
+    let n = sent.load(Ordering::Relaxed);
+    let h = hist.lock().map(|h| h.clone()).unwrap_or_else(|p| p.into_inner().clone());
+    let mut report = BenchReport {
+        producers,
+        size,
+        seconds: secs,
+        sent: n,
+        failed: failed.load(Ordering::Relaxed),
+        send_msgs_per_sec: n as f64 / secs,
+        send_mb_per_sec: n as f64 * size as f64 / secs / 1e6,
+        p50_us: h.value_at_quantile(0.5),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        max_us: h.max(),
+        consumed: None,
+        consume_msgs_per_sec: None,
+    };
+    if consume {
+        let group = format!("bench_consumer_{}", std::process::id());
+        let mut c = PullConsumer::new(client.clone(), &group, topic).await?;
+        let target = c.remaining().await?;
+        let got = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        spawn_progress("bench consume", got.clone(), target as u64, stop.clone());
+        let t = Instant::now();
+        while (got.load(Ordering::Relaxed) as i64) < target {
+            let batch = c.poll(Duration::from_millis(200)).await?;
+            if batch.is_empty() && t.elapsed() > Duration::from_secs(600) {
+                break;
+            }
+            got.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+        stop.store(true, Ordering::Release);
+        let g = got.load(Ordering::Relaxed);
+        report.consumed = Some(g);
+        report.consume_msgs_per_sec = Some(g as f64 / t.elapsed().as_secs_f64());
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        println!(
+            "send: {} msgs in {:.1}s, {:.0} msgs/s, {:.1} MB/s, failed {}; latency p50 {} us, p99 {} us, p999 {} us, max {} us",
+            report.sent, report.seconds, report.send_msgs_per_sec, report.send_mb_per_sec, report.failed,
+            report.p50_us, report.p99_us, report.p999_us, report.max_us
+        );
+        if let (Some(c), Some(r)) = (report.consumed, report.consume_msgs_per_sec) {
+            println!("consume: {c} msgs, {r:.0} msgs/s");
+        }
+    }
+    Ok(())
+}

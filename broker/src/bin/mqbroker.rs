@@ -1,0 +1,59 @@
+//! `mqbroker`: the ferromq broker.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use broker::config::{split_namesrv, BrokerConfig};
+use clap::Parser;
+
+/// RocketMQ-compatible broker.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// broker.conf file (RocketMQ key names).
+    #[arg(short = 'c', long = "configFile")]
+    config: Option<PathBuf>,
+    /// Name server list (`host:port;host:port`), overriding namesrvAddr.
+    #[arg(short = 'n', long = "namesrvAddr", env = "NAMESRV_ADDR")]
+    namesrv: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    broker::logging::init("info");
+    let args = Args::parse();
+    let mut cfg = match &args.config {
+        Some(path) => match BrokerConfig::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("mqbroker: {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => BrokerConfig::default(),
+    };
+    if let Some(n) = &args.namesrv {
+        cfg.namesrv_addrs = split_namesrv(n);
+    }
+    if cfg.namesrv_addrs.is_empty() {
+        eprintln!("mqbroker: no name server: set namesrvAddr in the config, -n, or NAMESRV_ADDR");
+        return ExitCode::FAILURE;
+    }
+    let handle = match broker::server::start(cfg.clone()).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "broker failed to start");
+            eprintln!("mqbroker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "The broker[{}, {}] boot success. serializeType=JSON and name server is {}",
+        cfg.broker_name,
+        cfg.broker_addr(),
+        cfg.namesrv_addrs.join(";")
+    );
+    broker::logging::shutdown_signal().await;
+    handle.stop().await;
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,51 @@
+//! `mqnamesrv`: the ferromq name server.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use broker::nameserver::{self, NameServerConfig};
+use clap::Parser;
+
+/// RocketMQ-compatible name server.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Remoting port.
+    #[arg(long = "listen-port", short = 'p', default_value_t = 9876, env = "NAMESRV_LISTEN_PORT")]
+    listen_port: u16,
+    /// HTTP port for /healthz, /readyz and /metrics.
+    #[arg(long = "http-port", default_value_t = 9877, env = "NAMESRV_HTTP_PORT")]
+    http_port: u16,
+    /// Address to bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: std::net::IpAddr,
+    /// Drop a broker that has not registered for this long (ms).
+    #[arg(long = "broker-timeout-ms", default_value_t = 120_000)]
+    broker_timeout_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    broker::logging::init("info");
+    let args = Args::parse();
+    let cfg = NameServerConfig {
+        listen: SocketAddr::new(args.bind, args.listen_port),
+        http: SocketAddr::new(args.bind, args.http_port),
+        broker_timeout: Duration::from_millis(args.broker_timeout_ms),
+        scan_interval: Duration::from_millis((args.broker_timeout_ms / 10).clamp(100, 5_000)),
+        ..Default::default()
+    };
+    let handle = match nameserver::start(cfg).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(error = %e, "name server failed to start");
+            eprintln!("mqnamesrv: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("The Name Server boot success. serializeType=JSON, address {}", handle.addr);
+    broker::logging::shutdown_signal().await;
+    handle.stop().await;
+    ExitCode::SUCCESS
+}

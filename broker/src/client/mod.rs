@@ -1,0 +1,330 @@
+//! The ferromq client: name-server lookups, admin calls, a producer that retries on another
+//! broker, and a pull consumer with stored offsets. `mqadmin`, the operator and the tests use
+//! this one implementation.
+
+mod consumer;
+mod producer;
+
+pub use consumer::{ConsumedMessage, PullConsumer, QueueProgress};
+pub use producer::{Message, Producer, SendResult};
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::remoting::body::{from_json, ClusterInfo, TopicConfigWrapper, TopicList, TopicRouteData};
+use crate::remoting::connection::{ClientError, ConnectionPool};
+use crate::remoting::header::{
+    CreateTopicRequestHeader, OffsetResponseHeader, PullMessageRequestHeader,
+    PullMessageResponseHeader, QueryConsumerOffsetRequestHeader, QueueRequestHeader,
+    TopicRequestHeader, UpdateConsumerOffsetRequestHeader, WipeWritePermRequestHeader,
+};
+use crate::remoting::{ExtFields, RemotingCommand, RequestCode, ResponseCode};
+use crate::store::message::{decode_stored, StoredMessage};
+use crate::store::topics::TopicConfig;
+
+/// How long cached routes are trusted (clients poll every 30 s, like RocketMQ's).
+const ROUTE_TTL: Duration = Duration::from_secs(30);
+
+/// Shared plumbing of every client role: connections, name servers, cached routes.
+pub struct Client {
+    namesrv: Vec<String>,
+    pool: ConnectionPool,
+    timeout: Duration,
+    routes: Mutex<HashMap<String, (Instant, TopicRouteData)>>,
+}
+
+/// Outcome of one pull.
+#[derive(Debug, Clone)]
+pub struct PullResult {
+    /// Response code (SUCCESS = found, 19 = nothing new, 20 = retry, 21 = offset moved).
+    pub code: i32,
+    /// Where the next pull starts.
+    pub next_begin_offset: i64,
+    /// Lowest offset of the queue.
+    pub min_offset: i64,
+    /// End of the queue.
+    pub max_offset: i64,
+    /// Broker the next pull should go to (0 = master).
+    pub suggest_broker_id: i64,
+    /// Messages returned.
+    pub messages: Vec<StoredMessage>,
+}
+
+fn bad(addr: &str, detail: impl Into<String>) -> ClientError {
+    ClientError::BadResponse {
+        addr: addr.to_string(),
+        detail: detail.into(),
+    }
+}
+
+/// Splits a PULL body into its stored messages.
+pub fn decode_messages(body: &Bytes) -> Result<Vec<StoredMessage>, String> {
+    let mut out = Vec::new();
+    let mut rest = body.clone();
+    while rest.len() >= 4 {
+        let m = decode_stored(&rest).map_err(|e| e.to_string())?;
+        let n = m.total_size as usize;
+        out.push(m);
+        rest = rest.slice(n..);
+    }
+    Ok(out)
+}
+
+impl Client {
+    /// A client for the given name servers (`host:port`).
+    pub fn new(namesrv: Vec<String>) -> Arc<Client> {
+        Arc::new(Client {
+            namesrv,
+            pool: ConnectionPool::default(),
+            timeout: Duration::from_secs(5),
+            routes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Name servers this client asks.
+    pub fn namesrv(&self) -> &[String] {
+        &self.namesrv
+    }
+
+    /// Sends a request to a broker and returns its response, whatever the code.
+    pub async fn call(&self, addr: &str, req: RemotingCommand) -> Result<RemotingCommand, ClientError> {
+        self.pool.call(addr, req, self.timeout).await
+    }
+
+    /// Like [`Client::call`], with a specific timeout (long polls).
+    pub async fn call_with_timeout(
+        &self,
+        addr: &str,
+        req: RemotingCommand,
+        timeout: Duration,
+    ) -> Result<RemotingCommand, ClientError> {
+        self.pool.call(addr, req, timeout).await
+    }
+
+    /// Sends a request to a broker and fails unless it answers SUCCESS.
+    pub async fn call_ok(&self, addr: &str, req: RemotingCommand) -> Result<RemotingCommand, ClientError> {
+        self.pool.call_ok(addr, req, self.timeout).await
+    }
+
+    /// Asks the name servers in turn until one answers (any code).
+    pub async fn namesrv_call(&self, req: RemotingCommand) -> Result<RemotingCommand, ClientError> {
+        let mut last = None;
+        for addr in crate::server::resolve_all(&self.namesrv).await {
+            match self.pool.call(&addr, req.clone(), self.timeout).await {
+                Ok(r) => return Ok(r),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Closed("no name server configured".into())))
+    }
+
+    async fn namesrv_ok(&self, req: RemotingCommand) -> Result<RemotingCommand, ClientError> {
+        let r = self.namesrv_call(req).await?;
+        if r.code != ResponseCode::Success.code() {
+            return Err(ClientError::Response {
+                addr: self.namesrv.join(";"),
+                code: r.code,
+                remark: r.remark.unwrap_or_default(),
+            });
+        }
+        Ok(r)
+    }
+
+    /// The route of `topic` from the name servers (cached for a while).
+    pub async fn route(&self, topic: &str) -> Result<TopicRouteData, ClientError> {
+        if let Some((at, r)) = self.routes.lock().unwrap_or_else(|p| p.into_inner()).get(topic) {
+            if at.elapsed() < ROUTE_TTL {
+                return Ok(r.clone());
+            }
+        }
+        self.refresh_route(topic).await
+    }
+
+    /// The route of `topic`, bypassing the cache.
+    pub async fn refresh_route(&self, topic: &str) -> Result<TopicRouteData, ClientError> {
+        let req = RemotingCommand::request(
+            RequestCode::GetRouteinfoByTopic.code(),
+            TopicRequestHeader { topic: topic.to_string() }.to_ext(),
+        );
+        let resp = self.namesrv_ok(req).await?;
+        let route: TopicRouteData = from_json(&resp.body).map_err(|e| bad("name server", format!("route: {e}")))?;
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(topic.to_string(), (Instant::now(), route.clone()));
+        Ok(route)
+    }
+
+    /// Every cluster and broker group.
+    pub async fn cluster_info(&self) -> Result<ClusterInfo, ClientError> {
+        let req = RemotingCommand::request(RequestCode::GetBrokerClusterInfo.code(), ExtFields::new());
+        let resp = self.namesrv_ok(req).await?;
+        from_json(&resp.body).map_err(|e| bad("name server", format!("cluster info: {e}")))
+    }
+
+    /// Every topic the name servers know.
+    pub async fn topic_list(&self) -> Result<TopicList, ClientError> {
+        let req = RemotingCommand::request(RequestCode::GetAllTopicListFromNameserver.code(), ExtFields::new());
+        let resp = self.namesrv_ok(req).await?;
+        from_json(&resp.body).map_err(|e| bad("name server", format!("topic list: {e}")))
+    }
+
+    /// Creates or updates a topic on one broker.
+    pub async fn create_topic(&self, broker: &str, cfg: &TopicConfig) -> Result<(), ClientError> {
+        let h = CreateTopicRequestHeader {
+            topic: cfg.topic_name.clone(),
+            default_topic: Some("TBW102".into()),
+            read_queue_nums: cfg.read_queue_nums,
+            write_queue_nums: cfg.write_queue_nums,
+            perm: cfg.perm,
+            topic_filter_type: Some(cfg.topic_filter_type.clone()),
+            topic_sys_flag: Some(cfg.topic_sys_flag),
+            order: cfg.order,
+        };
+        let req = RemotingCommand::request(RequestCode::UpdateAndCreateTopic.code(), h.to_ext());
+        self.call_ok(broker, req).await?;
+        self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&cfg.topic_name);
+        Ok(())
+    }
+
+    /// Every topic config of one broker.
+    pub async fn broker_topics(&self, broker: &str) -> Result<TopicConfigWrapper, ClientError> {
+        let req = RemotingCommand::request(RequestCode::GetAllTopicConfig.code(), ExtFields::new());
+        let resp = self.call_ok(broker, req).await?;
+        from_json(&resp.body).map_err(|e| bad(broker, format!("topic configs: {e}")))
+    }
+
+    /// Makes a broker group read-only: the broker refuses sends and the name servers drop
+    /// write permission from its routes.
+    pub async fn wipe_write_perm(&self, broker_name: &str, broker_addr: &str) -> Result<(), ClientError> {
+        let h = WipeWritePermRequestHeader { broker_name: broker_name.to_string() }.to_ext();
+        self.call_ok(broker_addr, RemotingCommand::request(RequestCode::WipeWritePermOfBroker.code(), h.clone()))
+            .await?;
+        for ns in crate::server::resolve_all(&self.namesrv).await {
+            let req = RemotingCommand::request(RequestCode::WipeWritePermOfBroker.code(), h.clone());
+            self.pool.call_ok(&ns, req, self.timeout).await?;
+        }
+        Ok(())
+    }
+
+    async fn offset_call(&self, broker: &str, code: RequestCode, ext: ExtFields) -> Result<i64, ClientError> {
+        let resp = self.call_ok(broker, RemotingCommand::request(code.code(), ext)).await?;
+        OffsetResponseHeader::from_ext(&resp.ext_fields)
+            .map(|h| h.offset)
+            .map_err(|e| bad(broker, e.to_string()))
+    }
+
+    /// End of a queue.
+    pub async fn max_offset(&self, broker: &str, topic: &str, queue_id: i32) -> Result<i64, ClientError> {
+        let ext = QueueRequestHeader { topic: topic.into(), queue_id }.to_ext();
+        self.offset_call(broker, RequestCode::GetMaxOffset, ext).await
+    }
+
+    /// First stored offset of a queue.
+    pub async fn min_offset(&self, broker: &str, topic: &str, queue_id: i32) -> Result<i64, ClientError> {
+        let ext = QueueRequestHeader { topic: topic.into(), queue_id }.to_ext();
+        self.offset_call(broker, RequestCode::GetMinOffset, ext).await
+    }
+
+    /// A group's committed offset of a queue; `None` if it has none.
+    pub async fn query_consumer_offset(
+        &self,
+        broker: &str,
+        group: &str,
+        topic: &str,
+        queue_id: i32,
+    ) -> Result<Option<i64>, ClientError> {
+        let ext = QueryConsumerOffsetRequestHeader {
+            consumer_group: group.into(),
+            topic: topic.into(),
+            queue_id,
+        }
+        .to_ext();
+        match self.offset_call(broker, RequestCode::QueryConsumerOffset, ext).await {
+            Ok(o) => Ok(Some(o)),
+            Err(ClientError::Response { code, .. }) if code == ResponseCode::QueryNotFound.code() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Commits a group's offset of a queue.
+    pub async fn update_consumer_offset(
+        &self,
+        broker: &str,
+        group: &str,
+        topic: &str,
+        queue_id: i32,
+        offset: i64,
+    ) -> Result<(), ClientError> {
+        let ext = UpdateConsumerOffsetRequestHeader {
+            consumer_group: group.into(),
+            topic: topic.into(),
+            queue_id,
+            commit_offset: offset,
+        }
+        .to_ext();
+        self.call_ok(broker, RemotingCommand::request(RequestCode::UpdateConsumerOffset.code(), ext))
+            .await
+            .map(|_| ())
+    }
+
+    /// Pulls from a queue (no long polling unless `suspend` is non-zero).
+    pub async fn pull(
+        &self,
+        broker: &str,
+        group: &str,
+        topic: &str,
+        queue_id: i32,
+        offset: i64,
+        max: i32,
+        suspend: Duration,
+    ) -> Result<PullResult, ClientError> {
+        let h = PullMessageRequestHeader {
+            consumer_group: group.into(),
+            topic: topic.into(),
+            queue_id,
+            queue_offset: offset,
+            max_msg_nums: max,
+            sys_flag: if suspend.is_zero() { 0 } else { 2 },
+            commit_offset: Some(0),
+            suspend_timeout_millis: Some(suspend.as_millis() as i64),
+            subscription: Some("*".into()),
+            sub_version: Some(0),
+            expression_type: Some("TAG".into()),
+            max_msg_bytes: None,
+        };
+        let req = RemotingCommand::request(RequestCode::PullMessage.code(), h.to_ext());
+        let resp = self.call_with_timeout(broker, req, suspend + self.timeout).await?;
+        let code = resp.code;
+        let known = [
+            ResponseCode::Success,
+            ResponseCode::PullNotFound,
+            ResponseCode::PullRetryImmediately,
+            ResponseCode::PullOffsetMoved,
+        ];
+        if !known.iter().any(|c| c.code() == code) {
+            return Err(ClientError::Response {
+                addr: broker.to_string(),
+                code,
+                remark: resp.remark.unwrap_or_default(),
+            });
+        }
+        let h = PullMessageResponseHeader::from_ext(&resp.ext_fields).map_err(|e| bad(broker, e.to_string()))?;
+        let messages = if code == ResponseCode::Success.code() {
+            decode_messages(&resp.body).map_err(|e| bad(broker, format!("pulled messages: {e}")))?
+        } else {
+            Vec::new()
+        };
+        Ok(PullResult {
+            code,
+            next_begin_offset: h.next_begin_offset,
+            min_offset: h.min_offset,
+            max_offset: h.max_offset,
+            suggest_broker_id: h.suggest_which_broker_id,
+            messages,
+        })
+    }
+}
