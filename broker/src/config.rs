@@ -357,7 +357,11 @@ impl BrokerConfig {
             ));
         }
         if !(0..=7).contains(&self.permission) {
-            return Err(bad("brokerPermission", &self.permission.to_string(), "0 to 7"));
+            return Err(bad(
+                "brokerPermission",
+                &self.permission.to_string(),
+                "0 to 7",
+            ));
         }
         if self.flush_interval_ms == 0 {
             return Err(bad("flushIntervalCommitLog", "0", "at least 1 ms"));

@@ -60,7 +60,11 @@ fn respond(state: &HealthState, path: &str) -> Response<Full<Bytes>> {
                 ),
             }
         }
-        _ => (StatusCode::NOT_FOUND, "not found\n".to_string(), "text/plain"),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "not found\n".to_string(),
+            "text/plain",
+        ),
     };
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;

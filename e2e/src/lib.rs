@@ -43,7 +43,9 @@ pub fn bin(name: &str) -> Result<PathBuf, Error> {
 /// A port base with `n` consecutive free ports.
 pub fn free_ports(n: u16) -> u16 {
     loop {
-        let Ok(l) = TcpListener::bind("127.0.0.1:0") else { continue };
+        let Ok(l) = TcpListener::bind("127.0.0.1:0") else {
+            continue;
+        };
         let Ok(addr) = l.local_addr() else { continue };
         let base = addr.port();
         drop(l);
@@ -78,11 +80,22 @@ pub struct Proc {
 
 impl Proc {
     fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Proc, Error> {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let err = out.try_clone()?;
-        cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err)).stdin(Stdio::null());
-        let child = cmd.spawn().map_err(|e| format!("cannot start {name}: {e}"))?;
-        Ok(Proc { child: Some(child), name: name.to_string(), log })
+        cmd.stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .stdin(Stdio::null());
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        Ok(Proc {
+            child: Some(child),
+            name: name.to_string(),
+            log,
+        })
     }
 
     /// SIGKILL: no flush, no clean shutdown.
@@ -96,12 +109,20 @@ impl Proc {
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) -> Result<(), Error> {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             let start = Instant::now();
             loop {
                 if let Some(status) = c.try_wait()? {
                     if !status.success() {
-                        return Err(format!("{} exited with {status}; log {}", self.name, self.log.display()).into());
+                        return Err(format!(
+                            "{} exited with {status}; log {}",
+                            self.name,
+                            self.log.display()
+                        )
+                        .into());
                     }
                     return Ok(());
                 }
@@ -117,7 +138,9 @@ impl Proc {
 
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// The process's log so far.
@@ -145,15 +168,29 @@ impl NameServer {
     pub fn start(dir: &Path, broker_timeout_ms: u64) -> Result<NameServer, Error> {
         let port = free_ports(2);
         let mut cmd = Command::new(bin("mqnamesrv")?);
-        cmd.args(["--bind", "127.0.0.1", "-p", &port.to_string(), "--http-port", &(port + 1).to_string()])
-            .arg("--broker-timeout-ms")
-            .arg(broker_timeout_ms.to_string())
-            .env("RUST_LOG", "info");
+        cmd.args([
+            "--bind",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--http-port",
+            &(port + 1).to_string(),
+        ])
+        .arg("--broker-timeout-ms")
+        .arg(broker_timeout_ms.to_string())
+        .env("RUST_LOG", "info");
         let proc = Proc::spawn("mqnamesrv", cmd, dir.join(format!("namesrv-{port}.log")))?;
         if !wait_tcp(port, Duration::from_secs(10)) {
-            return Err(format!("name server did not open port {port}; log {}", proc.log.display()).into());
+            return Err(format!(
+                "name server did not open port {port}; log {}",
+                proc.log.display()
+            )
+            .into());
         }
-        Ok(NameServer { proc, addr: format!("127.0.0.1:{port}") })
+        Ok(NameServer {
+            proc,
+            addr: format!("127.0.0.1:{port}"),
+        })
     }
 }
 
@@ -240,7 +277,11 @@ impl Broker {
     pub fn restart(&mut self) -> Result<(), Error> {
         let mut cmd = Command::new(bin("mqbroker")?);
         cmd.arg("-c").arg(&self.conf).env("RUST_LOG", "info");
-        let mut proc = Proc::spawn("mqbroker", cmd, self.dir.join(format!("broker-{}.log", self.name)))?;
+        let mut proc = Proc::spawn(
+            "mqbroker",
+            cmd,
+            self.dir.join(format!("broker-{}.log", self.name)),
+        )?;
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(30) {
             if !proc.running() {
@@ -281,15 +322,24 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }
 
 /// A temp directory that is kept (and reported) when the test fails.
 pub fn test_dir(name: &str) -> Result<tempfile::TempDir, Error> {
-    Ok(tempfile::Builder::new().prefix(&format!("ferromq-{name}-")).tempdir()?)
+    Ok(tempfile::Builder::new()
+        .prefix(&format!("ferromq-{name}-"))
+        .tempdir()?)
 }

@@ -29,7 +29,9 @@ fn spec(flush: &str) -> BrokerSpec {
 }
 
 async fn setup(client: &Arc<Client>, broker: &Broker) -> Result<(), Error> {
-    client.create_topic(&broker.addr, &TopicConfig::new(TOPIC, 4, 6)).await?;
+    client
+        .create_topic(&broker.addr, &TopicConfig::new(TOPIC, 4, 6))
+        .await?;
     // Wait for the route to reach the name server.
     for _ in 0..100 {
         if client.refresh_route(TOPIC).await.is_ok() {
@@ -67,7 +69,11 @@ fn check_order_and_duplicates(read: &[(u64, i32, i64)]) -> HashSet<u64> {
     }
     for (q, offs) in per_queue {
         for (i, w) in offs.windows(2).enumerate() {
-            assert_eq!(w[1], w[0] + 1, "queue {q} out of order or with a gap at position {i}: {w:?}");
+            assert_eq!(
+                w[1],
+                w[0] + 1,
+                "queue {q} out of order or with a gap at position {i}: {w:?}"
+            );
         }
     }
     seen
@@ -90,10 +96,17 @@ async fn crash_during_sends(flush: &str) -> Result<(usize, usize), Error> {
             let mut seq = t;
             let mut failures = 0;
             while failures < 20 {
-                let msg = Message { topic: TOPIC.into(), body: body(seq), ..Default::default() };
+                let msg = Message {
+                    topic: TOPIC.into(),
+                    body: body(seq),
+                    ..Default::default()
+                };
                 match producer.send(&msg).await {
                     Ok(r) => {
-                        acked.lock().map(|mut a| a.insert(seq, (r.queue_id, r.queue_offset))).ok();
+                        acked
+                            .lock()
+                            .map(|mut a| a.insert(seq, (r.queue_id, r.queue_offset)))
+                            .ok();
                     }
                     Err(_) => failures += 1,
                 }
@@ -117,7 +130,11 @@ async fn crash_during_sends(flush: &str) -> Result<(usize, usize), Error> {
     broker.restart()?;
     let read = read_all(&client, "crash_checker").await?;
     let seen = check_order_and_duplicates(&read);
-    let lost: Vec<u64> = acked.keys().filter(|s| !seen.contains(s)).copied().collect();
+    let lost: Vec<u64> = acked
+        .keys()
+        .filter(|s| !seen.contains(s))
+        .copied()
+        .collect();
     // Where a message is found, it must be where the broker said it stored it.
     let by_seq: HashMap<u64, (i32, i64)> = read.iter().map(|(s, q, o)| (*s, (*q, *o))).collect();
     for (seq, at) in &acked {
@@ -160,7 +177,13 @@ async fn clean_restart_keeps_messages_and_offsets(flush: &str) -> Result<(), Err
     setup(&client, &broker).await?;
     let producer = Producer::new(client.clone(), "restart_producer");
     for seq in 0..1000 {
-        producer.send(&Message { topic: TOPIC.into(), body: body(seq), ..Default::default() }).await?;
+        producer
+            .send(&Message {
+                topic: TOPIC.into(),
+                body: body(seq),
+                ..Default::default()
+            })
+            .await?;
     }
     // Consume about half with a group that commits its offsets.
     let mut c = PullConsumer::new(client.clone(), "restart_group", TOPIC).await?;
@@ -180,10 +203,17 @@ async fn clean_restart_keeps_messages_and_offsets(flush: &str) -> Result<(), Err
     broker.restart()?;
 
     let committed_after = client.consumer_progress("restart_group", TOPIC).await?;
-    assert_eq!(committed_before, committed_after, "consumer offsets changed across a restart");
+    assert_eq!(
+        committed_before, committed_after,
+        "consumer offsets changed across a restart"
+    );
     let all = read_all(&client, "restart_checker").await?;
     let seen = check_order_and_duplicates(&all);
-    assert_eq!(seen.len(), 1000, "{flush}: messages lost across a clean restart");
+    assert_eq!(
+        seen.len(),
+        1000,
+        "{flush}: messages lost across a clean restart"
+    );
     // The group resumes exactly where it stopped.
     let mut c = PullConsumer::new(client.clone(), "restart_group", TOPIC).await?;
     let mut rest = 0;
@@ -194,7 +224,11 @@ async fn clean_restart_keeps_messages_and_offsets(flush: &str) -> Result<(), Err
         }
         rest += batch.len();
     }
-    assert_eq!(first_half + rest, 1000, "{flush}: the group re-read or skipped messages after restart");
+    assert_eq!(
+        first_half + rest,
+        1000,
+        "{flush}: the group re-read or skipped messages after restart"
+    );
     broker.stop()?;
     Ok(())
 }

@@ -19,7 +19,13 @@ use hdrhistogram::Histogram;
 #[command(version, about)]
 struct Args {
     /// Name server list (`host:port;host:port`).
-    #[arg(short = 'n', long = "namesrvAddr", env = "NAMESRV_ADDR", default_value = "127.0.0.1:9876", global = true)]
+    #[arg(
+        short = 'n',
+        long = "namesrvAddr",
+        env = "NAMESRV_ADDR",
+        default_value = "127.0.0.1:9876",
+        global = true
+    )]
     namesrv: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -145,9 +151,14 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     let client = Client::new(split_namesrv(&args.namesrv));
     let result = match args.cmd {
-        Cmd::UpdateTopic { topic, cluster, broker, read, write, perm } => {
-            update_topic(&client, &topic, cluster, broker, read, write, perm).await
-        }
+        Cmd::UpdateTopic {
+            topic,
+            cluster,
+            broker,
+            read,
+            write,
+            perm,
+        } => update_topic(&client, &topic, cluster, broker, read, write, perm).await,
         Cmd::TopicList => client.topic_list().await.map(|l| {
             for t in l.topic_list {
                 println!("{t}");
@@ -158,14 +169,48 @@ async fn main() -> ExitCode {
         }),
         Cmd::ClusterList => cluster_list(&client).await,
         Cmd::ConsumerProgress { group, topic } => consumer_progress(&client, &group, &topic).await,
-        Cmd::Produce { topic, count, size, tags, group } => {
-            produce(client.clone(), &topic, count, size, tags, &group).await
+        Cmd::Produce {
+            topic,
+            count,
+            size,
+            tags,
+            group,
+        } => produce(client.clone(), &topic, count, size, tags, &group).await,
+        Cmd::Consume {
+            topic,
+            group,
+            count,
+            idle_secs,
+            print,
+        } => {
+            consume(
+                client.clone(),
+                &topic,
+                &group,
+                count,
+                Duration::from_secs(idle_secs),
+                print,
+            )
+            .await
         }
-        Cmd::Consume { topic, group, count, idle_secs, print } => {
-            consume(client.clone(), &topic, &group, count, Duration::from_secs(idle_secs), print).await
-        }
-        Cmd::Bench { topic, producers, size, duration, consume, json } => {
-            bench(client.clone(), &topic, producers, size, Duration::from_secs(duration), consume, json).await
+        Cmd::Bench {
+            topic,
+            producers,
+            size,
+            duration,
+            consume,
+            json,
+        } => {
+            bench(
+                client.clone(),
+                &topic,
+                producers,
+                size,
+                Duration::from_secs(duration),
+                consume,
+                json,
+            )
+            .await
         }
     };
     match result {
@@ -174,7 +219,10 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn masters(client: &Client, cluster: Option<&str>) -> Result<Vec<(String, String)>, ClientError> {
+async fn masters(
+    client: &Client,
+    cluster: Option<&str>,
+) -> Result<Vec<(String, String)>, ClientError> {
     let info = client.cluster_info().await?;
     let mut out = Vec::new();
     for (name, bd) in &info.broker_addr_table {
@@ -198,7 +246,10 @@ async fn update_topic(
     perm: i32,
 ) -> Result<(), ClientError> {
     if let Err(e) = broker::server::validate_topic(topic) {
-        return Err(ClientError::BadResponse { addr: "input".into(), detail: e });
+        return Err(ClientError::BadResponse {
+            addr: "input".into(),
+            detail: e,
+        });
     }
     let cfg = TopicConfig {
         read_queue_nums: read,
@@ -224,10 +275,15 @@ async fn update_topic(
 
 async fn cluster_list(client: &Client) -> Result<(), ClientError> {
     let info = client.cluster_info().await?;
-    println!("{:<20} {:<20} {:>4} {:<24} {:<10}", "#Cluster", "#Broker", "#Id", "#Addr", "#Role");
+    println!(
+        "{:<20} {:<20} {:>4} {:<24} {:<10}",
+        "#Cluster", "#Broker", "#Id", "#Addr", "#Role"
+    );
     for (cluster, names) in &info.cluster_addr_table {
         for name in names {
-            let Some(bd) = info.broker_addr_table.get(name) else { continue };
+            let Some(bd) = info.broker_addr_table.get(name) else {
+                continue;
+            };
             for (id, addr) in &bd.broker_addrs {
                 let role = if *id == 0 { "MASTER" } else { "SLAVE" };
                 println!("{cluster:<20} {name:<20} {id:>4} {addr:<24} {role:<10}");
@@ -239,11 +295,21 @@ async fn cluster_list(client: &Client) -> Result<(), ClientError> {
 
 async fn consumer_progress(client: &Client, group: &str, topic: &str) -> Result<(), ClientError> {
     let progress = client.consumer_progress(group, topic).await?;
-    println!("{:<20} {:>6} {:>14} {:>14} {:>10}", "#Broker", "#Queue", "#Committed", "#MaxOffset", "#Lag");
+    println!(
+        "{:<20} {:>6} {:>14} {:>14} {:>10}",
+        "#Broker", "#Queue", "#Committed", "#MaxOffset", "#Lag"
+    );
     let mut total = 0;
     for p in &progress {
         let committed = p.committed.map_or("-".to_string(), |c| c.to_string());
-        println!("{:<20} {:>6} {:>14} {:>14} {:>10}", p.broker_name, p.queue_id, committed, p.max_offset, p.lag());
+        println!(
+            "{:<20} {:>6} {:>14} {:>14} {:>10}",
+            p.broker_name,
+            p.queue_id,
+            committed,
+            p.max_offset,
+            p.lag()
+        );
         total += p.lag();
     }
     println!("Total lag: {total}");
@@ -299,7 +365,10 @@ async fn produce(
             };
             let r = producer.send(&msg).await?;
             if count <= 20 {
-                println!("sent {seq}: msgId={} broker={} queue={} offset={}", r.msg_id, r.broker_name, r.queue_id, r.queue_offset);
+                println!(
+                    "sent {seq}: msgId={} broker={} queue={} offset={}",
+                    r.msg_id, r.broker_name, r.queue_id, r.queue_offset
+                );
             }
             done.fetch_add(1, Ordering::Relaxed);
         }
@@ -360,7 +429,10 @@ async fn consume(
     .await;
     stop.store(true, Ordering::Release);
     result?;
-    println!("consumed {} messages from {topic} as {group}", done.load(Ordering::Relaxed));
+    println!(
+        "consumed {} messages from {topic} as {group}",
+        done.load(Ordering::Relaxed)
+    );
     Ok(())
 }
 
@@ -396,9 +468,11 @@ async fn bench(
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let hist = Arc::new(Mutex::new(
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| ClientError::BadResponse {
-            addr: "bench".into(),
-            detail: e.to_string(),
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| {
+            ClientError::BadResponse {
+                addr: "bench".into(),
+                detail: e.to_string(),
+            }
         })?,
     ));
     let sent = Arc::new(AtomicU64::new(0));
@@ -416,7 +490,11 @@ async fn bench(
             let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
             let body = body_of(p as u64, size);
             while Instant::now() < deadline {
-                let msg = Message { topic: topic.clone(), body: body.clone(), ..Default::default() };
+                let msg = Message {
+                    topic: topic.clone(),
+                    body: body.clone(),
+                    ..Default::default()
+                };
                 let t = Instant::now();
                 match producer.send(&msg).await {
                     Ok(_) => {
@@ -441,7 +519,10 @@ async fn bench(
     stop.store(true, Ordering::Release);
     let secs = start.elapsed().as_secs_f64();
     let n = sent.load(Ordering::Relaxed);
-    let h = hist.lock().map(|h| h.clone()).unwrap_or_else(|p| p.into_inner().clone());
+    let h = hist
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
     let mut report = BenchReport {
         producers,
         size,
@@ -478,7 +559,10 @@ async fn bench(
         report.consume_msgs_per_sec = Some(g as f64 / t.elapsed().as_secs_f64());
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
     } else {
         println!(
             "send: {} msgs in {:.1}s, {:.0} msgs/s, {:.1} MB/s, failed {}; latency p50 {} us, p99 {} us, p999 {} us, max {} us",

@@ -12,7 +12,12 @@ use clap::Parser;
 #[command(version, about)]
 struct Args {
     /// Remoting port.
-    #[arg(long = "listen-port", short = 'p', default_value_t = 9876, env = "NAMESRV_LISTEN_PORT")]
+    #[arg(
+        long = "listen-port",
+        short = 'p',
+        default_value_t = 9876,
+        env = "NAMESRV_LISTEN_PORT"
+    )]
     listen_port: u16,
     /// HTTP port for /healthz, /readyz and /metrics.
     #[arg(long = "http-port", default_value_t = 9877, env = "NAMESRV_HTTP_PORT")]
@@ -44,7 +49,10 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    eprintln!("The Name Server boot success. serializeType=JSON, address {}", handle.addr);
+    eprintln!(
+        "The Name Server boot success. serializeType=JSON, address {}",
+        handle.addr
+    );
     broker::logging::shutdown_signal().await;
     handle.stop().await;
     ExitCode::SUCCESS

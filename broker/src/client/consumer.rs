@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::Client;
+use super::{Client, PullSpec};
 use crate::remoting::body::TopicRouteData;
 use crate::remoting::connection::ClientError;
 use crate::remoting::ResponseCode;
@@ -65,7 +65,11 @@ fn readable_queues(route: &TopicRouteData) -> Vec<(String, BTreeMap<i64, String>
         if qd.perm & PERM_READ == 0 {
             continue;
         }
-        let Some(bd) = route.broker_datas.iter().find(|b| b.broker_name == qd.broker_name) else {
+        let Some(bd) = route
+            .broker_datas
+            .iter()
+            .find(|b| b.broker_name == qd.broker_name)
+        else {
             continue;
         };
         for q in 0..qd.read_queue_nums {
@@ -82,12 +86,21 @@ fn pick_addr(addrs: &BTreeMap<i64, String>) -> Option<&String> {
 impl PullConsumer {
     /// Looks up the topic's queues and the group's committed offsets; queues without one
     /// start at their first message.
-    pub async fn new(client: Arc<Client>, group: &str, topic: &str) -> Result<PullConsumer, ClientError> {
+    pub async fn new(
+        client: Arc<Client>,
+        group: &str,
+        topic: &str,
+    ) -> Result<PullConsumer, ClientError> {
         let route = client.refresh_route(topic).await?;
         let mut queues = Vec::new();
         for (broker_name, addrs, queue_id) in readable_queues(&route) {
-            let Some(addr) = pick_addr(&addrs) else { continue };
-            let start = match client.query_consumer_offset(addr, group, topic, queue_id).await? {
+            let Some(addr) = pick_addr(&addrs) else {
+                continue;
+            };
+            let start = match client
+                .query_consumer_offset(addr, group, topic, queue_id)
+                .await?
+            {
                 Some(o) => o,
                 None => client.min_offset(addr, topic, queue_id).await?,
             };
@@ -108,6 +121,17 @@ impl PullConsumer {
         })
     }
 
+    fn spec(&self, queue_id: i32, offset: i64, suspend: Duration) -> PullSpec<'_> {
+        PullSpec {
+            group: &self.group,
+            topic: &self.topic,
+            queue_id,
+            offset,
+            max: 256,
+            suspend,
+        }
+    }
+
     /// Pulls the next batch from the next queue with messages; waits up to `wait` for new
     /// ones when every queue is drained. Empty means nothing arrived in time.
     pub async fn poll(&mut self, wait: Duration) -> Result<Vec<ConsumedMessage>, ClientError> {
@@ -119,10 +143,12 @@ impl PullConsumer {
         for i in 0..n {
             let idx = (self.cursor + i) % n;
             let q = &self.queues[idx];
-            let Some(addr) = pick_addr(&q.addrs).cloned() else { continue };
+            let Some(addr) = pick_addr(&q.addrs).cloned() else {
+                continue;
+            };
             let r = self
                 .client
-                .pull(&addr, &self.group, &self.topic, q.queue_id, q.next, 256, Duration::ZERO)
+                .pull(&addr, self.spec(q.queue_id, q.next, Duration::ZERO))
                 .await?;
             let q = &mut self.queues[idx];
             if r.code == ResponseCode::Success.code() {
@@ -132,10 +158,15 @@ impl PullConsumer {
                 return Ok(r
                     .messages
                     .into_iter()
-                    .map(|m| ConsumedMessage { broker_name: bn.clone(), message: m })
+                    .map(|m| ConsumedMessage {
+                        broker_name: bn.clone(),
+                        message: m,
+                    })
                     .collect());
             }
-            if r.code == ResponseCode::PullOffsetMoved.code() || r.code == ResponseCode::PullRetryImmediately.code() {
+            if r.code == ResponseCode::PullOffsetMoved.code()
+                || r.code == ResponseCode::PullRetryImmediately.code()
+            {
                 q.next = r.next_begin_offset;
             }
         }
@@ -144,7 +175,7 @@ impl PullConsumer {
         if let Some(addr) = pick_addr(&q.addrs).cloned() {
             let r = self
                 .client
-                .pull(&addr, &self.group, &self.topic, q.queue_id, q.next, 256, wait)
+                .pull(&addr, self.spec(q.queue_id, q.next, wait))
                 .await?;
             let q = &mut self.queues[self.cursor % n];
             if r.code == ResponseCode::Success.code() {
@@ -153,7 +184,10 @@ impl PullConsumer {
                 return Ok(r
                     .messages
                     .into_iter()
-                    .map(|m| ConsumedMessage { broker_name: bn.clone(), message: m })
+                    .map(|m| ConsumedMessage {
+                        broker_name: bn.clone(),
+                        message: m,
+                    })
                     .collect());
             }
         }
@@ -167,7 +201,9 @@ impl PullConsumer {
             if q.next == q.committed {
                 continue;
             }
-            let Some(addr) = pick_addr(&q.addrs) else { continue };
+            let Some(addr) = pick_addr(&q.addrs) else {
+                continue;
+            };
             self.client
                 .update_consumer_offset(addr, &self.group, &self.topic, q.queue_id, q.next)
                 .await?;
@@ -180,8 +216,13 @@ impl PullConsumer {
     pub async fn remaining(&self) -> Result<i64, ClientError> {
         let mut total = 0;
         for q in &self.queues {
-            let Some(addr) = pick_addr(&q.addrs) else { continue };
-            let max = self.client.max_offset(addr, &self.topic, q.queue_id).await?;
+            let Some(addr) = pick_addr(&q.addrs) else {
+                continue;
+            };
+            let max = self
+                .client
+                .max_offset(addr, &self.topic, q.queue_id)
+                .await?;
             total += (max - q.next).max(0);
         }
         Ok(total)
@@ -190,12 +231,20 @@ impl PullConsumer {
 
 impl Client {
     /// Per-queue progress of a consumer group on a topic.
-    pub async fn consumer_progress(&self, group: &str, topic: &str) -> Result<Vec<QueueProgress>, ClientError> {
+    pub async fn consumer_progress(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<QueueProgress>, ClientError> {
         let route = self.refresh_route(topic).await?;
         let mut out = Vec::new();
         for (broker_name, addrs, queue_id) in readable_queues(&route) {
-            let Some(addr) = pick_addr(&addrs) else { continue };
-            let committed = self.query_consumer_offset(addr, group, topic, queue_id).await?;
+            let Some(addr) = pick_addr(&addrs) else {
+                continue;
+            };
+            let committed = self
+                .query_consumer_offset(addr, group, topic, queue_id)
+                .await?;
             let max_offset = self.max_offset(addr, topic, queue_id).await?;
             out.push(QueueProgress {
                 broker_name,

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::remoting::body::{from_json, ClusterInfo, TopicConfigWrapper, TopicList, TopicRouteData};
+use crate::remoting::body::{
+    from_json, ClusterInfo, TopicConfigWrapper, TopicList, TopicRouteData,
+};
 use crate::remoting::connection::{ClientError, ConnectionPool};
 use crate::remoting::header::{
     CreateTopicRequestHeader, OffsetResponseHeader, PullMessageRequestHeader,
@@ -34,6 +36,23 @@ pub struct Client {
     pool: ConnectionPool,
     timeout: Duration,
     routes: Mutex<HashMap<String, (Instant, TopicRouteData)>>,
+}
+
+/// What one pull asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct PullSpec<'a> {
+    /// Consumer group.
+    pub group: &'a str,
+    /// Topic.
+    pub topic: &'a str,
+    /// Queue.
+    pub queue_id: i32,
+    /// First offset wanted.
+    pub offset: i64,
+    /// Most messages wanted.
+    pub max: i32,
+    /// How long the broker may hold the pull when nothing is new.
+    pub suspend: Duration,
 }
 
 /// Outcome of one pull.
@@ -90,7 +109,11 @@ impl Client {
     }
 
     /// Sends a request to a broker and returns its response, whatever the code.
-    pub async fn call(&self, addr: &str, req: RemotingCommand) -> Result<RemotingCommand, ClientError> {
+    pub async fn call(
+        &self,
+        addr: &str,
+        req: RemotingCommand,
+    ) -> Result<RemotingCommand, ClientError> {
         self.pool.call(addr, req, self.timeout).await
     }
 
@@ -105,7 +128,11 @@ impl Client {
     }
 
     /// Sends a request to a broker and fails unless it answers SUCCESS.
-    pub async fn call_ok(&self, addr: &str, req: RemotingCommand) -> Result<RemotingCommand, ClientError> {
+    pub async fn call_ok(
+        &self,
+        addr: &str,
+        req: RemotingCommand,
+    ) -> Result<RemotingCommand, ClientError> {
         self.pool.call_ok(addr, req, self.timeout).await
     }
 
@@ -135,7 +162,12 @@ impl Client {
 
     /// The route of `topic` from the name servers (cached for a while).
     pub async fn route(&self, topic: &str) -> Result<TopicRouteData, ClientError> {
-        if let Some((at, r)) = self.routes.lock().unwrap_or_else(|p| p.into_inner()).get(topic) {
+        if let Some((at, r)) = self
+            .routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(topic)
+        {
             if at.elapsed() < ROUTE_TTL {
                 return Ok(r.clone());
             }
@@ -147,10 +179,14 @@ impl Client {
     pub async fn refresh_route(&self, topic: &str) -> Result<TopicRouteData, ClientError> {
         let req = RemotingCommand::request(
             RequestCode::GetRouteinfoByTopic.code(),
-            TopicRequestHeader { topic: topic.to_string() }.to_ext(),
+            TopicRequestHeader {
+                topic: topic.to_string(),
+            }
+            .to_ext(),
         );
         let resp = self.namesrv_ok(req).await?;
-        let route: TopicRouteData = from_json(&resp.body).map_err(|e| bad("name server", format!("route: {e}")))?;
+        let route: TopicRouteData =
+            from_json(&resp.body).map_err(|e| bad("name server", format!("route: {e}")))?;
         self.routes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -160,14 +196,18 @@ impl Client {
 
     /// Every cluster and broker group.
     pub async fn cluster_info(&self) -> Result<ClusterInfo, ClientError> {
-        let req = RemotingCommand::request(RequestCode::GetBrokerClusterInfo.code(), ExtFields::new());
+        let req =
+            RemotingCommand::request(RequestCode::GetBrokerClusterInfo.code(), ExtFields::new());
         let resp = self.namesrv_ok(req).await?;
         from_json(&resp.body).map_err(|e| bad("name server", format!("cluster info: {e}")))
     }
 
     /// Every topic the name servers know.
     pub async fn topic_list(&self) -> Result<TopicList, ClientError> {
-        let req = RemotingCommand::request(RequestCode::GetAllTopicListFromNameserver.code(), ExtFields::new());
+        let req = RemotingCommand::request(
+            RequestCode::GetAllTopicListFromNameserver.code(),
+            ExtFields::new(),
+        );
         let resp = self.namesrv_ok(req).await?;
         from_json(&resp.body).map_err(|e| bad("name server", format!("topic list: {e}")))
     }
@@ -186,7 +226,10 @@ impl Client {
         };
         let req = RemotingCommand::request(RequestCode::UpdateAndCreateTopic.code(), h.to_ext());
         self.call_ok(broker, req).await?;
-        self.routes.lock().unwrap_or_else(|p| p.into_inner()).remove(&cfg.topic_name);
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&cfg.topic_name);
         Ok(())
     }
 
@@ -199,34 +242,72 @@ impl Client {
 
     /// Makes a broker group read-only: the broker refuses sends and the name servers drop
     /// write permission from its routes.
-    pub async fn wipe_write_perm(&self, broker_name: &str, broker_addr: &str) -> Result<(), ClientError> {
-        let h = WipeWritePermRequestHeader { broker_name: broker_name.to_string() }.to_ext();
-        self.call_ok(broker_addr, RemotingCommand::request(RequestCode::WipeWritePermOfBroker.code(), h.clone()))
-            .await?;
+    pub async fn wipe_write_perm(
+        &self,
+        broker_name: &str,
+        broker_addr: &str,
+    ) -> Result<(), ClientError> {
+        let h = WipeWritePermRequestHeader {
+            broker_name: broker_name.to_string(),
+        }
+        .to_ext();
+        self.call_ok(
+            broker_addr,
+            RemotingCommand::request(RequestCode::WipeWritePermOfBroker.code(), h.clone()),
+        )
+        .await?;
         for ns in crate::server::resolve_all(&self.namesrv).await {
-            let req = RemotingCommand::request(RequestCode::WipeWritePermOfBroker.code(), h.clone());
+            let req =
+                RemotingCommand::request(RequestCode::WipeWritePermOfBroker.code(), h.clone());
             self.pool.call_ok(&ns, req, self.timeout).await?;
         }
         Ok(())
     }
 
-    async fn offset_call(&self, broker: &str, code: RequestCode, ext: ExtFields) -> Result<i64, ClientError> {
-        let resp = self.call_ok(broker, RemotingCommand::request(code.code(), ext)).await?;
+    async fn offset_call(
+        &self,
+        broker: &str,
+        code: RequestCode,
+        ext: ExtFields,
+    ) -> Result<i64, ClientError> {
+        let resp = self
+            .call_ok(broker, RemotingCommand::request(code.code(), ext))
+            .await?;
         OffsetResponseHeader::from_ext(&resp.ext_fields)
             .map(|h| h.offset)
             .map_err(|e| bad(broker, e.to_string()))
     }
 
     /// End of a queue.
-    pub async fn max_offset(&self, broker: &str, topic: &str, queue_id: i32) -> Result<i64, ClientError> {
-        let ext = QueueRequestHeader { topic: topic.into(), queue_id }.to_ext();
-        self.offset_call(broker, RequestCode::GetMaxOffset, ext).await
+    pub async fn max_offset(
+        &self,
+        broker: &str,
+        topic: &str,
+        queue_id: i32,
+    ) -> Result<i64, ClientError> {
+        let ext = QueueRequestHeader {
+            topic: topic.into(),
+            queue_id,
+        }
+        .to_ext();
+        self.offset_call(broker, RequestCode::GetMaxOffset, ext)
+            .await
     }
 
     /// First stored offset of a queue.
-    pub async fn min_offset(&self, broker: &str, topic: &str, queue_id: i32) -> Result<i64, ClientError> {
-        let ext = QueueRequestHeader { topic: topic.into(), queue_id }.to_ext();
-        self.offset_call(broker, RequestCode::GetMinOffset, ext).await
+    pub async fn min_offset(
+        &self,
+        broker: &str,
+        topic: &str,
+        queue_id: i32,
+    ) -> Result<i64, ClientError> {
+        let ext = QueueRequestHeader {
+            topic: topic.into(),
+            queue_id,
+        }
+        .to_ext();
+        self.offset_call(broker, RequestCode::GetMinOffset, ext)
+            .await
     }
 
     /// A group's committed offset of a queue; `None` if it has none.
@@ -243,9 +324,16 @@ impl Client {
             queue_id,
         }
         .to_ext();
-        match self.offset_call(broker, RequestCode::QueryConsumerOffset, ext).await {
+        match self
+            .offset_call(broker, RequestCode::QueryConsumerOffset, ext)
+            .await
+        {
             Ok(o) => Ok(Some(o)),
-            Err(ClientError::Response { code, .. }) if code == ResponseCode::QueryNotFound.code() => Ok(None),
+            Err(ClientError::Response { code, .. })
+                if code == ResponseCode::QueryNotFound.code() =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -266,22 +354,24 @@ impl Client {
             commit_offset: offset,
         }
         .to_ext();
-        self.call_ok(broker, RemotingCommand::request(RequestCode::UpdateConsumerOffset.code(), ext))
-            .await
-            .map(|_| ())
+        self.call_ok(
+            broker,
+            RemotingCommand::request(RequestCode::UpdateConsumerOffset.code(), ext),
+        )
+        .await
+        .map(|_| ())
     }
 
-    /// Pulls from a queue (no long polling unless `suspend` is non-zero).
-    pub async fn pull(
-        &self,
-        broker: &str,
-        group: &str,
-        topic: &str,
-        queue_id: i32,
-        offset: i64,
-        max: i32,
-        suspend: Duration,
-    ) -> Result<PullResult, ClientError> {
+    /// Pulls from a queue (no long polling unless `spec.suspend` is non-zero).
+    pub async fn pull(&self, broker: &str, spec: PullSpec<'_>) -> Result<PullResult, ClientError> {
+        let PullSpec {
+            group,
+            topic,
+            queue_id,
+            offset,
+            max,
+            suspend,
+        } = spec;
         let h = PullMessageRequestHeader {
             consumer_group: group.into(),
             topic: topic.into(),
@@ -297,7 +387,9 @@ impl Client {
             max_msg_bytes: None,
         };
         let req = RemotingCommand::request(RequestCode::PullMessage.code(), h.to_ext());
-        let resp = self.call_with_timeout(broker, req, suspend + self.timeout).await?;
+        let resp = self
+            .call_with_timeout(broker, req, suspend + self.timeout)
+            .await?;
         let code = resp.code;
         let known = [
             ResponseCode::Success,
@@ -312,7 +404,8 @@ impl Client {
                 remark: resp.remark.unwrap_or_default(),
             });
         }
-        let h = PullMessageResponseHeader::from_ext(&resp.ext_fields).map_err(|e| bad(broker, e.to_string()))?;
+        let h = PullMessageResponseHeader::from_ext(&resp.ext_fields)
+            .map_err(|e| bad(broker, e.to_string()))?;
         let messages = if code == ResponseCode::Success.code() {
             decode_messages(&resp.body).map_err(|e| bad(broker, format!("pulled messages: {e}")))?
         } else {

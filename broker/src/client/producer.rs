@@ -118,7 +118,9 @@ impl Producer {
     async fn targets(&self, topic: &str) -> Result<(Vec<Target>, bool), ClientError> {
         match self.client.route(topic).await {
             Ok(r) => Ok((writable_queues(&r), false)),
-            Err(ClientError::Response { code, .. }) if code == ResponseCode::TopicNotExist.code() => {
+            Err(ClientError::Response { code, .. })
+                if code == ResponseCode::TopicNotExist.code() =>
+            {
                 // No route yet: send through the template topic so the broker creates it.
                 let r = self.client.route(AUTO_CREATE_TOPIC).await?;
                 let mut t = writable_queues(&r);
@@ -181,8 +183,11 @@ impl Producer {
                 batch: false,
                 broker_name: Some(target.broker_name.clone()),
             };
-            let req = RemotingCommand::request(RequestCode::SendMessageV2.code(), send_v1_to_v2(&h.to_ext()))
-                .with_body(msg.body.clone());
+            let req = RemotingCommand::request(
+                RequestCode::SendMessageV2.code(),
+                send_v1_to_v2(&h.to_ext()),
+            )
+            .with_body(msg.body.clone());
             match self.client.call_ok(&target.addr, req).await {
                 Ok(resp) => {
                     if via_template {

@@ -127,7 +127,10 @@ impl NameServer {
         let Some(code) = RequestCode::from_code(req.code) else {
             return req.error_to(
                 ResponseCode::RequestCodeNotSupported,
-                format!("request code {} is not supported by this name server", req.code),
+                format!(
+                    "request code {} is not supported by this name server",
+                    req.code
+                ),
             );
         };
         match code {
@@ -142,12 +145,18 @@ impl NameServer {
                     Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
                 }
             }
-            RequestCode::GetRouteinfoByTopic => match TopicRequestHeader::from_ext(&req.ext_fields) {
+            RequestCode::GetRouteinfoByTopic => match TopicRequestHeader::from_ext(&req.ext_fields)
+            {
                 Ok(h) => match self.routes().route(&h.topic) {
-                    Some(r) => req.response_to(ResponseCode::Success).with_body(to_json(&r)),
+                    Some(r) => req
+                        .response_to(ResponseCode::Success)
+                        .with_body(to_json(&r)),
                     None => req.error_to(
                         ResponseCode::TopicNotExist,
-                        format!("No topic route info in name server for the topic: {}", h.topic),
+                        format!(
+                            "No topic route info in name server for the topic: {}",
+                            h.topic
+                        ),
                     ),
                 },
                 Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
@@ -159,7 +168,8 @@ impl NameServer {
                 let list = TopicList {
                     topic_list: self.routes().topic_names(),
                 };
-                req.response_to(ResponseCode::Success).with_body(to_json(&list))
+                req.response_to(ResponseCode::Success)
+                    .with_body(to_json(&list))
             }
             RequestCode::WipeWritePermOfBroker => {
                 match WipeWritePermRequestHeader::from_ext(&req.ext_fields) {
@@ -227,14 +237,28 @@ pub enum NameServerError {
 pub async fn start(cfg: NameServerConfig) -> Result<NameServerHandle, NameServerError> {
     let listener = TcpListener::bind(cfg.listen)
         .await
-        .map_err(|source| NameServerError::Bind { addr: cfg.listen, source })?;
+        .map_err(|source| NameServerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
     let http_listener = http::bind(cfg.http)
         .await
-        .map_err(|source| NameServerError::Bind { addr: cfg.http, source })?;
-    let addr = listener.local_addr().map_err(|source| NameServerError::Bind { addr: cfg.listen, source })?;
+        .map_err(|source| NameServerError::Bind {
+            addr: cfg.http,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| NameServerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
     let http_addr = http_listener
         .local_addr()
-        .map_err(|source| NameServerError::Bind { addr: cfg.http, source })?;
+        .map_err(|source| NameServerError::Bind {
+            addr: cfg.http,
+            source,
+        })?;
 
     let mut registry = Registry::with_prefix("ferromq_namesrv");
     let metrics = Metrics {
@@ -242,9 +266,21 @@ pub async fn start(cfg: NameServerConfig) -> Result<NameServerHandle, NameServer
         brokers: Gauge::default(),
         expired: Counter::default(),
     };
-    registry.register("requests", "Requests served, by request code", metrics.requests.clone());
-    registry.register("brokers", "Brokers currently registered", metrics.brokers.clone());
-    registry.register("brokers_expired", "Brokers dropped for missing heartbeats", metrics.expired.clone());
+    registry.register(
+        "requests",
+        "Requests served, by request code",
+        metrics.requests.clone(),
+    );
+    registry.register(
+        "brokers",
+        "Brokers currently registered",
+        metrics.brokers.clone(),
+    );
+    registry.register(
+        "brokers_expired",
+        "Brokers dropped for missing heartbeats",
+        metrics.expired.clone(),
+    );
     let health = HealthState::new(registry);
 
     let ns = Arc::new(NameServer {
@@ -254,8 +290,17 @@ pub async fn start(cfg: NameServerConfig) -> Result<NameServerHandle, NameServer
     });
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(serve(listener, ns.clone(), cfg.max_frame, shutdown.clone())));
-    tasks.push(tokio::spawn(http::serve(http_listener, health.clone(), shutdown.clone())));
+    tasks.push(tokio::spawn(serve(
+        listener,
+        ns.clone(),
+        cfg.max_frame,
+        shutdown.clone(),
+    )));
+    tasks.push(tokio::spawn(http::serve(
+        http_listener,
+        health.clone(),
+        shutdown.clone(),
+    )));
     let scanner = ns.clone();
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
@@ -278,7 +323,9 @@ pub async fn start(cfg: NameServerConfig) -> Result<NameServerHandle, NameServer
             scanner.metrics.brokers.set(live as i64);
         }
     }));
-    health.ready.store(true, std::sync::atomic::Ordering::Release);
+    health
+        .ready
+        .store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(%addr, %http_addr, "name server started");
     Ok(NameServerHandle {
         addr,

@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use crate::remoting::body::{BrokerData, ClusterInfo, QueueData, TopicConfigWrapper, TopicRouteData};
+use crate::remoting::body::{
+    BrokerData, ClusterInfo, QueueData, TopicConfigWrapper, TopicRouteData,
+};
 use crate::store::topics::PERM_WRITE;
 
 #[derive(Debug, Clone)]
@@ -266,7 +268,10 @@ mod tests {
         let mut t = RouteTable::default();
         let start = Instant::now();
         t.register(reg("a", "h1:1", 0, &["T"]), start);
-        t.register(reg("b", "h2:1", 0, &["T"]), start + Duration::from_secs(100));
+        t.register(
+            reg("b", "h2:1", 0, &["T"]),
+            start + Duration::from_secs(100),
+        );
         let dead = t.expire(start + Duration::from_secs(121));
         assert_eq!(dead, vec!["h1:1".to_string()]);
         let r = t.route("T").unwrap();

@@ -249,7 +249,10 @@ mod tests {
             ..Default::default()
         };
         let json = String::from_utf8(to_json(&r)).unwrap();
-        assert!(json.contains(r#""brokerAddrs":{"0":"127.0.0.1:10911"}"#), "{json}");
+        assert!(
+            json.contains(r#""brokerAddrs":{"0":"127.0.0.1:10911"}"#),
+            "{json}"
+        );
         assert_eq!(from_json::<TopicRouteData>(json.as_bytes()).unwrap(), r);
     }
 

@@ -185,7 +185,8 @@ impl RemotingCommand {
         let header_len = dst.len() - header_start;
         dst.extend_from_slice(&self.body);
         let total = (dst.len() - start - 4) as u32;
-        let info = (u32::from(self.serialize_type.byte()) << 24) | (header_len as u32 & 0x00FF_FFFF);
+        let info =
+            (u32::from(self.serialize_type.byte()) << 24) | (header_len as u32 & 0x00FF_FFFF);
         dst[start..start + 4].copy_from_slice(&total.to_be_bytes());
         dst[start + 4..start + 8].copy_from_slice(&info.to_be_bytes());
     }
@@ -267,7 +268,7 @@ fn encode_json_header(cmd: &RemotingCommand, dst: &mut BytesMut) {
     }
 }
 
-fn take<'a>(buf: &mut Bytes, n: usize, what: &'static str) -> Result<Bytes, RemotingError> {
+fn take(buf: &mut Bytes, n: usize, what: &'static str) -> Result<Bytes, RemotingError> {
     if buf.remaining() < n {
         return Err(RemotingError::Truncated(what));
     }
@@ -387,9 +388,7 @@ fn lenient_i32<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
 
 fn lenient_language<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
     match Scalar::deserialize(d)? {
-        Scalar::Str(s) => Ok(s
-            .parse::<u8>()
-            .unwrap_or_else(|_| language_from_name(&s))),
+        Scalar::Str(s) => Ok(s.parse::<u8>().unwrap_or_else(|_| language_from_name(&s))),
         Scalar::Int(i) => Ok(u8::try_from(i).unwrap_or(LANGUAGE_OTHER)),
         _ => Ok(LANGUAGE_OTHER),
     }

@@ -44,7 +44,9 @@ impl Decoder for FrameCodec {
             });
         }
         if total < 4 {
-            return Err(RemotingError::Truncated("frame shorter than its header-info word"));
+            return Err(RemotingError::Truncated(
+                "frame shorter than its header-info word",
+            ));
         }
         if src.len() < 4 + total {
             src.reserve(4 + total - src.len());

@@ -478,13 +478,22 @@ mod tests {
 
     #[test]
     fn v2_short_keys_read_as_the_long_header() {
-        let v2 = ext(&[("a", "pg"), ("b", "T"), ("e", "3"), ("k", "false"), ("m", "1")]);
+        let v2 = ext(&[
+            ("a", "pg"),
+            ("b", "T"),
+            ("e", "3"),
+            ("k", "false"),
+            ("m", "1"),
+        ]);
         let h = SendMessageRequestHeader::from_ext(&send_v2_to_v1(&v2)).unwrap();
         assert_eq!(h.producer_group, "pg");
         assert_eq!(h.topic, "T");
         assert_eq!(h.queue_id, Some(3));
         assert!(h.batch);
-        assert_eq!(send_v1_to_v2(&h.to_ext()).get("b").map(String::as_str), Some("T"));
+        assert_eq!(
+            send_v1_to_v2(&h.to_ext()).get("b").map(String::as_str),
+            Some("T")
+        );
     }
 
     #[test]
@@ -498,8 +507,8 @@ mod tests {
     fn numbers_tolerate_spaces_and_bad_numbers_are_named() {
         let h = QueueRequestHeader::from_ext(&ext(&[("topic", "T"), ("queueId", " 7 ")])).unwrap();
         assert_eq!(h.queue_id, 7);
-        let err =
-            QueueRequestHeader::from_ext(&ext(&[("topic", "T"), ("queueId", "seven")])).unwrap_err();
+        let err = QueueRequestHeader::from_ext(&ext(&[("topic", "T"), ("queueId", "seven")]))
+            .unwrap_err();
         assert!(matches!(err, HeaderError::Invalid { key: "queueId", .. }));
     }
 

@@ -3,12 +3,15 @@
 //! Everything here is pure: it turns bytes into commands and back, and never panics on input
 //! from the network.
 
+pub mod body;
 pub mod code;
 pub mod command;
 pub mod connection;
 pub mod frame;
 pub mod header;
-pub mod body;
+
+#[cfg(test)]
+mod tests;
 
 pub use code::{RequestCode, ResponseCode};
 pub use command::{ExtFields, RemotingCommand, SerializeType};

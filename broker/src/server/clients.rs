@@ -101,7 +101,8 @@ impl ConsumerRegistry {
         let mut changed = Vec::new();
         for (name, g) in self.lock().iter_mut() {
             let before = g.clients.len();
-            g.clients.retain(|_, c| c.last_seen.elapsed() < CLIENT_EXPIRY);
+            g.clients
+                .retain(|_, c| c.last_seen.elapsed() < CLIENT_EXPIRY);
             if g.clients.len() != before {
                 changed.push(name.clone());
             }

@@ -3,6 +3,7 @@
 
 pub mod clients;
 mod pull;
+pub mod schedule;
 mod send;
 
 pub use send::validate_topic;
@@ -61,6 +62,7 @@ pub struct Broker {
     /// Wakes the registration task after a topic change.
     topics_changed: Notify,
     pool: ConnectionPool,
+    scheduler: schedule::Scheduler,
 }
 
 type ErrorResponder = Box<dyn FnOnce(&RemotingCommand) -> RemotingCommand + Send>;
@@ -88,8 +90,15 @@ impl Broker {
                 .ensure_topic(&h.topic, 1, PERM_READ | PERM_WRITE)
                 .map_err(|e| err_responder(ResponseCode::SystemError, e.to_string()));
         }
-        let template = h.default_topic.clone().unwrap_or_else(|| AUTO_CREATE_TOPIC.to_string());
-        let tmpl = self.store.topics.get(&template).filter(|t| t.perm & PERM_INHERIT != 0);
+        let template = h
+            .default_topic
+            .clone()
+            .unwrap_or_else(|| AUTO_CREATE_TOPIC.to_string());
+        let tmpl = self
+            .store
+            .topics
+            .get(&template)
+            .filter(|t| t.perm & PERM_INHERIT != 0);
         let Some(tmpl) = tmpl.filter(|_| self.cfg.auto_create_topic) else {
             return Err(err_responder(
                 ResponseCode::TopicNotExist,
@@ -124,7 +133,12 @@ impl Broker {
     fn heartbeat(&self, req: &RemotingCommand, peer: &Peer) -> RemotingCommand {
         let hb: HeartbeatData = match from_json(&req.body) {
             Ok(h) => h,
-            Err(e) => return req.error_to(ResponseCode::SystemError, format!("bad heartbeat body: {e}")),
+            Err(e) => {
+                return req.error_to(
+                    ResponseCode::SystemError,
+                    format!("bad heartbeat body: {e}"),
+                )
+            }
         };
         for c in &hb.consumer_data_set {
             // Every consumer group gets its retry topic, as in RocketMQ.
@@ -132,86 +146,119 @@ impl Broker {
             if let Err(e) = self.ensure_topic(&retry, 1, PERM_READ | PERM_WRITE) {
                 tracing::warn!(error = %e, topic = %retry, "cannot create retry topic");
             }
-            self.consumers.heartbeat(&hb.client_id, c, peer.addr, &peer.push);
+            self.consumers
+                .heartbeat(&hb.client_id, c, peer.addr, &peer.push);
         }
         req.response_to(ResponseCode::Success)
     }
 
     fn admin(&self, code: RequestCode, req: &RemotingCommand) -> RemotingCommand {
         match code {
-            RequestCode::UnregisterClient => match UnregisterClientRequestHeader::from_ext(&req.ext_fields) {
-                Ok(h) => {
-                    if let Some(g) = h.consumer_group.filter(|g| !g.is_empty()) {
-                        self.consumers.unregister(&h.client_id, &g);
-                    }
-                    req.response_to(ResponseCode::Success)
-                }
-                Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
-            },
-            RequestCode::GetConsumerListByGroup => match ConsumerGroupRequestHeader::from_ext(&req.ext_fields) {
-                Ok(h) => {
-                    let ids = self.consumers.client_ids(&h.consumer_group);
-                    if ids.is_empty() {
-                        return req.error_to(
-                            ResponseCode::SystemError,
-                            format!("no consumer for this group, {}", h.consumer_group),
-                        );
-                    }
-                    req.response_to(ResponseCode::Success)
-                        .with_body(to_json(&ConsumerListBody { consumer_id_list: ids }))
-                }
-                Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
-            },
-            RequestCode::UpdateAndCreateTopic => match CreateTopicRequestHeader::from_ext(&req.ext_fields) {
-                Ok(h) => {
-                    if let Err(e) = validate_topic(&h.topic) {
-                        return req.error_to(ResponseCode::SystemError, e);
-                    }
-                    if h.topic == AUTO_CREATE_TOPIC {
-                        return req.error_to(ResponseCode::SystemError, "TBW102 is a system topic and cannot be changed");
-                    }
-                    if !(1..=1024).contains(&h.read_queue_nums) || !(1..=1024).contains(&h.write_queue_nums) {
-                        return req.error_to(ResponseCode::SystemError, "queue counts must be between 1 and 1024");
-                    }
-                    let cfg = TopicConfig {
-                        topic_name: h.topic.clone(),
-                        read_queue_nums: h.read_queue_nums,
-                        write_queue_nums: h.write_queue_nums,
-                        perm: h.perm & 7,
-                        topic_filter_type: h.topic_filter_type.unwrap_or_else(|| "SINGLE_TAG".into()),
-                        topic_sys_flag: h.topic_sys_flag.unwrap_or(0),
-                        order: h.order,
-                    };
-                    match self.store.topics.put(cfg) {
-                        Ok(changed) => {
-                            if changed {
-                                tracing::info!(topic = %h.topic, "topic created or updated");
-                                self.topics_changed.notify_one();
-                            }
-                            req.response_to(ResponseCode::Success)
+            RequestCode::UnregisterClient => {
+                match UnregisterClientRequestHeader::from_ext(&req.ext_fields) {
+                    Ok(h) => {
+                        if let Some(g) = h.consumer_group.filter(|g| !g.is_empty()) {
+                            self.consumers.unregister(&h.client_id, &g);
                         }
-                        Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                        req.response_to(ResponseCode::Success)
                     }
+                    Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
                 }
-                Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
-            },
+            }
+            RequestCode::GetConsumerListByGroup => {
+                match ConsumerGroupRequestHeader::from_ext(&req.ext_fields) {
+                    Ok(h) => {
+                        let ids = self.consumers.client_ids(&h.consumer_group);
+                        if ids.is_empty() {
+                            return req.error_to(
+                                ResponseCode::SystemError,
+                                format!("no consumer for this group, {}", h.consumer_group),
+                            );
+                        }
+                        req.response_to(ResponseCode::Success).with_body(to_json(
+                            &ConsumerListBody {
+                                consumer_id_list: ids,
+                            },
+                        ))
+                    }
+                    Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                }
+            }
+            RequestCode::UpdateAndCreateTopic => {
+                match CreateTopicRequestHeader::from_ext(&req.ext_fields) {
+                    Ok(h) => {
+                        if let Err(e) = validate_topic(&h.topic) {
+                            return req.error_to(ResponseCode::SystemError, e);
+                        }
+                        if h.topic == AUTO_CREATE_TOPIC {
+                            return req.error_to(
+                                ResponseCode::SystemError,
+                                "TBW102 is a system topic and cannot be changed",
+                            );
+                        }
+                        if !(1..=1024).contains(&h.read_queue_nums)
+                            || !(1..=1024).contains(&h.write_queue_nums)
+                        {
+                            return req.error_to(
+                                ResponseCode::SystemError,
+                                "queue counts must be between 1 and 1024",
+                            );
+                        }
+                        let cfg = TopicConfig {
+                            topic_name: h.topic.clone(),
+                            read_queue_nums: h.read_queue_nums,
+                            write_queue_nums: h.write_queue_nums,
+                            perm: h.perm & 7,
+                            topic_filter_type: h
+                                .topic_filter_type
+                                .unwrap_or_else(|| "SINGLE_TAG".into()),
+                            topic_sys_flag: h.topic_sys_flag.unwrap_or(0),
+                            order: h.order,
+                        };
+                        match self.store.topics.put(cfg) {
+                            Ok(changed) => {
+                                if changed {
+                                    tracing::info!(topic = %h.topic, "topic created or updated");
+                                    self.topics_changed.notify_one();
+                                }
+                                req.response_to(ResponseCode::Success)
+                            }
+                            Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                        }
+                    }
+                    Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                }
+            }
             RequestCode::GetAllTopicConfig => {
                 let (table, version) = self.store.topics.snapshot();
-                req.response_to(ResponseCode::Success).with_body(to_json(&TopicConfigWrapper {
-                    topic_config_table: table,
-                    data_version: version,
-                }))
+                req.response_to(ResponseCode::Success)
+                    .with_body(to_json(&TopicConfigWrapper {
+                        topic_config_table: table,
+                        data_version: version,
+                    }))
             }
-            RequestCode::ViewMessageById => match ViewMessageRequestHeader::from_ext(&req.ext_fields) {
-                Ok(h) => match self.store.commitlog().read_message(h.offset as u64) {
-                    Ok(m) => match self.store.commitlog().read(h.offset as u64, m.total_size as usize) {
-                        Ok(raw) => req.response_to(ResponseCode::Success).with_body(raw),
-                        Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+            RequestCode::ViewMessageById => {
+                match ViewMessageRequestHeader::from_ext(&req.ext_fields) {
+                    Ok(h) => match self.store.commitlog().read_message(h.offset as u64) {
+                        Ok(m) => match self
+                            .store
+                            .commitlog()
+                            .read(h.offset as u64, m.total_size as usize)
+                        {
+                            Ok(raw) => req.response_to(ResponseCode::Success).with_body(raw),
+                            Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                        },
+                        Err(e) => req.error_to(
+                            ResponseCode::SystemError,
+                            format!("no message at offset {}: {e}", h.offset),
+                        ),
                     },
-                    Err(e) => req.error_to(ResponseCode::SystemError, format!("no message at offset {}: {e}", h.offset)),
-                },
-                Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
-            },
+                    Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                }
+            }
+            RequestCode::GetAllDelayOffset => req
+                .response_to(ResponseCode::Success)
+                .with_body(self.scheduler.offsets_json()),
             RequestCode::WipeWritePermOfBroker => {
                 self.wiped.store(true, Ordering::Release);
                 tracing::warn!("write permission wiped: this broker now refuses sends");
@@ -258,7 +305,11 @@ impl Broker {
     async fn register_all(&self) {
         let req = self.registration();
         for addr in resolve_all(&self.cfg.namesrv_addrs).await {
-            match self.pool.call_ok(&addr, req.clone(), Duration::from_secs(6)).await {
+            match self
+                .pool
+                .call_ok(&addr, req.clone(), Duration::from_secs(6))
+                .await
+            {
                 Ok(_) => tracing::debug!(namesrv = %addr, "registered"),
                 Err(e) => tracing::warn!(namesrv = %addr, error = %e, "registration failed"),
             }
@@ -274,7 +325,11 @@ impl Broker {
         };
         let req = RemotingCommand::request(RequestCode::UnregisterBroker.code(), h.to_ext());
         for addr in resolve_all(&self.cfg.namesrv_addrs).await {
-            if let Err(e) = self.pool.call_ok(&addr, req.clone(), Duration::from_secs(3)).await {
+            if let Err(e) = self
+                .pool
+                .call_ok(&addr, req.clone(), Duration::from_secs(3))
+                .await
+            {
                 tracing::warn!(namesrv = %addr, error = %e, "unregistration failed");
             }
         }
@@ -312,7 +367,10 @@ pub async fn resolve_all(entries: &[String]) -> Vec<String> {
 
 impl Processor for Broker {
     async fn process(&self, req: RemotingCommand, peer: &Peer) -> Option<RemotingCommand> {
-        self.metrics.requests.get_or_create(&CodeLabel { code: req.code }).inc();
+        self.metrics
+            .requests
+            .get_or_create(&CodeLabel { code: req.code })
+            .inc();
         let Some(code) = RequestCode::from_code(req.code) else {
             tracing::debug!(code = req.code, peer = %peer.addr, "unsupported request code");
             return Some(req.error_to(
@@ -321,9 +379,9 @@ impl Processor for Broker {
             ));
         };
         let resp = match code {
-            RequestCode::SendMessage | RequestCode::SendMessageV2 | RequestCode::SendBatchMessage => {
-                self.send(&req, peer.addr).await
-            }
+            RequestCode::SendMessage
+            | RequestCode::SendMessageV2
+            | RequestCode::SendBatchMessage => self.send(&req, peer.addr).await,
             RequestCode::PullMessage => self.pull(&req).await,
             RequestCode::QueryConsumerOffset => self.query_consumer_offset(&req),
             RequestCode::UpdateConsumerOffset => self.update_consumer_offset(&req),
@@ -398,19 +456,34 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             cfg.role.as_str()
         )));
     }
-    let ip: std::net::IpAddr = cfg.broker_ip.parse().map_err(|_| BrokerError::BadIp(cfg.broker_ip.clone()))?;
+    let ip: std::net::IpAddr = cfg
+        .broker_ip
+        .parse()
+        .map_err(|_| BrokerError::BadIp(cfg.broker_ip.clone()))?;
     let listen = SocketAddr::from(([0, 0, 0, 0], cfg.listen_port));
     let http_listen = SocketAddr::from(([0, 0, 0, 0], cfg.http_port));
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|source| BrokerError::Bind { addr: listen, source })?;
+        .map_err(|source| BrokerError::Bind {
+            addr: listen,
+            source,
+        })?;
     let http_listener = http::bind(http_listen)
         .await
-        .map_err(|source| BrokerError::Bind { addr: http_listen, source })?;
-    let addr = listener.local_addr().map_err(|source| BrokerError::Bind { addr: listen, source })?;
+        .map_err(|source| BrokerError::Bind {
+            addr: http_listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| BrokerError::Bind {
+        addr: listen,
+        source,
+    })?;
     let http_addr = http_listener
         .local_addr()
-        .map_err(|source| BrokerError::Bind { addr: http_listen, source })?;
+        .map_err(|source| BrokerError::Bind {
+            addr: http_listen,
+            source,
+        })?;
 
     let store_cfg = StoreConfig {
         root: cfg.store_root.clone(),
@@ -427,6 +500,7 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         .await
         .map_err(|e| BrokerError::Unsupported(format!("store open task failed: {e}")))??;
 
+    let scheduler = schedule::Scheduler::load(&cfg.store_root)?;
     let mut registry = Registry::with_prefix("ferromq_broker");
     let metrics = Metrics {
         requests: Family::default(),
@@ -435,10 +509,26 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         messages_out: Counter::default(),
         send_latency: Histogram::new(exponential_buckets(0.000_025, 2.0, 16)),
     };
-    registry.register("requests", "Requests served, by request code", metrics.requests.clone());
-    registry.register("messages_stored", "Messages stored", metrics.messages_in.clone());
-    registry.register("bytes_stored", "Bytes appended to the commit log", metrics.bytes_in.clone());
-    registry.register("messages_pulled", "Messages returned to pulls", metrics.messages_out.clone());
+    registry.register(
+        "requests",
+        "Requests served, by request code",
+        metrics.requests.clone(),
+    );
+    registry.register(
+        "messages_stored",
+        "Messages stored",
+        metrics.messages_in.clone(),
+    );
+    registry.register(
+        "bytes_stored",
+        "Bytes appended to the commit log",
+        metrics.bytes_in.clone(),
+    );
+    registry.register(
+        "messages_pulled",
+        "Messages returned to pulls",
+        metrics.messages_out.clone(),
+    );
     registry.register(
         "send_latency_seconds",
         "Time from a send's arrival to its store acknowledgement (includes SYNC_FLUSH waits)",
@@ -447,9 +537,21 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     let commitlog_max = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
     let commitlog_flushed = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
     let consumers_gauge = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
-    registry.register("commitlog_max_offset", "End of the commit log", commitlog_max.clone());
-    registry.register("commitlog_flushed_offset", "End of the durable commit log", commitlog_flushed.clone());
-    registry.register("consumer_clients", "Live consumer clients", consumers_gauge.clone());
+    registry.register(
+        "commitlog_max_offset",
+        "End of the commit log",
+        commitlog_max.clone(),
+    );
+    registry.register(
+        "commitlog_flushed_offset",
+        "End of the durable commit log",
+        commitlog_flushed.clone(),
+    );
+    registry.register(
+        "consumer_clients",
+        "Live consumer clients",
+        consumers_gauge.clone(),
+    );
     let health = HealthState::new(registry);
 
     let broker = Arc::new(Broker {
@@ -461,6 +563,7 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         wiped: AtomicBool::new(false),
         topics_changed: Notify::new(),
         pool: ConnectionPool::default(),
+        scheduler,
     });
     if cfg.auto_create_topic {
         broker.ensure_topic(
@@ -472,8 +575,17 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
 
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(serve(listener, broker.clone(), cfg.max_frame_bytes, shutdown.clone())));
-    tasks.push(tokio::spawn(http::serve(http_listener, health.clone(), shutdown.clone())));
+    tasks.push(tokio::spawn(serve(
+        listener,
+        broker.clone(),
+        cfg.max_frame_bytes,
+        shutdown.clone(),
+    )));
+    tasks.push(tokio::spawn(http::serve(
+        http_listener,
+        health.clone(),
+        shutdown.clone(),
+    )));
 
     // Registration: at start, on every topic change, and every registerNameServerPeriod.
     broker.register_all().await;
@@ -506,7 +618,9 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             consumers_gauge.set(b.consumers.client_count() as i64);
             commitlog_max.set(b.store.commitlog().max_offset() as i64);
             commitlog_flushed.set(b.store.commitlog().flushed_offset() as i64);
-            if last_retention.elapsed() >= Duration::from_secs(60) && retention_hour(b.cfg.delete_when_hour) {
+            if last_retention.elapsed() >= Duration::from_secs(60)
+                && retention_hour(b.cfg.delete_when_hour)
+            {
                 last_retention = std::time::Instant::now();
                 let s = b.store.clone();
                 match tokio::task::spawn_blocking(move || s.delete_expired()).await {
@@ -514,6 +628,20 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
                     Err(e) => tracing::error!(error = %e, "retention task failed"),
                     Ok(Ok(())) => {}
                 }
+            }
+        }
+    }));
+    // Delayed delivery.
+    let b = broker.clone();
+    let stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(schedule::TICK) => {}
+            }
+            if let Err(e) = b.scheduler.deliver_due(&b.store).await {
+                tracing::error!(error = %e, "delayed delivery failed");
             }
         }
     }));

@@ -38,7 +38,10 @@ impl Broker {
         if self.cfg.permission & PERM_READ == 0 {
             return req.error_to(
                 ResponseCode::NoPermission,
-                format!("the broker[{}] pulling message is forbidden", self.cfg.broker_addr()),
+                format!(
+                    "the broker[{}] pulling message is forbidden",
+                    self.cfg.broker_addr()
+                ),
             );
         }
         let Some(topic) = self.store.topics.get(&h.topic) else {
@@ -85,7 +88,8 @@ impl Broker {
             .map_or(MAX_PULL_BYTES, |b| (b as usize).min(MAX_PULL_BYTES));
         let offset = h.queue_offset.max(0) as u64;
         let suspend = if h.sys_flag & PULL_SUSPEND != 0 && self.cfg.long_polling {
-            Duration::from_millis(h.suspend_timeout_millis.unwrap_or(15_000).max(0) as u64).min(MAX_SUSPEND)
+            Duration::from_millis(h.suspend_timeout_millis.unwrap_or(15_000).max(0) as u64)
+                .min(MAX_SUSPEND)
         } else {
             Duration::ZERO
         };
@@ -102,9 +106,15 @@ impl Broker {
             if let Some(n) = notified.as_mut().as_pin_mut() {
                 n.enable();
             }
-            let got = match self.store.get(&h.topic, h.queue_id, offset, max, max_bytes, |c| filter.matches(c)) {
+            let got = match self
+                .store
+                .get(&h.topic, h.queue_id, offset, max, max_bytes, |c| {
+                    filter.matches(c)
+                }) {
                 Ok(g) => g,
-                Err(e) => return req.error_to(ResponseCode::SystemError, format!("read failed: {e}")),
+                Err(e) => {
+                    return req.error_to(ResponseCode::SystemError, format!("read failed: {e}"))
+                }
             };
             let waiting = matches!(got.status, GetStatus::NoNewMessage)
                 || (got.status == GetStatus::NoMessageInQueue && offset == 0);
@@ -156,14 +166,20 @@ impl Broker {
             Ok(h) => h,
             Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
         };
-        let stored = self.store.offsets.get(&h.consumer_group, &h.topic, h.queue_id);
+        let stored = self
+            .store
+            .offsets
+            .get(&h.consumer_group, &h.topic, h.queue_id);
         let offset = match stored {
             Some(o) => o,
             // A queue that still starts at 0 is read from its start by a new group (as Java
             // does while the first message is in memory); otherwise the client decides.
             None => match self.store.queue(&h.topic, h.queue_id) {
                 Some(q) if q.min_offset() > 0 => {
-                    return req.error_to(ResponseCode::QueryNotFound, "Not found, maybe this group consumer boot first")
+                    return req.error_to(
+                        ResponseCode::QueryNotFound,
+                        "Not found, maybe this group consumer boot first",
+                    )
                 }
                 _ => 0,
             },
@@ -192,12 +208,18 @@ impl Broker {
             Ok(h) => h,
             Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
         };
-        let offset = self
-            .store
-            .queue(&h.topic, h.queue_id)
-            .map_or(0, |q| if max { q.max_offset() } else { q.min_offset() });
+        let offset = self.store.queue(&h.topic, h.queue_id).map_or(0, |q| {
+            if max {
+                q.max_offset()
+            } else {
+                q.min_offset()
+            }
+        });
         let mut resp = req.response_to(ResponseCode::Success);
-        resp.ext_fields = OffsetResponseHeader { offset: offset as i64 }.to_ext();
+        resp.ext_fields = OffsetResponseHeader {
+            offset: offset as i64,
+        }
+        .to_ext();
         resp
     }
 
@@ -210,7 +232,10 @@ impl Broker {
         match self.store.search_offset(&h.topic, h.queue_id, h.timestamp) {
             Ok(offset) => {
                 let mut resp = req.response_to(ResponseCode::Success);
-                resp.ext_fields = OffsetResponseHeader { offset: offset as i64 }.to_ext();
+                resp.ext_fields = OffsetResponseHeader {
+                    offset: offset as i64,
+                }
+                .to_ext();
                 resp
             }
             Err(e) => req.error_to(ResponseCode::SystemError, format!("search failed: {e}")),

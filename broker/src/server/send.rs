@@ -14,7 +14,7 @@ use crate::store::message::{
 use crate::store::topics::{now_ms, PERM_READ, PERM_WRITE};
 use crate::store::{PutResult, StoreError};
 
-use super::Broker;
+use super::{schedule, Broker};
 
 /// Retry attempts before a message goes to the dead-letter queue (RocketMQ default).
 const DEFAULT_MAX_RECONSUME_TIMES: i32 = 16;
@@ -25,7 +25,10 @@ pub fn validate_topic(topic: &str) -> Result<(), String> {
         return Err("topic name is empty".into());
     }
     if topic.len() > 127 {
-        return Err(format!("topic name is {} characters; at most 127 are allowed", topic.len()));
+        return Err(format!(
+            "topic name is {} characters; at most 127 are allowed",
+            topic.len()
+        ));
     }
     if let Some(c) = topic
         .chars()
@@ -40,7 +43,9 @@ pub fn validate_topic(topic: &str) -> Result<(), String> {
 
 fn store_error_response(req: &RemotingCommand, e: &StoreError) -> RemotingCommand {
     match e {
-        StoreError::MessageTooLarge { .. } => req.error_to(ResponseCode::MessageIllegal, e.to_string()),
+        StoreError::MessageTooLarge { .. } => {
+            req.error_to(ResponseCode::MessageIllegal, e.to_string())
+        }
         StoreError::FlushTimeout(_) => req.error_to(ResponseCode::FlushDiskTimeout, e.to_string()),
         StoreError::Shutdown => req.error_to(ResponseCode::ServiceNotAvailable, e.to_string()),
         _ => req.error_to(ResponseCode::SystemError, format!("store failed: {e}")),
@@ -62,13 +67,19 @@ impl Broker {
         if !self.is_master() {
             return req.error_to(
                 ResponseCode::ServiceNotAvailable,
-                format!("the broker {} is a slave and cannot accept messages", self.cfg.broker_addr()),
+                format!(
+                    "the broker {} is a slave and cannot accept messages",
+                    self.cfg.broker_addr()
+                ),
             );
         }
         if self.cfg.permission & PERM_WRITE == 0 || self.write_wiped() {
             return req.error_to(
                 ResponseCode::NoPermission,
-                format!("the broker[{}] sending message is forbidden", self.cfg.broker_addr()),
+                format!(
+                    "the broker[{}] sending message is forbidden",
+                    self.cfg.broker_addr()
+                ),
             );
         }
         if let Err(e) = validate_topic(&h.topic) {
@@ -104,13 +115,26 @@ impl Broker {
                     .into_iter()
                     .map(|i| (i.flag, i.body, i.properties))
                     .collect(),
-                Ok(_) => return req.error_to(ResponseCode::MessageIllegal, "batch body holds no message"),
-                Err(e) => return req.error_to(ResponseCode::MessageIllegal, format!("bad batch body: {e}")),
+                Ok(_) => {
+                    return req
+                        .error_to(ResponseCode::MessageIllegal, "batch body holds no message")
+                }
+                Err(e) => {
+                    return req
+                        .error_to(ResponseCode::MessageIllegal, format!("bad batch body: {e}"))
+                }
             }
         } else {
-            vec![(h.flag.unwrap_or(0), req.body.clone(), h.properties.clone().unwrap_or_default())]
+            vec![(
+                h.flag.unwrap_or(0),
+                req.body.clone(),
+                h.properties.clone().unwrap_or_default(),
+            )]
         };
-        if let Some((_, b, _)) = items.iter().find(|(_, b, _)| b.len() as u64 > self.cfg.max_message_size) {
+        if let Some((_, b, _)) = items
+            .iter()
+            .find(|(_, b, _)| b.len() as u64 > self.cfg.max_message_size)
+        {
             return req.error_to(
                 ResponseCode::MessageIllegal,
                 format!(
@@ -121,6 +145,10 @@ impl Broker {
             );
         }
         let born_ts = h.born_timestamp.unwrap_or_else(now_ms);
+        let to_schedule = |m: NewMessage| match schedule::requested_level(&m.properties) {
+            level if level > 0 && !m.topic.starts_with("%DLQ%") => schedule::delay(&m, level),
+            _ => m,
+        };
         let msgs: Vec<NewMessage> = items
             .into_iter()
             .map(|(flag, body, properties)| NewMessage {
@@ -135,14 +163,21 @@ impl Broker {
                 born_host: born,
                 reconsume_times: h.reconsume_times.unwrap_or(0),
             })
+            .map(to_schedule)
             .collect();
         self.put_and_respond(req, &msgs).await
     }
 
-    pub(super) async fn put_and_respond(&self, req: &RemotingCommand, msgs: &[NewMessage]) -> RemotingCommand {
+    pub(super) async fn put_and_respond(
+        &self,
+        req: &RemotingCommand,
+        msgs: &[NewMessage],
+    ) -> RemotingCommand {
         let started = std::time::Instant::now();
         let result = self.put(msgs).await;
-        self.metrics.send_latency.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .send_latency
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(results) => self.send_response(req, &results),
             Err(e) => {
@@ -180,20 +215,28 @@ impl Broker {
             transaction_id: None,
         }
         .to_ext();
-        resp.ext_fields.insert("MSG_REGION".into(), "DefaultRegion".into());
+        resp.ext_fields
+            .insert("MSG_REGION".into(), "DefaultRegion".into());
         resp.ext_fields.insert("TRACE_ON".into(), "true".into());
         resp
     }
 
     /// Handles CONSUMER_SEND_MSG_BACK: the message goes to the group's retry topic, or to its
     /// dead-letter topic once it has been retried too often.
-    pub(super) async fn send_back(&self, req: &RemotingCommand, born: SocketAddr) -> RemotingCommand {
+    pub(super) async fn send_back(
+        &self,
+        req: &RemotingCommand,
+        born: SocketAddr,
+    ) -> RemotingCommand {
         let h = match ConsumerSendMsgBackRequestHeader::from_ext(&req.ext_fields) {
             Ok(h) => h,
             Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
         };
         if !self.is_master() {
-            return req.error_to(ResponseCode::ServiceNotAvailable, "a slave cannot take messages back");
+            return req.error_to(
+                ResponseCode::ServiceNotAvailable,
+                "a slave cannot take messages back",
+            );
         }
         let orig = match self.store.commitlog().read_message(h.offset as u64) {
             Ok(m) => m,
@@ -212,9 +255,16 @@ impl Broker {
         } else {
             format!("%RETRY%{}", h.group)
         };
-        let perm = if to_dlq { PERM_WRITE } else { PERM_READ | PERM_WRITE };
+        let perm = if to_dlq {
+            PERM_WRITE
+        } else {
+            PERM_READ | PERM_WRITE
+        };
         if let Err(e) = self.ensure_topic(&topic, 1, perm) {
-            return req.error_to(ResponseCode::SystemError, format!("cannot create {topic}: {e}"));
+            return req.error_to(
+                ResponseCode::SystemError,
+                format!("cannot create {topic}: {e}"),
+            );
         }
         let mut props = parse_properties(&orig.properties);
         props
@@ -222,7 +272,11 @@ impl Broker {
             .or_insert_with(|| orig.topic.clone());
         props
             .entry(PROP_ORIGIN_MESSAGE_ID.into())
-            .or_insert_with(|| h.origin_msg_id.clone().unwrap_or_else(|| orig.offset_msg_id()));
+            .or_insert_with(|| {
+                h.origin_msg_id
+                    .clone()
+                    .unwrap_or_else(|| orig.offset_msg_id())
+            });
         props.insert(PROP_MAX_RECONSUME_TIMES.into(), max.to_string());
         let properties = format_properties(&props);
         let msg = NewMessage {
@@ -232,10 +286,23 @@ impl Broker {
             tags_code: NewMessage::tags_code_of(&properties),
             body: orig.body.clone(),
             properties,
-            sys_flag: orig.sys_flag & !(crate::store::message::FLAG_BORN_V6 | crate::store::message::FLAG_STORE_V6),
+            sys_flag: orig.sys_flag
+                & !(crate::store::message::FLAG_BORN_V6 | crate::store::message::FLAG_STORE_V6),
             born_timestamp: orig.born_timestamp,
             born_host: born,
             reconsume_times: times,
+        };
+        // Retries wait 10 s, 30 s, 1 min, ... (delay level 3 + attempts) unless the consumer
+        // asked for a level.
+        let msg = if to_dlq {
+            msg
+        } else {
+            let level = if h.delay_level > 0 {
+                h.delay_level
+            } else {
+                3 + orig.reconsume_times
+            };
+            schedule::delay(&msg, level)
         };
         match self.put(std::slice::from_ref(&msg)).await {
             Ok(_) => req.response_to(ResponseCode::Success),

@@ -181,7 +181,7 @@ impl CommitLog {
         let room = self.segment_size - pos % self.segment_size;
         if len + END_BLANK_MIN > room {
             // Close the segment with a filler so readers and recovery jump to the next one.
-            if pos % self.segment_size != 0 || self.segment_for(pos).is_some() {
+            if !pos.is_multiple_of(self.segment_size) || self.segment_for(pos).is_some() {
                 let seg = self.segment_or_create(pos)?;
                 let mut blank = [0u8; 8];
                 blank[..4].copy_from_slice(&(room as i32).to_be_bytes());
@@ -330,7 +330,10 @@ impl CommitLog {
                 break;
             }
         }
-        if let Some(seg) = segs.iter().find(|s| s.base <= end && end < s.base + self.segment_size) {
+        if let Some(seg) = segs
+            .iter()
+            .find(|s| s.base <= end && end < s.base + self.segment_size)
+        {
             let in_seg = end - seg.base;
             report.truncated_bytes = zero_tail(seg, in_seg, self.segment_size)?;
         }
@@ -415,7 +418,9 @@ fn zero_tail(seg: &Segment, at: u64, seg_size: u64) -> Result<u64, StoreError> {
         pos += n as u64;
     }
     if dirty > 0 {
-        seg.file.sync_data().map_err(|e| StoreError::io(&seg.path, e))?;
+        seg.file
+            .sync_data()
+            .map_err(|e| StoreError::io(&seg.path, e))?;
     }
     Ok(dirty)
 }

@@ -147,7 +147,11 @@ impl ConsumeQueue {
         let (mut lo, mut hi) = (self.min_offset(), self.max_offset());
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            if self.get(mid, 1)?.first().is_some_and(|e| e.offset >= min_phys) {
+            if self
+                .get(mid, 1)?
+                .first()
+                .is_some_and(|e| e.offset >= min_phys)
+            {
                 hi = mid;
             } else {
                 lo = mid + 1;

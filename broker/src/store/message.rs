@@ -137,7 +137,19 @@ impl NewMessage {
         let born = if self.born_host.is_ipv6() { 20 } else { 8 };
         let store = if store_host.is_ipv6() { 20 } else { 8 };
         let topic_len_bytes = if self.topic.len() > 255 { 2 } else { 1 };
-        4 + 4 + 4 + 4 + 4 + 8 + 8 + 4 + 8 + born + 8 + store + 4 + 8
+        4 + 4
+            + 4
+            + 4
+            + 4
+            + 8
+            + 8
+            + 4
+            + 8
+            + born
+            + 8
+            + store
+            + 4
+            + 8
             + 4
             + self.body.len()
             + topic_len_bytes
@@ -165,7 +177,11 @@ impl NewMessage {
         }
         dst.reserve(total);
         dst.put_i32(total as i32);
-        dst.put_i32(if self.topic.len() > 255 { MAGIC_V2 } else { MAGIC_V1 });
+        dst.put_i32(if self.topic.len() > 255 {
+            MAGIC_V2
+        } else {
+            MAGIC_V1
+        });
         dst.put_i32(crc32fast::hash(&self.body) as i32);
         dst.put_i32(self.queue_id);
         dst.put_i32(self.flag);
@@ -463,7 +479,10 @@ mod tests {
         assert_eq!(d.body, m.body);
         assert_eq!(d.born_host, m.born_host);
         assert_eq!(d.store_host, store);
-        assert_eq!(d.properties_map().get("color").map(String::as_str), Some("blue"));
+        assert_eq!(
+            d.properties_map().get("color").map(String::as_str),
+            Some("blue")
+        );
         assert_eq!(parse_offset_msg_id(&d.offset_msg_id()), Some(4096));
     }
 
@@ -477,7 +496,10 @@ mod tests {
         let d = decode_stored(&b.freeze()).unwrap();
         assert_eq!(d.topic.len(), 300);
         assert_eq!(d.born_host, m.born_host);
-        assert_eq!(d.sys_flag & (FLAG_BORN_V6 | FLAG_STORE_V6), FLAG_BORN_V6 | FLAG_STORE_V6);
+        assert_eq!(
+            d.sys_flag & (FLAG_BORN_V6 | FLAG_STORE_V6),
+            FLAG_BORN_V6 | FLAG_STORE_V6
+        );
     }
 
     #[test]
@@ -501,8 +523,16 @@ mod tests {
     #[test]
     fn batch_bodies_round_trip_and_reject_bad_lengths() {
         let items = vec![
-            BatchItem { flag: 0, body: Bytes::from_static(b"a"), properties: "k\u{1}v\u{2}".into() },
-            BatchItem { flag: 1, body: Bytes::from_static(b"bb"), properties: String::new() },
+            BatchItem {
+                flag: 0,
+                body: Bytes::from_static(b"a"),
+                properties: "k\u{1}v\u{2}".into(),
+            },
+            BatchItem {
+                flag: 1,
+                body: Bytes::from_static(b"bb"),
+                properties: String::new(),
+            },
         ];
         let body = encode_batch(&items);
         assert_eq!(decode_batch(&body).unwrap(), items);

@@ -8,6 +8,9 @@ pub mod offsets;
 pub mod persist;
 pub mod topics;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -207,7 +210,9 @@ pub struct MessageStore {
 
 impl std::fmt::Debug for MessageStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MessageStore").field("cfg", &self.cfg).finish()
+        f.debug_struct("MessageStore")
+            .field("cfg", &self.cfg)
+            .finish()
     }
 }
 
@@ -235,7 +240,10 @@ impl MessageStore {
         // Open every existing consume queue.
         let mut queues = HashMap::new();
         for topic_dir in read_dir(&cq_dir)? {
-            let Some(topic) = topic_dir.file_name().and_then(|n| n.to_str()).map(String::from)
+            let Some(topic) = topic_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(String::from)
             else {
                 continue;
             };
@@ -300,7 +308,11 @@ impl MessageStore {
             );
         }
         let min_phys = commitlog.min_offset();
-        for cq in store_queues.read().unwrap_or_else(|p| p.into_inner()).values() {
+        for cq in store_queues
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
             cq.correct_min_offset(min_phys)?;
         }
 
@@ -420,13 +432,17 @@ impl MessageStore {
             let before = buf.len();
             m.encode(&mut buf, qoff as i64, phys as i64, now, &store_host);
             let size = (buf.len() - before) as u32;
-            results.push((cq, PutResult {
-                physical_offset: phys,
-                queue_offset: qoff,
-                queue_id: m.queue_id,
-                size,
-                end: phys + u64::from(size),
-            }, m.tags_code));
+            results.push((
+                cq,
+                PutResult {
+                    physical_offset: phys,
+                    queue_offset: qoff,
+                    queue_id: m.queue_id,
+                    size,
+                    end: phys + u64::from(size),
+                },
+                m.tags_code,
+            ));
         }
         let at = self.commitlog.append(&buf)?;
         debug_assert_eq!(at, start);
@@ -496,11 +512,13 @@ impl MessageStore {
                 std::mem::take(&mut *w)
             };
             let stopping = self.flush.stop.load(Ordering::Acquire);
-            let dirty_pages = (self.commitlog.max_offset() - self.commitlog.flushed_offset()) / 4096;
+            let dirty_pages =
+                (self.commitlog.max_offset() - self.commitlog.flushed_offset()) / 4096;
             let due = !batch.is_empty()
                 || stopping
                 || (dirty_pages > 0 && dirty_pages >= self.cfg.flush_least_pages)
-                || (dirty_pages > 0 || self.commitlog.max_offset() > self.commitlog.flushed_offset())
+                || (dirty_pages > 0
+                    || self.commitlog.max_offset() > self.commitlog.flushed_offset())
                     && last_thorough.elapsed() >= thorough;
             if due {
                 match self.commitlog.flush() {
@@ -666,7 +684,12 @@ impl MessageStore {
 
     /// Queue offset of the first message stored at or after `timestamp` (ms); the queue end if
     /// none is.
-    pub fn search_offset(&self, topic: &str, queue_id: i32, timestamp: i64) -> Result<u64, StoreError> {
+    pub fn search_offset(
+        &self,
+        topic: &str,
+        queue_id: i32,
+        timestamp: i64,
+    ) -> Result<u64, StoreError> {
         let Some(cq) = self.queue(topic, queue_id) else {
             return Ok(0);
         };

@@ -1,0 +1,236 @@
+//! Delayed delivery (RocketMQ's delay levels): a delayed message is stored first in
+//! `SCHEDULE_TOPIC_XXXX`, queue `level - 1`, with its delivery time as the consume-queue tag
+//! code; a background task moves each one to its real topic once due. Retries of
+//! CONSUMER_SEND_MSG_BACK and producer messages with a `DELAY` property both go this way.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::message::{format_properties, parse_properties, NewMessage, PROP_DELAY};
+use crate::store::persist::{load_json, save_json};
+use crate::store::topics::now_ms;
+use crate::store::{MessageStore, StoreError};
+
+/// The internal topic holding messages until they are due.
+pub const SCHEDULE_TOPIC: &str = "SCHEDULE_TOPIC_XXXX";
+/// Property: the topic a delayed message goes to when due.
+pub const PROP_REAL_TOPIC: &str = "REAL_TOPIC";
+/// Property: the queue a delayed message goes to when due.
+pub const PROP_REAL_QID: &str = "REAL_QID";
+
+/// Delay of each level, 1-based (`messageDelayLevel` default: 1s 5s 10s 30s 1m ... 2h).
+pub const LEVELS_MS: [i64; 18] = [
+    1_000, 5_000, 10_000, 30_000, 60_000, 120_000, 180_000, 240_000, 300_000, 360_000, 420_000,
+    480_000, 540_000, 600_000, 1_200_000, 1_800_000, 3_600_000, 7_200_000,
+];
+
+/// Level to use for a requested level (clamped to the table).
+pub fn clamp_level(level: i32) -> i32 {
+    level.clamp(1, LEVELS_MS.len() as i32)
+}
+
+/// Wraps a message for delayed delivery at `level`.
+pub fn delay(msg: &NewMessage, level: i32) -> NewMessage {
+    let level = clamp_level(level);
+    let mut props = parse_properties(&msg.properties);
+    props.insert(PROP_REAL_TOPIC.into(), msg.topic.clone());
+    props.insert(PROP_REAL_QID.into(), msg.queue_id.to_string());
+    props.insert(PROP_DELAY.into(), level.to_string());
+    NewMessage {
+        topic: SCHEDULE_TOPIC.into(),
+        queue_id: level - 1,
+        properties: format_properties(&props),
+        // The consume-queue tag code of a scheduled message is its delivery time.
+        tags_code: now_ms() + LEVELS_MS[(level - 1) as usize],
+        ..msg.clone()
+    }
+}
+
+/// The delay level a message's properties ask for (0 = none).
+pub fn requested_level(properties: &str) -> i32 {
+    if !properties.contains("DELAY\u{1}") {
+        return 0;
+    }
+    parse_properties(properties)
+        .get(PROP_DELAY)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DelayOffsets {
+    offset_table: BTreeMap<i32, u64>,
+}
+
+/// Moves due messages from the schedule topic to their real topics.
+pub struct Scheduler {
+    path: PathBuf,
+    offsets: Mutex<DelayOffsets>,
+}
+
+impl Scheduler {
+    /// Loads the delivery progress of each level.
+    pub fn load(root: &std::path::Path) -> Result<Scheduler, StoreError> {
+        let path = root.join("config").join("delayOffset.json");
+        let offsets = load_json(&path)?.unwrap_or_default();
+        Ok(Scheduler {
+            path,
+            offsets: Mutex::new(offsets),
+        })
+    }
+
+    /// Delivery progress per level, RocketMQ's delayOffset.json body.
+    pub fn offsets_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&*self.offsets.lock().unwrap_or_else(|p| p.into_inner()))
+            .unwrap_or_default()
+    }
+
+    /// Delivers every due message once; returns how many moved.
+    pub async fn deliver_due(&self, store: &MessageStore) -> Result<usize, StoreError> {
+        let mut moved = 0;
+        let now = now_ms();
+        for level in 1..=LEVELS_MS.len() as i32 {
+            let Some(q) = store.queue(SCHEDULE_TOPIC, level - 1) else {
+                continue;
+            };
+            let mut next = self
+                .offsets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .offset_table
+                .get(&level)
+                .copied()
+                .unwrap_or(0)
+                .max(q.min_offset());
+            let start = next;
+            'batches: loop {
+                let entries = q.get(next, 64)?;
+                if entries.is_empty() {
+                    break;
+                }
+                for e in entries {
+                    if e.tags_code > now {
+                        break 'batches;
+                    }
+                    let m = store.commitlog().read_message(e.offset)?;
+                    let mut props = parse_properties(&m.properties);
+                    let topic = props.remove(PROP_REAL_TOPIC);
+                    let qid = props.remove(PROP_REAL_QID).and_then(|q| q.parse().ok());
+                    props.remove(PROP_DELAY);
+                    if let (Some(topic), Some(queue_id)) = (topic, qid) {
+                        let properties = format_properties(&props);
+                        let real = NewMessage {
+                            topic,
+                            queue_id,
+                            flag: m.flag,
+                            body: m.body.clone(),
+                            tags_code: NewMessage::tags_code_of(&properties),
+                            properties,
+                            sys_flag: m.sys_flag
+                                & !(crate::store::message::FLAG_BORN_V6
+                                    | crate::store::message::FLAG_STORE_V6),
+                            born_timestamp: m.born_timestamp,
+                            born_host: m.born_host,
+                            reconsume_times: m.reconsume_times,
+                        };
+                        store.put(std::slice::from_ref(&real)).await?;
+                        moved += 1;
+                    } else {
+                        tracing::warn!(
+                            offset = e.offset,
+                            "scheduled message without REAL_TOPIC/REAL_QID dropped"
+                        );
+                    }
+                    next += 1;
+                }
+            }
+            if next != start {
+                let snapshot = {
+                    let mut o = self.offsets.lock().unwrap_or_else(|p| p.into_inner());
+                    o.offset_table.insert(level, next);
+                    o.clone()
+                };
+                save_json(&self.path, &snapshot)?;
+            }
+        }
+        Ok(moved)
+    }
+}
+
+/// How often due messages are looked for.
+pub const TICK: Duration = Duration::from_millis(100);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{FlushDiskType, StoreConfig};
+
+    #[tokio::test]
+    async fn delayed_message_reaches_its_topic_only_when_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MessageStore::open(StoreConfig {
+            root: dir.path().to_path_buf(),
+            segment_size: 1 << 20,
+            flush: FlushDiskType::Async,
+            flush_interval_ms: 50,
+            flush_least_pages: 4,
+            flush_thorough_interval_ms: 1000,
+            sync_flush_timeout_ms: 5000,
+            file_reserved_hours: 72,
+            store_host: "127.0.0.1:1".parse().unwrap(),
+        })
+        .unwrap();
+        let sched = Scheduler::load(dir.path()).unwrap();
+        let msg = NewMessage {
+            topic: "%RETRY%g".into(),
+            queue_id: 0,
+            flag: 0,
+            body: bytes::Bytes::from_static(b"later"),
+            properties: "TAGS\u{1}A\u{2}".into(),
+            sys_flag: 0,
+            born_timestamp: 0,
+            born_host: "127.0.0.1:2".parse().unwrap(),
+            reconsume_times: 1,
+            tags_code: 0,
+        };
+        store.put(&[delay(&msg, 1)]).await.unwrap();
+        assert_eq!(
+            sched.deliver_due(&store).await.unwrap(),
+            0,
+            "delivered before its time"
+        );
+        assert!(store.queue("%RETRY%g", 0).is_none());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(sched.deliver_due(&store).await.unwrap(), 1);
+        assert_eq!(
+            sched.deliver_due(&store).await.unwrap(),
+            0,
+            "delivered twice"
+        );
+        let got = store
+            .get("%RETRY%g", 0, 0, 10, usize::MAX, |_| true)
+            .unwrap();
+        let m = &crate::client::decode_messages(&got.body).unwrap()[0];
+        assert_eq!(&m.body[..], b"later");
+        let props = m.properties_map();
+        assert!(!props.contains_key(PROP_DELAY) && !props.contains_key(PROP_REAL_TOPIC));
+        assert_eq!(props["TAGS"], "A");
+        assert_eq!(m.reconsume_times, 1);
+        // Progress survives a restart of the scheduler.
+        let again = Scheduler::load(dir.path()).unwrap();
+        assert_eq!(again.deliver_due(&store).await.unwrap(), 0);
+        store.shutdown();
+    }
+
+    #[test]
+    fn requested_level_reads_the_delay_property() {
+        assert_eq!(requested_level("DELAY\u{1}3\u{2}TAGS\u{1}A\u{2}"), 3);
+        assert_eq!(requested_level("TAGS\u{1}A\u{2}"), 0);
+        assert_eq!(clamp_level(99), 18);
+    }
+}
