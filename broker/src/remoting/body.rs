@@ -20,6 +20,9 @@ pub struct BrokerData {
     /// Zone (unused, kept for clients that read it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zone_name: Option<String>,
+    /// RocketMQ 5 slave-acting-master mode; always false here, but some clients require the
+    /// field.
+    pub enable_acting_master: bool,
 }
 
 impl BrokerData {
