@@ -38,7 +38,7 @@ async fn main() -> ExitCode {
         listen: SocketAddr::new(args.bind, args.listen_port),
         http: SocketAddr::new(args.bind, args.http_port),
         broker_timeout: Duration::from_millis(args.broker_timeout_ms),
-        scan_interval: Duration::from_millis((args.broker_timeout_ms / 10).clamp(100, 5_000)),
+        scan_interval: Duration::from_secs(1),
         ..Default::default()
     };
     let handle = match nameserver::start(cfg).await {

@@ -44,7 +44,7 @@ impl Default for NameServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 9876)),
             http: SocketAddr::from(([0, 0, 0, 0], 9877)),
             broker_timeout: Duration::from_secs(120),
-            scan_interval: Duration::from_secs(5),
+            scan_interval: Duration::from_secs(1),
             max_frame: crate::remoting::frame::DEFAULT_MAX_FRAME,
         }
     }
