@@ -1,6 +1,8 @@
 //! The broker and name server as real processes, exercised request by request with ferromq's
 //! client: long polling, batches, retries, tags, auto-creation, expiry, health, mqadmin.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -3,6 +3,8 @@
 //! through a recording proxy. Run on purpose only:
 //! `cargo test -p e2e --test capture_golden_frames -- --ignored`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

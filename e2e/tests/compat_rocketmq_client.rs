@@ -1,6 +1,8 @@
 //! Compatibility: the published `rocketmq-client-rust` 1.0 producer and push consumer against
 //! mqnamesrv (a pair) + mqbroker, unchanged. Plus our own mqadmin round trip on the same cluster.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -94,7 +96,14 @@ fn runtime() -> Result<Runtime, Error> {
 fn expected(seq: u64) -> Seen {
     Seen {
         body: format!("message {seq} {}", "z".repeat((seq % 300) as usize)).into_bytes(),
-        tags: Some(if seq % 2 == 0 { "TagA" } else { "TagB" }.to_string()),
+        tags: Some(
+            if seq.is_multiple_of(2) {
+                "TagA"
+            } else {
+                "TagB"
+            }
+            .to_string(),
+        ),
         keys: Some(vec![format!("key-{seq}"), format!("order-{}", seq / 10)]),
         color: Some(["red", "green", "blue"][(seq % 3) as usize].to_string()),
     }

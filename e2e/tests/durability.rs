@@ -1,6 +1,8 @@
 //! Crash and restart behaviour of a single-master broker, driven through ferromq's own client:
 //! SIGKILL during a send loop, clean restarts, consumer offsets across restarts.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
