@@ -153,6 +153,18 @@ pub struct BrokerConfig {
     pub slave_read_enable: bool,
     /// `serverMaxFrameBytes` (ferromq): largest request frame accepted.
     pub max_frame_bytes: usize,
+    /// `haMasterAddress`: the master's HA address for a slave (otherwise learnt from the name
+    /// servers).
+    pub ha_master_address: Option<String>,
+    /// `haAuthToken` (ferromq): shared secret slaves present to their master.
+    pub ha_auth_token: Option<String>,
+    /// `haMaxGapNotInSync`: bytes a slave may lag and still count for SYNC_MASTER.
+    pub ha_max_gap: u64,
+    /// `slaveTimeout` (ms): how long a SYNC_MASTER send waits for a slave.
+    pub slave_timeout_ms: u64,
+    /// `accessMessageInMemoryMaxRatio` (percent of RAM): a consumer further behind than this
+    /// is told to read from a slave.
+    pub access_message_in_memory_max_ratio: u64,
 }
 
 impl Default for BrokerConfig {
@@ -186,6 +198,11 @@ impl Default for BrokerConfig {
             long_polling: true,
             slave_read_enable: true,
             max_frame_bytes: 16 << 20,
+            ha_master_address: None,
+            ha_auth_token: None,
+            ha_max_gap: 256 << 20,
+            slave_timeout_ms: 3_000,
+            access_message_in_memory_max_ratio: 40,
         }
     }
 }
@@ -294,6 +311,16 @@ impl BrokerConfig {
                 "longPollingEnable" => c.long_polling = boolean(k, v)?,
                 "slaveReadEnable" => c.slave_read_enable = boolean(k, v)?,
                 "serverMaxFrameBytes" => c.max_frame_bytes = num(k, v, "a size in bytes")?,
+                "haMasterAddress" => c.ha_master_address = Some(non_empty(k, v)?),
+                "haAuthToken" => c.ha_auth_token = Some(v.to_string()).filter(|t| !t.is_empty()),
+                "haMaxGapNotInSync" => c.ha_max_gap = num(k, v, "a size in bytes")?,
+                "slaveTimeout" => c.slave_timeout_ms = num(k, v, "milliseconds")?,
+                "accessMessageInMemoryMaxRatio" => {
+                    c.access_message_in_memory_max_ratio = num(k, v, "a percentage, 0-100")?;
+                    if c.access_message_in_memory_max_ratio > 100 {
+                        return Err(bad(k, v, "a percentage, 0-100"));
+                    }
+                }
                 _ => return Err(ConfigError::UnknownKey { key, line }),
             }
         }

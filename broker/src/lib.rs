@@ -7,5 +7,6 @@ pub mod http;
 pub mod logging;
 pub mod nameserver;
 pub mod remoting;
+pub mod replication;
 pub mod server;
 pub mod store;

@@ -30,12 +30,16 @@ use crate::remoting::body::{
 use crate::remoting::connection::{serve, ConnectionPool, Peer, Processor};
 use crate::remoting::header::{
     ConsumerGroupRequestHeader, CreateTopicRequestHeader, RegisterBrokerRequestHeader,
-    SendMessageRequestHeader, UnregisterBrokerRequestHeader, UnregisterClientRequestHeader,
-    ViewMessageRequestHeader,
+    RegisterBrokerResponseHeader, SendMessageRequestHeader, UnregisterBrokerRequestHeader,
+    UnregisterClientRequestHeader, ViewMessageRequestHeader,
 };
 use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
+use crate::replication::master::{self, ReplicationMaster};
+use crate::replication::slave::{self, SlaveIdentity};
 use crate::store::topics::{TopicConfig, AUTO_CREATE_TOPIC, PERM_INHERIT, PERM_READ, PERM_WRITE};
 use crate::store::{MessageStore, StoreConfig, StoreError};
+use std::collections::BTreeMap;
+use tokio::sync::watch;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct CodeLabel {
@@ -48,6 +52,14 @@ struct Metrics {
     bytes_in: Counter,
     messages_out: Counter,
     send_latency: Histogram,
+    sync_wait: Histogram,
+    slave_lag: Family<SlaveLabel, Gauge>,
+    master_lag: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct SlaveLabel {
+    slave: String,
 }
 
 /// A broker: its configuration, store and client registry.
@@ -63,6 +75,14 @@ pub struct Broker {
     topics_changed: Notify,
     pool: ConnectionPool,
     scheduler: schedule::Scheduler,
+    /// Masters: the slaves following this broker.
+    replication: Option<Arc<ReplicationMaster>>,
+    /// Slaves: the master's HA address, from config or the name servers.
+    master_ha: watch::Sender<Option<String>>,
+    /// Slaves: the master's remoting address, for topic and offset sync.
+    master_addr: std::sync::Mutex<Option<String>>,
+    /// Physical memory, for the "consumer reads from disk" test behind slave reads.
+    total_memory: u64,
 }
 
 type ErrorResponder = Box<dyn FnOnce(&RemotingCommand) -> RemotingCommand + Send>;
@@ -141,10 +161,13 @@ impl Broker {
             }
         };
         for c in &hb.consumer_data_set {
-            // Every consumer group gets its retry topic, as in RocketMQ.
+            // Every consumer group gets its retry topic, as in RocketMQ (slaves copy topics
+            // from their master instead).
             let retry = format!("%RETRY%{}", c.group_name);
-            if let Err(e) = self.ensure_topic(&retry, 1, PERM_READ | PERM_WRITE) {
-                tracing::warn!(error = %e, topic = %retry, "cannot create retry topic");
+            if self.is_master() {
+                if let Err(e) = self.ensure_topic(&retry, 1, PERM_READ | PERM_WRITE) {
+                    tracing::warn!(error = %e, topic = %retry, "cannot create retry topic");
+                }
             }
             self.consumers
                 .heartbeat(&hb.client_id, c, peer.addr, &peer.push);
@@ -184,6 +207,10 @@ impl Broker {
                     Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
                 }
             }
+            RequestCode::UpdateAndCreateTopic if !self.is_master() => req.error_to(
+                ResponseCode::NoPermission,
+                "this broker is a slave: create topics on its master, slaves copy them",
+            ),
             RequestCode::UpdateAndCreateTopic => {
                 match CreateTopicRequestHeader::from_ext(&req.ext_fields) {
                     Ok(h) => {
@@ -256,6 +283,12 @@ impl Broker {
                     Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
                 }
             }
+            RequestCode::GetAllConsumerOffset => req
+                .response_to(ResponseCode::Success)
+                .with_body(self.store.offsets.to_json()),
+            RequestCode::GetBrokerRuntimeInfo => req
+                .response_to(ResponseCode::Success)
+                .with_body(to_json(&self.runtime_info())),
             RequestCode::GetAllDelayOffset => req
                 .response_to(ResponseCode::Success)
                 .with_body(self.scheduler.offsets_json()),
@@ -310,10 +343,144 @@ impl Broker {
                 .call_ok(&addr, req.clone(), Duration::from_secs(6))
                 .await
             {
-                Ok(_) => tracing::debug!(namesrv = %addr, "registered"),
+                Ok(resp) => {
+                    tracing::debug!(namesrv = %addr, "registered");
+                    if self.cfg.role == BrokerRole::Slave {
+                        self.learn_master(&resp);
+                    }
+                }
                 Err(e) => tracing::warn!(namesrv = %addr, error = %e, "registration failed"),
             }
         }
+    }
+
+    /// A slave learns where its master is from a registration answer.
+    fn learn_master(&self, resp: &RemotingCommand) {
+        let Ok(h) = RegisterBrokerResponseHeader::from_ext(&resp.ext_fields) else {
+            return;
+        };
+        let master = h.master_addr.filter(|a| !a.is_empty());
+        if master.is_some() {
+            *self.master_addr.lock().unwrap_or_else(|p| p.into_inner()) = master;
+        }
+        if self.cfg.ha_master_address.is_none() {
+            let ha = h.ha_server_addr.filter(|a| !a.is_empty());
+            // A master that vanished from the name servers keeps its last known address:
+            // the follower keeps retrying it until another one is announced.
+            if ha.is_some() {
+                self.master_ha.send_if_modified(|cur| {
+                    let changed = *cur != ha;
+                    if changed {
+                        tracing::info!(master_ha = ?ha, "master HA address learnt from the name server");
+                        cur.clone_from(&ha);
+                    }
+                    changed
+                });
+            }
+        }
+    }
+
+    /// Copies topics and consumer offsets from the master (slaves), and measures the lag.
+    async fn sync_from_master(&self) {
+        let Some(master) = self
+            .master_addr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        let req =
+            RemotingCommand::request(RequestCode::GetAllTopicConfig.code(), Default::default());
+        match self
+            .pool
+            .call_ok(&master, req, Duration::from_secs(3))
+            .await
+        {
+            Ok(resp) => match from_json::<TopicConfigWrapper>(&resp.body) {
+                Ok(w) => match self
+                    .store
+                    .topics
+                    .replace_all(w.topic_config_table, w.data_version)
+                {
+                    Ok(true) => self.topics_changed.notify_one(),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "saving topics copied from the master failed")
+                    }
+                },
+                Err(e) => tracing::warn!(error = %e, "master sent unreadable topic configs"),
+            },
+            Err(e) => tracing::debug!(master = %master, error = %e, "topic sync failed"),
+        }
+        let req =
+            RemotingCommand::request(RequestCode::GetAllConsumerOffset.code(), Default::default());
+        if let Ok(resp) = self
+            .pool
+            .call_ok(&master, req, Duration::from_secs(3))
+            .await
+        {
+            if let Err(e) = self.store.offsets.merge_json(&resp.body) {
+                tracing::warn!(error = %e, "master sent unreadable consumer offsets");
+            }
+        }
+        let req =
+            RemotingCommand::request(RequestCode::GetBrokerRuntimeInfo.code(), Default::default());
+        if let Ok(resp) = self
+            .pool
+            .call_ok(&master, req, Duration::from_secs(3))
+            .await
+        {
+            if let Ok(info) = from_json::<RuntimeInfo>(&resp.body) {
+                let master_max: u64 = info
+                    .table
+                    .get("commitLogMaxOffset")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let lag = master_max.saturating_sub(self.store.commitlog().max_offset());
+                self.metrics.master_lag.set(lag as i64);
+            }
+        }
+    }
+
+    /// Role, offsets and replication facts, as GET_BROKER_RUNTIME_INFO's key/value table.
+    pub fn runtime_info(&self) -> RuntimeInfo {
+        let mut t = BTreeMap::new();
+        let log = self.store.commitlog();
+        t.insert("brokerName".to_string(), self.cfg.broker_name.clone());
+        t.insert("brokerId".to_string(), self.cfg.broker_id.to_string());
+        t.insert("brokerRole".to_string(), self.cfg.role.as_str().to_string());
+        t.insert("flushDiskType".to_string(), format!("{:?}", self.cfg.flush));
+        t.insert(
+            "commitLogMinOffset".to_string(),
+            log.min_offset().to_string(),
+        );
+        t.insert(
+            "commitLogMaxOffset".to_string(),
+            log.max_offset().to_string(),
+        );
+        t.insert(
+            "totalMessages".to_string(),
+            self.store.total_messages().to_string(),
+        );
+        if let Some(r) = &self.replication {
+            let slaves = r.slaves();
+            t.insert("slaveCount".to_string(), slaves.len().to_string());
+            let acked: Vec<String> = slaves
+                .iter()
+                .map(|s| format!("{}={}", s.addr, s.acked))
+                .collect();
+            t.insert("slaveAckedOffsets".to_string(), acked.join(";"));
+        }
+        if let Some(m) = self
+            .master_addr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            t.insert("masterAddr".to_string(), m.clone());
+        }
+        RuntimeInfo { table: t }
     }
 
     async fn unregister_all(&self) {
@@ -339,6 +506,14 @@ impl Broker {
     pub fn store(&self) -> &Arc<MessageStore> {
         &self.store
     }
+}
+
+/// GET_BROKER_RUNTIME_INFO's body (RocketMQ's KVTable).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RuntimeInfo {
+    /// Facts by name.
+    #[serde(default)]
+    pub table: BTreeMap<String, String>,
 }
 
 fn err_responder(code: ResponseCode, remark: String) -> ErrorResponder {
@@ -450,12 +625,6 @@ impl BrokerHandle {
 
 /// Opens the store, binds the ports, registers with the name servers and starts serving.
 pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
-    if cfg.role != BrokerRole::AsyncMaster {
-        return Err(BrokerError::Unsupported(format!(
-            "brokerRole={} is not supported by this build yet (replication is tracked in issue #3); use ASYNC_MASTER",
-            cfg.role.as_str()
-        )));
-    }
     let ip: std::net::IpAddr = cfg
         .broker_ip
         .parse()
@@ -508,7 +677,25 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         bytes_in: Counter::default(),
         messages_out: Counter::default(),
         send_latency: Histogram::new(exponential_buckets(0.000_025, 2.0, 16)),
+        sync_wait: Histogram::new(exponential_buckets(0.000_025, 2.0, 16)),
+        slave_lag: Family::default(),
+        master_lag: Gauge::default(),
     };
+    registry.register(
+        "replication_sync_wait_seconds",
+        "Time SYNC_MASTER sends waited for a slave",
+        metrics.sync_wait.clone(),
+    );
+    registry.register(
+        "replication_slave_lag_bytes",
+        "Commit-log bytes each connected slave is behind this master",
+        metrics.slave_lag.clone(),
+    );
+    registry.register(
+        "replication_master_lag_bytes",
+        "Commit-log bytes this slave is behind its master",
+        metrics.master_lag.clone(),
+    );
     registry.register(
         "requests",
         "Requests served, by request code",
@@ -564,8 +751,14 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         topics_changed: Notify::new(),
         pool: ConnectionPool::default(),
         scheduler,
+        replication: (cfg.role != BrokerRole::Slave).then(|| {
+            ReplicationMaster::new(&cfg.broker_name, cfg.ha_auth_token.clone(), cfg.ha_max_gap)
+        }),
+        master_ha: watch::channel(cfg.ha_master_address.clone()).0,
+        master_addr: std::sync::Mutex::new(None),
+        total_memory: total_memory(),
     });
-    if cfg.auto_create_topic {
+    if cfg.auto_create_topic && cfg.role != BrokerRole::Slave {
         broker.ensure_topic(
             AUTO_CREATE_TOPIC,
             cfg.default_topic_queue_nums,
@@ -586,6 +779,46 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         health.clone(),
         shutdown.clone(),
     )));
+
+    // Replication: masters serve their slaves, slaves follow their master.
+    if let Some(state) = &broker.replication {
+        let ha_listen = SocketAddr::from(([0, 0, 0, 0], cfg.ha_listen_port));
+        let ha = TcpListener::bind(ha_listen)
+            .await
+            .map_err(|source| BrokerError::Bind {
+                addr: ha_listen,
+                source,
+            })?;
+        tasks.push(tokio::spawn(master::serve(
+            ha,
+            broker.store.clone(),
+            state.clone(),
+            shutdown.clone(),
+        )));
+    } else {
+        let me = SlaveIdentity {
+            group: cfg.broker_name.clone(),
+            token: cfg.ha_auth_token.clone().unwrap_or_default(),
+        };
+        let rx = broker.master_ha.subscribe();
+        tasks.push(tokio::spawn(slave::follow(
+            broker.store.clone(),
+            me,
+            rx,
+            shutdown.clone(),
+        )));
+        let b = broker.clone();
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                b.sync_from_master().await;
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+                }
+            }
+        }));
+    }
 
     // Registration: at start, on every topic change, and every registerNameServerPeriod.
     broker.register_all().await;
@@ -615,6 +848,18 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
                 _ = tick.tick() => {}
             }
             b.consumers.expire();
+            if let Some(r) = &b.replication {
+                let end = b.store.commitlog().max_offset();
+                b.metrics.slave_lag.clear();
+                for s in r.slaves() {
+                    b.metrics
+                        .slave_lag
+                        .get_or_create(&SlaveLabel {
+                            slave: s.addr.to_string(),
+                        })
+                        .set(end.saturating_sub(s.acked) as i64);
+                }
+            }
             consumers_gauge.set(b.consumers.client_count() as i64);
             commitlog_max.set(b.store.commitlog().max_offset() as i64);
             commitlog_flushed.set(b.store.commitlog().flushed_offset() as i64);
@@ -631,10 +876,14 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             }
         }
     }));
-    // Delayed delivery.
+    // Delayed delivery (masters only: slaves receive the results through replication).
     let b = broker.clone();
     let stop = shutdown.clone();
+    let is_master = broker.is_master();
     tasks.push(tokio::spawn(async move {
+        if !is_master {
+            return;
+        }
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -662,6 +911,19 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         shutdown,
         tasks,
     })
+}
+
+/// Physical memory in bytes (Linux), or 8 GiB where it cannot be read.
+fn total_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(8 << 30, |kb| kb * 1024)
 }
 
 /// Whether it is now the configured `deleteWhen` hour (UTC).

@@ -44,6 +44,18 @@ impl Broker {
                 ),
             );
         }
+        if !self.is_master() && !self.cfg.slave_read_enable {
+            // Reads from slaves are off: send the consumer back to the master.
+            let mut resp = req.response_to(ResponseCode::PullRetryImmediately);
+            resp.ext_fields = PullMessageResponseHeader {
+                suggest_which_broker_id: 0,
+                next_begin_offset: h.queue_offset,
+                min_offset: 0,
+                max_offset: 0,
+            }
+            .to_ext();
+            return resp;
+        }
         let Some(topic) = self.store.topics.get(&h.topic) else {
             return req.error_to(
                 ResponseCode::TopicNotExist,
@@ -150,7 +162,7 @@ impl Broker {
         }
         let mut resp = req.response_to(code);
         resp.ext_fields = PullMessageResponseHeader {
-            suggest_which_broker_id: 0,
+            suggest_which_broker_id: self.suggest_broker(got.lag_bytes),
             next_begin_offset: next as i64,
             min_offset: got.min_offset as i64,
             max_offset: got.max_offset as i64,
@@ -158,6 +170,26 @@ impl Broker {
         .to_ext();
         resp.body = got.body;
         resp
+    }
+
+    /// Which group member the consumer should pull from next: a consumer reading data that
+    /// is probably no longer in memory is sent to a slave (RocketMQ's slave reads), everyone
+    /// else to the master.
+    fn suggest_broker(&self, lag_bytes: u64) -> i64 {
+        if !self.cfg.slave_read_enable {
+            return 0;
+        }
+        let limit = self.total_memory / 100 * self.cfg.access_message_in_memory_max_ratio;
+        if lag_bytes <= limit {
+            return 0;
+        }
+        match &self.replication {
+            // A master suggests its first slave, as Java's whichBrokerWhenConsumeSlowly = 1.
+            Some(r) if !r.slaves().is_empty() => 1,
+            Some(_) => 0,
+            // A slave keeps a lagging consumer.
+            None => self.cfg.broker_id,
+        }
     }
 
     /// Handles QUERY_CONSUMER_OFFSET.

@@ -15,18 +15,11 @@ use crate::store::persist::{load_json, save_json};
 use crate::store::topics::now_ms;
 use crate::store::{MessageStore, StoreError};
 
-/// The internal topic holding messages until they are due.
-pub const SCHEDULE_TOPIC: &str = "SCHEDULE_TOPIC_XXXX";
+pub use crate::store::message::{DELAY_LEVELS_MS as LEVELS_MS, SCHEDULE_TOPIC};
 /// Property: the topic a delayed message goes to when due.
 pub const PROP_REAL_TOPIC: &str = "REAL_TOPIC";
 /// Property: the queue a delayed message goes to when due.
 pub const PROP_REAL_QID: &str = "REAL_QID";
-
-/// Delay of each level, 1-based (`messageDelayLevel` default: 1s 5s 10s 30s 1m ... 2h).
-pub const LEVELS_MS: [i64; 18] = [
-    1_000, 5_000, 10_000, 30_000, 60_000, 120_000, 180_000, 240_000, 300_000, 360_000, 420_000,
-    480_000, 540_000, 600_000, 1_200_000, 1_800_000, 3_600_000, 7_200_000,
-];
 
 /// Level to use for a requested level (clamped to the table).
 pub fn clamp_level(level: i32) -> i32 {

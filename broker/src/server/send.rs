@@ -2,17 +2,19 @@
 
 use std::net::SocketAddr;
 
+use crate::config::BrokerRole;
 use crate::remoting::header::{
     send_v2_to_v1, ConsumerSendMsgBackRequestHeader, SendMessageRequestHeader,
     SendMessageResponseHeader,
 };
 use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
+use crate::replication::SyncWaitError;
 use crate::store::message::{
     decode_batch, format_properties, offset_msg_id, parse_properties, NewMessage,
     PROP_MAX_RECONSUME_TIMES, PROP_ORIGIN_MESSAGE_ID, PROP_RETRY_TOPIC,
 };
 use crate::store::topics::{now_ms, PERM_READ, PERM_WRITE};
-use crate::store::{PutResult, StoreError};
+use crate::store::{FlushDiskType, PutResult, StoreError};
 
 use super::{schedule, Broker};
 
@@ -179,7 +181,7 @@ impl Broker {
             .send_latency
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(results) => self.send_response(req, &results),
+            Ok((results, status)) => self.send_response(req, &results, status),
             Err(e) => {
                 tracing::warn!(error = %e, "send failed");
                 store_error_response(req, &e)
@@ -187,17 +189,60 @@ impl Broker {
         }
     }
 
-    /// Stores messages, counting them in the metrics.
-    pub(super) async fn put(&self, msgs: &[NewMessage]) -> Result<Vec<PutResult>, StoreError> {
-        let results = self.store.put(msgs).await?;
+    /// Stores messages and waits for what the flush policy and role promise: the disk under
+    /// SYNC_FLUSH, a slave under SYNC_MASTER (both at once). The status is SUCCESS or one of
+    /// the "stored, but" codes clients treat as a send status: FLUSH_DISK_TIMEOUT,
+    /// FLUSH_SLAVE_TIMEOUT, SLAVE_NOT_AVAILABLE.
+    pub(super) async fn put(
+        &self,
+        msgs: &[NewMessage],
+    ) -> Result<(Vec<PutResult>, ResponseCode), StoreError> {
+        let results = self.store.append(msgs)?;
         self.metrics.messages_in.inc_by(results.len() as u64);
         self.metrics
             .bytes_in
             .inc_by(results.iter().map(|r| u64::from(r.size)).sum());
-        Ok(results)
+        let end = results.iter().map(|r| r.end).max().unwrap_or(0);
+        let flush = async {
+            if self.cfg.flush == FlushDiskType::Sync {
+                self.store.wait_durable(end).await
+            } else {
+                Ok(())
+            }
+        };
+        let replica = async {
+            match (&self.replication, self.cfg.role) {
+                (Some(r), BrokerRole::SyncMaster) => {
+                    let started = std::time::Instant::now();
+                    let timeout = std::time::Duration::from_millis(self.cfg.slave_timeout_ms);
+                    let res = r
+                        .wait(end, self.store.commitlog().max_offset(), timeout)
+                        .await;
+                    self.metrics
+                        .sync_wait
+                        .observe(started.elapsed().as_secs_f64());
+                    res.err()
+                }
+                _ => None,
+            }
+        };
+        let (flushed, replicated) = tokio::join!(flush, replica);
+        let status = match (flushed, replicated) {
+            (Err(StoreError::FlushTimeout(_)), _) => ResponseCode::FlushDiskTimeout,
+            (Err(e), _) => return Err(e),
+            (Ok(()), Some(SyncWaitError::NoSlave)) => ResponseCode::SlaveNotAvailable,
+            (Ok(()), Some(SyncWaitError::Timeout(_))) => ResponseCode::FlushSlaveTimeout,
+            (Ok(()), None) => ResponseCode::Success,
+        };
+        Ok((results, status))
     }
 
-    fn send_response(&self, req: &RemotingCommand, results: &[PutResult]) -> RemotingCommand {
+    fn send_response(
+        &self,
+        req: &RemotingCommand,
+        results: &[PutResult],
+        status: ResponseCode,
+    ) -> RemotingCommand {
         let Some(first) = results.first() else {
             return req.error_to(ResponseCode::SystemError, "nothing was stored");
         };
@@ -207,7 +252,10 @@ impl Broker {
             .map(|r| offset_msg_id(&host, r.physical_offset as i64))
             .collect::<Vec<_>>()
             .join(",");
-        let mut resp = req.response_to(ResponseCode::Success);
+        let mut resp = req.response_to(status);
+        if status != ResponseCode::Success {
+            resp.remark = Some(format!("message stored, but: {status:?}"));
+        }
         resp.ext_fields = SendMessageResponseHeader {
             msg_id,
             queue_id: first.queue_id,
@@ -305,7 +353,7 @@ impl Broker {
             schedule::delay(&msg, level)
         };
         match self.put(std::slice::from_ref(&msg)).await {
-            Ok(_) => req.response_to(ResponseCode::Success),
+            Ok((_, status)) => req.response_to(status),
             Err(e) => store_error_response(req, &e),
         }
     }

@@ -200,6 +200,58 @@ impl CommitLog {
         Ok(pos)
     }
 
+    /// Writes replicated bytes verbatim at `offset`, which must be the current end (slaves
+    /// only). The range must not cross a segment boundary.
+    pub fn append_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        let end = self.max_offset();
+        if offset != end {
+            return Err(StoreError::Corrupt(format!(
+                "replicated data starts at {offset} but the local commit log ends at {end}"
+            )));
+        }
+        let room = self.segment_size - offset % self.segment_size;
+        if data.len() as u64 > room {
+            return Err(StoreError::Corrupt(format!(
+                "replicated chunk of {} bytes at {offset} crosses a segment boundary",
+                data.len()
+            )));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let seg = self.segment_or_create(offset)?;
+        seg.file
+            .write_all_at(data, offset - seg.base)
+            .map_err(|e| StoreError::io(&seg.path, e))?;
+        self.written
+            .store(offset + data.len() as u64, Ordering::Release);
+        Ok(())
+    }
+
+    /// Largest chunk starting at `offset` that stays within one segment and the written data.
+    pub fn chunk_len(&self, offset: u64, max: u64) -> u64 {
+        let room = self.segment_size - offset % self.segment_size;
+        max.min(room).min(self.max_offset().saturating_sub(offset))
+    }
+
+    /// Moves an empty log's start to `offset` (a slave joining a master whose old segments
+    /// are gone). Fails if the log holds data.
+    pub fn reset_start(&self, offset: u64) -> Result<(), StoreError> {
+        if self.max_offset() != 0 || !read(&self.segments).is_empty() {
+            return Err(StoreError::Corrupt(format!(
+                "cannot start the commit log at {offset}: it already holds data"
+            )));
+        }
+        if !offset.is_multiple_of(self.segment_size) {
+            return Err(StoreError::Corrupt(format!(
+                "cannot start the commit log at {offset}: not a segment boundary"
+            )));
+        }
+        self.written.store(offset, Ordering::Release);
+        self.flushed.store(offset, Ordering::Release);
+        Ok(())
+    }
+
     fn segment_or_create(&self, pos: u64) -> Result<Arc<Segment>, StoreError> {
         match self.segment_for(pos) {
             Some(s) => Ok(s),

@@ -44,6 +44,30 @@ pub const PROP_RECONSUME_TIME: &str = "RECONSUME_TIME";
 /// Property key of the retry limit.
 pub const PROP_MAX_RECONSUME_TIMES: &str = "MAX_RECONSUME_TIMES";
 
+/// The internal topic holding delayed messages until they are due.
+pub const SCHEDULE_TOPIC: &str = "SCHEDULE_TOPIC_XXXX";
+
+/// Delay of each level, 1-based (`messageDelayLevel` default: 1s 5s 10s 30s 1m ... 2h).
+pub const DELAY_LEVELS_MS: [i64; 18] = [
+    1_000, 5_000, 10_000, 30_000, 60_000, 120_000, 180_000, 240_000, 300_000, 360_000, 420_000,
+    480_000, 540_000, 600_000, 1_200_000, 1_800_000, 3_600_000, 7_200_000,
+];
+
+/// The consume-queue tag code of a stored message: the tag hash, or for a delayed message
+/// its delivery time (so the scheduler never reads messages that are not due).
+pub fn queue_tags_code(m: &StoredMessage) -> i64 {
+    let props = parse_properties(&m.properties);
+    if m.topic == SCHEDULE_TOPIC {
+        let level: usize = props
+            .get(PROP_DELAY)
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(1);
+        let idx = level.clamp(1, DELAY_LEVELS_MS.len()) - 1;
+        return m.store_timestamp + DELAY_LEVELS_MS[idx];
+    }
+    props.get(PROP_TAGS).map_or(0, |t| tag_hash(t))
+}
+
 const NAME_SEP: char = '\u{1}';
 const PROP_SEP: char = '\u{2}';
 

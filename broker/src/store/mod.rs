@@ -206,6 +206,10 @@ pub struct MessageStore {
     pub topics: topics::TopicTable,
     /// What recovery found at start.
     pub recovery: commitlog::RecoveryReport,
+    /// Wakes replication senders when the log grows.
+    pub appended: tokio::sync::Notify,
+    /// Bytes a slave received past the last whole message (dispatched once complete).
+    partial: Mutex<Vec<u8>>,
 }
 
 impl std::fmt::Debug for MessageStore {
@@ -291,7 +295,7 @@ impl MessageStore {
                     CqEntry {
                         offset: m.physical_offset as u64,
                         size: m.total_size as u32,
-                        tags_code: NewMessage::tags_code_of(&m.properties),
+                        tags_code: message::queue_tags_code(m),
                     },
                 )
             };
@@ -335,6 +339,8 @@ impl MessageStore {
             offsets,
             topics,
             recovery: report,
+            appended: tokio::sync::Notify::new(),
+            partial: Mutex::new(Vec::new()),
         });
         // Mark the store as running: a crash from now on must recover.
         store.write_checkpoint(end, false)?;
@@ -459,7 +465,77 @@ impl MessageStore {
             out.push(r);
         }
         self.dispatched.store(at + total, Ordering::Release);
+        drop(buf);
+        self.appended.notify_waiters();
         Ok(out)
+    }
+
+    /// Appends bytes replicated from a master at `offset` (the local end), then indexes every
+    /// message they complete. The log stays byte-identical to the master's.
+    pub fn replicate(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        let _writer = lock(&self.write_lock);
+        self.commitlog.append_at(offset, data)?;
+        let mut partial = lock(&self.partial);
+        partial.extend_from_slice(data);
+        // `partial` starts at the dispatched offset, always a message (or filler) boundary.
+        let mut pos = self.dispatched.load(Ordering::Acquire);
+        let mut used = 0usize;
+        let seg = self.commitlog.segment_size();
+        loop {
+            let rest = &partial[used..];
+            if rest.len() < 8 {
+                break;
+            }
+            let size = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+            let magic = i32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
+            if magic == message::BLANK_MAGIC {
+                // The rest of the segment is filler; wait until all of it has arrived.
+                let skip = (seg - pos % seg) as usize;
+                if rest.len() < skip {
+                    break;
+                }
+                used += skip;
+                pos += skip as u64;
+                continue;
+            }
+            if size <= 8 {
+                return Err(StoreError::Corrupt(format!(
+                    "replicated data at {pos} is not a message"
+                )));
+            }
+            if rest.len() < size as usize {
+                break;
+            }
+            let bytes = Bytes::copy_from_slice(&rest[..size as usize]);
+            let m = message::decode_stored(&bytes)
+                .map_err(|e| StoreError::Corrupt(format!("replicated message at {pos}: {e}")))?;
+            let cq = self.queue_or_create(&m.topic, m.queue_id)?;
+            cq.put(
+                m.queue_offset as u64,
+                CqEntry {
+                    offset: pos,
+                    size: size as u32,
+                    tags_code: message::queue_tags_code(&m),
+                },
+            )?;
+            used += size as usize;
+            pos += size as u64;
+        }
+        partial.drain(..used);
+        self.dispatched.store(pos, Ordering::Release);
+        drop(partial);
+        self.appended.notify_waiters();
+        Ok(())
+    }
+
+    /// Commit-log offset up to which every message is indexed.
+    pub fn dispatched_offset(&self) -> u64 {
+        self.dispatched.load(Ordering::Acquire)
+    }
+
+    /// Total messages indexed across all queues (for replication lag in messages).
+    pub fn total_messages(&self) -> u64 {
+        self.all_queues().iter().map(|q| q.max_offset()).sum()
     }
 
     /// Appends messages and, under SYNC_FLUSH, waits until they are durable.

@@ -80,6 +80,32 @@ impl ConsumerOffsets {
             .collect()
     }
 
+    /// The whole table as RocketMQ's consumerOffset.json body.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&*lock(&self.table)).unwrap_or_default()
+    }
+
+    /// Takes every offset of a master's table (a slave keeps offsets of groups the master
+    /// does not know, e.g. commits made while the master was down).
+    pub fn merge_json(&self, body: &[u8]) -> Result<usize, serde_json::Error> {
+        let other: OffsetsFile = crate::remoting::body::from_json(body)?;
+        let mut n = 0;
+        let mut t = lock(&self.table);
+        for (key, queues) in other.offset_table {
+            let mine = t.offset_table.entry(key).or_default();
+            for (q, off) in queues {
+                if mine.insert(q, off) != Some(off) {
+                    n += 1;
+                }
+            }
+        }
+        drop(t);
+        if n > 0 {
+            self.dirty.store(true, Ordering::Release);
+        }
+        Ok(n)
+    }
+
     /// Saves the table if it changed since the last save.
     pub fn persist(&self) -> Result<(), StoreError> {
         if !self.dirty.swap(false, Ordering::AcqRel) {

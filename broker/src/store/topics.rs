@@ -120,6 +120,22 @@ impl TopicTable {
         Ok(true)
     }
 
+    /// Replaces the whole table with a master's (slaves); saves only when it differs.
+    pub fn replace_all(
+        &self,
+        table: BTreeMap<String, TopicConfig>,
+        version: DataVersion,
+    ) -> Result<bool, StoreError> {
+        let mut t = write(&self.inner);
+        if t.topic_config_table == table {
+            return Ok(false);
+        }
+        t.topic_config_table = table;
+        t.data_version = version;
+        save_json(&self.path, &*t)?;
+        Ok(true)
+    }
+
     /// Sets the permission of every topic (e.g. to drop write before a scale-in).
     pub fn set_all_perm(&self, perm: i32) -> Result<(), StoreError> {
         let mut t = write(&self.inner);

@@ -1,0 +1,301 @@
+//! The master side: accepts slaves, streams the commit log, tracks what each slave holds.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    ReplicationError, SyncWaitError, HEARTBEAT, HELLO_MAGIC, HELLO_VERSION, IDLE_TIMEOUT, MAX_CHUNK,
+};
+use crate::store::MessageStore;
+
+/// What the master knows of one connected slave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlaveStatus {
+    /// Slave's address.
+    pub addr: SocketAddr,
+    /// Commit-log offset the slave reported holding.
+    pub acked: u64,
+}
+
+/// Master-side replication state shared with the send path.
+pub struct ReplicationMaster {
+    group: String,
+    token: Option<String>,
+    /// Slaves further behind than this do not count for SYNC_MASTER (haMaxGapNotInSync).
+    max_gap: u64,
+    next_id: AtomicU64,
+    slaves: Mutex<BTreeMap<u64, SlaveStatus>>,
+    acked: watch::Sender<u64>,
+}
+
+impl ReplicationMaster {
+    /// State for the group `group`, requiring `token` from slaves when set.
+    pub fn new(group: &str, token: Option<String>, max_gap: u64) -> Arc<ReplicationMaster> {
+        Arc::new(ReplicationMaster {
+            group: group.to_string(),
+            token,
+            max_gap,
+            next_id: AtomicU64::new(1),
+            slaves: Mutex::new(BTreeMap::new()),
+            acked: watch::channel(0).0,
+        })
+    }
+
+    fn slaves_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, SlaveStatus>> {
+        self.slaves.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Connected slaves.
+    pub fn slaves(&self) -> Vec<SlaveStatus> {
+        self.slaves_lock().values().cloned().collect()
+    }
+
+    fn update(&self, id: u64, acked: u64) {
+        let max = {
+            let mut s = self.slaves_lock();
+            if let Some(st) = s.get_mut(&id) {
+                st.acked = acked;
+            }
+            s.values().map(|v| v.acked).max().unwrap_or(0)
+        };
+        self.acked.send_if_modified(|v| {
+            let changed = *v != max;
+            *v = max;
+            changed
+        });
+    }
+
+    fn remove(&self, id: u64) {
+        let max = {
+            let mut s = self.slaves_lock();
+            s.remove(&id);
+            s.values().map(|v| v.acked).max().unwrap_or(0)
+        };
+        self.acked.send_replace(max);
+    }
+
+    /// Waits until some slave holds the log up to `end` (SYNC_MASTER).
+    pub async fn wait(
+        &self,
+        end: u64,
+        log_end: u64,
+        timeout: Duration,
+    ) -> Result<(), SyncWaitError> {
+        let near = self
+            .slaves_lock()
+            .values()
+            .any(|s| log_end.saturating_sub(s.acked) <= self.max_gap);
+        if !near {
+            return Err(SyncWaitError::NoSlave);
+        }
+        let mut rx = self.acked.subscribe();
+        let waited = tokio::time::timeout(timeout, async {
+            rx.wait_for(|v| *v >= end).await.map(|_| ())
+        })
+        .await;
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(SyncWaitError::NoSlave),
+            Err(_) => Err(SyncWaitError::Timeout(timeout)),
+        }
+    }
+}
+
+/// Accepts slave connections on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<MessageStore>,
+    state: Arc<ReplicationMaster>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (socket, addr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "HA accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let (store, state, stop) = (store.clone(), state.clone(), shutdown.child_token());
+        tokio::spawn(async move {
+            match serve_slave(socket, addr, store, state, stop).await {
+                Ok(()) => tracing::info!(slave = %addr, "slave disconnected"),
+                Err(e) => tracing::warn!(slave = %addr, error = %e, "slave connection ended"),
+            }
+        });
+    }
+}
+
+fn io(peer: SocketAddr) -> impl Fn(std::io::Error) -> ReplicationError {
+    move |source| ReplicationError::Io {
+        peer: peer.to_string(),
+        source,
+    }
+}
+
+async fn read_hello(
+    rd: &mut OwnedReadHalf,
+    peer: SocketAddr,
+    state: &ReplicationMaster,
+) -> Result<(), ReplicationError> {
+    let e = io(peer);
+    let magic = rd.read_u32().await.map_err(&e)?;
+    if magic != HELLO_MAGIC {
+        return Err(ReplicationError::Handshake(format!(
+            "{peer} is not a ferromq slave (magic {magic:#x})"
+        )));
+    }
+    let version = rd.read_u16().await.map_err(&e)?;
+    if version != HELLO_VERSION {
+        return Err(ReplicationError::Handshake(format!(
+            "{peer} speaks HA protocol version {version}, we speak {HELLO_VERSION}"
+        )));
+    }
+    let mut read_str = async |max: usize| -> Result<String, ReplicationError> {
+        let n = rd.read_u16().await.map_err(&e)? as usize;
+        if n > max {
+            return Err(ReplicationError::Handshake(format!(
+                "{peer} sent an oversized hello field"
+            )));
+        }
+        let mut b = vec![0u8; n];
+        rd.read_exact(&mut b).await.map_err(&e)?;
+        String::from_utf8(b)
+            .map_err(|_| ReplicationError::Handshake(format!("{peer} sent a non-UTF-8 hello")))
+    };
+    let group = read_str(256).await?;
+    let token = read_str(1024).await?;
+    if group != state.group {
+        return Err(ReplicationError::Handshake(format!(
+            "{peer} is a slave of group {group:?}, this master leads {:?}",
+            state.group
+        )));
+    }
+    if let Some(expected) = &state.token {
+        if token.as_bytes() != expected.as_bytes() {
+            return Err(ReplicationError::Handshake(format!(
+                "{peer} presented a wrong haAuthToken"
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn serve_slave(
+    socket: TcpStream,
+    peer: SocketAddr,
+    store: Arc<MessageStore>,
+    state: Arc<ReplicationMaster>,
+    stop: CancellationToken,
+) -> Result<(), ReplicationError> {
+    let (mut rd, mut wr) = socket.into_split();
+    tokio::time::timeout(IDLE_TIMEOUT, read_hello(&mut rd, peer, &state))
+        .await
+        .map_err(|_| ReplicationError::Handshake(format!("{peer} sent no hello")))??;
+    let first = tokio::time::timeout(IDLE_TIMEOUT, rd.read_u64())
+        .await
+        .map_err(|_| ReplicationError::Handshake(format!("{peer} reported no offset")))?
+        .map_err(io(peer))?;
+    let log = store.commitlog();
+    if first > log.max_offset() {
+        // A slave ahead of its master (e.g. a master restored from an old disk): merging
+        // would silently fork the log. Refuse and say so.
+        return Err(ReplicationError::Diverged(format!(
+            "slave {peer} holds the commit log up to {first} but this master only up to {}; \
+             the slave is ahead of its master and must be rebuilt or the master restored",
+            log.max_offset()
+        )));
+    }
+    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    state.slaves_lock().insert(
+        id,
+        SlaveStatus {
+            addr: peer,
+            acked: first,
+        },
+    );
+    state.update(id, first);
+    tracing::info!(slave = %peer, offset = first, "slave connected");
+
+    // Offsets reported by the slave, read concurrently with streaming.
+    let reader_state = state.clone();
+    let reader_stop = stop.clone();
+    let reader = tokio::spawn(async move {
+        loop {
+            let r = tokio::select! {
+                _ = reader_stop.cancelled() => return,
+                r = tokio::time::timeout(IDLE_TIMEOUT, rd.read_u64()) => r,
+            };
+            match r {
+                Ok(Ok(off)) => reader_state.update(id, off),
+                _ => {
+                    reader_stop.cancel();
+                    return;
+                }
+            }
+        }
+    });
+    let result = stream(&mut wr, peer, &store, first.max(log.min_offset()), &stop).await;
+    stop.cancel();
+    let _ = reader.await;
+    state.remove(id);
+    result
+}
+
+async fn stream(
+    wr: &mut OwnedWriteHalf,
+    peer: SocketAddr,
+    store: &MessageStore,
+    mut next: u64,
+    stop: &CancellationToken,
+) -> Result<(), ReplicationError> {
+    let log = store.commitlog();
+    let mut last_sent = Instant::now();
+    let mut frame = Vec::with_capacity(MAX_CHUNK as usize + 12);
+    loop {
+        let appended = store.appended.notified();
+        tokio::pin!(appended);
+        appended.as_mut().enable();
+        let len = log.chunk_len(next, MAX_CHUNK);
+        if len > 0 || last_sent.elapsed() >= HEARTBEAT {
+            let data = if len > 0 {
+                log.read(next, len as usize)?
+            } else {
+                bytes::Bytes::new()
+            };
+            frame.clear();
+            frame.extend_from_slice(&next.to_be_bytes());
+            frame.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            frame.extend_from_slice(&data);
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                w = wr.write_all(&frame) => w.map_err(io(peer))?,
+            }
+            next += len;
+            last_sent = Instant::now();
+            if len > 0 {
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = &mut appended => {}
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+        }
+    }
+}

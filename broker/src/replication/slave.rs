@@ -1,0 +1,138 @@
+//! The slave side: follows the master's commit log, appending what it receives verbatim.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{ReplicationError, HEARTBEAT, HELLO_MAGIC, HELLO_VERSION, IDLE_TIMEOUT, MAX_CHUNK};
+use crate::store::MessageStore;
+
+/// Who this slave is and how it proves it.
+#[derive(Debug, Clone)]
+pub struct SlaveIdentity {
+    /// The group (brokerName) it belongs to.
+    pub group: String,
+    /// Shared secret (haAuthToken), empty when none is configured.
+    pub token: String,
+}
+
+/// Follows the master whose HA address `master` currently holds, reconnecting as needed,
+/// until `shutdown`.
+pub async fn follow(
+    store: Arc<MessageStore>,
+    me: SlaveIdentity,
+    mut master: watch::Receiver<Option<String>>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let addr = master.borrow_and_update().clone();
+        let Some(addr) = addr else {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = master.changed() => continue,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            }
+        };
+        let started = Instant::now();
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = follow_once(&store, &me, &addr) => r,
+            _ = master.changed() => Ok(()),
+        };
+        match result {
+            Ok(()) => tracing::info!(master = %addr, "replication connection closed"),
+            Err(e @ ReplicationError::Diverged(_)) => {
+                tracing::error!(master = %addr, error = %e, "replication diverged; retrying later");
+            }
+            Err(e) => tracing::warn!(master = %addr, error = %e, "replication interrupted"),
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            backoff = Duration::from_millis(100);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(3));
+    }
+}
+
+async fn follow_once(
+    store: &MessageStore,
+    me: &SlaveIdentity,
+    addr: &str,
+) -> Result<(), ReplicationError> {
+    let e = |source| ReplicationError::Io {
+        peer: addr.to_string(),
+        source,
+    };
+    let socket = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
+        .await
+        .map_err(|_| ReplicationError::Io {
+            peer: addr.to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+        })?
+        .map_err(e)?;
+    let _ = socket.set_nodelay(true);
+    let (mut rd, mut wr) = socket.into_split();
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&HELLO_MAGIC.to_be_bytes());
+    hello.extend_from_slice(&HELLO_VERSION.to_be_bytes());
+    for s in [&me.group, &me.token] {
+        hello.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        hello.extend_from_slice(s.as_bytes());
+    }
+    let log = store.commitlog();
+    hello.extend_from_slice(&log.max_offset().to_be_bytes());
+    wr.write_all(&hello).await.map_err(e)?;
+    tracing::info!(
+        master = addr,
+        offset = log.max_offset(),
+        "replicating from master"
+    );
+
+    let mut buf = vec![0u8; MAX_CHUNK as usize];
+    let mut last_report = Instant::now();
+    loop {
+        let start = match tokio::time::timeout(IDLE_TIMEOUT, rd.read_u64()).await {
+            Ok(r) => r.map_err(e)?,
+            Err(_) => {
+                return Err(ReplicationError::Handshake(format!(
+                    "master {addr} went silent"
+                )))
+            }
+        };
+        let size = rd.read_u32().await.map_err(e)? as usize;
+        if size as u64 > MAX_CHUNK {
+            return Err(ReplicationError::Handshake(format!(
+                "master {addr} sent an oversized chunk ({size} bytes)"
+            )));
+        }
+        rd.read_exact(&mut buf[..size]).await.map_err(e)?;
+        let end = log.max_offset();
+        if start != end {
+            if end == 0 && log.min_offset() == 0 && size > 0 {
+                // An empty slave joining a master whose first segments were deleted.
+                log.reset_start(start)?;
+            } else if size > 0 || start > end {
+                return Err(ReplicationError::Diverged(format!(
+                    "master {addr} sends from offset {start} but this slave's log ends at {end}"
+                )));
+            }
+        }
+        if size > 0 {
+            store.replicate(start, &buf[..size])?;
+        }
+        if size > 0 || last_report.elapsed() >= HEARTBEAT {
+            wr.write_all(&log.max_offset().to_be_bytes())
+                .await
+                .map_err(e)?;
+            last_report = Instant::now();
+        }
+    }
+}
