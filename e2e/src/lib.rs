@@ -210,15 +210,26 @@ pub struct BrokerSpec {
 }
 
 impl BrokerSpec {
-    /// A master named `name` with the given flush policy.
+    /// An ASYNC_MASTER named `name` with the given flush policy.
     pub fn master(name: &str, flush: &str) -> BrokerSpec {
+        BrokerSpec::member(name, 0, "ASYNC_MASTER", flush)
+    }
+
+    /// A member of group `name` with the given id and role.
+    pub fn member(name: &str, id: i64, role: &str, flush: &str) -> BrokerSpec {
         BrokerSpec {
             name: name.into(),
-            id: 0,
-            role: "ASYNC_MASTER".into(),
+            id,
+            role: role.into(),
             flush: flush.into(),
             extra: Vec::new(),
         }
+    }
+
+    /// Adds broker.conf lines.
+    pub fn with(mut self, lines: &[&str]) -> BrokerSpec {
+        self.extra.extend(lines.iter().map(|l| l.to_string()));
+        self
     }
 }
 

@@ -276,17 +276,50 @@ async fn update_topic(
 async fn cluster_list(client: &Client) -> Result<(), ClientError> {
     let info = client.cluster_info().await?;
     println!(
-        "{:<20} {:<20} {:>4} {:<24} {:<10}",
-        "#Cluster", "#Broker", "#Id", "#Addr", "#Role"
+        "{:<16} {:<16} {:>4} {:<22} {:<13} {:>14} {:>12} {:>10}",
+        "#Cluster", "#Broker", "#Id", "#Addr", "#Role", "#MaxOffset", "#LagBytes", "#LagMsgs"
     );
+    let num = |t: &BTreeMap<String, String>, k: &str| t.get(k).and_then(|v| v.parse::<i64>().ok());
     for (cluster, names) in &info.cluster_addr_table {
         for name in names {
             let Some(bd) = info.broker_addr_table.get(name) else {
                 continue;
             };
+            let mut master: Option<BTreeMap<String, String>> = None;
             for (id, addr) in &bd.broker_addrs {
-                let role = if *id == 0 { "MASTER" } else { "SLAVE" };
-                println!("{cluster:<20} {name:<20} {id:>4} {addr:<24} {role:<10}");
+                let rt = client.runtime_info(addr).await.ok();
+                let role = rt
+                    .as_ref()
+                    .and_then(|t| t.get("brokerRole").cloned())
+                    .unwrap_or_else(|| {
+                        if *id == 0 {
+                            "MASTER".into()
+                        } else {
+                            "SLAVE".into()
+                        }
+                    });
+                let max = rt.as_ref().and_then(|t| num(t, "commitLogMaxOffset"));
+                let (lag_bytes, lag_msgs) = match (&master, &rt) {
+                    (Some(m), Some(t)) if *id != 0 => (
+                        num(m, "commitLogMaxOffset")
+                            .zip(max)
+                            .map(|(a, b)| (a - b).max(0)),
+                        num(m, "totalMessages")
+                            .zip(num(t, "totalMessages"))
+                            .map(|(a, b)| (a - b).max(0)),
+                    ),
+                    _ => (None, None),
+                };
+                let show = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
+                println!(
+                    "{cluster:<16} {name:<16} {id:>4} {addr:<22} {role:<13} {:>14} {:>12} {:>10}",
+                    show(max),
+                    show(lag_bytes),
+                    show(lag_msgs)
+                );
+                if *id == 0 {
+                    master = rt;
+                }
             }
         }
     }

@@ -8,7 +8,7 @@ mod producer;
 pub use consumer::{ConsumedMessage, PullConsumer, QueueProgress};
 pub use producer::{Message, Producer, SendResult};
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -231,6 +231,19 @@ impl Client {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&cfg.topic_name);
         Ok(())
+    }
+
+    /// A broker's runtime facts (role, offsets, replication).
+    pub async fn runtime_info(
+        &self,
+        broker: &str,
+    ) -> Result<BTreeMap<String, String>, ClientError> {
+        let req =
+            RemotingCommand::request(RequestCode::GetBrokerRuntimeInfo.code(), ExtFields::new());
+        let resp = self.call_ok(broker, req).await?;
+        from_json::<crate::server::RuntimeInfo>(&resp.body)
+            .map(|i| i.table)
+            .map_err(|e| bad(broker, format!("runtime info: {e}")))
     }
 
     /// Every topic config of one broker.

@@ -101,7 +101,7 @@ impl NameServer {
             .heartbeat_timeout_millis
             .filter(|t| *t > 0)
             .map_or(self.cfg.broker_timeout, |t| Duration::from_millis(t as u64));
-        let outcome = self.routes().register(
+        let outcome = match self.routes().register(
             Registration {
                 cluster: h.cluster_name.clone(),
                 broker_name: h.broker_name.clone(),
@@ -112,7 +112,13 @@ impl NameServer {
                 topics: body.topic_config_serialize_wrapper,
             },
             Instant::now(),
-        );
+        ) {
+            Ok(o) => o,
+            Err(conflict) => {
+                tracing::warn!(broker = %h.broker_addr, name = %h.broker_name, id = h.broker_id, %conflict, "registration refused");
+                return req.error_to(ResponseCode::SystemError, conflict);
+            }
+        };
         tracing::debug!(broker = %h.broker_addr, name = %h.broker_name, id = h.broker_id, "broker registered");
         let mut resp = req.response_to(ResponseCode::Success);
         resp.ext_fields = RegisterBrokerResponseHeader {

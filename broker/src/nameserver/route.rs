@@ -58,7 +58,31 @@ pub struct Registration {
 
 impl RouteTable {
     /// Records a broker's registration (or heartbeat) at `now`.
-    pub fn register(&mut self, r: Registration, now: Instant) -> RegisterOutcome {
+    pub fn register(&mut self, r: Registration, now: Instant) -> Result<RegisterOutcome, String> {
+        // One address per brokerId in a group: a second master (or a second slave with the
+        // same id) is refused while the first is alive.
+        if let Some(existing) = self
+            .brokers
+            .get(&r.broker_name)
+            .and_then(|b| b.broker_addrs.get(&r.broker_id))
+        {
+            let alive = self
+                .live
+                .get(existing)
+                .is_some_and(|l| now.duration_since(l.last_seen) <= l.timeout);
+            if *existing != r.broker_addr && alive {
+                let what = if r.broker_id == 0 {
+                    "a master".to_string()
+                } else {
+                    format!("brokerId {}", r.broker_id)
+                };
+                return Err(format!(
+                    "group {} already has {what} at {existing}; {} cannot register as brokerId {} \
+                     (check brokerName/brokerId, or wait until the old broker expires)",
+                    r.broker_name, r.broker_addr, r.broker_id
+                ));
+            }
+        }
         self.clusters
             .entry(r.cluster.clone())
             .or_default()
@@ -112,19 +136,19 @@ impl RouteTable {
             },
         );
         if r.broker_id == 0 {
-            return RegisterOutcome::default();
+            return Ok(RegisterOutcome::default());
         }
         let master = self
             .brokers
             .get(&r.broker_name)
             .and_then(|b| b.master_addr().map(String::from));
-        RegisterOutcome {
+        Ok(RegisterOutcome {
             ha_server_addr: master
                 .as_ref()
                 .and_then(|m| self.live.get(m))
                 .and_then(|l| l.ha_addr.clone()),
             master_addr: master,
-        }
+        })
     }
 
     /// Removes a broker (on UNREGISTER_BROKER or expiry).
@@ -241,8 +265,8 @@ mod tests {
     fn route_lists_every_group_holding_the_topic() {
         let mut t = RouteTable::default();
         let now = Instant::now();
-        t.register(reg("a", "h1:1", 0, &["T"]), now);
-        t.register(reg("b", "h2:1", 0, &["T", "U"]), now);
+        t.register(reg("a", "h1:1", 0, &["T"]), now).unwrap();
+        t.register(reg("b", "h2:1", 0, &["T", "U"]), now).unwrap();
         let r = t.route("T").unwrap();
         assert_eq!(r.queue_datas.len(), 2);
         assert_eq!(r.broker_datas.len(), 2);
@@ -254,8 +278,8 @@ mod tests {
     fn slave_learns_its_master_and_is_listed_by_id() {
         let mut t = RouteTable::default();
         let now = Instant::now();
-        t.register(reg("a", "h1:1", 0, &["T"]), now);
-        let out = t.register(reg("a", "h2:1", 1, &[]), now);
+        t.register(reg("a", "h1:1", 0, &["T"]), now).unwrap();
+        let out = t.register(reg("a", "h2:1", 1, &[]), now).unwrap();
         assert_eq!(out.master_addr.as_deref(), Some("h1:1"));
         assert_eq!(out.ha_server_addr.as_deref(), Some("h1:1-ha"));
         let bd = &t.route("T").unwrap().broker_datas[0];
@@ -281,9 +305,31 @@ mod tests {
     }
 
     #[test]
+    fn second_master_of_a_group_is_refused_while_the_first_lives() {
+        let mut t = RouteTable::default();
+        let start = Instant::now();
+        t.register(reg("a", "h1:1", 0, &["T"]), start).unwrap();
+        let err = t.register(reg("a", "h9:1", 0, &["T"]), start).unwrap_err();
+        assert!(err.contains("already has a master at h1:1"), "{err}");
+        // Re-registering the same master is a heartbeat, not a conflict.
+        t.register(reg("a", "h1:1", 0, &["T"]), start).unwrap();
+        // Once the first expires, the new one may take over.
+        t.register(
+            reg("a", "h9:1", 0, &["T"]),
+            start + Duration::from_secs(121),
+        )
+        .unwrap();
+        assert_eq!(
+            t.route("T").unwrap().broker_datas[0].broker_addrs[&0],
+            "h9:1"
+        );
+    }
+
+    #[test]
     fn wipe_write_perm_leaves_read() {
         let mut t = RouteTable::default();
-        t.register(reg("a", "h1:1", 0, &["T", "U"]), Instant::now());
+        t.register(reg("a", "h1:1", 0, &["T", "U"]), Instant::now())
+            .unwrap();
         assert_eq!(t.wipe_write_perm("a"), 2);
         assert_eq!(t.route("T").unwrap().queue_datas[0].perm, 4);
     }

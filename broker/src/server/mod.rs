@@ -27,7 +27,7 @@ use crate::http::{self, HealthState};
 use crate::remoting::body::{
     from_json, to_json, ConsumerListBody, HeartbeatData, RegisterBrokerBody, TopicConfigWrapper,
 };
-use crate::remoting::connection::{serve, ConnectionPool, Peer, Processor};
+use crate::remoting::connection::{serve, ClientError, ConnectionPool, Peer, Processor};
 use crate::remoting::header::{
     ConsumerGroupRequestHeader, CreateTopicRequestHeader, RegisterBrokerRequestHeader,
     RegisterBrokerResponseHeader, SendMessageRequestHeader, UnregisterBrokerRequestHeader,
@@ -83,6 +83,8 @@ pub struct Broker {
     master_addr: std::sync::Mutex<Option<String>>,
     /// Physical memory, for the "consumer reads from disk" test behind slave reads.
     total_memory: u64,
+    /// Endpoint state: not ready while a name server refuses our registration.
+    health: Arc<HealthState>,
 }
 
 type ErrorResponder = Box<dyn FnOnce(&RemotingCommand) -> RemotingCommand + Send>;
@@ -337,6 +339,7 @@ impl Broker {
     /// Registers with every address every configured name server resolves to.
     async fn register_all(&self) {
         let req = self.registration();
+        let mut refused = false;
         for addr in resolve_all(&self.cfg.namesrv_addrs).await {
             match self
                 .pool
@@ -349,9 +352,16 @@ impl Broker {
                         self.learn_master(&resp);
                     }
                 }
+                Err(ClientError::Response { remark, .. }) => {
+                    // A conflict (e.g. a second master for this group) is a configuration
+                    // error: say so loudly and stay unready until it clears.
+                    tracing::error!(namesrv = %addr, reason = %remark, "name server refused the registration");
+                    refused = true;
+                }
                 Err(e) => tracing::warn!(namesrv = %addr, error = %e, "registration failed"),
             }
         }
+        self.health.ready.store(!refused, Ordering::Release);
     }
 
     /// A slave learns where its master is from a registration answer.
@@ -757,6 +767,7 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         master_ha: watch::channel(cfg.ha_master_address.clone()).0,
         master_addr: std::sync::Mutex::new(None),
         total_memory: total_memory(),
+        health: health.clone(),
     });
     if cfg.auto_create_topic && cfg.role != BrokerRole::Slave {
         broker.ensure_topic(
@@ -894,7 +905,6 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             }
         }
     }));
-    health.ready.store(true, Ordering::Release);
     tracing::info!(
         %addr,
         %http_addr,
