@@ -251,9 +251,16 @@ pub struct Broker {
 impl Broker {
     /// Writes a broker.conf for `spec` under `dir` and starts the broker.
     pub fn start(dir: &Path, spec: &BrokerSpec, namesrv: &[&str]) -> Result<Broker, Error> {
+        let mut b = Broker::configure(dir, spec, namesrv)?;
+        b.restart()?;
+        Ok(b)
+    }
+
+    /// Writes a broker.conf for `spec` under `dir` without starting anything.
+    pub fn configure(dir: &Path, spec: &BrokerSpec, namesrv: &[&str]) -> Result<Broker, Error> {
         let port = free_ports(3);
-        let store = dir.join(format!("store-{}-{}", spec.name, spec.id));
-        let conf = dir.join(format!("{}-{}.conf", spec.name, spec.id));
+        let store = dir.join(format!("store-{}-{}-{port}", spec.name, spec.id));
+        let conf = dir.join(format!("{}-{}-{port}.conf", spec.name, spec.id));
         let mut f = std::fs::File::create(&conf)?;
         writeln!(f, "brokerClusterName=TestCluster")?;
         writeln!(f, "brokerName={}", spec.name)?;
@@ -266,45 +273,70 @@ impl Broker {
         writeln!(f, "httpPort={}", port + 2)?;
         writeln!(f, "namesrvAddr={}", namesrv.join(";"))?;
         writeln!(f, "storePathRootDir={}", store.display())?;
-        writeln!(f, "registerNameServerPeriod=2000")?;
+        if !spec
+            .extra
+            .iter()
+            .any(|l| l.starts_with("registerNameServerPeriod"))
+        {
+            writeln!(f, "registerNameServerPeriod=2000")?;
+        }
         for l in &spec.extra {
             writeln!(f, "{l}")?;
         }
         drop(f);
-        let mut b = Broker {
+        Ok(Broker {
             proc: None,
             addr: format!("127.0.0.1:{port}"),
             http_port: port + 2,
             store,
             conf,
             dir: dir.to_path_buf(),
-            name: format!("{}-{}", spec.name, spec.id),
-        };
-        b.restart()?;
-        Ok(b)
+            name: format!("{}-{}-{port}", spec.name, spec.id),
+        })
     }
 
-    /// Starts the broker process again on the same ports and data.
+    /// Starts the broker process again on the same ports and data, and waits until it is
+    /// ready.
     pub fn restart(&mut self) -> Result<(), Error> {
+        self.spawn()?;
+        self.wait_ready()
+    }
+
+    /// Starts the broker process without waiting for it to become ready.
+    pub fn spawn(&mut self) -> Result<(), Error> {
         let mut cmd = Command::new(bin("mqbroker")?);
         cmd.arg("-c").arg(&self.conf).env("RUST_LOG", "info");
-        let mut proc = Proc::spawn(
-            "mqbroker",
-            cmd,
-            self.dir.join(format!("broker-{}.log", self.name)),
-        )?;
+        self.proc = Some(Proc::spawn("mqbroker", cmd, self.log_path())?);
+        Ok(())
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("broker-{}.log", self.name))
+    }
+
+    /// The broker's log so far (all of its runs).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&mut self) -> Result<(), Error> {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(30) {
-            if !proc.running() {
-                return Err(format!("broker exited at start:\n{}", proc.log_text()).into());
+            let running = self.proc.as_mut().is_some_and(Proc::running);
+            if !running {
+                return Err(format!("broker exited at start:\n{}", self.log_text()).into());
             }
             if http_ok(self.http_port, "/readyz") {
-                self.proc = Some(proc);
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Err(format!("broker not ready within 30 s; log {}", proc.log.display()).into())
+        Err(format!(
+            "broker not ready within 30 s; log {}",
+            self.log_path().display()
+        )
+        .into())
     }
 
     /// SIGKILL the broker.

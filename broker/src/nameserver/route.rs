@@ -291,11 +291,12 @@ mod tests {
     fn silent_broker_expires_and_its_topics_go_with_its_group() {
         let mut t = RouteTable::default();
         let start = Instant::now();
-        t.register(reg("a", "h1:1", 0, &["T"]), start);
+        t.register(reg("a", "h1:1", 0, &["T"]), start).unwrap();
         t.register(
             reg("b", "h2:1", 0, &["T"]),
             start + Duration::from_secs(100),
-        );
+        )
+        .unwrap();
         let dead = t.expire(start + Duration::from_secs(121));
         assert_eq!(dead, vec!["h1:1".to_string()]);
         let r = t.route("T").unwrap();

@@ -8,7 +8,7 @@ use crate::remoting::header::{
     UpdateConsumerOffsetRequestHeader,
 };
 use crate::remoting::{RemotingCommand, ResponseCode};
-use crate::store::topics::PERM_READ;
+use crate::store::topics::{TopicConfig, PERM_READ};
 use crate::store::{GetResult, GetStatus};
 
 use super::clients::TagFilter;
@@ -56,7 +56,16 @@ impl Broker {
             .to_ext();
             return resp;
         }
-        let Some(topic) = self.store.topics.get(&h.topic) else {
+        // A slave may hold replicated queues of a topic whose config it has not copied yet
+        // (its master died first): serve what it holds.
+        let topic = self.store.topics.get(&h.topic).or_else(|| {
+            if self.is_master() {
+                return None;
+            }
+            let queues = self.store.queue_count(&h.topic);
+            (queues > 0).then(|| TopicConfig::new(&h.topic, queues, PERM_READ))
+        });
+        let Some(topic) = topic else {
             return req.error_to(
                 ResponseCode::TopicNotExist,
                 format!("topic[{}] not exist, apply first please!", h.topic),

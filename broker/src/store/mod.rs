@@ -382,6 +382,18 @@ impl MessageStore {
             .cloned()
     }
 
+    /// Queues a topic has locally (highest queue id + 1), 0 when it has none.
+    pub fn queue_count(&self, topic: &str) -> i32 {
+        self.queues
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, q)| q + 1)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Every consume queue.
     pub fn all_queues(&self) -> Vec<Arc<ConsumeQueue>> {
         self.queues

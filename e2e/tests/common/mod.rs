@@ -158,6 +158,21 @@ pub fn message(topic: &str, seq: u64) -> Result<Message, Error> {
         .build()?)
 }
 
+/// The same message as [`message`], for ferromq's own producer.
+pub fn ferromq_message(topic: &str, seq: u64) -> broker::client::Message {
+    let e = expected(seq);
+    broker::client::Message {
+        topic: topic.to_string(),
+        tags: e.tags,
+        keys: e.keys.unwrap_or_default(),
+        properties: BTreeMap::from([
+            ("seq".to_string(), seq.to_string()),
+            ("color".to_string(), e.color.unwrap_or_default()),
+        ]),
+        body: e.body.into(),
+    }
+}
+
 /// A started producer.
 pub async fn producer(
     rt: &Runtime,
