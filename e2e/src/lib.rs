@@ -136,6 +136,19 @@ impl Proc {
         Ok(())
     }
 
+    /// Sends a signal by name (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, sig: &str) -> Result<(), Error> {
+        let c = self.child.as_ref().ok_or("process not running")?;
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(c.id().to_string())
+            .status()?;
+        if !status.success() {
+            return Err(format!("kill -{sig} {} failed", c.id()).into());
+        }
+        Ok(())
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         self.child

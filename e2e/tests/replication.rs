@@ -400,10 +400,102 @@ fn segment_files(store: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sync_master_answers_slave_not_available_and_flush_slave_timeout() -> Result<(), Error> {
+    let dir = e2e::test_dir("sync-status")?;
+    let ns = NameServer::start(dir.path(), 120_000)?;
+    let master = Broker::start(
+        dir.path(),
+        &BrokerSpec::member("broker-a", 0, "SYNC_MASTER", "ASYNC_FLUSH")
+            .with(&["slaveTimeout=1000"]),
+        &[&ns.addr],
+    )?;
+    let client = Client::new(vec![ns.addr.clone()]);
+    create_topic(&client, &[&master], "Status").await?;
+    let send = |seq| {
+        let h = SendMessageRequestHeader {
+            producer_group: "pg".into(),
+            topic: "Status".into(),
+            queue_id: Some(0),
+            ..Default::default()
+        };
+        RemotingCommand::request(
+            RequestCode::SendMessageV2.code(),
+            send_v1_to_v2(&h.to_ext()),
+        )
+        .with_body(body(seq))
+    };
+    // No slave: stored, answered SLAVE_NOT_AVAILABLE (with the message id, as RocketMQ does).
+    let resp = client.call(&master.addr, send(0)).await?;
+    assert_eq!(
+        resp.code,
+        ResponseCode::SlaveNotAvailable.code(),
+        "{:?}",
+        resp.remark
+    );
+    assert!(resp.ext_fields.contains_key("msgId"));
+    // A slave that stops answering: FLUSH_SLAVE_TIMEOUT after slaveTimeout.
+    let slave = Broker::start(
+        dir.path(),
+        &BrokerSpec::member("broker-a", 1, "SLAVE", "ASYNC_FLUSH"),
+        &[&ns.addr],
+    )?;
+    wait_slaves(&client, &master, 1).await?;
+    let ok = client.call(&master.addr, send(1)).await?;
+    assert_eq!(ok.code, ResponseCode::Success.code(), "{:?}", ok.remark);
+    slave
+        .proc
+        .as_ref()
+        .ok_or("slave not running")?
+        .signal("STOP")?;
+    let resp = client.call(&master.addr, send(2)).await?;
+    slave
+        .proc
+        .as_ref()
+        .ok_or("slave not running")?
+        .signal("CONT")?;
+    assert_eq!(
+        resp.code,
+        ResponseCode::FlushSlaveTimeout.code(),
+        "{:?}",
+        resp.remark
+    );
+    // All three are stored and reach the slave once it runs again.
+    wait_caught_up(&client, &master, &slave).await?;
+    assert_eq!(
+        client.runtime_info(&slave.addr).await?["totalMessages"],
+        "3"
+    );
+    // Lag and roles are visible to operators.
+    let out = std::process::Command::new(e2e::bin("mqadmin")?)
+        .args(["-n", &ns.addr, "clusterList"])
+        .output()?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    let slave_row = table
+        .lines()
+        .find(|l| l.contains(&slave.addr))
+        .ok_or("slave missing from clusterList")?;
+    assert!(
+        slave_row.contains("SLAVE") && slave_row.trim_end().ends_with(" 0"),
+        "{table}"
+    );
+    assert!(table.contains("SYNC_MASTER"), "{table}");
+    let (_, metrics) = e2e::http_get(master.http_port, "/metrics").ok_or("no metrics")?;
+    assert!(
+        metrics.contains("ferromq_broker_replication_slave_lag_bytes{"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ferromq_broker_replication_sync_wait_seconds_count"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slave_restarted_mid_stream_catches_up_byte_identical() -> Result<(), Error> {
     let dir = e2e::test_dir("slave-restart")?;
     let ns = NameServer::start(dir.path(), 120_000)?;
-    let master = Broker::start(
+    let mut master = Broker::start(
         dir.path(),
         &BrokerSpec::member("broker-a", 0, "ASYNC_MASTER", "ASYNC_FLUSH").with(SMALL_SEGMENTS),
         &[&ns.addr],
@@ -442,6 +534,19 @@ async fn slave_restarted_mid_stream_catches_up_byte_identical() -> Result<(), Er
     }
     slave.restart()?;
     producer_task.await?;
+    wait_caught_up(&client, &master, &slave).await?;
+    // The master restarting is survived too: the slave reconnects and resumes.
+    master.stop()?;
+    master.restart()?;
+    let p = Producer::new(client.clone(), "stream_producer_2");
+    for seq in 5000..5500u64 {
+        p.send(&Message {
+            topic: "Stream".into(),
+            body: body(seq),
+            ..Default::default()
+        })
+        .await?;
+    }
     let end = wait_caught_up(&client, &master, &slave).await?;
     assert!(end > 4 * 262_144, "the test should span several segments");
     let (m, s) = (segment_files(&master.store), segment_files(&slave.store));
@@ -458,7 +563,7 @@ async fn slave_restarted_mid_stream_catches_up_byte_identical() -> Result<(), Er
     }
     // And the slave's queues index every message.
     let info = client.runtime_info(&slave.addr).await?;
-    assert_eq!(info["totalMessages"], "5000");
+    assert_eq!(info["totalMessages"], "5500");
     Ok(())
 }
 
