@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,13 +16,11 @@ use broker::store::topics::TopicConfig;
 use bytes::BytesMut;
 use e2e::{Broker, BrokerSpec, Error, NameServer};
 use rocketmq_client_rust::{
-    ClientResult, ClientRuntime, ClientRuntimeConfig, ConsumeConcurrentlyContext,
-    ConsumeConcurrentlyStatus, DefaultMQProducer, DefaultMQPushConsumer, MQPushConsumer,
-    MessageListenerConcurrently,
+    ClientResult, ConsumeConcurrentlyContext, ConsumeConcurrentlyStatus, DefaultMQProducer,
+    DefaultMQPushConsumer, MQPushConsumer, MessageListenerConcurrently,
 };
 use rocketmq_model::common::message::message_ext::MessageExt;
 use rocketmq_model::common::message::message_single::Message;
-use rocketmq_runtime::{RuntimeConfig, RuntimeOwner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Decoder;
@@ -126,19 +126,8 @@ async fn capture_rocketmq_client_rust_frames() -> Result<(), Error> {
         .with_body(broker::remoting::body::to_json(&body));
     client.call_ok(&ns.addr, reg).await?;
 
-    let owner = RuntimeOwner::plan(RuntimeConfig {
-        thread_name: "capture".into(),
-        ..Default::default()
-    })?
-    .build()?;
-    let telemetry = rocketmq_observability::install_global(
-        &rocketmq_observability::TelemetryBootstrapConfig::default(),
-    )?;
-    let rt = ClientRuntime::try_new(
-        owner.root_context().component("client"),
-        ClientRuntimeConfig::default(),
-        telemetry.handle(),
-    )?;
+    let runtime = common::Runtime::new()?;
+    let rt = runtime.client.clone();
     let mut producer = DefaultMQProducer::builder(rt.clone())
         .producer_group("capture_producer".to_string())
         .name_server_addr(ns_proxy_addr.clone())

@@ -132,67 +132,63 @@ impl PullConsumer {
         }
     }
 
+    /// Pulls queue `idx` once, moving its position; `Some` with the messages when found.
+    async fn pull_queue(
+        &mut self,
+        idx: usize,
+        wait: Duration,
+    ) -> Result<Option<Vec<ConsumedMessage>>, ClientError> {
+        let q = &self.queues[idx];
+        let Some(addr) = pick_addr(&q.addrs).cloned() else {
+            return Ok(None);
+        };
+        let r = self
+            .client
+            .pull(&addr, self.spec(q.queue_id, q.next, wait))
+            .await?;
+        let q = &mut self.queues[idx];
+        let moved = [
+            ResponseCode::Success,
+            ResponseCode::PullOffsetMoved,
+            ResponseCode::PullRetryImmediately,
+        ];
+        if moved.iter().any(|c| c.code() == r.code) {
+            q.next = r.next_begin_offset;
+        }
+        if r.code != ResponseCode::Success.code() {
+            return Ok(None);
+        }
+        let broker_name = &q.broker_name;
+        Ok(Some(
+            r.messages
+                .into_iter()
+                .map(|message| ConsumedMessage {
+                    broker_name: broker_name.clone(),
+                    message,
+                })
+                .collect(),
+        ))
+    }
+
     /// Pulls the next batch from the next queue with messages; waits up to `wait` for new
     /// ones when every queue is drained. Empty means nothing arrived in time.
     pub async fn poll(&mut self, wait: Duration) -> Result<Vec<ConsumedMessage>, ClientError> {
-        if self.queues.is_empty() {
+        let n = self.queues.len();
+        if n == 0 {
             tokio::time::sleep(wait).await;
             return Ok(Vec::new());
         }
-        let n = self.queues.len();
         for i in 0..n {
             let idx = (self.cursor + i) % n;
-            let q = &self.queues[idx];
-            let Some(addr) = pick_addr(&q.addrs).cloned() else {
-                continue;
-            };
-            let r = self
-                .client
-                .pull(&addr, self.spec(q.queue_id, q.next, Duration::ZERO))
-                .await?;
-            let q = &mut self.queues[idx];
-            if r.code == ResponseCode::Success.code() {
-                q.next = r.next_begin_offset;
+            if let Some(msgs) = self.pull_queue(idx, Duration::ZERO).await? {
                 self.cursor = (idx + 1) % n;
-                let bn = q.broker_name.clone();
-                return Ok(r
-                    .messages
-                    .into_iter()
-                    .map(|m| ConsumedMessage {
-                        broker_name: bn.clone(),
-                        message: m,
-                    })
-                    .collect());
-            }
-            if r.code == ResponseCode::PullOffsetMoved.code()
-                || r.code == ResponseCode::PullRetryImmediately.code()
-            {
-                q.next = r.next_begin_offset;
+                return Ok(msgs);
             }
         }
         // Everything is drained: long-poll one queue so new messages wake us promptly.
-        let q = &self.queues[self.cursor % n];
-        if let Some(addr) = pick_addr(&q.addrs).cloned() {
-            let r = self
-                .client
-                .pull(&addr, self.spec(q.queue_id, q.next, wait))
-                .await?;
-            let q = &mut self.queues[self.cursor % n];
-            if r.code == ResponseCode::Success.code() {
-                q.next = r.next_begin_offset;
-                let bn = q.broker_name.clone();
-                return Ok(r
-                    .messages
-                    .into_iter()
-                    .map(|m| ConsumedMessage {
-                        broker_name: bn.clone(),
-                        message: m,
-                    })
-                    .collect());
-            }
-        }
-        self.cursor = (self.cursor + 1) % n;
-        Ok(Vec::new())
+        let idx = self.cursor % n;
+        self.cursor = (idx + 1) % n;
+        Ok(self.pull_queue(idx, wait).await?.unwrap_or_default())
     }
 
     /// Commits the consumed position of every queue that moved.
