@@ -403,6 +403,20 @@ impl BrokerConfig {
         Ok(())
     }
 
+    /// Takes brokerId from a StatefulSet pod name's ordinal (`name-3` -> 3); members other
+    /// than ordinal 0 become slaves of the group's master.
+    pub fn apply_ordinal(&mut self, pod_name: &str) -> Result<(), ConfigError> {
+        let ordinal: i64 = pod_name
+            .rsplit_once('-')
+            .and_then(|(_, n)| n.parse().ok())
+            .ok_or_else(|| bad("--pod-name", pod_name, "a StatefulSet pod name ending in -<ordinal>"))?;
+        self.broker_id = ordinal;
+        if ordinal > 0 {
+            self.role = BrokerRole::Slave;
+        }
+        self.validate()
+    }
+
     /// The address clients use for this broker.
     pub fn broker_addr(&self) -> String {
         format!("{}:{}", self.broker_ip, self.listen_port)
@@ -471,6 +485,16 @@ mod tests {
         assert!(BrokerConfig::parse("brokerRole=SLAVE\nbrokerId=0").is_err());
         assert!(BrokerConfig::parse("brokerRole=SYNC_MASTER\nbrokerId=2").is_err());
         assert!(BrokerConfig::parse("brokerRole=SLAVE\nbrokerId=1").is_ok());
+    }
+
+    #[test]
+    fn pod_ordinal_sets_id_and_role() {
+        let mut c = BrokerConfig::parse("brokerRole=SYNC_MASTER").unwrap();
+        c.apply_ordinal("demo-broker-0-0").unwrap();
+        assert_eq!((c.broker_id, c.role), (0, BrokerRole::SyncMaster));
+        c.apply_ordinal("demo-broker-0-2").unwrap();
+        assert_eq!((c.broker_id, c.role), (2, BrokerRole::Slave));
+        assert!(c.apply_ordinal("no-ordinal-here").is_err());
     }
 
     #[test]

@@ -16,6 +16,13 @@ struct Args {
     /// Name server list (`host:port;host:port`), overriding namesrvAddr.
     #[arg(short = 'n', long = "namesrvAddr", env = "NAMESRV_ADDR")]
     namesrv: Option<String>,
+    /// StatefulSet pod name (`<set>-<ordinal>`): the ordinal becomes brokerId, and ordinals
+    /// above 0 run as SLAVE. Lets one config serve every member of a group without a shell.
+    #[arg(long = "pod-name", env = "FERROMQ_POD_NAME")]
+    pod_name: Option<String>,
+    /// Address to advertise (brokerIP1), e.g. the pod IP from the downward API.
+    #[arg(long = "pod-ip", env = "FERROMQ_POD_IP")]
+    pod_ip: Option<String>,
 }
 
 #[tokio::main]
@@ -34,6 +41,15 @@ async fn main() -> ExitCode {
     };
     if let Some(n) = &args.namesrv {
         cfg.namesrv_addrs = split_namesrv(n);
+    }
+    if let Some(ip) = &args.pod_ip {
+        cfg.broker_ip = ip.clone();
+    }
+    if let Some(pod) = &args.pod_name {
+        if let Err(e) = cfg.apply_ordinal(pod) {
+            eprintln!("mqbroker: {e}");
+            return ExitCode::FAILURE;
+        }
     }
     if cfg.namesrv_addrs.is_empty() {
         eprintln!("mqbroker: no name server: set namesrvAddr in the config, -n, or NAMESRV_ADDR");
