@@ -409,7 +409,13 @@ impl BrokerConfig {
         let ordinal: i64 = pod_name
             .rsplit_once('-')
             .and_then(|(_, n)| n.parse().ok())
-            .ok_or_else(|| bad("--pod-name", pod_name, "a StatefulSet pod name ending in -<ordinal>"))?;
+            .ok_or_else(|| {
+                bad(
+                    "--pod-name",
+                    pod_name,
+                    "a StatefulSet pod name ending in -<ordinal>",
+                )
+            })?;
         self.broker_id = ordinal;
         if ordinal > 0 {
             self.role = BrokerRole::Slave;

@@ -1,0 +1,429 @@
+//! `plan(spec) -> ClusterPlan`: every decision about a cluster, made once and purely. The
+//! Kubernetes builders and the local runtime both render this plan, so what the quick start
+//! runs is what the cluster runs.
+
+use broker::config::BrokerConfig;
+use sha2::{Digest, Sha256};
+
+use crate::crd::{BrokerClusterSpec, Flush, Replication, OWNED_CONFIG_KEYS};
+
+/// Remoting port of every name server.
+pub const NAMESRV_PORT: u16 = 9876;
+/// HTTP port of every name server.
+pub const NAMESRV_HTTP_PORT: u16 = 9877;
+/// Remoting port of every broker.
+pub const BROKER_PORT: u16 = 10911;
+/// Replication port of every broker.
+pub const BROKER_HA_PORT: u16 = 10912;
+/// HTTP port of every broker.
+pub const BROKER_HTTP_PORT: u16 = 10913;
+/// Where the broker's volume is mounted.
+pub const STORE_PATH: &str = "/data/store";
+/// Where broker.conf is mounted.
+pub const CONFIG_DIR: &str = "/etc/ferromq";
+
+/// Why a spec cannot be planned (the schema catches most of these first).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// A count out of range.
+    #[error("{field} = {value}: {why}")]
+    Invalid {
+        /// Spec field.
+        field: &'static str,
+        /// Value given.
+        value: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// `broker.config` sets a key the operator owns.
+    #[error("broker.config may not set {0}: the operator sets it")]
+    OwnedKey(String),
+    /// The rendered broker.conf does not parse (e.g. an unknown key in `broker.config`).
+    #[error("broker.config: {0}")]
+    BrokerConfig(String),
+}
+
+/// Role of a group member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Master acknowledging without waiting for slaves.
+    AsyncMaster,
+    /// Master acknowledging once a slave has the message.
+    SyncMaster,
+    /// Read-only replica.
+    Slave,
+}
+
+impl Role {
+    /// broker.conf spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::AsyncMaster => "ASYNC_MASTER",
+            Role::SyncMaster => "SYNC_MASTER",
+            Role::Slave => "SLAVE",
+        }
+    }
+}
+
+/// One member of a broker group (one StatefulSet pod).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberPlan {
+    /// StatefulSet ordinal; also the brokerId.
+    pub ordinal: i32,
+    /// Role.
+    pub role: Role,
+    /// Pod name.
+    pub pod: String,
+}
+
+/// One broker group: a StatefulSet, its ConfigMap, headless Service and PDB.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerGroupPlan {
+    /// Group index (0-based).
+    pub index: i32,
+    /// brokerName, also the StatefulSet, Service and ConfigMap name.
+    pub name: String,
+    /// Members, ordinal 0 first (the master).
+    pub members: Vec<MemberPlan>,
+    /// broker.conf shared by the members (brokerId and role of slaves come from the ordinal).
+    pub broker_conf: String,
+    /// Hash of everything that should restart the pods when it changes.
+    pub config_hash: String,
+}
+
+impl BrokerGroupPlan {
+    /// Pods wanted.
+    pub fn replicas(&self) -> i32 {
+        self.members.len() as i32
+    }
+}
+
+/// The name-server tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameServerPlan {
+    /// StatefulSet name.
+    pub name: String,
+    /// Headless Service (brokers resolve it to every pod).
+    pub headless_service: String,
+    /// Client Service.
+    pub service: String,
+    /// Pods.
+    pub replicas: i32,
+}
+
+/// Everything the operator will create for one BrokerCluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterPlan {
+    /// BrokerCluster name.
+    pub cluster: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Image of every pod.
+    pub image: String,
+    /// Name servers.
+    pub name_server: NameServerPlan,
+    /// `namesrvAddr` brokers and clients use.
+    pub namesrv_addr: String,
+    /// Broker groups, in index order.
+    pub groups: Vec<BrokerGroupPlan>,
+    /// The deployment model in words.
+    pub mode: String,
+}
+
+/// The deployment model in words, e.g. "2 masters x 1 slave, sync double write, async flush".
+pub fn describe(spec: &BrokerClusterSpec) -> String {
+    let b = &spec.broker;
+    let masters = if b.masters == 1 {
+        "1 master".to_string()
+    } else {
+        format!("{} masters", b.masters)
+    };
+    let flush = match b.flush {
+        Flush::Async => "async flush",
+        Flush::Sync => "sync flush",
+    };
+    if b.slaves_per_master == 0 {
+        return format!("{masters}, {flush}");
+    }
+    let slaves = if b.slaves_per_master == 1 {
+        "1 slave".to_string()
+    } else {
+        format!("{} slaves", b.slaves_per_master)
+    };
+    let repl = match b.replication {
+        Replication::Async => "async replication",
+        Replication::Sync => "sync double write",
+    };
+    format!("{masters} x {slaves}, {repl}, {flush}")
+}
+
+fn hash(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Name of group `i`'s StatefulSet (and brokerName).
+pub fn group_name(cluster: &str, i: i32) -> String {
+    format!("{cluster}-broker-{i}")
+}
+
+/// Plans the cluster `name` in `namespace`; `default_image` applies when the spec names none.
+pub fn plan(
+    name: &str,
+    namespace: &str,
+    spec: &BrokerClusterSpec,
+    default_image: &str,
+) -> Result<ClusterPlan, PlanError> {
+    let b = &spec.broker;
+    if b.masters < 1 {
+        return Err(PlanError::Invalid {
+            field: "broker.masters",
+            value: b.masters.to_string(),
+            why: "at least 1 master is needed",
+        });
+    }
+    if b.slaves_per_master < 0 {
+        return Err(PlanError::Invalid {
+            field: "broker.slavesPerMaster",
+            value: b.slaves_per_master.to_string(),
+            why: "may not be negative",
+        });
+    }
+    if b.replication == Replication::Sync && b.slaves_per_master < 1 {
+        return Err(PlanError::Invalid {
+            field: "broker.slavesPerMaster",
+            value: b.slaves_per_master.to_string(),
+            why: "replication: Sync needs at least 1 slave per master",
+        });
+    }
+    if spec.name_server.replicas < 1 {
+        return Err(PlanError::Invalid {
+            field: "nameServer.replicas",
+            value: spec.name_server.replicas.to_string(),
+            why: "at least 1 name server is needed",
+        });
+    }
+    if let Some(k) = b
+        .config
+        .keys()
+        .find(|k| OWNED_CONFIG_KEYS.contains(&k.as_str()))
+    {
+        return Err(PlanError::OwnedKey(k.clone()));
+    }
+    let ns_name = format!("{name}-nameserver");
+    let name_server = NameServerPlan {
+        headless_service: format!("{ns_name}-headless"),
+        service: ns_name.clone(),
+        name: ns_name,
+        replicas: spec.name_server.replicas,
+    };
+    // One DNS name resolving to every name-server pod: brokers register with each address and
+    // re-resolve on every heartbeat, so scaling name servers needs no broker restart.
+    let namesrv_addr = format!(
+        "{}.{namespace}.svc:{NAMESRV_PORT}",
+        name_server.headless_service
+    );
+    let master_role = match b.replication {
+        Replication::Async => Role::AsyncMaster,
+        Replication::Sync => Role::SyncMaster,
+    };
+    let image = spec
+        .image
+        .clone()
+        .unwrap_or_else(|| default_image.to_string());
+    let mut groups = Vec::new();
+    for i in 0..b.masters {
+        let gname = group_name(name, i);
+        let mut conf = String::new();
+        let mut line = |k: &str, v: &str| {
+            conf.push_str(k);
+            conf.push('=');
+            conf.push_str(v);
+            conf.push('\n');
+        };
+        line("brokerClusterName", name);
+        line("brokerName", &gname);
+        line("brokerId", "0");
+        line("brokerRole", master_role.as_str());
+        line(
+            "flushDiskType",
+            match b.flush {
+                Flush::Async => "ASYNC_FLUSH",
+                Flush::Sync => "SYNC_FLUSH",
+            },
+        );
+        line("namesrvAddr", &namesrv_addr);
+        line("listenPort", &BROKER_PORT.to_string());
+        line("haListenPort", &BROKER_HA_PORT.to_string());
+        line("httpPort", &BROKER_HTTP_PORT.to_string());
+        line("storePathRootDir", STORE_PATH);
+        for (k, v) in &b.config {
+            line(k, v);
+        }
+        // The broker's own parser checks the result, so a bad key fails here, named, rather
+        // than in a crash-looping pod.
+        BrokerConfig::parse(&conf).map_err(|e| PlanError::BrokerConfig(e.to_string()))?;
+        let members = (0..=b.slaves_per_master)
+            .map(|o| MemberPlan {
+                ordinal: o,
+                role: if o == 0 { master_role } else { Role::Slave },
+                pod: format!("{gname}-{o}"),
+            })
+            .collect();
+        let config_hash = hash(&[&conf, &image]);
+        groups.push(BrokerGroupPlan {
+            index: i,
+            name: gname,
+            members,
+            broker_conf: conf,
+            config_hash,
+        });
+    }
+    Ok(ClusterPlan {
+        cluster: name.to_string(),
+        namespace: namespace.to_string(),
+        image,
+        name_server,
+        namesrv_addr,
+        groups,
+        mode: describe(spec),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::BrokerSpec;
+
+    fn spec(masters: i32, slaves: i32, repl: Replication, flush: Flush) -> BrokerClusterSpec {
+        BrokerClusterSpec {
+            broker: BrokerSpec {
+                masters,
+                slaves_per_master: slaves,
+                replication: repl,
+                flush,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    /// The four models of the deployment guide, each with both flush policies.
+    fn models() -> Vec<(&'static str, BrokerClusterSpec)> {
+        let mut out = Vec::new();
+        for flush in [Flush::Async, Flush::Sync] {
+            out.push(("single master", spec(1, 0, Replication::Async, flush)));
+            out.push(("multi-master", spec(3, 0, Replication::Async, flush)));
+            out.push(("async replication", spec(2, 1, Replication::Async, flush)));
+            out.push(("sync double write", spec(2, 2, Replication::Sync, flush)));
+        }
+        out
+    }
+
+    #[test]
+    fn every_model_plans_names_ids_roles_and_conf() {
+        for (label, s) in models() {
+            let p = plan("demo", "mq", &s, "ferromq:test").unwrap();
+            assert_eq!(p.groups.len(), s.broker.masters as usize, "{label}");
+            assert_eq!(p.name_server.name, "demo-nameserver");
+            assert_eq!(p.namesrv_addr, "demo-nameserver-headless.mq.svc:9876");
+            for (i, g) in p.groups.iter().enumerate() {
+                assert_eq!(g.name, format!("demo-broker-{i}"), "{label}");
+                assert_eq!(g.replicas(), 1 + s.broker.slaves_per_master, "{label}");
+                let master = match s.broker.replication {
+                    Replication::Async => Role::AsyncMaster,
+                    Replication::Sync => Role::SyncMaster,
+                };
+                assert_eq!(g.members[0].role, master, "{label}");
+                assert!(
+                    g.members[1..].iter().all(|m| m.role == Role::Slave),
+                    "{label}"
+                );
+                assert_eq!(
+                    g.members.last().map(|m| m.ordinal),
+                    Some(s.broker.slaves_per_master)
+                );
+                let conf = BrokerConfig::parse(&g.broker_conf).unwrap();
+                assert_eq!(conf.broker_name, g.name);
+                assert_eq!(conf.role.as_str(), master.as_str());
+                let want_flush = match s.broker.flush {
+                    Flush::Async => broker::store::FlushDiskType::Async,
+                    Flush::Sync => broker::store::FlushDiskType::Sync,
+                };
+                assert_eq!(conf.flush, want_flush, "{label}");
+                assert_eq!(conf.namesrv_addrs, vec![p.namesrv_addr.clone()]);
+                assert_eq!(conf.store_root.to_str(), Some(STORE_PATH));
+                assert_eq!(conf.listen_port, BROKER_PORT);
+            }
+        }
+    }
+
+    #[test]
+    fn mode_is_described_in_words() {
+        assert_eq!(
+            describe(&spec(1, 0, Replication::Async, Flush::Async)),
+            "1 master, async flush"
+        );
+        assert_eq!(
+            describe(&spec(2, 1, Replication::Sync, Flush::Async)),
+            "2 masters x 1 slave, sync double write, async flush"
+        );
+        assert_eq!(
+            describe(&spec(3, 2, Replication::Async, Flush::Sync)),
+            "3 masters x 2 slaves, async replication, sync flush"
+        );
+    }
+
+    #[test]
+    fn invalid_specs_are_refused_with_the_field_named() {
+        let e = plan("d", "n", &spec(0, 0, Replication::Async, Flush::Async), "i").unwrap_err();
+        assert!(e.to_string().contains("broker.masters"));
+        let e = plan("d", "n", &spec(1, 0, Replication::Sync, Flush::Async), "i").unwrap_err();
+        assert!(e.to_string().contains("Sync"));
+        let mut s = spec(1, 0, Replication::Async, Flush::Async);
+        s.broker.config.insert("brokerRole".into(), "SLAVE".into());
+        assert_eq!(
+            plan("d", "n", &s, "i").unwrap_err(),
+            PlanError::OwnedKey("brokerRole".into())
+        );
+        let mut s = spec(1, 0, Replication::Async, Flush::Async);
+        s.broker.config.insert("fileReservedTme".into(), "1".into());
+        let e = plan("d", "n", &s, "i").unwrap_err();
+        assert!(e.to_string().contains("fileReservedTme"), "{e}");
+    }
+
+    #[test]
+    fn config_changes_change_the_hash_and_nothing_else_does() {
+        let s = spec(2, 1, Replication::Async, Flush::Async);
+        let a = plan("d", "n", &s, "img").unwrap();
+        assert_eq!(
+            a,
+            plan("d", "n", &s, "img").unwrap(),
+            "plan must be deterministic"
+        );
+        let mut s2 = s.clone();
+        s2.broker.flush = Flush::Sync;
+        let b = plan("d", "n", &s2, "img").unwrap();
+        assert_ne!(a.groups[0].config_hash, b.groups[0].config_hash);
+        let mut s3 = s.clone();
+        s3.broker
+            .config
+            .insert("fileReservedTime".into(), "24".into());
+        assert_ne!(
+            a.groups[0].config_hash,
+            plan("d", "n", &s3, "img").unwrap().groups[0].config_hash
+        );
+        assert_ne!(
+            a.groups[0].config_hash,
+            plan("d", "n", &s, "img2").unwrap().groups[0].config_hash
+        );
+    }
+}
