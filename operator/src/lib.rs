@@ -11,3 +11,4 @@ use kube::CustomResourceExt;
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&crd::BrokerCluster::crd())
 }
+pub mod controller;

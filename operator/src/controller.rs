@@ -1,0 +1,546 @@
+//! The reconcile loop: plan, render, apply in order (Services, ConfigMaps, PDBs,
+//! StatefulSets), drain groups before deleting them, delete what the plan no longer holds, and
+//! report status. Objects are applied with server-side apply under one field manager, and only
+//! when they differ from what was last applied: a no-op reconcile only reads.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::crd::{BrokerCluster, BrokerClusterStatus, GroupStatus};
+use crate::plan::{plan, ClusterPlan};
+use crate::resources::{render, FIELD_MANAGER, LABEL_COMPONENT, LABEL_GROUP, LABEL_INSTANCE};
+
+/// Annotation holding a hash of what the operator last applied to an object.
+pub const ANNOTATION_APPLIED: &str = "ferromq.io/applied-hash";
+/// Annotation on a BrokerCluster: delete draining groups without waiting for consumers.
+pub const ANNOTATION_FORCE_DRAIN: &str = "ferromq.io/force-drain";
+/// Annotation on a group's StatefulSet: when its drain started (RFC 3339).
+pub const ANNOTATION_DRAIN_STARTED: &str = "ferromq.io/drain-started";
+
+/// Why a reconcile failed; the variant name becomes the event reason and metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or failed a call.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The object lacks what the operator needs (namespace, uid).
+    #[error("BrokerCluster is missing {0}")]
+    Incomplete(&'static str),
+    /// Draining a group failed.
+    #[error("draining {group}: {reason}")]
+    Drain {
+        /// Group.
+        group: String,
+        /// Cause.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Short label for metrics and events.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubeApi",
+            Error::Incomplete(_) => "Incomplete",
+            Error::Drain { .. } => "DrainFailed",
+        }
+    }
+}
+
+/// A broker group the operator wants to remove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRef {
+    /// BrokerCluster name.
+    pub cluster: String,
+    /// Namespace.
+    pub namespace: String,
+    /// brokerName (and StatefulSet name).
+    pub group: String,
+    /// `namesrvAddr` of the cluster.
+    pub namesrv_addr: String,
+}
+
+/// Day-2 actions on a broker group, through the broker admin protocol.
+pub trait DrainProbe: Send + Sync {
+    /// Makes the group read-only (RocketMQ's wipe-write-permission).
+    fn make_read_only<'a>(&'a self, group: &'a GroupRef) -> BoxFuture<'a, Result<(), String>>;
+    /// Whether every consumer group has consumed every queue of the group.
+    fn drained<'a>(&'a self, group: &'a GroupRef) -> BoxFuture<'a, Result<bool, String>>;
+}
+
+/// What reconcile needs.
+pub struct Context {
+    /// API client.
+    pub client: kube::Client,
+    /// Publishes events.
+    pub recorder: Recorder,
+    /// Image used when a spec names none.
+    pub default_image: String,
+    /// Drains groups before scale-in.
+    pub drain: Arc<dyn DrainProbe>,
+}
+
+fn applied_hash<K: Serialize>(obj: &K) -> String {
+    let bytes = serde_json::to_vec(obj).unwrap_or_default();
+    Sha256::digest(&bytes)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Applies `desired` objects of one kind that changed since the last apply, and deletes
+/// objects of that kind labelled for the cluster that are neither desired nor kept. Returns
+/// how many writes it made.
+async fn sync_kind<K>(
+    api: &Api<K>,
+    selector: &str,
+    desired: Vec<K>,
+    keep: &HashSet<String>,
+) -> Result<usize, Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+    K::DynamicType: Default,
+{
+    let live = api.list(&ListParams::default().labels(selector)).await?;
+    let live_hashes: BTreeMap<String, Option<String>> = live
+        .items
+        .iter()
+        .map(|o| {
+            (
+                o.name_any(),
+                o.annotations().get(ANNOTATION_APPLIED).cloned(),
+            )
+        })
+        .collect();
+    let mut writes = 0;
+    let mut wanted = HashSet::new();
+    for mut obj in desired {
+        let name = obj.name_any();
+        let hash = applied_hash(&obj);
+        wanted.insert(name.clone());
+        if live_hashes.get(&name).and_then(|h| h.as_deref()) == Some(hash.as_str()) {
+            continue;
+        }
+        obj.annotations_mut()
+            .insert(ANNOTATION_APPLIED.into(), hash);
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&obj),
+        )
+        .await?;
+        writes += 1;
+    }
+    for name in live_hashes.keys() {
+        if !wanted.contains(name) && !keep.contains(name) {
+            api.delete(name, &DeleteParams::default()).await?;
+            writes += 1;
+        }
+    }
+    Ok(writes)
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    old: &[Condition],
+) -> Condition {
+    let status = if ok { "True" } else { "False" }.to_string();
+    // Keep the transition time while the status stays the same.
+    let since = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| Time(k8s_openapi::jiff::Timestamp::now()));
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: since,
+    }
+}
+
+struct Observed {
+    ns_ready: i32,
+    groups: Vec<GroupStatus>,
+    draining: Vec<String>,
+    stuck: Vec<String>,
+}
+
+fn build_status(
+    bc: &BrokerCluster,
+    plan: &ClusterPlan,
+    obs: &Observed,
+    invalid: Option<String>,
+) -> BrokerClusterStatus {
+    let old = bc
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let generation = bc.metadata.generation;
+    let ready = invalid.is_none()
+        && obs.ns_ready >= plan.name_server.replicas
+        && obs.groups.iter().all(|g| g.ready_replicas >= g.replicas)
+        && obs.draining.is_empty();
+    let progressing = !ready && invalid.is_none();
+    let (degraded, degraded_reason, degraded_msg) = match (&invalid, obs.stuck.is_empty()) {
+        (Some(msg), _) => (true, "InvalidSpec", msg.clone()),
+        (None, false) => (
+            true,
+            "DrainTimeout",
+            format!(
+                "groups not drained within drainTimeoutSeconds: {}",
+                obs.stuck.join(", ")
+            ),
+        ),
+        (None, true) => (false, "AsPlanned", "no problem observed".to_string()),
+    };
+    let waiting: Vec<String> = obs
+        .groups
+        .iter()
+        .filter(|g| g.ready_replicas < g.replicas)
+        .map(|g| format!("{} {}/{}", g.name, g.ready_replicas, g.replicas))
+        .collect();
+    let progress_msg = if obs.draining.is_empty() {
+        format!(
+            "waiting for name servers {}/{} and groups [{}]",
+            obs.ns_ready,
+            plan.name_server.replicas,
+            waiting.join(", ")
+        )
+    } else {
+        format!("draining {}", obs.draining.join(", "))
+    };
+    BrokerClusterStatus {
+        observed_generation: generation,
+        conditions: vec![
+            condition(
+                "Ready",
+                ready,
+                if ready { "AllMembersReady" } else { "NotReady" },
+                if ready {
+                    plan.mode.clone()
+                } else {
+                    progress_msg.clone()
+                },
+                generation,
+                &old,
+            ),
+            condition(
+                "Progressing",
+                progressing,
+                if progressing { "Reconciling" } else { "Idle" },
+                if progressing {
+                    progress_msg
+                } else {
+                    String::new()
+                },
+                generation,
+                &old,
+            ),
+            condition(
+                "Degraded",
+                degraded,
+                degraded_reason,
+                degraded_msg,
+                generation,
+                &old,
+            ),
+        ],
+        mode: Some(plan.mode.clone()),
+        name_servers_ready: obs.ns_ready,
+        groups: obs.groups.clone(),
+    }
+}
+
+async fn publish(ctx: &Context, bc: &BrokerCluster, type_: EventType, reason: &str, note: String) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &bc.object_ref(&())).await {
+        tracing::warn!(error = %e, "publishing an event failed");
+    }
+}
+
+async fn patch_status(
+    api: &Api<BrokerCluster>,
+    bc: &BrokerCluster,
+    status: BrokerClusterStatus,
+) -> Result<bool, Error> {
+    if bc.status.as_ref() == Some(&status) {
+        return Ok(false);
+    }
+    let body = serde_json::json!({
+        "apiVersion": "ferromq.io/v1alpha1",
+        "kind": "BrokerCluster",
+        "status": status,
+    });
+    api.patch_status(
+        &bc.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(true)
+}
+
+/// One reconcile of a BrokerCluster.
+pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if bc.spec.paused {
+        return Ok(Action::await_change());
+    }
+    let ns = bc.namespace().ok_or(Error::Incomplete("a namespace"))?;
+    let name = bc.name_any();
+    let client = ctx.client.clone();
+    let bcs: Api<BrokerCluster> = Api::namespaced(client.clone(), &ns);
+    let plan = match plan(&name, &ns, &bc.spec, &ctx.default_image) {
+        Ok(p) => p,
+        Err(e) => {
+            // A spec the schema let through but the plan refuses: say so and wait for an edit.
+            let empty = ClusterPlan {
+                cluster: name.clone(),
+                namespace: ns.clone(),
+                image: String::new(),
+                name_server: crate::plan::NameServerPlan {
+                    name: String::new(),
+                    headless_service: String::new(),
+                    service: String::new(),
+                    replicas: 0,
+                },
+                namesrv_addr: String::new(),
+                groups: Vec::new(),
+                mode: crate::plan::describe(&bc.spec),
+            };
+            let obs = Observed {
+                ns_ready: 0,
+                groups: Vec::new(),
+                draining: Vec::new(),
+                stuck: Vec::new(),
+            };
+            if patch_status(
+                &bcs,
+                &bc,
+                build_status(&bc, &empty, &obs, Some(e.to_string())),
+            )
+            .await?
+            {
+                publish(&ctx, &bc, EventType::Warning, "InvalidSpec", e.to_string()).await;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+    let owner = bc
+        .controller_owner_ref(&())
+        .ok_or(Error::Incomplete("a uid"))?;
+    let desired = render(&plan, &bc.spec, &owner);
+    let selector = format!("{LABEL_INSTANCE}={name}");
+
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let live_sts = sts_api
+        .list(&ListParams::default().labels(&selector))
+        .await?;
+    let wanted: HashSet<String> = plan.groups.iter().map(|g| g.name.clone()).collect();
+
+    // Scale-in: groups no longer planned are drained (read-only, consumers caught up) before
+    // their objects go.
+    let mut keep = HashSet::new();
+    let mut draining = Vec::new();
+    let mut stuck = Vec::new();
+    let force = bc
+        .annotations()
+        .get(ANNOTATION_FORCE_DRAIN)
+        .is_some_and(|v| v == "true");
+    for sts in &live_sts.items {
+        let labels = sts.labels();
+        let Some(group) = labels.get(LABEL_GROUP).cloned() else {
+            continue;
+        };
+        if labels.get(LABEL_COMPONENT).map(String::as_str) != Some("broker")
+            || wanted.contains(&group)
+        {
+            continue;
+        }
+        let gref = GroupRef {
+            cluster: name.clone(),
+            namespace: ns.clone(),
+            group: group.clone(),
+            namesrv_addr: plan.namesrv_addr.clone(),
+        };
+        let started = sts.annotations().get(ANNOTATION_DRAIN_STARTED).cloned();
+        if started.is_none() {
+            ctx.drain
+                .make_read_only(&gref)
+                .await
+                .map_err(|reason| Error::Drain {
+                    group: group.clone(),
+                    reason,
+                })?;
+            let mark = serde_json::json!({"metadata": {"annotations": {ANNOTATION_DRAIN_STARTED: k8s_openapi::jiff::Timestamp::now().to_string()}}});
+            sts_api
+                .patch(&group, &PatchParams::default(), &Patch::Merge(&mark))
+                .await?;
+            publish(
+                &ctx,
+                &bc,
+                EventType::Normal,
+                "Draining",
+                format!("{group} is read-only; waiting for consumers before removing it"),
+            )
+            .await;
+        }
+        let drained = ctx
+            .drain
+            .drained(&gref)
+            .await
+            .map_err(|reason| Error::Drain {
+                group: group.clone(),
+                reason,
+            })?;
+        let elapsed = started
+            .and_then(|s| s.parse::<k8s_openapi::jiff::Timestamp>().ok())
+            .map(|t| {
+                k8s_openapi::jiff::Timestamp::now()
+                    .duration_since(t)
+                    .as_secs()
+            })
+            .unwrap_or(0);
+        if drained || force {
+            publish(
+                &ctx,
+                &bc,
+                EventType::Normal,
+                "ScaledIn",
+                format!(
+                    "{group} drained{}; removing it",
+                    if force && !drained { " (forced)" } else { "" }
+                ),
+            )
+            .await;
+            continue; // not kept: deleted below with the other unwanted objects
+        }
+        if elapsed > bc.spec.broker.drain_timeout_seconds {
+            stuck.push(group.clone());
+        }
+        draining.push(group.clone());
+        keep.insert(group);
+    }
+
+    let writes = sync_kind(
+        &Api::<Service>::namespaced(client.clone(), &ns),
+        &selector,
+        desired.services,
+        &keep,
+    )
+    .await?
+        + sync_kind(
+            &Api::<ConfigMap>::namespaced(client.clone(), &ns),
+            &selector,
+            desired.config_maps,
+            &keep,
+        )
+        .await?
+        + sync_kind(
+            &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
+            &selector,
+            desired.pdbs,
+            &keep,
+        )
+        .await?
+        + sync_kind(&sts_api, &selector, desired.stateful_sets, &keep).await?;
+    if writes > 0 {
+        tracing::info!(cluster = %name, namespace = %ns, writes, "applied changes");
+    }
+
+    // Status from what the StatefulSets report.
+    let live_sts = sts_api
+        .list(&ListParams::default().labels(&selector))
+        .await?;
+    let ready_of = |n: &str| {
+        live_sts
+            .items
+            .iter()
+            .find(|s| s.name_any() == n)
+            .and_then(|s| s.status.as_ref())
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0)
+    };
+    let groups = plan
+        .groups
+        .iter()
+        .map(|g| GroupStatus {
+            name: g.name.clone(),
+            replicas: g.replicas(),
+            ready_replicas: ready_of(&g.name),
+            roles: g
+                .members
+                .iter()
+                .map(|m| m.role.as_str().to_string())
+                .collect(),
+            draining: false,
+        })
+        .chain(draining.iter().map(|d| GroupStatus {
+            name: d.clone(),
+            draining: true,
+            ..Default::default()
+        }))
+        .collect();
+    let obs = Observed {
+        ns_ready: ready_of(&plan.name_server.name),
+        groups,
+        draining: draining.clone(),
+        stuck: stuck.clone(),
+    };
+    let status = build_status(&bc, &plan, &obs, None);
+    let was_ready = bc.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    });
+    let now_ready = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    if patch_status(&bcs, &bc, status).await? && now_ready && !was_ready {
+        publish(&ctx, &bc, EventType::Normal, "Ready", plan.mode.clone()).await;
+    }
+    for s in &stuck {
+        publish(&ctx, &bc, EventType::Warning, "DrainTimeout", format!("{s} still has unconsumed messages; set annotation {ANNOTATION_FORCE_DRAIN}=true to remove it anyway")).await;
+    }
+    if draining.is_empty() && now_ready {
+        Ok(Action::requeue(Duration::from_secs(300)))
+    } else {
+        Ok(Action::requeue(Duration::from_secs(10)))
+    }
+}
+
+/// Requeue with backoff after an error; one bad object never stops the others.
+pub fn error_policy(bc: Arc<BrokerCluster>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(cluster = %bc.name_any(), category = err.category(), error = %err, "reconcile failed");
+    Action::requeue(Duration::from_secs(15))
+}

@@ -1,0 +1,261 @@
+//! A small stateful stand-in for the Kubernetes API server, plugged into `kube::Client` as a
+//! tower service: namespaced GET, LIST (label selectors), server-side apply and merge PATCH
+//! (status subresource included), DELETE and POST. Every write is recorded so tests can assert
+//! exactly what a reconcile changed.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+
+type Key = (String, String, String); // plural, namespace, name
+
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<Key, Value>,
+    writes: Vec<String>,
+    version: u64,
+}
+
+/// The fake API server.
+#[derive(Clone, Default)]
+pub struct FakeApi(Arc<Mutex<State>>);
+
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+fn status(code: u16, reason: &str, message: String) -> Response<Full<Bytes>> {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "status": if code < 300 { "Success" } else { "Failure" },
+        "reason": reason, "message": message, "code": code});
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = StatusCode::from_u16(code).unwrap();
+    r
+}
+
+fn ok(v: &Value) -> Response<Full<Bytes>> {
+    Response::new(Full::new(Bytes::from(v.to_string())))
+}
+
+fn matches(obj: &Value, selector: &str) -> bool {
+    selector.split(',').filter(|s| !s.is_empty()).all(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        obj["metadata"]["labels"][k].as_str() == Some(v)
+    })
+}
+
+impl FakeApi {
+    /// A `kube::Client` talking to this fake.
+    pub fn client(&self) -> kube::Client {
+        let me = self.clone();
+        let svc = tower::service_fn(move |req: Request<kube::client::Body>| {
+            let me = me.clone();
+            async move { Ok::<_, Infallible>(me.handle(req).await) }
+        });
+        kube::Client::new(svc, "default")
+    }
+
+    /// Stores an object as if created by a user.
+    pub fn insert(&self, plural: &str, ns: &str, mut obj: Value) {
+        let mut st = self.0.lock().unwrap();
+        st.version += 1;
+        let name = obj["metadata"]["name"].as_str().unwrap().to_string();
+        obj["metadata"]["namespace"] = json!(ns);
+        obj["metadata"]["uid"] = json!(format!("uid-{name}"));
+        obj["metadata"]["resourceVersion"] = json!(st.version.to_string());
+        if obj["metadata"]["generation"].is_null() {
+            obj["metadata"]["generation"] = json!(1);
+        }
+        st.objects.insert((plural.into(), ns.into(), name), obj);
+    }
+
+    /// An object, if stored.
+    pub fn get(&self, plural: &str, ns: &str, name: &str) -> Option<Value> {
+        self.0
+            .lock()
+            .unwrap()
+            .objects
+            .get(&(plural.into(), ns.into(), name.into()))
+            .cloned()
+    }
+
+    /// Names of stored objects of a kind.
+    pub fn names(&self, plural: &str) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .objects
+            .keys()
+            .filter(|k| k.0 == plural)
+            .map(|k| k.2.clone())
+            .collect()
+    }
+
+    /// Writes since the last call, as "METHOD plural/name[/status]".
+    pub fn take_writes(&self) -> Vec<String> {
+        std::mem::take(&mut self.0.lock().unwrap().writes)
+    }
+
+    /// Changes a stored object (e.g. a StatefulSet's status, a spec edit).
+    pub fn edit(&self, plural: &str, ns: &str, name: &str, patch: Value) {
+        let mut st = self.0.lock().unwrap();
+        let obj = st
+            .objects
+            .get_mut(&(plural.into(), ns.into(), name.into()))
+            .unwrap();
+        let spec_changed = patch.get("spec").is_some();
+        merge(obj, &patch);
+        if spec_changed {
+            let g = obj["metadata"]["generation"].as_i64().unwrap_or(1);
+            obj["metadata"]["generation"] = json!(g + 1);
+        }
+    }
+
+    async fn handle(&self, req: Request<kube::client::Body>) -> Response<Full<Bytes>> {
+        let method = req.method().clone();
+        let uri = req.uri().clone();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let parts: Vec<&str> = uri.path().split('/').filter(|p| !p.is_empty()).collect();
+        let Some(i) = parts.iter().position(|p| *p == "namespaces") else {
+            return status(404, "NotFound", format!("unsupported path {}", uri.path()));
+        };
+        let ns = parts.get(i + 1).copied().unwrap_or_default().to_string();
+        let plural = parts.get(i + 2).copied().unwrap_or_default().to_string();
+        let name = parts.get(i + 3).map(|s| s.to_string());
+        let sub = parts.get(i + 4).copied();
+        let query: BTreeMap<String, String> = uri
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    v.replace("%3D", "=")
+                        .replace("%2C", ",")
+                        .replace("%2F", "/"),
+                )
+            })
+            .collect();
+        let mut st = self.0.lock().unwrap();
+        if method != Method::GET {
+            let target = format!(
+                "{plural}/{}{}",
+                name.clone().unwrap_or_default(),
+                sub.map(|s| format!("/{s}")).unwrap_or_default()
+            );
+            st.writes.push(format!("{method} {target}"));
+        }
+        let body: Value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body).unwrap_or(Value::Null)
+        };
+        match (method, name) {
+            (Method::GET, None) => {
+                let selector = query.get("labelSelector").cloned().unwrap_or_default();
+                let items: Vec<Value> = st
+                    .objects
+                    .iter()
+                    .filter(|(k, v)| k.0 == plural && k.1 == ns && matches(v, &selector))
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                ok(
+                    &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": st.version.to_string()}, "items": items}),
+                )
+            }
+            (Method::GET, Some(name)) => {
+                match st.objects.get(&(plural.clone(), ns.clone(), name.clone())) {
+                    Some(v) => ok(v),
+                    None => status(404, "NotFound", format!("{plural} {name} not found")),
+                }
+            }
+            (Method::PATCH, Some(name)) => {
+                st.version += 1;
+                let version = st.version;
+                let key = (plural.clone(), ns.clone(), name.clone());
+                let existing = st.objects.get(&key).cloned();
+                let obj = match (sub, existing) {
+                    (Some("status"), Some(mut cur)) => {
+                        cur["status"] = body["status"].clone();
+                        cur
+                    }
+                    (Some(_), _) => {
+                        return status(
+                            404,
+                            "NotFound",
+                            format!("{plural} {name}: unsupported subresource"),
+                        )
+                    }
+                    (None, Some(mut cur)) if !query.contains_key("fieldManager") => {
+                        merge(&mut cur, &body);
+                        cur
+                    }
+                    (None, existing) => {
+                        let mut new = body.clone();
+                        if let Some(cur) = existing {
+                            new["status"] = cur["status"].clone();
+                            new["metadata"]["uid"] = cur["metadata"]["uid"].clone();
+                            let g = cur["metadata"]["generation"].as_i64().unwrap_or(1);
+                            let changed = cur["spec"] != new["spec"];
+                            new["metadata"]["generation"] = json!(if changed { g + 1 } else { g });
+                        } else {
+                            new["metadata"]["uid"] = json!(format!("uid-{name}"));
+                            new["metadata"]["generation"] = json!(1);
+                        }
+                        new
+                    }
+                };
+                let mut obj = obj;
+                obj["metadata"]["resourceVersion"] = json!(version.to_string());
+                obj["metadata"]["namespace"] = json!(ns);
+                st.objects.insert(key, obj.clone());
+                ok(&obj)
+            }
+            (Method::DELETE, Some(name)) => {
+                match st.objects.remove(&(plural.clone(), ns, name.clone())) {
+                    Some(v) => ok(&v),
+                    None => status(404, "NotFound", format!("{plural} {name} not found")),
+                }
+            }
+            (Method::POST, None) => {
+                st.version += 1;
+                let mut obj = body.clone();
+                let name = obj["metadata"]["name"]
+                    .as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| format!("obj-{}", st.version));
+                obj["metadata"]["name"] = json!(name);
+                st.objects.insert((plural, ns, name), obj.clone());
+                ok(&obj)
+            }
+            (m, n) => status(
+                405,
+                "MethodNotAllowed",
+                format!("{m} {plural} {n:?} is not supported by the fake"),
+            ),
+        }
+    }
+}

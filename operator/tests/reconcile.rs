@@ -1,0 +1,353 @@
+//! Reconcile against an in-memory API server: create, no-op, scale out, drain-then-scale-in,
+//! config changes, status, paused, invalid specs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod fake;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use fake::FakeApi;
+use futures::future::BoxFuture;
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
+use operator::controller::{reconcile, Context, DrainProbe, GroupRef, ANNOTATION_DRAIN_STARTED};
+use operator::crd::BrokerCluster;
+use serde_json::json;
+
+const NS: &str = "mq";
+
+#[derive(Default)]
+struct FakeDrain {
+    read_only: std::sync::Mutex<Vec<String>>,
+    drained: AtomicBool,
+    checks: AtomicUsize,
+}
+
+impl DrainProbe for FakeDrain {
+    fn make_read_only<'a>(&'a self, g: &'a GroupRef) -> BoxFuture<'a, Result<(), String>> {
+        self.read_only.lock().unwrap().push(g.group.clone());
+        Box::pin(async { Ok(()) })
+    }
+    fn drained<'a>(&'a self, _g: &'a GroupRef) -> BoxFuture<'a, Result<bool, String>> {
+        self.checks.fetch_add(1, Ordering::Relaxed);
+        let d = self.drained.load(Ordering::Relaxed);
+        Box::pin(async move { Ok(d) })
+    }
+}
+
+struct Harness {
+    api: FakeApi,
+    ctx: Arc<Context>,
+    drain: Arc<FakeDrain>,
+}
+
+fn harness(spec: serde_json::Value) -> Harness {
+    let api = FakeApi::default();
+    api.insert(
+        "brokerclusters",
+        NS,
+        json!({"apiVersion": "ferromq.io/v1alpha1", "kind": "BrokerCluster", "metadata": {"name": "demo"}, "spec": spec}),
+    );
+    let client = api.client();
+    let drain = Arc::new(FakeDrain::default());
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "ferromq-operator".into(),
+                instance: None,
+            },
+        ),
+        default_image: "ferromq:test".into(),
+        drain: drain.clone(),
+    });
+    Harness { api, ctx, drain }
+}
+
+impl Harness {
+    async fn reconcile(&self) -> Vec<String> {
+        let bcs: Api<BrokerCluster> = Api::namespaced(self.ctx.client.clone(), NS);
+        let bc = bcs.get("demo").await.unwrap();
+        self.api.take_writes();
+        reconcile(Arc::new(bc), self.ctx.clone()).await.unwrap();
+        // Events are informative, not state: leave them out of the write log.
+        self.api
+            .take_writes()
+            .into_iter()
+            .filter(|w| !w.contains("events/"))
+            .collect()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        self.api.get("brokerclusters", NS, "demo").unwrap()["status"].clone()
+    }
+
+    fn condition(&self, t: &str) -> (String, String) {
+        let s = self.status();
+        let c = s["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == t)
+            .unwrap()
+            .clone();
+        (
+            c["status"].as_str().unwrap().to_string(),
+            c["reason"].as_str().unwrap().to_string(),
+        )
+    }
+
+    fn mark_ready(&self) {
+        for name in self.api.names("statefulsets") {
+            let sts = self.api.get("statefulsets", NS, &name).unwrap();
+            let replicas = sts["spec"]["replicas"].clone();
+            self.api.edit(
+                "statefulsets",
+                NS,
+                &name,
+                json!({"status": {"replicas": replicas, "readyReplicas": replicas}}),
+            );
+        }
+    }
+
+    fn edit_spec(&self, broker: serde_json::Value) {
+        self.api.edit(
+            "brokerclusters",
+            NS,
+            "demo",
+            json!({"spec": {"broker": broker}}),
+        );
+    }
+}
+
+fn sync_double_write() -> serde_json::Value {
+    json!({"broker": {"masters": 2, "slavesPerMaster": 1, "replication": "Sync", "flush": "Async"}})
+}
+
+#[tokio::test]
+async fn create_applies_every_object_in_order_and_reports_progress() {
+    let h = harness(sync_double_write());
+    let writes = h.reconcile().await;
+    let kinds: Vec<&str> = writes
+        .iter()
+        .map(|w| w.split(['/', ' ']).nth(1).unwrap())
+        .collect();
+    // Services, ConfigMaps, PDBs, StatefulSets (last), then status.
+    let order = [
+        "services",
+        "configmaps",
+        "poddisruptionbudgets",
+        "statefulsets",
+        "brokerclusters",
+    ];
+    let mut last = 0;
+    for k in &kinds {
+        let pos = order.iter().position(|o| o == k).unwrap();
+        assert!(pos >= last, "out of order: {writes:?}");
+        last = pos;
+    }
+    let mut sts = h.api.names("statefulsets");
+    sts.sort();
+    assert_eq!(
+        sts,
+        vec!["demo-broker-0", "demo-broker-1", "demo-nameserver"]
+    );
+    assert_eq!(h.api.names("configmaps").len(), 2);
+    assert_eq!(h.api.names("poddisruptionbudgets").len(), 2);
+    assert_eq!(h.api.names("services").len(), 4);
+    let broker0 = h.api.get("statefulsets", NS, "demo-broker-0").unwrap();
+    assert_eq!(broker0["spec"]["replicas"], 2);
+    assert_eq!(broker0["metadata"]["ownerReferences"][0]["uid"], "uid-demo");
+    assert_eq!(
+        h.status()["mode"],
+        "2 masters x 1 slave, sync double write, async flush"
+    );
+    assert_eq!(h.status()["observedGeneration"], 1);
+    assert_eq!(h.condition("Ready").0, "False");
+    assert_eq!(h.condition("Progressing").0, "True");
+    assert_eq!(
+        h.status()["groups"][0]["roles"],
+        json!(["SYNC_MASTER", "SLAVE"])
+    );
+}
+
+#[tokio::test]
+async fn second_reconcile_with_nothing_changed_writes_nothing() {
+    let h = harness(sync_double_write());
+    h.reconcile().await;
+    assert_eq!(h.reconcile().await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn ready_members_make_the_cluster_ready() {
+    let h = harness(sync_double_write());
+    h.reconcile().await;
+    h.mark_ready();
+    let writes = h.reconcile().await;
+    assert_eq!(writes, vec!["PATCH brokerclusters/demo/status".to_string()]);
+    assert_eq!(
+        h.condition("Ready"),
+        ("True".into(), "AllMembersReady".into())
+    );
+    assert_eq!(h.condition("Progressing").0, "False");
+    assert_eq!(h.condition("Degraded").0, "False");
+    assert_eq!(h.status()["groups"][1]["readyReplicas"], 2);
+}
+
+#[tokio::test]
+async fn scaling_masters_out_creates_exactly_one_group() {
+    let h = harness(sync_double_write());
+    h.reconcile().await;
+    h.edit_spec(json!({"masters": 3}));
+    let mut writes = h.reconcile().await;
+    writes.sort();
+    assert_eq!(
+        writes,
+        vec![
+            "PATCH brokerclusters/demo/status",
+            "PATCH configmaps/demo-broker-2",
+            "PATCH poddisruptionbudgets/demo-broker-2",
+            "PATCH services/demo-broker-2",
+            "PATCH statefulsets/demo-broker-2",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn scaling_masters_in_drains_the_group_before_deleting_it() {
+    let h = harness(json!({"broker": {"masters": 3}}));
+    h.reconcile().await;
+    h.edit_spec(json!({"masters": 2}));
+    // Not drained yet: the group is made read-only and kept.
+    let writes = h.reconcile().await;
+    assert_eq!(
+        *h.drain.read_only.lock().unwrap(),
+        vec!["demo-broker-2".to_string()]
+    );
+    assert!(
+        writes.iter().all(|w| !w.starts_with("DELETE")),
+        "{writes:?}"
+    );
+    assert!(h.api.get("statefulsets", NS, "demo-broker-2").is_some());
+    let sts = h.api.get("statefulsets", NS, "demo-broker-2").unwrap();
+    assert!(sts["metadata"]["annotations"][ANNOTATION_DRAIN_STARTED].is_string());
+    assert!(h.status()["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g["name"] == "demo-broker-2" && g["draining"] == true));
+    // Still not drained: read-only is not requested twice.
+    h.reconcile().await;
+    assert_eq!(h.drain.read_only.lock().unwrap().len(), 1);
+    // Consumers caught up: everything of the group goes.
+    h.drain.drained.store(true, Ordering::Relaxed);
+    let mut writes = h.reconcile().await;
+    writes.retain(|w| w.starts_with("DELETE"));
+    writes.sort();
+    assert_eq!(
+        writes,
+        vec![
+            "DELETE configmaps/demo-broker-2",
+            "DELETE poddisruptionbudgets/demo-broker-2",
+            "DELETE services/demo-broker-2",
+            "DELETE statefulsets/demo-broker-2",
+        ]
+    );
+    assert!(h.api.get("statefulsets", NS, "demo-broker-2").is_none());
+    assert!(h.api.get("statefulsets", NS, "demo-broker-1").is_some());
+}
+
+#[tokio::test]
+async fn a_drain_past_its_timeout_is_reported_degraded() {
+    let h = harness(json!({"broker": {"masters": 2, "drainTimeoutSeconds": 60}}));
+    h.reconcile().await;
+    h.edit_spec(json!({"masters": 1}));
+    h.reconcile().await;
+    h.api.edit(
+        "statefulsets",
+        NS,
+        "demo-broker-1",
+        json!({"metadata": {"annotations": {ANNOTATION_DRAIN_STARTED: "2020-01-01T00:00:00Z"}}}),
+    );
+    h.reconcile().await;
+    assert_eq!(
+        h.condition("Degraded"),
+        ("True".into(), "DrainTimeout".into())
+    );
+    assert!(
+        h.api.get("statefulsets", NS, "demo-broker-1").is_some(),
+        "a stuck group must not be deleted without force"
+    );
+    // The force annotation removes it anyway.
+    h.api.edit(
+        "brokerclusters",
+        NS,
+        "demo",
+        json!({"metadata": {"annotations": {"ferromq.io/force-drain": "true"}}}),
+    );
+    h.reconcile().await;
+    assert!(h.api.get("statefulsets", NS, "demo-broker-1").is_none());
+}
+
+#[tokio::test]
+async fn changing_flush_updates_the_config_map_and_rolls_the_pods() {
+    let h = harness(sync_double_write());
+    h.reconcile().await;
+    let before = h.api.get("statefulsets", NS, "demo-broker-0").unwrap();
+    h.edit_spec(json!({"flush": "Sync"}));
+    let writes = h.reconcile().await;
+    assert!(
+        writes.contains(&"PATCH configmaps/demo-broker-0".to_string()),
+        "{writes:?}"
+    );
+    assert!(
+        writes.contains(&"PATCH statefulsets/demo-broker-0".to_string()),
+        "{writes:?}"
+    );
+    let cm = h.api.get("configmaps", NS, "demo-broker-0").unwrap();
+    assert!(cm["data"]["broker.conf"]
+        .as_str()
+        .unwrap()
+        .contains("flushDiskType=SYNC_FLUSH"));
+    let after = h.api.get("statefulsets", NS, "demo-broker-0").unwrap();
+    let hash = |s: &serde_json::Value| {
+        s["spec"]["template"]["metadata"]["annotations"]["ferromq.io/config-hash"].clone()
+    };
+    assert_ne!(hash(&before), hash(&after));
+    assert_eq!(
+        h.status()["mode"],
+        "2 masters x 1 slave, sync double write, sync flush"
+    );
+    assert_eq!(h.status()["observedGeneration"], 2);
+}
+
+#[tokio::test]
+async fn paused_cluster_is_left_alone() {
+    let h = harness(json!({"paused": true, "broker": {"masters": 2}}));
+    assert_eq!(h.reconcile().await, Vec::<String>::new());
+    assert!(h.api.names("statefulsets").is_empty());
+}
+
+#[tokio::test]
+async fn invalid_spec_is_reported_not_applied() {
+    let h = harness(json!({"broker": {"config": {"fileReservedTme": "1"}}}));
+    let writes = h.reconcile().await;
+    assert_eq!(writes, vec!["PATCH brokerclusters/demo/status".to_string()]);
+    assert_eq!(
+        h.condition("Degraded"),
+        ("True".into(), "InvalidSpec".into())
+    );
+    let s = h.status();
+    let msg = s["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap()["message"]
+        .clone();
+    assert!(msg.as_str().unwrap().contains("fileReservedTme"), "{msg}");
+    assert!(h.api.names("statefulsets").is_empty());
+}
