@@ -12,3 +12,5 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&crd::BrokerCluster::crd())
 }
 pub mod controller;
+pub mod drain;
+pub mod lease;

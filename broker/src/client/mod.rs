@@ -233,6 +233,31 @@ impl Client {
         Ok(())
     }
 
+    /// Every committed consumer offset of a broker: (topic, group) -> queue -> offset.
+    pub async fn consumer_offsets(
+        &self,
+        broker: &str,
+    ) -> Result<BTreeMap<(String, String), BTreeMap<i32, i64>>, ClientError> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Table {
+            #[serde(default)]
+            offset_table: BTreeMap<String, BTreeMap<i32, i64>>,
+        }
+        let req =
+            RemotingCommand::request(RequestCode::GetAllConsumerOffset.code(), ExtFields::new());
+        let resp = self.call_ok(broker, req).await?;
+        let t: Table =
+            from_json(&resp.body).map_err(|e| bad(broker, format!("consumer offsets: {e}")))?;
+        Ok(t.offset_table
+            .into_iter()
+            .filter_map(|(k, v)| {
+                k.rsplit_once('@')
+                    .map(|(t, g)| ((t.to_string(), g.to_string()), v))
+            })
+            .collect())
+    }
+
     /// A broker's runtime facts (role, offsets, replication).
     pub async fn runtime_info(
         &self,

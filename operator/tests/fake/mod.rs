@@ -234,6 +234,22 @@ impl FakeApi {
                 st.objects.insert(key, obj.clone());
                 ok(&obj)
             }
+            (Method::PUT, Some(name)) => {
+                let key = (plural.clone(), ns.clone(), name.clone());
+                let current = st
+                    .objects
+                    .get(&key)
+                    .map(|o| o["metadata"]["resourceVersion"].clone());
+                if current.is_some() && current != Some(body["metadata"]["resourceVersion"].clone())
+                {
+                    return status(409, "Conflict", format!("{plural} {name} was modified"));
+                }
+                st.version += 1;
+                let mut obj = body.clone();
+                obj["metadata"]["resourceVersion"] = json!(st.version.to_string());
+                st.objects.insert(key, obj.clone());
+                ok(&obj)
+            }
             (Method::DELETE, Some(name)) => {
                 match st.objects.remove(&(plural.clone(), ns, name.clone())) {
                     Some(v) => ok(&v),
