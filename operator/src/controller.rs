@@ -93,6 +93,30 @@ pub struct Context {
     pub default_image: String,
     /// Drains groups before scale-in.
     pub drain: Arc<dyn DrainProbe>,
+    /// Consecutive failures per cluster, for the retry backoff.
+    pub failures: std::sync::Mutex<BTreeMap<String, u32>>,
+}
+
+impl Context {
+    /// A context with no failure history.
+    pub fn new(
+        client: kube::Client,
+        recorder: Recorder,
+        default_image: String,
+        drain: Arc<dyn DrainProbe>,
+    ) -> Context {
+        Context {
+            client,
+            recorder,
+            default_image,
+            drain,
+            failures: std::sync::Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u32>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 fn applied_hash<K: Serialize>(obj: &K) -> String {
@@ -475,7 +499,19 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         + sync_kind(&sts_api, &selector, desired.stateful_sets, &keep).await?;
     if writes > 0 {
         tracing::info!(cluster = %name, namespace = %ns, writes, "applied changes");
+        publish(
+            &ctx,
+            &bc,
+            EventType::Normal,
+            "Applied",
+            format!(
+                "{writes} object(s) created, updated or deleted for {}",
+                plan.mode
+            ),
+        )
+        .await;
     }
+    ctx.failures().remove(&format!("{ns}/{name}"));
 
     // Status from what the StatefulSets report.
     let live_sts = sts_api
@@ -539,8 +575,40 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
     }
 }
 
-/// Requeue with backoff after an error; one bad object never stops the others.
-pub fn error_policy(bc: Arc<BrokerCluster>, err: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(cluster = %bc.name_any(), category = err.category(), error = %err, "reconcile failed");
-    Action::requeue(Duration::from_secs(15))
+/// Requeue after an error with an exponential backoff per cluster (5 s doubling to 5 min);
+/// one failing object never stops the others.
+pub fn error_policy(bc: Arc<BrokerCluster>, err: &Error, ctx: Arc<Context>) -> Action {
+    let key = format!("{}/{}", bc.namespace().unwrap_or_default(), bc.name_any());
+    let n = {
+        let mut f = ctx.failures();
+        let n = f.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(n);
+    tracing::warn!(cluster = %bc.name_any(), category = err.category(), error = %err, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Delay before retry number `n` (1-based).
+pub fn backoff(n: u32) -> Duration {
+    Duration::from_secs(
+        5u64.saturating_mul(1 << n.saturating_sub(1).min(6))
+            .min(300),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        assert_eq!(backoff(1), Duration::from_secs(5));
+        assert_eq!(backoff(2), Duration::from_secs(10));
+        assert_eq!(backoff(6), Duration::from_secs(160));
+        assert_eq!(backoff(7), Duration::from_secs(300));
+        assert_eq!(backoff(100), Duration::from_secs(300));
+    }
 }

@@ -166,18 +166,19 @@ async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "ferromq-operator".into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        ),
-        default_image: image,
-        drain: Arc::new(BrokerDrain),
-    });
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "ferromq-operator".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        recorder,
+        image,
+        Arc::new(BrokerDrain),
+    ));
     health
         .ready
         .store(true, std::sync::atomic::Ordering::Release);
