@@ -79,6 +79,11 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts `cmd` with its output appended to `log`.
+    pub fn spawn_logged(name: &str, cmd: Command, log: PathBuf) -> Result<Proc, Error> {
+        Proc::spawn(name, cmd, log)
+    }
+
     fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Result<Proc, Error> {
         let out = std::fs::OpenOptions::new()
             .create(true)

@@ -125,10 +125,10 @@ async fn master_dies_with_its_disk(role: &str) -> Result<(usize, usize), Error> 
                 };
                 // Only SUCCESS counts: SLAVE_NOT_AVAILABLE and FLUSH_SLAVE_TIMEOUT are errors here.
                 match producer.send(&msg).await {
-                    Ok(_) => {
+                    Ok(r) if r.is_ok() => {
                         acked.lock().unwrap().insert(seq);
                     }
-                    Err(_) => failures += 1,
+                    _ => failures += 1,
                 }
                 seq += 8;
             }

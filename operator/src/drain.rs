@@ -23,7 +23,7 @@ async fn master_of(client: &Client, g: &GroupRef) -> Result<String, String> {
 impl DrainProbe for BrokerDrain {
     fn make_read_only<'a>(&'a self, g: &'a GroupRef) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
-            let client = Client::new(vec![g.namesrv_addr.clone()]);
+            let client = Client::new(broker::config::split_namesrv(&g.namesrv_addr));
             let master = master_of(&client, g).await?;
             client
                 .wipe_write_perm(&g.group, &master)
@@ -34,7 +34,7 @@ impl DrainProbe for BrokerDrain {
 
     fn drained<'a>(&'a self, g: &'a GroupRef) -> BoxFuture<'a, Result<bool, String>> {
         Box::pin(async move {
-            let client = Client::new(vec![g.namesrv_addr.clone()]);
+            let client = Client::new(broker::config::split_namesrv(&g.namesrv_addr));
             let master = master_of(&client, g).await?;
             let offsets = client
                 .consumer_offsets(&master)

@@ -14,3 +14,9 @@ pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
 pub mod controller;
 pub mod drain;
 pub mod lease;
+pub mod local;
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn wait_for_signal() {
+    broker::logging::shutdown_signal().await;
+}

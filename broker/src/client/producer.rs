@@ -43,6 +43,16 @@ pub struct SendResult {
     pub queue_id: i32,
     /// Position in the queue.
     pub queue_offset: i64,
+    /// SUCCESS (0), or the "stored, but" code: FLUSH_DISK_TIMEOUT (10), SLAVE_NOT_AVAILABLE
+    /// (11), FLUSH_SLAVE_TIMEOUT (12).
+    pub status: i32,
+}
+
+impl SendResult {
+    /// Whether the message is as durable as the cluster promises (status SUCCESS).
+    pub fn is_ok(&self) -> bool {
+        self.status == ResponseCode::Success.code()
+    }
 }
 
 /// Sends messages of one producer group.
@@ -188,7 +198,29 @@ impl Producer {
                 send_v1_to_v2(&h.to_ext()),
             )
             .with_body(msg.body.clone());
-            match self.client.call_ok(&target.addr, req).await {
+            // FLUSH_DISK_TIMEOUT, SLAVE_NOT_AVAILABLE and FLUSH_SLAVE_TIMEOUT mean "stored, but
+            // not as durable as asked": a result with that status, never a retry (which
+            // would store the message twice).
+            let stored_but = [
+                ResponseCode::FlushDiskTimeout.code(),
+                ResponseCode::SlaveNotAvailable.code(),
+                ResponseCode::FlushSlaveTimeout.code(),
+            ];
+            let outcome = match self.client.call(&target.addr, req).await {
+                Ok(resp)
+                    if resp.code == ResponseCode::Success.code()
+                        || stored_but.contains(&resp.code) =>
+                {
+                    Ok(resp)
+                }
+                Ok(resp) => Err(ClientError::Response {
+                    addr: target.addr.clone(),
+                    code: resp.code,
+                    remark: resp.remark.unwrap_or_default(),
+                }),
+                Err(e) => Err(e),
+            };
+            match outcome {
                 Ok(resp) => {
                     if via_template {
                         let _ = self.client.refresh_route(&msg.topic).await;
@@ -205,6 +237,7 @@ impl Producer {
                         broker_name: target.broker_name.clone(),
                         queue_id: h.queue_id,
                         queue_offset: h.queue_offset,
+                        status: resp.code,
                     });
                 }
                 Err(e) => {

@@ -34,6 +34,26 @@ struct Args {
 enum Cmd {
     /// Print the BrokerCluster CustomResourceDefinition (YAML).
     Crd,
+    /// Run a BrokerCluster file as local processes (the quick start); follows edits of FILE.
+    Local {
+        /// BrokerCluster YAML file.
+        file: std::path::PathBuf,
+        /// Data and logs (default: ./ferromq-local/<cluster name>).
+        #[arg(long)]
+        data_dir: Option<std::path::PathBuf>,
+        /// First name-server port.
+        #[arg(long, default_value_t = 9876)]
+        namesrv_port: u16,
+        /// First broker port (members take steps of 10).
+        #[arg(long, default_value_t = 10911)]
+        broker_port: u16,
+        /// Directory holding mqnamesrv and mqbroker (default: next to this binary).
+        #[arg(long)]
+        bin_dir: Option<std::path::PathBuf>,
+        /// Skip the produce/consume check after start.
+        #[arg(long)]
+        no_check: bool,
+    },
     /// Watch BrokerClusters and reconcile them.
     Run {
         /// Watch only this namespace (default: all namespaces).
@@ -73,6 +93,38 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Local {
+            file,
+            data_dir,
+            namesrv_port,
+            broker_port,
+            bin_dir,
+            no_check,
+        } => {
+            let name = operator::local::read_cluster(&file)
+                .ok()
+                .and_then(|bc| bc.metadata.name)
+                .unwrap_or_else(|| "local".into());
+            let exe_dir = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(std::path::Path::to_path_buf))
+                .unwrap_or_default();
+            let opts = operator::local::LocalOptions {
+                file,
+                data_dir: data_dir
+                    .unwrap_or_else(|| std::path::PathBuf::from("ferromq-local").join(name)),
+                namesrv_port,
+                broker_port,
+                bin_dir: bin_dir.unwrap_or(exe_dir),
+            };
+            match operator::local::run(opts, Arc::new(BrokerDrain), !no_check).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("operator local: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Run {
             namespace,
             image,
