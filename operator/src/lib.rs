@@ -20,3 +20,4 @@ pub mod local;
 pub async fn wait_for_signal() {
     broker::logging::shutdown_signal().await;
 }
+pub mod rbac;

@@ -17,6 +17,18 @@ fn committed_crd_matches_the_code() {
     );
 }
 
+#[test]
+fn chart_ships_the_same_crd() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let chart =
+        std::fs::read_to_string(root.join("charts/ferromq-operator/crds/brokercluster.yaml"))
+            .unwrap_or_default();
+    assert!(
+        chart == operator::crd_yaml().unwrap(),
+        "charts/ferromq-operator/crds/brokercluster.yaml is stale: copy crds/brokercluster.yaml there"
+    );
+}
+
 fn cluster(spec: serde_json::Value) -> BrokerCluster {
     let spec: BrokerClusterSpec = serde_json::from_value(spec).unwrap();
     BrokerCluster {

@@ -54,4 +54,15 @@ async fn only_one_replica_leads_until_its_lease_expires() {
     let lease = api.get("leases", "ops", "ferromq-operator").unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "replica-b");
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    for (group, resource, verb) in api.calls() {
+        assert!(
+            operator::rbac::allows(
+                operator::rbac::LEADER_ELECTION_RULES,
+                &group,
+                &resource,
+                &verb
+            ),
+            "{verb} {group}/{resource}"
+        );
+    }
 }

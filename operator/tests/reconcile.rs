@@ -364,3 +364,26 @@ async fn invalid_spec_is_reported_not_applied() {
     assert!(msg.as_str().unwrap().contains("fileReservedTme"), "{msg}");
     assert!(h.api.names("statefulsets").is_empty());
 }
+
+#[tokio::test]
+async fn every_api_call_is_covered_by_the_rbac_rules() {
+    let h = harness(json!({"broker": {"masters": 3, "slavesPerMaster": 1}}));
+    h.reconcile().await;
+    h.mark_ready();
+    h.reconcile().await;
+    h.edit_spec(json!({"masters": 2}));
+    h.reconcile().await;
+    h.drain.drained.store(true, Ordering::Relaxed);
+    h.reconcile().await;
+    let calls = h.api.calls();
+    assert!(
+        calls.iter().any(|c| c.2 == "delete"),
+        "the scenario should delete something"
+    );
+    for (group, resource, verb) in calls {
+        assert!(
+            operator::rbac::allows(operator::rbac::RULES, &group, &resource, &verb),
+            "{verb} {group}/{resource} is not in operator::rbac::RULES (and so not granted by the chart)"
+        );
+    }
+}

@@ -34,6 +34,8 @@ struct Args {
 enum Cmd {
     /// Print the BrokerCluster CustomResourceDefinition (YAML).
     Crd,
+    /// Print the RBAC rules the operator needs (JSON), for packaging checks.
+    Rbac,
     /// Run a BrokerCluster file as local processes (the quick start); follows edits of FILE.
     Local {
         /// BrokerCluster YAML file.
@@ -93,6 +95,14 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Rbac => {
+            let rules = serde_json::json!({
+                "rules": operator::rbac::RULES,
+                "leaderElection": operator::rbac::LEADER_ELECTION_RULES,
+            });
+            println!("{rules:#}");
+            ExitCode::SUCCESS
+        }
         Cmd::Local {
             file,
             data_dir,
@@ -177,6 +187,11 @@ async fn run(
         shutdown.clone(),
     ));
 
+    // Alive and able to serve probes whether or not it leads: a standby replica is healthy.
+    // Alive and able to serve probes whether or not it leads: a standby replica is healthy.
+    health
+        .ready
+        .store(true, std::sync::atomic::Ordering::Release);
     if elect {
         let identity = std::env::var("POD_NAME")
             .unwrap_or_else(|_| format!("operator-{}", std::process::id()));

@@ -20,6 +20,8 @@ type Key = (String, String, String); // plural, namespace, name
 struct State {
     objects: BTreeMap<Key, Value>,
     writes: Vec<String>,
+    /// Every call as (api group, resource[/subresource], RBAC verb).
+    calls: Vec<(String, String, String)>,
     version: u64,
 }
 
@@ -113,6 +115,11 @@ impl FakeApi {
         std::mem::take(&mut self.0.lock().unwrap().writes)
     }
 
+    /// Every call so far as (api group, resource, RBAC verb).
+    pub fn calls(&self) -> Vec<(String, String, String)> {
+        self.0.lock().unwrap().calls.clone()
+    }
+
     /// Changes a stored object (e.g. a StatefulSet's status, a spec edit).
     pub fn edit(&self, plural: &str, ns: &str, name: &str, patch: Value) {
         let mut st = self.0.lock().unwrap();
@@ -160,6 +167,26 @@ impl FakeApi {
             })
             .collect();
         let mut st = self.0.lock().unwrap();
+        let group = if parts.first() == Some(&"api") {
+            String::new()
+        } else {
+            parts.get(1).copied().unwrap_or_default().to_string()
+        };
+        let verb = match (&method, &name) {
+            (&Method::GET, None) if query.get("watch").is_some_and(|w| w == "true") => "watch",
+            (&Method::GET, None) => "list",
+            (&Method::GET, Some(_)) => "get",
+            (&Method::PATCH, _) => "patch",
+            (&Method::PUT, _) => "update",
+            (&Method::POST, _) => "create",
+            (&Method::DELETE, _) => "delete",
+            _ => "unknown",
+        };
+        let resource = match sub {
+            Some(s) => format!("{plural}/{s}"),
+            None => plural.clone(),
+        };
+        st.calls.push((group, resource, verb.to_string()));
         if method != Method::GET {
             let target = format!(
                 "{plural}/{}{}",
