@@ -575,6 +575,19 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
     }
 }
 
+/// Reconciles, and records a failure as a Warning event on the BrokerCluster so
+/// `kubectl describe` shows it.
+pub async fn reconcile_reporting(
+    bc: Arc<BrokerCluster>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let result = reconcile(bc.clone(), ctx.clone()).await;
+    if let Err(e) = &result {
+        publish(&ctx, &bc, EventType::Warning, e.category(), e.to_string()).await;
+    }
+    result
+}
+
 /// Requeue after an error with an exponential backoff per cluster (5 s doubling to 5 min);
 /// one failing object never stops the others.
 pub fn error_policy(bc: Arc<BrokerCluster>, err: &Error, ctx: Arc<Context>) -> Action {

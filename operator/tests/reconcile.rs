@@ -20,6 +20,7 @@ const NS: &str = "mq";
 
 #[derive(Default)]
 struct FakeDrain {
+    broken: AtomicBool,
     read_only: std::sync::Mutex<Vec<String>>,
     drained: AtomicBool,
     checks: AtomicUsize,
@@ -28,7 +29,14 @@ struct FakeDrain {
 impl DrainProbe for FakeDrain {
     fn make_read_only<'a>(&'a self, g: &'a GroupRef) -> BoxFuture<'a, Result<(), String>> {
         self.read_only.lock().unwrap().push(g.group.clone());
-        Box::pin(async { Ok(()) })
+        let broken = self.broken.load(Ordering::Relaxed);
+        Box::pin(async move {
+            if broken {
+                Err("broker unreachable".to_string())
+            } else {
+                Ok(())
+            }
+        })
     }
     fn drained<'a>(&'a self, _g: &'a GroupRef) -> BoxFuture<'a, Result<bool, String>> {
         self.checks.fetch_add(1, Ordering::Relaxed);
@@ -386,4 +394,33 @@ async fn every_api_call_is_covered_by_the_rbac_rules() {
             "{verb} {group}/{resource} is not in operator::rbac::RULES (and so not granted by the chart)"
         );
     }
+}
+
+#[tokio::test]
+async fn a_failed_reconcile_is_reported_as_an_event_and_retried_with_backoff() {
+    let h = harness(json!({"broker": {"masters": 2}}));
+    h.reconcile().await;
+    h.edit_spec(json!({"masters": 1}));
+    h.drain.broken.store(true, Ordering::Relaxed);
+    let bcs: Api<BrokerCluster> = Api::namespaced(h.ctx.client.clone(), NS);
+    let bc = Arc::new(bcs.get("demo").await.unwrap());
+    let err = operator::controller::reconcile_reporting(bc.clone(), h.ctx.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.category(), "DrainFailed");
+    let events: Vec<serde_json::Value> = h
+        .api
+        .names("events")
+        .iter()
+        .map(|n| h.api.get("events", NS, n).unwrap())
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"] == "DrainFailed" && e["type"] == "Warning"),
+        "{events:#?}"
+    );
+    let first = operator::controller::error_policy(bc.clone(), &err, h.ctx.clone());
+    let second = operator::controller::error_policy(bc, &err, h.ctx.clone());
+    assert_ne!(first, second, "retries should back off");
 }

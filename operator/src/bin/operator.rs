@@ -261,7 +261,7 @@ async fn run(
                 let (reconciles, durations) = (reconciles.clone(), durations.clone());
                 async move {
                     let started = Instant::now();
-                    let r = controller::reconcile(bc, ctx).await;
+                    let r = controller::reconcile_reporting(bc, ctx).await;
                     durations.observe(started.elapsed().as_secs_f64());
                     let result = match &r {
                         Ok(_) => "ok".to_string(),
