@@ -151,6 +151,42 @@ async fn batch_send_stores_every_message_in_order() -> Result<(), Error> {
         .map(|m| String::from_utf8_lossy(&m.body).into_owned())
         .collect();
     assert_eq!(bodies, (0..50).map(|i| format!("b{i}")).collect::<Vec<_>>());
+
+    // Java's producer sends batches with SEND_MESSAGE_V2's one-letter keys.
+    let mut h = send_header("Batch", 0, "");
+    h.batch = true;
+    let req = RemotingCommand::request(RequestCode::SendBatchMessage.code(), h.to_v2())
+        .with_body(encode_batch(&items[..10]));
+    let resp = c.client.call_ok(&c.broker.addr, req).await?;
+    assert_eq!(resp.ext_fields["queueId"], "0");
+    // And the client library's batch send lands all of its messages contiguously.
+    let p = Producer::new(c.client.clone(), "pg");
+    let msgs: Vec<Message> = (0..20)
+        .map(|i| Message {
+            topic: "Batch".into(),
+            tags: Some("T".into()),
+            body: Bytes::from(format!("p{i}")),
+            ..Default::default()
+        })
+        .collect();
+    let sent = p.send_batch(&msgs).await?;
+    assert!(sent.is_ok());
+    assert_eq!(sent.msg_id.split(',').count(), 20);
+    let r = c
+        .client
+        .pull(
+            &c.broker.addr,
+            PullSpec {
+                max: 100,
+                ..spec("Batch", sent.queue_id, sent.queue_offset, Duration::ZERO)
+            },
+        )
+        .await?;
+    let bodies: Vec<String> = r.messages[..20]
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    assert_eq!(bodies, (0..20).map(|i| format!("p{i}")).collect::<Vec<_>>());
     Ok(())
 }
 

@@ -1,5 +1,10 @@
 //! `mqadmin`: admin, produce/consume and benchmark tool for ferromq (and RocketMQ) clusters.
 
+/// mimalloc: the request path allocates many small, short-lived buffers, which glibc's
+/// allocator serves markedly slower under two busy threads.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -118,26 +123,60 @@ enum Cmd {
     },
     /// Measure send and consume throughput and latency.
     #[command(name = "bench")]
-    Bench {
-        /// Topic (created on every master if missing).
-        #[arg(short = 't', long, default_value = "BenchmarkTest")]
-        topic: String,
-        /// Concurrent producers.
-        #[arg(short = 'p', long, default_value_t = 4)]
-        producers: usize,
-        /// Body size in bytes.
-        #[arg(short = 's', long, default_value_t = 1024)]
-        size: usize,
-        /// Seconds to send for.
-        #[arg(short = 'd', long, default_value_t = 10)]
-        duration: u64,
-        /// Also drain what was sent with a consumer and report its rate.
-        #[arg(long)]
-        consume: bool,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(BenchArgs),
+}
+
+/// How bench producers send.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum BenchMode {
+    /// Each producer waits for one send's answer before the next (RocketMQ's sync send).
+    Sync,
+    /// Each producer keeps `--inflight` sends outstanding (RocketMQ's async send).
+    Async,
+    /// Each producer sends `--batch` messages per request (SEND_BATCH_MESSAGE), one at a time.
+    Batch,
+}
+
+/// `mqadmin bench` options.
+#[derive(clap::Args, Debug, Clone)]
+struct BenchArgs {
+    /// Topic (created on every master if missing).
+    #[arg(short = 't', long, default_value = "BenchmarkTest")]
+    topic: String,
+    /// Concurrent producers.
+    #[arg(short = 'p', long, default_value_t = 4)]
+    producers: usize,
+    /// Body size in bytes.
+    #[arg(short = 's', long, default_value_t = 1024)]
+    size: usize,
+    /// Seconds to send for (ignored when --count is set).
+    #[arg(short = 'd', long, default_value_t = 10)]
+    duration: u64,
+    /// Send exactly this many messages instead of sending for --duration.
+    #[arg(short = 'c', long, default_value_t = 0)]
+    count: u64,
+    /// sync, async or batch.
+    #[arg(short = 'm', long, value_enum, default_value_t = BenchMode::Sync)]
+    mode: BenchMode,
+    /// Outstanding sends per producer in async mode.
+    #[arg(long, default_value_t = 32)]
+    inflight: usize,
+    /// Messages per request in batch mode.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Queues of the topic when the bench creates it.
+    #[arg(long, default_value_t = 8)]
+    queues: i32,
+    /// Also drain what was sent with a consumer and report its rate.
+    #[arg(long)]
+    consume: bool,
+    /// Only drain the topic's backlog with a new consumer group (no sending).
+    #[arg(long, conflicts_with = "consume")]
+    consume_only: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
@@ -165,7 +204,7 @@ async fn main() -> ExitCode {
             }
         }),
         Cmd::TopicRoute { topic } => client.refresh_route(&topic).await.map(|r| {
-            println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            println!("{}", serde_json::to_string_pretty(&*r).unwrap_or_default());
         }),
         Cmd::ClusterList => cluster_list(&client).await,
         Cmd::ConsumerProgress { group, topic } => consumer_progress(&client, &group, &topic).await,
@@ -193,25 +232,7 @@ async fn main() -> ExitCode {
             )
             .await
         }
-        Cmd::Bench {
-            topic,
-            producers,
-            size,
-            duration,
-            consume,
-            json,
-        } => {
-            bench(
-                client.clone(),
-                &topic,
-                producers,
-                size,
-                Duration::from_secs(duration),
-                consume,
-                json,
-            )
-            .await
-        }
+        Cmd::Bench(b) => bench(client.clone(), b).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -471,139 +492,287 @@ async fn consume(
 
 #[derive(serde::Serialize)]
 struct BenchReport {
+    mode: BenchMode,
     producers: usize,
     size: usize,
+    /// Messages per request (batch mode) or outstanding sends per producer (async mode).
+    depth: usize,
     seconds: f64,
     sent: u64,
     failed: u64,
     send_msgs_per_sec: f64,
     send_mb_per_sec: f64,
+    /// Latency of one send request (a whole batch in batch mode), microseconds.
     p50_us: u64,
     p99_us: u64,
     p999_us: u64,
     max_us: u64,
     consumed: Option<u64>,
     consume_msgs_per_sec: Option<f64>,
+    consume_mb_per_sec: Option<f64>,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn bench(
-    client: Arc<Client>,
-    topic: &str,
-    producers: usize,
-    size: usize,
-    duration: Duration,
-    consume: bool,
-    json: bool,
-) -> Result<(), ClientError> {
-    if client.route(topic).await.is_err() {
-        update_topic(&client, topic, None, None, 8, 8, 6).await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+fn histogram() -> Result<Histogram<u64>, ClientError> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| ClientError::BadResponse {
+        addr: "bench".into(),
+        detail: e.to_string(),
+    })
+}
+
+/// What one bench producer shares with the others: counters, the stop condition, latencies.
+struct BenchShared {
+    sent: AtomicU64,
+    failed: AtomicU64,
+    /// Messages claimed so far (count mode).
+    claimed: AtomicU64,
+    count: u64,
+    deadline: Instant,
+    hist: Mutex<Histogram<u64>>,
+}
+
+impl BenchShared {
+    /// Claims `n` more messages to send; false once the bench is over.
+    fn claim(&self, n: u64) -> bool {
+        if self.count > 0 {
+            self.claimed.fetch_add(n, Ordering::Relaxed) < self.count
+        } else {
+            Instant::now() < self.deadline
+        }
     }
-    let hist = Arc::new(Mutex::new(
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| {
-            ClientError::BadResponse {
-                addr: "bench".into(),
-                detail: e.to_string(),
+
+    fn record(
+        &self,
+        local: &mut Histogram<u64>,
+        started: Instant,
+        result: Result<u64, ClientError>,
+    ) {
+        match result {
+            Ok(n) => {
+                let _ = local.record(started.elapsed().as_micros().max(1) as u64);
+                self.sent.fetch_add(n, Ordering::Relaxed);
             }
-        })?,
-    ));
-    let sent = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    spawn_progress("bench send", sent.clone(), 0, stop.clone());
-    let start = Instant::now();
-    let deadline = start + duration;
-    let mut tasks = Vec::new();
-    for p in 0..producers.max(1) {
-        let producer = Producer::new(client.clone(), "bench_producer");
-        let (hist, sent, failed) = (hist.clone(), sent.clone(), failed.clone());
-        let topic = topic.to_string();
-        tasks.push(tokio::spawn(async move {
-            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
-            let body = body_of(p as u64, size);
-            while Instant::now() < deadline {
-                let msg = Message {
-                    topic: topic.clone(),
-                    body: body.clone(),
-                    ..Default::default()
-                };
+            Err(e) => {
+                tracing::debug!(error = %e, "bench send failed");
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+async fn bench_producer(
+    producer: Producer,
+    shared: Arc<BenchShared>,
+    args: BenchArgs,
+    seed: u64,
+) -> Result<(), ClientError> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let mut local = histogram()?;
+    let msg = Message {
+        topic: args.topic.clone(),
+        body: body_of(seed, args.size),
+        ..Default::default()
+    };
+    match args.mode {
+        BenchMode::Sync => {
+            while shared.claim(1) {
                 let t = Instant::now();
-                match producer.send(&msg).await {
-                    Ok(_) => {
-                        if let Some(h) = local.as_mut() {
-                            let _ = h.record(t.elapsed().as_micros().max(1) as u64);
-                        }
-                        sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(_) => {
-                        failed.fetch_add(1, Ordering::Relaxed);
+                let r = producer.send(&msg).await.map(|_| 1);
+                shared.record(&mut local, t, r);
+            }
+        }
+        BenchMode::Batch => {
+            let n = args.batch.max(1);
+            let batch = vec![msg; n];
+            while shared.claim(n as u64) {
+                let t = Instant::now();
+                let r = producer.send_batch(&batch).await.map(|_| n as u64);
+                shared.record(&mut local, t, r);
+            }
+        }
+        BenchMode::Async => {
+            let mut outstanding = FuturesUnordered::new();
+            let mut open = true;
+            loop {
+                while open && outstanding.len() < args.inflight.max(1) {
+                    open = shared.claim(1);
+                    if open {
+                        let (producer, msg) = (&producer, &msg);
+                        outstanding.push(async move {
+                            let t = Instant::now();
+                            (t, producer.send(msg).await.map(|_| 1))
+                        });
                     }
                 }
+                match outstanding.next().await {
+                    Some((t, r)) => shared.record(&mut local, t, r),
+                    None => break,
+                }
             }
-            if let (Some(l), Ok(mut h)) = (local, hist.lock()) {
-                let _ = h.add(&l);
-            }
-        }));
+        }
     }
-    for t in tasks {
-        let _ = t.await;
-    }
-    stop.store(true, Ordering::Release);
-    let secs = start.elapsed().as_secs_f64();
-    let n = sent.load(Ordering::Relaxed);
-    let h = hist
+    let _ = shared
+        .hist
         .lock()
-        .map(|h| h.clone())
-        .unwrap_or_else(|p| p.into_inner().clone());
+        .unwrap_or_else(|p| p.into_inner())
+        .add(&local);
+    Ok(())
+}
+
+async fn bench(client: Arc<Client>, args: BenchArgs) -> Result<(), ClientError> {
+    let depth = match args.mode {
+        BenchMode::Sync => 1,
+        BenchMode::Async => args.inflight.max(1),
+        BenchMode::Batch => args.batch.max(1),
+    };
     let mut report = BenchReport {
-        producers,
-        size,
-        seconds: secs,
-        sent: n,
-        failed: failed.load(Ordering::Relaxed),
-        send_msgs_per_sec: n as f64 / secs,
-        send_mb_per_sec: n as f64 * size as f64 / secs / 1e6,
-        p50_us: h.value_at_quantile(0.5),
-        p99_us: h.value_at_quantile(0.99),
-        p999_us: h.value_at_quantile(0.999),
-        max_us: h.max(),
+        mode: args.mode,
+        producers: args.producers,
+        size: args.size,
+        depth,
+        seconds: 0.0,
+        sent: 0,
+        failed: 0,
+        send_msgs_per_sec: 0.0,
+        send_mb_per_sec: 0.0,
+        p50_us: 0,
+        p99_us: 0,
+        p999_us: 0,
+        max_us: 0,
         consumed: None,
         consume_msgs_per_sec: None,
+        consume_mb_per_sec: None,
     };
-    if consume {
+    if client.route(&args.topic).await.is_err() {
+        if args.consume_only {
+            return Err(ClientError::BadResponse {
+                addr: "name server".into(),
+                detail: format!("topic {} does not exist: nothing to consume", args.topic),
+            });
+        }
+        update_topic(
+            &client,
+            &args.topic,
+            None,
+            None,
+            args.queues,
+            args.queues,
+            6,
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    if !args.consume_only {
+        let shared = Arc::new(BenchShared {
+            sent: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            claimed: AtomicU64::new(0),
+            count: args.count,
+            deadline: Instant::now() + Duration::from_secs(args.duration),
+            hist: Mutex::new(histogram()?),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(AtomicU64::new(0));
+        {
+            // Mirror the shared counter into the progress printer.
+            let (shared, progress, stop) = (shared.clone(), progress.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Acquire) {
+                    progress.store(shared.sent.load(Ordering::Relaxed), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+        spawn_progress("bench send", progress, args.count, stop.clone());
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..args.producers.max(1))
+            .map(|p| {
+                let producer = Producer::new(client.clone(), "bench_producer");
+                tokio::spawn(bench_producer(
+                    producer,
+                    shared.clone(),
+                    args.clone(),
+                    p as u64,
+                ))
+            })
+            .collect();
+        for t in tasks {
+            if let Ok(Err(e)) = t.await {
+                stop.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        stop.store(true, Ordering::Release);
+        let secs = start.elapsed().as_secs_f64();
+        let n = shared.sent.load(Ordering::Relaxed);
+        let h = shared
+            .hist
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        report.seconds = secs;
+        report.sent = n;
+        report.failed = shared.failed.load(Ordering::Relaxed);
+        report.send_msgs_per_sec = n as f64 / secs;
+        report.send_mb_per_sec = n as f64 * args.size as f64 / secs / 1e6;
+        report.p50_us = h.value_at_quantile(0.5);
+        report.p99_us = h.value_at_quantile(0.99);
+        report.p999_us = h.value_at_quantile(0.999);
+        report.max_us = h.max();
+    }
+    if args.consume || args.consume_only {
         let group = format!("bench_consumer_{}", std::process::id());
-        let mut c = PullConsumer::new(client.clone(), &group, topic).await?;
+        let mut c = PullConsumer::new(client.clone(), &group, &args.topic).await?;
         let target = c.remaining().await?;
         let got = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         spawn_progress("bench consume", got.clone(), target as u64, stop.clone());
         let t = Instant::now();
+        let mut bytes = 0u64;
+        let mut idle_since: Option<Instant> = None;
         while (got.load(Ordering::Relaxed) as i64) < target {
             let batch = c.poll(Duration::from_millis(200)).await?;
-            if batch.is_empty() && t.elapsed() > Duration::from_secs(600) {
-                break;
+            if batch.is_empty() {
+                // Messages the consumer cannot see (e.g. a failed group) must not hang it.
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(10) {
+                    break;
+                }
+                continue;
             }
+            idle_since = None;
+            bytes += batch
+                .iter()
+                .map(|m| m.message.body.len() as u64)
+                .sum::<u64>();
             got.fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
         stop.store(true, Ordering::Release);
+        let secs = t.elapsed().as_secs_f64();
         let g = got.load(Ordering::Relaxed);
         report.consumed = Some(g);
-        report.consume_msgs_per_sec = Some(g as f64 / t.elapsed().as_secs_f64());
+        report.consume_msgs_per_sec = Some(g as f64 / secs);
+        report.consume_mb_per_sec = Some(bytes as f64 / secs / 1e6);
     }
-    if json {
+    if args.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&report).unwrap_or_default()
         );
     } else {
-        println!(
-            "send: {} msgs in {:.1}s, {:.0} msgs/s, {:.1} MB/s, failed {}; latency p50 {} us, p99 {} us, p999 {} us, max {} us",
-            report.sent, report.seconds, report.send_msgs_per_sec, report.send_mb_per_sec, report.failed,
-            report.p50_us, report.p99_us, report.p999_us, report.max_us
-        );
-        if let (Some(c), Some(r)) = (report.consumed, report.consume_msgs_per_sec) {
-            println!("consume: {c} msgs, {r:.0} msgs/s");
+        if !args.consume_only {
+            println!(
+                "send ({:?}, {} producers, depth {}): {} msgs in {:.1}s, {:.0} msgs/s, {:.1} MB/s, failed {}; latency p50 {} us, p99 {} us, p999 {} us, max {} us",
+                report.mode, report.producers, report.depth, report.sent, report.seconds,
+                report.send_msgs_per_sec, report.send_mb_per_sec, report.failed,
+                report.p50_us, report.p99_us, report.p999_us, report.max_us
+            );
+        }
+        if let (Some(c), Some(r), Some(mb)) = (
+            report.consumed,
+            report.consume_msgs_per_sec,
+            report.consume_mb_per_sec,
+        ) {
+            println!("consume: {c} msgs, {r:.0} msgs/s, {mb:.1} MB/s");
         }
     }
     Ok(())

@@ -1,5 +1,10 @@
 //! `mqbroker`: the ferromq broker.
 
+/// mimalloc: the request path allocates many small, short-lived buffers, which glibc's
+/// allocator serves markedly slower under two busy threads.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

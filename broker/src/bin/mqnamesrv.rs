@@ -1,5 +1,10 @@
 //! `mqnamesrv`: the ferromq name server.
 
+/// mimalloc: the request path allocates many small, short-lived buffers, which glibc's
+/// allocator serves markedly slower under two busy threads.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;

@@ -35,7 +35,7 @@ pub struct Client {
     namesrv: Vec<String>,
     pool: ConnectionPool,
     timeout: Duration,
-    routes: Mutex<HashMap<String, (Instant, TopicRouteData)>>,
+    routes: Mutex<HashMap<String, (Instant, Arc<TopicRouteData>)>>,
 }
 
 /// What one pull asks for.
@@ -161,7 +161,7 @@ impl Client {
     }
 
     /// The route of `topic` from the name servers (cached for a while).
-    pub async fn route(&self, topic: &str) -> Result<TopicRouteData, ClientError> {
+    pub async fn route(&self, topic: &str) -> Result<Arc<TopicRouteData>, ClientError> {
         if let Some((at, r)) = self
             .routes
             .lock()
@@ -176,7 +176,7 @@ impl Client {
     }
 
     /// The route of `topic`, bypassing the cache.
-    pub async fn refresh_route(&self, topic: &str) -> Result<TopicRouteData, ClientError> {
+    pub async fn refresh_route(&self, topic: &str) -> Result<Arc<TopicRouteData>, ClientError> {
         let req = RemotingCommand::request(
             RequestCode::GetRouteinfoByTopic.code(),
             TopicRequestHeader {
@@ -185,8 +185,8 @@ impl Client {
             .to_ext(),
         );
         let resp = self.namesrv_ok(req).await?;
-        let route: TopicRouteData =
-            from_json(&resp.body).map_err(|e| bad("name server", format!("route: {e}")))?;
+        let route: Arc<TopicRouteData> =
+            Arc::new(from_json(&resp.body).map_err(|e| bad("name server", format!("route: {e}")))?);
         self.routes
             .lock()
             .unwrap_or_else(|p| p.into_inner())

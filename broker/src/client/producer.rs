@@ -1,18 +1,18 @@
 //! A producer: finds a writable queue through the name servers, sends, and on failure retries
 //! on a queue of another broker group.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
 use super::Client;
 use crate::remoting::body::TopicRouteData;
 use crate::remoting::connection::ClientError;
-use crate::remoting::header::{send_v1_to_v2, SendMessageRequestHeader, SendMessageResponseHeader};
+use crate::remoting::header::{SendMessageRequestHeader, SendMessageResponseHeader};
 use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
-use crate::store::message::{format_properties, Properties, PROP_KEYS, PROP_TAGS, PROP_UNIQ_KEY};
+use crate::store::message::{encode_batch, BatchItem, PROP_KEYS, PROP_TAGS, PROP_UNIQ_KEY};
 use crate::store::topics::{now_ms, AUTO_CREATE_TOPIC, PERM_WRITE};
 
 /// A message to send.
@@ -62,6 +62,8 @@ pub struct Producer {
     next: AtomicUsize,
     /// Attempts per message (1 + retries), as `retryTimesWhenSendFailed` + 1.
     attempts: usize,
+    /// Writable queues per topic, valid while the client hands out the same route.
+    targets: Mutex<HashMap<String, (Arc<TopicRouteData>, Targets)>>,
 }
 
 static UNIQ_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -76,14 +78,45 @@ pub fn new_uniq_id() -> String {
     format!("{pid:08X}{nanos:016X}{n:08X}")
 }
 
+/// The properties string of a message as sent: the user's properties plus the unique id,
+/// tags, keys and WAIT, in key order (what `format_properties` of the merged map gives).
+fn encode_send_properties(msg: &Message, uniq: &str) -> String {
+    let keys = (!msg.keys.is_empty()).then(|| msg.keys.join(" "));
+    let system = [
+        (PROP_KEYS, keys.as_deref()),
+        (PROP_TAGS, msg.tags.as_deref()),
+        (PROP_UNIQ_KEY, Some(uniq)),
+        ("WAIT", Some("true")),
+    ];
+    let mut merged: Vec<(&str, &str)> = msg
+        .properties
+        .iter()
+        .filter(|(k, _)| !system.iter().any(|(s, v)| v.is_some() && s == k))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain(system.iter().filter_map(|(k, v)| v.map(|v| (*k, v))))
+        .collect();
+    merged.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut s = String::with_capacity(merged.iter().map(|(k, v)| k.len() + v.len() + 2).sum());
+    for (k, v) in merged {
+        s.push_str(k);
+        s.push('\u{1}');
+        s.push_str(v);
+        s.push('\u{2}');
+    }
+    s
+}
+
 #[derive(Debug, Clone)]
 struct Target {
-    broker_name: String,
-    addr: String,
+    broker_name: Arc<str>,
+    addr: Arc<str>,
     queue_id: i32,
 }
 
-fn writable_queues(route: &TopicRouteData) -> Vec<Target> {
+/// Writable queues of a route, computed once per route the client fetches.
+type Targets = Arc<[Target]>;
+
+fn writable_queues(route: &TopicRouteData) -> Targets {
     let mut out = Vec::new();
     for qd in &route.queue_datas {
         if qd.perm & PERM_WRITE == 0 {
@@ -97,15 +130,17 @@ fn writable_queues(route: &TopicRouteData) -> Vec<Target> {
         else {
             continue;
         };
+        let (broker_name, addr): (Arc<str>, Arc<str>) =
+            (qd.broker_name.as_str().into(), addr.into());
         for q in 0..qd.write_queue_nums {
             out.push(Target {
-                broker_name: qd.broker_name.clone(),
-                addr: addr.to_string(),
+                broker_name: broker_name.clone(),
+                addr: addr.clone(),
                 queue_id: q,
             });
         }
     }
-    out
+    out.into()
 }
 
 impl Producer {
@@ -116,6 +151,7 @@ impl Producer {
             group: group.to_string(),
             next: AtomicUsize::new(0),
             attempts: 3,
+            targets: Mutex::default(),
         }
     }
 
@@ -125,39 +161,96 @@ impl Producer {
         self
     }
 
-    async fn targets(&self, topic: &str) -> Result<(Vec<Target>, bool), ClientError> {
+    async fn targets(&self, topic: &str) -> Result<(Targets, bool), ClientError> {
         match self.client.route(topic).await {
-            Ok(r) => Ok((writable_queues(&r), false)),
+            Ok(r) => Ok((self.cached_targets(topic, r), false)),
             Err(ClientError::Response { code, .. })
                 if code == ResponseCode::TopicNotExist.code() =>
             {
                 // No route yet: send through the template topic so the broker creates it.
                 let r = self.client.route(AUTO_CREATE_TOPIC).await?;
-                let mut t = writable_queues(&r);
-                t.retain(|t| t.queue_id < 4);
-                Ok((t, true))
+                let t: Vec<Target> = writable_queues(&r)
+                    .iter()
+                    .filter(|t| t.queue_id < 4)
+                    .cloned()
+                    .collect();
+                Ok((t.into(), true))
             }
             Err(e) => Err(e),
         }
     }
 
+    fn cached_targets(&self, topic: &str, route: Arc<TopicRouteData>) -> Targets {
+        let mut cache = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((r, t)) = cache.get(topic) {
+            if Arc::ptr_eq(r, &route) {
+                return t.clone();
+            }
+        }
+        let t = writable_queues(&route);
+        cache.insert(topic.to_string(), (route, t.clone()));
+        t
+    }
+
     /// Sends one message; on failure tries queues of other broker groups.
     pub async fn send(&self, msg: &Message) -> Result<SendResult, ClientError> {
-        let mut props: Properties = msg.properties.clone();
         let uniq = new_uniq_id();
-        props.insert(PROP_UNIQ_KEY.into(), uniq.clone());
-        if let Some(t) = &msg.tags {
-            props.insert(PROP_TAGS.into(), t.clone());
+        let properties = encode_send_properties(msg, &uniq);
+        let payload = Payload::One {
+            body: msg.body.clone(),
+            properties,
+        };
+        self.send_payload(&msg.topic, payload, uniq).await
+    }
+
+    /// Sends messages of one topic as one SEND_BATCH_MESSAGE: they land contiguously in one
+    /// queue, all or none. The result's `msg_id` lists every message's unique id, comma
+    /// separated, as RocketMQ's batch send result does.
+    pub async fn send_batch(&self, msgs: &[Message]) -> Result<SendResult, ClientError> {
+        let Some(first) = msgs.first() else {
+            return Err(ClientError::BadResponse {
+                addr: "producer".into(),
+                detail: "a batch needs at least one message".into(),
+            });
+        };
+        if let Some(other) = msgs.iter().find(|m| m.topic != first.topic) {
+            return Err(ClientError::BadResponse {
+                addr: "producer".into(),
+                detail: format!(
+                    "a batch goes to one topic, but holds {} and {}",
+                    first.topic, other.topic
+                ),
+            });
         }
-        if !msg.keys.is_empty() {
-            props.insert(PROP_KEYS.into(), msg.keys.join(" "));
-        }
-        props.insert("WAIT".into(), "true".into());
-        let properties = format_properties(&props);
+        let mut ids = Vec::with_capacity(msgs.len());
+        let items: Vec<BatchItem> = msgs
+            .iter()
+            .map(|m| {
+                let uniq = new_uniq_id();
+                let properties = encode_send_properties(m, &uniq);
+                ids.push(uniq);
+                BatchItem {
+                    flag: 0,
+                    body: m.body.clone(),
+                    properties,
+                }
+            })
+            .collect();
+        let payload = Payload::Batch(encode_batch(&items));
+        self.send_payload(&first.topic, payload, ids.join(","))
+            .await
+    }
+
+    async fn send_payload(
+        &self,
+        topic: &str,
+        payload: Payload,
+        uniq: String,
+    ) -> Result<SendResult, ClientError> {
         let mut last_err = None;
-        let mut failed_brokers: Vec<String> = Vec::new();
+        let mut failed_brokers: Vec<Arc<str>> = Vec::new();
         for attempt in 0..self.attempts {
-            let (targets, via_template) = match self.targets(&msg.topic).await {
+            let (targets, via_template) = match self.targets(topic).await {
                 Ok(t) => t,
                 Err(e) => {
                     last_err = Some(e);
@@ -167,9 +260,9 @@ impl Producer {
             if targets.is_empty() {
                 last_err = Some(ClientError::BadResponse {
                     addr: "name server".into(),
-                    detail: format!("topic {} has no writable queue", msg.topic),
+                    detail: format!("topic {topic} has no writable queue"),
                 });
-                let _ = self.client.refresh_route(&msg.topic).await;
+                let _ = self.client.refresh_route(topic).await;
                 continue;
             }
             let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -177,27 +270,33 @@ impl Producer {
                 .map(|i| &targets[(start + i) % targets.len()])
                 .find(|t| !failed_brokers.contains(&t.broker_name))
                 .unwrap_or(&targets[start % targets.len()]);
+            let (code, body, properties, batch) = match &payload {
+                Payload::One { body, properties } => (
+                    RequestCode::SendMessageV2,
+                    body.clone(),
+                    Some(properties.clone()),
+                    false,
+                ),
+                Payload::Batch(body) => (RequestCode::SendBatchMessage, body.clone(), None, true),
+            };
             let h = SendMessageRequestHeader {
                 producer_group: self.group.clone(),
-                topic: msg.topic.clone(),
+                topic: topic.to_string(),
                 default_topic: Some(AUTO_CREATE_TOPIC.into()),
                 default_topic_queue_nums: Some(4),
                 queue_id: Some(target.queue_id),
                 sys_flag: Some(0),
                 born_timestamp: Some(now_ms()),
                 flag: Some(0),
-                properties: Some(properties.clone()),
+                properties,
                 reconsume_times: Some(0),
                 unit_mode: false,
                 max_reconsume_times: None,
-                batch: false,
-                broker_name: Some(target.broker_name.clone()),
+                batch,
+                broker_name: Some(target.broker_name.to_string()),
             };
-            let req = RemotingCommand::request(
-                RequestCode::SendMessageV2.code(),
-                send_v1_to_v2(&h.to_ext()),
-            )
-            .with_body(msg.body.clone());
+            // Both carry SEND_MESSAGE_V2's one-letter keys, as Java's producer sends them.
+            let req = RemotingCommand::request(code.code(), h.to_v2()).with_body(body);
             // FLUSH_DISK_TIMEOUT, SLAVE_NOT_AVAILABLE and FLUSH_SLAVE_TIMEOUT mean "stored, but
             // not as durable as asked": a result with that status, never a retry (which
             // would store the message twice).
@@ -214,7 +313,7 @@ impl Producer {
                     Ok(resp)
                 }
                 Ok(resp) => Err(ClientError::Response {
-                    addr: target.addr.clone(),
+                    addr: target.addr.to_string(),
                     code: resp.code,
                     remark: resp.remark.unwrap_or_default(),
                 }),
@@ -223,18 +322,18 @@ impl Producer {
             match outcome {
                 Ok(resp) => {
                     if via_template {
-                        let _ = self.client.refresh_route(&msg.topic).await;
+                        let _ = self.client.refresh_route(topic).await;
                     }
                     let h = SendMessageResponseHeader::from_ext(&resp.ext_fields).map_err(|e| {
                         ClientError::BadResponse {
-                            addr: target.addr.clone(),
+                            addr: target.addr.to_string(),
                             detail: e.to_string(),
                         }
                     })?;
                     return Ok(SendResult {
                         msg_id: uniq,
                         offset_msg_id: h.msg_id,
-                        broker_name: target.broker_name.clone(),
+                        broker_name: target.broker_name.to_string(),
                         queue_id: h.queue_id,
                         queue_offset: h.queue_offset,
                         status: resp.code,
@@ -243,11 +342,52 @@ impl Producer {
                 Err(e) => {
                     tracing::debug!(attempt, broker = %target.addr, error = %e, "send failed; retrying elsewhere");
                     failed_brokers.push(target.broker_name.clone());
-                    let _ = self.client.refresh_route(&msg.topic).await;
+                    let _ = self.client.refresh_route(topic).await;
                     last_err = Some(e);
                 }
             }
         }
         Err(last_err.unwrap_or_else(|| ClientError::Closed("no attempt made".into())))
+    }
+}
+
+/// What a send carries: one message, or an encoded batch.
+enum Payload {
+    One { body: Bytes, properties: String },
+    Batch(Bytes),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::message::{format_properties, Properties};
+
+    #[test]
+    fn send_properties_match_the_merged_map() {
+        let mut msg = Message {
+            topic: "T".into(),
+            tags: Some("TagA".into()),
+            keys: vec!["k1".into(), "k2".into()],
+            ..Default::default()
+        };
+        msg.properties.insert("zeta".into(), "1".into());
+        msg.properties.insert("TAGS".into(), "overridden".into());
+        msg.properties.insert("A".into(), "2".into());
+        let mut want = Properties::new();
+        want.extend(msg.properties.clone());
+        want.insert(PROP_UNIQ_KEY.into(), "U1".into());
+        want.insert(PROP_TAGS.into(), "TagA".into());
+        want.insert(PROP_KEYS.into(), "k1 k2".into());
+        want.insert("WAIT".into(), "true".into());
+        assert_eq!(encode_send_properties(&msg, "U1"), format_properties(&want));
+        // Without tags or keys, user properties of those names stay.
+        let plain = Message {
+            properties: [("KEYS".to_string(), "mine".to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            encode_send_properties(&plain, "U2"),
+            "KEYS\u{1}mine\u{2}UNIQ_KEY\u{1}U2\u{2}WAIT\u{1}true\u{2}"
+        );
     }
 }

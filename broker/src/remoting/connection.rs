@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,13 +82,20 @@ async fn serve_connection<P: Processor>(
     let (rd, wr) = socket.into_split();
     let mut reader = FramedRead::new(rd, FrameCodec::new(max_frame));
     let (tx, mut rx) = mpsc::channel::<RemotingCommand>(WRITE_QUEUE);
+    // Requests read but not yet answered: while others are being processed, the writer waits
+    // a scheduler turn so their responses share one write.
+    let unanswered = Arc::new(AtomicUsize::new(0));
+    let busy = unanswered.clone();
     let writer = tokio::spawn(async move {
         let mut w = FramedWrite::new(wr, FrameCodec::new(usize::MAX));
         while let Some(cmd) = rx.recv().await {
             if w.feed(cmd).await.is_err() {
                 return;
             }
-            // Drain whatever else is ready before one flush: fewer syscalls under load.
+            // (The count may still include the request just answered.)
+            if busy.load(Ordering::Acquire) > 1 {
+                tokio::task::yield_now().await;
+            }
             while let Ok(cmd) = rx.try_recv() {
                 if w.feed(cmd).await.is_err() {
                     return;
@@ -122,12 +129,15 @@ async fn serve_connection<P: Processor>(
         };
         let p = processor.clone();
         let peer = peer.clone();
+        let unanswered = unanswered.clone();
+        unanswered.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
             let oneway = request.is_oneway();
             let response = p.process(request, &peer).await;
             if let (Some(r), false) = (response, oneway) {
                 let _ = peer.push.send(r).await;
             }
+            unanswered.fetch_sub(1, Ordering::AcqRel);
             drop(permit);
         });
     }
@@ -214,6 +224,7 @@ impl Connection {
             closed: closed.clone(),
         });
         let closed_w = closed.clone();
+        let pending_w = pending.clone();
         tokio::spawn(async move {
             let mut w = FramedWrite::new(wr, FrameCodec::new(usize::MAX));
             loop {
@@ -223,6 +234,11 @@ impl Connection {
                 };
                 if w.feed(cmd).await.is_err() {
                     break;
+                }
+                // Several calls waiting means more requests are likely on their way: give
+                // them a scheduler turn to join this write.
+                if lock(&pending_w).len() > 1 {
+                    tokio::task::yield_now().await;
                 }
                 while let Ok(cmd) = rx.try_recv() {
                     if w.feed(cmd).await.is_err() {

@@ -118,13 +118,27 @@ macro_rules! ext_header {
         impl $name {
             /// Reads the header from a command's `extFields`.
             pub fn from_ext(ext: &ExtFields) -> Result<Self, HeaderError> {
-                Ok($name { $( $f: <$t as ExtValue>::read(ext, $key)? ),* })
+                Self::from_ext_keyed(ext, |k| k)
             }
 
             /// Flattens the header into `extFields`.
             pub fn to_ext(&self) -> ExtFields {
-                let mut ext = ExtFields::new();
-                $( ExtValue::write(&self.$f, &mut ext, $key); )*
+                self.to_ext_keyed(|k| k)
+            }
+
+            /// Reads the header where the wire uses other key names (`key_of` maps each
+            /// field's name to the wire's), without building a renamed map.
+            pub fn from_ext_keyed(
+                ext: &ExtFields,
+                key_of: impl Fn(&'static str) -> &'static str,
+            ) -> Result<Self, HeaderError> {
+                Ok($name { $( $f: <$t as ExtValue>::read(ext, key_of($key))? ),* })
+            }
+
+            /// Flattens the header under the wire's key names (see `from_ext_keyed`).
+            pub fn to_ext_keyed(&self, key_of: impl Fn(&'static str) -> &'static str) -> ExtFields {
+                let mut ext = ExtFields::with_capacity(16);
+                $( ExtValue::write(&self.$f, &mut ext, key_of($key)); )*
                 ext
             }
         }
@@ -182,6 +196,26 @@ const SEND_V2_KEYS: &[(&str, &str)] = &[
     ("m", "batch"),
     ("n", "brokerName"),
 ];
+
+/// SEND_MESSAGE_V2's one-letter key for a SEND_MESSAGE key (other keys pass through).
+pub fn send_v2_key(long: &'static str) -> &'static str {
+    SEND_V2_KEYS
+        .iter()
+        .find(|(_, l)| *l == long)
+        .map_or(long, |(short, _)| short)
+}
+
+impl SendMessageRequestHeader {
+    /// Reads a SEND_MESSAGE_V2 header (one-letter keys).
+    pub fn from_v2(ext: &ExtFields) -> Result<Self, HeaderError> {
+        Self::from_ext_keyed(ext, send_v2_key)
+    }
+
+    /// Flattens the header with SEND_MESSAGE_V2's one-letter keys.
+    pub fn to_v2(&self) -> ExtFields {
+        self.to_ext_keyed(send_v2_key)
+    }
+}
 
 /// Rewrites SEND_MESSAGE_V2's one-letter keys to SEND_MESSAGE's long keys.
 pub fn send_v2_to_v1(ext: &ExtFields) -> ExtFields {
@@ -494,6 +528,14 @@ mod tests {
             send_v1_to_v2(&h.to_ext()).get("b").map(String::as_str),
             Some("T")
         );
+        // Reading the short keys in place gives the same header, and writing them back
+        // gives the same map as renaming.
+        assert_eq!(SendMessageRequestHeader::from_v2(&v2).unwrap(), h);
+        assert_eq!(h.to_v2(), send_v1_to_v2(&h.to_ext()));
+        assert!(matches!(
+            SendMessageRequestHeader::from_v2(&ext(&[("a", "pg")])),
+            Err(HeaderError::Missing("b"))
+        ));
     }
 
     #[test]

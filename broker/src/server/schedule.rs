@@ -48,8 +48,7 @@ pub fn requested_level(properties: &str) -> i32 {
     if !properties.contains("DELAY\u{1}") {
         return 0;
     }
-    parse_properties(properties)
-        .get(PROP_DELAY)
+    crate::store::message::property(properties, PROP_DELAY)
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }

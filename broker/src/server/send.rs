@@ -4,8 +4,7 @@ use std::net::SocketAddr;
 
 use crate::config::BrokerRole;
 use crate::remoting::header::{
-    send_v2_to_v1, ConsumerSendMsgBackRequestHeader, SendMessageRequestHeader,
-    SendMessageResponseHeader,
+    ConsumerSendMsgBackRequestHeader, SendMessageRequestHeader, SendMessageResponseHeader,
 };
 use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
 use crate::replication::SyncWaitError;
@@ -57,12 +56,16 @@ fn store_error_response(req: &RemotingCommand, e: &StoreError) -> RemotingComman
 impl Broker {
     /// Handles the three send requests.
     pub(super) async fn send(&self, req: &RemotingCommand, born: SocketAddr) -> RemotingCommand {
-        let ext = if req.code == RequestCode::SendMessageV2.code() {
-            send_v2_to_v1(&req.ext_fields)
+        // SEND_MESSAGE_V2 and (from Java clients) SEND_BATCH_MESSAGE carry one-letter keys.
+        let short_keys = req.code == RequestCode::SendMessageV2.code()
+            || (req.code == RequestCode::SendBatchMessage.code()
+                && req.ext_fields.contains_key("b"));
+        let h = if short_keys {
+            SendMessageRequestHeader::from_v2(&req.ext_fields)
         } else {
-            req.ext_fields.clone()
+            SendMessageRequestHeader::from_ext(&req.ext_fields)
         };
-        let h = match SendMessageRequestHeader::from_ext(&ext) {
+        let h = match h {
             Ok(h) => h,
             Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
         };

@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
@@ -13,6 +14,20 @@ use super::StoreError;
 
 /// Bytes per consume-queue entry.
 pub const ENTRY_SIZE: u64 = 20;
+
+/// Entries buffered in memory before one write to the file (about 200 messages' worth).
+const TAIL_BYTES: usize = 4096;
+
+/// Entries not yet written to the file: a send appends here instead of writing 20 bytes to
+/// the file each time. Readers see them; [`ConsumeQueue::flush`] (and a full buffer) writes
+/// them out. A crash may lose them, which recovery repairs from the commit log.
+#[derive(Debug, Default)]
+struct Tail {
+    /// Queue offset of the first buffered entry.
+    base: u64,
+    /// Encoded entries from `base` on.
+    buf: Vec<u8>,
+}
 
 /// One consume-queue entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +54,7 @@ pub struct ConsumeQueue {
     /// First entry still pointing at stored data.
     min: AtomicU64,
     dirty: AtomicBool,
+    tail: Mutex<Tail>,
     /// Wakes long-polling pulls when an entry is added.
     pub arrived: Notify,
 }
@@ -65,6 +81,10 @@ impl ConsumeQueue {
             count: AtomicU64::new(len / ENTRY_SIZE),
             min: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
+            tail: Mutex::new(Tail {
+                base: len / ENTRY_SIZE,
+                buf: Vec::new(),
+            }),
             arrived: Notify::new(),
         })
     }
@@ -86,12 +106,41 @@ impl ConsumeQueue {
         buf[..8].copy_from_slice(&e.offset.to_be_bytes());
         buf[8..12].copy_from_slice(&e.size.to_be_bytes());
         buf[12..].copy_from_slice(&e.tags_code.to_be_bytes());
-        self.file
-            .write_all_at(&buf, index * ENTRY_SIZE)
-            .map_err(|err| StoreError::io(&self.path, err))?;
+        {
+            let mut tail = self.lock_tail();
+            if index != tail.base + (tail.buf.len() as u64) / ENTRY_SIZE {
+                // Not the next entry (recovery rewriting one): write it in place.
+                self.write_tail(&mut tail)?;
+                self.file
+                    .write_all_at(&buf, index * ENTRY_SIZE)
+                    .map_err(|err| StoreError::io(&self.path, err))?;
+                tail.base = tail.base.max(index + 1);
+            } else {
+                tail.buf.extend_from_slice(&buf);
+                if tail.buf.len() >= TAIL_BYTES {
+                    self.write_tail(&mut tail)?;
+                }
+            }
+        }
         self.count.fetch_max(index + 1, Ordering::AcqRel);
         self.dirty.store(true, Ordering::Release);
         self.arrived.notify_waiters();
+        Ok(())
+    }
+
+    fn lock_tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the buffered entries to the file (not yet durable).
+    fn write_tail(&self, tail: &mut Tail) -> Result<(), StoreError> {
+        if !tail.buf.is_empty() {
+            self.file
+                .write_all_at(&tail.buf, tail.base * ENTRY_SIZE)
+                .map_err(|err| StoreError::io(&self.path, err))?;
+            tail.base += tail.buf.len() as u64 / ENTRY_SIZE;
+            tail.buf.clear();
+        }
         Ok(())
     }
 
@@ -103,9 +152,31 @@ impl ConsumeQueue {
         }
         let n = (end - from) as usize;
         let mut buf = vec![0u8; n * ENTRY_SIZE as usize];
-        self.file
-            .read_exact_at(&mut buf, from * ENTRY_SIZE)
-            .map_err(|err| StoreError::io(&self.path, err))?;
+        // Entries from the buffer's base on are copied from memory; those below it are in the
+        // file, which is written before the base moves.
+        let on_file = {
+            let tail = self.lock_tail();
+            let base = tail.base.clamp(from, end);
+            let at = ((base - tail.base.min(base)) * ENTRY_SIZE) as usize;
+            let dst = ((base - from) * ENTRY_SIZE) as usize;
+            let want = ((end - base) * ENTRY_SIZE) as usize;
+            let Some(src) = tail.buf.get(at..at + want) else {
+                return Err(StoreError::Corrupt(format!(
+                    "{}: entries {base}..{end} are neither on file nor buffered",
+                    self.path.display()
+                )));
+            };
+            buf[dst..].copy_from_slice(src);
+            base
+        };
+        if on_file > from {
+            self.file
+                .read_exact_at(
+                    &mut buf[..((on_file - from) * ENTRY_SIZE) as usize],
+                    from * ENTRY_SIZE,
+                )
+                .map_err(|err| StoreError::io(&self.path, err))?;
+        }
         Ok(buf
             .chunks_exact(ENTRY_SIZE as usize)
             .map(|c| CqEntry {
@@ -119,6 +190,10 @@ impl ConsumeQueue {
     /// Drops entries whose message lies at or after commit-log offset `end` (they are
     /// re-dispatched by recovery); returns how many were dropped.
     pub fn truncate_from_offset(&self, end: u64) -> Result<u64, StoreError> {
+        {
+            let mut tail = self.lock_tail();
+            self.write_tail(&mut tail)?;
+        }
         let count = self.max_offset();
         // Entries are in commit-log order, so binary search for the first one at or past end.
         let (mut lo, mut hi) = (0u64, count);
@@ -132,9 +207,11 @@ impl ConsumeQueue {
             }
         }
         if lo < count {
+            let mut tail = self.lock_tail();
             self.file
                 .set_len(lo * ENTRY_SIZE)
                 .map_err(|err| StoreError::io(&self.path, err))?;
+            tail.base = lo;
             self.count.store(lo, Ordering::Release);
             self.dirty.store(true, Ordering::Release);
         }
@@ -163,11 +240,94 @@ impl ConsumeQueue {
 
     /// Makes written entries durable if any changed since the last flush.
     pub fn flush(&self) -> Result<(), StoreError> {
+        {
+            let mut tail = self.lock_tail();
+            self.write_tail(&mut tail)?;
+        }
         if self.dirty.swap(false, Ordering::AcqRel) {
             self.file
                 .sync_data()
                 .map_err(|err| StoreError::io(&self.path, err))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: u64) -> CqEntry {
+        CqEntry {
+            offset: i * 100,
+            size: 100,
+            tags_code: i as i64,
+        }
+    }
+
+    #[test]
+    fn reads_span_the_file_and_the_buffered_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = ConsumeQueue::open(dir.path(), "T", 0).unwrap();
+        // 500 entries: two buffer-fulls went to the file, the rest is buffered.
+        for i in 0..500 {
+            q.put(i, entry(i)).unwrap();
+        }
+        assert_eq!(q.max_offset(), 500);
+        let on_file = std::fs::metadata(&q.path).unwrap().len() / ENTRY_SIZE;
+        assert!(on_file > 0 && on_file < 500, "on file: {on_file}");
+        for (from, n) in [
+            (0, 10),
+            (on_file - 5, 10),
+            (on_file, 3),
+            (490, 50),
+            (0, 500),
+        ] {
+            let got = q.get(from, n).unwrap();
+            let want: Vec<CqEntry> = (from..(from + n as u64).min(500)).map(entry).collect();
+            assert_eq!(got, want, "from {from} n {n}");
+        }
+        assert!(q.get(500, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn flush_writes_the_tail_and_a_crash_loses_only_unflushed_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = ConsumeQueue::open(dir.path(), "T", 1).unwrap();
+        for i in 0..50 {
+            q.put(i, entry(i)).unwrap();
+        }
+        q.flush().unwrap();
+        for i in 50..60 {
+            q.put(i, entry(i)).unwrap();
+        }
+        drop(q); // a crash: the last ten were never written
+        let q = ConsumeQueue::open(dir.path(), "T", 1).unwrap();
+        assert_eq!(q.max_offset(), 50);
+        assert_eq!(
+            q.get(0, 100).unwrap(),
+            (0..50).map(entry).collect::<Vec<_>>()
+        );
+        // Appending continues at the recovered end.
+        q.put(50, entry(50)).unwrap();
+        assert_eq!(q.get(49, 5).unwrap(), vec![entry(49), entry(50)]);
+    }
+
+    #[test]
+    fn truncation_drops_buffered_and_written_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = ConsumeQueue::open(dir.path(), "T", 2).unwrap();
+        for i in 0..300 {
+            q.put(i, entry(i)).unwrap();
+        }
+        // Entries whose message is at or past commit-log offset 250 * 100 go.
+        assert_eq!(q.truncate_from_offset(250 * 100).unwrap(), 50);
+        assert_eq!(q.max_offset(), 250);
+        q.put(250, entry(7)).unwrap();
+        assert_eq!(q.get(249, 5).unwrap(), vec![entry(249), entry(7)]);
+        q.flush().unwrap();
+        drop(q);
+        let q = ConsumeQueue::open(dir.path(), "T", 2).unwrap();
+        assert_eq!(q.max_offset(), 251);
     }
 }

@@ -102,6 +102,16 @@ pub fn parse_properties(s: &str) -> Properties {
         .collect()
 }
 
+/// One property of an encoded properties string, without building the map (the send path
+/// needs only the tags). As with [`parse_properties`], a repeated key's last value wins.
+pub fn property<'a>(s: &'a str, key: &str) -> Option<&'a str> {
+    s.split(PROP_SEP)
+        .filter_map(|kv| kv.split_once(NAME_SEP))
+        .filter(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+        .last()
+}
+
 /// Encodes properties as `key\u0001value\u0002...`.
 pub fn format_properties(p: &Properties) -> String {
     let mut s = String::new();
@@ -151,9 +161,7 @@ pub struct NewMessage {
 impl NewMessage {
     /// Tag code of an encoded properties string (0 when untagged).
     pub fn tags_code_of(properties: &str) -> i64 {
-        parse_properties(properties)
-            .get(PROP_TAGS)
-            .map_or(0, |t| tag_hash(t))
+        property(properties, PROP_TAGS).map_or(0, tag_hash)
     }
 
     /// Bytes the message takes in the commit log.
@@ -487,6 +495,20 @@ mod tests {
             reconsume_times: 2,
             tags_code: tag_hash("TagA"),
         }
+    }
+
+    #[test]
+    fn property_reads_one_key_like_the_parsed_map() {
+        let s = "TAGS\u{1}A\u{2}KEYS\u{1}k1 k2\u{2}junk\u{2}TAGS\u{1}B\u{2}";
+        assert_eq!(property(s, PROP_TAGS), Some("B"));
+        assert_eq!(
+            property(s, PROP_TAGS),
+            parse_properties(s).get(PROP_TAGS).map(String::as_str)
+        );
+        assert_eq!(property(s, PROP_KEYS), Some("k1 k2"));
+        assert_eq!(property(s, "junk"), None);
+        assert_eq!(property("", PROP_TAGS), None);
+        assert_eq!(NewMessage::tags_code_of(s), tag_hash("B"));
     }
 
     #[test]
