@@ -294,7 +294,11 @@ async fn stream(
         }
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            _ = &mut appended => {}
+            _ = &mut appended => {
+                // Sends appending at the same moment join this chunk: one write and one
+                // acknowledgement for all of them.
+                tokio::task::yield_now().await;
+            }
             _ = tokio::time::sleep(HEARTBEAT) => {}
         }
     }

@@ -79,7 +79,7 @@ async fn follow_once(
         })?
         .map_err(e)?;
     let _ = socket.set_nodelay(true);
-    let (mut rd, mut wr) = socket.into_split();
+    let (rd, mut wr) = socket.into_split();
     let mut hello = Vec::new();
     hello.extend_from_slice(&HELLO_MAGIC.to_be_bytes());
     hello.extend_from_slice(&HELLO_VERSION.to_be_bytes());
@@ -96,6 +96,9 @@ async fn follow_once(
         "replicating from master"
     );
 
+    // Buffered: a chunk header and its data usually arrive in one read, and several chunks
+    // that arrived together are stored before one acknowledgement.
+    let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
     let mut buf = vec![0u8; MAX_CHUNK as usize];
     let mut last_report = Instant::now();
     loop {
@@ -128,7 +131,10 @@ async fn follow_once(
         if size > 0 {
             store.replicate(start, &buf[..size])?;
         }
-        if size > 0 || last_report.elapsed() >= HEARTBEAT {
+        // Acknowledge once what has arrived is stored: a SYNC_MASTER waits for this, and one
+        // acknowledgement covers every chunk of the same read.
+        let more_buffered = !rd.buffer().is_empty();
+        if (size > 0 && !more_buffered) || last_report.elapsed() >= HEARTBEAT {
             wr.write_all(&log.max_offset().to_be_bytes())
                 .await
                 .map_err(e)?;
