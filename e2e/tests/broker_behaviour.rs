@@ -296,7 +296,16 @@ async fn unknown_topics_are_refused_when_auto_creation_is_off() -> Result<(), Er
         ..Default::default()
     })
     .await?;
-    let route = c.client.refresh_route("Fresh").await?;
+    // The broker registers the new topic with the name server right after creating it, in
+    // the background: wait for the route to appear.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let route = loop {
+        match c.client.refresh_route("Fresh").await {
+            Ok(r) => break r,
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
     assert_eq!(route.queue_datas[0].write_queue_nums, 3);
     Ok(())
 }

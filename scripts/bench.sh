@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark (not part of CI): the same `mqadmin bench` driver against
+#   (a) ferromq: mqnamesrv + mqbroker, and
+#   (b) the peer: rocketmq-namesrv + rocketmq-broker 1.0.0 (the published Rust RocketMQ),
+# each as a name server plus one master on 127.0.0.1 with ASYNC_FLUSH, then prints every
+# figure with the ratio ours/peer. ferromq alone is also measured with SYNC_FLUSH and with a
+# slave (ASYNC_MASTER vs SYNC_MASTER), plus a 1M-message consume and a restart.
+#
+#   scripts/bench.sh [SECONDS]        # default 8 s per scenario
+#
+# The peer is installed once with `cargo install` into target/peer (about 15 minutes of
+# building on 2 cores). Set PEER=0 to skip it. Results go to target/bench/results.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-8}
+PEER=${PEER:-1}
+ROOT=$PWD
+OUT=$ROOT/target/bench
+BIN=$ROOT/target/release
+PEER_ROOT=$ROOT/target/peer
+mkdir -p "$OUT"
+: > "$OUT/results.jsonl"
+
+cargo build --release -p broker --bins
+if [ "$PEER" = 1 ] && [ ! -x "$PEER_ROOT/bin/rocketmq-broker-rust" ]; then
+  echo "installing the peer (rocketmq-namesrv + rocketmq-broker 1.0.0) into $PEER_ROOT..."
+  cargo install --locked --root "$PEER_ROOT" rocketmq-namesrv@1.0.0 rocketmq-broker@1.0.0
+fi
+
+PIDS=()
+stop_all() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
+  PIDS=()
+}
+trap stop_all EXIT
+
+wait_port() { # host:port
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on $1" >&2
+  return 1
+}
+
+# ferromq ROLE FLUSH SLAVES
+start_ferromq() {
+  local dir=$OUT/ferromq
+  rm -rf "$dir" && mkdir -p "$dir"
+  "$BIN/mqnamesrv" --listen-port 19876 --http-port 19877 --bind 127.0.0.1 >"$dir/ns.log" 2>&1 &
+  PIDS+=($!)
+  wait_port 127.0.0.1:19876
+  local id
+  for id in $(seq 0 "$3"); do
+    local role=$1 port=$((20911 + id * 1000))
+    [ "$id" -gt 0 ] && role=SLAVE
+    cat >"$dir/b$id.conf" <<EOF
+brokerClusterName=Bench
+brokerName=bench-a
+brokerId=$id
+brokerRole=$role
+flushDiskType=$2
+listenPort=$port
+httpPort=$((port + 69))
+namesrvAddr=127.0.0.1:19876
+storePathRootDir=$dir/store$id
+EOF
+    [ "$id" -gt 0 ] && echo "haMasterAddress=127.0.0.1:20912" >>"$dir/b$id.conf"
+    "$BIN/mqbroker" -c "$dir/b$id.conf" >"$dir/b$id.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "127.0.0.1:$port"
+  done
+  BROKER_PID=${PIDS[1]}
+  sleep 1.5 # registration with the name server
+}
+
+start_peer() {
+  local dir=$OUT/peer
+  rm -rf "$dir" && mkdir -p "$dir/ns" "$dir/broker"
+  export ROCKETMQ_SECURITY_PROFILE=development-insecure-loopback
+  (cd "$dir/ns" && ROCKETMQ_HOME=$dir/ns exec "$PEER_ROOT/bin/rocketmq-namesrv-rust" \
+    --bindAddress 127.0.0.1 --listenPort 19876 >"$dir/ns.log" 2>&1) &
+  PIDS+=($!)
+  wait_port 127.0.0.1:19876
+  cat >"$dir/broker.toml" <<EOF
+[broker]
+listenPort = 20911
+brokerIp1 = "127.0.0.1"
+storePathRootDir = "$dir/broker/store"
+namesrvAddr = "127.0.0.1:19876"
+autoCreateTopicEnable = true
+
+[broker.brokerIdentity]
+brokerName = "bench-a"
+brokerClusterName = "Bench"
+brokerId = 0
+
+[broker.brokerServerConfig]
+bindAddress = "127.0.0.1"
+
+[broker.topicQueueConfig]
+defaultTopicQueueNums = 8
+
+[store]
+storePathRootDir = "$dir/broker/store"
+brokerRole = "ASYNC_MASTER"
+flushDiskType = "ASYNC_FLUSH"
+haListenAddress = "127.0.0.1"
+haListenPort = 20912
+EOF
+  (cd "$dir/broker" && ROCKETMQ_HOME=$dir/broker exec "$PEER_ROOT/bin/rocketmq-broker-rust" \
+    -c "$dir/broker.toml" -n 127.0.0.1:19876 >"$dir/broker.log" 2>&1) &
+  PIDS+=($!)
+  BROKER_PID=$!
+  wait_port 127.0.0.1:20911
+  sleep 3 # registration with the name server
+}
+
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# run TARGET LABEL BENCH-ARGS...: one scenario, its JSON line tagged with target and label.
+run() {
+  local target=$1 label=$2
+  shift 2
+  local json
+  if ! json=$("$BIN/mqadmin" -n 127.0.0.1:19876 bench --json "$@" 2>"$OUT/last.err"); then
+    echo "  $target $label: failed ($(tail -1 "$OUT/last.err"))"
+    return 0
+  fi
+  python3 - "$target" "$label" "$(rss_kib "$BROKER_PID")" "$json" >>"$OUT/results.jsonl" <<'EOF'
+import json, sys
+r = json.loads(sys.argv[4])
+r.update(target=sys.argv[1], label=sys.argv[2], broker_rss_kib=int(sys.argv[3]))
+print(json.dumps(r))
+EOF
+  tail -1 "$OUT/results.jsonl" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("  %-8s %-32s %9.0f msgs/s  p50 %6d us  p99 %6d us  rss %d MiB" % (r["target"], r["label"], r["send_msgs_per_sec"] or r.get("consume_msgs_per_sec") or 0, r["p50_us"], r["p99_us"], r["broker_rss_kib"]//1024))'
+}
+
+# The scenarios both brokers run.
+common() {
+  local t=$1
+  run "$t" "sync send, 1 producer" -t S1 -p 1 -d "$SECS"
+  run "$t" "sync send, 64 producers" -t S64 -p 64 -d "$SECS"
+  run "$t" "async send, 16x16 in flight" -t A16 -p 16 -m async --inflight 16 -d "$SECS"
+  run "$t" "batch send, 16 x 32" -t B16 -p 16 -m batch --batch 32 -d "$SECS"
+  run "$t" "batch 1M, then consume" -t Backlog -p 8 -m batch --batch 64 -c 1000000 --consume
+}
+
+echo "ferromq, ASYNC_MASTER, ASYNC_FLUSH"
+start_ferromq ASYNC_MASTER ASYNC_FLUSH 0
+echo "  idle broker RSS: $(( $(rss_kib "$BROKER_PID") / 1024 )) MiB"
+common ferromq
+# Restart with the 1M-message (about 1.2 GiB) commit log: time to /readyz.
+kill -9 "$BROKER_PID"; wait "$BROKER_PID" 2>/dev/null || true
+t0=$(date +%s.%N)
+"$BIN/mqbroker" -c "$OUT/ferromq/b0.conf" >>"$OUT/ferromq/b0.log" 2>&1 &
+PIDS+=($!)
+until curl -sf http://127.0.0.1:20980/readyz >/dev/null; do sleep 0.01; done
+echo "  restart after kill -9 with $(du -sh "$OUT/ferromq/store0/commitlog" | cut -f1) of commit log: ready in $(python3 -c "import time; print(round(time.time() - $t0, 2))") s"
+stop_all
+
+echo "ferromq, SYNC_FLUSH"
+start_ferromq ASYNC_MASTER SYNC_FLUSH 0
+run ferromq "SYNC_FLUSH sync send, 64 producers" -t F64 -p 64 -d "$SECS"
+stop_all
+for role in ASYNC_MASTER SYNC_MASTER; do
+  echo "ferromq, $role with one slave"
+  start_ferromq "$role" ASYNC_FLUSH 1
+  run ferromq "$role+slave, 64 producers" -t R64 -p 64 -d "$SECS"
+  stop_all
+done
+
+if [ "$PEER" = 1 ]; then
+  echo "peer: rocketmq-broker 1.0.0, ASYNC_MASTER, ASYNC_FLUSH"
+  start_peer
+  echo "  idle broker RSS: $(( $(rss_kib "$BROKER_PID") / 1024 )) MiB"
+  common peer
+  stop_all
+fi
+
+python3 - "$OUT/results.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+ours = {r["label"]: r for r in rows if r["target"] == "ferromq"}
+peer = {r["label"]: r for r in rows if r["target"] == "peer"}
+print("\n| scenario | ferromq msgs/s | p50 | p99 | peer msgs/s | p50 | p99 | ours/peer |")
+print("|---|---|---|---|---|---|---|---|")
+for label, o in ours.items():
+    p = peer.get(label)
+    cols = [label, f"{o['send_msgs_per_sec']:,.0f}", f"{o['p50_us']} µs", f"{o['p99_us']} µs"]
+    if p:
+        ratio = o["send_msgs_per_sec"] / p["send_msgs_per_sec"] if p["send_msgs_per_sec"] else float("inf")
+        cols += [f"{p['send_msgs_per_sec']:,.0f}", f"{p['p50_us']} µs", f"{p['p99_us']} µs", f"{ratio:.1f}x"]
+    else:
+        cols += ["", "", "", ""]
+    print("| " + " | ".join(cols) + " |")
+    if o.get("consume_msgs_per_sec"):
+        pc = p.get("consume_msgs_per_sec") if p else None
+        print(f"| {label.split(',')[0]}: consume | {o['consume_msgs_per_sec']:,.0f} | | | "
+              + (f"{pc:,.0f} | | | {o['consume_msgs_per_sec'] / pc:.1f}x |" if pc else " | | | |"))
+EOF
