@@ -177,5 +177,11 @@ fn store(c: &mut Criterion) {
     store.shutdown();
 }
 
-criterion_group!(benches, frames, message_encode, store);
+// The macro generates an undocumented public function.
+#[allow(missing_docs)]
+mod group {
+    use super::*;
+    criterion_group!(benches, frames, message_encode, store);
+}
+use group::benches;
 criterion_main!(benches);

@@ -105,11 +105,10 @@ pub fn parse_properties(s: &str) -> Properties {
 /// One property of an encoded properties string, without building the map (the send path
 /// needs only the tags). As with [`parse_properties`], a repeated key's last value wins.
 pub fn property<'a>(s: &'a str, key: &str) -> Option<&'a str> {
-    s.split(PROP_SEP)
+    s.rsplit(PROP_SEP)
         .filter_map(|kv| kv.split_once(NAME_SEP))
-        .filter(|(k, _)| *k == key)
+        .find(|(k, _)| *k == key)
         .map(|(_, v)| v)
-        .last()
 }
 
 /// Encodes properties as `key\u0001value\u0002...`.
