@@ -14,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-8}
 PEER=${PEER:-1}
+BACKLOG=${BACKLOG:-1000000}
 ROOT=$PWD
 OUT=$ROOT/target/bench
 BIN=$ROOT/target/release
@@ -124,7 +125,7 @@ run() {
   local target=$1 label=$2
   shift 2
   local json
-  if ! json=$("$BIN/mqadmin" -n 127.0.0.1:19876 bench --json "$@" 2>"$OUT/last.err"); then
+  if ! json=$(timeout 300 "$BIN/mqadmin" -n 127.0.0.1:19876 bench --json "$@" 2>"$OUT/last.err"); then
     echo "  $target $label: failed ($(tail -1 "$OUT/last.err"))"
     return 0
   fi
@@ -144,7 +145,7 @@ common() {
   run "$t" "sync send, 64 producers" -t S64 -p 64 -d "$SECS"
   run "$t" "async send, 16x16 in flight" -t A16 -p 16 -m async --inflight 16 -d "$SECS"
   run "$t" "batch send, 16 x 32" -t B16 -p 16 -m batch --batch 32 -d "$SECS"
-  run "$t" "batch 1M, then consume" -t Backlog -p 8 -m batch --batch 64 -c 1000000 --consume
+  run "$t" "batch 1M, then consume" -t Backlog -p 8 -m batch --batch 64 -c "$BACKLOG" --consume
 }
 
 echo "ferromq, ASYNC_MASTER, ASYNC_FLUSH"
