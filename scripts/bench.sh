@@ -131,7 +131,8 @@ run() {
   fi
   python3 - "$target" "$label" "$(rss_kib "$BROKER_PID")" "$json" >>"$OUT/results.jsonl" <<'EOF'
 import json, sys
-r = json.loads(sys.argv[4])
+out = sys.argv[4]
+r = json.loads(out[out.index("{"):])  # after any "create topic" line
 r.update(target=sys.argv[1], label=sys.argv[2], broker_rss_kib=int(sys.argv[3]))
 print(json.dumps(r))
 EOF
