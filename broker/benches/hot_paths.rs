@@ -5,6 +5,7 @@
 use std::hint::black_box;
 use std::net::SocketAddr;
 
+use broker::remoting::header::SendMessageRequestHeader;
 use broker::remoting::{FrameCodec, RemotingCommand, RequestCode, SerializeType};
 use broker::store::message::{format_properties, tag_hash, NewMessage, Properties, PROP_TAGS};
 use broker::store::{FlushDiskType, MessageStore, StoreConfig};
@@ -15,27 +16,25 @@ use tokio_util::codec::{Decoder, Encoder};
 const BODY: usize = 1024;
 
 fn send_request(ser: SerializeType) -> RemotingCommand {
-    let mut ext = broker::remoting::ExtFields::new();
-    for (k, v) in [
-        ("a", "bench_producer"),
-        ("b", "BenchmarkTest"),
-        ("c", "TBW102"),
-        ("d", "4"),
-        ("e", "3"),
-        ("f", "0"),
-        ("g", "1764000000000"),
-        ("h", "0"),
-        (
-            "i",
-            "UNIQ_KEY\u{1}0000AB12000001939F0F0A2B00000001\u{2}WAIT\u{1}true\u{2}",
+    let h = SendMessageRequestHeader {
+        producer_group: "bench_producer".into(),
+        topic: "BenchmarkTest".into(),
+        default_topic: Some("TBW102".into()),
+        default_topic_queue_nums: Some(4),
+        queue_id: Some(3),
+        sys_flag: Some(0),
+        born_timestamp: Some(1_764_000_000_000),
+        flag: Some(0),
+        properties: Some(
+            "UNIQ_KEY\u{1}0000AB12000001939F0F0A2B00000001\u{2}WAIT\u{1}true\u{2}".into(),
         ),
-        ("j", "0"),
-        ("k", "false"),
-        ("n", "broker-a"),
-    ] {
-        ext.insert(k.to_string(), v.to_string());
-    }
-    let mut cmd = RemotingCommand::request(RequestCode::SendMessageV2.code(), ext)
+        reconsume_times: Some(0),
+        unit_mode: false,
+        max_reconsume_times: None,
+        batch: false,
+        broker_name: Some("broker-a".into()),
+    };
+    let mut cmd = RemotingCommand::request(RequestCode::SendMessageV2.code(), h.to_v2())
         .with_body(Bytes::from(vec![b'x'; BODY]));
     cmd.serialize_type = ser;
     cmd.opaque = 42;

@@ -118,6 +118,29 @@ async fn pull_with_nothing_new_is_held_until_a_message_arrives() -> Result<(), E
     Ok(())
 }
 
+/// Bodies of up to 100 messages of a queue from `offset`, as text.
+async fn pulled_bodies(
+    c: &Cluster,
+    topic: &str,
+    queue_id: i32,
+    offset: i64,
+) -> Result<Vec<String>, Error> {
+    let r = c
+        .client
+        .pull(
+            &c.broker.addr,
+            PullSpec {
+                max: 100,
+                ..spec(topic, queue_id, offset, Duration::ZERO)
+            },
+        )
+        .await?;
+    Ok(r.messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batch_send_stores_every_message_in_order() -> Result<(), Error> {
     let c = cluster(1, &[], 120_000)?;
@@ -135,21 +158,7 @@ async fn batch_send_stores_every_message_in_order() -> Result<(), Error> {
         .with_body(encode_batch(&items));
     let resp = c.client.call_ok(&c.broker.addr, req).await?;
     assert_eq!(resp.ext_fields["msgId"].split(',').count(), 50);
-    let r = c
-        .client
-        .pull(
-            &c.broker.addr,
-            PullSpec {
-                max: 100,
-                ..spec("Batch", 1, 0, Duration::ZERO)
-            },
-        )
-        .await?;
-    let bodies: Vec<String> = r
-        .messages
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
-        .collect();
+    let bodies = pulled_bodies(&c, "Batch", 1, 0).await?;
     assert_eq!(bodies, (0..50).map(|i| format!("b{i}")).collect::<Vec<_>>());
 
     // Java's producer sends batches with SEND_MESSAGE_V2's one-letter keys.
@@ -172,21 +181,11 @@ async fn batch_send_stores_every_message_in_order() -> Result<(), Error> {
     let sent = p.send_batch(&msgs).await?;
     assert!(sent.is_ok());
     assert_eq!(sent.msg_id.split(',').count(), 20);
-    let r = c
-        .client
-        .pull(
-            &c.broker.addr,
-            PullSpec {
-                max: 100,
-                ..spec("Batch", sent.queue_id, sent.queue_offset, Duration::ZERO)
-            },
-        )
-        .await?;
-    let bodies: Vec<String> = r.messages[..20]
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
-        .collect();
-    assert_eq!(bodies, (0..20).map(|i| format!("p{i}")).collect::<Vec<_>>());
+    let bodies = pulled_bodies(&c, "Batch", sent.queue_id, sent.queue_offset).await?;
+    assert_eq!(
+        bodies[..20],
+        (0..20).map(|i| format!("p{i}")).collect::<Vec<_>>()
+    );
     Ok(())
 }
 

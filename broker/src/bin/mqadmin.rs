@@ -521,7 +521,7 @@ fn histogram() -> Result<Histogram<u64>, ClientError> {
 
 /// What one bench producer shares with the others: counters, the stop condition, latencies.
 struct BenchShared {
-    sent: AtomicU64,
+    sent: Arc<AtomicU64>,
     failed: AtomicU64,
     /// Messages claimed so far (count mode).
     claimed: AtomicU64,
@@ -663,7 +663,7 @@ async fn bench(client: Arc<Client>, args: BenchArgs) -> Result<(), ClientError> 
     }
     if !args.consume_only {
         let shared = Arc::new(BenchShared {
-            sent: AtomicU64::new(0),
+            sent: Arc::default(),
             failed: AtomicU64::new(0),
             claimed: AtomicU64::new(0),
             count: args.count,
@@ -671,18 +671,7 @@ async fn bench(client: Arc<Client>, args: BenchArgs) -> Result<(), ClientError> 
             hist: Mutex::new(histogram()?),
         });
         let stop = Arc::new(AtomicBool::new(false));
-        let progress = Arc::new(AtomicU64::new(0));
-        {
-            // Mirror the shared counter into the progress printer.
-            let (shared, progress, stop) = (shared.clone(), progress.clone(), stop.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Acquire) {
-                    progress.store(shared.sent.load(Ordering::Relaxed), Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            });
-        }
-        spawn_progress("bench send", progress, args.count, stop.clone());
+        spawn_progress("bench send", shared.sent.clone(), args.count, stop.clone());
         let start = Instant::now();
         let tasks: Vec<_> = (0..args.producers.max(1))
             .map(|p| {

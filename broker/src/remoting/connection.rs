@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,10 +82,10 @@ async fn serve_connection<P: Processor>(
     let (rd, wr) = socket.into_split();
     let mut reader = FramedRead::new(rd, FrameCodec::new(max_frame));
     let (tx, mut rx) = mpsc::channel::<RemotingCommand>(WRITE_QUEUE);
-    // Requests read but not yet answered: while others are being processed, the writer waits
-    // a scheduler turn so their responses share one write.
-    let unanswered = Arc::new(AtomicUsize::new(0));
-    let busy = unanswered.clone();
+    // Each request holds a permit until its response is queued: while others are still being
+    // processed, the writer waits a scheduler turn so their responses share one write.
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
+    let busy = in_flight.clone();
     let writer = tokio::spawn(async move {
         let mut w = FramedWrite::new(wr, FrameCodec::new(usize::MAX));
         while let Some(cmd) = rx.recv().await {
@@ -93,7 +93,7 @@ async fn serve_connection<P: Processor>(
                 return;
             }
             // (The count may still include the request just answered.)
-            if busy.load(Ordering::Acquire) > 1 {
+            if MAX_IN_FLIGHT_PER_CONNECTION - busy.available_permits() > 1 {
                 tokio::task::yield_now().await;
             }
             while let Ok(cmd) = rx.try_recv() {
@@ -107,7 +107,6 @@ async fn serve_connection<P: Processor>(
         }
     });
     let peer = Peer { addr, push: tx };
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -129,15 +128,12 @@ async fn serve_connection<P: Processor>(
         };
         let p = processor.clone();
         let peer = peer.clone();
-        let unanswered = unanswered.clone();
-        unanswered.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
             let oneway = request.is_oneway();
             let response = p.process(request, &peer).await;
             if let (Some(r), false) = (response, oneway) {
                 let _ = peer.push.send(r).await;
             }
-            unanswered.fetch_sub(1, Ordering::AcqRel);
             drop(permit);
         });
     }

@@ -133,6 +133,11 @@ impl ConsumeQueue {
     }
 
     /// Writes the buffered entries to the file (not yet durable).
+    fn write_out(&self) -> Result<(), StoreError> {
+        self.write_tail(&mut self.lock_tail())
+    }
+
+    /// [`ConsumeQueue::write_out`] for a caller already holding the buffer.
     fn write_tail(&self, tail: &mut Tail) -> Result<(), StoreError> {
         if !tail.buf.is_empty() {
             self.file
@@ -190,10 +195,7 @@ impl ConsumeQueue {
     /// Drops entries whose message lies at or after commit-log offset `end` (they are
     /// re-dispatched by recovery); returns how many were dropped.
     pub fn truncate_from_offset(&self, end: u64) -> Result<u64, StoreError> {
-        {
-            let mut tail = self.lock_tail();
-            self.write_tail(&mut tail)?;
-        }
+        self.write_out()?;
         let count = self.max_offset();
         // Entries are in commit-log order, so binary search for the first one at or past end.
         let (mut lo, mut hi) = (0u64, count);
@@ -240,10 +242,7 @@ impl ConsumeQueue {
 
     /// Makes written entries durable if any changed since the last flush.
     pub fn flush(&self) -> Result<(), StoreError> {
-        {
-            let mut tail = self.lock_tail();
-            self.write_tail(&mut tail)?;
-        }
+        self.write_out()?;
         if self.dirty.swap(false, Ordering::AcqRel) {
             self.file
                 .sync_data()

@@ -56,16 +56,14 @@ pub const DELAY_LEVELS_MS: [i64; 18] = [
 /// The consume-queue tag code of a stored message: the tag hash, or for a delayed message
 /// its delivery time (so the scheduler never reads messages that are not due).
 pub fn queue_tags_code(m: &StoredMessage) -> i64 {
-    let props = parse_properties(&m.properties);
     if m.topic == SCHEDULE_TOPIC {
-        let level: usize = props
-            .get(PROP_DELAY)
+        let level: usize = property(&m.properties, PROP_DELAY)
             .and_then(|l| l.parse().ok())
             .unwrap_or(1);
         let idx = level.clamp(1, DELAY_LEVELS_MS.len()) - 1;
         return m.store_timestamp + DELAY_LEVELS_MS[idx];
     }
-    props.get(PROP_TAGS).map_or(0, |t| tag_hash(t))
+    property(&m.properties, PROP_TAGS).map_or(0, tag_hash)
 }
 
 const NAME_SEP: char = '\u{1}';
@@ -102,8 +100,9 @@ pub fn parse_properties(s: &str) -> Properties {
         .collect()
 }
 
-/// One property of an encoded properties string, without building the map (the send path
-/// needs only the tags). As with [`parse_properties`], a repeated key's last value wins.
+/// One property of an encoded properties string, without building the map (sends and queue
+/// dispatch need only the tags or the delay). As with [`parse_properties`], a repeated key's
+/// last value wins.
 pub fn property<'a>(s: &'a str, key: &str) -> Option<&'a str> {
     s.rsplit(PROP_SEP)
         .filter_map(|kv| kv.split_once(NAME_SEP))
