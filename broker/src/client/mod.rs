@@ -22,6 +22,7 @@ use crate::remoting::header::{
     CreateTopicRequestHeader, OffsetResponseHeader, PullMessageRequestHeader,
     PullMessageResponseHeader, QueryConsumerOffsetRequestHeader, QueueRequestHeader,
     TopicRequestHeader, UpdateConsumerOffsetRequestHeader, WipeWritePermRequestHeader,
+    PULL_SUBSCRIPTION, PULL_SUSPEND,
 };
 use crate::remoting::{ExtFields, RemotingCommand, RequestCode, ResponseCode};
 use crate::store::message::{decode_stored, StoredMessage};
@@ -416,7 +417,7 @@ impl Client {
             queue_id,
             queue_offset: offset,
             max_msg_nums: max,
-            sys_flag: if suspend.is_zero() { 0 } else { 2 },
+            sys_flag: PULL_SUBSCRIPTION | if suspend.is_zero() { 0 } else { PULL_SUSPEND },
             commit_offset: Some(0),
             suspend_timeout_millis: Some(suspend.as_millis() as i64),
             subscription: Some("*".into()),

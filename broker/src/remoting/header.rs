@@ -257,6 +257,14 @@ ext_header! {
     }
 }
 
+/// Pull sysFlag bit: commit `commitOffset` along with the pull.
+pub const PULL_COMMIT_OFFSET: i32 = 1;
+/// Pull sysFlag bit: the broker may hold the pull until a message arrives.
+pub const PULL_SUSPEND: i32 = 1 << 1;
+/// Pull sysFlag bit: the request carries its subscription expression (brokers that know the
+/// group only from heartbeats refuse a pull without it).
+pub const PULL_SUBSCRIPTION: i32 = 1 << 2;
+
 ext_header! {
     /// PULL_MESSAGE request.
     pub struct PullMessageRequestHeader {

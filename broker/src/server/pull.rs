@@ -14,12 +14,7 @@ use crate::store::{GetResult, GetStatus};
 use super::clients::TagFilter;
 use super::Broker;
 
-/// Pull sysFlag bit: commit `commitOffset` along with the pull.
-const PULL_COMMIT_OFFSET: i32 = 1;
-/// Pull sysFlag bit: the broker may hold the pull until a message arrives.
-const PULL_SUSPEND: i32 = 1 << 1;
-/// Pull sysFlag bit: the request carries its subscription expression.
-const PULL_SUBSCRIPTION: i32 = 1 << 2;
+use crate::remoting::header::{PULL_COMMIT_OFFSET, PULL_SUBSCRIPTION, PULL_SUSPEND};
 
 /// Longest a pull is held, whatever the client asks (clients time out at 30 s).
 const MAX_SUSPEND: Duration = Duration::from_secs(20);
