@@ -198,7 +198,7 @@ impl Client {
     /// Every cluster and broker group.
     pub async fn cluster_info(&self) -> Result<ClusterInfo, ClientError> {
         let req =
-            RemotingCommand::request(RequestCode::GetBrokerClusterInfo.code(), ExtFields::new());
+            RemotingCommand::request(RequestCode::GetBrokerClusterInfo.code(), ExtFields::default());
         let resp = self.namesrv_ok(req).await?;
         from_json(&resp.body).map_err(|e| bad("name server", format!("cluster info: {e}")))
     }
@@ -207,7 +207,7 @@ impl Client {
     pub async fn topic_list(&self) -> Result<TopicList, ClientError> {
         let req = RemotingCommand::request(
             RequestCode::GetAllTopicListFromNameserver.code(),
-            ExtFields::new(),
+            ExtFields::default(),
         );
         let resp = self.namesrv_ok(req).await?;
         from_json(&resp.body).map_err(|e| bad("name server", format!("topic list: {e}")))
@@ -246,7 +246,7 @@ impl Client {
             offset_table: BTreeMap<String, BTreeMap<i32, i64>>,
         }
         let req =
-            RemotingCommand::request(RequestCode::GetAllConsumerOffset.code(), ExtFields::new());
+            RemotingCommand::request(RequestCode::GetAllConsumerOffset.code(), ExtFields::default());
         let resp = self.call_ok(broker, req).await?;
         let t: Table =
             from_json(&resp.body).map_err(|e| bad(broker, format!("consumer offsets: {e}")))?;
@@ -265,7 +265,7 @@ impl Client {
         broker: &str,
     ) -> Result<BTreeMap<String, String>, ClientError> {
         let req =
-            RemotingCommand::request(RequestCode::GetBrokerRuntimeInfo.code(), ExtFields::new());
+            RemotingCommand::request(RequestCode::GetBrokerRuntimeInfo.code(), ExtFields::default());
         let resp = self.call_ok(broker, req).await?;
         from_json::<crate::server::RuntimeInfo>(&resp.body)
             .map(|i| i.table)
@@ -274,7 +274,7 @@ impl Client {
 
     /// Every topic config of one broker.
     pub async fn broker_topics(&self, broker: &str) -> Result<TopicConfigWrapper, ClientError> {
-        let req = RemotingCommand::request(RequestCode::GetAllTopicConfig.code(), ExtFields::new());
+        let req = RemotingCommand::request(RequestCode::GetAllTopicConfig.code(), ExtFields::default());
         let resp = self.call_ok(broker, req).await?;
         from_json(&resp.body).map_err(|e| bad(broker, format!("topic configs: {e}")))
     }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +28,32 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// Pushes a command (e.g. a oneway notification) to this client.
     pub push: mpsc::Sender<RemotingCommand>,
+    /// Requests being handled by this server, across all connections.
+    busy: Arc<AtomicUsize>,
+}
+
+impl Peer {
+    /// Whether other requests than the caller's are being handled right now: a hint that
+    /// waiting a scheduler turn lets work be shared (one write for many sends).
+    pub fn others_in_flight(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) > 1
+    }
+}
+
+/// Counts a request as being handled for as long as it lives.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: &Arc<AtomicUsize>) -> Busy {
+        count.fetch_add(1, Ordering::Relaxed);
+        Busy(count.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Answers requests: the name server and the broker each implement it once.
@@ -50,6 +76,7 @@ pub async fn serve<P: Processor>(
     max_frame: usize,
     shutdown: CancellationToken,
 ) {
+    let busy = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -60,8 +87,9 @@ pub async fn serve<P: Processor>(
                 let _ = socket.set_nodelay(true);
                 let p = processor.clone();
                 let stop = shutdown.clone();
+                let busy = busy.clone();
                 tokio::spawn(async move {
-                    serve_connection(socket, addr, p, max_frame, stop).await;
+                    serve_connection(socket, addr, p, max_frame, stop, busy).await;
                 });
             }
             Err(e) => {
@@ -78,6 +106,7 @@ async fn serve_connection<P: Processor>(
     processor: Arc<P>,
     max_frame: usize,
     shutdown: CancellationToken,
+    busy: Arc<AtomicUsize>,
 ) {
     let (rd, wr) = socket.into_split();
     let mut reader = FramedRead::new(rd, FrameCodec::new(max_frame));
@@ -85,7 +114,7 @@ async fn serve_connection<P: Processor>(
     // Each request holds a permit until its response is queued: while others are still being
     // processed, the writer waits a scheduler turn so their responses share one write.
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_CONNECTION));
-    let busy = in_flight.clone();
+    let writing = in_flight.clone();
     let writer = tokio::spawn(async move {
         let mut w = FramedWrite::new(wr, FrameCodec::new(usize::MAX));
         while let Some(cmd) = rx.recv().await {
@@ -93,7 +122,7 @@ async fn serve_connection<P: Processor>(
                 return;
             }
             // (The count may still include the request just answered.)
-            if MAX_IN_FLIGHT_PER_CONNECTION - busy.available_permits() > 1 {
+            if MAX_IN_FLIGHT_PER_CONNECTION - writing.available_permits() > 1 {
                 tokio::task::yield_now().await;
             }
             while let Ok(cmd) = rx.try_recv() {
@@ -106,7 +135,11 @@ async fn serve_connection<P: Processor>(
             }
         }
     });
-    let peer = Peer { addr, push: tx };
+    let peer = Peer {
+        addr,
+        push: tx,
+        busy,
+    };
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -128,6 +161,7 @@ async fn serve_connection<P: Processor>(
         };
         let p = processor.clone();
         let peer = peer.clone();
+        let handling = Busy::new(&peer.busy);
         tokio::spawn(async move {
             let oneway = request.is_oneway();
             let response = p.process(request, &peer).await;
@@ -135,6 +169,7 @@ async fn serve_connection<P: Processor>(
                 let _ = peer.push.send(r).await;
             }
             drop(permit);
+            drop(handling);
         });
     }
     processor.disconnected(&peer);

@@ -137,7 +137,7 @@ macro_rules! ext_header {
 
             /// Flattens the header under the wire's key names (see `from_ext_keyed`).
             pub fn to_ext_keyed(&self, key_of: impl Fn(&'static str) -> &'static str) -> ExtFields {
-                let mut ext = ExtFields::with_capacity(16);
+                let mut ext = ExtFields::with_capacity_and_hasher(16, Default::default());
                 $( ExtValue::write(&self.$f, &mut ext, key_of($key)); )*
                 ext
             }
@@ -219,7 +219,7 @@ impl SendMessageRequestHeader {
 
 /// Rewrites SEND_MESSAGE_V2's one-letter keys to SEND_MESSAGE's long keys.
 pub fn send_v2_to_v1(ext: &ExtFields) -> ExtFields {
-    let mut out = ExtFields::with_capacity(ext.len());
+    let mut out = ExtFields::with_capacity_and_hasher(ext.len(), Default::default());
     for (k, v) in ext {
         let long = SEND_V2_KEYS
             .iter()
@@ -232,7 +232,7 @@ pub fn send_v2_to_v1(ext: &ExtFields) -> ExtFields {
 
 /// Rewrites SEND_MESSAGE's long keys to SEND_MESSAGE_V2's one-letter keys.
 pub fn send_v1_to_v2(ext: &ExtFields) -> ExtFields {
-    let mut out = ExtFields::with_capacity(ext.len());
+    let mut out = ExtFields::with_capacity_and_hasher(ext.len(), Default::default());
     for (k, v) in ext {
         let short = SEND_V2_KEYS
             .iter()

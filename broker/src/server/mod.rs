@@ -566,7 +566,7 @@ impl Processor for Broker {
         let resp = match code {
             RequestCode::SendMessage
             | RequestCode::SendMessageV2
-            | RequestCode::SendBatchMessage => self.send(&req, peer.addr).await,
+            | RequestCode::SendBatchMessage => self.send(&req, peer).await,
             RequestCode::PullMessage => self.pull(&req).await,
             RequestCode::QueryConsumerOffset => self.query_consumer_offset(&req),
             RequestCode::UpdateConsumerOffset => self.update_consumer_offset(&req),

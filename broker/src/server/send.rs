@@ -1,5 +1,6 @@
 //! SEND_MESSAGE, SEND_MESSAGE_V2, SEND_BATCH_MESSAGE and CONSUMER_SEND_MSG_BACK.
 
+use crate::remoting::connection::Peer;
 use std::net::SocketAddr;
 
 use crate::config::BrokerRole;
@@ -55,7 +56,8 @@ fn store_error_response(req: &RemotingCommand, e: &StoreError) -> RemotingComman
 
 impl Broker {
     /// Handles the three send requests.
-    pub(super) async fn send(&self, req: &RemotingCommand, born: SocketAddr) -> RemotingCommand {
+    pub(super) async fn send(&self, req: &RemotingCommand, peer: &Peer) -> RemotingCommand {
+        let born = peer.addr;
         // SEND_MESSAGE_V2 and (from Java clients) SEND_BATCH_MESSAGE carry one-letter keys.
         let short_keys = req.code == RequestCode::SendMessageV2.code()
             || (req.code == RequestCode::SendBatchMessage.code()
@@ -170,16 +172,18 @@ impl Broker {
             })
             .map(to_schedule)
             .collect();
-        self.put_and_respond(req, &msgs).await
+        self.put_and_respond(req, msgs, peer.others_in_flight())
+            .await
     }
 
     pub(super) async fn put_and_respond(
         &self,
         req: &RemotingCommand,
-        msgs: &[NewMessage],
+        msgs: Vec<NewMessage>,
+        company: bool,
     ) -> RemotingCommand {
         let started = std::time::Instant::now();
-        let result = self.put(msgs).await;
+        let result = self.put(msgs, company).await;
         self.metrics
             .send_latency
             .observe(started.elapsed().as_secs_f64());
@@ -195,12 +199,14 @@ impl Broker {
     /// Stores messages and waits for what the flush policy and role promise: the disk under
     /// SYNC_FLUSH, a slave under SYNC_MASTER (both at once). The status is SUCCESS or one of
     /// the "stored, but" codes clients treat as a send status: FLUSH_DISK_TIMEOUT,
-    /// FLUSH_SLAVE_TIMEOUT, SLAVE_NOT_AVAILABLE.
+    /// FLUSH_SLAVE_TIMEOUT, SLAVE_NOT_AVAILABLE. With `company` (other requests are being
+    /// handled), the append waits a scheduler turn so concurrent sends share one write.
     pub(super) async fn put(
         &self,
-        msgs: &[NewMessage],
+        msgs: Vec<NewMessage>,
+        company: bool,
     ) -> Result<(Vec<PutResult>, ResponseCode), StoreError> {
-        let results = self.store.append(msgs)?;
+        let results = self.store.append_grouped(msgs, company).await?;
         self.metrics.messages_in.inc_by(results.len() as u64);
         self.metrics
             .bytes_in
@@ -355,7 +361,7 @@ impl Broker {
             };
             schedule::delay(&msg, level)
         };
-        match self.put(std::slice::from_ref(&msg)).await {
+        match self.put(vec![msg], false).await {
             Ok((_, status)) => req.response_to(status),
             Err(e) => store_error_response(req, &e),
         }

@@ -158,7 +158,11 @@ impl CommitLog {
     /// does not fit in the current one (the caller must then call [`CommitLog::append`], which
     /// writes the filler).
     pub fn next_start(&self, len: u64) -> u64 {
-        let pos = self.max_offset();
+        self.start_after(self.max_offset(), len)
+    }
+
+    /// Where a message of `len` bytes would start if the log ended at `pos`.
+    pub fn start_after(&self, pos: u64, len: u64) -> u64 {
         let room = self.segment_size - pos % self.segment_size;
         if len + END_BLANK_MIN > room {
             pos + room

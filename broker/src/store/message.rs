@@ -295,9 +295,11 @@ pub fn offset_msg_id(store_host: &SocketAddr, physical_offset: i64) -> String {
     let mut b = BytesMut::with_capacity(28);
     put_host(&mut b, store_host);
     b.put_i64(physical_offset);
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut s = String::with_capacity(b.len() * 2);
     for byte in b.iter() {
-        s.push_str(&format!("{byte:02X}"));
+        s.push(char::from(HEX[usize::from(byte >> 4)]));
+        s.push(char::from(HEX[usize::from(byte & 0xF)]));
     }
     s
 }

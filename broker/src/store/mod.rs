@@ -73,6 +73,27 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The same error for another caller (I/O and JSON causes are carried as text).
+    pub fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Io { path, source } => StoreError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            StoreError::Json { path, source } => {
+                StoreError::Corrupt(format!("{}: invalid JSON: {source}", path.display()))
+            }
+            StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
+            StoreError::MessageTooLarge { len, max } => StoreError::MessageTooLarge {
+                len: *len,
+                max: *max,
+            },
+            StoreError::OutOfRange { offset } => StoreError::OutOfRange { offset: *offset },
+            StoreError::FlushTimeout(d) => StoreError::FlushTimeout(*d),
+            StoreError::Shutdown => StoreError::Shutdown,
+        }
+    }
+
     /// An I/O error on `path`.
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         StoreError::Io {
@@ -210,6 +231,34 @@ pub struct MessageStore {
     pub appended: tokio::sync::Notify,
     /// Bytes a slave received past the last whole message (dispatched once complete).
     partial: Mutex<Vec<u8>>,
+    /// Sends waiting to share the next commit-log write.
+    group: Mutex<SendGroup>,
+}
+
+/// Sends queued for one shared commit-log write, and whether a task is about to write them.
+#[derive(Default)]
+struct SendGroup {
+    sends: Vec<GroupedSend>,
+    leading: bool,
+}
+
+/// One queued send and where its result goes.
+struct GroupedSend {
+    msgs: Vec<NewMessage>,
+    done: oneshot::Sender<Result<Vec<PutResult>, StoreError>>,
+}
+
+/// Sends encoded but not yet written: each one's index among the results, and its messages'
+/// queues, results and tag codes.
+type Staged = Vec<(usize, Vec<(Arc<ConsumeQueue>, PutResult, i64)>)>;
+
+/// Writes the queued group when dropped (the leader's duty, even if it is cancelled).
+struct GroupWriter<'a>(&'a MessageStore);
+
+impl Drop for GroupWriter<'_> {
+    fn drop(&mut self) {
+        self.0.drain_group();
+    }
 }
 
 impl std::fmt::Debug for MessageStore {
@@ -341,6 +390,7 @@ impl MessageStore {
             recovery: report,
             appended: tokio::sync::Notify::new(),
             partial: Mutex::new(Vec::new()),
+            group: Mutex::new(SendGroup::default()),
         });
         // Mark the store as running: a crash from now on must recover.
         store.write_checkpoint(end, false)?;
@@ -419,67 +469,172 @@ impl MessageStore {
 
     /// Appends messages (all of one batch land contiguously) without waiting for the disk.
     pub fn append(&self, msgs: &[NewMessage]) -> Result<Vec<PutResult>, StoreError> {
-        let store_host = self.cfg.store_host;
-        let total: u64 = msgs.iter().map(|m| m.stored_len(&store_host) as u64).sum();
-        if total > self.commitlog.max_message_len() {
-            return Err(StoreError::MessageTooLarge {
-                len: total,
-                max: self.commitlog.max_message_len(),
-            });
+        self.append_many(&[msgs])
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Shutdown))
+    }
+
+    /// Appends messages like [`MessageStore::append`], sharing one commit-log write with the
+    /// sends that are ready at the same moment. With `company` (the caller knows other
+    /// requests are being handled), the first send of a group yields once so the other ready
+    /// request tasks join it, then writes the whole group. Each send's messages still land
+    /// contiguously, and every send returns only after its bytes are in the page cache (so a
+    /// process crash loses nothing acknowledged).
+    pub async fn append_grouped(
+        &self,
+        msgs: Vec<NewMessage>,
+        company: bool,
+    ) -> Result<Vec<PutResult>, StoreError> {
+        let (done, result) = oneshot::channel();
+        let lead = {
+            let mut g = lock(&self.group);
+            g.sends.push(GroupedSend { msgs, done });
+            !std::mem::replace(&mut g.leading, true)
+        };
+        if lead {
+            // The group is written when this guard drops: after the yield, or at once if this
+            // task is cancelled while yielding, so no follower is left waiting.
+            let _writer = GroupWriter(self);
+            if company {
+                tokio::task::yield_now().await;
+            }
         }
+        result.await.unwrap_or(Err(StoreError::Shutdown))
+    }
+
+    /// Writes queued grouped sends until none are left, then gives up the leader role.
+    fn drain_group(&self) {
+        loop {
+            let sends = {
+                let mut g = lock(&self.group);
+                if g.sends.is_empty() {
+                    g.leading = false;
+                    return;
+                }
+                std::mem::take(&mut g.sends)
+            };
+            let batches: Vec<&[NewMessage]> = sends.iter().map(|s| &s.msgs[..]).collect();
+            let results = self.append_many(&batches);
+            for (send, r) in sends.into_iter().zip(results) {
+                let _ = send.done.send(r);
+            }
+        }
+    }
+
+    /// Appends several sends in order with as few commit-log writes as segment boundaries
+    /// allow; one result per send. A send too large fails alone; a failed write fails the
+    /// sends it carried.
+    fn append_many(&self, sends: &[&[NewMessage]]) -> Vec<Result<Vec<PutResult>, StoreError>> {
+        let store_host = self.cfg.store_host;
+        let max = self.commitlog.max_message_len();
         let mut buf = lock(&self.write_lock);
         buf.clear();
-        let start = self.commitlog.next_start(total);
         let now = topics::now_ms();
-        let mut results = Vec::with_capacity(msgs.len());
+        let mut out: Vec<Result<Vec<PutResult>, StoreError>> = Vec::with_capacity(sends.len());
+        // The sends encoded into `buf` but not yet written: (index in `out`, their entries).
+        let mut staged = Staged::new();
         let mut next_in_queue: Vec<(Arc<ConsumeQueue>, u64)> = Vec::new();
-        for m in msgs {
-            let cq = self.queue_or_create(&m.topic, m.queue_id)?;
-            let qoff = match next_in_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &cq)) {
-                Some((_, n)) => {
-                    *n += 1;
-                    *n
+        let mut start = 0u64;
+        for msgs in sends {
+            let total: u64 = msgs.iter().map(|m| m.stored_len(&store_host) as u64).sum();
+            if total > max {
+                out.push(Err(StoreError::MessageTooLarge { len: total, max }));
+                continue;
+            }
+            if !buf.is_empty() {
+                let pos = start + buf.len() as u64;
+                if self.commitlog.start_after(pos, total) != pos {
+                    // Crossing into the next segment: write what is staged first.
+                    self.write_staged(&mut buf, start, &mut staged, &mut out);
+                    next_in_queue.clear();
                 }
-                None => {
-                    let n = cq.max_offset();
-                    next_in_queue.push((cq.clone(), n));
-                    n
+            }
+            if buf.is_empty() {
+                start = self.commitlog.next_start(total);
+            }
+            let queues: Result<Vec<_>, _> = msgs
+                .iter()
+                .map(|m| self.queue_or_create(&m.topic, m.queue_id))
+                .collect();
+            let queues = match queues {
+                Ok(q) => q,
+                Err(e) => {
+                    out.push(Err(e));
+                    continue;
                 }
             };
-            let phys = start + buf.len() as u64;
-            let before = buf.len();
-            m.encode(&mut buf, qoff as i64, phys as i64, now, &store_host);
-            let size = (buf.len() - before) as u32;
-            results.push((
-                cq,
-                PutResult {
+            let mut entries = Vec::with_capacity(msgs.len());
+            for (m, cq) in msgs.iter().zip(queues) {
+                let qoff = match next_in_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &cq)) {
+                    Some((_, n)) => {
+                        *n += 1;
+                        *n
+                    }
+                    None => {
+                        let n = cq.max_offset();
+                        next_in_queue.push((cq.clone(), n));
+                        n
+                    }
+                };
+                let phys = start + buf.len() as u64;
+                let before = buf.len();
+                m.encode(&mut buf, qoff as i64, phys as i64, now, &store_host);
+                let size = (buf.len() - before) as u32;
+                let r = PutResult {
                     physical_offset: phys,
                     queue_offset: qoff,
                     queue_id: m.queue_id,
                     size,
                     end: phys + u64::from(size),
-                },
-                m.tags_code,
-            ));
+                };
+                entries.push((cq, r, m.tags_code));
+            }
+            staged.push((out.len(), entries));
+            out.push(Ok(Vec::new()));
         }
-        let at = self.commitlog.append(&buf)?;
-        debug_assert_eq!(at, start);
-        let mut out = Vec::with_capacity(results.len());
-        for (cq, r, tags_code) in results {
-            cq.put(
-                r.queue_offset,
-                CqEntry {
-                    offset: r.physical_offset,
-                    size: r.size,
-                    tags_code,
-                },
-            )?;
-            out.push(r);
-        }
-        self.dispatched.store(at + total, Ordering::Release);
+        self.write_staged(&mut buf, start, &mut staged, &mut out);
         drop(buf);
         self.appended.notify_waiters();
-        Ok(out)
+        out
+    }
+
+    /// Writes the encoded `buf` (starting at commit-log offset `start`), indexes its messages
+    /// and fills in the results of the sends it carried.
+    fn write_staged(
+        &self,
+        buf: &mut BytesMut,
+        start: u64,
+        staged: &mut Staged,
+        out: &mut [Result<Vec<PutResult>, StoreError>],
+    ) {
+        if buf.is_empty() {
+            return;
+        }
+        let written = self.commitlog.append(buf).and_then(|at| {
+            debug_assert_eq!(at, start);
+            for (_, entries) in staged.iter() {
+                for (cq, r, tags_code) in entries {
+                    cq.put(
+                        r.queue_offset,
+                        CqEntry {
+                            offset: r.physical_offset,
+                            size: r.size,
+                            tags_code: *tags_code,
+                        },
+                    )?;
+                }
+            }
+            self.dispatched
+                .store(at + buf.len() as u64, Ordering::Release);
+            Ok(())
+        });
+        for (i, entries) in staged.drain(..) {
+            out[i] = match &written {
+                Ok(()) => Ok(entries.into_iter().map(|(_, r, _)| r).collect()),
+                Err(e) => Err(e.duplicate()),
+            };
+        }
+        buf.clear();
     }
 
     /// Appends bytes replicated from a master at `offset` (the local end), then indexes every
