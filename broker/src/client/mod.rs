@@ -197,8 +197,10 @@ impl Client {
 
     /// Every cluster and broker group.
     pub async fn cluster_info(&self) -> Result<ClusterInfo, ClientError> {
-        let req =
-            RemotingCommand::request(RequestCode::GetBrokerClusterInfo.code(), ExtFields::default());
+        let req = RemotingCommand::request(
+            RequestCode::GetBrokerClusterInfo.code(),
+            ExtFields::default(),
+        );
         let resp = self.namesrv_ok(req).await?;
         from_json(&resp.body).map_err(|e| bad("name server", format!("cluster info: {e}")))
     }
@@ -245,8 +247,10 @@ impl Client {
             #[serde(default)]
             offset_table: BTreeMap<String, BTreeMap<i32, i64>>,
         }
-        let req =
-            RemotingCommand::request(RequestCode::GetAllConsumerOffset.code(), ExtFields::default());
+        let req = RemotingCommand::request(
+            RequestCode::GetAllConsumerOffset.code(),
+            ExtFields::default(),
+        );
         let resp = self.call_ok(broker, req).await?;
         let t: Table =
             from_json(&resp.body).map_err(|e| bad(broker, format!("consumer offsets: {e}")))?;
@@ -264,8 +268,10 @@ impl Client {
         &self,
         broker: &str,
     ) -> Result<BTreeMap<String, String>, ClientError> {
-        let req =
-            RemotingCommand::request(RequestCode::GetBrokerRuntimeInfo.code(), ExtFields::default());
+        let req = RemotingCommand::request(
+            RequestCode::GetBrokerRuntimeInfo.code(),
+            ExtFields::default(),
+        );
         let resp = self.call_ok(broker, req).await?;
         from_json::<crate::server::RuntimeInfo>(&resp.body)
             .map(|i| i.table)
@@ -274,7 +280,8 @@ impl Client {
 
     /// Every topic config of one broker.
     pub async fn broker_topics(&self, broker: &str) -> Result<TopicConfigWrapper, ClientError> {
-        let req = RemotingCommand::request(RequestCode::GetAllTopicConfig.code(), ExtFields::default());
+        let req =
+            RemotingCommand::request(RequestCode::GetAllTopicConfig.code(), ExtFields::default());
         let resp = self.call_ok(broker, req).await?;
         from_json(&resp.body).map_err(|e| bad(broker, format!("topic configs: {e}")))
     }

@@ -75,7 +75,11 @@ pub fn new_uniq_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     let n = UNIQ_COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{pid:08X}{nanos:016X}{n:08X}")
+    let mut id = [0u8; 16];
+    id[..4].copy_from_slice(&pid.to_be_bytes());
+    id[4..12].copy_from_slice(&nanos.to_be_bytes());
+    id[12..].copy_from_slice(&n.to_be_bytes());
+    crate::store::message::hex_upper(&id)
 }
 
 /// The properties string of a message as sent: the user's properties plus the unique id,
@@ -361,6 +365,19 @@ enum Payload {
 mod tests {
     use super::*;
     use crate::store::message::{format_properties, Properties};
+
+    #[test]
+    fn unique_ids_carry_the_pid_and_a_counter() {
+        let (a, b) = (new_uniq_id(), new_uniq_id());
+        assert_eq!(a.len(), 32);
+        assert!(a
+            .chars()
+            .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase()));
+        assert_eq!(&a[..8], format!("{:08X}", std::process::id()));
+        assert_ne!(a, b);
+        let n = |id: &str| u32::from_str_radix(&id[24..], 16).unwrap();
+        assert_eq!(n(&b), n(&a).wrapping_add(1));
+    }
 
     #[test]
     fn send_properties_match_the_merged_map() {

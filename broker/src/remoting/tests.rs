@@ -195,7 +195,7 @@ fn arb_command() -> impl Strategy<Value = RemotingCommand> {
                 opaque,
                 flag,
                 remark: remark.filter(|r| !r.is_empty()),
-                ext_fields: ext,
+                ext_fields: ext.into_iter().collect(),
                 body: Bytes::from(body),
                 serialize_type: if binary {
                     SerializeType::RocketMq

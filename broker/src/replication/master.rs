@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -34,7 +34,18 @@ pub struct ReplicationMaster {
     max_gap: u64,
     next_id: AtomicU64,
     slaves: Mutex<BTreeMap<u64, SlaveStatus>>,
-    acked: watch::Sender<u64>,
+    waiters: Mutex<SyncWaiters>,
+}
+
+/// Sends waiting for a slave, ordered by the offset each needs, so an acknowledgement wakes
+/// exactly the sends it completes (a broadcast woke every waiter on every acknowledgement).
+#[derive(Default)]
+struct SyncWaiters {
+    /// Highest offset any slave has acknowledged.
+    acked: u64,
+    /// Registration order breaks ties between sends needing the same offset.
+    seq: u64,
+    pending: BTreeMap<(u64, u64), oneshot::Sender<()>>,
 }
 
 impl ReplicationMaster {
@@ -46,7 +57,7 @@ impl ReplicationMaster {
             max_gap,
             next_id: AtomicU64::new(1),
             slaves: Mutex::new(BTreeMap::new()),
-            acked: watch::channel(0).0,
+            waiters: Mutex::new(SyncWaiters::default()),
         })
     }
 
@@ -67,11 +78,7 @@ impl ReplicationMaster {
             }
             s.values().map(|v| v.acked).max().unwrap_or(0)
         };
-        self.acked.send_if_modified(|v| {
-            let changed = *v != max;
-            *v = max;
-            changed
-        });
+        self.set_acked(max);
     }
 
     fn remove(&self, id: u64) {
@@ -80,10 +87,23 @@ impl ReplicationMaster {
             s.remove(&id);
             s.values().map(|v| v.acked).max().unwrap_or(0)
         };
-        self.acked.send_replace(max);
+        self.set_acked(max);
     }
 
-    /// Waits until some slave holds the log up to `end` (SYNC_MASTER).
+    /// Records the best acknowledged offset and releases the sends it covers.
+    fn set_acked(&self, max: u64) {
+        let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        w.acked = max;
+        while let Some(entry) = w.pending.first_entry() {
+            if entry.key().0 > max {
+                break;
+            }
+            let _ = entry.remove().send(());
+        }
+    }
+
+    /// Waits until a slave has acknowledged the commit log up to `end`. Fails at once when
+    /// no slave is within `max_gap` of `log_end` (SLAVE_NOT_AVAILABLE, as RocketMQ answers).
     pub async fn wait(
         &self,
         end: u64,
@@ -97,15 +117,25 @@ impl ReplicationMaster {
         if !near {
             return Err(SyncWaitError::NoSlave);
         }
-        let mut rx = self.acked.subscribe();
-        let waited = tokio::time::timeout(timeout, async {
-            rx.wait_for(|v| *v >= end).await.map(|_| ())
-        })
-        .await;
-        match waited {
-            Ok(Ok(_)) => Ok(()),
+        let (tx, rx) = oneshot::channel();
+        let key = {
+            let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            if w.acked >= end {
+                return Ok(());
+            }
+            w.seq += 1;
+            let key = (end, w.seq);
+            w.pending.insert(key, tx);
+            key
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(SyncWaitError::NoSlave),
-            Err(_) => Err(SyncWaitError::Timeout(timeout)),
+            Err(_) => {
+                let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+                w.pending.remove(&key);
+                Err(SyncWaitError::Timeout(timeout))
+            }
         }
     }
 }
@@ -301,5 +331,73 @@ async fn stream(
             }
             _ = tokio::time::sleep(HEARTBEAT) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_slave() -> (Arc<ReplicationMaster>, u64) {
+        let m = ReplicationMaster::new("g", None, 1 << 20);
+        m.slaves_lock().insert(
+            1,
+            SlaveStatus {
+                addr: "127.0.0.1:1".parse().unwrap(),
+                acked: 0,
+            },
+        );
+        (m, 1)
+    }
+
+    #[tokio::test]
+    async fn an_acknowledgement_releases_exactly_the_sends_it_covers() {
+        let (m, id) = with_slave();
+        let long = Duration::from_secs(30);
+        let waits: Vec<_> = [300u64, 100, 200]
+            .into_iter()
+            .map(|end| {
+                let m = m.clone();
+                tokio::spawn(async move { m.wait(end, end, long).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        while m.waiters.lock().unwrap().pending.len() < 3 {
+            tokio::task::yield_now().await;
+        }
+        m.update(id, 250);
+        let [w300, w100, w200]: [_; 3] = waits.try_into().unwrap();
+        assert!(w100.await.unwrap().is_ok());
+        assert!(w200.await.unwrap().is_ok());
+        assert_eq!(
+            m.waiters.lock().unwrap().pending.len(),
+            1,
+            "300 still waits"
+        );
+        m.update(id, 300);
+        assert!(w300.await.unwrap().is_ok());
+        // Already acknowledged: no wait at all.
+        assert!(m.wait(50, 300, long).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_send_is_forgotten_and_no_slave_fails_at_once() {
+        let (m, id) = with_slave();
+        let short = Duration::from_millis(20);
+        assert!(matches!(
+            m.wait(100, 100, short).await,
+            Err(SyncWaitError::Timeout(_))
+        ));
+        assert!(m.waiters.lock().unwrap().pending.is_empty());
+        // A slave further behind than max_gap does not count.
+        assert!(matches!(
+            m.wait(100, 2 << 20, short).await,
+            Err(SyncWaitError::NoSlave)
+        ));
+        m.remove(id);
+        assert!(matches!(
+            m.wait(100, 100, short).await,
+            Err(SyncWaitError::NoSlave)
+        ));
     }
 }

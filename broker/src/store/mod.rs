@@ -471,7 +471,7 @@ impl MessageStore {
     pub fn append(&self, msgs: &[NewMessage]) -> Result<Vec<PutResult>, StoreError> {
         self.append_many(&[msgs])
             .pop()
-            .unwrap_or_else(|| Err(StoreError::Shutdown))
+            .unwrap_or(Err(StoreError::Shutdown))
     }
 
     /// Appends messages like [`MessageStore::append`], sharing one commit-log write with the

@@ -232,3 +232,124 @@ fn oversized_batch_is_refused_not_split() {
     assert_eq!(store.commitlog().max_offset(), 0);
     store.shutdown();
 }
+
+/// Each send's results are contiguous, and queue offsets are dense and unique.
+fn check_sends(sends: &[Vec<PutResult>]) {
+    for r in sends {
+        for w in r.windows(2) {
+            assert_eq!(
+                w[1].physical_offset, w[0].end,
+                "a send's messages are contiguous"
+            );
+        }
+    }
+    for q in 0..2 {
+        let mut offs: Vec<u64> = sends
+            .iter()
+            .flatten()
+            .filter(|r| r.queue_id == q)
+            .map(|r| r.queue_offset)
+            .collect();
+        offs.sort_unstable();
+        assert_eq!(offs, (0..offs.len() as u64).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn one_write_carries_several_sends_across_a_segment_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    // 300 sends of about 400 bytes: the 64 KiB segment fills and the group rolls over.
+    let sends: Vec<Vec<NewMessage>> = (0..300)
+        .map(|i| vec![msg("T", (i % 2) as i32, i, "A")])
+        .collect();
+    let mut batches: Vec<&[NewMessage]> = sends.iter().map(|s| &s[..]).collect();
+    // A send too large for a segment fails alone, in the middle of the group.
+    let big: Vec<NewMessage> = (0..400).map(|i| msg("T", 0, i, "A")).collect();
+    batches.insert(150, &big);
+    let results = store.append_many(&batches);
+    assert!(matches!(
+        results[150],
+        Err(StoreError::MessageTooLarge { .. })
+    ));
+    let ok: Vec<Vec<PutResult>> = results.into_iter().filter_map(Result::ok).collect();
+    assert_eq!(ok.len(), 300);
+    check_sends(&ok);
+    assert!(
+        ok.last().unwrap()[0].physical_offset >= 64 * 1024,
+        "crossed into segment 2"
+    );
+    let got = store.get("T", 0, 0, 1000, usize::MAX, |_| true).unwrap();
+    let msgs = crate::client::decode_messages(&got.body).unwrap();
+    assert_eq!(msgs.len(), 150);
+    for (i, m) in msgs.iter().enumerate() {
+        assert_eq!(&m.body[..8], format!("{:08}", i * 2).as_bytes());
+    }
+    store.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_grouped_sends_land_whole_and_in_queue_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    let tasks: Vec<_> = (0..400u64)
+        .map(|i| {
+            let s = store.clone();
+            tokio::spawn(async move {
+                let n = 1 + i % 3;
+                let batch = (0..n)
+                    .map(|j| msg("T", (i % 2) as i32, i * 10 + j, "A"))
+                    .collect();
+                s.append_grouped(batch, true).await
+            })
+        })
+        .collect();
+    let mut sends = Vec::new();
+    for t in tasks {
+        sends.push(t.await.unwrap().unwrap());
+    }
+    check_sends(&sends);
+    // Every acknowledged message is readable at its queue offset.
+    for r in sends.iter().flatten() {
+        let got = store
+            .get("T", r.queue_id, r.queue_offset, 1, usize::MAX, |_| true)
+            .unwrap();
+        let m = &crate::client::decode_messages(&got.body).unwrap()[0];
+        assert_eq!(m.physical_offset as u64, r.physical_offset);
+    }
+    store.shutdown();
+}
+
+#[tokio::test]
+async fn a_cancelled_group_leader_still_writes_its_followers() {
+    use futures::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    let mut leader = Box::pin(store.append_grouped(vec![msg("T", 0, 0, "A")], true));
+    assert!(
+        leader.as_mut().now_or_never().is_none(),
+        "the leader yields first"
+    );
+    let mut follower = Box::pin(store.append_grouped(vec![msg("T", 0, 1, "A")], true));
+    assert!(
+        follower.as_mut().now_or_never().is_none(),
+        "the follower waits for the leader"
+    );
+    drop(leader);
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), follower)
+        .await
+        .expect("the follower was left waiting")
+        .unwrap();
+    assert_eq!(
+        r[0].queue_offset, 1,
+        "the cancelled leader's message was written first"
+    );
+    assert_eq!(
+        store
+            .get("T", 0, 0, 10, usize::MAX, |_| true)
+            .unwrap()
+            .count,
+        2
+    );
+    store.shutdown();
+}
