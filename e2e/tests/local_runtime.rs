@@ -100,15 +100,30 @@ async fn local_runtime_runs_the_example_and_follows_scale_out_and_in() -> Result
         common::push_consumer(&rt, &namesrv, "local_group", "LocalTopic").await?;
     common::wait_for(&got, 1000, Duration::from_secs(60)).await;
 
-    // Scale out: a third group appears; after spreading the topic, new sends reach it.
+    // Scale out: a third group appears, the runtime gives it the cluster's topics (no
+    // `updateTopic` here), and new sends reach it.
     std::fs::write(&file, text.replace("masters: 2", "masters: 3"))?;
     wait_members(&namesrv, 6, "scale out").await?;
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    update_topic(&namesrv, "LocalTopic");
-    let ours = Producer::new(
-        Client::new(broker::config::split_namesrv(&namesrv)),
-        "local_producer_2",
-    );
+    let client = Client::new(broker::config::split_namesrv(&namesrv));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let route = client.refresh_route("LocalTopic").await?;
+        if route
+            .queue_datas
+            .iter()
+            .any(|q| q.broker_name == "sync-double-write-broker-2" && q.write_queue_nums > 0)
+        {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.path().join("local.log"))?;
+            return Err(
+                format!("the new group never got LocalTopic\nlocal runtime log:\n{log}").into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let ours = Producer::new(client, "local_producer_2");
     let mut on_new_group = 0;
     for seq in 1000..1600u64 {
         let r = ours

@@ -76,11 +76,18 @@ pub struct GroupRef {
 }
 
 /// Day-2 actions on a broker group, through the broker admin protocol.
-pub trait DrainProbe: Send + Sync {
+pub trait GroupAdmin: Send + Sync {
     /// Makes the group read-only (RocketMQ's wipe-write-permission).
     fn make_read_only<'a>(&'a self, group: &'a GroupRef) -> BoxFuture<'a, Result<(), String>>;
     /// Whether every consumer group has consumed every queue of the group.
     fn drained<'a>(&'a self, group: &'a GroupRef) -> BoxFuture<'a, Result<bool, String>>;
+    /// Gives a new group (its master holds no user topic yet) every user topic the other
+    /// groups of the cluster hold, and returns the topics created. Groups that already hold
+    /// topics are left alone, so topics placed on chosen groups stay where they are.
+    fn share_topics<'a>(
+        &'a self,
+        group: &'a GroupRef,
+    ) -> BoxFuture<'a, Result<Vec<String>, String>>;
 }
 
 /// What reconcile needs.
@@ -91,8 +98,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Image used when a spec names none.
     pub default_image: String,
-    /// Drains groups before scale-in.
-    pub drain: Arc<dyn DrainProbe>,
+    /// Drains groups before scale-in and gives new groups the cluster's topics.
+    pub admin: Arc<dyn GroupAdmin>,
     /// Consecutive failures per cluster, for the retry backoff.
     pub failures: std::sync::Mutex<BTreeMap<String, u32>>,
 }
@@ -103,13 +110,13 @@ impl Context {
         client: kube::Client,
         recorder: Recorder,
         default_image: String,
-        drain: Arc<dyn DrainProbe>,
+        admin: Arc<dyn GroupAdmin>,
     ) -> Context {
         Context {
             client,
             recorder,
             default_image,
-            drain,
+            admin,
             failures: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
@@ -418,7 +425,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         };
         let started = sts.annotations().get(ANNOTATION_DRAIN_STARTED).cloned();
         if started.is_none() {
-            ctx.drain
+            ctx.admin
                 .make_read_only(&gref)
                 .await
                 .map_err(|reason| Error::Drain {
@@ -439,7 +446,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
             .await;
         }
         let drained = ctx
-            .drain
+            .admin
             .drained(&gref)
             .await
             .map_err(|reason| Error::Drain {
@@ -565,10 +572,38 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
     if patch_status(&bcs, &bc, status).await? && now_ready && !was_ready {
         publish(&ctx, &bc, EventType::Normal, "Ready", plan.mode.clone()).await;
     }
+    // New groups get the topics the rest of the cluster serves once their master is up, so
+    // scaling out spreads load without `mqadmin updateTopic -c`.
+    let mut topics_pending = false;
+    for g in plan.groups.iter().filter(|g| ready_of(&g.name) > 0) {
+        let gref = GroupRef {
+            cluster: name.clone(),
+            namespace: ns.clone(),
+            group: g.name.clone(),
+            namesrv_addr: plan.namesrv_addr.clone(),
+        };
+        match ctx.admin.share_topics(&gref).await {
+            Ok(created) if !created.is_empty() => {
+                publish(
+                    &ctx,
+                    &bc,
+                    EventType::Normal,
+                    "TopicsShared",
+                    format!("{} now serves {}", g.name, created.join(", ")),
+                )
+                .await;
+            }
+            Ok(_) => {}
+            Err(reason) => {
+                tracing::warn!(cluster = %name, group = %g.name, %reason, "cannot give the group the cluster's topics yet");
+                topics_pending = true;
+            }
+        }
+    }
     for s in &stuck {
         publish(&ctx, &bc, EventType::Warning, "DrainTimeout", format!("{s} still has unconsumed messages; set annotation {ANNOTATION_FORCE_DRAIN}=true to remove it anyway")).await;
     }
-    if draining.is_empty() && now_ready {
+    if draining.is_empty() && now_ready && !topics_pending {
         Ok(Action::requeue(Duration::from_secs(300)))
     } else {
         Ok(Action::requeue(Duration::from_secs(10)))

@@ -11,8 +11,8 @@ use kube::CustomResourceExt;
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
     serde_yaml::to_string(&crd::BrokerCluster::crd())
 }
+pub mod admin;
 pub mod controller;
-pub mod drain;
 pub mod lease;
 pub mod local;
 

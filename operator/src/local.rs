@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::process::{Child, Command};
 
-use crate::controller::{DrainProbe, GroupRef};
+use crate::controller::{GroupAdmin, GroupRef};
 use crate::crd::BrokerCluster;
 use crate::plan::{plan, ClusterPlan};
 
@@ -165,8 +165,11 @@ pub struct LocalCluster {
     /// Config hash each running member was started with.
     hashes: BTreeMap<String, String>,
     draining: BTreeMap<String, Instant>,
+    /// Groups started by this runtime that have not yet been given the cluster's topics,
+    /// with how often that failed (their master may still be starting).
+    unshared: BTreeMap<String, u32>,
     namesrv: String,
-    drain: Arc<dyn DrainProbe>,
+    admin: Arc<dyn GroupAdmin>,
 }
 
 fn set_key(conf: &str, key: &str, value: &str) -> String {
@@ -189,14 +192,15 @@ fn set_key(conf: &str, key: &str, value: &str) -> String {
 
 impl LocalCluster {
     /// A runtime for `opts` (nothing runs until [`LocalCluster::apply`]).
-    pub fn new(opts: LocalOptions, drain: Arc<dyn DrainProbe>) -> LocalCluster {
+    pub fn new(opts: LocalOptions, admin: Arc<dyn GroupAdmin>) -> LocalCluster {
         LocalCluster {
             opts,
             procs: BTreeMap::new(),
             hashes: BTreeMap::new(),
             draining: BTreeMap::new(),
+            unshared: BTreeMap::new(),
             namesrv: String::new(),
-            drain,
+            admin,
         }
     }
 
@@ -316,6 +320,9 @@ impl LocalCluster {
                         };
                         p.spawn()?;
                         self.procs.insert(key.clone(), p);
+                        if m.ordinal == 0 {
+                            self.unshared.insert(g.name.clone(), 0);
+                        }
                     }
                 }
                 self.hashes.insert(key, g.config_hash.clone());
@@ -356,7 +363,7 @@ impl LocalCluster {
             namesrv_addr: self.namesrv.clone(),
         };
         if !self.draining.contains_key(group) {
-            match self.drain.make_read_only(&gref).await {
+            match self.admin.make_read_only(&gref).await {
                 Ok(()) => {
                     tracing::info!(
                         group,
@@ -370,7 +377,7 @@ impl LocalCluster {
                 }
             }
         }
-        match self.drain.drained(&gref).await {
+        match self.admin.drained(&gref).await {
             Ok(true) => {
                 tracing::info!(group, "group drained; stopping it");
                 let members: Vec<String> = self
@@ -391,6 +398,43 @@ impl LocalCluster {
             Ok(false) => tracing::debug!(group, "still draining"),
             Err(e) => tracing::warn!(group, error = %e, "drain check failed"),
         }
+    }
+
+    /// Gives newly started groups the topics the rest of the cluster serves (what
+    /// `mqadmin updateTopic -c` would do), once their masters have registered.
+    pub async fn share_topics(&mut self, plan: &ClusterPlan) {
+        let pending: Vec<String> = self.unshared.keys().cloned().collect();
+        for group in pending {
+            let gref = GroupRef {
+                cluster: plan.cluster.clone(),
+                namespace: "local".into(),
+                group: group.clone(),
+                namesrv_addr: self.namesrv.clone(),
+            };
+            match self.admin.share_topics(&gref).await {
+                Ok(created) => {
+                    if !created.is_empty() {
+                        tracing::info!(group = %group, topics = ?created, "new group got the cluster's topics");
+                    }
+                    self.unshared.remove(&group);
+                }
+                Err(e) => {
+                    let failures = self.unshared.entry(group.clone()).or_insert(0);
+                    *failures += 1;
+                    // Every tick while the master starts; complain every 30 s or so.
+                    if failures.is_multiple_of(60) {
+                        tracing::warn!(group = %group, error = %e, "cannot give the new group its topics yet");
+                    } else {
+                        tracing::debug!(group = %group, error = %e, "new group not ready for topics");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Groups still waiting for the cluster's topics.
+    pub fn unshared(&self) -> Vec<String> {
+        self.unshared.keys().cloned().collect()
     }
 
     /// Restarts crashed processes.
@@ -421,11 +465,11 @@ impl LocalCluster {
 /// Runs FILE until Ctrl-C, following its edits.
 pub async fn run(
     opts: LocalOptions,
-    drain: Arc<dyn DrainProbe>,
+    admin: Arc<dyn GroupAdmin>,
     check: bool,
 ) -> Result<(), LocalError> {
     let mut plan = plan_file(&opts.file)?;
-    let mut cluster = LocalCluster::new(opts.clone(), drain);
+    let mut cluster = LocalCluster::new(opts.clone(), admin);
     cluster.apply(&plan).await?;
     println!(
         "ferromq cluster {:?} running locally: {}",
@@ -487,6 +531,9 @@ pub async fn run(
             if let Err(e) = cluster.apply(&plan).await {
                 eprintln!("applying {}: {e}", opts.file.display());
             }
+        }
+        if !cluster.unshared().is_empty() {
+            cluster.share_topics(&plan).await;
         }
     }
     println!("stopping...");

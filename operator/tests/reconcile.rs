@@ -7,26 +7,32 @@ mod fake;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use fake::FakeApi;
 use futures::future::BoxFuture;
 use kube::api::Api;
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
-use operator::controller::{reconcile, Context, DrainProbe, GroupRef, ANNOTATION_DRAIN_STARTED};
+use operator::controller::{reconcile, Context, GroupAdmin, GroupRef, ANNOTATION_DRAIN_STARTED};
 use operator::crd::BrokerCluster;
 use serde_json::json;
 
 const NS: &str = "mq";
 
 #[derive(Default)]
-struct FakeDrain {
+struct FakeAdmin {
     broken: AtomicBool,
     read_only: std::sync::Mutex<Vec<String>>,
     drained: AtomicBool,
     checks: AtomicUsize,
+    /// Groups asked to take the cluster's topics.
+    shared: std::sync::Mutex<Vec<String>>,
+    /// Whether sharing topics fails (the new master is not registered yet).
+    share_fails: AtomicBool,
 }
 
-impl DrainProbe for FakeDrain {
+impl GroupAdmin for FakeAdmin {
     fn make_read_only<'a>(&'a self, g: &'a GroupRef) -> BoxFuture<'a, Result<(), String>> {
         self.read_only.lock().unwrap().push(g.group.clone());
         let broken = self.broken.load(Ordering::Relaxed);
@@ -43,12 +49,23 @@ impl DrainProbe for FakeDrain {
         let d = self.drained.load(Ordering::Relaxed);
         Box::pin(async move { Ok(d) })
     }
+    fn share_topics<'a>(&'a self, g: &'a GroupRef) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        self.shared.lock().unwrap().push(g.group.clone());
+        let fails = self.share_fails.load(Ordering::Relaxed);
+        Box::pin(async move {
+            if fails {
+                Err("demo-broker-2 has no master registered with the name servers".to_string())
+            } else {
+                Ok(vec!["Orders".to_string()])
+            }
+        })
+    }
 }
 
 struct Harness {
     api: FakeApi,
     ctx: Arc<Context>,
-    drain: Arc<FakeDrain>,
+    drain: Arc<FakeAdmin>,
 }
 
 fn harness(spec: serde_json::Value) -> Harness {
@@ -59,7 +76,7 @@ fn harness(spec: serde_json::Value) -> Harness {
         json!({"apiVersion": "ferromq.io/v1alpha1", "kind": "BrokerCluster", "metadata": {"name": "demo"}, "spec": spec}),
     );
     let client = api.client();
-    let drain = Arc::new(FakeDrain::default());
+    let drain = Arc::new(FakeAdmin::default());
     let ctx = Arc::new(Context::new(
         client.clone(),
         Recorder::new(
@@ -423,4 +440,33 @@ async fn a_failed_reconcile_is_reported_as_an_event_and_retried_with_backoff() {
     let first = operator::controller::error_policy(bc.clone(), &err, h.ctx.clone());
     let second = operator::controller::error_policy(bc, &err, h.ctx.clone());
     assert_ne!(first, second, "retries should back off");
+}
+
+#[tokio::test]
+async fn ready_groups_are_given_the_clusters_topics_and_failures_retry_soon() {
+    let h = harness(sync_double_write());
+    let run = || async {
+        let bcs: Api<BrokerCluster> = Api::namespaced(h.ctx.client.clone(), NS);
+        let bc = bcs.get("demo").await.unwrap();
+        reconcile(Arc::new(bc), h.ctx.clone()).await.unwrap()
+    };
+    run().await;
+    assert!(
+        h.drain.shared.lock().unwrap().is_empty(),
+        "no group is asked before its pods are ready"
+    );
+    h.mark_ready();
+    h.api.take_writes();
+    assert_eq!(run().await, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(
+        *h.drain.shared.lock().unwrap(),
+        vec!["demo-broker-0".to_string(), "demo-broker-1".to_string()]
+    );
+    assert!(
+        h.api.take_writes().iter().any(|w| w.contains("events/")),
+        "created topics are reported as an event"
+    );
+    // A new group whose master cannot take topics yet keeps the cluster on the short requeue.
+    h.drain.share_fails.store(true, Ordering::Relaxed);
+    assert_eq!(run().await, Action::requeue(Duration::from_secs(10)));
 }

@@ -19,6 +19,21 @@ pub const PERM_INHERIT: i32 = 1;
 /// The template topic producers name when their topic has no route yet.
 pub const AUTO_CREATE_TOPIC: &str = "TBW102";
 
+/// Whether `name` is one of RocketMQ's internal topics (the auto-creation template, the delay
+/// queue, retry and dead-letter topics, and the `rmq_sys_`/`RMQ_SYS_` families), as opposed
+/// to a topic a user created.
+pub fn is_system_topic(name: &str) -> bool {
+    const NAMES: &[&str] = &[
+        AUTO_CREATE_TOPIC,
+        crate::store::message::SCHEDULE_TOPIC,
+        "SELF_TEST_TOPIC",
+        "OFFSET_MOVED_EVENT",
+        "TRANS_CHECK_MAX_TIME_TOPIC",
+    ];
+    const PREFIXES: &[&str] = &["%RETRY%", "%DLQ%", "rmq_sys_", "RMQ_SYS_"];
+    NAMES.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 /// How a topic is laid out on this broker (RocketMQ's TopicConfig, same JSON names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -161,4 +176,26 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_topics_are_told_from_user_topics() {
+        for t in [
+            "TBW102",
+            "SCHEDULE_TOPIC_XXXX",
+            "%RETRY%g",
+            "%DLQ%g",
+            "rmq_sys_x",
+            "RMQ_SYS_TRACE_TOPIC",
+        ] {
+            assert!(is_system_topic(t), "{t}");
+        }
+        for t in ["Orders", "TopicTest", "retry", "TBW1020"] {
+            assert!(!is_system_topic(t), "{t}");
+        }
+    }
 }

@@ -12,9 +12,9 @@ use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::Api;
+use operator::admin::BrokerAdmin;
 use operator::controller::{self, Context};
 use operator::crd::BrokerCluster;
-use operator::drain::BrokerDrain;
 use operator::lease::LeaseLock;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -127,7 +127,7 @@ async fn main() -> ExitCode {
                 broker_port,
                 bin_dir: bin_dir.unwrap_or(exe_dir),
             };
-            match operator::local::run(opts, Arc::new(BrokerDrain), !no_check).await {
+            match operator::local::run(opts, Arc::new(BrokerAdmin), !no_check).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("operator local: {e}");
@@ -244,7 +244,7 @@ async fn run(
         client.clone(),
         recorder,
         image,
-        Arc::new(BrokerDrain),
+        Arc::new(BrokerAdmin),
     ));
     health
         .ready
