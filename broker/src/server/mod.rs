@@ -331,7 +331,7 @@ impl Broker {
             broker_id: self.cfg.broker_id,
             heartbeat_timeout_millis: Some(self.cfg.heartbeat_timeout_ms as i64),
             compressed: false,
-            body_crc32: Some(crc32fast::hash(&body) as i32),
+            body_crc32: Some(crate::store::message::body_crc(&body)),
         };
         RemotingCommand::request(RequestCode::RegisterBroker.code(), h.to_ext()).with_body(body)
     }

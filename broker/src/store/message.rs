@@ -212,7 +212,7 @@ impl NewMessage {
         } else {
             MAGIC_V1
         });
-        dst.put_i32(crc32fast::hash(&self.body) as i32);
+        dst.put_i32(body_crc(&self.body));
         dst.put_i32(self.queue_id);
         dst.put_i32(self.flag);
         dst.put_i64(queue_offset);
@@ -298,6 +298,12 @@ pub fn offset_msg_id(store_host: &SocketAddr, physical_offset: i64) -> String {
     hex_upper(&b)
 }
 
+/// RocketMQ's CRC32 of a body (BODYCRC, REGISTER_BROKER's bodyCrc32): the IEEE CRC32 with
+/// the top bit cleared, as Java's `UtilAll.crc32` computes it.
+pub fn body_crc(body: &[u8]) -> i32 {
+    (crc32fast::hash(body) & 0x7FFF_FFFF) as i32
+}
+
 /// Upper-case hex of `bytes`, the spelling of RocketMQ message ids (without `format!`, which
 /// cost a visible share of every send).
 pub fn hex_upper(bytes: &[u8]) -> String {
@@ -362,7 +368,7 @@ pub fn decode_stored(buf: &Bytes) -> Result<StoredMessage, MessageError> {
     }
     let mut b = buf.slice(8..total_size as usize);
     need(&b, 4 + 4 + 4 + 8 + 8 + 4 + 8, "fixed fields")?;
-    let body_crc = b.get_i32();
+    let stored_crc = b.get_i32();
     let queue_id = b.get_i32();
     let flag = b.get_i32();
     let queue_offset = b.get_i64();
@@ -381,7 +387,8 @@ pub fn decode_stored(buf: &Bytes) -> Result<StoredMessage, MessageError> {
         return Err(MessageError::BadLength("body"));
     }
     let body = b.split_to(body_len as usize);
-    if crc32fast::hash(&body) as i32 != body_crc {
+    // Stores written before ferromq masked the top bit hold the plain CRC32: accept both.
+    if stored_crc != body_crc(&body) && stored_crc != crc32fast::hash(&body) as i32 {
         return Err(MessageError::BadCrc);
     }
     let topic_len = if magic == MAGIC_V2 {
@@ -470,7 +477,7 @@ pub fn encode_batch(items: &[BatchItem]) -> Bytes {
         let total = 20 + it.body.len() + 2 + it.properties.len();
         b.put_i32(total as i32);
         b.put_i32(0);
-        b.put_i32(crc32fast::hash(&it.body) as i32);
+        b.put_i32(body_crc(&it.body));
         b.put_i32(it.flag);
         b.put_i32(it.body.len() as i32);
         b.put_slice(&it.body);
@@ -570,6 +577,21 @@ mod tests {
         let body_at = b.len() - 2 - sample("T").properties.len() - 2 - 5;
         b[body_at] ^= 0xFF;
         assert_eq!(decode_stored(&b.freeze()), Err(MessageError::BadCrc));
+    }
+
+    #[test]
+    fn body_crc_is_javas_masked_crc32_and_old_stores_still_read() {
+        // CRC32("123456789") = 0xCBF43926; Java's UtilAll.crc32 clears the top bit.
+        assert_eq!(body_crc(b"123456789"), 0x4BF4_3926);
+        let store: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut m = sample("T");
+        m.body = Bytes::from_static(b"123456789");
+        let mut b = BytesMut::new();
+        m.encode(&mut b, 0, 0, 0, &store);
+        assert_eq!(&b[8..12], &0x4BF4_3926i32.to_be_bytes());
+        // A record written with the unmasked CRC (earlier ferromq stores) still decodes.
+        b[8..12].copy_from_slice(&(0xCBF4_3926u32 as i32).to_be_bytes());
+        assert!(decode_stored(&b.freeze()).is_ok());
     }
 
     #[test]
