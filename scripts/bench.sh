@@ -160,6 +160,8 @@ t0=$(date +%s.%N)
 PIDS+=($!)
 until curl -sf http://127.0.0.1:20980/readyz >/dev/null; do sleep 0.01; done
 echo "  restart after kill -9 with $(du -sh "$OUT/ferromq/store0/commitlog" | cut -f1) of commit log: ready in $(python3 -c "import time; print(round(time.time() - $t0, 2))") s"
+grep -h "commit log recovered" "$OUT/ferromq/b0.log" | tail -1 | sed 's/^/    /'
+cp "$OUT/ferromq/b0.log" "$OUT/restart.log"
 stop_all
 
 echo "ferromq, SYNC_FLUSH"

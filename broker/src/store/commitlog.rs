@@ -458,6 +458,15 @@ fn zero_tail(seg: &Segment, at: u64, seg_size: u64) -> Result<u64, StoreError> {
     let zeros = vec![0u8; CHUNK];
     let mut buf = vec![0u8; CHUNK];
     while pos < seg_size {
+        // Ranges the file holds no data for were never written, so nothing stale can be
+        // there: jump past them instead of reading (up to a segment of) zeros. Filesystems
+        // without SEEK_DATA get every byte read.
+        match nix::unistd::lseek(&seg.file, pos as i64, nix::unistd::Whence::SeekData) {
+            Ok(data) if data as u64 >= seg_size => break,
+            Ok(data) => pos = pos.max(data as u64),
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(_) => {}
+        }
         let n = CHUNK.min((seg_size - pos) as usize);
         seg.file
             .read_exact_at(&mut buf[..n], pos)

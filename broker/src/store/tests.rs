@@ -169,6 +169,13 @@ fn torn_tail_is_truncated_and_lost_queue_entries_are_rebuilt() {
     torn.extend_from_slice(&super::message::MAGIC_V1.to_be_bytes());
     torn.extend_from_slice(&[0xAB; 100]);
     seg.write_all_at(&torn, end - seg_base).unwrap();
+    // Stale bytes further on, past a hole of the sparse segment file, must go too.
+    let far = 60 * 1024;
+    assert!(
+        end - seg_base + 8 * 1024 < far,
+        "a hole must separate the two"
+    );
+    seg.write_all_at(&[0xCD; 256], far).unwrap();
     drop(seg);
     std::fs::remove_dir_all(dir.path().join("consumequeue").join("T")).unwrap();
 
@@ -179,7 +186,13 @@ fn torn_tail_is_truncated_and_lost_queue_entries_are_rebuilt() {
         "the torn message must be cut off"
     );
     assert_eq!(store.recovery.messages, 100);
-    assert!(store.recovery.truncated_bytes > 0);
+    assert!(store.recovery.truncated_bytes >= 256 + 100);
+    let mut stale = [0xFFu8; 256];
+    std::fs::File::open(dir.path().join("commitlog").join(format!("{seg_base:020}")))
+        .unwrap()
+        .read_exact_at(&mut stale, far)
+        .unwrap();
+    assert_eq!(stale, [0u8; 256], "stale bytes past the hole are zeroed");
     assert_eq!(store.queue("T", 0).unwrap().max_offset(), 50);
     let got = store.get("T", 1, 0, 100, usize::MAX, |_| true).unwrap();
     let msgs = crate::client::decode_messages(&got.body).unwrap();
