@@ -265,6 +265,25 @@ impl LocalCluster {
             p.spawn()?;
             self.procs.insert(key, p);
         }
+        // Name servers past the planned count stop (brokers learn the shorter list when their
+        // config is rewritten below, since it carries namesrvAddr).
+        let ns_prefix = format!("{}-", plan.name_server.name);
+        let extra_ns: Vec<String> = self
+            .procs
+            .keys()
+            .filter(|k| {
+                k.strip_prefix(&ns_prefix)
+                    .and_then(|i| i.parse::<i32>().ok())
+                    .is_some_and(|i| i >= plan.name_server.replicas)
+            })
+            .cloned()
+            .collect();
+        for key in extra_ns {
+            tracing::info!(member = %key, "name server removed; stopping");
+            if let Some(mut p) = self.procs.remove(&key) {
+                p.stop(Duration::from_secs(20)).await;
+            }
+        }
         let mut wanted = std::collections::BTreeSet::new();
         for g in &plan.groups {
             // Highest ordinal first: slaves restart before their master, as in a StatefulSet.
@@ -596,4 +615,79 @@ async fn round_trip(namesrv: &str) -> Result<usize, String> {
         ));
     }
     Ok(sent.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::future::BoxFuture;
+
+    struct NoAdmin;
+
+    impl GroupAdmin for NoAdmin {
+        fn make_read_only<'a>(&'a self, _: &'a GroupRef) -> BoxFuture<'a, Result<(), String>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn drained<'a>(&'a self, _: &'a GroupRef) -> BoxFuture<'a, Result<bool, String>> {
+            Box::pin(async { Ok(true) })
+        }
+        fn share_topics<'a>(
+            &'a self,
+            _: &'a GroupRef,
+        ) -> BoxFuture<'a, Result<Vec<String>, String>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+    }
+
+    fn cluster_file(dir: &Path, name_servers: i32) -> PathBuf {
+        let file = dir.join("cluster.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: ferromq.io/v1alpha1\nkind: BrokerCluster\nmetadata: {{name: t}}\n\
+                 spec:\n  nameServer: {{replicas: {name_servers}}}\n  broker: {{masters: 1}}\n"
+            ),
+        )
+        .unwrap();
+        file
+    }
+
+    #[tokio::test]
+    async fn fewer_name_servers_in_the_file_stop_the_extra_ones() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Stand-ins for the real binaries: they only have to stay up.
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        for name in ["mqnamesrv", "mqbroker"] {
+            let path = bin.join(name);
+            std::fs::write(&path, "#!/bin/sh\nexec sleep 600\n").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let opts = LocalOptions {
+            file: cluster_file(dir.path(), 3),
+            data_dir: dir.path().join("data"),
+            namesrv_port: 19_000,
+            broker_port: 19_100,
+            bin_dir: bin,
+        };
+        let mut cluster = LocalCluster::new(opts.clone(), Arc::new(NoAdmin));
+        cluster
+            .apply(&plan_file(&opts.file).unwrap())
+            .await
+            .unwrap();
+        let name_servers = |c: &LocalCluster| {
+            c.procs
+                .keys()
+                .filter(|k| k.contains("-nameserver-"))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(name_servers(&cluster).len(), 3);
+        let smaller = cluster_file(dir.path(), 1);
+        cluster.apply(&plan_file(&smaller).unwrap()).await.unwrap();
+        assert_eq!(name_servers(&cluster), vec!["t-nameserver-0".to_string()]);
+        assert_eq!(cluster.namesrv_addr(), "127.0.0.1:19000");
+        cluster.stop().await;
+    }
 }
