@@ -410,28 +410,8 @@ impl Client {
 
     /// Pulls from a queue (no long polling unless `spec.suspend` is non-zero).
     pub async fn pull(&self, broker: &str, spec: PullSpec<'_>) -> Result<PullResult, ClientError> {
-        let PullSpec {
-            group,
-            topic,
-            queue_id,
-            offset,
-            max,
-            suspend,
-        } = spec;
-        let h = PullMessageRequestHeader {
-            consumer_group: group.into(),
-            topic: topic.into(),
-            queue_id,
-            queue_offset: offset,
-            max_msg_nums: max,
-            sys_flag: PULL_SUBSCRIPTION | if suspend.is_zero() { 0 } else { PULL_SUSPEND },
-            commit_offset: Some(0),
-            suspend_timeout_millis: Some(suspend.as_millis() as i64),
-            subscription: Some("*".into()),
-            sub_version: Some(0),
-            expression_type: Some("TAG".into()),
-            max_msg_bytes: None,
-        };
+        let suspend = spec.suspend;
+        let h = pull_header(&spec);
         let req = RemotingCommand::request(RequestCode::PullMessage.code(), h.to_ext());
         let resp = self
             .call_with_timeout(broker, req, suspend + self.timeout)
@@ -465,5 +445,57 @@ impl Client {
             suggest_broker_id: h.suggest_which_broker_id,
             messages,
         })
+    }
+}
+
+/// The PULL_MESSAGE header for `spec`. It carries the subscription expression and sets the
+/// subscription flag: brokers that know the group only from heartbeats (Java, the peer) refuse
+/// a pull without the flag with SUBSCRIPTION_NOT_EXIST.
+fn pull_header(spec: &PullSpec<'_>) -> PullMessageRequestHeader {
+    PullMessageRequestHeader {
+        consumer_group: spec.group.into(),
+        topic: spec.topic.into(),
+        queue_id: spec.queue_id,
+        queue_offset: spec.offset,
+        max_msg_nums: spec.max,
+        sys_flag: PULL_SUBSCRIPTION
+            | if spec.suspend.is_zero() {
+                0
+            } else {
+                PULL_SUSPEND
+            },
+        commit_offset: Some(0),
+        suspend_timeout_millis: Some(spec.suspend.as_millis() as i64),
+        subscription: Some("*".into()),
+        sub_version: Some(0),
+        expression_type: Some("TAG".into()),
+        max_msg_bytes: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pulls_carry_their_subscription_and_say_so() {
+        let spec = |suspend| PullSpec {
+            group: "g",
+            topic: "T",
+            queue_id: 2,
+            offset: 7,
+            max: 32,
+            suspend,
+        };
+        let quick = pull_header(&spec(Duration::ZERO));
+        assert_eq!(quick.sys_flag, PULL_SUBSCRIPTION);
+        assert_eq!(quick.subscription.as_deref(), Some("*"));
+        let long = pull_header(&spec(Duration::from_secs(15)));
+        assert_eq!(long.sys_flag, PULL_SUBSCRIPTION | PULL_SUSPEND);
+        assert_eq!(long.suspend_timeout_millis, Some(15_000));
+        assert_eq!(
+            (long.queue_id, long.queue_offset, long.max_msg_nums),
+            (2, 7, 32)
+        );
     }
 }
