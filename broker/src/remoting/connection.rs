@@ -4,13 +4,15 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::stream::FuturesUnordered;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -30,8 +32,14 @@ const MAX_UNWRITTEN: usize = 4 << 20;
 /// Frames a connection decodes before it writes the answers it has.
 const READS_PER_WRITE: usize = 32;
 
-/// Read buffer per connection: room for dozens of 1 KiB frames per read system call (the
-/// default 8 KiB took one call per five sends under load).
+/// How long reading stays paused for answers that do not come.
+const STALL: Duration = Duration::from_millis(1);
+
+/// How long a connection whose client stopped sending still runs and answers its requests.
+const CLOSE_GRACE: Duration = Duration::from_secs(30);
+
+/// Initial read buffer per connection: a dozen 1 KiB frames per read system call (8 KiB took
+/// one call per five sends under load), without reserving much for idle connections.
 const READ_BUFFER: usize = 64 * 1024;
 
 /// What a request processor knows about the connection a request came on.
@@ -140,18 +148,35 @@ async fn serve_connection<P: Processor>(
     // concurrent sends share one commit-log write and their answers share one socket write.
     let mut requests = FuturesUnordered::new();
     let mut codec = FrameCodec::new(usize::MAX);
-    let mut out = BytesMut::with_capacity(READ_BUFFER);
+    // Grows with the answers waiting to be written (an idle connection holds nothing).
+    let mut out = BytesMut::new();
     // Frames read since the last write: a client that never pauses must still get answers.
     let mut read_since_write = 0usize;
+    // Set when the client stops sending: what it asked is still answered, for a while.
+    let mut closing: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // Armed when reading pauses for answers that do not come (pulls waiting for messages):
+    // reading resumes when it fires.
+    let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
-        let reading = requests.len() < MAX_IN_FLIGHT_PER_CONNECTION
+        if closing.is_some() && requests.is_empty() && out.is_empty() {
+            break;
+        }
+        if read_since_write >= READS_PER_WRITE && out.is_empty() && stalled.is_none() {
+            stalled = Some(Box::pin(tokio::time::sleep(STALL)));
+        }
+        let reading = closing.is_none()
+            && requests.len() < MAX_IN_FLIGHT_PER_CONNECTION
             && out.len() < MAX_UNWRITTEN
             && read_since_write < READS_PER_WRITE;
         let answer = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            _ = async { closing.as_mut()?.await; Some(()) }, if closing.is_some() => break,
             next = reader.next(), if reading => match next {
-                None => break,
+                None => {
+                    closing = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+                    continue;
+                }
                 Some(Ok(request)) => {
                     read_since_write += 1;
                     if request.is_response() {
@@ -159,12 +184,20 @@ async fn serve_connection<P: Processor>(
                     }
                     let handling = Busy::new(&peer.busy);
                     let (processor, peer) = (&*processor, &peer);
-                    requests.push(async move {
+                    let code = request.code;
+                    let run = async move {
                         let oneway = request.is_oneway();
                         let response = processor.process(request, peer).await;
                         drop(handling);
                         response.filter(|_| !oneway)
-                    });
+                    };
+                    // A bug in one request must not take the connection's other requests down.
+                    requests.push(AssertUnwindSafe(run).catch_unwind().map(move |r| {
+                        r.unwrap_or_else(|_| {
+                            tracing::error!(peer = %addr, code, "request handler panicked");
+                            None
+                        })
+                    }));
                     continue;
                 }
                 Some(Err(e)) => {
@@ -176,16 +209,23 @@ async fn serve_connection<P: Processor>(
             Some(push) = pushes.recv() => Some(push),
             written = wr.write_buf(&mut out), if !out.is_empty() => {
                 read_since_write = 0;
+                stalled = None;
                 match written {
                     Ok(0) | Err(_) => break,
                     Ok(_) => continue,
                 }
             }
-            else => {
+            // Reading paused for answers that are slow to come: read on.
+            _ = async { stalled.as_mut()?.await; Some(()) }, if stalled.is_some() => {
                 read_since_write = 0;
+                stalled = None;
                 continue;
             }
         };
+        if answer.is_none() {
+            // A oneway request finished: no answer will be written for the frame it came in.
+            read_since_write = read_since_write.saturating_sub(1);
+        }
         if let Some(cmd) = answer {
             if let Err(e) = codec.encode(cmd, &mut out) {
                 tracing::warn!(peer = %addr, error = %e, "cannot encode an answer; closing");
@@ -446,5 +486,94 @@ impl ConnectionPool {
         timeout: Duration,
     ) -> Result<RemotingCommand, ClientError> {
         self.get(addr).await?.call(request, timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remoting::command::FLAG_ONEWAY;
+
+    /// Answers every request with its own code; a request with code 99 panics.
+    struct Echo;
+
+    impl Processor for Echo {
+        async fn process(&self, request: RemotingCommand, _: &Peer) -> Option<RemotingCommand> {
+            assert_ne!(request.code, 99, "a handler bug");
+            if request.code == 20 {
+                // Like a long-polling pull with nothing to return.
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            Some(
+                request
+                    .response_to(ResponseCode::Success)
+                    .with_ext("code", request.code),
+            )
+        }
+    }
+
+    async fn server() -> (SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, Arc::new(Echo), 1 << 20, stop.clone()));
+        (addr, stop)
+    }
+
+    fn request(code: i32, opaque: i32, oneway: bool) -> RemotingCommand {
+        let mut r = RemotingCommand::request(code, crate::remoting::ExtFields::default());
+        r.opaque = opaque;
+        if oneway {
+            r.flag |= FLAG_ONEWAY;
+        }
+        r
+    }
+
+    #[tokio::test]
+    async fn oneway_floods_panics_and_half_closes_still_get_answers() {
+        let (addr, stop) = server().await;
+        let (rd, wr) = TcpStream::connect(addr).await.unwrap().into_split();
+        let mut w = FramedWrite::new(wr, FrameCodec::default());
+        let mut r = FramedRead::new(rd, FrameCodec::default());
+        // Far more oneway requests than the frames read between two writes, a request whose
+        // handler panics, then a normal request, then the client stops sending.
+        for i in 0..(4 * READS_PER_WRITE as i32) {
+            w.feed(request(10, i, true)).await.unwrap();
+        }
+        w.feed(request(99, 1_000, false)).await.unwrap();
+        w.feed(request(11, 1_001, false)).await.unwrap();
+        w.flush().await.unwrap();
+        w.get_mut().shutdown().await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), r.next())
+            .await
+            .expect("the request after the oneway flood was never answered")
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer.opaque, 1_001, "only the healthy request is answered");
+        assert_eq!(answer.ext_fields["code"], "11");
+        // Then the server closes its side: nothing else was pending.
+        let end = tokio::time::timeout(Duration::from_secs(10), r.next()).await;
+        assert!(matches!(end, Ok(None)), "{end:?}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn requests_behind_many_waiting_pulls_are_answered() {
+        let (addr, stop) = server().await;
+        let (rd, wr) = TcpStream::connect(addr).await.unwrap().into_split();
+        let mut w = FramedWrite::new(wr, FrameCodec::default());
+        let mut r = FramedRead::new(rd, FrameCodec::default());
+        for i in 0..(2 * READS_PER_WRITE as i32) {
+            w.feed(request(20, i, false)).await.unwrap();
+        }
+        w.feed(request(11, 5_000, false)).await.unwrap();
+        w.flush().await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), r.next())
+            .await
+            .expect("a request queued behind waiting pulls was not answered")
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer.opaque, 5_000);
+        stop.cancel();
     }
 }
