@@ -69,9 +69,6 @@ impl GroupAdmin for BrokerAdmin {
                 .broker_topics(&master)
                 .await
                 .map_err(|e| e.to_string())?;
-            if held.topic_config_table.keys().any(|t| !is_system_topic(t)) {
-                return Ok(Vec::new()); // not new: topic placement is the user's from here on
-            }
             // A sync-double-write master answers SLAVE_NOT_AVAILABLE until a slave connects:
             // routes should reach the group only once it can keep its promise.
             let facts = client
@@ -99,7 +96,9 @@ impl GroupAdmin for BrokerAdmin {
                     .await
                     .map_err(|e| format!("reading topics of {group}: {e}"))?;
                 for (name, cfg) in topics.topic_config_table {
-                    if is_system_topic(&name) {
+                    // Ordered topics keep the groups they were placed on: more queues elsewhere
+                    // would reorder them.
+                    if is_system_topic(&name) || cfg.order {
                         continue;
                     }
                     merge_topic(&mut wanted, cfg);
@@ -107,6 +106,9 @@ impl GroupAdmin for BrokerAdmin {
             }
             let mut created = Vec::new();
             for cfg in wanted.into_values() {
+                if held.topic_config_table.contains_key(&cfg.topic_name) {
+                    continue; // already there (auto-created, or an earlier attempt got this far)
+                }
                 client
                     .create_topic(&master, &cfg)
                     .await

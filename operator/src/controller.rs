@@ -29,6 +29,8 @@ use crate::resources::{render, FIELD_MANAGER, LABEL_COMPONENT, LABEL_GROUP, LABE
 pub const ANNOTATION_APPLIED: &str = "ferromq.io/applied-hash";
 /// Annotation on a BrokerCluster: delete draining groups without waiting for consumers.
 pub const ANNOTATION_FORCE_DRAIN: &str = "ferromq.io/force-drain";
+/// Annotation on a group's StatefulSet: the group has been given the cluster's topics.
+pub const ANNOTATION_TOPICS_SHARED: &str = "ferromq.io/topics-shared";
 /// Annotation on a group's StatefulSet: when its drain started (RFC 3339).
 pub const ANNOTATION_DRAIN_STARTED: &str = "ferromq.io/drain-started";
 
@@ -81,9 +83,9 @@ pub trait GroupAdmin: Send + Sync {
     fn make_read_only<'a>(&'a self, group: &'a GroupRef) -> BoxFuture<'a, Result<(), String>>;
     /// Whether every consumer group has consumed every queue of the group.
     fn drained<'a>(&'a self, group: &'a GroupRef) -> BoxFuture<'a, Result<bool, String>>;
-    /// Gives a new group (its master holds no user topic yet) every user topic the other
-    /// groups of the cluster hold, and returns the topics created. Groups that already hold
-    /// topics are left alone, so topics placed on chosen groups stay where they are.
+    /// Creates on a group's master every user topic the other groups of the cluster hold and
+    /// it lacks (ordered topics excepted), and returns the topics created. Callers ask this
+    /// once per new group, so topics later placed on chosen groups stay where they are.
     fn share_topics<'a>(
         &'a self,
         group: &'a GroupRef,
@@ -575,7 +577,18 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
     // New groups get the topics the rest of the cluster serves once their master is up, so
     // scaling out spreads load without `mqadmin updateTopic -c`.
     let mut topics_pending = false;
-    for g in plan.groups.iter().filter(|g| ready_of(&g.name) > 0) {
+    let shared = |n: &str| {
+        live_sts
+            .items
+            .iter()
+            .find(|s| s.name_any() == n)
+            .is_some_and(|s| s.annotations().contains_key(ANNOTATION_TOPICS_SHARED))
+    };
+    for g in plan
+        .groups
+        .iter()
+        .filter(|g| ready_of(&g.name) > 0 && !shared(&g.name))
+    {
         let gref = GroupRef {
             cluster: name.clone(),
             namespace: ns.clone(),
@@ -583,17 +596,22 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
             namesrv_addr: plan.namesrv_addr.clone(),
         };
         match ctx.admin.share_topics(&gref).await {
-            Ok(created) if !created.is_empty() => {
-                publish(
-                    &ctx,
-                    &bc,
-                    EventType::Normal,
-                    "TopicsShared",
-                    format!("{} now serves {}", g.name, created.join(", ")),
-                )
-                .await;
+            Ok(created) => {
+                let mark = serde_json::json!({"metadata": {"annotations": {ANNOTATION_TOPICS_SHARED: "true"}}});
+                sts_api
+                    .patch(&g.name, &PatchParams::default(), &Patch::Merge(&mark))
+                    .await?;
+                if !created.is_empty() {
+                    publish(
+                        &ctx,
+                        &bc,
+                        EventType::Normal,
+                        "TopicsShared",
+                        format!("{} now serves {}", g.name, created.join(", ")),
+                    )
+                    .await;
+                }
             }
-            Ok(_) => {}
             Err(reason) => {
                 tracing::warn!(cluster = %name, group = %g.name, %reason, "cannot give the group the cluster's topics yet");
                 topics_pending = true;

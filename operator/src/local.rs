@@ -265,8 +265,7 @@ impl LocalCluster {
             p.spawn()?;
             self.procs.insert(key, p);
         }
-        // Name servers past the planned count stop (brokers learn the shorter list when their
-        // config is rewritten below, since it carries namesrvAddr).
+        // Name servers past the planned count stop; brokers restart below with the new list.
         let ns_prefix = format!("{}-", plan.name_server.name);
         let extra_ns: Vec<String> = self
             .procs
@@ -306,7 +305,10 @@ impl LocalCluster {
                     conf = set_key(&conf, k, &v);
                 }
                 let conf_path = self.dir("conf")?.join(format!("{key}.conf"));
-                let fresh = self.hashes.get(&key) != Some(&g.config_hash);
+                // The name-server list is part of the config: brokers restart to learn a
+                // changed one (a stopped name server would otherwise keep their registrations).
+                let hash = format!("{}|{}", g.config_hash, self.namesrv);
+                let fresh = self.hashes.get(&key) != Some(&hash);
                 if fresh {
                     std::fs::write(&conf_path, &conf).map_err(|source| LocalError::Io {
                         path: conf_path.clone(),
@@ -344,7 +346,7 @@ impl LocalCluster {
                         }
                     }
                 }
-                self.hashes.insert(key, g.config_hash.clone());
+                self.hashes.insert(key, hash);
             }
         }
         // Members no longer planned: slaves of kept groups just stop; whole groups drain first.
@@ -389,6 +391,8 @@ impl LocalCluster {
                         "group is read-only; waiting for consumers before stopping it"
                     );
                     self.draining.insert(group.to_string(), Instant::now());
+                    // A group on its way out takes no topics.
+                    self.unshared.remove(group);
                 }
                 Err(e) => {
                     tracing::warn!(group, error = %e, "cannot make the group read-only yet");
@@ -688,6 +692,10 @@ mod tests {
         cluster.apply(&plan_file(&smaller).unwrap()).await.unwrap();
         assert_eq!(name_servers(&cluster), vec!["t-nameserver-0".to_string()]);
         assert_eq!(cluster.namesrv_addr(), "127.0.0.1:19000");
+        // The broker was restarted with a config naming only the remaining name server.
+        let conf =
+            std::fs::read_to_string(opts.data_dir.join("conf").join("t-broker-0-0.conf")).unwrap();
+        assert!(conf.contains("namesrvAddr=127.0.0.1:19000\n"), "{conf}");
         cluster.stop().await;
     }
 }

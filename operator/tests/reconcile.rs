@@ -224,8 +224,22 @@ async fn ready_members_make_the_cluster_ready() {
     let h = harness(sync_double_write());
     h.reconcile().await;
     h.mark_ready();
-    let writes = h.reconcile().await;
-    assert_eq!(writes, vec!["PATCH brokerclusters/demo/status".to_string()]);
+    let mut writes = h.reconcile().await;
+    writes.sort();
+    assert_eq!(
+        writes,
+        vec![
+            "PATCH brokerclusters/demo/status".to_string(),
+            // Each group, once ready, has been given the cluster's topics.
+            "PATCH statefulsets/demo-broker-0".to_string(),
+            "PATCH statefulsets/demo-broker-1".to_string(),
+        ]
+    );
+    assert_eq!(
+        h.reconcile().await,
+        Vec::<String>::new(),
+        "then nothing to do"
+    );
     assert_eq!(
         h.condition("Ready"),
         ("True".into(), "AllMembersReady".into())
@@ -466,7 +480,20 @@ async fn ready_groups_are_given_the_clusters_topics_and_failures_retry_soon() {
         h.api.take_writes().iter().any(|w| w.contains("events/")),
         "created topics are reported as an event"
     );
-    // A new group whose master cannot take topics yet keeps the cluster on the short requeue.
+    // Groups are asked once: their StatefulSets now say so.
+    assert_eq!(run().await, Action::requeue(Duration::from_secs(300)));
+    assert_eq!(h.drain.shared.lock().unwrap().len(), 2);
+    // A new group whose master cannot take topics yet keeps the cluster on the short requeue,
+    // and is asked again.
     h.drain.share_fails.store(true, Ordering::Relaxed);
+    h.edit_spec(json!({"masters": 3}));
+    run().await;
+    h.mark_ready();
     assert_eq!(run().await, Action::requeue(Duration::from_secs(10)));
+    assert_eq!(run().await, Action::requeue(Duration::from_secs(10)));
+    let asked = h.drain.shared.lock().unwrap().clone();
+    assert_eq!(
+        asked[2..],
+        ["demo-broker-2".to_string(), "demo-broker-2".to_string()]
+    );
 }

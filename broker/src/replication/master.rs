@@ -71,23 +71,19 @@ impl ReplicationMaster {
     }
 
     fn update(&self, id: u64, acked: u64) {
-        let max = {
-            let mut s = self.slaves_lock();
-            if let Some(st) = s.get_mut(&id) {
-                st.acked = acked;
-            }
-            s.values().map(|v| v.acked).max().unwrap_or(0)
-        };
-        self.set_acked(max);
+        // The best offset is published under the slaves lock, so two slaves' updates cannot
+        // publish out of order (and move it backwards).
+        let mut s = self.slaves_lock();
+        if let Some(st) = s.get_mut(&id) {
+            st.acked = acked;
+        }
+        self.set_acked(s.values().map(|v| v.acked).max().unwrap_or(0));
     }
 
     fn remove(&self, id: u64) {
-        let max = {
-            let mut s = self.slaves_lock();
-            s.remove(&id);
-            s.values().map(|v| v.acked).max().unwrap_or(0)
-        };
-        self.set_acked(max);
+        let mut s = self.slaves_lock();
+        s.remove(&id);
+        self.set_acked(s.values().map(|v| v.acked).max().unwrap_or(0));
     }
 
     /// Records the best acknowledged offset and releases the sends it covers.
@@ -128,14 +124,13 @@ impl ReplicationMaster {
             w.pending.insert(key, tx);
             key
         };
+        // Forgets the registration however this wait ends (timeout, or the send's connection
+        // going away), so abandoned waits do not pile up while no slave acknowledges.
+        let _forget = ForgetWait(self, key);
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(SyncWaitError::NoSlave),
-            Err(_) => {
-                let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-                w.pending.remove(&key);
-                Err(SyncWaitError::Timeout(timeout))
-            }
+            Err(_) => Err(SyncWaitError::Timeout(timeout)),
         }
     }
 }
@@ -334,6 +329,16 @@ async fn stream(
     }
 }
 
+/// Removes a send's registration from the waiters when its wait ends.
+struct ForgetWait<'a>(&'a ReplicationMaster, (u64, u64));
+
+impl Drop for ForgetWait<'_> {
+    fn drop(&mut self) {
+        let mut w = self.0.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        w.pending.remove(&self.1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,10 +399,18 @@ mod tests {
             m.wait(100, 2 << 20, short).await,
             Err(SyncWaitError::NoSlave)
         ));
+        // A wait dropped before it ends (its connection closed) is forgotten too.
+        let abandoned = tokio::time::timeout(Duration::from_millis(5), m.wait(100, 100, long()));
+        assert!(abandoned.await.is_err());
+        assert!(m.waiters.lock().unwrap().pending.is_empty());
         m.remove(id);
         assert!(matches!(
             m.wait(100, 100, short).await,
             Err(SyncWaitError::NoSlave)
         ));
+    }
+
+    fn long() -> Duration {
+        Duration::from_secs(30)
     }
 }

@@ -504,6 +504,17 @@ impl MessageStore {
 
     /// Writes queued grouped sends until none are left, then gives up the leader role.
     fn drain_group(&self) {
+        // Should writing panic, the role is given up anyway: the sends taken fail (their
+        // result senders drop) and the next send leads a new group instead of waiting forever.
+        struct Release<'a>(&'a MessageStore);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    lock(&self.0.group).leading = false;
+                }
+            }
+        }
+        let _release = Release(self);
         loop {
             let sends = {
                 let mut g = lock(&self.group);
