@@ -8,6 +8,7 @@ use futures::future::BoxFuture;
 use std::collections::BTreeMap;
 
 use broker::client::Client;
+use broker::remoting::body::ClusterInfo;
 use broker::store::topics::{is_system_topic, TopicConfig};
 
 use crate::controller::{GroupAdmin, GroupRef};
@@ -18,6 +19,11 @@ pub struct BrokerAdmin;
 
 async fn master_of(client: &Client, g: &GroupRef) -> Result<String, String> {
     let info = client.cluster_info().await.map_err(|e| e.to_string())?;
+    master_in(&info, g)
+}
+
+/// The group's master address in cluster info already fetched.
+fn master_in(info: &ClusterInfo, g: &GroupRef) -> Result<String, String> {
     info.broker_addr_table
         .get(&g.group)
         .and_then(|b| b.master_addr().map(String::from))
@@ -64,7 +70,7 @@ impl GroupAdmin for BrokerAdmin {
         Box::pin(async move {
             let client = Client::new(broker::config::split_namesrv(&g.namesrv_addr));
             let info = client.cluster_info().await.map_err(|e| e.to_string())?;
-            let master = master_of(&client, g).await?;
+            let master = master_in(&info, g)?;
             let held = client
                 .broker_topics(&master)
                 .await

@@ -399,6 +399,12 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         .list(&ListParams::default().labels(&selector))
         .await?;
     let wanted: HashSet<String> = plan.groups.iter().map(|g| g.name.clone()).collect();
+    let group_ref = |group: &str| GroupRef {
+        cluster: name.clone(),
+        namespace: ns.clone(),
+        group: group.to_string(),
+        namesrv_addr: plan.namesrv_addr.clone(),
+    };
 
     // Scale-in: groups no longer planned are drained (read-only, consumers caught up) before
     // their objects go.
@@ -419,12 +425,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         {
             continue;
         }
-        let gref = GroupRef {
-            cluster: name.clone(),
-            namespace: ns.clone(),
-            group: group.clone(),
-            namesrv_addr: plan.namesrv_addr.clone(),
-        };
+        let gref = group_ref(&group);
         let started = sts.annotations().get(ANNOTATION_DRAIN_STARTED).cloned();
         if started.is_none() {
             ctx.admin
@@ -589,12 +590,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         .iter()
         .filter(|g| ready_of(&g.name) > 0 && !shared(&g.name))
     {
-        let gref = GroupRef {
-            cluster: name.clone(),
-            namespace: ns.clone(),
-            group: g.name.clone(),
-            namesrv_addr: plan.namesrv_addr.clone(),
-        };
+        let gref = group_ref(&g.name);
         match ctx.admin.share_topics(&gref).await {
             Ok(created) => {
                 let mark = serde_json::json!({"metadata": {"annotations": {ANNOTATION_TOPICS_SHARED: "true"}}});

@@ -377,12 +377,7 @@ impl LocalCluster {
     }
 
     async fn drain_group(&mut self, plan: &ClusterPlan, group: &str) {
-        let gref = GroupRef {
-            cluster: plan.cluster.clone(),
-            namespace: "local".into(),
-            group: group.to_string(),
-            namesrv_addr: self.namesrv.clone(),
-        };
+        let gref = self.group_ref(plan, group);
         if !self.draining.contains_key(group) {
             match self.admin.make_read_only(&gref).await {
                 Ok(()) => {
@@ -423,17 +418,22 @@ impl LocalCluster {
         }
     }
 
+    /// How the admin actions name one of this runtime's groups.
+    fn group_ref(&self, plan: &ClusterPlan, group: &str) -> GroupRef {
+        GroupRef {
+            cluster: plan.cluster.clone(),
+            namespace: "local".into(),
+            group: group.to_string(),
+            namesrv_addr: self.namesrv.clone(),
+        }
+    }
+
     /// Gives newly started groups the topics the rest of the cluster serves (what
     /// `mqadmin updateTopic -c` would do), once their masters have registered.
     pub async fn share_topics(&mut self, plan: &ClusterPlan) {
         let pending: Vec<String> = self.unshared.keys().cloned().collect();
         for group in pending {
-            let gref = GroupRef {
-                cluster: plan.cluster.clone(),
-                namespace: "local".into(),
-                group: group.clone(),
-                namesrv_addr: self.namesrv.clone(),
-            };
+            let gref = self.group_ref(plan, &group);
             match self.admin.share_topics(&gref).await {
                 Ok(created) => {
                     if !created.is_empty() {
@@ -453,11 +453,6 @@ impl LocalCluster {
                 }
             }
         }
-    }
-
-    /// Groups still waiting for the cluster's topics.
-    pub fn unshared(&self) -> Vec<String> {
-        self.unshared.keys().cloned().collect()
     }
 
     /// Restarts crashed processes.
@@ -555,9 +550,7 @@ pub async fn run(
                 eprintln!("applying {}: {e}", opts.file.display());
             }
         }
-        if !cluster.unshared().is_empty() {
-            cluster.share_topics(&plan).await;
-        }
+        cluster.share_topics(&plan).await; // nothing to do once every new group has them
     }
     println!("stopping...");
     cluster.stop().await;

@@ -23,7 +23,7 @@ use super::{FrameCodec, RemotingCommand, RemotingError, ResponseCode};
 
 /// Requests a connection may have in flight before the server stops reading from it.
 const MAX_IN_FLIGHT_PER_CONNECTION: usize = 4096;
-/// Responses queued for a connection's writer.
+/// Commands other tasks may queue for a connection (pushes to the client).
 const WRITE_QUEUE: usize = 1024;
 
 /// Encoded answers a connection may hold unwritten before it stops reading requests.
@@ -38,8 +38,8 @@ const STALL: Duration = Duration::from_millis(1);
 /// How long a connection whose client stopped sending still runs and answers its requests.
 const CLOSE_GRACE: Duration = Duration::from_secs(30);
 
-/// Initial read buffer per connection: a dozen 1 KiB frames per read system call (8 KiB took
-/// one call per five sends under load), without reserving much for idle connections.
+/// Read buffer per connection: dozens of 1 KiB frames per read system call (the default
+/// 8 KiB took one call per five sends under load).
 const READ_BUFFER: usize = 64 * 1024;
 
 /// What a request processor knows about the connection a request came on.
@@ -222,15 +222,15 @@ async fn serve_connection<P: Processor>(
                 continue;
             }
         };
-        if answer.is_none() {
-            // A oneway request finished: no answer will be written for the frame it came in.
-            read_since_write = read_since_write.saturating_sub(1);
-        }
-        if let Some(cmd) = answer {
-            if let Err(e) = codec.encode(cmd, &mut out) {
-                tracing::warn!(peer = %addr, error = %e, "cannot encode an answer; closing");
-                break;
+        match answer {
+            Some(cmd) => {
+                if let Err(e) = codec.encode(cmd, &mut out) {
+                    tracing::warn!(peer = %addr, error = %e, "cannot encode an answer; closing");
+                    break;
+                }
             }
+            // A oneway request finished: no answer will be written for the frame it came in.
+            None => read_since_write = read_since_write.saturating_sub(1),
         }
     }
     // Requests still running are dropped with the connection: their answers have nowhere to
@@ -520,6 +520,20 @@ mod tests {
         (addr, stop)
     }
 
+    /// A raw client connection: frames out, frames in.
+    async fn client(
+        addr: SocketAddr,
+    ) -> (
+        FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec>,
+        FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    ) {
+        let (rd, wr) = TcpStream::connect(addr).await.unwrap().into_split();
+        (
+            FramedWrite::new(wr, FrameCodec::default()),
+            FramedRead::new(rd, FrameCodec::default()),
+        )
+    }
+
     fn request(code: i32, opaque: i32, oneway: bool) -> RemotingCommand {
         let mut r = RemotingCommand::request(code, crate::remoting::ExtFields::default());
         r.opaque = opaque;
@@ -532,9 +546,7 @@ mod tests {
     #[tokio::test]
     async fn oneway_floods_panics_and_half_closes_still_get_answers() {
         let (addr, stop) = server().await;
-        let (rd, wr) = TcpStream::connect(addr).await.unwrap().into_split();
-        let mut w = FramedWrite::new(wr, FrameCodec::default());
-        let mut r = FramedRead::new(rd, FrameCodec::default());
+        let (mut w, mut r) = client(addr).await;
         // Far more oneway requests than the frames read between two writes, a request whose
         // handler panics, then a normal request, then the client stops sending.
         for i in 0..(4 * READS_PER_WRITE as i32) {
@@ -560,9 +572,7 @@ mod tests {
     #[tokio::test]
     async fn requests_behind_many_waiting_pulls_are_answered() {
         let (addr, stop) = server().await;
-        let (rd, wr) = TcpStream::connect(addr).await.unwrap().into_split();
-        let mut w = FramedWrite::new(wr, FrameCodec::default());
-        let mut r = FramedRead::new(rd, FrameCodec::default());
+        let (mut w, mut r) = client(addr).await;
         for i in 0..(2 * READS_PER_WRITE as i32) {
             w.feed(request(20, i, false)).await.unwrap();
         }

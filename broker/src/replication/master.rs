@@ -65,6 +65,10 @@ impl ReplicationMaster {
         self.slaves.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn waiters_lock(&self) -> std::sync::MutexGuard<'_, SyncWaiters> {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Connected slaves.
     pub fn slaves(&self) -> Vec<SlaveStatus> {
         self.slaves_lock().values().cloned().collect()
@@ -88,7 +92,7 @@ impl ReplicationMaster {
 
     /// Records the best acknowledged offset and releases the sends it covers.
     fn set_acked(&self, max: u64) {
-        let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.waiters_lock();
         w.acked = max;
         while let Some(entry) = w.pending.first_entry() {
             if entry.key().0 > max {
@@ -115,7 +119,7 @@ impl ReplicationMaster {
         }
         let (tx, rx) = oneshot::channel();
         let key = {
-            let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            let mut w = self.waiters_lock();
             if w.acked >= end {
                 return Ok(());
             }
@@ -334,7 +338,7 @@ struct ForgetWait<'a>(&'a ReplicationMaster, (u64, u64));
 
 impl Drop for ForgetWait<'_> {
     fn drop(&mut self) {
-        let mut w = self.0.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.0.waiters_lock();
         w.pending.remove(&self.1);
     }
 }

@@ -1,9 +1,9 @@
 //! SEND_MESSAGE, SEND_MESSAGE_V2, SEND_BATCH_MESSAGE and CONSUMER_SEND_MSG_BACK.
 
-use crate::remoting::connection::Peer;
 use std::net::SocketAddr;
 
 use crate::config::BrokerRole;
+use crate::remoting::connection::Peer;
 use crate::remoting::header::{
     ConsumerSendMsgBackRequestHeader, SendMessageRequestHeader, SendMessageResponseHeader,
 };
