@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use broker::client::{Client, Message, Producer, PullConsumer, PullSpec};
-use broker::remoting::header::{send_v1_to_v2, SendMessageRequestHeader};
+use broker::remoting::header::SendMessageRequestHeader;
 use broker::remoting::{RemotingCommand, RequestCode, ResponseCode};
 use broker::store::topics::TopicConfig;
 use bytes::Bytes;
@@ -311,11 +311,8 @@ async fn slave_refuses_writes_serves_reads_and_gets_offsets_from_its_master() ->
         queue_id: Some(0),
         ..Default::default()
     };
-    let req = RemotingCommand::request(
-        RequestCode::SendMessageV2.code(),
-        send_v1_to_v2(&h.to_ext()),
-    )
-    .with_body(Bytes::from_static(b"nope"));
+    let req = RemotingCommand::request(RequestCode::SendMessageV2.code(), h.to_v2())
+        .with_body(Bytes::from_static(b"nope"));
     let resp = client.call(&slave.addr, req).await?;
     assert_eq!(
         resp.code,
@@ -418,11 +415,7 @@ async fn sync_master_answers_slave_not_available_and_flush_slave_timeout() -> Re
             queue_id: Some(0),
             ..Default::default()
         };
-        RemotingCommand::request(
-            RequestCode::SendMessageV2.code(),
-            send_v1_to_v2(&h.to_ext()),
-        )
-        .with_body(body(seq))
+        RemotingCommand::request(RequestCode::SendMessageV2.code(), h.to_v2()).with_body(body(seq))
     };
     // No slave: stored, answered SLAVE_NOT_AVAILABLE (with the message id, as RocketMQ does).
     let resp = client.call(&master.addr, send(0)).await?;

@@ -1,13 +1,12 @@
 //! `RemotingCommand`: the unit every request and response travels as, and its two header
 //! serializations (JSON and the compact ROCKETMQ binary form).
 
-use std::collections::HashMap;
-
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::code::ResponseCode;
+use super::ext::{ExtFields, ExtFieldsSeed};
 use super::RemotingError;
 
 /// Flag bit set on responses.
@@ -66,10 +65,6 @@ pub fn language_name(code: u8) -> &'static str {
         .copied()
         .unwrap_or(LANGUAGES[LANGUAGE_OTHER as usize])
 }
-
-/// Header fields of a command: the typed request/response headers flattened to strings.
-/// Hashed with foldhash (randomly seeded): SipHash was a tenth of the broker's send path.
-pub type ExtFields = HashMap<String, String, foldhash::fast::RandomState>;
 
 /// One request or response of the remoting protocol.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -133,8 +128,8 @@ impl RemotingCommand {
     }
 
     /// Builder-style: add a header field.
-    pub fn with_ext(mut self, key: &str, value: impl ToString) -> Self {
-        self.ext_fields.insert(key.to_string(), value.to_string());
+    pub fn with_ext(mut self, key: &str, value: impl std::fmt::Display) -> Self {
+        self.ext_fields.insert_display(key, value);
         self
     }
 
@@ -203,23 +198,63 @@ impl RemotingCommand {
 /// Version ferromq reports in its requests (RocketMQ V4_9_4's ordinal).
 pub const PROTOCOL_VERSION: i32 = 399;
 
+/// Keys of a JSON header; anything else (`serializeTypeCurrentRPC`, future fields) is skipped.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct JsonHeaderIn {
-    #[serde(default, deserialize_with = "lenient_i32")]
-    code: i32,
-    #[serde(default, deserialize_with = "lenient_language")]
-    language: u8,
-    #[serde(default, deserialize_with = "lenient_i32")]
-    version: i32,
-    #[serde(default, deserialize_with = "lenient_i32")]
-    opaque: i32,
-    #[serde(default, deserialize_with = "lenient_i32")]
-    flag: i32,
-    #[serde(default, deserialize_with = "lenient_opt_string")]
-    remark: Option<String>,
-    #[serde(default, deserialize_with = "lenient_ext")]
-    ext_fields: ExtFields,
+#[serde(field_identifier, rename_all = "camelCase")]
+enum JsonField {
+    Code,
+    Language,
+    Version,
+    Opaque,
+    Flag,
+    Remark,
+    ExtFields,
+    #[serde(other)]
+    Other,
+}
+
+/// Reads a JSON header object into a command; `text_hint` sizes the extFields buffer.
+struct JsonHeaderSeed {
+    text_hint: usize,
+}
+
+impl<'de> de::DeserializeSeed<'de> for JsonHeaderSeed {
+    type Value = RemotingCommand;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<RemotingCommand, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for JsonHeaderSeed {
+    type Value = RemotingCommand;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a remoting command header object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RemotingCommand, A::Error> {
+        let mut cmd = RemotingCommand::default();
+        while let Some(field) = map.next_key::<JsonField>()? {
+            match field {
+                JsonField::Code => cmd.code = lenient_i32::<A::Error>(map.next_value()?)?,
+                JsonField::Language => cmd.language = lenient_language(map.next_value()?),
+                JsonField::Version => cmd.version = lenient_i32::<A::Error>(map.next_value()?)?,
+                JsonField::Opaque => cmd.opaque = lenient_i32::<A::Error>(map.next_value()?)?,
+                JsonField::Flag => cmd.flag = lenient_i32::<A::Error>(map.next_value()?)?,
+                JsonField::Remark => cmd.remark = map.next_value::<Scalar>()?.into_string(),
+                JsonField::ExtFields => {
+                    cmd.ext_fields = map.next_value_seed(ExtFieldsSeed {
+                        text_hint: self.text_hint,
+                    })?
+                }
+                JsonField::Other => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(cmd)
+    }
 }
 
 #[derive(Serialize)]
@@ -232,23 +267,22 @@ struct JsonHeaderOut<'a> {
     flag: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
     remark: Option<&'a str>,
-    #[serde(skip_serializing_if = "HashMap::is_empty")]
+    #[serde(skip_serializing_if = "ExtFields::is_empty")]
     ext_fields: &'a ExtFields,
     serialize_type_current_r_p_c: &'static str,
 }
 
 fn decode_json_header(header: &[u8]) -> Result<RemotingCommand, RemotingError> {
-    let h: JsonHeaderIn = serde_json::from_slice(header).map_err(RemotingError::Json)?;
-    Ok(RemotingCommand {
-        code: h.code,
-        language: h.language,
-        version: h.version,
-        opaque: h.opaque,
-        flag: h.flag,
-        remark: h.remark,
-        ext_fields: h.ext_fields,
-        ..Default::default()
-    })
+    let mut d = serde_json::Deserializer::from_slice(header);
+    let cmd = de::DeserializeSeed::deserialize(
+        JsonHeaderSeed {
+            text_hint: header.len(),
+        },
+        &mut d,
+    )
+    .and_then(|cmd| d.end().map(|()| cmd))
+    .map_err(RemotingError::Json)?;
+    Ok(cmd)
 }
 
 fn encode_json_header(cmd: &RemotingCommand, dst: &mut BytesMut) {
@@ -305,15 +339,17 @@ fn decode_binary_header(mut h: Bytes) -> Result<RemotingCommand, RemotingError> 
     };
     let ext_len = take_len(&mut h, "ext fields length")?;
     let mut ext = take(&mut h, ext_len, "ext fields")?;
-    let mut ext_fields = ExtFields::default();
+    let mut ext_fields = ExtFields::with_capacity(16, ext_len);
     while ext.has_remaining() {
         if ext.remaining() < 2 {
             return Err(RemotingError::Truncated("ext key length"));
         }
         let klen = ext.get_u16() as usize;
-        let key = utf8(take(&mut ext, klen, "ext key")?, "ext key")?;
+        let key = take(&mut ext, klen, "ext key")?;
+        let key = std::str::from_utf8(&key).map_err(|_| RemotingError::NotUtf8("ext key"))?;
         let vlen = take_len(&mut ext, "ext value length")?;
-        let val = utf8(take(&mut ext, vlen, "ext value")?, "ext value")?;
+        let val = take(&mut ext, vlen, "ext value")?;
+        let val = std::str::from_utf8(&val).map_err(|_| RemotingError::NotUtf8("ext value"))?;
         ext_fields.insert(key, val);
     }
     Ok(RemotingCommand {
@@ -347,7 +383,7 @@ fn encode_binary_header(cmd: &RemotingCommand, dst: &mut BytesMut) {
         .map(|(k, v)| 2 + k.len() + 4 + v.len())
         .sum();
     dst.put_i32(ext_len as i32);
-    for (k, v) in &cmd.ext_fields {
+    for (k, v) in cmd.ext_fields.iter() {
         dst.put_u16(k.len() as u16);
         dst.put_slice(k.as_bytes());
         dst.put_i32(v.len() as i32);
@@ -415,53 +451,19 @@ impl Scalar {
     }
 }
 
-fn lenient_i32<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
-    match Scalar::deserialize(d)? {
-        Scalar::Int(i) => i32::try_from(i).map_err(de::Error::custom),
-        Scalar::Str(s) => s.trim().parse().map_err(de::Error::custom),
+fn lenient_i32<E: de::Error>(v: Scalar) -> Result<i32, E> {
+    match v {
+        Scalar::Int(i) => i32::try_from(i).map_err(E::custom),
+        Scalar::Str(s) => s.trim().parse().map_err(E::custom),
         Scalar::Null => Ok(0),
-        _ => Err(de::Error::custom("expected an integer")),
+        _ => Err(E::custom("expected an integer")),
     }
 }
 
-fn lenient_language<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
-    match Scalar::deserialize(d)? {
-        Scalar::Str(s) => Ok(s.parse::<u8>().unwrap_or_else(|_| language_from_name(&s))),
-        Scalar::Int(i) => Ok(u8::try_from(i).unwrap_or(LANGUAGE_OTHER)),
-        _ => Ok(LANGUAGE_OTHER),
+fn lenient_language(v: Scalar) -> u8 {
+    match v {
+        Scalar::Str(s) => s.parse::<u8>().unwrap_or_else(|_| language_from_name(&s)),
+        Scalar::Int(i) => u8::try_from(i).unwrap_or(LANGUAGE_OTHER),
+        _ => LANGUAGE_OTHER,
     }
-}
-
-fn lenient_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(Scalar::deserialize(d)?.into_string())
-}
-
-fn lenient_ext<'de, D: Deserializer<'de>>(d: D) -> Result<ExtFields, D::Error> {
-    struct ExtVisitor;
-    impl<'de> Visitor<'de> for ExtVisitor {
-        type Value = ExtFields;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("an object of header fields or null")
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<ExtFields, E> {
-            Ok(ExtFields::default())
-        }
-        fn visit_none<E: de::Error>(self) -> Result<ExtFields, E> {
-            Ok(ExtFields::default())
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ExtFields, A::Error> {
-            // Send headers carry about 15 fields: size for them up front.
-            let mut out = ExtFields::with_capacity_and_hasher(
-                map.size_hint().unwrap_or(16),
-                Default::default(),
-            );
-            while let Some((k, v)) = map.next_entry::<String, Scalar>()? {
-                if let Some(v) = v.into_string() {
-                    out.insert(k, v);
-                }
-            }
-            Ok(out)
-        }
-    }
-    d.deserialize_any(ExtVisitor)
 }

@@ -562,7 +562,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(answer.opaque, 1_001, "only the healthy request is answered");
-        assert_eq!(answer.ext_fields["code"], "11");
+        assert_eq!(answer.ext_fields.get("code"), Some("11"));
         // Then the server closes its side: nothing else was pending.
         let end = tokio::time::timeout(Duration::from_secs(10), r.next()).await;
         assert!(matches!(end, Ok(None)), "{end:?}");

@@ -43,17 +43,19 @@ fn parse_num<T: std::str::FromStr>(
     let v = ext.get(key).ok_or(HeaderError::Missing(key))?;
     v.trim().parse().map_err(|_| HeaderError::Invalid {
         key,
-        value: v.clone(),
+        value: v.to_string(),
         expected,
     })
 }
 
 impl ExtValue for String {
     fn read(ext: &ExtFields, key: &'static str) -> Result<Self, HeaderError> {
-        ext.get(key).cloned().ok_or(HeaderError::Missing(key))
+        ext.get(key)
+            .map(str::to_string)
+            .ok_or(HeaderError::Missing(key))
     }
     fn write(&self, ext: &mut ExtFields, key: &'static str) {
-        ext.insert(key.to_string(), self.clone());
+        ext.insert(key, self);
     }
     fn empty_is_absent() -> bool {
         false
@@ -67,7 +69,7 @@ macro_rules! num_ext_value {
                 parse_num(ext, key, $name)
             }
             fn write(&self, ext: &mut ExtFields, key: &'static str) {
-                ext.insert(key.to_string(), self.to_string());
+                ext.insert_display(key, self);
             }
         }
     )*};
@@ -77,19 +79,19 @@ num_ext_value!(i32 => "32-bit integer", i64 => "64-bit integer");
 impl ExtValue for bool {
     /// A missing boolean is false, as in Java.
     fn read(ext: &ExtFields, key: &'static str) -> Result<Self, HeaderError> {
-        match ext.get(key).map(|v| v.trim().to_ascii_lowercase()) {
+        match ext.get(key).map(str::trim) {
             None => Ok(false),
-            Some(v) if v == "true" || v == "1" => Ok(true),
-            Some(v) if v == "false" || v == "0" || v.is_empty() => Ok(false),
+            Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => Ok(true),
+            Some(v) if v.eq_ignore_ascii_case("false") || v == "0" || v.is_empty() => Ok(false),
             Some(v) => Err(HeaderError::Invalid {
                 key,
-                value: v,
+                value: v.to_string(),
                 expected: "boolean",
             }),
         }
     }
     fn write(&self, ext: &mut ExtFields, key: &'static str) {
-        ext.insert(key.to_string(), self.to_string());
+        ext.insert_display(key, self);
     }
 }
 
@@ -137,7 +139,7 @@ macro_rules! ext_header {
 
             /// Flattens the header under the wire's key names (see `from_ext_keyed`).
             pub fn to_ext_keyed(&self, key_of: impl Fn(&'static str) -> &'static str) -> ExtFields {
-                let mut ext = ExtFields::with_capacity_and_hasher(16, Default::default());
+                let mut ext = ExtFields::with_capacity(16, 256);
                 $( ExtValue::write(&self.$f, &mut ext, key_of($key)); )*
                 ext
             }
@@ -146,7 +148,7 @@ macro_rules! ext_header {
 }
 
 ext_header! {
-    /// SEND_MESSAGE / SEND_BATCH_MESSAGE request (long keys; V2 is translated by [`send_v2_to_v1`]).
+    /// SEND_MESSAGE / SEND_BATCH_MESSAGE request (long keys; V2 is read by [`SendMessageRequestHeader::from_v2`]).
     pub struct SendMessageRequestHeader {
         /// Producer group of the sender.
         pub producer_group: String => "producerGroup",
@@ -215,32 +217,6 @@ impl SendMessageRequestHeader {
     pub fn to_v2(&self) -> ExtFields {
         self.to_ext_keyed(send_v2_key)
     }
-}
-
-/// Rewrites SEND_MESSAGE_V2's one-letter keys to SEND_MESSAGE's long keys.
-pub fn send_v2_to_v1(ext: &ExtFields) -> ExtFields {
-    let mut out = ExtFields::with_capacity_and_hasher(ext.len(), Default::default());
-    for (k, v) in ext {
-        let long = SEND_V2_KEYS
-            .iter()
-            .find(|(short, _)| short == k)
-            .map_or(k.as_str(), |(_, long)| long);
-        out.insert(long.to_string(), v.clone());
-    }
-    out
-}
-
-/// Rewrites SEND_MESSAGE's long keys to SEND_MESSAGE_V2's one-letter keys.
-pub fn send_v1_to_v2(ext: &ExtFields) -> ExtFields {
-    let mut out = ExtFields::with_capacity_and_hasher(ext.len(), Default::default());
-    for (k, v) in ext {
-        let short = SEND_V2_KEYS
-            .iter()
-            .find(|(_, long)| long == k)
-            .map_or(k.as_str(), |(short, _)| short);
-        out.insert(short.to_string(), v.clone());
-    }
-    out
 }
 
 ext_header! {
@@ -527,19 +503,23 @@ mod tests {
             ("k", "false"),
             ("m", "1"),
         ]);
-        let h = SendMessageRequestHeader::from_ext(&send_v2_to_v1(&v2)).unwrap();
+        let h = SendMessageRequestHeader::from_v2(&v2).unwrap();
         assert_eq!(h.producer_group, "pg");
         assert_eq!(h.topic, "T");
         assert_eq!(h.queue_id, Some(3));
         assert!(h.batch);
-        assert_eq!(
-            send_v1_to_v2(&h.to_ext()).get("b").map(String::as_str),
-            Some("T")
-        );
-        // Reading the short keys in place gives the same header, and writing them back
-        // gives the same map as renaming.
-        assert_eq!(SendMessageRequestHeader::from_v2(&v2).unwrap(), h);
-        assert_eq!(h.to_v2(), send_v1_to_v2(&h.to_ext()));
+        // Writing the short keys back gives one-letter keys only, and the long form reads the same.
+        let back = h.to_v2();
+        assert_eq!(back.get("b"), Some("T"));
+        assert!(back.iter().all(|(k, _)| k.len() == 1));
+        let long: ExtFields = back
+            .iter()
+            .map(|(k, v)| {
+                let long = SEND_V2_KEYS.iter().find(|(s, _)| *s == k).map(|(_, l)| *l);
+                (long.unwrap_or(k), v)
+            })
+            .collect();
+        assert_eq!(SendMessageRequestHeader::from_ext(&long).unwrap(), h);
         assert!(matches!(
             SendMessageRequestHeader::from_v2(&ext(&[("a", "pg")])),
             Err(HeaderError::Missing("b"))

@@ -7,6 +7,7 @@ pub mod body;
 pub mod code;
 pub mod command;
 pub mod connection;
+pub mod ext;
 pub mod frame;
 pub mod header;
 
@@ -14,7 +15,8 @@ pub mod header;
 mod tests;
 
 pub use code::{RequestCode, ResponseCode};
-pub use command::{ExtFields, RemotingCommand, SerializeType};
+pub use command::{RemotingCommand, SerializeType};
+pub use ext::ExtFields;
 pub use frame::FrameCodec;
 
 /// Why bytes from the network could not become a command.

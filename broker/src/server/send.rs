@@ -272,9 +272,8 @@ impl Broker {
             transaction_id: None,
         }
         .to_ext();
-        resp.ext_fields
-            .insert("MSG_REGION".into(), "DefaultRegion".into());
-        resp.ext_fields.insert("TRACE_ON".into(), "true".into());
+        resp.ext_fields.insert("MSG_REGION", "DefaultRegion");
+        resp.ext_fields.insert("TRACE_ON", "true");
         resp
     }
 
