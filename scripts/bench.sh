@@ -144,6 +144,7 @@ common() {
   local t=$1
   run "$t" "sync send, 1 producer" -t S1 -p 1 -d "$SECS"
   run "$t" "sync send, 64 producers" -t S64 -p 64 -d "$SECS"
+  run "$t" "sync send, 64 producers, binary headers" -t S64 -p 64 -d "$SECS" --headers rocketmq
   run "$t" "async send, 16x16 in flight" -t A16 -p 16 -m async --inflight 16 -d "$SECS"
   run "$t" "batch send, 16 x 32" -t B16 -p 16 -m batch --batch 32 -d "$SECS"
   run "$t" "batch 1M, then consume" -t Backlog -p 8 -m batch --batch 64 -c "$BACKLOG" --consume

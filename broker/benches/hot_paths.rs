@@ -73,6 +73,18 @@ fn frames(c: &mut Criterion) {
                 BatchSize::SmallInput,
             )
         });
+        // What the broker does with each send: the frame, then its typed header.
+        g.bench_function(format!("decode_send_header_{name}"), |b| {
+            let mut codec = FrameCodec::default();
+            b.iter_batched(
+                || encoded.clone(),
+                |mut src| {
+                    let cmd = codec.decode(&mut src).ok().flatten();
+                    black_box(cmd.map(|c| SendMessageRequestHeader::from_v2(&c.ext_fields)))
+                },
+                BatchSize::SmallInput,
+            )
+        });
     }
     g.finish();
 }

@@ -70,7 +70,9 @@ static UNIQ_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A 32-hex-digit unique message id (process, time, counter).
 pub fn new_uniq_id() -> String {
-    let pid = std::process::id();
+    // getpid is a system call each time (glibc no longer caches it): read it once.
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let pid = *PID.get_or_init(std::process::id);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);

@@ -24,13 +24,29 @@ impl Span {
     }
 }
 
+/// One field: a short hash of the key (so a lookup compares bytes only on a likely match),
+/// and where its key and value sit in the buffer.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    tag: u32,
+    key: Span,
+    value: Span,
+}
+
+/// FNV-1a over the key: keys are a few bytes, so this is a handful of multiplications.
+fn tag_of(key: &str) -> u32 {
+    key.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
 /// Header fields of a command (Java's `extFields`), in arrival or insertion order.
 ///
 /// A key appears at most once: inserting an existing key replaces its value, as a map would.
 #[derive(Clone, Default)]
 pub struct ExtFields {
     text: String,
-    entries: Vec<(Span, Span)>,
+    entries: Vec<Entry>,
 }
 
 impl ExtFields {
@@ -62,15 +78,20 @@ impl ExtFields {
         &self.text[span.range()]
     }
 
-    fn position(&self, key: &str) -> Option<usize> {
+    fn position_tagged(&self, tag: u32, key: &str) -> Option<usize> {
         self.entries
             .iter()
-            .position(|(k, _)| self.str_at(*k) == key)
+            .position(|e| e.tag == tag && self.str_at(e.key) == key)
+    }
+
+    fn position(&self, key: &str) -> Option<usize> {
+        self.position_tagged(tag_of(key), key)
     }
 
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.position(key).map(|i| self.str_at(self.entries[i].1))
+        self.position(key)
+            .map(|i| self.str_at(self.entries[i].value))
     }
 
     /// Whether `key` is present.
@@ -82,7 +103,7 @@ impl ExtFields {
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
         self.entries
             .iter()
-            .map(|(k, v)| (self.str_at(*k), self.str_at(*v)))
+            .map(|e| (self.str_at(e.key), self.str_at(e.value)))
     }
 
     fn push_str(&mut self, s: &str) -> Span {
@@ -107,14 +128,11 @@ impl ExtFields {
     /// Records `key` (already in the buffer) with `value`, replacing an earlier value.
     fn set(&mut self, key: Span, value: Span) {
         let k = self.str_at(key);
-        match self
-            .entries
-            .iter()
-            .position(|(ek, _)| self.str_at(*ek) == k)
-        {
+        let tag = tag_of(k);
+        match self.position_tagged(tag, k) {
             // The key's new copy stays in the buffer unused; it goes with the command.
-            Some(i) => self.entries[i].1 = value,
-            None => self.entries.push((key, value)),
+            Some(i) => self.entries[i].value = value,
+            None => self.entries.push(Entry { tag, key, value }),
         }
     }
 
@@ -135,8 +153,8 @@ impl ExtFields {
     /// Removes `key`, returning its value.
     pub fn remove(&mut self, key: &str) -> Option<String> {
         let i = self.position(key)?;
-        let (_, v) = self.entries.remove(i);
-        Some(self.str_at(v).to_string())
+        let e = self.entries.remove(i);
+        Some(self.str_at(e.value).to_string())
     }
 }
 
