@@ -252,12 +252,26 @@ struct GroupedSend {
 /// queues, results and tag codes.
 type Staged = Vec<(usize, Vec<(Arc<ConsumeQueue>, PutResult, i64)>)>;
 
-/// Writes the queued group when dropped (the leader's duty, even if it is cancelled).
-struct GroupWriter<'a>(&'a MessageStore);
+/// Writes the queued group when dropped (the leader's duty, even if it is cancelled), unless
+/// the duty was handed to another task.
+struct GroupWriter<'a>(Option<&'a Arc<MessageStore>>);
+
+impl GroupWriter<'_> {
+    /// Hands the write to a task of its own, which another runtime worker can run while this
+    /// connection goes on decoding requests.
+    fn hand_off(mut self) {
+        if let Some(store) = self.0.take() {
+            let store = store.clone();
+            tokio::spawn(async move { store.drain_group() });
+        }
+    }
+}
 
 impl Drop for GroupWriter<'_> {
     fn drop(&mut self) {
-        self.0.drain_group();
+        if let Some(store) = self.0 {
+            store.drain_group();
+        }
     }
 }
 
@@ -481,7 +495,7 @@ impl MessageStore {
     /// contiguously, and every send returns only after its bytes are in the page cache (so a
     /// process crash loses nothing acknowledged).
     pub async fn append_grouped(
-        &self,
+        self: &Arc<Self>,
         msgs: Vec<NewMessage>,
         company: bool,
     ) -> Result<Vec<PutResult>, StoreError> {
@@ -494,9 +508,10 @@ impl MessageStore {
         if lead {
             // The group is written when this guard drops: after the yield, or at once if this
             // task is cancelled while yielding, so no follower is left waiting.
-            let _writer = GroupWriter(self);
+            let writer = GroupWriter(Some(self));
             if company {
                 tokio::task::yield_now().await;
+                writer.hand_off();
             }
         }
         result.await.unwrap_or(Err(StoreError::Shutdown))
