@@ -252,26 +252,21 @@ struct GroupedSend {
 /// queues, results and tag codes.
 type Staged = Vec<(usize, Vec<(Arc<ConsumeQueue>, PutResult, i64)>)>;
 
-/// Writes the queued group when dropped (the leader's duty, even if it is cancelled), unless
-/// the duty was handed to another task.
-struct GroupWriter<'a>(Option<&'a Arc<MessageStore>>);
+/// Writes the queued group when dropped (the leader's duty, even if it is cancelled).
+struct GroupWriter(Arc<MessageStore>);
 
-impl GroupWriter<'_> {
+impl GroupWriter {
     /// Hands the write to a task of its own, which another runtime worker can run while this
-    /// connection goes on decoding requests.
-    fn hand_off(mut self) {
-        if let Some(store) = self.0.take() {
-            let store = store.clone();
-            tokio::spawn(async move { store.drain_group() });
-        }
+    /// connection goes on decoding requests. Should that task be dropped unpolled (the runtime
+    /// shutting down), dropping it still writes the group.
+    fn hand_off(self) {
+        tokio::spawn(async move { drop(self) });
     }
 }
 
-impl Drop for GroupWriter<'_> {
+impl Drop for GroupWriter {
     fn drop(&mut self) {
-        if let Some(store) = self.0 {
-            store.drain_group();
-        }
+        self.0.drain_group();
     }
 }
 
@@ -508,7 +503,7 @@ impl MessageStore {
         if lead {
             // The group is written when this guard drops: after the yield, or at once if this
             // task is cancelled while yielding, so no follower is left waiting.
-            let writer = GroupWriter(Some(self));
+            let writer = GroupWriter(self.clone());
             if company {
                 tokio::task::yield_now().await;
                 writer.hand_off();

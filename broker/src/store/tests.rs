@@ -366,3 +366,46 @@ async fn a_cancelled_group_leader_still_writes_its_followers() {
     );
     store.shutdown();
 }
+
+#[test]
+fn a_handed_off_group_write_survives_its_runtime_going_away() {
+    use futures::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut leader = Box::pin(store.append_grouped(vec![msg("T", 0, 0, "A")], true));
+        assert!(
+            leader.as_mut().now_or_never().is_none(),
+            "the leader yields"
+        );
+        assert!(
+            leader.as_mut().now_or_never().is_none(),
+            "then hands the write to a task and waits for it"
+        );
+    });
+    // The writing task never ran: the runtime drops it.
+    drop(rt);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let r = rt
+        .block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                store.append_grouped(vec![msg("T", 0, 1, "A")], false),
+            )
+            .await
+        })
+        .expect("a later send waited for a group leader that was gone")
+        .unwrap();
+    assert_eq!(
+        r[0].queue_offset, 1,
+        "the dropped task still wrote its group"
+    );
+    store.shutdown();
+}
