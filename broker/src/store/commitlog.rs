@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::{Bytes, BytesMut};
 
@@ -15,6 +15,15 @@ use super::StoreError;
 
 /// Room always kept at a segment's end for the blank filler that closes it.
 const END_BLANK_MIN: u64 = 8;
+
+/// Page size assumed when preparing the log ahead of its end.
+const PAGE: u64 = 4096;
+
+/// Zeroes written ahead of the log's end at one time (see [`CommitLog::prepare_ahead`]).
+const PREPARE_CHUNK: usize = 256 * 1024;
+
+/// Source of the zeroes written ahead.
+static ZEROES: [u8; PREPARE_CHUNK] = [0; PREPARE_CHUNK];
 
 /// One segment file.
 #[derive(Debug)]
@@ -30,6 +39,13 @@ impl Segment {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Makes the file's data, and the block allocations it needs, durable.
+    pub fn sync_data(&self) -> Result<(), StoreError> {
+        self.file
+            .sync_data()
+            .map_err(|e| StoreError::io(&self.path, e))
+    }
 }
 
 /// The append-only log of all messages.
@@ -42,6 +58,9 @@ pub struct CommitLog {
     written: AtomicU64,
     /// End of the data known to be on disk.
     flushed: AtomicU64,
+    /// End of the zeroes written ahead of the data. Held while writing data or zeroes, so the
+    /// two never touch the same bytes at once.
+    prepared: Mutex<u64>,
 }
 
 fn segment_name(base: u64) -> String {
@@ -98,6 +117,7 @@ impl CommitLog {
             segments: RwLock::new(segments),
             written: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
+            prepared: Mutex::new(0),
         })
     }
 
@@ -181,6 +201,8 @@ impl CommitLog {
                 max: self.max_message_len(),
             });
         }
+        // Held for the filler and the data: zeroes written ahead must not land on either.
+        let _zeroes = lock(&self.prepared);
         let mut pos = self.max_offset();
         let room = self.segment_size - pos % self.segment_size;
         if len + END_BLANK_MIN > room {
@@ -224,12 +246,49 @@ impl CommitLog {
             return Ok(());
         }
         let seg = self.segment_or_create(offset)?;
+        let _zeroes = lock(&self.prepared);
         seg.file
             .write_all_at(data, offset - seg.base)
             .map_err(|e| StoreError::io(&seg.path, e))?;
         self.written
             .store(offset + data.len() as u64, Ordering::Release);
         Ok(())
+    }
+
+    /// Writes zeroes over up to 256 KiB of the log's not-yet-written part, within `ahead`
+    /// bytes of its end, in segments that already exist. Once these zeroes are synced, a flush
+    /// of later appends writes data only: the blocks are allocated and their allocation is on
+    /// disk, which halves the cost of each `fdatasync` here (ext4). `refilling` continues a run
+    /// up to `ahead`; otherwise a run starts only when less than half of `ahead` is left, so
+    /// zeroes go out in large runs. Returns the segment written, or `None` when the log is
+    /// prepared far enough.
+    pub fn prepare_ahead(
+        &self,
+        ahead: u64,
+        refilling: bool,
+    ) -> Result<Option<Arc<Segment>>, StoreError> {
+        let mut prepared = lock(&self.prepared);
+        let end = self.max_offset();
+        // Whole pages past the data only: the page holding the end has data in it.
+        let start = (*prepared).max(end).next_multiple_of(PAGE);
+        let low = if refilling { ahead } else { ahead / 2 };
+        if start >= end + low {
+            return Ok(None);
+        }
+        let Some(seg) = self.segment_for(start) else {
+            return Ok(None);
+        };
+        let stop = (start + PREPARE_CHUNK as u64)
+            .min(seg.base + self.segment_size)
+            .min(end + ahead);
+        if stop <= start {
+            return Ok(None);
+        }
+        seg.file
+            .write_all_at(&ZEROES[..(stop - start) as usize], start - seg.base)
+            .map_err(|e| StoreError::io(&seg.path, e))?;
+        *prepared = stop;
+        Ok(Some(seg))
     }
 
     /// Largest chunk starting at `offset` that stays within one segment and the written data.
@@ -501,6 +560,10 @@ pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| StoreError::io(dir, e))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {

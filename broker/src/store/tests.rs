@@ -147,7 +147,9 @@ fn clean_restart_keeps_everything_without_a_scan() {
 #[test]
 fn torn_tail_is_truncated_and_lost_queue_entries_are_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
-    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Sync)).unwrap();
+    // ASYNC_FLUSH: under SYNC_FLUSH a thread writes zeroes ahead of the log, which would
+    // fill the hole this test needs (and race with the stale bytes it writes).
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
     let results = fill(&store, 100);
     let end = store.commitlog().max_offset();
     // Simulate a crash: no clean checkpoint, a half-written message after the end, and
@@ -406,6 +408,69 @@ fn a_handed_off_group_write_survives_its_runtime_going_away() {
     assert_eq!(
         r[0].queue_offset, 1,
         "the dropped task still wrote its group"
+    );
+    store.shutdown();
+}
+
+#[test]
+fn zeroes_prepared_ahead_never_touch_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    let log = store.commitlog();
+    let first = store.append(&[msg("T", 0, 0, "A")]).unwrap();
+    let end = log.max_offset();
+    let seg_path = dir.path().join("commitlog").join(format!("{:020}", 0));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&seg_path)
+        .unwrap();
+    // Stale bytes past the end, in the range the preparation covers.
+    file.write_all_at(&[0xEE; 64], 8192).unwrap();
+    let ahead = 16 * 1024;
+    let mut runs = 0;
+    while log.prepare_ahead(ahead, runs > 0).unwrap().is_some() {
+        runs += 1;
+    }
+    assert!(runs > 0);
+    let page_end = end.next_multiple_of(4096);
+    let mut zeroes = vec![0xFFu8; (end + ahead - page_end) as usize];
+    file.read_exact_at(&mut zeroes, page_end).unwrap();
+    assert!(
+        zeroes.iter().all(|b| *b == 0),
+        "the prepared range is zeroed"
+    );
+    assert_eq!(
+        log.read_message(first[0].physical_offset)
+            .unwrap()
+            .queue_offset,
+        0,
+        "the data before it is intact"
+    );
+    // Enough headroom left: nothing to do until half of it is used.
+    assert!(log.prepare_ahead(ahead, false).unwrap().is_none());
+    let more: Vec<_> = (1..40)
+        .map(|i| store.append(&[msg("T", 0, i, "A")]).unwrap().remove(0))
+        .collect();
+    while log.prepare_ahead(ahead, false).unwrap().is_some() {}
+    for r in &more {
+        assert_eq!(
+            log.read_message(r.physical_offset).unwrap().queue_offset as u64,
+            r.queue_offset
+        );
+    }
+    // Preparation stays within existing segments: it never creates the next one.
+    let segments = std::fs::read_dir(dir.path().join("commitlog"))
+        .unwrap()
+        .count();
+    for _ in 0..8 {
+        while log.prepare_ahead(1 << 30, true).unwrap().is_some() {}
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("commitlog"))
+            .unwrap()
+            .count(),
+        segments
     );
     store.shutdown();
 }
