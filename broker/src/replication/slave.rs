@@ -132,13 +132,16 @@ async fn follow_once(
             store.replicate(start, &buf[..size])?;
         }
         // Acknowledge once what has arrived is stored: a SYNC_MASTER waits for this, and one
-        // acknowledgement covers every chunk of the same read.
+        // acknowledgement covers every chunk of the same read. Indexing comes after.
         let more_buffered = !rd.buffer().is_empty();
         if (size > 0 && !more_buffered) || last_report.elapsed() >= HEARTBEAT {
             wr.write_all(&log.max_offset().to_be_bytes())
                 .await
                 .map_err(e)?;
             last_report = Instant::now();
+        }
+        if size > 0 {
+            store.dispatch_replicated()?;
         }
     }
 }

@@ -676,13 +676,21 @@ impl MessageStore {
         buf.clear();
     }
 
-    /// Appends bytes replicated from a master at `offset` (the local end), then indexes every
-    /// message they complete. The log stays byte-identical to the master's.
+    /// Appends bytes replicated from a master at `offset` (the local end); the log stays
+    /// byte-identical to the master's. [`MessageStore::dispatch_replicated`] indexes them: the
+    /// two are apart so a slave acknowledges as soon as the bytes are stored, as Java's slaves
+    /// do, and a SYNC_MASTER send does not wait for the slave's indexing.
     pub fn replicate(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
         let _writer = lock(&self.write_lock);
         self.commitlog.append_at(offset, data)?;
+        lock(&self.partial).extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Indexes every replicated message that has fully arrived.
+    pub fn dispatch_replicated(&self) -> Result<(), StoreError> {
+        let _writer = lock(&self.write_lock);
         let mut partial = lock(&self.partial);
-        partial.extend_from_slice(data);
         // `partial` starts at the dispatched offset, always a message (or filler) boundary.
         let mut pos = self.dispatched.load(Ordering::Acquire);
         let mut used = 0usize;
