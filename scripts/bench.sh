@@ -45,8 +45,21 @@ wait_port() { # host:port
   return 1
 }
 
+# Refuses to start when something already listens on the benchmark's ports: the scenarios
+# would silently measure that process instead.
+ports_free() {
+  local p
+  for p in 19876 20911 20912 21911; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      echo "port $p on 127.0.0.1 is taken: stop what listens there, then run again" >&2
+      exit 1
+    fi
+  done
+}
+
 # ferromq ROLE FLUSH SLAVES
 start_ferromq() {
+  ports_free
   local dir=$OUT/ferromq
   rm -rf "$dir" && mkdir -p "$dir"
   "$BIN/mqnamesrv" --listen-port 19876 --http-port 19877 --bind 127.0.0.1 >"$dir/ns.log" 2>&1 &
@@ -77,6 +90,7 @@ EOF
 }
 
 start_peer() {
+  ports_free
   local dir=$OUT/peer
   rm -rf "$dir" && mkdir -p "$dir/ns" "$dir/broker"
   export ROCKETMQ_SECURITY_PROFILE=development-insecure-loopback
