@@ -49,7 +49,7 @@ wait_port() { # host:port
 # would silently measure that process instead.
 ports_free() {
   local p
-  for p in 19876 20911 20912 21911; do
+  for p in 19876 19877 20911 20912 20980 21911 21980; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
       echo "port $p on 127.0.0.1 is taken: stop what listens there, then run again" >&2
       exit 1

@@ -6,7 +6,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::code::ResponseCode;
-use super::ext::{ExtFields, ExtFieldsSeed};
+use super::ext::{ExtFields, ExtFieldsSeed, MAX_FIELDS};
 use super::RemotingError;
 
 /// Flag bit set on responses.
@@ -340,7 +340,13 @@ fn decode_binary_header(mut h: Bytes) -> Result<RemotingCommand, RemotingError> 
     let ext_len = take_len(&mut h, "ext fields length")?;
     let mut ext = take(&mut h, ext_len, "ext fields")?;
     let mut ext_fields = ExtFields::with_capacity(16, ext_len);
+    // Counted as read, duplicates included, so no frame can make this slow.
+    let mut fields = 0usize;
     while ext.has_remaining() {
+        fields += 1;
+        if fields > MAX_FIELDS {
+            return Err(RemotingError::TooManyFields(MAX_FIELDS));
+        }
         if ext.remaining() < 2 {
             return Err(RemotingError::Truncated("ext key length"));
         }

@@ -11,16 +11,20 @@ use std::fmt::{self, Write as _};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
+/// Most fields a received header may carry. Real headers have about twenty; the limit keeps
+/// decoding linear for a hostile frame (each field is checked against the earlier ones).
+pub const MAX_FIELDS: usize = 256;
+
 /// Byte range of one key or value inside the text buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Span {
-    start: u32,
-    end: u32,
+    start: usize,
+    end: usize,
 }
 
 impl Span {
     fn range(self) -> std::ops::Range<usize> {
-        self.start as usize..self.end as usize
+        self.start..self.end
     }
 }
 
@@ -107,21 +111,21 @@ impl ExtFields {
     }
 
     fn push_str(&mut self, s: &str) -> Span {
-        let start = self.text.len() as u32;
+        let start = self.text.len();
         self.text.push_str(s);
         Span {
             start,
-            end: self.text.len() as u32,
+            end: self.text.len(),
         }
     }
 
     fn push_display(&mut self, v: impl fmt::Display) -> Span {
-        let start = self.text.len() as u32;
+        let start = self.text.len();
         // Writing into a String cannot fail.
         let _ = write!(self.text, "{v}");
         Span {
             start,
-            end: self.text.len() as u32,
+            end: self.text.len(),
         }
     }
 
@@ -229,10 +233,18 @@ impl<'de> Visitor<'de> for ExtFieldsSeed {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ExtFields, A::Error> {
         let mut out = ExtFields::with_capacity(map.size_hint().unwrap_or(16), self.text_hint);
+        // Counted as read, duplicates and nulls included, so no frame can make this slow.
+        let mut fields = 0usize;
         while let Some(key) = map.next_key_seed(TextSeed {
             ext: &mut out,
             keep_null: true,
         })? {
+            fields += 1;
+            if fields > MAX_FIELDS {
+                return Err(de::Error::custom(format_args!(
+                    "a header carries more than {MAX_FIELDS} fields"
+                )));
+            }
             let value = map.next_value_seed(TextSeed {
                 ext: &mut out,
                 keep_null: false,
@@ -240,7 +252,7 @@ impl<'de> Visitor<'de> for ExtFieldsSeed {
             match (key, value) {
                 (Some(k), Some(v)) => out.set(k, v),
                 // A null value: the field is absent, as Java's map would have it.
-                (Some(k), None) => out.text.truncate(k.start as usize),
+                (Some(k), None) => out.text.truncate(k.start),
                 (None, _) => {}
             }
         }
@@ -361,6 +373,21 @@ mod tests {
         let e = from_json(r#"{"k":"1","k":"2"}"#);
         assert_eq!(e.len(), 1);
         assert_eq!(e.get("k"), Some("2"));
+    }
+
+    #[test]
+    fn too_many_json_fields_are_refused() {
+        let fields: Vec<String> = (0..=MAX_FIELDS)
+            .map(|i| format!("\"k{i}\":\"v\""))
+            .collect();
+        let json = format!("{{{}}}", fields.join(","));
+        let mut d = serde_json::Deserializer::from_str(&json);
+        let err = ExtFieldsSeed { text_hint: 0 }
+            .deserialize(&mut d)
+            .unwrap_err();
+        assert!(err.to_string().contains("more than"), "{err}");
+        let ok = format!("{{{}}}", fields[..MAX_FIELDS].join(","));
+        assert_eq!(from_json(&ok).len(), MAX_FIELDS);
     }
 
     #[test]

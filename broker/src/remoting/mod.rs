@@ -47,6 +47,9 @@ pub enum RemotingError {
     /// A JSON header could not be parsed.
     #[error("malformed JSON header: {0}")]
     Json(#[source] serde_json::Error),
+    /// A header carries more fields than any real one does.
+    #[error("header carries more than {0} fields")]
+    TooManyFields(usize),
     /// A binary header string is not UTF-8.
     #[error("{0} is not valid UTF-8")]
     NotUtf8(&'static str),

@@ -57,6 +57,26 @@ fn json_header_with_missing_fields_numeric_language_and_empty_remark_decodes() {
 }
 
 #[test]
+fn headers_with_more_fields_than_any_real_one_are_refused_in_both_forms() {
+    use super::ext::MAX_FIELDS;
+    for ser in [SerializeType::Json, SerializeType::RocketMq] {
+        for (n, ok) in [(MAX_FIELDS, true), (MAX_FIELDS + 1, false)] {
+            let mut cmd = RemotingCommand {
+                code: 14,
+                serialize_type: ser,
+                ..Default::default()
+            };
+            for i in 0..n {
+                cmd.ext_fields.insert(&format!("k{i}"), "v");
+            }
+            let mut b = BytesMut::from(&cmd.to_bytes()[..]);
+            let back = FrameCodec::default().decode(&mut b);
+            assert_eq!(back.is_ok(), ok, "{ser:?} with {n} fields: {back:?}");
+        }
+    }
+}
+
+#[test]
 fn responses_use_the_request_serialization_and_echo_opaque() {
     for ser in [SerializeType::Json, SerializeType::RocketMq] {
         let req = RemotingCommand {

@@ -44,6 +44,12 @@ pub async fn follow(
             r = follow_once(&store, &me, &addr) => r,
             _ = master.changed() => Ok(()),
         };
+        // A session that ended between storing replicated bytes and indexing them (a failed
+        // acknowledgement, a new master) leaves them stored but unindexed: index them now, so
+        // consumers of this slave see them without waiting for another master.
+        if let Err(e) = store.dispatch_replicated() {
+            tracing::error!(error = %e, "indexing replicated messages failed");
+        }
         match result {
             Ok(()) => tracing::info!(master = %addr, "replication connection closed"),
             Err(e @ ReplicationError::Diverged(_)) => {
@@ -121,7 +127,7 @@ async fn follow_once(
         if start != end {
             if end == 0 && log.min_offset() == 0 && size > 0 {
                 // An empty slave joining a master whose first segments were deleted.
-                log.reset_start(start)?;
+                store.reset_start(start)?;
             } else if size > 0 || start > end {
                 return Err(ReplicationError::Diverged(format!(
                     "master {addr} sends from offset {start} but this slave's log ends at {end}"
@@ -132,16 +138,17 @@ async fn follow_once(
             store.replicate(start, &buf[..size])?;
         }
         // Acknowledge once what has arrived is stored: a SYNC_MASTER waits for this, and one
-        // acknowledgement covers every chunk of the same read. Indexing comes after.
+        // acknowledgement covers every chunk of the same read. Indexing comes after, as on
+        // Java's slaves, and happens even if the acknowledgement cannot be written.
         let more_buffered = !rd.buffer().is_empty();
+        let mut acked = Ok(());
         if (size > 0 && !more_buffered) || last_report.elapsed() >= HEARTBEAT {
-            wr.write_all(&log.max_offset().to_be_bytes())
-                .await
-                .map_err(e)?;
+            acked = wr.write_all(&log.max_offset().to_be_bytes()).await;
             last_report = Instant::now();
         }
-        if size > 0 {
+        if !more_buffered {
             store.dispatch_replicated()?;
         }
+        acked.map_err(e)?;
     }
 }

@@ -209,15 +209,9 @@ struct FlushShared {
     stop: AtomicBool,
 }
 
-/// How far ahead of the commit log's end synced zeroes are kept under SYNC_FLUSH: about half
-/// a second of appends at full speed.
+/// How far ahead of the commit log's end synced zeroes are kept under SYNC_FLUSH (between
+/// half of this and all of it): about half a second of appends at full speed.
 const PREPARE_AHEAD: u64 = 16 << 20;
-
-fn sync_prepared(seg: &commitlog::Segment) {
-    if let Err(e) = seg.sync_data() {
-        tracing::warn!(error = %e, "syncing prepared commit-log pages failed");
-    }
-}
 
 /// The broker's storage engine.
 pub struct MessageStore {
@@ -230,7 +224,8 @@ pub struct MessageStore {
     /// Commit-log offset below which every message is appended and dispatched to its queue.
     dispatched: AtomicU64,
     flush: Arc<FlushShared>,
-    flusher: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The flusher and, under SYNC_FLUSH, the preparer; joined at shutdown.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Consumer offsets.
     pub offsets: offsets::ConsumerOffsets,
     /// Topic configs.
@@ -266,8 +261,9 @@ type Staged = Vec<(usize, Vec<(Arc<ConsumeQueue>, PutResult, i64)>)>;
 struct GroupWriter(Arc<MessageStore>);
 
 impl GroupWriter {
-    /// Hands the write to a task of its own, which another runtime worker can run while this
-    /// connection goes on decoding requests. Should that task be dropped unpolled (the runtime
+    /// Hands the write to a task of its own. It runs once the connection task yields, after
+    /// that has decoded every frame already received, so more sends join the group; a worker
+    /// with nothing to do may also take it. Should the task be dropped unpolled (the runtime
     /// shutting down), dropping it still writes the group.
     fn hand_off(self) {
         tokio::spawn(async move { drop(self) });
@@ -294,7 +290,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl MessageStore {
     /// Opens the store under `cfg.root`, recovering from a crash if the last stop was not
-    /// clean, and starts the flusher thread.
+    /// clean, and starts the flusher thread (and the preparer under SYNC_FLUSH).
     pub fn open(cfg: StoreConfig) -> Result<Arc<MessageStore>, StoreError> {
         let root = cfg.root.clone();
         let config_dir = root.join("config");
@@ -403,7 +399,7 @@ impl MessageStore {
                 wake: Condvar::new(),
                 stop: AtomicBool::new(false),
             }),
-            flusher: Mutex::new(Vec::new()),
+            threads: Mutex::new(Vec::new()),
             offsets,
             topics,
             recovery: report,
@@ -413,21 +409,31 @@ impl MessageStore {
         });
         // Mark the store as running: a crash from now on must recover.
         store.write_checkpoint(end, false)?;
-        let s = store.clone();
-        let flusher = std::thread::Builder::new()
-            .name("commitlog-flush".into())
-            .spawn(move || s.flush_loop())
-            .map_err(|e| StoreError::io(&root, e))?;
-        lock(&store.flusher).push(flusher);
-        if store.cfg.flush == FlushDiskType::Sync {
-            let s = store.clone();
-            let preparer = std::thread::Builder::new()
-                .name("commitlog-prepare".into())
-                .spawn(move || s.prepare_loop())
-                .map_err(|e| StoreError::io(&root, e))?;
-            lock(&store.flusher).push(preparer);
+        let mut started = store.start_thread("commitlog-flush", Self::flush_loop);
+        if started.is_ok() && store.cfg.flush == FlushDiskType::Sync {
+            started = store.start_thread("commitlog-prepare", Self::prepare_loop);
+        }
+        if let Err(e) = started {
+            // Stop what did start: it holds the store.
+            store.shutdown();
+            return Err(e);
         }
         Ok(store)
+    }
+
+    /// Runs `work` on a thread of its own until [`MessageStore::shutdown`] joins it.
+    fn start_thread(
+        self: &Arc<Self>,
+        name: &str,
+        work: fn(&MessageStore),
+    ) -> Result<(), StoreError> {
+        let s = self.clone();
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || work(&s))
+            .map_err(|e| StoreError::io(&self.cfg.root, e))?;
+        lock(&self.threads).push(handle);
+        Ok(())
     }
 
     /// The store's configuration.
@@ -519,8 +525,9 @@ impl MessageStore {
             !std::mem::replace(&mut g.leading, true)
         };
         if lead {
-            // The group is written when this guard drops: after the yield, or at once if this
-            // task is cancelled while yielding, so no follower is left waiting.
+            // The group is written when this guard drops: by its own task after the yield, at
+            // once without company, or at once if this task is cancelled while yielding, so no
+            // follower is left waiting.
             let writer = GroupWriter(self.clone());
             if company {
                 tokio::task::yield_now().await;
@@ -687,6 +694,15 @@ impl MessageStore {
         Ok(())
     }
 
+    /// Starts an empty slave's log at `offset`, a segment boundary (its master's first
+    /// segments are gone); indexing starts there too.
+    pub fn reset_start(&self, offset: u64) -> Result<(), StoreError> {
+        let _writer = lock(&self.write_lock);
+        self.commitlog.reset_start(offset)?;
+        self.dispatched.store(offset, Ordering::Release);
+        Ok(())
+    }
+
     /// Indexes every replicated message that has fully arrived.
     pub fn dispatch_replicated(&self) -> Result<(), StoreError> {
         let _writer = lock(&self.write_lock);
@@ -785,32 +801,42 @@ impl MessageStore {
     /// [`CommitLog::prepare_ahead`]), so each group commit has only data to write.
     fn prepare_loop(&self) {
         let mut idle = Duration::from_millis(1);
-        // The segment of the run being written, synced when the run ends.
-        let mut run: Option<Arc<commitlog::Segment>> = None;
+        let mut refilling = false;
         while !self.flush.stop.load(Ordering::Acquire) {
-            match self.commitlog.prepare_ahead(PREPARE_AHEAD, run.is_some()) {
+            match self.commitlog.prepare_ahead(PREPARE_AHEAD, refilling) {
                 Ok(Some(seg)) => {
-                    idle = Duration::from_millis(1);
-                    if let Some(prev) = run.replace(seg.clone()) {
-                        if !Arc::ptr_eq(&prev, &seg) {
-                            sync_prepared(&prev);
-                        }
+                    // Synced piece by piece: a group commit never finds more than one piece of
+                    // dirty zeroes to write along with its sends.
+                    if let Err(e) = seg.sync_data() {
+                        tracing::warn!(error = %e, "syncing prepared commit-log pages failed");
                     }
+                    refilling = true;
+                    idle = Duration::from_millis(1);
                 }
                 Ok(None) => {
-                    if let Some(seg) = run.take() {
-                        sync_prepared(&seg);
-                    }
-                    std::thread::sleep(idle);
+                    refilling = false;
+                    self.pause(idle);
                     // A quiet broker checks less and less often, down to ten times a second.
                     idle = (idle * 2).min(Duration::from_millis(100));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "preparing commit-log pages failed");
-                    run = None;
-                    std::thread::sleep(Duration::from_secs(1));
+                    refilling = false;
+                    self.pause(Duration::from_secs(1));
                 }
             }
+        }
+    }
+
+    /// Sleeps for `d`, or less when the store is shutting down (in steps of 100 ms at most).
+    fn pause(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.flush.stop.load(Ordering::Acquire) {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(100)));
         }
     }
 
@@ -1051,11 +1077,11 @@ impl MessageStore {
         }
     }
 
-    /// Flushes everything, records a clean shutdown and stops the flusher.
+    /// Flushes everything, records a clean shutdown and stops the store's threads.
     pub fn shutdown(&self) {
         self.flush.stop.store(true, Ordering::Release);
         self.flush.wake.notify_all();
-        for h in std::mem::take(&mut *lock(&self.flusher)) {
+        for h in std::mem::take(&mut *lock(&self.threads)) {
             let _ = h.join();
         }
     }

@@ -474,3 +474,33 @@ fn zeroes_prepared_ahead_never_touch_data() {
     );
     store.shutdown();
 }
+
+#[test]
+fn a_slave_log_that_starts_past_zero_indexes_at_the_right_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = MessageStore::open(cfg(&dir.path().join("m"), FlushDiskType::Async)).unwrap();
+    let results = fill(&master, 300);
+    let seg = 64 * 1024;
+    let end = master.commitlog().max_offset();
+    assert!(
+        end > seg && end < 2 * seg,
+        "the log must end in its second segment"
+    );
+    // A slave joining after the master's first segment was deleted gets the second one.
+    let slave = MessageStore::open(cfg(&dir.path().join("s"), FlushDiskType::Async)).unwrap();
+    slave.reset_start(seg).unwrap();
+    let bytes = master.commitlog().read(seg, (end - seg) as usize).unwrap();
+    slave.replicate(seg, &bytes).unwrap();
+    slave.dispatch_replicated().unwrap();
+    assert_eq!(slave.dispatched_offset(), end);
+    let last = results.last().unwrap();
+    let got = slave
+        .get("T", last.queue_id, last.queue_offset, 1, usize::MAX, |_| {
+            true
+        })
+        .unwrap();
+    let m = &crate::client::decode_messages(&got.body).unwrap()[0];
+    assert_eq!(m.physical_offset as u64, last.physical_offset);
+    master.shutdown();
+    slave.shutdown();
+}
