@@ -318,8 +318,8 @@ fn take_len(buf: &mut Bytes, what: &'static str) -> Result<usize, RemotingError>
     usize::try_from(n).map_err(|_| RemotingError::Truncated(what))
 }
 
-fn utf8(b: Bytes, what: &'static str) -> Result<String, RemotingError> {
-    String::from_utf8(b.to_vec()).map_err(|_| RemotingError::NotUtf8(what))
+fn utf8<'a>(b: &'a [u8], what: &'static str) -> Result<&'a str, RemotingError> {
+    std::str::from_utf8(b).map_err(|_| RemotingError::NotUtf8(what))
 }
 
 fn decode_binary_header(mut h: Bytes) -> Result<RemotingCommand, RemotingError> {
@@ -333,7 +333,7 @@ fn decode_binary_header(mut h: Bytes) -> Result<RemotingCommand, RemotingError> 
     let flag = h.get_i32();
     let remark_len = take_len(&mut h, "remark length")?;
     let remark = if remark_len > 0 {
-        Some(utf8(take(&mut h, remark_len, "remark")?, "remark")?)
+        Some(utf8(&take(&mut h, remark_len, "remark")?, "remark")?.to_string())
     } else {
         None
     };
@@ -352,11 +352,9 @@ fn decode_binary_header(mut h: Bytes) -> Result<RemotingCommand, RemotingError> 
         }
         let klen = ext.get_u16() as usize;
         let key = take(&mut ext, klen, "ext key")?;
-        let key = std::str::from_utf8(&key).map_err(|_| RemotingError::NotUtf8("ext key"))?;
         let vlen = take_len(&mut ext, "ext value length")?;
         let val = take(&mut ext, vlen, "ext value")?;
-        let val = std::str::from_utf8(&val).map_err(|_| RemotingError::NotUtf8("ext value"))?;
-        ext_fields.insert(key, val);
+        ext_fields.insert(utf8(&key, "ext key")?, utf8(&val, "ext value")?);
     }
     Ok(RemotingCommand {
         code,

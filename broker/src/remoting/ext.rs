@@ -110,23 +110,25 @@ impl ExtFields {
             .map(|e| (self.str_at(e.key), self.str_at(e.value)))
     }
 
-    fn push_str(&mut self, s: &str) -> Span {
+    /// Appends with `write` and returns the span of what it appended.
+    fn push_with(&mut self, write: impl FnOnce(&mut String)) -> Span {
         let start = self.text.len();
-        self.text.push_str(s);
+        write(&mut self.text);
         Span {
             start,
             end: self.text.len(),
         }
     }
 
+    fn push_str(&mut self, s: &str) -> Span {
+        self.push_with(|t| t.push_str(s))
+    }
+
     fn push_display(&mut self, v: impl fmt::Display) -> Span {
-        let start = self.text.len();
         // Writing into a String cannot fail.
-        let _ = write!(self.text, "{v}");
-        Span {
-            start,
-            end: self.text.len(),
-        }
+        self.push_with(|t| {
+            let _ = write!(t, "{v}");
+        })
     }
 
     /// Records `key` (already in the buffer) with `value`, replacing an earlier value.

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use bytes::{Bytes, BytesMut};
 
 use super::message::{decode_stored, StoredMessage, BLANK_MAGIC, MAGIC_V1, MAGIC_V2};
-use super::StoreError;
+use super::{lock, StoreError};
 
 /// Room always kept at a segment's end for the blank filler that closes it.
 const END_BLANK_MIN: u64 = 8;
@@ -362,7 +362,7 @@ impl CommitLog {
             .cloned()
             .collect();
         for s in segs {
-            s.file.sync_data().map_err(|e| StoreError::io(&s.path, e))?;
+            s.sync_data()?;
         }
         self.flushed.fetch_max(target, Ordering::AcqRel);
         Ok(target)
@@ -560,10 +560,6 @@ pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| StoreError::io(dir, e))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {

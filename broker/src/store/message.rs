@@ -301,7 +301,12 @@ pub fn offset_msg_id(store_host: &SocketAddr, physical_offset: i64) -> String {
 /// RocketMQ's CRC32 of a body (BODYCRC, REGISTER_BROKER's bodyCrc32): the IEEE CRC32 with
 /// the top bit cleared, as Java's `UtilAll.crc32` computes it.
 pub fn body_crc(body: &[u8]) -> i32 {
-    (crc32fast::hash(body) & 0x7FFF_FFFF) as i32
+    masked_crc(crc32fast::hash(body))
+}
+
+/// Java's `UtilAll.crc32` form of a CRC32: the top bit cleared.
+fn masked_crc(crc: u32) -> i32 {
+    (crc & 0x7FFF_FFFF) as i32
 }
 
 /// Upper-case hex of `bytes`, the spelling of RocketMQ message ids (without `format!`, which
@@ -389,7 +394,7 @@ pub fn decode_stored(buf: &Bytes) -> Result<StoredMessage, MessageError> {
     let body = b.split_to(body_len as usize);
     // Stores written before ferromq masked the top bit hold the plain CRC32: accept both.
     let crc = crc32fast::hash(&body);
-    if stored_crc != (crc & 0x7FFF_FFFF) as i32 && stored_crc != crc as i32 {
+    if stored_crc != masked_crc(crc) && stored_crc != crc as i32 {
         return Err(MessageError::BadCrc);
     }
     let topic_len = if magic == MAGIC_V2 {
