@@ -6,6 +6,9 @@ use std::path::PathBuf;
 
 use crate::store::FlushDiskType;
 
+/// Most event-loop threads a broker may be given: more than any machine it runs on has cores.
+const MAX_IO_THREADS: usize = 256;
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -153,6 +156,9 @@ pub struct BrokerConfig {
     pub slave_read_enable: bool,
     /// `serverMaxFrameBytes` (ferromq): largest request frame accepted.
     pub max_frame_bytes: usize,
+    /// `serverIoThreads` (ferromq): event-loop threads that serve client connections, each
+    /// connection on one of them (default: the CPUs this process may use).
+    pub io_threads: usize,
     /// `haMasterAddress`: the master's HA address for a slave (otherwise learnt from the name
     /// servers).
     pub ha_master_address: Option<String>,
@@ -198,6 +204,7 @@ impl Default for BrokerConfig {
             long_polling: true,
             slave_read_enable: true,
             max_frame_bytes: 16 << 20,
+            io_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             ha_master_address: None,
             ha_auth_token: None,
             ha_max_gap: 256 << 20,
@@ -311,6 +318,7 @@ impl BrokerConfig {
                 "longPollingEnable" => c.long_polling = boolean(k, v)?,
                 "slaveReadEnable" => c.slave_read_enable = boolean(k, v)?,
                 "serverMaxFrameBytes" => c.max_frame_bytes = num(k, v, "a size in bytes")?,
+                "serverIoThreads" => c.io_threads = num(k, v, "a thread count")?,
                 "haMasterAddress" => c.ha_master_address = Some(non_empty(k, v)?),
                 "haAuthToken" => c.ha_auth_token = Some(v.to_string()).filter(|t| !t.is_empty()),
                 "haMaxGapNotInSync" => c.ha_max_gap = num(k, v, "a size in bytes")?,
@@ -392,6 +400,13 @@ impl BrokerConfig {
         }
         if self.flush_interval_ms == 0 {
             return Err(bad("flushIntervalCommitLog", "0", "at least 1 ms"));
+        }
+        if !(1..=MAX_IO_THREADS).contains(&self.io_threads) {
+            return Err(bad(
+                "serverIoThreads",
+                &self.io_threads.to_string(),
+                "1 to 256",
+            ));
         }
         if self.max_frame_bytes < 1024 {
             return Err(bad(
@@ -484,6 +499,17 @@ mod tests {
         assert!(e.to_string().contains("listenPort"));
         let e = BrokerConfig::parse("autoCreateTopicEnable=yes").unwrap_err();
         assert!(e.to_string().contains("autoCreateTopicEnable"));
+    }
+
+    #[test]
+    fn io_threads_default_to_the_cpus_and_are_bounded() {
+        let c = BrokerConfig::parse("").unwrap();
+        assert!(c.io_threads >= 1);
+        assert_eq!(BrokerConfig::parse("serverIoThreads=3").unwrap().io_threads, 3);
+        for bad in ["serverIoThreads=0", "serverIoThreads=257", "serverIoThreads=two"] {
+            let e = BrokerConfig::parse(bad).unwrap_err();
+            assert!(e.to_string().contains("serverIoThreads"), "{bad}: {e}");
+        }
     }
 
     #[test]

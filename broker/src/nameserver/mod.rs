@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::http::{self, HealthState};
 use crate::remoting::body::{from_json, to_json, RegisterBrokerBody, TopicList};
 use crate::remoting::connection::{serve, Peer, Processor};
+use crate::remoting::event_loop::EventLoops;
 use crate::remoting::header::{
     RegisterBrokerRequestHeader, RegisterBrokerResponseHeader, TopicRequestHeader,
     UnregisterBrokerRequestHeader, WipeWritePermRequestHeader,
@@ -301,6 +302,8 @@ pub async fn start(cfg: NameServerConfig) -> Result<NameServerHandle, NameServer
         ns.clone(),
         cfg.max_frame,
         shutdown.clone(),
+        // Name-server traffic is light: its connections share the process's runtime.
+        EventLoops::current(),
     )));
     tasks.push(tokio::spawn(http::serve(
         http_listener,

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{Encoder, FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
+use super::event_loop::{Counted, EventLoops};
 use super::{FrameCodec, RemotingCommand, RemotingError, ResponseCode, SerializeType};
 
 /// Requests a connection may have in flight before the server stops reading from it.
@@ -61,22 +62,6 @@ impl Peer {
     }
 }
 
-/// Counts a request as being handled for as long as it lives.
-struct Busy(Arc<AtomicUsize>);
-
-impl Busy {
-    fn new(count: &Arc<AtomicUsize>) -> Busy {
-        count.fetch_add(1, Ordering::Relaxed);
-        Busy(count.clone())
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Answers requests: the name server and the broker each implement it once.
 pub trait Processor: Send + Sync + 'static {
     /// Handles one request; `None` means no response (oneway requests).
@@ -90,17 +75,19 @@ pub trait Processor: Send + Sync + 'static {
     fn disconnected(&self, _peer: &Peer) {}
 }
 
-/// Accepts connections on `listener` until `shutdown` fires, serving each with `processor`.
+/// Accepts connections on `listener` until `shutdown` fires, serving each with `processor` on
+/// one of `loops`; returns once every connection is closed.
 pub async fn serve<P: Processor>(
     listener: TcpListener,
     processor: Arc<P>,
     max_frame: usize,
     shutdown: CancellationToken,
+    loops: EventLoops,
 ) {
     let busy = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             a = listener.accept() => a,
         };
         match accepted {
@@ -109,8 +96,8 @@ pub async fn serve<P: Processor>(
                 let p = processor.clone();
                 let stop = shutdown.clone();
                 let busy = busy.clone();
-                tokio::spawn(async move {
-                    serve_connection(socket, addr, p, max_frame, stop, busy).await;
+                loops.spawn(socket, move |socket| {
+                    serve_connection(socket, addr, p, max_frame, stop, busy)
                 });
             }
             Err(e) => {
@@ -119,6 +106,7 @@ pub async fn serve<P: Processor>(
             }
         }
     }
+    loops.join().await;
 }
 
 async fn serve_connection<P: Processor>(
@@ -182,7 +170,7 @@ async fn serve_connection<P: Processor>(
                     if request.is_response() {
                         continue; // answers to our oneway pushes carry nothing we need
                     }
-                    let handling = Busy::new(&peer.busy);
+                    let handling = Counted::new(&peer.busy);
                     let (processor, peer) = (&*processor, &peer);
                     let code = request.code;
                     let run = async move {
@@ -529,7 +517,14 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, Arc::new(Echo), 1 << 20, stop.clone()));
+        let loops = EventLoops::start("echo-io", 2, &stop).unwrap();
+        tokio::spawn(serve(
+            listener,
+            Arc::new(Echo),
+            1 << 20,
+            stop.clone(),
+            loops,
+        ));
         (addr, stop)
     }
 

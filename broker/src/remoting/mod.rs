@@ -7,6 +7,7 @@ pub mod body;
 pub mod code;
 pub mod command;
 pub mod connection;
+pub mod event_loop;
 pub mod ext;
 pub mod frame;
 pub mod header;

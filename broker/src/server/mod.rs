@@ -28,6 +28,7 @@ use crate::remoting::body::{
     from_json, to_json, ConsumerListBody, HeartbeatData, RegisterBrokerBody, TopicConfigWrapper,
 };
 use crate::remoting::connection::{serve, ClientError, ConnectionPool, Peer, Processor};
+use crate::remoting::event_loop::EventLoops;
 use crate::remoting::header::{
     ConsumerGroupRequestHeader, CreateTopicRequestHeader, RegisterBrokerRequestHeader,
     RegisterBrokerResponseHeader, SendMessageRequestHeader, UnregisterBrokerRequestHeader,
@@ -605,6 +606,14 @@ pub enum BrokerError {
     /// brokerIP1 is not an IP address.
     #[error("brokerIP1 {0:?} is not an IP address")]
     BadIp(String),
+    /// The threads that serve connections could not be started.
+    #[error("cannot start {threads} event-loop threads (serverIoThreads): {source}")]
+    Threads {
+        /// Threads asked for.
+        threads: usize,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
 /// A running broker.
@@ -778,12 +787,19 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     }
 
     let shutdown = CancellationToken::new();
+    let loops = EventLoops::start("remoting", cfg.io_threads, &shutdown).map_err(|source| {
+        BrokerError::Threads {
+            threads: cfg.io_threads,
+            source,
+        }
+    })?;
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(serve(
         listener,
         broker.clone(),
         cfg.max_frame_bytes,
         shutdown.clone(),
+        loops,
     )));
     tasks.push(tokio::spawn(http::serve(
         http_listener,

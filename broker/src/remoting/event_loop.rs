@@ -1,0 +1,249 @@
+//! Event loops: threads that each serve a share of a server's connections on a single-threaded
+//! runtime of their own, the way Netty binds each channel to one event loop.
+//!
+//! On tokio's work-stealing runtime a busy connection bounced between worker threads. Its task
+//! is woken by its own request futures, by grouped commit-log writes and by its socket; a task
+//! woken while it runs is queued again and an idle worker is notified, which then steals it.
+//! With 64 producers on one connection that cost thousands of thread wake-ups a second and
+//! about a quarter of the throughput. A connection pinned to one loop is woken on its own
+//! thread, and different connections still use different cores.
+
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long a stopping loop waits for its connections to close before dropping them.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Work handed to a loop: runs on the loop's thread, inside its runtime.
+type Job = Box<dyn FnOnce(&TaskTracker) + Send>;
+
+/// The threads a server runs its connections on, or the caller's runtime.
+pub struct EventLoops {
+    loops: Vec<Loop>,
+}
+
+/// One loop thread, as seen from the accepting side.
+struct Loop {
+    jobs: mpsc::UnboundedSender<Job>,
+    /// Connections handed to the loop and not yet finished: a new one goes to the loop with
+    /// the fewest. Counted when handed over, so a burst of accepts is spread too.
+    connections: Arc<AtomicUsize>,
+    /// Fires (by being dropped) once the loop's runtime, and every connection on it, is gone.
+    exited: oneshot::Receiver<()>,
+}
+
+impl EventLoops {
+    /// Starts `threads` loops named `name-0`, `name-1`, ...; each stops its connections and
+    /// exits once `shutdown` fires.
+    pub fn start(name: &str, threads: usize, shutdown: &CancellationToken) -> io::Result<Self> {
+        let mut loops = Vec::with_capacity(threads);
+        for i in 0..threads.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (jobs, mut inbox) = mpsc::unbounded_channel::<Job>();
+            let (exit, exited) = oneshot::channel::<()>();
+            let mine = TaskTracker::new();
+            let stop = shutdown.clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async {
+                        loop {
+                            tokio::select! {
+                                biased;
+                                _ = stop.cancelled() => break,
+                                job = inbox.recv() => match job {
+                                    Some(job) => job(&mine),
+                                    None => break,
+                                },
+                            }
+                        }
+                        // Connections watch the same token: let them close their sockets.
+                        // One that does not is dropped with the runtime after a grace.
+                        mine.close();
+                        let _ = tokio::time::timeout(STOP_GRACE, mine.wait()).await;
+                    });
+                    // Tasks they spawned (handed-off writes) run their drops here.
+                    drop(runtime);
+                    drop(exit);
+                })?;
+            loops.push(Loop {
+                jobs,
+                connections: Arc::new(AtomicUsize::new(0)),
+                exited,
+            });
+        }
+        Ok(EventLoops { loops })
+    }
+
+    /// No threads of its own: connections run as tasks on the caller's runtime (for servers
+    /// with little traffic, such as the name server, and for tests).
+    pub fn current() -> Self {
+        EventLoops { loops: Vec::new() }
+    }
+
+    /// Number of loop threads (0 when connections run on the caller's runtime).
+    pub fn threads(&self) -> usize {
+        self.loops.len()
+    }
+
+    /// Runs `serve(socket)` on the loop with the fewest connections.
+    pub fn spawn<F, Fut>(&self, socket: TcpStream, serve: F)
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Some(target) = self
+            .loops
+            .iter()
+            .min_by_key(|l| l.connections.load(Ordering::Relaxed))
+        else {
+            tokio::spawn(serve(socket));
+            return;
+        };
+        // The socket is registered with the accepting runtime's reactor: move it out, and
+        // register it again with the loop's.
+        let socket = match socket.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand a connection to its event loop");
+                return;
+            }
+        };
+        let count = Counted::new(&target.connections);
+        let job: Job = Box::new(move |tasks| match TcpStream::from_std(socket) {
+            Ok(socket) => {
+                let served = serve(socket);
+                tasks.spawn(async move {
+                    served.await;
+                    drop(count);
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "event loop cannot register a connection"),
+        });
+        if target.jobs.send(job).is_err() {
+            tracing::debug!("event loop already stopped; connection dropped");
+        }
+    }
+
+    /// Waits until every loop has stopped and dropped its connections.
+    pub async fn join(self) {
+        for l in self.loops {
+            drop(l.jobs);
+            let _ = l.exited.await;
+        }
+    }
+}
+
+/// Holds one unit of a count for as long as it lives (a loop's connections, a server's
+/// requests in flight).
+pub(super) struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    pub(super) fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Counted(count.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Accepts `n` connections and hands them to `loops`; each answers one byte with the
+    /// name of the thread serving it, then stays open until the client goes or `stop` fires.
+    async fn serve_n(
+        loops: &EventLoops,
+        listener: &TcpListener,
+        n: usize,
+        stop: &CancellationToken,
+    ) {
+        for _ in 0..n {
+            let (socket, _) = listener.accept().await.unwrap();
+            let stop = stop.clone();
+            loops.spawn(socket, |mut s| async move {
+                let mut b = [0u8; 1];
+                if s.read_exact(&mut b).await.is_ok() {
+                    let name = std::thread::current().name().unwrap_or("").to_string();
+                    let _ = s.write_all(name.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                }
+                // Stay open, so the loop counts this connection.
+                tokio::select! {
+                    _ = s.read(&mut b) => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+    }
+
+    async fn ask(client: &mut TcpStream) -> String {
+        client.write_all(b"?").await.unwrap();
+        let mut name = String::new();
+        client.read_to_string(&mut name).await.unwrap();
+        name
+    }
+
+    #[tokio::test]
+    async fn connections_spread_over_loops_and_stop_with_the_token() {
+        let stop = CancellationToken::new();
+        let loops = EventLoops::start("test-io", 2, &stop).unwrap();
+        assert_eq!(loops.threads(), 2);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clients = tokio::spawn(async move {
+            let mut names = Vec::new();
+            let mut open = Vec::new();
+            for _ in 0..4 {
+                let mut c = TcpStream::connect(addr).await.unwrap();
+                names.push(ask(&mut c).await);
+                open.push(c);
+            }
+            (names, open)
+        });
+        serve_n(&loops, &listener, 4, &stop).await;
+        let (mut names, open) = clients.await.unwrap();
+        names.sort();
+        // Each new connection went to the loop with fewer: two each.
+        assert_eq!(names, ["test-io-0", "test-io-0", "test-io-1", "test-io-1"]);
+
+        // Shutdown ends the loops even with connections still open.
+        stop.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(5), loops.join())
+            .await
+            .expect("loops stop on shutdown");
+        drop(open);
+    }
+
+    #[tokio::test]
+    async fn without_threads_connections_run_on_the_callers_runtime() {
+        let loops = EventLoops::current();
+        assert_eq!(loops.threads(), 0);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            ask(&mut c).await
+        });
+        serve_n(&loops, &listener, 1, &CancellationToken::new()).await;
+        let name = client.await.unwrap();
+        assert!(!name.starts_with("test-io"), "served on {name}");
+        loops.join().await;
+    }
+}
