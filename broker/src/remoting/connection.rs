@@ -39,6 +39,9 @@ const STALL: Duration = Duration::from_millis(1);
 /// How long a connection whose client stopped sending still runs and answers its requests.
 const CLOSE_GRACE: Duration = Duration::from_secs(30);
 
+/// Requests a client connection encodes before it must write them out.
+const WRITE_BATCH: usize = 256 * 1024;
+
 /// Read buffer per connection: dozens of 1 KiB frames per read system call (the default
 /// 8 KiB took one call per five sends under load).
 const READ_BUFFER: usize = 64 * 1024;
@@ -308,6 +311,9 @@ impl Connection {
         let pending_w = pending.clone();
         tokio::spawn(async move {
             let mut w = FramedWrite::new(wr, FrameCodec::new(usize::MAX));
+            // The default (8 KiB) flushed every five 1 KiB sends: one system call each, and
+            // on loopback the sender's call also runs the receiver's TCP path.
+            w.set_backpressure_boundary(WRITE_BATCH);
             loop {
                 let cmd = tokio::select! {
                     _ = closed_w.cancelled() => return,
