@@ -505,8 +505,15 @@ mod tests {
     fn io_threads_default_to_the_cpus_and_are_bounded() {
         let c = BrokerConfig::parse("").unwrap();
         assert!(c.io_threads >= 1);
-        assert_eq!(BrokerConfig::parse("serverIoThreads=3").unwrap().io_threads, 3);
-        for bad in ["serverIoThreads=0", "serverIoThreads=257", "serverIoThreads=two"] {
+        assert_eq!(
+            BrokerConfig::parse("serverIoThreads=3").unwrap().io_threads,
+            3
+        );
+        for bad in [
+            "serverIoThreads=0",
+            "serverIoThreads=257",
+            "serverIoThreads=two",
+        ] {
             let e = BrokerConfig::parse(bad).unwrap_err();
             assert!(e.to_string().contains("serverIoThreads"), "{bad}: {e}");
         }

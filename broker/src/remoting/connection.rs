@@ -129,10 +129,9 @@ async fn serve_connection<P: Processor>(
         busy,
     };
     // One task serves the whole connection: it reads, runs the requests concurrently (no task
-    // per request), and writes. A connection's work stays on one worker thread instead of
-    // bouncing between threads, which cost a quarter of the broker's CPU per send. Requests
-    // that wait (long polls, SYNC_FLUSH, SYNC_MASTER) still overlap, and different connections
-    // still run on different threads.
+    // per request), and writes. It runs on one event loop (see `event_loop`), so its work stays
+    // on one thread. Requests that wait (long polls, SYNC_FLUSH, SYNC_MASTER) still overlap,
+    // and different connections run on different loops.
     //
     // The branches are tried in order: every frame already received is decoded first, then
     // every request that can finish does, and only then are the encoded answers written, so

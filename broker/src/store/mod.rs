@@ -261,10 +261,10 @@ type Staged = Vec<(usize, Vec<(Arc<ConsumeQueue>, PutResult, i64)>)>;
 struct GroupWriter(Arc<MessageStore>);
 
 impl GroupWriter {
-    /// Hands the write to a task of its own. It runs once the connection task yields, after
-    /// that has decoded every frame already received, so more sends join the group; a worker
-    /// with nothing to do may also take it. Should the task be dropped unpolled (the runtime
-    /// shutting down), dropping it still writes the group.
+    /// Hands the write to a task of its own. On the connection's event loop it runs once the
+    /// connection task yields, after that has decoded every frame already received, so more
+    /// sends join the group. Should the task be dropped unpolled (the runtime shutting down),
+    /// dropping it still writes the group.
     fn hand_off(self) {
         tokio::spawn(async move { drop(self) });
     }
