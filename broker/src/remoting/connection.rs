@@ -79,7 +79,7 @@ pub trait Processor: Send + Sync + 'static {
 }
 
 /// Accepts connections on `listener` until `shutdown` fires, serving each with `processor` on
-/// one of `loops`; returns once every connection is closed.
+/// one of `loops`; returns once the loops have stopped (with them, their connections).
 pub async fn serve<P: Processor>(
     listener: TcpListener,
     processor: Arc<P>,
