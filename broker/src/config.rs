@@ -405,7 +405,7 @@ impl BrokerConfig {
             return Err(bad(
                 "serverIoThreads",
                 &self.io_threads.to_string(),
-                "1 to 256",
+                &format!("1 to {MAX_IO_THREADS}"),
             ));
         }
         if self.max_frame_bytes < 1024 {
