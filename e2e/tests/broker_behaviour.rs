@@ -386,6 +386,17 @@ async fn health_and_metrics_endpoints_answer() -> Result<(), Error> {
         body.contains("ferromq_broker_messages_stored_total 1"),
         "{body}"
     );
+    // Requests are counted by code: the send (SEND_MESSAGE_V2, 310) is one of the codes
+    // counted without a lookup.
+    assert!(
+        body.contains("ferromq_broker_requests_total{code=\"310\"} 1\n"),
+        "{body}"
+    );
+    // Creating the topic (UPDATE_AND_CREATE_TOPIC, 17) is counted the same way.
+    assert!(
+        body.contains("ferromq_broker_requests_total{code=\"17\"} 1\n"),
+        "{body}"
+    );
     let ns_http: u16 = c.ns[0]
         .addr
         .rsplit(':')

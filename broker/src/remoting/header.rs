@@ -25,8 +25,19 @@ pub enum HeaderError {
 
 /// A value that can be read from and written to an `extFields` entry.
 pub trait ExtValue: Sized {
-    /// Reads the field `key`, applying Java's leniency.
-    fn read(ext: &ExtFields, key: &'static str) -> Result<Self, HeaderError>;
+    /// Parses the present field `key`, applying Java's leniency.
+    fn parse(value: &str, key: &'static str) -> Result<Self, HeaderError>;
+    /// The value of an absent field: an error unless the type says otherwise.
+    fn absent(key: &'static str) -> Result<Self, HeaderError> {
+        Err(HeaderError::Missing(key))
+    }
+    /// Reads the field `key` (one lookup).
+    fn read(ext: &ExtFields, key: &'static str) -> Result<Self, HeaderError> {
+        match ext.get(key) {
+            Some(v) => Self::parse(v, key),
+            None => Self::absent(key),
+        }
+    }
     /// Writes the field `key` (absent values are left out).
     fn write(&self, ext: &mut ExtFields, key: &'static str);
     /// Whether an empty string means "absent" for an optional field of this type.
@@ -36,11 +47,10 @@ pub trait ExtValue: Sized {
 }
 
 fn parse_num<T: std::str::FromStr>(
-    ext: &ExtFields,
+    v: &str,
     key: &'static str,
     expected: &'static str,
 ) -> Result<T, HeaderError> {
-    let v = ext.get(key).ok_or(HeaderError::Missing(key))?;
     v.trim().parse().map_err(|_| HeaderError::Invalid {
         key,
         value: v.to_string(),
@@ -49,10 +59,8 @@ fn parse_num<T: std::str::FromStr>(
 }
 
 impl ExtValue for String {
-    fn read(ext: &ExtFields, key: &'static str) -> Result<Self, HeaderError> {
-        ext.get(key)
-            .map(str::to_string)
-            .ok_or(HeaderError::Missing(key))
+    fn parse(value: &str, _key: &'static str) -> Result<Self, HeaderError> {
+        Ok(value.to_string())
     }
     fn write(&self, ext: &mut ExtFields, key: &'static str) {
         ext.insert(key, self);
@@ -65,8 +73,8 @@ impl ExtValue for String {
 macro_rules! num_ext_value {
     ($($t:ty => $name:literal),*) => {$(
         impl ExtValue for $t {
-            fn read(ext: &ExtFields, key: &'static str) -> Result<Self, HeaderError> {
-                parse_num(ext, key, $name)
+            fn parse(value: &str, key: &'static str) -> Result<Self, HeaderError> {
+                parse_num(value, key, $name)
             }
             fn write(&self, ext: &mut ExtFields, key: &'static str) {
                 ext.insert_display(key, self);
@@ -77,18 +85,20 @@ macro_rules! num_ext_value {
 num_ext_value!(i32 => "32-bit integer", i64 => "64-bit integer");
 
 impl ExtValue for bool {
-    /// A missing boolean is false, as in Java.
-    fn read(ext: &ExtFields, key: &'static str) -> Result<Self, HeaderError> {
-        match ext.get(key).map(str::trim) {
-            None => Ok(false),
-            Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => Ok(true),
-            Some(v) if v.eq_ignore_ascii_case("false") || v == "0" || v.is_empty() => Ok(false),
-            Some(v) => Err(HeaderError::Invalid {
+    fn parse(value: &str, key: &'static str) -> Result<Self, HeaderError> {
+        match value.trim() {
+            v if v.eq_ignore_ascii_case("true") || v == "1" => Ok(true),
+            v if v.eq_ignore_ascii_case("false") || v == "0" || v.is_empty() => Ok(false),
+            v => Err(HeaderError::Invalid {
                 key,
                 value: v.to_string(),
                 expected: "boolean",
             }),
         }
+    }
+    /// A missing boolean is false, as in Java.
+    fn absent(_key: &'static str) -> Result<Self, HeaderError> {
+        Ok(false)
     }
     fn write(&self, ext: &mut ExtFields, key: &'static str) {
         ext.insert_display(key, self);
@@ -96,12 +106,14 @@ impl ExtValue for bool {
 }
 
 impl<T: ExtValue> ExtValue for Option<T> {
-    fn read(ext: &ExtFields, key: &'static str) -> Result<Self, HeaderError> {
-        match ext.get(key) {
-            None => Ok(None),
-            Some(v) if v.is_empty() && T::empty_is_absent() => Ok(None),
-            Some(_) => T::read(ext, key).map(Some),
+    fn parse(value: &str, key: &'static str) -> Result<Self, HeaderError> {
+        if value.is_empty() && T::empty_is_absent() {
+            return Ok(None);
         }
+        T::parse(value, key).map(Some)
+    }
+    fn absent(_key: &'static str) -> Result<Self, HeaderError> {
+        Ok(None)
     }
     fn write(&self, ext: &mut ExtFields, key: &'static str) {
         if let Some(v) = self {
@@ -565,5 +577,24 @@ mod tests {
         ]))
         .unwrap();
         assert!(c.unit_mode);
+        let base = [("offset", "1"), ("group", "g"), ("delayLevel", "0")];
+        let absent = ConsumerSendMsgBackRequestHeader::from_ext(&ext(&base)).unwrap();
+        assert!(!absent.unit_mode, "a missing boolean is false");
+        assert_eq!(absent.max_reconsume_times, None);
+        let bad = ConsumerSendMsgBackRequestHeader::from_ext(&ext(&[
+            ("offset", "1"),
+            ("group", "g"),
+            ("delayLevel", "0"),
+            ("unitMode", " maybe "),
+        ]))
+        .unwrap_err();
+        assert_eq!(
+            bad,
+            HeaderError::Invalid {
+                key: "unitMode",
+                value: "maybe".into(),
+                expected: "boolean"
+            }
+        );
     }
 }

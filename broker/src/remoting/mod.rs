@@ -51,7 +51,7 @@ pub enum RemotingError {
     /// A header carries more fields than any real one does.
     #[error("header carries more than {0} fields")]
     TooManyFields(usize),
-    /// A binary header string is not UTF-8.
+    /// A header, or a string in a binary header, is not UTF-8.
     #[error("{0} is not valid UTF-8")]
     NotUtf8(&'static str),
     /// The socket failed.

@@ -133,6 +133,14 @@ fn malformed_frames_are_errors_not_panics() {
         decode_one(json_frame("{not json", b"")),
         Err(RemotingError::Json(_))
     ));
+    // A JSON header that is not UTF-8 (a stray byte inside a string).
+    let mut b = json_frame(r#"{"code":10,"remark":"x?"}"#, b"");
+    let at = b.iter().position(|&c| c == b'?').unwrap();
+    b[at] = 0xff;
+    assert!(matches!(
+        decode_one(b),
+        Err(RemotingError::NotUtf8("the JSON header"))
+    ));
     // Unknown serialize type.
     let mut b = json_frame("{}", b"");
     b[4] = 7;
