@@ -214,6 +214,11 @@ impl ExtFields {
         self.set(k, v);
     }
 
+    /// Sets `key` to the decimal text of an integer (cheaper than formatting it).
+    pub fn insert_int(&mut self, key: &str, value: impl itoa::Integer) {
+        self.insert(key, itoa::Buffer::new().format(value));
+    }
+
     /// Sets `key` to the text of `value` (numbers, booleans) without an intermediate String.
     pub fn insert_display(&mut self, key: &str, value: impl fmt::Display) {
         let k = self.push_str(key);
@@ -354,11 +359,11 @@ impl<'de> Visitor<'de> for TextSeed<'_> {
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Option<Span>, E> {
-        Ok(Some(self.ext.push_display(v)))
+        Ok(Some(self.ext.push_str(itoa::Buffer::new().format(v))))
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Option<Span>, E> {
-        Ok(Some(self.ext.push_display(v)))
+        Ok(Some(self.ext.push_str(itoa::Buffer::new().format(v))))
     }
 
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Option<Span>, E> {

@@ -77,7 +77,7 @@ macro_rules! num_ext_value {
                 parse_num(value, key, $name)
             }
             fn write(&self, ext: &mut ExtFields, key: &'static str) {
-                ext.insert_display(key, self);
+                ext.insert_int(key, *self);
             }
         }
     )*};
