@@ -786,8 +786,16 @@ impl MessageStore {
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
-        lock(&self.flush.waiters).push(Waiter { end, done: tx });
-        self.flush.wake.notify_one();
+        let first = {
+            let mut waiters = lock(&self.flush.waiters);
+            waiters.push(Waiter { end, done: tx });
+            waiters.len() == 1
+        };
+        // The flusher sleeps only while the list is empty, so only the first waiter of a batch
+        // needs to wake it: the others would each cost a futex call on the connection's loop.
+        if first {
+            self.flush.wake.notify_one();
+        }
         let timeout = Duration::from_millis(self.cfg.sync_flush_timeout_ms);
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
