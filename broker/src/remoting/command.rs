@@ -1,6 +1,8 @@
 //! `RemotingCommand`: the unit every request and response travels as, and its two header
 //! serializations (JSON and the compact ROCKETMQ binary form).
 
+use std::borrow::Cow;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -415,46 +417,50 @@ fn encode_binary_header(cmd: &RemotingCommand, dst: &mut BytesMut) {
 }
 
 /// A JSON scalar accepted where Java accepts it: strings, numbers, booleans and null.
-enum Scalar {
-    Str(String),
+enum Scalar<'de> {
+    /// Borrowed from the header when it holds no escapes (`"JAVA"`, numbers as text).
+    Str(Cow<'de, str>),
     Int(i64),
     Float(f64),
     Bool(bool),
     Null,
 }
 
-impl<'de> Deserialize<'de> for Scalar {
+impl<'de> Deserialize<'de> for Scalar<'de> {
     // A hand-written visitor instead of `#[serde(untagged)]`: untagged enums buffer the value
     // and build an error per variant tried, which dominated header decoding.
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Scalar, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Scalar<'de>, D::Error> {
         struct ScalarVisitor;
         impl<'de> Visitor<'de> for ScalarVisitor {
-            type Value = Scalar;
+            type Value = Scalar<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a string, number, boolean or null")
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
-                Ok(Scalar::Str(v.to_string()))
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Str(Cow::Borrowed(v)))
             }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Scalar, E> {
-                Ok(Scalar::Str(v))
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Str(Cow::Owned(v.to_string())))
             }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Scalar<'de>, E> {
+                Ok(Scalar::Str(Cow::Owned(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar<'de>, E> {
                 Ok(Scalar::Int(v))
             }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar<'de>, E> {
                 Ok(i64::try_from(v).map_or(Scalar::Float(v as f64), Scalar::Int))
             }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar<'de>, E> {
                 Ok(Scalar::Float(v))
             }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar<'de>, E> {
                 Ok(Scalar::Bool(v))
             }
-            fn visit_unit<E: de::Error>(self) -> Result<Scalar, E> {
+            fn visit_unit<E: de::Error>(self) -> Result<Scalar<'de>, E> {
                 Ok(Scalar::Null)
             }
-            fn visit_none<E: de::Error>(self) -> Result<Scalar, E> {
+            fn visit_none<E: de::Error>(self) -> Result<Scalar<'de>, E> {
                 Ok(Scalar::Null)
             }
         }
@@ -462,10 +468,10 @@ impl<'de> Deserialize<'de> for Scalar {
     }
 }
 
-impl Scalar {
+impl Scalar<'_> {
     fn into_string(self) -> Option<String> {
         match self {
-            Scalar::Str(s) => Some(s),
+            Scalar::Str(s) => Some(s.into_owned()),
             Scalar::Int(i) => Some(i.to_string()),
             Scalar::Float(f) => Some(f.to_string()),
             Scalar::Bool(b) => Some(b.to_string()),
@@ -474,7 +480,7 @@ impl Scalar {
     }
 }
 
-fn lenient_i32<E: de::Error>(v: Scalar) -> Result<i32, E> {
+fn lenient_i32<E: de::Error>(v: Scalar<'_>) -> Result<i32, E> {
     match v {
         Scalar::Int(i) => i32::try_from(i).map_err(E::custom),
         Scalar::Str(s) => s.trim().parse().map_err(E::custom),
@@ -483,7 +489,7 @@ fn lenient_i32<E: de::Error>(v: Scalar) -> Result<i32, E> {
     }
 }
 
-fn lenient_language(v: Scalar) -> u8 {
+fn lenient_language(v: Scalar<'_>) -> u8 {
     match v {
         Scalar::Str(s) => s.parse::<u8>().unwrap_or_else(|_| language_from_name(&s)),
         Scalar::Int(i) => u8::try_from(i).unwrap_or(LANGUAGE_OTHER),

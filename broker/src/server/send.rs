@@ -67,7 +67,7 @@ impl Broker {
         } else {
             SendMessageRequestHeader::from_ext(&req.ext_fields)
         };
-        let h = match h {
+        let mut h = match h {
             Ok(h) => h,
             Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
         };
@@ -135,7 +135,7 @@ impl Broker {
             vec![(
                 h.flag.unwrap_or(0),
                 req.body.clone(),
-                h.properties.clone().unwrap_or_default(),
+                h.properties.take().unwrap_or_default(),
             )]
         };
         if let Some((_, b, _)) = items
@@ -256,11 +256,14 @@ impl Broker {
             return req.error_to(ResponseCode::SystemError, "nothing was stored");
         };
         let host = self.store.config().store_host;
-        let msg_id = results
-            .iter()
-            .map(|r| offset_msg_id(&host, r.physical_offset as i64))
-            .collect::<Vec<_>>()
-            .join(",");
+        let msg_id = match results {
+            [one] => offset_msg_id(&host, one.physical_offset as i64),
+            _ => results
+                .iter()
+                .map(|r| offset_msg_id(&host, r.physical_offset as i64))
+                .collect::<Vec<_>>()
+                .join(","),
+        };
         let mut resp = req.response_to(status);
         if status != ResponseCode::Success {
             resp.remark = Some(format!("message stored, but: {status:?}"));

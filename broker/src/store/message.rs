@@ -238,7 +238,7 @@ impl NewMessage {
     }
 }
 
-fn put_host(dst: &mut BytesMut, addr: &SocketAddr) {
+fn put_host(dst: &mut impl BufMut, addr: &SocketAddr) {
     match addr.ip() {
         IpAddr::V4(ip) => dst.put_slice(&ip.octets()),
         IpAddr::V6(ip) => dst.put_slice(&ip.octets()),
@@ -293,10 +293,13 @@ impl StoredMessage {
 
 /// Offset message id of a commit-log offset on a store host.
 pub fn offset_msg_id(store_host: &SocketAddr, physical_offset: i64) -> String {
-    let mut b = BytesMut::with_capacity(28);
-    put_host(&mut b, store_host);
-    b.put_i64(physical_offset);
-    hex_upper(&b)
+    // An IPv6 host, its port and the offset: 28 bytes at most, built on the stack.
+    let mut raw = [0u8; 28];
+    let mut rest = &mut raw[..];
+    put_host(&mut rest, store_host);
+    rest.put_i64(physical_offset);
+    let used = 28 - rest.len();
+    hex_upper(&raw[..used])
 }
 
 /// RocketMQ's CRC32 of a body (BODYCRC, REGISTER_BROKER's bodyCrc32): the IEEE CRC32 with
@@ -587,6 +590,13 @@ mod tests {
             d.sys_flag & (FLAG_BORN_V6 | FLAG_STORE_V6),
             FLAG_BORN_V6 | FLAG_STORE_V6
         );
+        // An IPv6 store host makes the longest message id: 16 + 4 + 8 bytes.
+        let id = offset_msg_id(&store, 0x1234);
+        assert_eq!(
+            id,
+            format!("{}00002A9F0000000000001234", "0".repeat(30) + "01")
+        );
+        assert_eq!(parse_offset_msg_id(&id), Some(0x1234));
     }
 
     #[test]
