@@ -175,12 +175,14 @@ async fn serve_connection<P: Processor>(
                     let handling = Counted::new(&peer.busy);
                     let (processor, peer) = (&*processor, &peer);
                     let code = request.code;
-                    let run = async move {
+                    // Boxed once here: the handler's state is large (1.7 KB), and the
+                    // wrappers below and the set's own task would each copy it again.
+                    let run = Box::pin(async move {
                         let oneway = request.is_oneway();
                         let response = processor.process(request, peer).await;
                         drop(handling);
                         response.filter(|_| !oneway)
-                    };
+                    });
                     // A bug in one request must not take the connection's other requests down.
                     requests.push(AssertUnwindSafe(run).catch_unwind().map(move |r| {
                         r.unwrap_or_else(|_| {
