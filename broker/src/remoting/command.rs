@@ -277,7 +277,8 @@ fn decode_json_header(header: &[u8]) -> Result<RemotingCommand, RemotingError> {
 
 /// Writes the JSON header Java's `RemotingSerializable` reads: the same fields in the same
 /// order serde_json gives a struct of them. Written field by field, because this runs for every
-/// answer and request: serde_json's serializer made about 180 small writes per send answer.
+/// answer and request, and serde_json's serializer wrote each string in three small pieces
+/// after checking it byte by byte (4,100 instructions per send answer against 2,150 now).
 fn encode_json_header(cmd: &RemotingCommand, dst: &mut BytesMut) {
     let mut int = itoa::Buffer::new();
     dst.extend_from_slice(b"{\"code\":");
