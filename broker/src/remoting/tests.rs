@@ -257,6 +257,38 @@ fn json_header_bytes(cmd: &RemotingCommand) -> Vec<u8> {
     frame[8..8 + header_len as usize].to_vec()
 }
 
+fn reference_json_header(cmd: &RemotingCommand) -> Vec<u8> {
+    serde_json::to_vec(&ReferenceJsonHeader {
+        code: cmd.code,
+        language: command::language_name(cmd.language),
+        version: cmd.version,
+        opaque: cmd.opaque,
+        flag: cmd.flag,
+        remark: cmd.remark.as_deref(),
+        ext_fields: &cmd.ext_fields,
+        serialize_type_current_r_p_c: "JSON",
+    })
+    .unwrap()
+}
+
+#[test]
+fn every_ascii_character_is_escaped_as_serde_json_escapes_it() {
+    let ascii: String = (0u8..128).map(char::from).collect();
+    let cmd = RemotingCommand {
+        remark: Some(format!("{ascii}é{ascii}")),
+        ext_fields: [(ascii.as_str(), ascii.as_str()), ("i", "UNIQ\u{1}x\u{2}")]
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    };
+    let ours = json_header_bytes(&cmd);
+    assert_eq!(
+        String::from_utf8_lossy(&ours),
+        String::from_utf8_lossy(&reference_json_header(&cmd))
+    );
+    assert!(String::from_utf8_lossy(&ours).contains(r#""UNIQ\u0001x\u0002""#));
+}
+
 proptest! {
     #[test]
     fn json_headers_are_written_as_serde_json_writes_them(
@@ -278,17 +310,7 @@ proptest! {
             ext_fields: ext.into_iter().collect(),
             ..Default::default()
         };
-        let reference = serde_json::to_vec(&ReferenceJsonHeader {
-            code,
-            language: command::language_name(language),
-            version,
-            opaque,
-            flag,
-            remark: cmd.remark.as_deref(),
-            ext_fields: &cmd.ext_fields,
-            serialize_type_current_r_p_c: "JSON",
-        })
-        .unwrap();
+        let reference = reference_json_header(&cmd);
         let ours = json_header_bytes(&cmd);
         prop_assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&reference));
     }
