@@ -658,6 +658,12 @@ impl MessageStore {
         }
         let written = self.commitlog.append(buf).and_then(|at| {
             debug_assert_eq!(at, start);
+            if self.cfg.flush == FlushDiskType::Sync {
+                // A hint: the flush still makes the data durable if this fails.
+                if let Err(e) = self.commitlog.start_writeback(at, buf.len() as u64) {
+                    tracing::debug!(error = %e, "starting commit-log write-back failed");
+                }
+            }
             for (_, entries) in staged.iter() {
                 for (cq, r, tags_code) in entries {
                     cq.put(

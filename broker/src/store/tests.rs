@@ -413,6 +413,31 @@ fn a_handed_off_group_write_survives_its_runtime_going_away() {
 }
 
 #[test]
+fn write_back_starts_on_written_ranges_and_skips_missing_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Sync)).unwrap();
+    let r = fill(&store, 3);
+    let log = store.commitlog();
+    let (start, end) = (r[0].physical_offset, r[2].end);
+    // The system call accepts what the store passes it (bad flags or ranges are errors).
+    log.start_writeback(start, end - start).unwrap();
+    log.start_writeback(end - 1, 1).unwrap();
+    // No segment there yet: nothing to write, not an error.
+    log.start_writeback(10 * 64 * 1024, 4096).unwrap();
+    // Write-back is only a start: the data still reads back, and the flush still covers it.
+    assert_eq!(log.flush().unwrap(), end);
+    // Messages 0 and 2 went to queue 0.
+    assert_eq!(
+        store
+            .get("T", 0, 0, 32, usize::MAX, |_| true)
+            .unwrap()
+            .count,
+        2
+    );
+    store.shutdown();
+}
+
+#[test]
 fn zeroes_prepared_ahead_never_touch_data() {
     let dir = tempfile::tempdir().unwrap();
     let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
