@@ -61,7 +61,9 @@ ports_free() {
 start_ferromq() {
   ports_free
   local dir=$OUT/ferromq
-  rm -rf "$dir" && mkdir -p "$dir"
+  # Deleting the last run's store (gigabytes after the backlog scenario) makes the file system
+  # discard its blocks; `sync` waits for that, so the next scenario does not share the disk.
+  rm -rf "$dir" && sync && mkdir -p "$dir"
   "$BIN/mqnamesrv" --listen-port 19876 --http-port 19877 --bind 127.0.0.1 >"$dir/ns.log" 2>&1 &
   PIDS+=($!)
   wait_port 127.0.0.1:19876
