@@ -118,6 +118,7 @@ fn store_config(root: &std::path::Path) -> StoreConfig {
         sync_flush_timeout_ms: 5_000,
         file_reserved_hours: 72,
         store_host: SocketAddr::from(([127, 0, 0, 1], 10_911)),
+        prepare_ahead: true,
     }
 }
 

@@ -175,6 +175,7 @@ mod tests {
             sync_flush_timeout_ms: 5000,
             file_reserved_hours: 72,
             store_host: "127.0.0.1:1".parse().unwrap(),
+            prepare_ahead: true,
         })
         .unwrap();
         let sched = Scheduler::load(dir.path()).unwrap();

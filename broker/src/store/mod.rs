@@ -133,6 +133,10 @@ pub struct StoreConfig {
     pub file_reserved_hours: u64,
     /// Address written into stored messages and message ids.
     pub store_host: SocketAddr,
+    /// Whether a thread keeps zeroes written ahead of the commit log's end, so appends (and a
+    /// slave's replicated writes) land in pages that exist; under SYNC_FLUSH the zeroes are
+    /// synced too, so a group commit has only data to write.
+    pub prepare_ahead: bool,
 }
 
 /// Where a stored message landed.
@@ -209,8 +213,8 @@ struct FlushShared {
     stop: AtomicBool,
 }
 
-/// How far ahead of the commit log's end synced zeroes are kept under SYNC_FLUSH (between
-/// half of this and all of it): about half a second of appends at full speed.
+/// How far ahead of the commit log's end zeroes are kept (between half of this and all of
+/// it): about half a second of appends at full speed.
 const PREPARE_AHEAD: u64 = 16 << 20;
 
 /// The broker's storage engine.
@@ -410,7 +414,7 @@ impl MessageStore {
         // Mark the store as running: a crash from now on must recover.
         store.write_checkpoint(end, false)?;
         let mut started = store.start_thread("commitlog-flush", Self::flush_loop);
-        if started.is_ok() && store.cfg.flush == FlushDiskType::Sync {
+        if started.is_ok() && store.cfg.prepare_ahead {
             started = store.start_thread("commitlog-prepare", Self::prepare_loop);
         }
         if let Err(e) = started {
@@ -811,8 +815,9 @@ impl MessageStore {
         }
     }
 
-    /// Under SYNC_FLUSH, keeps synced zeroes ahead of the commit log's end (see
-    /// [`CommitLog::prepare_ahead`]), so each group commit has only data to write.
+    /// Keeps zeroes ahead of the commit log's end (see [`CommitLog::prepare_ahead`]): writes
+    /// then fill pages that exist instead of allocating them, and under SYNC_FLUSH, where the
+    /// zeroes are synced, each group commit has only data to write.
     fn prepare_loop(&self) {
         let mut idle = Duration::from_millis(1);
         let mut refilling = false;
@@ -821,8 +826,10 @@ impl MessageStore {
                 Ok(Some(seg)) => {
                     // Synced piece by piece: a group commit never finds more than one piece of
                     // dirty zeroes to write along with its sends.
-                    if let Err(e) = seg.sync_data() {
-                        tracing::warn!(error = %e, "syncing prepared commit-log pages failed");
+                    if self.cfg.flush == FlushDiskType::Sync {
+                        if let Err(e) = seg.sync_data() {
+                            tracing::warn!(error = %e, "syncing prepared commit-log pages failed");
+                        }
                     }
                     refilling = true;
                     idle = Duration::from_millis(1);

@@ -21,6 +21,7 @@ fn cfg(root: &Path, flush: FlushDiskType) -> StoreConfig {
         sync_flush_timeout_ms: 5_000,
         file_reserved_hours: 72,
         store_host: "127.0.0.1:10911".parse().unwrap(),
+        prepare_ahead: true,
     }
 }
 
@@ -438,9 +439,39 @@ fn write_back_starts_on_written_ranges_and_skips_missing_segments() {
 }
 
 #[test]
-fn zeroes_prepared_ahead_never_touch_data() {
+fn zeroes_are_prepared_ahead_under_async_flush_too() {
+    use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
     let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    store.append(&[msg("T", 0, 0, "A")]).unwrap();
+    // The segment is created sparse; the preparer fills the rest of it (64 KiB here) with
+    // zeroes, which gives it blocks.
+    let seg = dir.path().join("commitlog").join(format!("{:020}", 0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let allocated = || std::fs::metadata(&seg).unwrap().blocks() * 512;
+    while allocated() < 64 * 1024 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(allocated() >= 64 * 1024, "{} bytes allocated", allocated());
+    assert_eq!(
+        store
+            .get("T", 0, 0, 32, usize::MAX, |_| true)
+            .unwrap()
+            .count,
+        1
+    );
+    store.shutdown();
+}
+
+#[test]
+fn zeroes_prepared_ahead_never_touch_data() {
+    let dir = tempfile::tempdir().unwrap();
+    // Driven by hand here, without the background thread.
+    let store = MessageStore::open(StoreConfig {
+        prepare_ahead: false,
+        ..cfg(dir.path(), FlushDiskType::Async)
+    })
+    .unwrap();
     let log = store.commitlog();
     let first = store.append(&[msg("T", 0, 0, "A")]).unwrap();
     let end = log.max_offset();
