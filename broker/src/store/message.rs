@@ -298,8 +298,8 @@ pub fn offset_msg_id(store_host: &SocketAddr, physical_offset: i64) -> String {
     let mut rest = &mut raw[..];
     put_host(&mut rest, store_host);
     rest.put_i64(physical_offset);
-    let used = 28 - rest.len();
-    hex_upper(&raw[..used])
+    let unused = rest.len();
+    hex_upper(&raw[..raw.len() - unused])
 }
 
 /// RocketMQ's CRC32 of a body (BODYCRC, REGISTER_BROKER's bodyCrc32): the IEEE CRC32 with

@@ -413,6 +413,14 @@ fn a_handed_off_group_write_survives_its_runtime_going_away() {
     store.shutdown();
 }
 
+/// How many messages of topic `T` queue `queue` holds, read back through the store.
+fn messages_in_queue(store: &MessageStore, queue: i32) -> usize {
+    store
+        .get("T", queue, 0, 32, usize::MAX, |_| true)
+        .unwrap()
+        .count
+}
+
 #[test]
 fn write_back_starts_on_written_ranges_and_skips_missing_segments() {
     let dir = tempfile::tempdir().unwrap();
@@ -428,13 +436,7 @@ fn write_back_starts_on_written_ranges_and_skips_missing_segments() {
     // Write-back is only a start: the data still reads back, and the flush still covers it.
     assert_eq!(log.flush().unwrap(), end);
     // Messages 0 and 2 went to queue 0.
-    assert_eq!(
-        store
-            .get("T", 0, 0, 32, usize::MAX, |_| true)
-            .unwrap()
-            .count,
-        2
-    );
+    assert_eq!(messages_in_queue(&store, 0), 2);
     store.shutdown();
 }
 
@@ -453,13 +455,7 @@ fn zeroes_are_prepared_ahead_under_async_flush_too() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(allocated() >= 64 * 1024, "{} bytes allocated", allocated());
-    assert_eq!(
-        store
-            .get("T", 0, 0, 32, usize::MAX, |_| true)
-            .unwrap()
-            .count,
-        1
-    );
+    assert_eq!(messages_in_queue(&store, 0), 1);
     store.shutdown();
 }
 
