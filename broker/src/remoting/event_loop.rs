@@ -101,37 +101,21 @@ impl EventLoops {
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let Some(target) = self
+        let target = self
             .loops
             .iter()
-            .min_by_key(|l| l.connections.load(Ordering::Relaxed))
-        else {
-            tokio::spawn(serve(socket));
-            return;
-        };
-        // The socket is registered with the accepting runtime's reactor: move it out, and
-        // register it again with the loop's.
-        let socket = match socket.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot hand a connection to its event loop");
-                return;
-            }
-        };
-        let count = Counted::new(&target.connections);
-        let job: Job = Box::new(move |tasks| match TcpStream::from_std(socket) {
-            Ok(socket) => {
-                let served = serve(socket);
-                tasks.spawn(async move {
-                    served.await;
-                    drop(count);
-                });
-            }
-            Err(e) => tracing::warn!(error = %e, "event loop cannot register a connection"),
-        });
-        if target.jobs.send(job).is_err() {
-            tracing::debug!("event loop already stopped; connection dropped");
-        }
+            .min_by_key(|l| l.connections.load(Ordering::Relaxed));
+        hand_over(
+            target.map(|l| (&l.jobs, Some(&l.connections))),
+            socket,
+            serve,
+        );
+    }
+
+    /// A handle that places connections on the first loop without counting them, so the
+    /// first client connection joins them there (see `FirstLoop`).
+    pub fn first_loop(&self) -> FirstLoop {
+        FirstLoop(self.loops.first().map(|l| l.jobs.clone()))
     }
 
     /// Waits until every loop has stopped and dropped its connections.
@@ -140,6 +124,61 @@ impl EventLoops {
             drop(l.jobs);
             let _ = l.exited.await;
         }
+    }
+}
+
+/// Places connections on a server's first event loop, uncounted: replication connections,
+/// whose work is driven by the sends of the client connections that share that loop.
+#[derive(Clone)]
+pub struct FirstLoop(Option<mpsc::UnboundedSender<Job>>);
+
+impl FirstLoop {
+    /// Runs `serve(socket)` on the first loop (on the caller's runtime without loops).
+    pub fn spawn<F, Fut>(&self, socket: TcpStream, serve: F)
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        hand_over(self.0.as_ref().map(|j| (j, None)), socket, serve);
+    }
+}
+
+/// Moves `socket` to the loop behind `target` (its jobs, and the count to hold while the
+/// connection lives) and serves it there; without a target, serves it on the caller's runtime.
+fn hand_over<F, Fut>(
+    target: Option<(&mpsc::UnboundedSender<Job>, Option<&Arc<AtomicUsize>>)>,
+    socket: TcpStream,
+    serve: F,
+) where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some((jobs, count)) = target else {
+        tokio::spawn(serve(socket));
+        return;
+    };
+    // The socket is registered with the accepting runtime's reactor: move it out, and
+    // register it again with the loop's.
+    let socket = match socket.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot hand a connection to its event loop");
+            return;
+        }
+    };
+    let count = count.map(Counted::new);
+    let job: Job = Box::new(move |tasks| match TcpStream::from_std(socket) {
+        Ok(socket) => {
+            let served = serve(socket);
+            tasks.spawn(async move {
+                served.await;
+                drop(count);
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "event loop cannot register a connection"),
+    });
+    if jobs.send(job).is_err() {
+        tracing::debug!("event loop already stopped; connection dropped");
     }
 }
 
@@ -177,19 +216,22 @@ mod tests {
         for _ in 0..n {
             let (socket, _) = listener.accept().await.unwrap();
             let stop = stop.clone();
-            loops.spawn(socket, |mut s| async move {
-                let mut b = [0u8; 1];
-                if s.read_exact(&mut b).await.is_ok() {
-                    let name = std::thread::current().name().unwrap_or("").to_string();
-                    let _ = s.write_all(name.as_bytes()).await;
-                    let _ = s.shutdown().await;
-                }
-                // Stay open, so the loop counts this connection.
-                tokio::select! {
-                    _ = s.read(&mut b) => {}
-                    _ = stop.cancelled() => {}
-                }
-            });
+            loops.spawn(socket, |s| answer_thread_name(s, stop));
+        }
+    }
+
+    /// Answers one byte with the name of the thread serving `s`, then stays open (so its loop
+    /// counts it) until the client goes or `stop` fires.
+    async fn answer_thread_name(mut s: TcpStream, stop: CancellationToken) {
+        let mut b = [0u8; 1];
+        if s.read_exact(&mut b).await.is_ok() {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            let _ = s.write_all(name.as_bytes()).await;
+            let _ = s.shutdown().await;
+        }
+        tokio::select! {
+            _ = s.read(&mut b) => {}
+            _ = stop.cancelled() => {}
         }
     }
 
@@ -228,6 +270,36 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(5), loops.join())
             .await
             .expect("loops stop on shutdown");
+        drop(open);
+    }
+
+    #[tokio::test]
+    async fn the_first_loop_takes_uncounted_connections() {
+        let stop = CancellationToken::new();
+        let loops = EventLoops::start("test-io", 2, &stop).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clients = tokio::spawn(async move {
+            let mut names = Vec::new();
+            let mut open = Vec::new();
+            for _ in 0..3 {
+                let mut c = TcpStream::connect(addr).await.unwrap();
+                names.push(ask(&mut c).await);
+                open.push(c);
+            }
+            (names, open)
+        });
+        // The first connection stands for a replication connection: first loop, not counted.
+        let (socket, _) = listener.accept().await.unwrap();
+        let first = loops.first_loop();
+        let s = stop.clone();
+        first.spawn(socket, |socket| answer_thread_name(socket, s));
+        serve_n(&loops, &listener, 2, &stop).await;
+        let (names, open) = clients.await.unwrap();
+        // The next client connection still finds the first loop empty and joins it there.
+        assert_eq!(names, ["test-io-0", "test-io-0", "test-io-1"]);
+        stop.cancel();
+        loops.join().await;
         drop(open);
     }
 

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     ReplicationError, SyncWaitError, HEARTBEAT, HELLO_MAGIC, HELLO_VERSION, IDLE_TIMEOUT, MAX_CHUNK,
 };
+use crate::remoting::event_loop::FirstLoop;
 use crate::store::MessageStore;
 
 /// What the master knows of one connected slave.
@@ -145,6 +146,7 @@ pub async fn serve(
     store: Arc<MessageStore>,
     state: Arc<ReplicationMaster>,
     shutdown: CancellationToken,
+    place: FirstLoop,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -161,7 +163,7 @@ pub async fn serve(
         };
         let _ = socket.set_nodelay(true);
         let (store, state, stop) = (store.clone(), state.clone(), shutdown.child_token());
-        tokio::spawn(async move {
+        place.spawn(socket, move |socket| async move {
             match serve_slave(socket, addr, store, state, stop).await {
                 Ok(()) => tracing::info!(slave = %addr, "slave disconnected"),
                 Err(e) => tracing::warn!(slave = %addr, error = %e, "slave connection ended"),
@@ -295,22 +297,19 @@ async fn stream(
 ) -> Result<(), ReplicationError> {
     let log = store.commitlog();
     let mut last_sent = Instant::now();
-    let mut frame = Vec::with_capacity(MAX_CHUNK as usize + 12);
+    let mut frame = Vec::with_capacity(FRAME_HEAD + MAX_CHUNK as usize);
     loop {
         let appended = store.appended.notified();
         tokio::pin!(appended);
         appended.as_mut().enable();
         let len = log.chunk_len(next, MAX_CHUNK);
         if len > 0 || last_sent.elapsed() >= HEARTBEAT {
-            let data = if len > 0 {
-                log.read(next, len as usize)?
-            } else {
-                bytes::Bytes::new()
-            };
+            // The chunk is read straight into the frame, behind its header: one copy.
             frame.clear();
             frame.extend_from_slice(&next.to_be_bytes());
-            frame.extend_from_slice(&(data.len() as u32).to_be_bytes());
-            frame.extend_from_slice(&data);
+            frame.extend_from_slice(&(len as u32).to_be_bytes());
+            frame.resize(FRAME_HEAD + len as usize, 0);
+            log.read_into(next, &mut frame[FRAME_HEAD..])?;
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 w = wr.write_all(&frame) => w.map_err(io(peer))?,
@@ -332,6 +331,9 @@ async fn stream(
         }
     }
 }
+
+/// Bytes before a chunk's data: its start offset and its size.
+const FRAME_HEAD: usize = 12;
 
 /// Removes a send's registration from the waiters when its wait ends.
 struct ForgetWait<'a>(&'a ReplicationMaster, (u64, u64));

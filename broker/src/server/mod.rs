@@ -820,6 +820,7 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             source,
         }
     })?;
+    let first_loop = loops.first_loop();
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(serve(
         listener,
@@ -848,6 +849,7 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             broker.store.clone(),
             state.clone(),
             shutdown.clone(),
+            first_loop,
         )));
     } else {
         let me = SlaveIdentity {

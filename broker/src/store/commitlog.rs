@@ -354,17 +354,23 @@ impl CommitLog {
 
     /// Reads `len` bytes at `offset`; the range must lie within one segment.
     pub fn read(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
-        if offset + len as u64 > self.max_offset() {
+        let mut buf = BytesMut::zeroed(len);
+        self.read_into(offset, &mut buf)?;
+        Ok(buf.freeze())
+    }
+
+    /// Fills `buf` with the bytes at `offset` (within one segment), for callers that frame
+    /// them in a buffer of their own (replication) and would otherwise copy them twice.
+    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        if offset + buf.len() as u64 > self.max_offset() {
             return Err(StoreError::OutOfRange { offset });
         }
         let seg = self
             .segment_for(offset)
             .ok_or(StoreError::OutOfRange { offset })?;
-        let mut buf = BytesMut::zeroed(len);
         seg.file
-            .read_exact_at(&mut buf, offset - seg.base)
-            .map_err(|e| StoreError::io(&seg.path, e))?;
-        Ok(buf.freeze())
+            .read_exact_at(buf, offset - seg.base)
+            .map_err(|e| StoreError::io(&seg.path, e))
     }
 
     /// Reads and decodes the message at `offset`.
