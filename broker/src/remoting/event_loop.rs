@@ -242,6 +242,22 @@ mod tests {
         name
     }
 
+    /// Opens `n` connections to `addr` one after another, asking each its thread's name; keeps
+    /// them open.
+    async fn connect_and_ask(
+        addr: std::net::SocketAddr,
+        n: usize,
+    ) -> (Vec<String>, Vec<TcpStream>) {
+        let mut names = Vec::new();
+        let mut open = Vec::new();
+        for _ in 0..n {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            names.push(ask(&mut c).await);
+            open.push(c);
+        }
+        (names, open)
+    }
+
     #[tokio::test]
     async fn connections_spread_over_loops_and_stop_with_the_token() {
         let stop = CancellationToken::new();
@@ -249,16 +265,7 @@ mod tests {
         assert_eq!(loops.threads(), 2);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let clients = tokio::spawn(async move {
-            let mut names = Vec::new();
-            let mut open = Vec::new();
-            for _ in 0..4 {
-                let mut c = TcpStream::connect(addr).await.unwrap();
-                names.push(ask(&mut c).await);
-                open.push(c);
-            }
-            (names, open)
-        });
+        let clients = tokio::spawn(connect_and_ask(addr, 4));
         serve_n(&loops, &listener, 4, &stop).await;
         let (mut names, open) = clients.await.unwrap();
         names.sort();
@@ -279,16 +286,7 @@ mod tests {
         let loops = EventLoops::start("test-io", 2, &stop).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let clients = tokio::spawn(async move {
-            let mut names = Vec::new();
-            let mut open = Vec::new();
-            for _ in 0..3 {
-                let mut c = TcpStream::connect(addr).await.unwrap();
-                names.push(ask(&mut c).await);
-                open.push(c);
-            }
-            (names, open)
-        });
+        let clients = tokio::spawn(connect_and_ask(addr, 3));
         // The first connection stands for a replication connection: first loop, not counted.
         let (socket, _) = listener.accept().await.unwrap();
         let first = loops.first_loop();
