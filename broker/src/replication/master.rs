@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -289,7 +289,7 @@ async fn serve_slave(
 }
 
 async fn stream(
-    wr: &mut OwnedWriteHalf,
+    wr: &mut (impl AsyncWrite + Unpin),
     peer: SocketAddr,
     store: &MessageStore,
     mut next: u64,
@@ -317,6 +317,11 @@ async fn stream(
             next += len;
             last_sent = Instant::now();
             if len > 0 {
+                // A slave catching up finds chunk after chunk ready, and its socket rarely
+                // full: let the loop's client connections run between chunks.
+                if log.chunk_len(next, MAX_CHUNK) > 0 {
+                    tokio::task::yield_now().await;
+                }
                 continue;
             }
         }
@@ -414,6 +419,87 @@ mod tests {
             m.wait(100, 100, short).await,
             Err(SyncWaitError::NoSlave)
         ));
+    }
+
+    /// A socket that takes everything at once, counting the bytes.
+    struct Counting(Arc<AtomicU64>);
+
+    impl AsyncWrite for Counting {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.0.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slave_catching_up_lets_the_loops_other_tasks_run_between_chunks() {
+        const SEGMENT: u64 = 64 * 1024;
+        const SEGMENTS: u64 = 8;
+        let dir = tempfile::tempdir().unwrap();
+        let store = MessageStore::open(crate::store::StoreConfig {
+            root: dir.path().to_path_buf(),
+            segment_size: SEGMENT,
+            flush: crate::store::FlushDiskType::Async,
+            flush_interval_ms: 20,
+            flush_least_pages: 4,
+            flush_thorough_interval_ms: 100,
+            sync_flush_timeout_ms: 5_000,
+            file_reserved_hours: 72,
+            store_host: "127.0.0.1:10911".parse().unwrap(),
+            prepare_ahead: false,
+        })
+        .unwrap();
+        // A log the slave has none of: one chunk per segment.
+        for i in 0..SEGMENTS {
+            store
+                .replicate(i * SEGMENT, &[7u8; SEGMENT as usize])
+                .unwrap();
+        }
+        let total = SEGMENTS * (FRAME_HEAD as u64 + SEGMENT);
+        let sent = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let streaming = {
+            let (store, stop, mut socket) = (store.clone(), stop.clone(), Counting(sent.clone()));
+            tokio::spawn(async move {
+                let peer = "127.0.0.1:1".parse().unwrap();
+                stream(&mut socket, peer, &store, 0, &stop).await
+            })
+        };
+        // Spawned after the stream on the same thread: it runs when the stream first yields.
+        let seen = tokio::spawn({
+            let sent = sent.clone();
+            async move { sent.load(Ordering::Relaxed) }
+        });
+        let seen = seen.await.unwrap();
+        assert!(
+            seen > 0 && seen < total,
+            "the stream sent {seen} of {total} bytes before another task ran"
+        );
+        while sent.load(Ordering::Relaxed) < total {
+            tokio::task::yield_now().await;
+        }
+        stop.cancel();
+        streaming.await.unwrap().unwrap();
+        assert_eq!(sent.load(Ordering::Relaxed), total, "all chunks, once each");
+        store.shutdown();
     }
 
     fn long() -> Duration {
