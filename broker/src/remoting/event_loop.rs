@@ -118,7 +118,8 @@ impl EventLoops {
         FirstLoop(self.loops.first().map(|l| l.jobs.clone()))
     }
 
-    /// Waits until every loop has stopped and dropped its connections.
+    /// Waits until every loop has stopped and dropped its connections. While a `FirstLoop`
+    /// handle lives, the first loop stops only through the shutdown token.
     pub async fn join(self) {
         for l in self.loops {
             drop(l.jobs);
@@ -128,7 +129,8 @@ impl EventLoops {
 }
 
 /// Places connections on a server's first event loop, uncounted: replication connections,
-/// whose work is driven by the sends of the client connections that share that loop.
+/// whose work is driven by the sends of the client connections that share that loop. It
+/// holds the loop's job queue open: drop it before relying on `EventLoops::join` alone.
 #[derive(Clone)]
 pub struct FirstLoop(Option<mpsc::UnboundedSender<Job>>);
 

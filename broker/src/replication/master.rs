@@ -140,13 +140,14 @@ impl ReplicationMaster {
     }
 }
 
-/// Accepts slave connections on `listener` until `shutdown`.
+/// Accepts slave connections on `listener` until `shutdown`, serving each on `first_loop`, the
+/// event loop whose client connections' sends wake it without a cross-thread hop.
 pub async fn serve(
     listener: TcpListener,
     store: Arc<MessageStore>,
     state: Arc<ReplicationMaster>,
     shutdown: CancellationToken,
-    place: FirstLoop,
+    first_loop: FirstLoop,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -163,7 +164,7 @@ pub async fn serve(
         };
         let _ = socket.set_nodelay(true);
         let (store, state, stop) = (store.clone(), state.clone(), shutdown.child_token());
-        place.spawn(socket, move |socket| async move {
+        first_loop.spawn(socket, move |socket| async move {
             match serve_slave(socket, addr, store, state, stop).await {
                 Ok(()) => tracing::info!(slave = %addr, "slave disconnected"),
                 Err(e) => tracing::warn!(slave = %addr, error = %e, "slave connection ended"),
@@ -281,18 +282,22 @@ async fn serve_slave(
             }
         }
     });
-    let result = stream(&mut wr, peer, &store, first.max(log.min_offset()), &stop).await;
+    let start = first.max(log.min_offset());
+    let result = stream(&mut wr, peer, &store, start, HEARTBEAT, &stop).await;
     stop.cancel();
     let _ = reader.await;
     state.remove(id);
     result
 }
 
+/// Sends the commit log from `next` on, chunk by chunk as it grows, and an empty frame after
+/// `heartbeat` without data so the slave knows its master is alive.
 async fn stream(
     wr: &mut (impl AsyncWrite + Unpin),
     peer: SocketAddr,
     store: &MessageStore,
     mut next: u64,
+    heartbeat: Duration,
     stop: &CancellationToken,
 ) -> Result<(), ReplicationError> {
     let log = store.commitlog();
@@ -303,13 +308,18 @@ async fn stream(
         tokio::pin!(appended);
         appended.as_mut().enable();
         let len = log.chunk_len(next, MAX_CHUNK);
-        if len > 0 || last_sent.elapsed() >= HEARTBEAT {
-            // The chunk is read straight into the frame, behind its header: one copy.
+        if len > 0 || last_sent.elapsed() >= heartbeat {
             frame.clear();
             frame.extend_from_slice(&next.to_be_bytes());
             frame.extend_from_slice(&(len as u32).to_be_bytes());
-            frame.resize(FRAME_HEAD + len as usize, 0);
-            log.read_into(next, &mut frame[FRAME_HEAD..])?;
+            if len > 0 {
+                // The chunk is read straight into the frame, behind its header: one copy. A
+                // heartbeat reads nothing: at the end of the log there may be no segment.
+                // Recent data comes from the page cache; a slave far behind reads cold data,
+                // and that read holds up the loop for as long as the disk takes.
+                frame.resize(FRAME_HEAD + len as usize, 0);
+                log.read_into(next, &mut frame[FRAME_HEAD..])?;
+            }
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 w = wr.write_all(&frame) => w.map_err(io(peer))?,
@@ -332,7 +342,7 @@ async fn stream(
                 // acknowledgement for all of them.
                 tokio::task::yield_now().await;
             }
-            _ = tokio::time::sleep(HEARTBEAT) => {}
+            _ = tokio::time::sleep(heartbeat) => {}
         }
     }
 }
@@ -454,19 +464,7 @@ mod tests {
         const SEGMENT: u64 = 64 * 1024;
         const SEGMENTS: u64 = 8;
         let dir = tempfile::tempdir().unwrap();
-        let store = MessageStore::open(crate::store::StoreConfig {
-            root: dir.path().to_path_buf(),
-            segment_size: SEGMENT,
-            flush: crate::store::FlushDiskType::Async,
-            flush_interval_ms: 20,
-            flush_least_pages: 4,
-            flush_thorough_interval_ms: 100,
-            sync_flush_timeout_ms: 5_000,
-            file_reserved_hours: 72,
-            store_host: "127.0.0.1:10911".parse().unwrap(),
-            prepare_ahead: false,
-        })
-        .unwrap();
+        let store = store_in(dir.path(), SEGMENT);
         // A log the slave has none of: one chunk per segment.
         for i in 0..SEGMENTS {
             store
@@ -480,7 +478,7 @@ mod tests {
             let (store, stop, mut socket) = (store.clone(), stop.clone(), Counting(sent.clone()));
             tokio::spawn(async move {
                 let peer = "127.0.0.1:1".parse().unwrap();
-                stream(&mut socket, peer, &store, 0, &stop).await
+                stream(&mut socket, peer, &store, 0, HEARTBEAT, &stop).await
             })
         };
         // Spawned after the stream on the same thread: it runs when the stream first yields.
@@ -493,13 +491,69 @@ mod tests {
             seen > 0 && seen < total,
             "the stream sent {seen} of {total} bytes before another task ran"
         );
-        while sent.load(Ordering::Relaxed) < total {
+        // A stream that failed ends early; its error is reported below.
+        while sent.load(Ordering::Relaxed) < total && !streaming.is_finished() {
             tokio::task::yield_now().await;
         }
         stop.cancel();
         streaming.await.unwrap().unwrap();
         assert_eq!(sent.load(Ordering::Relaxed), total, "all chunks, once each");
         store.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_slave_at_the_end_of_the_log_gets_heartbeats() {
+        const SEGMENT: u64 = 64 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_in(dir.path(), SEGMENT);
+        // First an empty log, then one that ends exactly where a segment ends: in both, no
+        // segment holds the slave's next offset.
+        for end in [0, SEGMENT] {
+            if end > 0 {
+                store.replicate(0, &[7u8; SEGMENT as usize]).unwrap();
+            }
+            let sent = Arc::new(AtomicU64::new(0));
+            let stop = CancellationToken::new();
+            let streaming = {
+                let (store, stop) = (store.clone(), stop.clone());
+                let mut socket = Counting(sent.clone());
+                tokio::spawn(async move {
+                    let peer = "127.0.0.1:1".parse().unwrap();
+                    let beat = Duration::from_millis(5);
+                    stream(&mut socket, peer, &store, end, beat, &stop).await
+                })
+            };
+            let beats = 3 * FRAME_HEAD as u64;
+            while sent.load(Ordering::Relaxed) < beats && !streaming.is_finished() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            stop.cancel();
+            let ended = streaming.await.unwrap();
+            assert!(ended.is_ok(), "log ending at {end}: {ended:?}");
+            assert!(sent.load(Ordering::Relaxed) >= beats);
+            assert_eq!(
+                sent.load(Ordering::Relaxed) % FRAME_HEAD as u64,
+                0,
+                "only empty frames"
+            );
+        }
+        store.shutdown();
+    }
+
+    fn store_in(root: &std::path::Path, segment_size: u64) -> Arc<MessageStore> {
+        MessageStore::open(crate::store::StoreConfig {
+            root: root.to_path_buf(),
+            segment_size,
+            flush: crate::store::FlushDiskType::Async,
+            flush_interval_ms: 20,
+            flush_least_pages: 4,
+            flush_thorough_interval_ms: 100,
+            sync_flush_timeout_ms: 5_000,
+            file_reserved_hours: 72,
+            store_host: "127.0.0.1:10911".parse().unwrap(),
+            prepare_ahead: false,
+        })
+        .unwrap()
     }
 
     fn long() -> Duration {
