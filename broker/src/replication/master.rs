@@ -541,17 +541,11 @@ mod tests {
     }
 
     fn store_in(root: &std::path::Path, segment_size: u64) -> Arc<MessageStore> {
-        MessageStore::open(crate::store::StoreConfig {
-            root: root.to_path_buf(),
+        use crate::store::{FlushDiskType, StoreConfig};
+        MessageStore::open(StoreConfig {
             segment_size,
-            flush: crate::store::FlushDiskType::Async,
-            flush_interval_ms: 20,
-            flush_least_pages: 4,
-            flush_thorough_interval_ms: 100,
-            sync_flush_timeout_ms: 5_000,
-            file_reserved_hours: 72,
-            store_host: "127.0.0.1:10911".parse().unwrap(),
             prepare_ahead: false,
+            ..StoreConfig::for_tests(root, FlushDiskType::Async)
         })
         .unwrap()
     }

@@ -166,16 +166,8 @@ mod tests {
     async fn delayed_message_reaches_its_topic_only_when_due() {
         let dir = tempfile::tempdir().unwrap();
         let store = MessageStore::open(StoreConfig {
-            root: dir.path().to_path_buf(),
             segment_size: 1 << 20,
-            flush: FlushDiskType::Async,
-            flush_interval_ms: 50,
-            flush_least_pages: 4,
-            flush_thorough_interval_ms: 1000,
-            sync_flush_timeout_ms: 5000,
-            file_reserved_hours: 72,
-            store_host: "127.0.0.1:1".parse().unwrap(),
-            prepare_ahead: true,
+            ..StoreConfig::for_tests(dir.path(), FlushDiskType::Async)
         })
         .unwrap();
         let sched = Scheduler::load(dir.path()).unwrap();

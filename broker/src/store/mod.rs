@@ -139,6 +139,26 @@ pub struct StoreConfig {
     pub prepare_ahead: bool,
 }
 
+#[cfg(test)]
+impl StoreConfig {
+    /// Small segments and short flush intervals, so tests cross segments and see flushes
+    /// quickly.
+    pub(crate) fn for_tests(root: &std::path::Path, flush: FlushDiskType) -> StoreConfig {
+        StoreConfig {
+            root: root.to_path_buf(),
+            segment_size: 64 * 1024,
+            flush,
+            flush_interval_ms: 20,
+            flush_least_pages: 4,
+            flush_thorough_interval_ms: 100,
+            sync_flush_timeout_ms: 5_000,
+            file_reserved_hours: 72,
+            store_host: "127.0.0.1:10911".parse().unwrap(),
+            prepare_ahead: true,
+        }
+    }
+}
+
 /// Where a stored message landed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PutResult {

@@ -11,18 +11,7 @@ use super::message::{format_properties, tag_hash, NewMessage, Properties, PROP_T
 use super::*;
 
 fn cfg(root: &Path, flush: FlushDiskType) -> StoreConfig {
-    StoreConfig {
-        root: root.to_path_buf(),
-        segment_size: 64 * 1024,
-        flush,
-        flush_interval_ms: 20,
-        flush_least_pages: 4,
-        flush_thorough_interval_ms: 100,
-        sync_flush_timeout_ms: 5_000,
-        file_reserved_hours: 72,
-        store_host: "127.0.0.1:10911".parse().unwrap(),
-        prepare_ahead: true,
-    }
+    StoreConfig::for_tests(root, flush)
 }
 
 fn msg(topic: &str, q: i32, seq: u64, tag: &str) -> NewMessage {
@@ -148,9 +137,13 @@ fn clean_restart_keeps_everything_without_a_scan() {
 #[test]
 fn torn_tail_is_truncated_and_lost_queue_entries_are_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
-    // ASYNC_FLUSH: under SYNC_FLUSH a thread writes zeroes ahead of the log, which would
-    // fill the hole this test needs (and race with the stale bytes it writes).
-    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    // Without zeroes prepared ahead: that thread outlives the forgotten store below and
+    // would fill the hole this test needs (and race with the torn and stale bytes it writes).
+    let store = MessageStore::open(StoreConfig {
+        prepare_ahead: false,
+        ..cfg(dir.path(), FlushDiskType::Async)
+    })
+    .unwrap();
     let results = fill(&store, 100);
     let end = store.commitlog().max_offset();
     // Simulate a crash: no clean checkpoint, a half-written message after the end, and
