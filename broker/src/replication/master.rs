@@ -283,21 +283,44 @@ async fn serve_slave(
         }
     });
     let start = first.max(log.min_offset());
-    let result = stream(&mut wr, peer, &store, start, HEARTBEAT, &stop).await;
+    let result = stream(&mut wr, peer, &store, start, Pace::default(), &stop).await;
     stop.cancel();
     let _ = reader.await;
     state.remove(id);
     result
 }
 
-/// Sends the commit log from `next` on, chunk by chunk as it grows, and an empty frame after
-/// `heartbeat` without data so the slave knows its master is alive.
+/// When a stream sends heartbeats and where it reads chunks; tests shorten both.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    /// An empty frame after this long without data tells the slave its master is alive.
+    heartbeat: Duration,
+    /// A chunk starting further than this behind the log's end is read on a blocking thread:
+    /// data that old may have left the page cache, and a disk read must not hold up the
+    /// client connections that share the first loop.
+    cold_after: u64,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Pace {
+            heartbeat: HEARTBEAT,
+            cold_after: COLD_AFTER,
+        }
+    }
+}
+
+/// Bytes behind the log's end past which a slave is taken to read cold data.
+const COLD_AFTER: u64 = 64 << 20;
+
+/// Sends the commit log from `next` on, chunk by chunk as it grows, and heartbeats while it
+/// does not.
 async fn stream(
     wr: &mut (impl AsyncWrite + Unpin),
     peer: SocketAddr,
-    store: &MessageStore,
+    store: &Arc<MessageStore>,
     mut next: u64,
-    heartbeat: Duration,
+    pace: Pace,
     stop: &CancellationToken,
 ) -> Result<(), ReplicationError> {
     let log = store.commitlog();
@@ -308,17 +331,19 @@ async fn stream(
         tokio::pin!(appended);
         appended.as_mut().enable();
         let len = log.chunk_len(next, MAX_CHUNK);
-        if len > 0 || last_sent.elapsed() >= heartbeat {
+        if len > 0 || last_sent.elapsed() >= pace.heartbeat {
             frame.clear();
             frame.extend_from_slice(&next.to_be_bytes());
             frame.extend_from_slice(&(len as u32).to_be_bytes());
             if len > 0 {
                 // The chunk is read straight into the frame, behind its header: one copy. A
                 // heartbeat reads nothing: at the end of the log there may be no segment.
-                // Recent data comes from the page cache; a slave far behind reads cold data,
-                // and that read holds up the loop for as long as the disk takes.
                 frame.resize(FRAME_HEAD + len as usize, 0);
-                log.read_into(next, &mut frame[FRAME_HEAD..])?;
+                if log.max_offset().saturating_sub(next) > pace.cold_after {
+                    frame = read_cold(store, next, frame).await?;
+                } else {
+                    log.read_into(next, &mut frame[FRAME_HEAD..])?;
+                }
             }
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
@@ -342,13 +367,32 @@ async fn stream(
                 // acknowledgement for all of them.
                 tokio::task::yield_now().await;
             }
-            _ = tokio::time::sleep(heartbeat) => {}
+            _ = tokio::time::sleep(pace.heartbeat) => {}
         }
     }
 }
 
 /// Bytes before a chunk's data: its start offset and its size.
 const FRAME_HEAD: usize = 12;
+
+/// Fills `frame` behind its header with the log from `at` on a blocking thread, for chunks
+/// that may have to come from the disk.
+async fn read_cold(
+    store: &Arc<MessageStore>,
+    at: u64,
+    mut frame: Vec<u8>,
+) -> Result<Vec<u8>, ReplicationError> {
+    let store = store.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let read = store.commitlog().read_into(at, &mut frame[FRAME_HEAD..]);
+        read.map(|()| frame)
+    });
+    match read.await {
+        Ok(read) => Ok(read?),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(crate::store::StoreError::Shutdown.into()),
+    }
+}
 
 /// Removes a send's registration from the waiters when its wait ends.
 struct ForgetWait<'a>(&'a ReplicationMaster, (u64, u64));
@@ -431,16 +475,23 @@ mod tests {
         ));
     }
 
-    /// A socket that takes everything at once, counting the bytes.
-    struct Counting(Arc<AtomicU64>);
+    /// A socket that takes everything at once and keeps it.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<u8>>>);
 
-    impl AsyncWrite for Counting {
+    impl Recorder {
+        fn len(&self) -> u64 {
+            self.0.lock().unwrap().len() as u64
+        }
+    }
+
+    impl AsyncWrite for Recorder {
         fn poll_write(
             self: std::pin::Pin<&mut Self>,
             _: &mut std::task::Context<'_>,
             buf: &[u8],
         ) -> std::task::Poll<std::io::Result<usize>> {
-            self.0.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            self.0.lock().unwrap().extend_from_slice(buf);
             std::task::Poll::Ready(Ok(buf.len()))
         }
 
@@ -459,46 +510,85 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_slave_catching_up_lets_the_loops_other_tasks_run_between_chunks() {
+    /// Starts streaming `store` from `from` into a recorder, on the test's runtime.
+    fn start_stream(
+        store: &Arc<MessageStore>,
+        from: u64,
+        pace: Pace,
+    ) -> (
+        Recorder,
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), ReplicationError>>,
+    ) {
+        let (socket, stop) = (Recorder::default(), CancellationToken::new());
+        let streaming = {
+            let (store, stop, mut socket) = (store.clone(), stop.clone(), socket.clone());
+            tokio::spawn(async move {
+                let peer = "127.0.0.1:1".parse().unwrap();
+                stream(&mut socket, peer, &store, from, pace, &stop).await
+            })
+        };
+        (socket, stop, streaming)
+    }
+
+    /// Streams a log the slave has none of, one chunk per segment of distinct bytes, and
+    /// returns how much was sent before another task first ran, and all that was sent.
+    async fn catch_up(cold_after: u64) -> (u64, Vec<u8>) {
         const SEGMENT: u64 = 64 * 1024;
         const SEGMENTS: u64 = 8;
         let dir = tempfile::tempdir().unwrap();
         let store = store_in(dir.path(), SEGMENT);
-        // A log the slave has none of: one chunk per segment.
         for i in 0..SEGMENTS {
             store
-                .replicate(i * SEGMENT, &[7u8; SEGMENT as usize])
+                .replicate(i * SEGMENT, &[i as u8 + 1; SEGMENT as usize])
                 .unwrap();
         }
         let total = SEGMENTS * (FRAME_HEAD as u64 + SEGMENT);
-        let sent = Arc::new(AtomicU64::new(0));
-        let stop = CancellationToken::new();
-        let streaming = {
-            let (store, stop, mut socket) = (store.clone(), stop.clone(), Counting(sent.clone()));
-            tokio::spawn(async move {
-                let peer = "127.0.0.1:1".parse().unwrap();
-                stream(&mut socket, peer, &store, 0, HEARTBEAT, &stop).await
-            })
+        let pace = Pace {
+            cold_after,
+            ..Pace::default()
         };
+        let (socket, stop, streaming) = start_stream(&store, 0, pace);
         // Spawned after the stream on the same thread: it runs when the stream first yields.
         let seen = tokio::spawn({
-            let sent = sent.clone();
-            async move { sent.load(Ordering::Relaxed) }
+            let socket = socket.clone();
+            async move { socket.len() }
         });
         let seen = seen.await.unwrap();
-        assert!(
-            seen > 0 && seen < total,
-            "the stream sent {seen} of {total} bytes before another task ran"
-        );
         // A stream that failed ends early; its error is reported below.
-        while sent.load(Ordering::Relaxed) < total && !streaming.is_finished() {
+        while socket.len() < total && !streaming.is_finished() {
             tokio::task::yield_now().await;
         }
         stop.cancel();
         streaming.await.unwrap().unwrap();
-        assert_eq!(sent.load(Ordering::Relaxed), total, "all chunks, once each");
+        let sent = std::mem::take(&mut *socket.0.lock().unwrap());
+        let mut expected = Vec::new();
+        for i in 0..SEGMENTS {
+            expected.extend_from_slice(&(i * SEGMENT).to_be_bytes());
+            expected.extend_from_slice(&(SEGMENT as u32).to_be_bytes());
+            expected.extend_from_slice(&[i as u8 + 1; SEGMENT as usize]);
+        }
+        assert!(sent == expected, "every chunk once, in order, framed");
         store.shutdown();
+        (seen, sent)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slave_catching_up_lets_the_loops_other_tasks_run_between_chunks() {
+        // Recent data, read on the loop: the stream yields after each chunk.
+        let (seen, sent) = catch_up(u64::MAX).await;
+        assert!(
+            seen > 0 && seen < sent.len() as u64,
+            "the stream sent {seen} of {} bytes before another task ran",
+            sent.len()
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slave_far_behind_has_its_chunks_read_off_the_loop() {
+        // Every chunk counts as cold: the stream waits for its read before sending anything.
+        let (seen, _) = catch_up(0).await;
+        assert_eq!(seen, 0, "the first chunk was read on the loop's thread");
     }
 
     #[tokio::test]
@@ -512,30 +602,28 @@ mod tests {
             if end > 0 {
                 store.replicate(0, &[7u8; SEGMENT as usize]).unwrap();
             }
-            let sent = Arc::new(AtomicU64::new(0));
-            let stop = CancellationToken::new();
-            let streaming = {
-                let (store, stop) = (store.clone(), stop.clone());
-                let mut socket = Counting(sent.clone());
-                tokio::spawn(async move {
-                    let peer = "127.0.0.1:1".parse().unwrap();
-                    let beat = Duration::from_millis(5);
-                    stream(&mut socket, peer, &store, end, beat, &stop).await
-                })
+            let pace = Pace {
+                heartbeat: Duration::from_millis(5),
+                ..Pace::default()
             };
+            let (socket, stop, streaming) = start_stream(&store, end, pace);
             let beats = 3 * FRAME_HEAD as u64;
-            while sent.load(Ordering::Relaxed) < beats && !streaming.is_finished() {
+            while socket.len() < beats && !streaming.is_finished() {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             stop.cancel();
             let ended = streaming.await.unwrap();
             assert!(ended.is_ok(), "log ending at {end}: {ended:?}");
-            assert!(sent.load(Ordering::Relaxed) >= beats);
-            assert_eq!(
-                sent.load(Ordering::Relaxed) % FRAME_HEAD as u64,
-                0,
-                "only empty frames"
-            );
+            let sent = socket.0.lock().unwrap();
+            assert!(sent.len() as u64 >= beats);
+            for beat in sent.chunks(FRAME_HEAD) {
+                assert_eq!(
+                    beat[..8],
+                    end.to_be_bytes(),
+                    "heartbeats carry the slave's offset"
+                );
+                assert_eq!(beat[8..], [0u8; 4], "and no data");
+            }
         }
         store.shutdown();
     }
