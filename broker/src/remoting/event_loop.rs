@@ -71,8 +71,9 @@ impl EventLoops {
                         mine.close();
                         let _ = tokio::time::timeout(STOP_GRACE, mine.wait()).await;
                     });
-                    // Tasks they spawned (handed-off writes) run their drops here.
-                    drop(runtime);
+                    // Tasks they spawned (handed-off writes) run their drops here. A blocking
+                    // read still running (a slave's cold chunk) is not waited for past a grace.
+                    runtime.shutdown_timeout(STOP_GRACE);
                     drop(exit);
                 })?;
             loops.push(Loop {

@@ -45,6 +45,10 @@ pub enum ReplicationError {
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// A blocking read of the log for a slave died (a bug); the slave is dropped and
+    /// reconnects.
+    #[error("reading the commit log for a slave panicked: {0}")]
+    ReadPanicked(String),
 }
 
 /// Why a SYNC_MASTER send could not be confirmed by a slave.

@@ -231,6 +231,8 @@ struct FlushShared {
     waiters: Mutex<Vec<Waiter>>,
     wake: Condvar,
     stop: AtomicBool,
+    /// Stop without the final flush and clean checkpoint, as a crash would (tests only).
+    abandon: AtomicBool,
 }
 
 /// How far ahead of the commit log's end zeroes are kept (between half of this and all of
@@ -422,6 +424,7 @@ impl MessageStore {
                 waiters: Mutex::new(Vec::new()),
                 wake: Condvar::new(),
                 stop: AtomicBool::new(false),
+                abandon: AtomicBool::new(false),
             }),
             threads: Mutex::new(Vec::new()),
             offsets,
@@ -901,6 +904,9 @@ impl MessageStore {
                 }
                 std::mem::take(&mut *w)
             };
+            if self.flush.abandon.load(Ordering::Acquire) {
+                return;
+            }
             // Sends that registered while the last flush ran are often covered by it already:
             // answer them without another fsync.
             let flushed = self.commitlog.flushed_offset();
@@ -1125,6 +1131,14 @@ impl MessageStore {
         for h in std::mem::take(&mut *lock(&self.threads)) {
             let _ = h.join();
         }
+    }
+
+    /// Stops the store's threads as a crash would: nothing more is flushed and the
+    /// checkpoint is left as it was, not marked clean.
+    #[cfg(test)]
+    pub(crate) fn crash(&self) {
+        self.flush.abandon.store(true, Ordering::Release);
+        self.shutdown();
     }
 }
 

@@ -137,18 +137,19 @@ fn clean_restart_keeps_everything_without_a_scan() {
 #[test]
 fn torn_tail_is_truncated_and_lost_queue_entries_are_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
-    // Without zeroes prepared ahead: that thread outlives the forgotten store below and
-    // would fill the hole this test needs (and race with the torn and stale bytes it writes).
-    let store = MessageStore::open(StoreConfig {
+    // Without zeroes prepared ahead, by this store or the recovering one: they would fill the
+    // hole this test needs, and zero the stale bytes whether or not recovery does.
+    let no_zeroes = |flush| StoreConfig {
         prepare_ahead: false,
-        ..cfg(dir.path(), FlushDiskType::Async)
-    })
-    .unwrap();
+        ..cfg(dir.path(), flush)
+    };
+    let store = MessageStore::open(no_zeroes(FlushDiskType::Async)).unwrap();
     let results = fill(&store, 100);
     let end = store.commitlog().max_offset();
     // Simulate a crash: no clean checkpoint, a half-written message after the end, and
     // consume queues that never reached the disk.
-    std::mem::forget(store);
+    store.crash();
+    drop(store);
     let checkpoint = dir.path().join("checkpoint");
     std::fs::write(
         &checkpoint,
@@ -175,7 +176,7 @@ fn torn_tail_is_truncated_and_lost_queue_entries_are_rebuilt() {
     drop(seg);
     std::fs::remove_dir_all(dir.path().join("consumequeue").join("T")).unwrap();
 
-    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Sync)).unwrap();
+    let store = MessageStore::open(no_zeroes(FlushDiskType::Sync)).unwrap();
     assert_eq!(
         store.commitlog().max_offset(),
         end,
