@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use bytes::{Bytes, BytesMut};
 
@@ -58,9 +58,21 @@ pub struct CommitLog {
     written: AtomicU64,
     /// End of the data known to be on disk.
     flushed: AtomicU64,
-    /// End of the zeroes written ahead of the data. Held while writing data or zeroes, so the
-    /// two never touch the same bytes at once.
-    prepared: Mutex<u64>,
+    /// The zeroes written ahead of the data. Held while writing data, and while choosing
+    /// where zeroes go, but not while writing them: an append waits for the zeroes only
+    /// when it would land on the range being filled.
+    prepared: Mutex<Prepared>,
+    /// Signalled when a range of zeroes is written.
+    filled: Condvar,
+}
+
+/// Where the zeroes ahead of the data stand.
+#[derive(Debug, Default)]
+struct Prepared {
+    /// End of the zeroes written ahead of the data.
+    end: u64,
+    /// The range being filled with zeroes right now, outside the lock.
+    filling: Option<(u64, u64)>,
 }
 
 fn segment_name(base: u64) -> String {
@@ -117,7 +129,8 @@ impl CommitLog {
             segments: RwLock::new(segments),
             written: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
-            prepared: Mutex::new(0),
+            prepared: Mutex::new(Prepared::default()),
+            filled: Condvar::new(),
         })
     }
 
@@ -201,11 +214,13 @@ impl CommitLog {
                 max: self.max_message_len(),
             });
         }
-        // Held for the filler and the data: zeroes written ahead must not land on either.
-        let _zeroes = lock(&self.prepared);
         let mut pos = self.max_offset();
         let room = self.segment_size - pos % self.segment_size;
-        if len + END_BLANK_MIN > room {
+        let closes = len + END_BLANK_MIN > room;
+        let end = if closes { pos + room + len } else { pos + len };
+        // Held for the filler and the data: zeroes written ahead must not land on either.
+        let _zeroes = self.lock_for_data(pos, end);
+        if closes {
             // Close the segment with a filler so readers and recovery jump to the next one.
             if !pos.is_multiple_of(self.segment_size) || self.segment_for(pos).is_some() {
                 let seg = self.segment_or_create(pos)?;
@@ -224,6 +239,19 @@ impl CommitLog {
             .map_err(|e| StoreError::io(&seg.path, e))?;
         self.written.store(pos + len, Ordering::Release);
         Ok(pos)
+    }
+
+    /// Takes the zeroes' lock for a write of `[from, to)`, waiting while zeroes are being
+    /// written over any of it (only when the data has caught up with them).
+    fn lock_for_data(&self, from: u64, to: u64) -> MutexGuard<'_, Prepared> {
+        let mut z = lock(&self.prepared);
+        while z
+            .filling
+            .is_some_and(|(start, stop)| from < stop && start < to)
+        {
+            z = self.filled.wait(z).unwrap_or_else(|p| p.into_inner());
+        }
+        z
     }
 
     /// Starts writing `len` bytes at `pos` to disk without waiting for them (SYNC_FLUSH): the
@@ -276,7 +304,7 @@ impl CommitLog {
             return Ok(());
         }
         let seg = self.segment_or_create(offset)?;
-        let _zeroes = lock(&self.prepared);
+        let _zeroes = self.lock_for_data(offset, offset + data.len() as u64);
         seg.file
             .write_all_at(data, offset - seg.base)
             .map_err(|e| StoreError::io(&seg.path, e))?;
@@ -300,7 +328,7 @@ impl CommitLog {
         let mut prepared = lock(&self.prepared);
         let end = self.max_offset();
         // Whole pages past the data only: the page holding the end has data in it.
-        let start = (*prepared).max(end).next_multiple_of(PAGE);
+        let start = prepared.end.max(end).next_multiple_of(PAGE);
         let low = if refilling { ahead } else { ahead / 2 };
         if start >= end + low {
             return Ok(None);
@@ -314,11 +342,21 @@ impl CommitLog {
         if stop <= start {
             return Ok(None);
         }
-        seg.file
+        // Written outside the lock, so appends before this range go on meanwhile.
+        prepared.filling = Some((start, stop));
+        drop(prepared);
+        let written = seg
+            .file
             .write_all_at(&ZEROES[..(stop - start) as usize], start - seg.base)
-            .map_err(|e| StoreError::io(&seg.path, e))?;
-        *prepared = stop;
-        Ok(Some(seg))
+            .map_err(|e| StoreError::io(&seg.path, e));
+        let mut prepared = lock(&self.prepared);
+        prepared.filling = None;
+        if written.is_ok() {
+            prepared.end = stop;
+        }
+        drop(prepared);
+        self.filled.notify_all();
+        written.map(|()| Some(seg))
     }
 
     /// Largest chunk starting at `offset` that stays within one segment and the written data.
@@ -604,4 +642,44 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn an_append_waits_only_for_zeroes_written_over_its_own_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(CommitLog::open(dir.path(), 64 * 1024).unwrap());
+        log.append(&[1u8; 100]).unwrap();
+        // Zeroes being written past the end, marked as the preparing thread marks them.
+        lock(&log.prepared).filling = Some((32 * 1024, 48 * 1024));
+        let append = |len: usize| {
+            let (log, (tx, rx)) = (log.clone(), mpsc::channel());
+            std::thread::spawn(move || tx.send(log.append(&vec![2u8; len])));
+            rx
+        };
+        // An append before that range goes ahead.
+        let before = append(100).recv_timeout(Duration::from_secs(30));
+        assert_eq!(before.expect("the append waited").unwrap(), 100);
+        // One reaching into it waits until the zeroes are written, then lands after them.
+        let into = append(40 * 1024);
+        assert!(
+            into.recv_timeout(Duration::from_millis(200)).is_err(),
+            "the append did not wait for the zeroes under it"
+        );
+        {
+            let mut z = lock(&log.prepared);
+            z.filling = None;
+            z.end = 48 * 1024;
+        }
+        log.filled.notify_all();
+        let into = into.recv_timeout(Duration::from_secs(30));
+        assert_eq!(into.expect("the append never resumed").unwrap(), 200);
+        assert_eq!(log.read(200, 4).unwrap()[..], [2u8; 4]);
+    }
 }
