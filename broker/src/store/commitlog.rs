@@ -62,7 +62,7 @@ pub struct CommitLog {
     /// where zeroes go, but not while writing them: an append waits for the zeroes only
     /// when it would land on the range being filled.
     prepared: Mutex<Prepared>,
-    /// Signalled when a range of zeroes is written.
+    /// Signalled when a fill of zeroes ends, written or not.
     filled: Condvar,
 }
 
@@ -73,6 +73,37 @@ struct Prepared {
     end: u64,
     /// The range being filled with zeroes right now, outside the lock.
     filling: Option<(u64, u64)>,
+    /// Writers waiting for a fill to end: no new fill starts until they have written, so a
+    /// writer never waits through more than one.
+    waiting: usize,
+}
+
+impl Prepared {
+    /// Whether zeroes are being written over any of `[from, to)`.
+    fn filling_over(&self, from: u64, to: u64) -> bool {
+        self.filling
+            .is_some_and(|(start, stop)| from < stop && start < to)
+    }
+}
+
+/// Ends a fill of zeroes however it ends (written, failed, or a panic): clears the mark and
+/// wakes the writers waiting on it.
+struct Fill<'a> {
+    log: &'a CommitLog,
+    /// End of the range, set once its zeroes are written.
+    written: Option<u64>,
+}
+
+impl Drop for Fill<'_> {
+    fn drop(&mut self) {
+        let mut prepared = lock(&self.log.prepared);
+        prepared.filling = None;
+        if let Some(stop) = self.written {
+            prepared.end = stop;
+        }
+        drop(prepared);
+        self.log.filled.notify_all();
+    }
 }
 
 fn segment_name(base: u64) -> String {
@@ -214,12 +245,13 @@ impl CommitLog {
                 max: self.max_message_len(),
             });
         }
-        let mut pos = self.max_offset();
-        let room = self.segment_size - pos % self.segment_size;
-        let closes = len + END_BLANK_MIN > room;
-        let end = if closes { pos + room + len } else { pos + len };
         // Held for the filler and the data: zeroes written ahead must not land on either.
-        let _zeroes = self.lock_for_data(pos, end);
+        let (_zeroes, (mut pos, end)) = self.lock_for_data(|| {
+            let pos = self.max_offset();
+            (pos, self.start_after(pos, len) + len)
+        });
+        let room = self.segment_size - pos % self.segment_size;
+        let closes = end - pos > len;
         if closes {
             // Close the segment with a filler so readers and recovery jump to the next one.
             if !pos.is_multiple_of(self.segment_size) || self.segment_for(pos).is_some() {
@@ -241,17 +273,23 @@ impl CommitLog {
         Ok(pos)
     }
 
-    /// Takes the zeroes' lock for a write of `[from, to)`, waiting while zeroes are being
-    /// written over any of it (only when the data has caught up with them).
-    fn lock_for_data(&self, from: u64, to: u64) -> MutexGuard<'_, Prepared> {
+    /// Takes the zeroes' lock for a write of `[from, to)` as `range` gives it under the lock,
+    /// waiting while zeroes are being written over any of it (only when the data has caught
+    /// up with them). Returns the lock and the range.
+    fn lock_for_data(
+        &self,
+        range: impl Fn() -> (u64, u64),
+    ) -> (MutexGuard<'_, Prepared>, (u64, u64)) {
         let mut z = lock(&self.prepared);
-        while z
-            .filling
-            .is_some_and(|(start, stop)| from < stop && start < to)
-        {
+        loop {
+            let (from, to) = range();
+            if !z.filling_over(from, to) {
+                return (z, (from, to));
+            }
+            z.waiting += 1;
             z = self.filled.wait(z).unwrap_or_else(|p| p.into_inner());
+            z.waiting -= 1;
         }
-        z
     }
 
     /// Starts writing `len` bytes at `pos` to disk without waiting for them (SYNC_FLUSH): the
@@ -304,7 +342,7 @@ impl CommitLog {
             return Ok(());
         }
         let seg = self.segment_or_create(offset)?;
-        let _zeroes = self.lock_for_data(offset, offset + data.len() as u64);
+        let (_zeroes, _) = self.lock_for_data(|| (offset, offset + data.len() as u64));
         seg.file
             .write_all_at(data, offset - seg.base)
             .map_err(|e| StoreError::io(&seg.path, e))?;
@@ -326,6 +364,10 @@ impl CommitLog {
         refilling: bool,
     ) -> Result<Option<Arc<Segment>>, StoreError> {
         let mut prepared = lock(&self.prepared);
+        if prepared.waiting > 0 {
+            // A writer waits for the last fill: it goes first.
+            return Ok(None);
+        }
         let end = self.max_offset();
         // Whole pages past the data only: the page holding the end has data in it.
         let start = prepared.end.max(end).next_multiple_of(PAGE);
@@ -345,18 +387,16 @@ impl CommitLog {
         // Written outside the lock, so appends before this range go on meanwhile.
         prepared.filling = Some((start, stop));
         drop(prepared);
-        let written = seg
-            .file
+        let mut fill = Fill {
+            log: self,
+            written: None,
+        };
+        seg.file
             .write_all_at(&ZEROES[..(stop - start) as usize], start - seg.base)
-            .map_err(|e| StoreError::io(&seg.path, e));
-        let mut prepared = lock(&self.prepared);
-        prepared.filling = None;
-        if written.is_ok() {
-            prepared.end = stop;
-        }
-        drop(prepared);
-        self.filled.notify_all();
-        written.map(|()| Some(seg))
+            .map_err(|e| StoreError::io(&seg.path, e))?;
+        fill.written = Some(stop);
+        drop(fill);
+        Ok(Some(seg))
     }
 
     /// Largest chunk starting at `offset` that stays within one segment and the written data.
@@ -666,12 +706,23 @@ mod tests {
         // An append before that range goes ahead.
         let before = append(100).recv_timeout(Duration::from_secs(30));
         assert_eq!(before.expect("the append waited").unwrap(), 100);
-        // One reaching into it waits until the zeroes are written, then lands after them.
+        // One reaching into it waits until the zeroes are written, then lands at its own
+        // offset, over them.
         let into = append(40 * 1024);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while lock(&log.prepared).waiting == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the append never waited"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert!(
-            into.recv_timeout(Duration::from_millis(200)).is_err(),
+            into.try_recv().is_err(),
             "the append did not wait for the zeroes under it"
         );
+        // While it waits, no new fill starts ahead of it.
+        assert!(log.prepare_ahead(1 << 20, true).unwrap().is_none());
         {
             let mut z = lock(&log.prepared);
             z.filling = None;
@@ -681,5 +732,43 @@ mod tests {
         let into = into.recv_timeout(Duration::from_secs(30));
         assert_eq!(into.expect("the append never resumed").unwrap(), 200);
         assert_eq!(log.read(200, 4).unwrap()[..], [2u8; 4]);
+    }
+
+    #[test]
+    fn appends_racing_the_zeroes_ahead_keep_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(CommitLog::open(dir.path(), 256 * 1024).unwrap());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let preparer = {
+            let (log, stop) = (log.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut fills = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    match log.prepare_ahead(1 << 20, true).unwrap() {
+                        Some(_) => fills += 1,
+                        None => std::thread::yield_now(),
+                    }
+                }
+                fills
+            })
+        };
+        // Sizes up to a third of a segment, so appends often close a segment and cover
+        // most of the next one in one go.
+        let mut written = Vec::new();
+        for i in 0..4000u32 {
+            let len = 64 + (i as usize * 7919) % (80 * 1024);
+            let byte = (i % 251) as u8 + 1;
+            written.push((log.append(&vec![byte; len]).unwrap(), len, byte));
+        }
+        stop.store(true, Ordering::Release);
+        let fills = preparer.join().unwrap();
+        assert!(fills > 0, "the zeroes never raced the appends");
+        for (offset, len, byte) in written {
+            let got = log.read(offset, len).unwrap();
+            assert!(
+                got.iter().all(|b| *b == byte),
+                "the message at {offset} was overwritten"
+            );
+        }
     }
 }
