@@ -244,6 +244,14 @@ pub fn split_namesrv(v: &str) -> Vec<String> {
 }
 
 impl BrokerConfig {
+    /// Whether the store keeps zeroes written ahead of the commit log (see
+    /// `StoreConfig::prepare_ahead`). They pay where a write's latency is waited on: a group
+    /// commit's `fdatasync`, and a slave's write on SYNC_MASTER's round trip. On an ASYNC_FLUSH
+    /// master they only double the bytes written, to memory and at the next flush to disk.
+    pub fn prepares_ahead(&self) -> bool {
+        self.flush == FlushDiskType::Sync || self.role == BrokerRole::Slave
+    }
+
     /// Parses broker.conf text.
     pub fn parse(text: &str) -> Result<BrokerConfig, ConfigError> {
         let mut c = BrokerConfig::default();
@@ -476,6 +484,23 @@ mod tests {
         assert_eq!(c.http_port, 20913);
         assert_eq!(c.delete_when_hour, 4);
         assert_eq!(c.file_reserved_hours, 48);
+    }
+
+    #[test]
+    fn zeroes_are_kept_ahead_under_sync_flush_and_on_slaves_only() {
+        let prepares = |text: &str| BrokerConfig::parse(text).unwrap().prepares_ahead();
+        assert!(!prepares(
+            "brokerRole=ASYNC_MASTER\nflushDiskType=ASYNC_FLUSH"
+        ));
+        assert!(!prepares(
+            "brokerRole=SYNC_MASTER\nflushDiskType=ASYNC_FLUSH"
+        ));
+        assert!(prepares(
+            "brokerRole=ASYNC_MASTER\nflushDiskType=SYNC_FLUSH"
+        ));
+        assert!(prepares(
+            "brokerId=1\nbrokerRole=SLAVE\nflushDiskType=ASYNC_FLUSH"
+        ));
     }
 
     #[test]

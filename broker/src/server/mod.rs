@@ -693,7 +693,7 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         sync_flush_timeout_ms: cfg.sync_flush_timeout_ms,
         file_reserved_hours: cfg.file_reserved_hours,
         store_host: SocketAddr::new(ip, cfg.listen_port),
-        prepare_ahead: true,
+        prepare_ahead: cfg.prepares_ahead(),
     };
     let store = tokio::task::spawn_blocking(move || MessageStore::open(store_cfg))
         .await

@@ -135,7 +135,8 @@ pub struct StoreConfig {
     pub store_host: SocketAddr,
     /// Whether a thread keeps zeroes written ahead of the commit log's end, so appends (and a
     /// slave's replicated writes) land in pages that exist; under SYNC_FLUSH the zeroes are
-    /// synced too, so a group commit has only data to write.
+    /// synced too, so a group commit has only data to write. The broker sets it for SYNC_FLUSH
+    /// and for slaves only.
     pub prepare_ahead: bool,
 }
 
