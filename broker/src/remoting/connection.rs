@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{Encoder, FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use super::event_loop::{Counted, EventLoops};
+use super::event_loop::{Counted, EventLoops, Placement};
 use super::{FrameCodec, RemotingCommand, RemotingError, ResponseCode, SerializeType};
 
 /// Requests a connection may have in flight before the server stops reading from it.
@@ -55,6 +55,8 @@ pub struct Peer {
     pub push: mpsc::Sender<RemotingCommand>,
     /// Requests being handled by this server, across all connections.
     busy: Arc<AtomicUsize>,
+    /// The connection's share of its event loop's count.
+    placement: Placement,
 }
 
 impl Peer {
@@ -62,6 +64,13 @@ impl Peer {
     /// waiting a scheduler turn lets work be shared (one write for many sends).
     pub fn others_in_flight(&self) -> bool {
         self.busy.load(Ordering::Relaxed) > 1
+    }
+
+    /// Marks the connection as another broker's (a slave syncing from its master), not a
+    /// client's: new client connections are spread over the event loops as if it were not
+    /// there.
+    pub fn not_a_client(&self) {
+        self.placement.release();
     }
 }
 
@@ -99,8 +108,8 @@ pub async fn serve<P: Processor>(
                 let p = processor.clone();
                 let stop = shutdown.clone();
                 let busy = busy.clone();
-                loops.spawn(socket, move |socket| {
-                    serve_connection(socket, addr, p, max_frame, stop, busy)
+                loops.spawn(socket, move |socket, placement| {
+                    serve_connection(socket, addr, p, max_frame, stop, busy, placement)
                 });
             }
             Err(e) => {
@@ -119,6 +128,7 @@ async fn serve_connection<P: Processor>(
     max_frame: usize,
     shutdown: CancellationToken,
     busy: Arc<AtomicUsize>,
+    placement: Placement,
 ) {
     let (rd, mut wr) = socket.into_split();
     let mut reader = FramedRead::with_capacity(rd, FrameCodec::new(max_frame), READ_BUFFER);
@@ -127,6 +137,7 @@ async fn serve_connection<P: Processor>(
         addr,
         push: tx,
         busy,
+        placement,
     };
     // One task serves the whole connection: it reads, runs the requests concurrently (no task
     // per request), and writes. It runs on one event loop (see `event_loop`), so its work stays

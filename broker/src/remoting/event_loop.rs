@@ -11,7 +11,7 @@
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -96,10 +96,11 @@ impl EventLoops {
         self.loops.len()
     }
 
-    /// Runs `serve(socket)` on the loop with the fewest connections.
+    /// Runs `serve(socket, placement)` on the loop with the fewest connections; the
+    /// connection counts there until it ends or gives up its `placement`.
     pub fn spawn<F, Fut>(&self, socket: TcpStream, serve: F)
     where
-        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        F: FnOnce(TcpStream, Placement) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let target = self
@@ -142,7 +143,32 @@ impl FirstLoop {
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        hand_over(self.0.as_ref().map(|j| (j, None)), socket, serve);
+        hand_over(self.0.as_ref().map(|j| (j, None)), socket, |s, _| serve(s));
+    }
+}
+
+/// A connection's share of its loop's count, which places new connections. A connection that
+/// turns out not to be a client's (a slave syncing its configuration every few seconds) gives
+/// it up, so the next client connection is placed as if it were not there: on the first loop,
+/// a client's sends then wake replication without a hop between threads.
+#[derive(Clone, Default)]
+pub struct Placement(Arc<Mutex<Option<Counted>>>);
+
+impl std::fmt::Debug for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let counted = self.0.lock().is_ok_and(|c| c.is_some());
+        f.debug_tuple("Placement").field(&counted).finish()
+    }
+}
+
+impl Placement {
+    fn counted(count: Option<&Arc<AtomicUsize>>) -> Self {
+        Placement(Arc::new(Mutex::new(count.map(Counted::new))))
+    }
+
+    /// Stops counting the connection when placing new ones.
+    pub fn release(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 
@@ -153,11 +179,11 @@ fn hand_over<F, Fut>(
     socket: TcpStream,
     serve: F,
 ) where
-    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    F: FnOnce(TcpStream, Placement) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let Some((jobs, count)) = target else {
-        tokio::spawn(serve(socket));
+        tokio::spawn(serve(socket, Placement::default()));
         return;
     };
     // The socket is registered with the accepting runtime's reactor: move it out, and
@@ -169,13 +195,13 @@ fn hand_over<F, Fut>(
             return;
         }
     };
-    let count = count.map(Counted::new);
+    let placement = Placement::counted(count);
     let job: Job = Box::new(move |tasks| match TcpStream::from_std(socket) {
         Ok(socket) => {
-            let served = serve(socket);
+            let served = serve(socket, placement.clone());
             tasks.spawn(async move {
                 served.await;
-                drop(count);
+                placement.release();
             });
         }
         Err(e) => tracing::warn!(error = %e, "event loop cannot register a connection"),
@@ -219,7 +245,7 @@ mod tests {
         for _ in 0..n {
             let (socket, _) = listener.accept().await.unwrap();
             let stop = stop.clone();
-            loops.spawn(socket, |s| answer_thread_name(s, stop));
+            loops.spawn(socket, |s, _| answer_thread_name(s, stop));
         }
     }
 
@@ -298,6 +324,29 @@ mod tests {
         serve_n(&loops, &listener, 2, &stop).await;
         let (names, open) = clients.await.unwrap();
         // The next client connection still finds the first loop empty and joins it there.
+        assert_eq!(names, ["test-io-0", "test-io-0", "test-io-1"]);
+        stop.cancel();
+        loops.join().await;
+        drop(open);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_gives_up_its_placement_is_not_counted() {
+        let stop = CancellationToken::new();
+        let loops = EventLoops::start("test-io", 2, &stop).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clients = tokio::spawn(connect_and_ask(addr, 3));
+        // The first connection stands for a slave's: it gives up its place once served.
+        let (socket, _) = listener.accept().await.unwrap();
+        let s = stop.clone();
+        loops.spawn(socket, |socket, placement| async move {
+            placement.release();
+            answer_thread_name(socket, s).await
+        });
+        serve_n(&loops, &listener, 2, &stop).await;
+        let (names, open) = clients.await.unwrap();
+        // The next connection finds the first loop empty again and joins it there.
         assert_eq!(names, ["test-io-0", "test-io-0", "test-io-1"]);
         stop.cancel();
         loops.join().await;

@@ -586,6 +586,14 @@ impl Processor for Broker {
             RequestCode::SearchOffsetByTimestamp => self.search_offset(&req),
             RequestCode::HeartBeat => self.heartbeat(&req, peer),
             RequestCode::ConsumerSendMsgBack => self.send_back(&req, peer.addr).await,
+            RequestCode::GetAllTopicConfig
+            | RequestCode::GetAllConsumerOffset
+            | RequestCode::GetAllDelayOffset => {
+                // What a slave asks its master every few seconds: its connection is not a
+                // client's, and must not keep clients off the loop replication runs on.
+                peer.not_a_client();
+                self.admin(code, &req)
+            }
             other => self.admin(other, &req),
         };
         Some(resp)
