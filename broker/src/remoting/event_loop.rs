@@ -148,9 +148,9 @@ impl FirstLoop {
 }
 
 /// A connection's share of its loop's count, which places new connections. A connection that
-/// turns out not to be a client's (a slave syncing its configuration every few seconds) gives
-/// it up, so the next client connection is placed as if it were not there: on the first loop,
-/// a client's sends then wake replication without a hop between threads.
+/// turns out not to be a client's (a slave copying its master's topics and offsets every
+/// second) gives it up, so the next client connection is placed as if it were not there: on
+/// the first loop, a client's sends then wake replication without a hop between threads.
 #[derive(Clone, Default)]
 pub struct Placement(Arc<Mutex<Option<Counted>>>);
 
@@ -309,21 +309,20 @@ mod tests {
         drop(open);
     }
 
-    #[tokio::test]
-    async fn the_first_loop_takes_uncounted_connections() {
+    /// Hands the first connection to `place`, then two more to the loops as usual, and checks
+    /// the first did not count: the second joins it on the first loop, the third goes on.
+    async fn first_connection_uncounted(
+        place: impl FnOnce(&EventLoops, TcpStream, CancellationToken),
+    ) {
         let stop = CancellationToken::new();
         let loops = EventLoops::start("test-io", 2, &stop).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let clients = tokio::spawn(connect_and_ask(addr, 3));
-        // The first connection stands for a replication connection: first loop, not counted.
         let (socket, _) = listener.accept().await.unwrap();
-        let first = loops.first_loop();
-        let s = stop.clone();
-        first.spawn(socket, |socket| answer_thread_name(socket, s));
+        place(&loops, socket, stop.clone());
         serve_n(&loops, &listener, 2, &stop).await;
         let (names, open) = clients.await.unwrap();
-        // The next client connection still finds the first loop empty and joins it there.
         assert_eq!(names, ["test-io-0", "test-io-0", "test-io-1"]);
         stop.cancel();
         loops.join().await;
@@ -331,26 +330,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_first_loop_takes_uncounted_connections() {
+        // The first connection stands for a replication connection: first loop, not counted.
+        first_connection_uncounted(|loops, socket, stop| {
+            loops
+                .first_loop()
+                .spawn(socket, |socket| answer_thread_name(socket, stop));
+        })
+        .await;
+    }
+
+    #[tokio::test]
     async fn a_connection_that_gives_up_its_placement_is_not_counted() {
-        let stop = CancellationToken::new();
-        let loops = EventLoops::start("test-io", 2, &stop).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let clients = tokio::spawn(connect_and_ask(addr, 3));
-        // The first connection stands for a slave's: it gives up its place once served.
-        let (socket, _) = listener.accept().await.unwrap();
-        let s = stop.clone();
-        loops.spawn(socket, |socket, placement| async move {
-            placement.release();
-            answer_thread_name(socket, s).await
-        });
-        serve_n(&loops, &listener, 2, &stop).await;
-        let (names, open) = clients.await.unwrap();
-        // The next connection finds the first loop empty again and joins it there.
-        assert_eq!(names, ["test-io-0", "test-io-0", "test-io-1"]);
-        stop.cancel();
-        loops.join().await;
-        drop(open);
+        // The first connection stands for a slave's: it gives up its place at once.
+        first_connection_uncounted(|loops, socket, stop| {
+            loops.spawn(socket, |socket, placement| async move {
+                placement.release();
+                answer_thread_name(socket, stop).await
+            });
+        })
+        .await;
     }
 
     #[tokio::test]

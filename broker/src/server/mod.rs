@@ -589,8 +589,10 @@ impl Processor for Broker {
             RequestCode::GetAllTopicConfig
             | RequestCode::GetAllConsumerOffset
             | RequestCode::GetAllDelayOffset => {
-                // What a slave asks its master every few seconds: its connection is not a
-                // client's, and must not keep clients off the loop replication runs on.
+                // What a slave asks its master every second (Java slaves also ask for the
+                // delay offsets): its connection is not a client's, and must not keep clients
+                // off the loop replication runs on. An admin tool asking the same is not
+                // counted either, which matters little: its connections are short-lived.
                 peer.not_a_client();
                 self.admin(code, &req)
             }

@@ -64,6 +64,9 @@ pub struct CommitLog {
     prepared: Mutex<Prepared>,
     /// Signalled when a fill of zeroes ends, written or not.
     filled: Condvar,
+    /// Times a writer waited for a fill (tests check their races ran).
+    #[cfg(test)]
+    waits: AtomicU64,
 }
 
 /// Where the zeroes ahead of the data stand.
@@ -162,6 +165,8 @@ impl CommitLog {
             flushed: AtomicU64::new(0),
             prepared: Mutex::new(Prepared::default()),
             filled: Condvar::new(),
+            #[cfg(test)]
+            waits: AtomicU64::new(0),
         })
     }
 
@@ -287,6 +292,8 @@ impl CommitLog {
                 return (z, (from, to));
             }
             z.waiting += 1;
+            #[cfg(test)]
+            self.waits.fetch_add(1, Ordering::Relaxed);
             z = self.filled.wait(z).unwrap_or_else(|p| p.into_inner());
             z.waiting -= 1;
         }
@@ -356,16 +363,17 @@ impl CommitLog {
     /// of later appends writes data only: the blocks are allocated and their allocation is on
     /// disk, which halves the cost of each `fdatasync` here (ext4). `refilling` continues a run
     /// up to `ahead`; otherwise a run starts only when less than half of `ahead` is left, so
-    /// zeroes go out in large runs. Returns the segment written, or `None` when the log is
-    /// prepared far enough.
+    /// zeroes go out in large runs. Returns the segment written, or `None` when there is
+    /// nothing to write now: the log is prepared far enough, another fill is running, or a
+    /// writer waits for the last one. Meant for one caller, the store's preparing thread.
     pub fn prepare_ahead(
         &self,
         ahead: u64,
         refilling: bool,
     ) -> Result<Option<Arc<Segment>>, StoreError> {
         let mut prepared = lock(&self.prepared);
-        if prepared.waiting > 0 {
-            // A writer waits for the last fill: it goes first.
+        if prepared.waiting > 0 || prepared.filling.is_some() {
+            // A writer waits for the last fill and goes first; or another caller is filling.
             return Ok(None);
         }
         let end = self.max_offset();
@@ -706,6 +714,8 @@ mod tests {
         // An append before that range goes ahead.
         let before = append(100).recv_timeout(Duration::from_secs(30));
         assert_eq!(before.expect("the append waited").unwrap(), 100);
+        // While a fill runs, no other starts.
+        assert!(log.prepare_ahead(1 << 20, true).unwrap().is_none());
         // One reaching into it waits until the zeroes are written, then lands at its own
         // offset, over them.
         let into = append(40 * 1024);
@@ -721,13 +731,17 @@ mod tests {
             into.try_recv().is_err(),
             "the append did not wait for the zeroes under it"
         );
-        // While it waits, no new fill starts ahead of it.
-        assert!(log.prepare_ahead(1 << 20, true).unwrap().is_none());
+        // The fill ends; until the waiting append has written, no new fill starts either.
         {
             let mut z = lock(&log.prepared);
             z.filling = None;
             z.end = 48 * 1024;
         }
+        // Nothing else wakes the append meanwhile: it still waits.
+        assert!(
+            log.prepare_ahead(1 << 20, true).unwrap().is_none(),
+            "a fill started ahead of a waiting append"
+        );
         log.filled.notify_all();
         let into = into.recv_timeout(Duration::from_secs(30));
         assert_eq!(into.expect("the append never resumed").unwrap(), 200);
@@ -737,32 +751,40 @@ mod tests {
     #[test]
     fn appends_racing_the_zeroes_ahead_keep_every_byte() {
         let dir = tempfile::tempdir().unwrap();
-        let log = Arc::new(CommitLog::open(dir.path(), 256 * 1024).unwrap());
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let log = Arc::new(CommitLog::open(dir.path(), 64 * 1024).unwrap());
+        /// Stops the preparing thread however the test ends.
+        struct Stop(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let stop = Stop(Arc::default());
         let preparer = {
-            let (log, stop) = (log.clone(), stop.clone());
+            let (log, stop) = (log.clone(), stop.0.clone());
             std::thread::spawn(move || {
-                let mut fills = 0u64;
                 while !stop.load(Ordering::Acquire) {
-                    match log.prepare_ahead(1 << 20, true).unwrap() {
-                        Some(_) => fills += 1,
-                        None => std::thread::yield_now(),
+                    if log.prepare_ahead(1 << 20, true).unwrap().is_none() {
+                        std::thread::yield_now();
                     }
                 }
-                fills
             })
         };
-        // Sizes up to a third of a segment, so appends often close a segment and cover
-        // most of the next one in one go.
+        // Sizes up to a third of a segment, so appends often close a segment, and the next
+        // one lands where the preparer starts zeroing the new segment.
         let mut written = Vec::new();
-        for i in 0..4000u32 {
-            let len = 64 + (i as usize * 7919) % (80 * 1024);
+        for i in 0..2000u32 {
+            let len = 64 + (i as usize * 7919) % (20 * 1024);
             let byte = (i % 251) as u8 + 1;
             written.push((log.append(&vec![byte; len]).unwrap(), len, byte));
         }
-        stop.store(true, Ordering::Release);
-        let fills = preparer.join().unwrap();
-        assert!(fills > 0, "the zeroes never raced the appends");
+        drop(stop);
+        preparer.join().unwrap();
+        let waits = log.waits.load(Ordering::Relaxed);
+        assert!(
+            waits > 0,
+            "no append ever waited for zeroes: the race was not run"
+        );
         for (offset, len, byte) in written {
             let got = log.read(offset, len).unwrap();
             assert!(

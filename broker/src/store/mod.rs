@@ -251,7 +251,7 @@ pub struct MessageStore {
     /// Commit-log offset below which every message is appended and dispatched to its queue.
     dispatched: AtomicU64,
     flush: Arc<FlushShared>,
-    /// The flusher and, under SYNC_FLUSH, the preparer; joined at shutdown.
+    /// The flusher and, with `prepare_ahead`, the preparer; joined at shutdown.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Consumer offsets.
     pub offsets: offsets::ConsumerOffsets,
@@ -317,7 +317,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl MessageStore {
     /// Opens the store under `cfg.root`, recovering from a crash if the last stop was not
-    /// clean, and starts the flusher thread (and the preparer under SYNC_FLUSH).
+    /// clean, and starts the flusher thread (and the preparer with `prepare_ahead`).
     pub fn open(cfg: StoreConfig) -> Result<Arc<MessageStore>, StoreError> {
         let root = cfg.root.clone();
         let config_dir = root.join("config");
