@@ -760,9 +760,11 @@ mod tests {
             }
         }
         let stop = Stop(Arc::default());
+        let started = Arc::new(std::sync::Barrier::new(2));
         let preparer = {
-            let (log, stop) = (log.clone(), stop.0.clone());
+            let (log, stop, started) = (log.clone(), stop.0.clone(), started.clone());
             std::thread::spawn(move || {
+                started.wait();
                 while !stop.load(Ordering::Acquire) {
                     if log.prepare_ahead(1 << 20, true).unwrap().is_none() {
                         std::thread::yield_now();
@@ -772,17 +774,22 @@ mod tests {
         };
         // Sizes up to a third of a segment, so appends often close a segment, and the next
         // one lands where the preparer starts zeroing the new segment.
+        // At least 2,000 appends, and on until some waited for a fill: a preparer starved of
+        // CPU (tests run in parallel) must not let the race go unrun.
         let mut written = Vec::new();
-        for i in 0..2000u32 {
+        started.wait();
+        for i in 0..20_000u32 {
+            if i >= 2000 && log.waits.load(Ordering::Relaxed) > 0 {
+                break;
+            }
             let len = 64 + (i as usize * 7919) % (20 * 1024);
             let byte = (i % 251) as u8 + 1;
             written.push((log.append(&vec![byte; len]).unwrap(), len, byte));
         }
         drop(stop);
         preparer.join().unwrap();
-        let waits = log.waits.load(Ordering::Relaxed);
         assert!(
-            waits > 0,
+            log.waits.load(Ordering::Relaxed) > 0,
             "no append ever waited for zeroes: the race was not run"
         );
         for (offset, len, byte) in written {
