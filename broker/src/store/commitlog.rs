@@ -62,6 +62,9 @@ pub struct CommitLog {
     /// where zeroes go, but not while writing them: an append waits for the zeroes only
     /// when it would land on the range being filled.
     prepared: Mutex<Prepared>,
+    /// Held while a segment file is created: the appender and the flush thread, which creates
+    /// the next segment ahead of the data, never create the same one twice.
+    creating: Mutex<()>,
     /// Signalled when a fill of zeroes ends, written or not.
     filled: Condvar,
     /// Times a writer waited for a fill (tests check their races ran).
@@ -164,6 +167,7 @@ impl CommitLog {
             written: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             prepared: Mutex::new(Prepared::default()),
+            creating: Mutex::new(()),
             filled: Condvar::new(),
             #[cfg(test)]
             waits: AtomicU64::new(0),
@@ -432,10 +436,37 @@ impl CommitLog {
     }
 
     fn segment_or_create(&self, pos: u64) -> Result<Arc<Segment>, StoreError> {
+        if let Some(s) = self.segment_for(pos) {
+            return Ok(s);
+        }
+        let _one = lock(&self.creating);
+        // Created ahead meanwhile (see `create_next_ahead`)?
         match self.segment_for(pos) {
             Some(s) => Ok(s),
             None => self.create_segment(pos - pos % self.segment_size),
         }
+    }
+
+    /// Creates the segment after the one being written once the data is past its middle, so
+    /// the append that crosses into it finds the file there: creating it (and syncing the
+    /// directory) would otherwise block the appending thread, an event loop. Returns whether
+    /// a segment was created. Recovery removes a created segment that holds no data.
+    pub fn create_next_ahead(&self) -> Result<bool, StoreError> {
+        let end = self.max_offset();
+        let in_segment = end % self.segment_size;
+        let next = end - in_segment + self.segment_size;
+        if in_segment < self.segment_size / 2
+            || self.segment_for(end).is_none()
+            || self.segment_for(next).is_some()
+        {
+            return Ok(false);
+        }
+        let _one = lock(&self.creating);
+        if self.segment_for(next).is_some() {
+            return Ok(false);
+        }
+        self.create_segment(next)?;
+        Ok(true)
     }
 
     /// Reads `len` bytes at `offset`; the range must lie within one segment.
@@ -766,6 +797,9 @@ mod tests {
             std::thread::spawn(move || {
                 started.wait();
                 while !stop.load(Ordering::Acquire) {
+                    // As the flush thread does: the next segment is often there before the
+                    // data, and zeroes go into it too.
+                    log.create_next_ahead().unwrap();
                     if log.prepare_ahead(1 << 20, true).unwrap().is_none() {
                         std::thread::yield_now();
                     }
@@ -791,6 +825,13 @@ mod tests {
         assert!(
             log.waits.load(Ordering::Relaxed) > 0,
             "no append ever waited for zeroes: the race was not run"
+        );
+        // The appender and the preparer never created a segment twice, nor skipped one.
+        let bases: Vec<u64> = read(&log.segments).iter().map(|s| s.base).collect();
+        assert!(bases.len() > 2, "{} segments", bases.len());
+        assert!(
+            bases.windows(2).all(|w| w[1] == w[0] + 64 * 1024),
+            "{bases:?}"
         );
         for (offset, len, byte) in written {
             let got = log.read(offset, len).unwrap();

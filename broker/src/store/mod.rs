@@ -949,6 +949,12 @@ impl MessageStore {
                     }
                 }
             }
+            if !stopping {
+                if let Err(e) = self.commitlog.create_next_ahead() {
+                    // The append that needs it tries again, and reports what fails.
+                    tracing::warn!(error = %e, "creating the next commit-log segment failed");
+                }
+            }
             if stopping || last_checkpoint.elapsed() >= checkpoint_every {
                 last_checkpoint = Instant::now();
                 let consistent = self.dispatched.load(Ordering::Acquire);

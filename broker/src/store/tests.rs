@@ -435,6 +435,40 @@ fn write_back_starts_on_written_ranges_and_skips_missing_segments() {
 }
 
 #[test]
+fn the_next_segment_is_created_ahead_and_a_restart_drops_it_unused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    // Past the middle of the first 64 KiB segment.
+    fill(&store, 100);
+    let end = store.commitlog().max_offset();
+    assert!(end > 32 * 1024 && end < 64 * 1024, "log ends at {end}");
+    let next = dir
+        .path()
+        .join("commitlog")
+        .join(format!("{:020}", 64 * 1024));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !next.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        next.exists(),
+        "the flush thread did not create the next segment"
+    );
+    store.shutdown();
+    drop(store);
+    // It holds no data: the restart removes it and keeps everything else.
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    assert_eq!(store.recovery.segments_removed, 1);
+    assert!(!next.exists());
+    assert_eq!(store.commitlog().max_offset(), end);
+    // Appends cross into the next segments as before.
+    fill(&store, 400);
+    assert!(store.commitlog().max_offset() > 2 * 64 * 1024);
+    assert_eq!(store.queue("T", 0).unwrap().max_offset(), 250);
+    store.shutdown();
+}
+
+#[test]
 fn zeroes_are_prepared_ahead_under_async_flush_too() {
     use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
