@@ -383,10 +383,16 @@ async fn slave_refuses_writes_serves_reads_and_gets_offsets_from_its_master() ->
     Ok(())
 }
 
-fn segment_files(store: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
+/// The commit-log segments that start below `end`, the end of the data: a broker creates the
+/// next segment ahead of its data, so an empty one may exist on one side only.
+fn segment_files(store: &std::path::Path, end: u64) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(store.join("commitlog"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.parse::<u64>().is_ok_and(|base| base < end)
+        })
         .map(|p| {
             (
                 p.file_name().unwrap().to_string_lossy().into_owned(),
@@ -542,7 +548,10 @@ async fn slave_restarted_mid_stream_catches_up_byte_identical() -> Result<(), Er
     }
     let end = wait_caught_up(&client, &master, &slave).await?;
     assert!(end > 4 * 262_144, "the test should span several segments");
-    let (m, s) = (segment_files(&master.store), segment_files(&slave.store));
+    let (m, s) = (
+        segment_files(&master.store, end),
+        segment_files(&slave.store, end),
+    );
     assert_eq!(
         m.keys().collect::<Vec<_>>(),
         s.keys().collect::<Vec<_>>(),
@@ -586,10 +595,10 @@ async fn slave_ahead_of_a_restored_master_is_reported_not_merged() -> Result<(),
         })
         .await?;
     }
-    wait_caught_up(&client, &master, &slave).await?;
+    let end = wait_caught_up(&client, &master, &slave).await?;
     slave.stop()?;
     master.stop()?;
-    let before = segment_files(&slave.store);
+    let before = segment_files(&slave.store, end);
     // The master comes back with an empty disk (restored from nothing).
     std::fs::remove_dir_all(&master.store)?;
     master.restart()?;
@@ -610,7 +619,7 @@ async fn slave_ahead_of_a_restored_master_is_reported_not_merged() -> Result<(),
     assert_eq!(client.runtime_info(&master.addr).await?["slaveCount"], "0");
     slave.stop()?;
     assert!(
-        before == segment_files(&slave.store),
+        before == segment_files(&slave.store, end),
         "the slave's log was changed"
     );
     Ok(())

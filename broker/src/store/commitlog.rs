@@ -780,6 +780,25 @@ mod tests {
     }
 
     #[test]
+    fn an_append_finds_the_segment_created_while_it_waited() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(CommitLog::open(dir.path(), 64 * 1024).unwrap());
+        log.append(&[1u8; 60 * 1024]).unwrap();
+        // The flush thread is creating the next segment; an append needing it meanwhile.
+        let creating = lock(&log.creating);
+        let crossing = {
+            let log = log.clone();
+            std::thread::spawn(move || log.append(&[2u8; 8 * 1024]))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        log.create_segment(64 * 1024).unwrap();
+        drop(creating);
+        assert_eq!(crossing.join().unwrap().unwrap(), 64 * 1024);
+        let bases: Vec<u64> = read(&log.segments).iter().map(|s| s.base).collect();
+        assert_eq!(bases, [0, 64 * 1024], "a segment was created twice");
+    }
+
+    #[test]
     fn appends_racing_the_zeroes_ahead_keep_every_byte() {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(CommitLog::open(dir.path(), 64 * 1024).unwrap());

@@ -892,6 +892,7 @@ impl MessageStore {
         let mut last_thorough = Instant::now();
         let mut last_checkpoint = Instant::now();
         let mut checkpointed = self.dispatched.load(Ordering::Acquire);
+        let mut create_failed: Option<Instant> = None;
         loop {
             let batch: Vec<Waiter> = {
                 let mut w = lock(&self.flush.waiters);
@@ -949,10 +950,13 @@ impl MessageStore {
                     }
                 }
             }
-            if !stopping {
+            if !stopping && create_failed.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                create_failed = None;
                 if let Err(e) = self.commitlog.create_next_ahead() {
-                    // The append that needs it tries again, and reports what fails.
+                    // The append that needs it tries again, and reports what fails. Retried
+                    // once a second, not at every group commit.
                     tracing::warn!(error = %e, "creating the next commit-log segment failed");
+                    create_failed = Some(Instant::now());
                 }
             }
             if stopping || last_checkpoint.elapsed() >= checkpoint_every {

@@ -456,10 +456,10 @@ fn the_next_segment_is_created_ahead_and_a_restart_drops_it_unused() {
     );
     store.shutdown();
     drop(store);
-    // It holds no data: the restart removes it and keeps everything else.
+    // It holds no data: the restart removes it and keeps everything else. (The new flush
+    // thread soon creates it again: the data is still past the middle.)
     let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
     assert_eq!(store.recovery.segments_removed, 1);
-    assert!(!next.exists());
     assert_eq!(store.commitlog().max_offset(), end);
     // Appends cross into the next segments as before.
     fill(&store, 400);
