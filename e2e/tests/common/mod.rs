@@ -220,10 +220,15 @@ pub async fn push_consumer(
         .client_config(client_config(namesrv))
         .consumer_group(group.to_string())
         .consume_from_where(ConsumeFromWhere::ConsumeFromFirstOffset)
-        // The client runs each listener call as a blocking task with bounded admission; with
-        // one message per call a 10,000-message backlog overflows it (client-side
-        // "runtime.capacity.exhausted"), so hand it batches.
+        // The client runs each listener call as a blocking task with bounded admission (on
+        // two cores: 4 running, 16 queued); with one message per call a 10,000-message
+        // backlog overflows it (client-side "runtime.capacity.exhausted"), so hand it batches.
+        // A batch refused there is retried through the group's retry topic, which the order
+        // checks would read as a gap or a duplicate. Batches of 32 still overflowed it with
+        // eight queues and the default 1,000 messages cached per queue: a queue now pulls
+        // again only once its last batch is consumed.
         .consume_message_batch_max_size(32)
+        .pull_threshold_for_queue(16)
         .build();
     consumer.subscribe(topic, "*").await?;
     consumer.register_message_listener_concurrently(Listener(collector.clone()));
