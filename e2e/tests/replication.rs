@@ -389,15 +389,10 @@ fn segment_files(store: &std::path::Path, end: u64) -> BTreeMap<String, Vec<u8>>
     std::fs::read_dir(store.join("commitlog"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| {
-            let name = p.file_name().unwrap().to_string_lossy();
-            name.parse::<u64>().is_ok_and(|base| base < end)
-        })
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&p).unwrap(),
-            )
+        .filter_map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            let base = name.parse::<u64>().ok()?;
+            (base < end).then(|| (name, std::fs::read(&p).unwrap()))
         })
         .collect()
 }
