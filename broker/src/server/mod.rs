@@ -824,12 +824,11 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     }
 
     let shutdown = CancellationToken::new();
-    let loops = EventLoops::start("remoting", cfg.io_threads, &shutdown).map_err(|source| {
-        BrokerError::Threads {
+    let loops = EventLoops::start("remoting", cfg.io_threads, cfg.loop_awake_for(), &shutdown)
+        .map_err(|source| BrokerError::Threads {
             threads: cfg.io_threads,
             source,
-        }
-    })?;
+        })?;
     let first_loop = loops.first_loop();
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(serve(

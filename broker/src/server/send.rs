@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use crate::config::BrokerRole;
 use crate::remoting::connection::Peer;
+use crate::remoting::event_loop::StayAwake;
 use crate::remoting::header::{
     ConsumerSendMsgBackRequestHeader, SendMessageRequestHeader, SendMessageResponseHeader,
 };
@@ -214,6 +215,9 @@ impl Broker {
         let end = results.iter().map(|r| r.end).max().unwrap_or(0);
         let flush = async {
             if self.cfg.flush == FlushDiskType::Sync {
+                // The flush thread answers within about a disk write: the loop should be
+                // running to take the answer up, not waking from sleep.
+                let _awake = StayAwake::begin();
                 self.store.wait_durable(end).await
             } else {
                 Ok(())
