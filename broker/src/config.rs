@@ -10,9 +10,9 @@ use crate::store::FlushDiskType;
 /// Most event-loop threads a broker may be given: more than any machine it runs on has cores.
 const MAX_IO_THREADS: usize = 256;
 
-/// Longest an event loop may spin for a group commit: past a few milliseconds the disk, not
-/// waking up, is what the send waits for.
-const MAX_SYNC_FLUSH_SPIN_US: u64 = 10_000;
+/// Longest an event loop may spin for a send's group commit or slave: past a few milliseconds
+/// the disk or the network, not waking up, is what the send waits for.
+const MAX_SYNC_WAIT_SPIN_US: u64 = 10_000;
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -164,9 +164,10 @@ pub struct BrokerConfig {
     /// `serverIoThreads` (ferromq): event-loop threads that serve client connections, each
     /// connection on one of them (default: the CPUs this process may use).
     pub io_threads: usize,
-    /// `syncFlushSpinMicros` (ferromq): how long an event loop keeps running, instead of
-    /// sleeping, while a send on it waits for its group commit (0: it sleeps at once).
-    pub sync_flush_spin_us: u64,
+    /// `syncWaitSpinMicros` (ferromq): how long an event loop keeps running, instead of
+    /// sleeping, while a send on it waits for its group commit (SYNC_FLUSH) or its slave
+    /// (SYNC_MASTER); 0: it sleeps at once.
+    pub sync_wait_spin_us: u64,
     /// `haMasterAddress`: the master's HA address for a slave (otherwise learnt from the name
     /// servers).
     pub ha_master_address: Option<String>,
@@ -213,7 +214,7 @@ impl Default for BrokerConfig {
             slave_read_enable: true,
             max_frame_bytes: 16 << 20,
             io_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            sync_flush_spin_us: 500,
+            sync_wait_spin_us: 500,
             ha_master_address: None,
             ha_auth_token: None,
             ha_max_gap: 256 << 20,
@@ -261,12 +262,13 @@ impl BrokerConfig {
         self.flush == FlushDiskType::Sync || self.role == BrokerRole::Slave
     }
 
-    /// How long an event loop spins for the group commits its sends wait on: nothing under
-    /// ASYNC_FLUSH, where no send waits for the disk.
+    /// How long an event loop spins for what its sends wait on: nothing where no send waits
+    /// (ASYNC_FLUSH, and no SYNC_MASTER).
     pub fn loop_awake_for(&self) -> Duration {
-        match self.flush {
-            FlushDiskType::Sync => Duration::from_micros(self.sync_flush_spin_us),
-            FlushDiskType::Async => Duration::ZERO,
+        if self.flush == FlushDiskType::Sync || self.role == BrokerRole::SyncMaster {
+            Duration::from_micros(self.sync_wait_spin_us)
+        } else {
+            Duration::ZERO
         }
     }
 
@@ -345,7 +347,7 @@ impl BrokerConfig {
                 "slaveReadEnable" => c.slave_read_enable = boolean(k, v)?,
                 "serverMaxFrameBytes" => c.max_frame_bytes = num(k, v, "a size in bytes")?,
                 "serverIoThreads" => c.io_threads = num(k, v, "a thread count")?,
-                "syncFlushSpinMicros" => c.sync_flush_spin_us = num(k, v, "microseconds")?,
+                "syncWaitSpinMicros" => c.sync_wait_spin_us = num(k, v, "microseconds")?,
                 "haMasterAddress" => c.ha_master_address = Some(non_empty(k, v)?),
                 "haAuthToken" => c.ha_auth_token = Some(v.to_string()).filter(|t| !t.is_empty()),
                 "haMaxGapNotInSync" => c.ha_max_gap = num(k, v, "a size in bytes")?,
@@ -435,11 +437,11 @@ impl BrokerConfig {
                 &format!("1 to {MAX_IO_THREADS}"),
             ));
         }
-        if self.sync_flush_spin_us > MAX_SYNC_FLUSH_SPIN_US {
+        if self.sync_wait_spin_us > MAX_SYNC_WAIT_SPIN_US {
             return Err(bad(
-                "syncFlushSpinMicros",
-                &self.sync_flush_spin_us.to_string(),
-                &format!("0 to {MAX_SYNC_FLUSH_SPIN_US}"),
+                "syncWaitSpinMicros",
+                &self.sync_wait_spin_us.to_string(),
+                &format!("0 to {MAX_SYNC_WAIT_SPIN_US}"),
             ));
         }
         if self.max_frame_bytes < 1024 {
@@ -571,18 +573,25 @@ mod tests {
     }
 
     #[test]
-    fn loops_spin_for_group_commits_only_under_sync_flush_and_within_bounds() {
+    fn loops_spin_only_where_sends_wait_and_within_bounds() {
         let sync = BrokerConfig::parse("flushDiskType=SYNC_FLUSH").unwrap();
         assert_eq!(sync.loop_awake_for(), Duration::from_micros(500));
-        let short = BrokerConfig::parse("flushDiskType=SYNC_FLUSH\nsyncFlushSpinMicros=80");
+        let short = BrokerConfig::parse("flushDiskType=SYNC_FLUSH\nsyncWaitSpinMicros=80");
         assert_eq!(short.unwrap().loop_awake_for(), Duration::from_micros(80));
-        let off = BrokerConfig::parse("flushDiskType=SYNC_FLUSH\nsyncFlushSpinMicros=0");
+        let off = BrokerConfig::parse("flushDiskType=SYNC_FLUSH\nsyncWaitSpinMicros=0");
         assert_eq!(off.unwrap().loop_awake_for(), Duration::ZERO);
-        let not_sync = BrokerConfig::parse("syncFlushSpinMicros=800").unwrap();
+        let sync_master = BrokerConfig::parse("brokerRole=SYNC_MASTER\nsyncWaitSpinMicros=800");
+        assert_eq!(
+            sync_master.unwrap().loop_awake_for(),
+            Duration::from_micros(800)
+        );
+        let not_sync = BrokerConfig::parse("syncWaitSpinMicros=800").unwrap();
         assert_eq!(not_sync.loop_awake_for(), Duration::ZERO);
-        for bad in ["syncFlushSpinMicros=10001", "syncFlushSpinMicros=-1"] {
+        let slave = BrokerConfig::parse("brokerRole=SLAVE\nbrokerId=1\nsyncWaitSpinMicros=800");
+        assert_eq!(slave.unwrap().loop_awake_for(), Duration::ZERO);
+        for bad in ["syncWaitSpinMicros=10001", "syncWaitSpinMicros=-1"] {
             let e = BrokerConfig::parse(bad).unwrap_err();
-            assert!(e.to_string().contains("syncFlushSpinMicros"), "{bad}: {e}");
+            assert!(e.to_string().contains("syncWaitSpinMicros"), "{bad}: {e}");
         }
     }
 

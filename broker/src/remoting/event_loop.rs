@@ -271,10 +271,10 @@ thread_local! {
     static AWAKE: RefCell<Option<Arc<Awake>>> = const { RefCell::new(None) };
 }
 
-/// Held by a task waiting for an answer that another thread of this process gives within
-/// microseconds (a group commit): the loop keeps running instead of sleeping, so the answer
-/// is taken up at once. On a virtual machine a sleeping CPU takes tens of microseconds to
-/// wake, which is a fifth of a SYNC_FLUSH send's round trip.
+/// Held by a task waiting for an answer due within microseconds (a group commit from the
+/// flush thread, a slave's acknowledgement): the loop keeps running instead of sleeping, so
+/// the answer is taken up at once. On a virtual machine a sleeping CPU takes tens of
+/// microseconds to wake, a tenth to a fifth of a SYNC_FLUSH or SYNC_MASTER send.
 #[must_use = "the loop stays awake only while this is held"]
 pub struct StayAwake(Option<Arc<Awake>>);
 

@@ -226,6 +226,9 @@ impl Broker {
         let replica = async {
             match (&self.replication, self.cfg.role) {
                 (Some(r), BrokerRole::SyncMaster) => {
+                    // The slave answers within a round trip: the loop should be running to
+                    // read its acknowledgement, not waking from sleep.
+                    let _awake = StayAwake::begin();
                     let started = std::time::Instant::now();
                     let timeout = std::time::Duration::from_millis(self.cfg.slave_timeout_ms);
                     let res = r
