@@ -263,9 +263,10 @@ impl BrokerConfig {
     }
 
     /// How long an event loop spins for what its sends wait on: nothing where no send waits
-    /// (ASYNC_FLUSH, and no SYNC_MASTER).
+    /// (a slave, or ASYNC_FLUSH without SYNC_MASTER).
     pub fn loop_awake_for(&self) -> Duration {
-        if self.flush == FlushDiskType::Sync || self.role == BrokerRole::SyncMaster {
+        let waits = self.flush == FlushDiskType::Sync || self.role == BrokerRole::SyncMaster;
+        if waits && self.role != BrokerRole::Slave {
             Duration::from_micros(self.sync_wait_spin_us)
         } else {
             Duration::ZERO
@@ -347,7 +348,9 @@ impl BrokerConfig {
                 "slaveReadEnable" => c.slave_read_enable = boolean(k, v)?,
                 "serverMaxFrameBytes" => c.max_frame_bytes = num(k, v, "a size in bytes")?,
                 "serverIoThreads" => c.io_threads = num(k, v, "a thread count")?,
-                "syncWaitSpinMicros" => c.sync_wait_spin_us = num(k, v, "microseconds")?,
+                "syncWaitSpinMicros" => {
+                    c.sync_wait_spin_us = num(k, v, "microseconds, 0 to 10000")?;
+                }
                 "haMasterAddress" => c.ha_master_address = Some(non_empty(k, v)?),
                 "haAuthToken" => c.ha_auth_token = Some(v.to_string()).filter(|t| !t.is_empty()),
                 "haMaxGapNotInSync" => c.ha_max_gap = num(k, v, "a size in bytes")?,
@@ -587,8 +590,12 @@ mod tests {
         );
         let not_sync = BrokerConfig::parse("syncWaitSpinMicros=800").unwrap();
         assert_eq!(not_sync.loop_awake_for(), Duration::ZERO);
-        let slave = BrokerConfig::parse("brokerRole=SLAVE\nbrokerId=1\nsyncWaitSpinMicros=800");
-        assert_eq!(slave.unwrap().loop_awake_for(), Duration::ZERO);
+        let slave =
+            "brokerRole=SLAVE\nbrokerId=1\nflushDiskType=SYNC_FLUSH\nsyncWaitSpinMicros=800";
+        let slave = BrokerConfig::parse(slave).unwrap();
+        assert_eq!(slave.loop_awake_for(), Duration::ZERO);
+        let most = BrokerConfig::parse("flushDiskType=SYNC_FLUSH\nsyncWaitSpinMicros=10000");
+        assert_eq!(most.unwrap().loop_awake_for(), Duration::from_millis(10));
         for bad in ["syncWaitSpinMicros=10001", "syncWaitSpinMicros=-1"] {
             let e = BrokerConfig::parse(bad).unwrap_err();
             assert!(e.to_string().contains("syncWaitSpinMicros"), "{bad}: {e}");

@@ -535,7 +535,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let loops = EventLoops::start("echo-io", 2, std::time::Duration::ZERO, &stop).unwrap();
+        let loops = EventLoops::start("echo-io", 2, Default::default(), &stop).unwrap();
         tokio::spawn(serve(
             listener,
             Arc::new(Echo),

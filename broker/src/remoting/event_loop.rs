@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -41,21 +42,24 @@ struct Loop {
     connections: Arc<AtomicUsize>,
     /// Fires (by being dropped) once the loop's runtime, and every connection on it, is gone.
     exited: oneshot::Receiver<()>,
-    /// What its tasks wait for, seen by the task that keeps it awake.
+    /// What its tasks wait for, seen by the task that keeps it awake (and by tests).
+    #[cfg(test)]
     awake: Arc<Awake>,
 }
 
 impl EventLoops {
     /// Starts `threads` loops named `name-0`, `name-1`, ...; each stops its connections and
-    /// exits once `shutdown` fires. A loop whose task holds a [`StayAwake`] spins for up to
-    /// `awake_for` instead of sleeping (zero: it always sleeps).
+    /// exits once `shutdown` fires. A loop whose task holds a [`StayAwake`] spins as `spin`
+    /// allows instead of sleeping.
     pub fn start(
         name: &str,
         threads: usize,
-        awake_for: Duration,
+        spin: Spin,
         shutdown: &CancellationToken,
     ) -> io::Result<Self> {
         let mut loops = Vec::with_capacity(threads);
+        let spin = Arc::new(spin);
+        let spinning = Arc::new(AtomicUsize::new(0));
         for i in 0..threads.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -65,14 +69,18 @@ impl EventLoops {
             let mine = TaskTracker::new();
             let stop = shutdown.clone();
             let awake = Arc::new(Awake::default());
-            let spinner = awake.clone();
+            let spinner = Spinner {
+                awake: awake.clone(),
+                spin: spin.clone(),
+                spinning: spinning.clone(),
+            };
             std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
                     runtime.block_on(async {
-                        if !awake_for.is_zero() {
-                            AWAKE.with(|a| *a.borrow_mut() = Some(spinner.clone()));
-                            tokio::spawn(keep_awake(spinner, awake_for));
+                        if !spinner.spin.limit.is_zero() && spinner.spin.max_loops > 0 {
+                            AWAKE.with(|a| *a.borrow_mut() = Some(spinner.awake.clone()));
+                            tokio::spawn(spinner.keep_awake());
                         }
                         loop {
                             tokio::select! {
@@ -98,6 +106,7 @@ impl EventLoops {
                 jobs,
                 connections: Arc::new(AtomicUsize::new(0)),
                 exited,
+                #[cfg(test)]
                 awake,
             });
         }
@@ -113,14 +122,6 @@ impl EventLoops {
     /// Number of loop threads (0 when connections run on the caller's runtime).
     pub fn threads(&self) -> usize {
         self.loops.len()
-    }
-
-    /// Turns the loops have spun to stay awake, in all (see [`StayAwake`]).
-    pub fn awake_turns(&self) -> u64 {
-        self.loops
-            .iter()
-            .map(|l| l.awake.turns.load(Ordering::Relaxed))
-            .sum()
     }
 
     /// Runs `serve(socket, placement)` on the loop with the fewest connections; the
@@ -255,14 +256,40 @@ impl Drop for Counted {
     }
 }
 
+/// How a server's loops may stay awake for answers due soon (see [`StayAwake`]).
+#[derive(Clone, Debug, Default)]
+pub struct Spin {
+    /// Longest a loop spins past the start of the latest wait on it (zero: loops always sleep).
+    pub limit: Duration,
+    /// Loops that may spin at the same time: with one per core, a spinning loop would take
+    /// the core the flush thread, the kernel's write-back or a slave needs.
+    pub max_loops: usize,
+    /// Time the loops have spent spinning, for the metrics.
+    pub spent: Counter<f64, AtomicU64>,
+}
+
+impl Spin {
+    /// Spinning up to `limit`, on all cores but one (at least one loop).
+    pub fn new(limit: Duration) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Spin {
+            limit,
+            max_loops: cores.saturating_sub(1).max(1),
+            spent: Counter::default(),
+        }
+    }
+}
+
 /// What a loop's tasks wait for, shared with the task that keeps the loop awake.
 #[derive(Default)]
 struct Awake {
     /// Tasks on the loop holding a [`StayAwake`].
     waiting: AtomicUsize,
+    /// Waits begun so far: each new one extends the spinning.
+    begun: AtomicU64,
     /// Signalled when `waiting` leaves zero.
     wanted: tokio::sync::Notify,
-    /// Turns spun so far (seen by tests and `EventLoops::awake_turns`).
+    /// Turns spun so far (seen by tests).
     turns: AtomicU64,
 }
 
@@ -283,6 +310,7 @@ impl StayAwake {
     pub fn begin() -> Self {
         let awake = AWAKE.with(|a| a.borrow().clone());
         if let Some(a) = &awake {
+            a.begun.fetch_add(1, Ordering::Relaxed);
             if a.waiting.fetch_add(1, Ordering::Relaxed) == 0 {
                 // Wakes the spinner from this thread: no system call.
                 a.wanted.notify_one();
@@ -300,24 +328,79 @@ impl Drop for StayAwake {
     }
 }
 
-/// Keeps its loop from sleeping while any of its tasks holds a [`StayAwake`], for at most
-/// `limit` at a time (an answer that takes longer is not worth a core). Each turn hands
-/// control back to the scheduler, which checks its timers and sockets every few dozen turns,
-/// so the loop's other connections are served as usual.
-async fn keep_awake(awake: Arc<Awake>, limit: Duration) {
-    loop {
-        awake.wanted.notified().await;
-        let since = Instant::now();
-        while awake.waiting.load(Ordering::Relaxed) > 0 && since.elapsed() < limit {
-            awake.turns.fetch_add(1, Ordering::Relaxed);
-            Turn(false).await;
+/// Spells of waiting a loop sits out, sleeping, after one whose waits outlasted the limit:
+/// behind a slow disk or slave, spinning would burn a core for nothing. It tries again after.
+const SIT_OUT: u32 = 7;
+
+/// The task that keeps one loop awake.
+struct Spinner {
+    awake: Arc<Awake>,
+    spin: Arc<Spin>,
+    /// Loops of the server spinning now.
+    spinning: Arc<AtomicUsize>,
+}
+
+/// Counts a loop among the spinning ones while it lives.
+struct Spinning<'a>(&'a AtomicUsize);
+
+impl Drop for Spinning<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Spinner {
+    /// Keeps the loop from sleeping while any of its tasks holds a [`StayAwake`], until no new
+    /// wait has begun for `limit`. Each turn hands control back to the scheduler, which polls
+    /// its sockets and timers every 61 turns (tokio's `event_interval`) and its queue of
+    /// wake-ups from other threads every 31, so the loop's connections are served as usual.
+    async fn keep_awake(self) {
+        let (awake, spin) = (&self.awake, &self.spin);
+        let mut sit_out = 0u32;
+        loop {
+            awake.wanted.notified().await;
+            if awake.waiting.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            if sit_out > 0 {
+                sit_out -= 1;
+                continue;
+            }
+            if self.spinning.fetch_add(1, Ordering::Relaxed) >= spin.max_loops {
+                self.spinning.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            let counted = Spinning(&self.spinning);
+            let started = Instant::now();
+            let mut since = started;
+            let mut begun = awake.begun.load(Ordering::Relaxed);
+            let outlasted = loop {
+                if awake.waiting.load(Ordering::Relaxed) == 0 {
+                    break false;
+                }
+                let now = Instant::now();
+                let latest = awake.begun.load(Ordering::Relaxed);
+                if latest != begun {
+                    (begun, since) = (latest, now);
+                } else if now - since >= spin.limit {
+                    break true;
+                }
+                awake.turns.fetch_add(1, Ordering::Relaxed);
+                Turn(false).await;
+            };
+            drop(counted);
+            spin.spent.inc_by(started.elapsed().as_secs_f64());
+            if outlasted {
+                sit_out = SIT_OUT;
+            }
         }
     }
 }
 
-/// Yields once to the loop's scheduler by waking itself. Unlike `tokio::task::yield_now`,
-/// whose wake is deferred to the next poll of the reactor and then costs a write to the
-/// runtime's eventfd, a task waking itself is queued again on its own thread.
+/// Yields once to the loop's scheduler by waking itself: the task is queued again behind
+/// the tasks already ready. `tokio::task::yield_now` would instead wait for the next poll of
+/// the reactor, which the scheduler then makes at once when nothing else is ready: an
+/// `epoll_wait` system call per turn instead of one per 61.
 struct Turn(bool);
 
 impl Future for Turn {
@@ -369,105 +452,207 @@ mod tests {
         }
     }
 
-    /// A loop that spins for up to `awake_for`, serving one connection whose task holds a
-    /// [`StayAwake`] from when `held` fires until `release` is sent; `dropped` fires after.
-    struct Waiter {
-        loops: EventLoops,
-        stop: CancellationToken,
-        held: oneshot::Receiver<()>,
-        release: oneshot::Sender<()>,
-        dropped: oneshot::Receiver<()>,
-        _client: TcpStream,
+    /// Loops that may spin for up to `limit`, `max_loops` at a time.
+    fn spinning_loops(threads: usize, limit: Duration, max_loops: usize) -> (EventLoops, Spin) {
+        let spin = Spin {
+            limit,
+            max_loops,
+            spent: Counter::default(),
+        };
+        let loops = EventLoops::start("test-io", threads, spin.clone(), &CancellationToken::new());
+        (loops.unwrap(), spin)
     }
 
-    async fn waiter_on_a_loop(awake_for: Duration) -> Waiter {
-        let stop = CancellationToken::new();
-        let loops = EventLoops::start("test-io", 1, awake_for, &stop).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (socket, _) = listener.accept().await.unwrap();
+    /// Runs `fut` as a task on loop `i`.
+    fn run_on(loops: &EventLoops, i: usize, fut: impl Future<Output = ()> + Send + 'static) {
+        let job: Job = Box::new(move |tasks| {
+            tasks.spawn(fut);
+        });
+        assert!(loops.loops[i].jobs.send(job).is_ok(), "loop {i} is gone");
+    }
+
+    fn turns(loops: &EventLoops, i: usize) -> u64 {
+        loops.loops[i].awake.turns.load(Ordering::Relaxed)
+    }
+
+    /// A task on a loop holding a [`StayAwake`] until released (or dropped).
+    struct Held {
+        release: oneshot::Sender<()>,
+        dropped: oneshot::Receiver<()>,
+    }
+
+    impl Held {
+        async fn release(self) {
+            let _ = self.release.send(());
+            let _ = self.dropped.await;
+        }
+    }
+
+    /// Starts a task on loop `i` that holds a [`StayAwake`]; returns once it does.
+    async fn hold(loops: &EventLoops, i: usize) -> Held {
         let (held_tx, held) = oneshot::channel();
         let (release, release_rx) = oneshot::channel::<()>();
         let (dropped_tx, dropped) = oneshot::channel();
-        // Nothing waits yet: the loop sleeps.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(loops.awake_turns(), 0, "spun with nothing waiting");
-        loops.spawn(socket, move |_socket, _| async move {
+        run_on(loops, i, async move {
             let awake = StayAwake::begin();
             let _ = held_tx.send(());
             let _ = release_rx.await;
             drop(awake);
             let _ = dropped_tx.send(());
         });
-        Waiter {
-            loops,
-            stop,
-            held,
-            release,
-            dropped,
-            _client: client,
-        }
+        held.await.unwrap();
+        Held { release, dropped }
     }
 
-    /// Waits (up to 5 s) until `turns` grows past `before`.
-    async fn spun_past(loops: &EventLoops, before: u64) {
+    /// Waits (up to 5 s) until loop `i` has spun past `before` turns.
+    async fn spun_past(loops: &EventLoops, i: usize, before: u64) {
         let deadline = Instant::now() + Duration::from_secs(5);
-        while loops.awake_turns() == before {
-            assert!(Instant::now() < deadline, "the loop does not spin");
+        while turns(loops, i) <= before {
+            assert!(Instant::now() < deadline, "loop {i} does not spin");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
-    /// Waits (up to 5 s) until `turns` holds still for 50 ms.
-    async fn resting(loops: &EventLoops) {
+    /// Waits (up to 5 s) until loop `i` holds still for 50 ms.
+    async fn resting(loops: &EventLoops, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let before = loops.awake_turns();
+            let before = turns(loops, i);
             tokio::time::sleep(Duration::from_millis(50)).await;
-            if loops.awake_turns() == before {
+            if turns(loops, i) == before {
                 return;
             }
-            assert!(Instant::now() < deadline, "the loop spins on");
+            assert!(Instant::now() < deadline, "loop {i} spins on");
         }
     }
 
     #[tokio::test]
-    async fn a_loop_spins_only_while_a_task_waits() {
-        let mut w = waiter_on_a_loop(Duration::from_secs(30)).await;
-        (&mut w.held).await.unwrap();
-        spun_past(&w.loops, 0).await;
-        // And on, while the task waits.
-        spun_past(&w.loops, w.loops.awake_turns()).await;
-        w.release.send(()).unwrap();
-        w.dropped.await.unwrap();
-        resting(&w.loops).await;
-        w.stop.cancel();
-        w.loops.join().await;
-    }
-
-    #[tokio::test]
-    async fn a_loop_stops_spinning_at_its_limit_though_the_task_still_waits() {
-        let mut w = waiter_on_a_loop(Duration::from_millis(20)).await;
-        (&mut w.held).await.unwrap();
-        spun_past(&w.loops, 0).await;
-        resting(&w.loops).await;
-        assert!(w.dropped.try_recv().is_err(), "the task stopped waiting");
-        w.stop.cancel();
-        w.loops.join().await;
-    }
-
-    #[tokio::test]
-    async fn a_loop_without_a_limit_never_spins() {
-        let mut w = waiter_on_a_loop(Duration::ZERO).await;
-        (&mut w.held).await.unwrap();
+    async fn a_loop_spins_only_while_a_task_waits_and_serves_sockets_and_timers_meanwhile() {
+        let (loops, spin) = spinning_loops(1, Duration::from_secs(30), 1);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(w.loops.awake_turns(), 0);
-        // Off a loop, the guard is inert.
+        assert_eq!(turns(&loops, 0), 0, "spun with nothing waiting");
+
+        let held = hold(&loops, 0).await;
+        spun_past(&loops, 0, 0).await;
+        // A timer on the spinning loop fires, and a connection on it is served.
+        let (fired_tx, fired) = oneshot::channel();
+        run_on(&loops, 0, async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let _ = fired_tx.send(());
+        });
+        tokio::time::timeout(Duration::from_secs(5), fired)
+            .await
+            .expect("a timer fires while the loop spins")
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(connect_and_ask(addr, 1));
+        let stop = CancellationToken::new();
+        serve_n(&loops, &listener, 1, &stop).await;
+        let (names, _open) = tokio::time::timeout(Duration::from_secs(5), client)
+            .await
+            .expect("a connection is served while the loop spins")
+            .unwrap();
+        assert_eq!(names, ["test-io-0"]);
+        // And it spins on while the task waits.
+        spun_past(&loops, 0, turns(&loops, 0)).await;
+
+        held.release().await;
+        resting(&loops, 0).await;
+        assert!(spin.spent.get() > 0.0, "the time spun is counted");
+        // A later wait makes it spin again.
+        let held = hold(&loops, 0).await;
+        spun_past(&loops, 0, turns(&loops, 0)).await;
+        held.release().await;
+        resting(&loops, 0).await;
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn spinning_lasts_while_waits_begin_then_stops_though_a_task_still_waits() {
+        let (loops, _) = spinning_loops(1, Duration::from_millis(100), 1);
+        let mut first = hold(&loops, 0).await;
+        spun_past(&loops, 0, 0).await;
+        // New waits begin every 20 ms, each extending the spinning past the limit.
+        let more = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let going = more.clone();
+        run_on(&loops, 0, async move {
+            while going.load(Ordering::Relaxed) {
+                let awake = StayAwake::begin();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                drop(awake);
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        spun_past(&loops, 0, turns(&loops, 0)).await;
+        // No new wait for the limit: it stops, though the first task still waits.
+        more.store(false, Ordering::Relaxed);
+        resting(&loops, 0).await;
+        assert!(
+            first.dropped.try_recv().is_err(),
+            "the first task stopped waiting"
+        );
+    }
+
+    #[tokio::test]
+    async fn after_a_wait_outlasts_the_limit_the_loop_sits_out_then_spins_again() {
+        let (loops, _) = spinning_loops(1, Duration::from_millis(100), 1);
+        let slow = hold(&loops, 0).await;
+        spun_past(&loops, 0, 0).await;
+        resting(&loops, 0).await;
+        slow.release().await;
+        // The next spell of waiting sleeps...
+        let before = turns(&loops, 0);
+        let held = hold(&loops, 0).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            turns(&loops, 0),
+            before,
+            "spun right after a wait outlasted the limit"
+        );
+        held.release().await;
+        // ...and a later one spins again.
+        let mut spells = 1;
+        loop {
+            let held = hold(&loops, 0).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let spun = turns(&loops, 0) > before;
+            held.release().await;
+            if spun {
+                break;
+            }
+            spells += 1;
+            assert!(spells <= 4 * SIT_OUT, "never spins again");
+        }
+        assert!(spells > SIT_OUT / 2, "sat out only {spells} spells");
+    }
+
+    #[tokio::test]
+    async fn no_more_loops_spin_at_once_than_allowed() {
+        let (loops, _) = spinning_loops(2, Duration::from_secs(30), 1);
+        let first = hold(&loops, 0).await;
+        spun_past(&loops, 0, 0).await;
+        let second = hold(&loops, 1).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(turns(&loops, 1), 0, "a second loop spun");
+        first.release().await;
+        resting(&loops, 0).await;
+        // Its next spell of waiting may spin.
+        second.release().await;
+        let second = hold(&loops, 1).await;
+        spun_past(&loops, 1, 0).await;
+        second.release().await;
+    }
+
+    #[tokio::test]
+    async fn loops_without_a_limit_never_spin() {
+        let (loops, _) = spinning_loops(1, Duration::ZERO, 1);
+        let held = hold(&loops, 0).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(turns(&loops, 0), 0);
+        held.release().await;
+        // Off a loop, the guard does nothing.
         assert!(StayAwake::begin().0.is_none());
-        w.stop.cancel();
-        w.loops.join().await;
     }
 
     async fn ask(client: &mut TcpStream) -> String {
@@ -496,7 +681,7 @@ mod tests {
     #[tokio::test]
     async fn connections_spread_over_loops_and_stop_with_the_token() {
         let stop = CancellationToken::new();
-        let loops = EventLoops::start("test-io", 2, Duration::ZERO, &stop).unwrap();
+        let loops = EventLoops::start("test-io", 2, Spin::default(), &stop).unwrap();
         assert_eq!(loops.threads(), 2);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -521,7 +706,7 @@ mod tests {
         place: impl FnOnce(&EventLoops, TcpStream, CancellationToken),
     ) {
         let stop = CancellationToken::new();
-        let loops = EventLoops::start("test-io", 2, Duration::ZERO, &stop).unwrap();
+        let loops = EventLoops::start("test-io", 2, Spin::default(), &stop).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let clients = tokio::spawn(connect_and_ask(addr, 3));

@@ -28,7 +28,7 @@ use crate::remoting::body::{
     from_json, to_json, ConsumerListBody, HeartbeatData, RegisterBrokerBody, TopicConfigWrapper,
 };
 use crate::remoting::connection::{serve, ClientError, ConnectionPool, Peer, Processor};
-use crate::remoting::event_loop::EventLoops;
+use crate::remoting::event_loop::{EventLoops, Spin};
 use crate::remoting::header::{
     ConsumerGroupRequestHeader, CreateTopicRequestHeader, RegisterBrokerRequestHeader,
     RegisterBrokerResponseHeader, SendMessageRequestHeader, UnregisterBrokerRequestHeader,
@@ -795,6 +795,12 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         "Live consumer clients",
         consumers_gauge.clone(),
     );
+    let spin = Spin::new(cfg.loop_awake_for());
+    registry.register(
+        "loop_spin_seconds",
+        "Time event loops spent spinning instead of sleeping while sends waited for their group commit or slave (syncWaitSpinMicros)",
+        spin.spent.clone(),
+    );
     let health = HealthState::new(registry);
 
     let broker = Arc::new(Broker {
@@ -824,10 +830,12 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     }
 
     let shutdown = CancellationToken::new();
-    let loops = EventLoops::start("remoting", cfg.io_threads, cfg.loop_awake_for(), &shutdown)
-        .map_err(|source| BrokerError::Threads {
-            threads: cfg.io_threads,
-            source,
+    let loops =
+        EventLoops::start("remoting", cfg.io_threads, spin, &shutdown).map_err(|source| {
+            BrokerError::Threads {
+                threads: cfg.io_threads,
+                source,
+            }
         })?;
     let first_loop = loops.first_loop();
     let mut tasks = Vec::new();
