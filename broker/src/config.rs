@@ -165,8 +165,8 @@ pub struct BrokerConfig {
     /// connection on one of them (default: the CPUs this process may use).
     pub io_threads: usize,
     /// `syncWaitSpinMicros` (ferromq): how long an event loop keeps running, instead of
-    /// sleeping, while a send on it waits for its group commit (SYNC_FLUSH) or its slave
-    /// (SYNC_MASTER); 0: it sleeps at once.
+    /// sleeping, for the next answer while sends on it wait for their group commit
+    /// (SYNC_FLUSH) or their slave (SYNC_MASTER); 0: it sleeps at once.
     pub sync_wait_spin_us: u64,
     /// `haMasterAddress`: the master's HA address for a slave (otherwise learnt from the name
     /// servers).
@@ -349,7 +349,8 @@ impl BrokerConfig {
                 "serverMaxFrameBytes" => c.max_frame_bytes = num(k, v, "a size in bytes")?,
                 "serverIoThreads" => c.io_threads = num(k, v, "a thread count")?,
                 "syncWaitSpinMicros" => {
-                    c.sync_wait_spin_us = num(k, v, "microseconds, 0 to 10000")?;
+                    let range = format!("microseconds, 0 to {MAX_SYNC_WAIT_SPIN_US}");
+                    c.sync_wait_spin_us = num(k, v, &range)?;
                 }
                 "haMasterAddress" => c.ha_master_address = Some(non_empty(k, v)?),
                 "haAuthToken" => c.ha_auth_token = Some(v.to_string()).filter(|t| !t.is_empty()),

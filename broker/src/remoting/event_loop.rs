@@ -32,6 +32,9 @@ type Job = Box<dyn FnOnce(&TaskTracker) + Send>;
 /// The threads a server runs its connections on, or the caller's runtime.
 pub struct EventLoops {
     loops: Vec<Loop>,
+    /// Loops spinning now (for tests).
+    #[cfg(test)]
+    spinning: Arc<AtomicUsize>,
 }
 
 /// One loop thread, as seen from the accepting side.
@@ -42,7 +45,7 @@ struct Loop {
     connections: Arc<AtomicUsize>,
     /// Fires (by being dropped) once the loop's runtime, and every connection on it, is gone.
     exited: oneshot::Receiver<()>,
-    /// What its tasks wait for, seen by the task that keeps it awake (and by tests).
+    /// What its tasks wait for (the turns it spun, for tests).
     #[cfg(test)]
     awake: Arc<Awake>,
 }
@@ -110,13 +113,21 @@ impl EventLoops {
                 awake,
             });
         }
-        Ok(EventLoops { loops })
+        Ok(EventLoops {
+            loops,
+            #[cfg(test)]
+            spinning,
+        })
     }
 
     /// No threads of its own: connections run as tasks on the caller's runtime (for servers
     /// with little traffic, such as the name server, and for tests).
     pub fn current() -> Self {
-        EventLoops { loops: Vec::new() }
+        EventLoops {
+            loops: Vec::new(),
+            #[cfg(test)]
+            spinning: Arc::default(),
+        }
     }
 
     /// Number of loop threads (0 when connections run on the caller's runtime).
@@ -259,22 +270,22 @@ impl Drop for Counted {
 /// How a server's loops may stay awake for answers due soon (see [`StayAwake`]).
 #[derive(Clone, Debug, Default)]
 pub struct Spin {
-    /// Longest a loop spins past the start of the latest wait on it (zero: loops always sleep).
+    /// Longest a loop spins for the next answer to a wait on it (zero: loops always sleep).
     pub limit: Duration,
     /// Loops that may spin at the same time: with one per core, a spinning loop would take
     /// the core the flush thread, the kernel's write-back or a slave needs.
     pub max_loops: usize,
-    /// Time the loops have spent spinning, for the metrics.
+    /// Wall time the loops have spent spinning, their work between turns included.
     pub spent: Counter<f64, AtomicU64>,
 }
 
 impl Spin {
-    /// Spinning up to `limit`, on all cores but one (at least one loop).
+    /// Spinning up to `limit`, on all cores but one (none on a single core).
     pub fn new(limit: Duration) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Spin {
             limit,
-            max_loops: cores.saturating_sub(1).max(1),
+            max_loops: cores.saturating_sub(1),
             spent: Counter::default(),
         }
     }
@@ -285,9 +296,9 @@ impl Spin {
 struct Awake {
     /// Tasks on the loop holding a [`StayAwake`].
     waiting: AtomicUsize,
-    /// Waits begun so far: each new one extends the spinning.
-    begun: AtomicU64,
-    /// Signalled when `waiting` leaves zero.
+    /// Waits ended so far: each answer taken up extends the spinning.
+    ended: AtomicU64,
+    /// Signalled when a wait begins.
     wanted: tokio::sync::Notify,
     /// Turns spun so far (seen by tests).
     turns: AtomicU64,
@@ -310,11 +321,10 @@ impl StayAwake {
     pub fn begin() -> Self {
         let awake = AWAKE.with(|a| a.borrow().clone());
         if let Some(a) = &awake {
-            a.begun.fetch_add(1, Ordering::Relaxed);
-            if a.waiting.fetch_add(1, Ordering::Relaxed) == 0 {
-                // Wakes the spinner from this thread: no system call.
-                a.wanted.notify_one();
-            }
+            a.waiting.fetch_add(1, Ordering::Relaxed);
+            // Wakes the spinner from this thread, no system call; while it spins, this only
+            // leaves a permit.
+            a.wanted.notify_one();
         }
         StayAwake(awake)
     }
@@ -323,14 +333,24 @@ impl StayAwake {
 impl Drop for StayAwake {
     fn drop(&mut self) {
         if let Some(a) = &self.0 {
+            a.ended.fetch_add(1, Ordering::Relaxed);
             a.waiting.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
-/// Spells of waiting a loop sits out, sleeping, after one whose waits outlasted the limit:
-/// behind a slow disk or slave, spinning would burn a core for nothing. It tries again after.
+/// How many limits' worth of time a loop sleeps through after its waits went a whole limit
+/// without an answer: behind a slow disk or slave, spinning would burn a core for nothing.
+/// It tries again after.
 const SIT_OUT: u32 = 7;
+
+/// Turns a spell makes before it may end for want of answers: 61 turns (tokio's
+/// `event_interval`) bring one poll of the sockets, so a loop that was preempted for longer
+/// than the limit first takes up what arrived meanwhile.
+const MIN_TURNS: u64 = 64;
+
+/// Turns between two additions to the time spun (so the metric rises steadily).
+const TALLY_EVERY: u64 = 1024;
 
 /// The task that keeps one loop awake.
 struct Spinner {
@@ -350,20 +370,21 @@ impl Drop for Spinning<'_> {
 }
 
 impl Spinner {
-    /// Keeps the loop from sleeping while any of its tasks holds a [`StayAwake`], until no new
-    /// wait has begun for `limit`. Each turn hands control back to the scheduler, which polls
-    /// its sockets and timers every 61 turns (tokio's `event_interval`) and its queue of
-    /// wake-ups from other threads every 31, so the loop's connections are served as usual.
+    /// Keeps the loop from sleeping while any of its tasks holds a [`StayAwake`] and answers
+    /// keep coming: the spell ends when no wait has ended for `limit`. Each turn hands control
+    /// back to the scheduler, which polls its sockets and timers every 61 turns (tokio's
+    /// `event_interval`) and its queue of wake-ups from other threads every 31, so the loop's
+    /// connections are served as usual. A loop refused a place (the cap) or sitting out tries
+    /// again at the next wait that begins.
     async fn keep_awake(self) {
         let (awake, spin) = (&self.awake, &self.spin);
-        let mut sit_out = 0u32;
+        let mut sit_out_until: Option<Instant> = None;
         loop {
             awake.wanted.notified().await;
             if awake.waiting.load(Ordering::Relaxed) == 0 {
                 continue;
             }
-            if sit_out > 0 {
-                sit_out -= 1;
+            if sit_out_until.is_some_and(|t| Instant::now() < t) {
                 continue;
             }
             if self.spinning.fetch_add(1, Ordering::Relaxed) >= spin.max_loops {
@@ -371,28 +392,35 @@ impl Spinner {
                 continue;
             }
             let counted = Spinning(&self.spinning);
-            let started = Instant::now();
-            let mut since = started;
-            let mut begun = awake.begun.load(Ordering::Relaxed);
-            let outlasted = loop {
+            let mut tallied = Instant::now();
+            let mut since = tallied;
+            let mut ended = awake.ended.load(Ordering::Relaxed);
+            // Turns since the last answer, and in the spell.
+            let (mut turns, mut spun) = (0u64, 0u64);
+            let unanswered = loop {
                 if awake.waiting.load(Ordering::Relaxed) == 0 {
                     break false;
                 }
                 let now = Instant::now();
-                let latest = awake.begun.load(Ordering::Relaxed);
-                if latest != begun {
-                    (begun, since) = (latest, now);
-                } else if now - since >= spin.limit {
+                let latest = awake.ended.load(Ordering::Relaxed);
+                if latest != ended {
+                    (ended, since, turns) = (latest, now, 0);
+                } else if turns >= MIN_TURNS && now.saturating_duration_since(since) >= spin.limit {
                     break true;
+                }
+                turns += 1;
+                spun += 1;
+                if spun.is_multiple_of(TALLY_EVERY) {
+                    spin.spent
+                        .inc_by(now.saturating_duration_since(tallied).as_secs_f64());
+                    tallied = now;
                 }
                 awake.turns.fetch_add(1, Ordering::Relaxed);
                 Turn(false).await;
             };
             drop(counted);
-            spin.spent.inc_by(started.elapsed().as_secs_f64());
-            if outlasted {
-                sit_out = SIT_OUT;
-            }
+            spin.spent.inc_by(tallied.elapsed().as_secs_f64());
+            sit_out_until = unanswered.then(|| Instant::now() + spin.limit * SIT_OUT);
         }
     }
 }
@@ -484,7 +512,8 @@ mod tests {
     impl Held {
         async fn release(self) {
             let _ = self.release.send(());
-            let _ = self.dropped.await;
+            let dropped = tokio::time::timeout(Duration::from_secs(5), self.dropped).await;
+            assert!(dropped.is_ok(), "the held task did not end");
         }
     }
 
@@ -500,7 +529,8 @@ mod tests {
             drop(awake);
             let _ = dropped_tx.send(());
         });
-        held.await.unwrap();
+        let started = tokio::time::timeout(Duration::from_secs(5), held).await;
+        assert!(started.is_ok(), "the task on loop {i} did not start");
         Held { release, dropped }
     }
 
@@ -509,6 +539,15 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         while turns(loops, i) <= before {
             assert!(Instant::now() < deadline, "loop {i} does not spin");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits (up to 5 s) until no loop spins.
+    async fn idle(loops: &EventLoops) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while loops.spinning.load(Ordering::Relaxed) > 0 {
+            assert!(Instant::now() < deadline, "a loop spins on");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -558,6 +597,7 @@ mod tests {
         spun_past(&loops, 0, turns(&loops, 0)).await;
 
         held.release().await;
+        idle(&loops).await;
         resting(&loops, 0).await;
         assert!(spin.spent.get() > 0.0, "the time spun is counted");
         // A later wait makes it spin again.
@@ -569,11 +609,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn spinning_lasts_while_waits_begin_then_stops_though_a_task_still_waits() {
-        let (loops, _) = spinning_loops(1, Duration::from_millis(100), 1);
+    async fn spinning_lasts_while_answers_come_then_stops_though_a_task_still_waits() {
+        let limit = Duration::from_secs(1);
+        let (loops, _) = spinning_loops(1, limit, 1);
         let mut first = hold(&loops, 0).await;
         spun_past(&loops, 0, 0).await;
-        // New waits begin every 20 ms, each extending the spinning past the limit.
+        // Other waits begin and end every 20 ms: each answer extends the spinning.
         let more = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let going = more.clone();
         run_on(&loops, 0, async move {
@@ -583,10 +624,11 @@ mod tests {
                 drop(awake);
             }
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(limit + Duration::from_millis(200)).await;
         spun_past(&loops, 0, turns(&loops, 0)).await;
-        // No new wait for the limit: it stops, though the first task still waits.
+        // No answer for the limit: it stops, though the first task still waits.
         more.store(false, Ordering::Relaxed);
+        idle(&loops).await;
         resting(&loops, 0).await;
         assert!(
             first.dropped.try_recv().is_err(),
@@ -595,36 +637,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn after_a_wait_outlasts_the_limit_the_loop_sits_out_then_spins_again() {
-        let (loops, _) = spinning_loops(1, Duration::from_millis(100), 1);
+    async fn after_a_wait_goes_unanswered_the_loop_sits_out_then_spins_again() {
+        let limit = Duration::from_millis(200);
+        let (loops, _) = spinning_loops(1, limit, 1);
         let slow = hold(&loops, 0).await;
         spun_past(&loops, 0, 0).await;
-        resting(&loops, 0).await;
+        idle(&loops).await;
         slow.release().await;
-        // The next spell of waiting sleeps...
+        // Waits beginning in the next seven limits find the loop sleeping...
+        let asleep_until = Instant::now() + limit * SIT_OUT;
         let before = turns(&loops, 0);
         let held = hold(&loops, 0).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(
             turns(&loops, 0),
             before,
-            "spun right after a wait outlasted the limit"
+            "spun right after a wait went unanswered"
         );
         held.release().await;
-        // ...and a later one spins again.
-        let mut spells = 1;
-        loop {
-            let held = hold(&loops, 0).await;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let spun = turns(&loops, 0) > before;
-            held.release().await;
-            if spun {
-                break;
-            }
-            spells += 1;
-            assert!(spells <= 4 * SIT_OUT, "never spins again");
-        }
-        assert!(spells > SIT_OUT / 2, "sat out only {spells} spells");
+        // ...and one after them spins again.
+        tokio::time::sleep_until((asleep_until + Duration::from_millis(100)).into()).await;
+        let held = hold(&loops, 0).await;
+        spun_past(&loops, 0, before).await;
+        held.release().await;
     }
 
     #[tokio::test]
@@ -636,11 +671,11 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(turns(&loops, 1), 0, "a second loop spun");
         first.release().await;
-        resting(&loops, 0).await;
-        // Its next spell of waiting may spin.
-        second.release().await;
-        let second = hold(&loops, 1).await;
+        idle(&loops).await;
+        // The next wait beginning there may spin.
+        let third = hold(&loops, 1).await;
         spun_past(&loops, 1, 0).await;
+        third.release().await;
         second.release().await;
     }
 
