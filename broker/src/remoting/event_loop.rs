@@ -300,7 +300,7 @@ struct Awake {
     ended: AtomicU64,
     /// Signalled when a wait begins.
     wanted: tokio::sync::Notify,
-    /// Turns spun so far (seen by tests).
+    /// Turns spun so far (the time spun is tallied every `TALLY_EVERY`; tests read it).
     turns: AtomicU64,
 }
 
@@ -360,7 +360,7 @@ struct Spinner {
     spinning: Arc<AtomicUsize>,
 }
 
-/// Counts a loop among the spinning ones while it lives.
+/// Counts a loop among the spinning ones (or trying to be) while it lives.
 struct Spinning<'a>(&'a AtomicUsize);
 
 impl Drop for Spinning<'_> {
@@ -387,16 +387,16 @@ impl Spinner {
             if sit_out_until.is_some_and(|t| Instant::now() < t) {
                 continue;
             }
-            if self.spinning.fetch_add(1, Ordering::Relaxed) >= spin.max_loops {
-                self.spinning.fetch_sub(1, Ordering::Relaxed);
+            let others = self.spinning.fetch_add(1, Ordering::Relaxed);
+            let counted = Spinning(&self.spinning);
+            if others >= spin.max_loops {
                 continue;
             }
-            let counted = Spinning(&self.spinning);
             let mut tallied = Instant::now();
             let mut since = tallied;
             let mut ended = awake.ended.load(Ordering::Relaxed);
-            // Turns since the last answer, and in the spell.
-            let (mut turns, mut spun) = (0u64, 0u64);
+            // Turns since the last answer.
+            let mut turns = 0u64;
             let unanswered = loop {
                 if awake.waiting.load(Ordering::Relaxed) == 0 {
                     break false;
@@ -409,13 +409,15 @@ impl Spinner {
                     break true;
                 }
                 turns += 1;
-                spun += 1;
-                if spun.is_multiple_of(TALLY_EVERY) {
+                if awake
+                    .turns
+                    .fetch_add(1, Ordering::Relaxed)
+                    .is_multiple_of(TALLY_EVERY)
+                {
                     spin.spent
                         .inc_by(now.saturating_duration_since(tallied).as_secs_f64());
                     tallied = now;
                 }
-                awake.turns.fetch_add(1, Ordering::Relaxed);
                 Turn(false).await;
             };
             drop(counted);
