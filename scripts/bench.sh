@@ -3,17 +3,22 @@
 #   (a) ferromq: mqnamesrv + mqbroker, and
 #   (b) the peer: rocketmq-namesrv + rocketmq-broker 1.0.0 (the published Rust RocketMQ),
 # each as a name server plus one master on 127.0.0.1 with ASYNC_FLUSH, then prints every
-# figure with the ratio ours/peer. ferromq alone is also measured with SYNC_FLUSH and with a
-# slave (ASYNC_MASTER vs SYNC_MASTER), plus a 1M-message consume and a restart.
+# figure with the ratio ours/peer. ferromq alone is also measured with a 1M-message consume and
+# a restart, and for the cost of durability: SYNC_FLUSH against ASYNC_FLUSH, and SYNC_MASTER
+# against ASYNC_MASTER with one slave (also with the slave at nice -10). A VM's speed drifts
+# over minutes, so each cost is measured as PAIRS alternating pairs of runs, seconds apart,
+# and reported pair by pair with the median ratio.
 #
 #   scripts/bench.sh [SECONDS]        # default 8 s per scenario
 #
 # The peer is installed once with `cargo install` into target/peer (about 15 minutes of
-# building on 2 cores). Set PEER=0 to skip it. Results go to target/bench/results.jsonl.
+# building on 2 cores). Set PEER=0 to skip it, PAIRS=N for the number of pairs (default 3).
+# Results go to target/bench/results.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-8}
 PEER=${PEER:-1}
+PAIRS=${PAIRS:-3}
 BACKLOG=${BACKLOG:-1000000}
 ROOT=$PWD
 OUT=$ROOT/target/bench
@@ -181,29 +186,36 @@ grep -h "commit log recovered" "$OUT/ferromq/b0.log" | tail -1 | sed 's/^/    /'
 cp "$OUT/ferromq/b0.log" "$OUT/restart.log"
 stop_all
 
-echo "ferromq, SYNC_FLUSH"
-start_ferromq ASYNC_MASTER SYNC_FLUSH 0
-run ferromq "SYNC_FLUSH sync send, 64 producers" -t F64 -p 64 -d "$SECS"
-stop_all
-for role in ASYNC_MASTER SYNC_MASTER; do
-  echo "ferromq, $role with one slave"
-  start_ferromq "$role" ASYNC_FLUSH 1
-  run ferromq "$role+slave, 64 producers" -t R64 -p 64 -d "$SECS"
-  stop_all
-done
-# The same pair with the slave at a higher priority, standing in for a slave on a machine of
-# its own: here master, slave and driver share two cores, and a SYNC_MASTER send waits for the
-# slave's turn on a CPU. Needs root (renice -n -10); skipped otherwise.
-for role in ASYNC_MASTER SYNC_MASTER; do
-  start_ferromq "$role" ASYNC_FLUSH 1
-  if renice -n -10 -p "${PIDS[2]}" >/dev/null 2>&1; then
-    echo "ferromq, $role with one slave at nice -10"
-    run ferromq "$role+slave (nice -10), 64 producers" -t R64 -p 64 -d "$SECS"
-  else
-    echo "ferromq, $role with one slave at nice -10: skipped (renice needs root)"
-  fi
-  stop_all
-done
+# pairs NAME SLAVES NICE BASE-ROLE BASE-FLUSH ROLE FLUSH: PAIRS alternating pairs of 64-producer
+# runs, the base setting against the other, in turn first and second so a steady drift favours
+# neither. NICE (or "") is applied to the slave with renice; without root the pairs are skipped.
+pairs() {
+  local name=$1 slaves=$2 nice=$3 i side
+  local -a sides=("base $4 $5" "other $6 $7") order
+  for i in $(seq 1 "$PAIRS"); do
+    order=(0 1)
+    [ $((i % 2)) = 0 ] && order=(1 0)
+    for side in "${order[@]}"; do
+      set -- ${sides[$side]}
+      start_ferromq "$2" "$3" "$slaves"
+      if [ -n "$nice" ] && ! renice -n "$nice" -p "${PIDS[2]}" >/dev/null 2>&1; then
+        echo "  $name: skipped (renice needs root)"
+        stop_all
+        return 0
+      fi
+      run ferromq "$name | $1 | $i" -t P64 -p 64 -d "$SECS"
+      stop_all
+    done
+  done
+}
+
+echo "ferromq, the cost of durability: $PAIRS alternating pairs each"
+pairs "SYNC_FLUSH vs ASYNC_FLUSH" 0 "" ASYNC_MASTER ASYNC_FLUSH ASYNC_MASTER SYNC_FLUSH
+pairs "SYNC_MASTER vs ASYNC_MASTER, one slave" 1 "" ASYNC_MASTER ASYNC_FLUSH SYNC_MASTER ASYNC_FLUSH
+# The same with the slave at a higher priority, standing in for a slave on a machine of its own:
+# here master, slave and driver share two cores, and a SYNC_MASTER send waits for the slave's
+# turn on a CPU.
+pairs "SYNC_MASTER vs ASYNC_MASTER, one slave at nice -10" 1 -10 ASYNC_MASTER ASYNC_FLUSH SYNC_MASTER ASYNC_FLUSH
 
 if [ "$PEER" = 1 ]; then
   echo "peer: rocketmq-broker 1.0.0, ASYNC_MASTER, ASYNC_FLUSH"
@@ -214,9 +226,9 @@ if [ "$PEER" = 1 ]; then
 fi
 
 python3 - "$OUT/results.jsonl" <<'EOF'
-import json, sys
+import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-ours = {r["label"]: r for r in rows if r["target"] == "ferromq"}
+ours = {r["label"]: r for r in rows if r["target"] == "ferromq" and " | " not in r["label"]}
 peer = {r["label"]: r for r in rows if r["target"] == "peer"}
 print("\n| scenario | ferromq msgs/s | p50 | p99 | peer msgs/s | p50 | p99 | ours/peer |")
 print("|---|---|---|---|---|---|---|---|")
@@ -233,4 +245,27 @@ for label, o in ours.items():
         pc = p.get("consume_msgs_per_sec") if p else None
         print(f"| {label.split(',')[0]}: consume | {o['consume_msgs_per_sec']:,.0f} | | | "
               + (f"{pc:,.0f} | | | {o['consume_msgs_per_sec'] / pc:.1f}x |" if pc else " | | | |"))
+
+# The durability pairs ("NAME | base|other | N"): each pair's figures and ratio, the median
+# ratio, and the latencies of the pair closest to it.
+pairs = {}
+for r in rows:
+    if r["target"] == "ferromq" and " | " in r["label"]:
+        name, side, i = r["label"].split(" | ")
+        pairs.setdefault(name, {}).setdefault(int(i), {})[side] = r
+done = {
+    name: [(p["other"], p["base"]) for _, p in sorted(by.items())
+           if "other" in p and "base" in p and p["base"]["send_msgs_per_sec"]]
+    for name, by in pairs.items()
+}
+done = {name: d for name, d in done.items() if d}
+if done:
+    print("\n| durability, 64 producers | each pair: msgs/s against the base | median ratio | p50 / p99 of the median pair |")
+    print("|---|---|---|---|")
+for name, d in done.items():
+    ratio = lambda o, b: o["send_msgs_per_sec"] / b["send_msgs_per_sec"]
+    mid = statistics.median(ratio(o, b) for o, b in d)
+    cells = [f"{o['send_msgs_per_sec']:,.0f} / {b['send_msgs_per_sec']:,.0f} ({ratio(o, b):.0%})" for o, b in d]
+    o, b = min(d, key=lambda ob: abs(ratio(*ob) - mid))
+    print(f"| {name} | {'; '.join(cells)} | {mid:.1%} | {o['p50_us']} / {o['p99_us']} µs against {b['p50_us']} / {b['p99_us']} µs |")
 EOF
