@@ -46,6 +46,52 @@ impl Segment {
             .sync_data()
             .map_err(|e| StoreError::io(&self.path, e))
     }
+
+    /// Runs `sync_file_range` with `flags` over `len` bytes at `offset` in the file: write-back
+    /// of a range, without the device flush (and, on a journaling file system, the journal
+    /// commit) an `fdatasync` of the whole file would add.
+    #[allow(unsafe_code)]
+    fn sync_range(&self, offset: u64, len: u64, flags: libc::c_uint) -> Result<(), StoreError> {
+        use std::os::fd::AsRawFd;
+        let too_far = || StoreError::Corrupt(format!("write-back range {offset}+{len} too large"));
+        let offset = i64::try_from(offset).map_err(|_| too_far())?;
+        let len = i64::try_from(len).map_err(|_| too_far())?;
+        // SAFETY: sync_file_range only reads its four integer arguments; the descriptor is
+        // open for as long as `self` lives, and no memory is shared with the kernel. Neither
+        // nix nor rustix wraps this call.
+        let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), offset, len, flags) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(StoreError::io(&self.path, std::io::Error::last_os_error()))
+        }
+    }
+}
+
+/// Zeroes just written ahead of the log's end by [`CommitLog::prepare_ahead`].
+#[derive(Debug)]
+pub struct ZeroRun {
+    seg: Arc<Segment>,
+    /// Where the zeroes start in the segment's file.
+    offset: u64,
+    len: u64,
+}
+
+impl ZeroRun {
+    /// Writes the zeroes to the disk and waits until they are there (SYNC_FLUSH), so their
+    /// blocks are allocated before appends overwrite them and a group commit has only data to
+    /// write. No `fdatasync`: the allocation becomes durable with the next group commit, which
+    /// flushes anyway, and a second thread syncing the same file made group commits wait for
+    /// its device flushes and journal commits (see README, Storage and durability).
+    pub fn write_out(&self) -> Result<(), StoreError> {
+        self.seg.sync_range(
+            self.offset,
+            self.len,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        )
+    }
 }
 
 /// The append-only log of all messages.
@@ -306,31 +352,11 @@ impl CommitLog {
     /// Starts writing `len` bytes at `pos` to disk without waiting for them (SYNC_FLUSH): the
     /// flush that follows finds them already on their way, which shortens each group commit.
     /// Pages already being written are skipped, so this does not block on the flusher.
-    #[allow(unsafe_code)]
     pub fn start_writeback(&self, pos: u64, len: u64) -> Result<(), StoreError> {
-        use std::os::fd::AsRawFd;
         let Some(seg) = self.segment_for(pos) else {
             return Ok(());
         };
-        let too_far = || StoreError::Corrupt(format!("write-back range {pos}+{len} too large"));
-        let offset = i64::try_from(pos - seg.base).map_err(|_| too_far())?;
-        let len = i64::try_from(len).map_err(|_| too_far())?;
-        // SAFETY: sync_file_range only reads its four integer arguments; the descriptor is
-        // open for as long as `seg` lives, and no memory is shared with the kernel. Neither
-        // nix nor rustix wraps this call.
-        let rc = unsafe {
-            libc::sync_file_range(
-                seg.file.as_raw_fd(),
-                offset,
-                len,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(StoreError::io(&seg.path, std::io::Error::last_os_error()))
-        }
+        seg.sync_range(pos - seg.base, len, libc::SYNC_FILE_RANGE_WRITE)
     }
 
     /// Writes replicated bytes verbatim at `offset`, which must be the current end (slaves
@@ -363,18 +389,18 @@ impl CommitLog {
     }
 
     /// Writes zeroes over up to 256 KiB of the log's not-yet-written part, within `ahead`
-    /// bytes of its end, in segments that already exist. Once these zeroes are synced, a flush
-    /// of later appends writes data only: the blocks are allocated and their allocation is on
-    /// disk, which halves the cost of each `fdatasync` here (ext4). `refilling` continues a run
-    /// up to `ahead`; otherwise a run starts only when less than half of `ahead` is left, so
-    /// zeroes go out in large runs. Returns the segment written, or `None` when there is
-    /// nothing to write now: the log is prepared far enough, another fill is running, or a
+    /// bytes of its end, in segments that already exist. Once these zeroes are written out
+    /// ([`ZeroRun::write_out`]), a flush of later appends writes data only: the blocks are
+    /// allocated, which halves the cost of each `fdatasync` here (ext4). `refilling` continues
+    /// a run up to `ahead`; otherwise a run starts only when less than half of `ahead` is
+    /// left, so zeroes go out in large runs. Returns the zeroes written, or `None` when there
+    /// is nothing to write now: the log is prepared far enough, another fill is running, or a
     /// writer waits for the last one. Meant for one caller, the store's preparing thread.
     pub fn prepare_ahead(
         &self,
         ahead: u64,
         refilling: bool,
-    ) -> Result<Option<Arc<Segment>>, StoreError> {
+    ) -> Result<Option<ZeroRun>, StoreError> {
         let mut prepared = lock(&self.prepared);
         if prepared.waiting > 0 || prepared.filling.is_some() {
             // A writer waits for the last fill and goes first; or another caller is filling.
@@ -408,7 +434,11 @@ impl CommitLog {
             .map_err(|e| StoreError::io(&seg.path, e))?;
         fill.written = Some(stop);
         drop(fill);
-        Ok(Some(seg))
+        Ok(Some(ZeroRun {
+            offset: start - seg.base,
+            len: stop - start,
+            seg,
+        }))
     }
 
     /// Largest chunk starting at `offset` that stays within one segment and the written data.

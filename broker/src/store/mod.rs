@@ -135,8 +135,8 @@ pub struct StoreConfig {
     pub store_host: SocketAddr,
     /// Whether a thread keeps zeroes written ahead of the commit log's end, so appends (and a
     /// slave's replicated writes) land in pages that exist; under SYNC_FLUSH the zeroes are
-    /// synced too, so a group commit has only data to write. The broker sets it for SYNC_FLUSH
-    /// and for slaves only.
+    /// written out to the disk too, so a group commit has only data to write. The broker sets
+    /// it for SYNC_FLUSH and for slaves only.
     pub prepare_ahead: bool,
 }
 
@@ -841,18 +841,18 @@ impl MessageStore {
 
     /// Keeps zeroes ahead of the commit log's end (see [`CommitLog::prepare_ahead`]): writes
     /// then fill pages that exist instead of allocating them, and under SYNC_FLUSH, where the
-    /// zeroes are synced, each group commit has only data to write.
+    /// zeroes are written out to the disk, each group commit has only data to write.
     fn prepare_loop(&self) {
         let mut idle = Duration::from_millis(1);
         let mut refilling = false;
         while !self.flush.stop.load(Ordering::Acquire) {
             match self.commitlog.prepare_ahead(PREPARE_AHEAD, refilling) {
-                Ok(Some(seg)) => {
-                    // Synced piece by piece: a group commit never finds more than one piece of
-                    // dirty zeroes to write along with its sends.
+                Ok(Some(zeroes)) => {
+                    // Written out piece by piece: a group commit never finds more than one
+                    // piece of zeroes to write along with its sends.
                     if self.cfg.flush == FlushDiskType::Sync {
-                        if let Err(e) = seg.sync_data() {
-                            tracing::warn!(error = %e, "syncing prepared commit-log pages failed");
+                        if let Err(e) = zeroes.write_out() {
+                            tracing::warn!(error = %e, "writing out prepared commit-log pages failed");
                         }
                     }
                     refilling = true;

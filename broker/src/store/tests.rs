@@ -488,6 +488,47 @@ fn zeroes_are_prepared_ahead_under_async_flush_too() {
 }
 
 #[test]
+fn zeroes_written_out_have_their_blocks_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    // Driven by hand here, without the background thread.
+    let store = MessageStore::open(StoreConfig {
+        prepare_ahead: false,
+        ..cfg(dir.path(), FlushDiskType::Sync)
+    })
+    .unwrap();
+    let log = store.commitlog();
+    store.append(&[msg("T", 0, 0, "A")]).unwrap();
+    log.flush().unwrap();
+    let zeroes = log
+        .prepare_ahead(32 * 1024, true)
+        .unwrap()
+        .expect("zeroes to write");
+    // filefrag (e2fsprogs) lists the file's extents and marks those still waiting for blocks
+    // "delalloc" (ext4, XFS). Where it is missing or the file system allocates at once, there
+    // is nothing to see.
+    let seg = dir.path().join("commitlog").join(format!("{:020}", 0));
+    let extents = || {
+        let out = std::process::Command::new("filefrag")
+            .arg("-v")
+            .arg(&seg)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    match extents() {
+        Some(before) if before.contains("delalloc") => {
+            zeroes.write_out().unwrap();
+            let after = extents().unwrap();
+            assert!(!after.contains("delalloc"), "{after}");
+        }
+        other => eprintln!("no delayed allocation to see here: {other:?}"),
+    }
+    store.shutdown();
+}
+
+#[test]
 fn zeroes_prepared_ahead_never_touch_data() {
     let dir = tempfile::tempdir().unwrap();
     // Driven by hand here, without the background thread.
