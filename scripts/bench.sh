@@ -62,7 +62,8 @@ ports_free() {
   done
 }
 
-# ferromq ROLE FLUSH SLAVES
+# ferromq ROLE FLUSH SLAVES [SLAVE-NICE]: the slaves start under `nice -n SLAVE-NICE`, so all
+# their threads have it (renice of a running process changes its main thread only).
 start_ferromq() {
   ports_free
   local dir=$OUT/ferromq
@@ -88,7 +89,9 @@ namesrvAddr=127.0.0.1:19876
 storePathRootDir=$dir/store$id
 EOF
     [ "$id" -gt 0 ] && echo "haMasterAddress=127.0.0.1:20912" >>"$dir/b$id.conf"
-    "$BIN/mqbroker" -c "$dir/b$id.conf" >"$dir/b$id.log" 2>&1 &
+    local nice=()
+    [ "$id" -gt 0 ] && [ -n "${4:-}" ] && nice=(nice -n "$4")
+    "${nice[@]}" "$BIN/mqbroker" -c "$dir/b$id.conf" >"$dir/b$id.log" 2>&1 &
     PIDS+=($!)
     wait_port "127.0.0.1:$port"
   done
@@ -188,21 +191,21 @@ stop_all
 
 # pairs NAME SLAVES NICE BASE-ROLE BASE-FLUSH ROLE FLUSH: PAIRS alternating pairs of 64-producer
 # runs, the base setting against the other, in turn first and second so a steady drift favours
-# neither. NICE (or "") is applied to the slave with renice; without root the pairs are skipped.
+# neither. The slaves run at NICE (or "" for as they are); if NICE cannot be had (a negative
+# one needs root), the pairs are skipped.
 pairs() {
   local name=$1 slaves=$2 nice=$3 i side
+  if [ -n "$nice" ] && [ "$(nice -n "$nice" nice 2>/dev/null)" != "$nice" ]; then
+    echo "  $name: skipped (nice $nice needs root)"
+    return 0
+  fi
   local -a sides=("base $4 $5" "other $6 $7") order
   for i in $(seq 1 "$PAIRS"); do
     order=(0 1)
     [ $((i % 2)) = 0 ] && order=(1 0)
     for side in "${order[@]}"; do
       set -- ${sides[$side]}
-      start_ferromq "$2" "$3" "$slaves"
-      if [ -n "$nice" ] && ! renice -n "$nice" -p "${PIDS[2]}" >/dev/null 2>&1; then
-        echo "  $name: skipped (renice needs root)"
-        stop_all
-        return 0
-      fi
+      start_ferromq "$2" "$3" "$slaves" "$nice"
       run ferromq "$name | $1 | $i" -t P64 -p 64 -d "$SECS"
       stop_all
     done

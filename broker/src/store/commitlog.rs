@@ -53,7 +53,16 @@ impl Segment {
     #[allow(unsafe_code)]
     fn sync_range(&self, offset: u64, len: u64, flags: libc::c_uint) -> Result<(), StoreError> {
         use std::os::fd::AsRawFd;
-        let too_far = || StoreError::Corrupt(format!("write-back range {offset}+{len} too large"));
+        if len == 0 {
+            // The system call would take 0 for "to the end of the file".
+            return Ok(());
+        }
+        let too_far = || {
+            StoreError::Corrupt(format!(
+                "write-back range {offset}+{len} of {} too large",
+                self.path.display()
+            ))
+        };
         let offset = i64::try_from(offset).map_err(|_| too_far())?;
         let len = i64::try_from(len).map_err(|_| too_far())?;
         // SAFETY: sync_file_range only reads its four integer arguments; the descriptor is
@@ -68,30 +77,14 @@ impl Segment {
     }
 }
 
-/// Zeroes just written ahead of the log's end by [`CommitLog::prepare_ahead`].
+/// Zeroes just written ahead of the log's end by [`CommitLog::prepare_ahead`], for
+/// [`CommitLog::write_out`].
 #[derive(Debug)]
 pub struct ZeroRun {
     seg: Arc<Segment>,
     /// Where the zeroes start in the segment's file.
     offset: u64,
     len: u64,
-}
-
-impl ZeroRun {
-    /// Writes the zeroes to the disk and waits until they are there (SYNC_FLUSH), so their
-    /// blocks are allocated before appends overwrite them and a group commit has only data to
-    /// write. No `fdatasync`: the allocation becomes durable with the next group commit, which
-    /// flushes anyway, and a second thread syncing the same file made group commits wait for
-    /// its device flushes and journal commits (see README, Storage and durability).
-    pub fn write_out(&self) -> Result<(), StoreError> {
-        self.seg.sync_range(
-            self.offset,
-            self.len,
-            libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                | libc::SYNC_FILE_RANGE_WRITE
-                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-        )
-    }
 }
 
 /// The append-only log of all messages.
@@ -108,6 +101,9 @@ pub struct CommitLog {
     /// where zeroes go, but not while writing them: an append waits for the zeroes only
     /// when it would land on the range being filled.
     prepared: Mutex<Prepared>,
+    /// Set when writing zeroes out failed: the file's write-back error is reported once, to
+    /// whichever call asks first, so the flushes that follow must not succeed in its place.
+    write_back_failed: std::sync::OnceLock<String>,
     /// Held while a segment file is created: the appender and the flush thread, which creates
     /// the next segment ahead of the data, never create the same one twice.
     creating: Mutex<()>,
@@ -213,6 +209,7 @@ impl CommitLog {
             written: AtomicU64::new(0),
             flushed: AtomicU64::new(0),
             prepared: Mutex::new(Prepared::default()),
+            write_back_failed: std::sync::OnceLock::new(),
             creating: Mutex::new(()),
             filled: Condvar::new(),
             #[cfg(test)]
@@ -357,6 +354,28 @@ impl CommitLog {
             return Ok(());
         };
         seg.sync_range(pos - seg.base, len, libc::SYNC_FILE_RANGE_WRITE)
+    }
+
+    /// Writes `zeroes` to the disk and waits until they are there (SYNC_FLUSH), so their
+    /// blocks are allocated before appends overwrite them and a group commit has only data to
+    /// write. No `fdatasync`: the allocation becomes durable with the first group commit that
+    /// syncs the segment, and a second thread syncing the same file made group commits wait
+    /// for its device flushes and journal commits (see README, Storage and durability).
+    ///
+    /// The wait reports any write-back error of the file, data pages' included, and reports it
+    /// only once: so a failure here makes every later [`CommitLog::flush`] fail too.
+    pub fn write_out(&self, zeroes: &ZeroRun) -> Result<(), StoreError> {
+        let written = zeroes.seg.sync_range(
+            zeroes.offset,
+            zeroes.len,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        );
+        if let Err(e) = &written {
+            let _ = self.write_back_failed.set(e.to_string());
+        }
+        written
     }
 
     /// Writes replicated bytes verbatim at `offset`, which must be the current end (slaves
@@ -538,6 +557,9 @@ impl CommitLog {
         let from = self.flushed_offset();
         if target <= from {
             return Ok(from);
+        }
+        if let Some(e) = self.write_back_failed.get() {
+            return Err(StoreError::WriteBackFailed(e.clone()));
         }
         let segs: Vec<Arc<Segment>> = read(&self.segments)
             .iter()
@@ -759,6 +781,30 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_failed_write_out_fails_every_later_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = CommitLog::open(dir.path(), 64 * 1024).unwrap();
+        log.append(&[1u8; 100]).unwrap();
+        assert_eq!(log.flush().unwrap(), 100);
+        // What the kernel reports once for the whole file: here a range it refuses.
+        let seg = log.segment_for(0).unwrap();
+        let bad = ZeroRun {
+            seg,
+            offset: 4096,
+            len: u64::MAX,
+        };
+        assert!(log.write_out(&bad).is_err());
+        log.append(&[2u8; 100]).unwrap();
+        for _ in 0..2 {
+            match log.flush() {
+                Err(StoreError::WriteBackFailed(why)) => assert!(why.contains("too large")),
+                other => panic!("flushed after a failed write-out: {other:?}"),
+            }
+        }
+        assert_eq!(log.flushed_offset(), 100, "only what was synced before");
+    }
 
     #[test]
     fn an_append_waits_only_for_zeroes_written_over_its_own_bytes() {

@@ -70,6 +70,13 @@ pub enum StoreError {
     /// The store is shutting down or its flusher died.
     #[error("store is shut down")]
     Shutdown,
+    /// Writing the commit log out failed earlier, so pages written since may be lost: nothing
+    /// more can be acknowledged as durable until a restart recovers the log from the disk.
+    #[error(
+        "an earlier write of the commit log to disk failed ({0}); no send can be acknowledged \
+         as durable until the broker restarts and recovers its log"
+    )]
+    WriteBackFailed(String),
 }
 
 impl StoreError {
@@ -91,6 +98,7 @@ impl StoreError {
             StoreError::OutOfRange { offset } => StoreError::OutOfRange { offset: *offset },
             StoreError::FlushTimeout(d) => StoreError::FlushTimeout(*d),
             StoreError::Shutdown => StoreError::Shutdown,
+            StoreError::WriteBackFailed(m) => StoreError::WriteBackFailed(m.clone()),
         }
     }
 
@@ -851,8 +859,8 @@ impl MessageStore {
                     // Written out piece by piece: a group commit never finds more than one
                     // piece of zeroes to write along with its sends.
                     if self.cfg.flush == FlushDiskType::Sync {
-                        if let Err(e) = zeroes.write_out() {
-                            tracing::warn!(error = %e, "writing out prepared commit-log pages failed");
+                        if let Err(e) = self.commitlog.write_out(&zeroes) {
+                            tracing::error!(error = %e, "writing out prepared commit-log pages failed; SYNC_FLUSH sends fail until a restart");
                         }
                     }
                     refilling = true;
