@@ -487,15 +487,19 @@ fn zeroes_are_prepared_ahead_under_async_flush_too() {
     store.shutdown();
 }
 
+/// A store whose zeroes ahead are written by the test, by hand: no preparing thread.
+fn without_preparer(root: &Path, flush: FlushDiskType) -> Arc<MessageStore> {
+    MessageStore::open(StoreConfig {
+        prepare_ahead: false,
+        ..cfg(root, flush)
+    })
+    .unwrap()
+}
+
 #[test]
 fn zeroes_written_out_have_their_blocks_allocated() {
     let dir = tempfile::tempdir().unwrap();
-    // Driven by hand here, without the background thread.
-    let store = MessageStore::open(StoreConfig {
-        prepare_ahead: false,
-        ..cfg(dir.path(), FlushDiskType::Sync)
-    })
-    .unwrap();
+    let store = without_preparer(dir.path(), FlushDiskType::Sync);
     let log = store.commitlog();
     // Into the second segment, so an offset in the log taken for one in the file shows.
     let segment = log.segment_size();
@@ -538,12 +542,7 @@ fn zeroes_written_out_have_their_blocks_allocated() {
 #[test]
 fn zeroes_prepared_ahead_never_touch_data() {
     let dir = tempfile::tempdir().unwrap();
-    // Driven by hand here, without the background thread.
-    let store = MessageStore::open(StoreConfig {
-        prepare_ahead: false,
-        ..cfg(dir.path(), FlushDiskType::Async)
-    })
-    .unwrap();
+    let store = without_preparer(dir.path(), FlushDiskType::Async);
     let log = store.commitlog();
     let first = store.append(&[msg("T", 0, 0, "A")]).unwrap();
     let end = log.max_offset();
