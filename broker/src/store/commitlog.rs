@@ -87,6 +87,18 @@ pub struct ZeroRun {
     len: u64,
 }
 
+#[cfg(test)]
+impl ZeroRun {
+    /// A run of the log's first segment that no write-out can take (longer than any file).
+    pub(crate) fn unwritable(log: &CommitLog) -> Option<ZeroRun> {
+        Some(ZeroRun {
+            seg: log.segment_for(log.min_offset())?,
+            offset: 4096,
+            len: u64::MAX,
+        })
+    }
+}
+
 /// The append-only log of all messages.
 #[derive(Debug)]
 pub struct CommitLog {
@@ -789,12 +801,7 @@ mod tests {
         log.append(&[1u8; 100]).unwrap();
         assert_eq!(log.flush().unwrap(), 100);
         // What the kernel reports once for the whole file: here a range it refuses.
-        let seg = log.segment_for(0).unwrap();
-        let bad = ZeroRun {
-            seg,
-            offset: 4096,
-            len: u64::MAX,
-        };
+        let bad = ZeroRun::unwritable(&log).unwrap();
         assert!(log.write_out(&bad).is_err());
         log.append(&[2u8; 100]).unwrap();
         for _ in 0..2 {

@@ -901,6 +901,7 @@ impl MessageStore {
         let mut last_checkpoint = Instant::now();
         let mut checkpointed = self.dispatched.load(Ordering::Acquire);
         let mut create_failed: Option<Instant> = None;
+        let mut said_lasting = false;
         loop {
             let batch: Vec<Waiter> = {
                 let mut w = lock(&self.flush.waiters);
@@ -951,7 +952,12 @@ impl MessageStore {
                         }
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "commit log flush failed");
+                        // A failed write-out fails every flush after it: said once.
+                        let lasting = matches!(e, StoreError::WriteBackFailed(_));
+                        if !(lasting && said_lasting) {
+                            tracing::error!(error = %e, "commit log flush failed");
+                        }
+                        said_lasting |= lasting;
                         for w in batch {
                             let _ = w.done.send(Err(e.to_string()));
                         }

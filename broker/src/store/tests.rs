@@ -496,6 +496,24 @@ fn without_preparer(root: &Path, flush: FlushDiskType) -> Arc<MessageStore> {
     .unwrap()
 }
 
+#[tokio::test]
+async fn no_send_is_acknowledged_as_durable_after_a_failed_write_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = without_preparer(dir.path(), FlushDiskType::Sync);
+    store.put(&[msg("T", 0, 0, "A")]).await.unwrap();
+    let log = store.commitlog();
+    assert!(log
+        .write_out(&commitlog::ZeroRun::unwritable(log).unwrap())
+        .is_err());
+    for i in 1..3 {
+        match store.put(&[msg("T", 0, i, "A")]).await {
+            Err(e) => assert!(e.to_string().contains("write of the commit log"), "{e}"),
+            Ok(_) => panic!("send {i} acknowledged after the write-out failed"),
+        }
+    }
+    store.shutdown();
+}
+
 #[test]
 fn zeroes_written_out_have_their_blocks_allocated() {
     let dir = tempfile::tempdir().unwrap();
