@@ -421,7 +421,7 @@ impl CommitLog {
 
     /// Writes zeroes over up to 256 KiB of the log's not-yet-written part, within `ahead`
     /// bytes of its end, in segments that already exist. Once these zeroes are written out
-    /// ([`ZeroRun::write_out`]), a flush of later appends writes data only: the blocks are
+    /// ([`CommitLog::write_out`]), a flush of later appends writes data only: the blocks are
     /// allocated, which halves the cost of each `fdatasync` here (ext4). `refilling` continues
     /// a run up to `ahead`; otherwise a run starts only when less than half of `ahead` is
     /// left, so zeroes go out in large runs. Returns the zeroes written, or `None` when there
