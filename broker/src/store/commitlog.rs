@@ -375,7 +375,8 @@ impl CommitLog {
     /// for its device flushes and journal commits (see README, Storage and durability).
     ///
     /// The wait reports any write-back error of the file, data pages' included, and reports it
-    /// only once: so a failure here makes every later [`CommitLog::flush`] fail too.
+    /// only once: so a failure here makes every later [`CommitLog::flush`] fail too. The first
+    /// failure is logged here; the flushes that fail after it say nothing more.
     pub fn write_out(&self, zeroes: &ZeroRun) -> Result<(), StoreError> {
         let written = zeroes.seg.sync_range(
             zeroes.offset,
@@ -385,7 +386,9 @@ impl CommitLog {
                 | libc::SYNC_FILE_RANGE_WAIT_AFTER,
         );
         if let Err(e) = &written {
-            let _ = self.write_back_failed.set(e.to_string());
+            if self.write_back_failed.set(e.to_string()).is_ok() {
+                tracing::error!(error = %e, "writing the commit log out failed; no SYNC_FLUSH send can be acknowledged until a restart");
+            }
         }
         written
     }

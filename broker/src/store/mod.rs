@@ -859,9 +859,8 @@ impl MessageStore {
                     // Written out piece by piece: a group commit never finds more than one
                     // piece of zeroes to write along with its sends.
                     if self.cfg.flush == FlushDiskType::Sync {
-                        if let Err(e) = self.commitlog.write_out(&zeroes) {
-                            tracing::error!(error = %e, "writing out prepared commit-log pages failed; SYNC_FLUSH sends fail until a restart");
-                        }
+                        // A failure is logged there, once, and fails every flush after it.
+                        let _ = self.commitlog.write_out(&zeroes);
                     }
                     refilling = true;
                     idle = Duration::from_millis(1);
@@ -901,7 +900,6 @@ impl MessageStore {
         let mut last_checkpoint = Instant::now();
         let mut checkpointed = self.dispatched.load(Ordering::Acquire);
         let mut create_failed: Option<Instant> = None;
-        let mut said_lasting = false;
         loop {
             let batch: Vec<Waiter> = {
                 let mut w = lock(&self.flush.waiters);
@@ -952,12 +950,11 @@ impl MessageStore {
                         }
                     }
                     Err(e) => {
-                        // A failed write-out fails every flush after it: said once.
-                        let lasting = matches!(e, StoreError::WriteBackFailed(_));
-                        if !(lasting && said_lasting) {
+                        // A failed write-out, which fails every flush after it, was logged
+                        // when it happened.
+                        if !matches!(e, StoreError::WriteBackFailed(_)) {
                             tracing::error!(error = %e, "commit log flush failed");
                         }
-                        said_lasting |= lasting;
                         for w in batch {
                             let _ = w.done.send(Err(e.to_string()));
                         }
