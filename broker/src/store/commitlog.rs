@@ -10,7 +10,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 use bytes::{Bytes, BytesMut};
 
-use super::message::{decode_stored, StoredMessage, BLANK_MAGIC, MAGIC_V1, MAGIC_V2};
+use super::message::{
+    decode_stored, parse_stored, StoredMessage, StoredRef, BLANK_MAGIC, MAGIC_V1, MAGIC_V2,
+};
 use super::{lock, StoreError};
 
 /// Room always kept at a segment's end for the blank filler that closes it.
@@ -595,7 +597,7 @@ impl CommitLog {
     pub fn recover(
         &self,
         from: u64,
-        mut on_message: impl FnMut(&StoredMessage) -> Result<(), StoreError>,
+        mut on_message: impl FnMut(&StoredRef<'_>) -> Result<(), StoreError>,
     ) -> Result<RecoveryReport, StoreError> {
         let mut pos = from.max(self.min_offset());
         let mut report = RecoveryReport::default();
@@ -641,8 +643,7 @@ impl CommitLog {
                     buf_start = pos;
                 }
                 let rel = (pos - buf_start) as usize;
-                let bytes = Bytes::copy_from_slice(&buf[rel..rel + size]);
-                let msg = match decode_stored(&bytes) {
+                let msg = match parse_stored(&buf[rel..rel + size]) {
                     Ok(m) if m.physical_offset as u64 == pos => m,
                     _ => break 'segments,
                 };

@@ -53,19 +53,6 @@ pub const DELAY_LEVELS_MS: [i64; 18] = [
     480_000, 540_000, 600_000, 1_200_000, 1_800_000, 3_600_000, 7_200_000,
 ];
 
-/// The consume-queue tag code of a stored message: the tag hash, or for a delayed message
-/// its delivery time (so the scheduler never reads messages that are not due).
-pub fn queue_tags_code(m: &StoredMessage) -> i64 {
-    if m.topic == SCHEDULE_TOPIC {
-        let level: usize = property(&m.properties, PROP_DELAY)
-            .and_then(|l| l.parse().ok())
-            .unwrap_or(1);
-        let idx = level.clamp(1, DELAY_LEVELS_MS.len()) - 1;
-        return m.store_timestamp + DELAY_LEVELS_MS[idx];
-    }
-    property(&m.properties, PROP_TAGS).map_or(0, tag_hash)
-}
-
 const NAME_SEP: char = '\u{1}';
 const PROP_SEP: char = '\u{2}';
 
@@ -246,9 +233,10 @@ fn put_host(dst: &mut impl BufMut, addr: &SocketAddr) {
     dst.put_i32(i32::from(addr.port()));
 }
 
-/// A stored message, decoded.
+/// A stored message, decoded: owned ([`StoredMessage`]) for readers that keep it, or borrowed
+/// from the bytes it was read from ([`StoredRef`]) for indexing, which keeps nothing.
 #[derive(Debug, Clone, PartialEq)]
-pub struct StoredMessage {
+pub struct Stored<B, S> {
     /// Bytes the message takes in the commit log.
     pub total_size: i32,
     /// Queue within the topic.
@@ -272,11 +260,53 @@ pub struct StoredMessage {
     /// Delivery attempts so far.
     pub reconsume_times: i32,
     /// Payload.
-    pub body: Bytes,
+    pub body: B,
     /// Topic.
-    pub topic: String,
+    pub topic: S,
     /// Encoded properties.
-    pub properties: String,
+    pub properties: S,
+}
+
+/// A stored message that owns its parts: what pulls, lookups and clients hand on.
+pub type StoredMessage = Stored<Bytes, String>;
+
+/// A stored message borrowed from a buffer: what indexing (replication, recovery) reads.
+pub type StoredRef<'a> = Stored<&'a [u8], &'a str>;
+
+impl<B, S: AsRef<str>> Stored<B, S> {
+    /// The consume-queue tag code: the tag hash, or for a delayed message its delivery time
+    /// (so the scheduler never reads messages that are not due).
+    pub fn queue_tags_code(&self) -> i64 {
+        let properties = self.properties.as_ref();
+        if self.topic.as_ref() == SCHEDULE_TOPIC {
+            let level: usize = property(properties, PROP_DELAY)
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(1);
+            let idx = level.clamp(1, DELAY_LEVELS_MS.len()) - 1;
+            return self.store_timestamp + DELAY_LEVELS_MS[idx];
+        }
+        property(properties, PROP_TAGS).map_or(0, tag_hash)
+    }
+
+    /// The same message with its body and strings converted (borrowed to owned).
+    fn map<B2, S2>(self, body: impl FnOnce(B) -> B2, text: impl Fn(S) -> S2) -> Stored<B2, S2> {
+        Stored {
+            total_size: self.total_size,
+            queue_id: self.queue_id,
+            flag: self.flag,
+            queue_offset: self.queue_offset,
+            physical_offset: self.physical_offset,
+            sys_flag: self.sys_flag,
+            born_timestamp: self.born_timestamp,
+            born_host: self.born_host,
+            store_timestamp: self.store_timestamp,
+            store_host: self.store_host,
+            reconsume_times: self.reconsume_times,
+            body: body(self.body),
+            topic: text(self.topic),
+            properties: text(self.properties),
+        }
+    }
 }
 
 impl StoredMessage {
@@ -342,7 +372,7 @@ fn need(buf: &impl Buf, n: usize, what: &'static str) -> Result<(), MessageError
     }
 }
 
-fn get_host(buf: &mut Bytes, v6: bool, what: &'static str) -> Result<SocketAddr, MessageError> {
+fn get_host(buf: &mut &[u8], v6: bool, what: &'static str) -> Result<SocketAddr, MessageError> {
     let ip = if v6 {
         need(buf, 20, what)?;
         let mut o = [0u8; 16];
@@ -358,14 +388,26 @@ fn get_host(buf: &mut Bytes, v6: bool, what: &'static str) -> Result<SocketAddr,
     Ok(SocketAddr::new(ip, port as u16))
 }
 
-fn get_string(buf: &mut Bytes, len: usize, what: &'static str) -> Result<String, MessageError> {
+fn get_str<'a>(
+    buf: &mut &'a [u8],
+    len: usize,
+    what: &'static str,
+) -> Result<&'a str, MessageError> {
     need(buf, len, what)?;
-    String::from_utf8(buf.split_to(len).to_vec()).map_err(|_| MessageError::NotUtf8(what))
+    let (text, rest) = buf.split_at(len);
+    *buf = rest;
+    std::str::from_utf8(text).map_err(|_| MessageError::NotUtf8(what))
 }
 
 /// Decodes one stored message from the start of `buf`, checking its structure and body CRC.
 pub fn decode_stored(buf: &Bytes) -> Result<StoredMessage, MessageError> {
-    let mut b = buf.clone();
+    Ok(parse_stored(buf)?.map(|body| buf.slice_ref(body), str::to_owned))
+}
+
+/// Reads one stored message in place from the start of `buf`, with the checks of
+/// [`decode_stored`] but nothing copied.
+pub fn parse_stored(buf: &[u8]) -> Result<StoredRef<'_>, MessageError> {
+    let mut b = buf;
     need(&b, 8, "header")?;
     let total_size = b.get_i32();
     let magic = b.get_i32();
@@ -375,7 +417,7 @@ pub fn decode_stored(buf: &Bytes) -> Result<StoredMessage, MessageError> {
     if total_size < 8 || total_size as usize > buf.len() {
         return Err(MessageError::BadLength("total"));
     }
-    let mut b = buf.slice(8..total_size as usize);
+    let mut b = &buf[8..total_size as usize];
     need(&b, 4 + 4 + 4 + 8 + 8 + 4 + 8, "fixed fields")?;
     let stored_crc = b.get_i32();
     let queue_id = b.get_i32();
@@ -395,9 +437,10 @@ pub fn decode_stored(buf: &Bytes) -> Result<StoredMessage, MessageError> {
     if body_len < 0 || body_len as usize > b.remaining() {
         return Err(MessageError::BadLength("body"));
     }
-    let body = b.split_to(body_len as usize);
+    let (body, rest) = b.split_at(body_len as usize);
+    b = rest;
     // Stores written before ferromq masked the top bit hold the plain CRC32: accept both.
-    let crc = crc32fast::hash(&body);
+    let crc = crc32fast::hash(body);
     if stored_crc != masked_crc(crc) && stored_crc != crc as i32 {
         return Err(MessageError::BadCrc);
     }
@@ -408,17 +451,17 @@ pub fn decode_stored(buf: &Bytes) -> Result<StoredMessage, MessageError> {
         need(&b, 1, "topic length")?;
         b.get_u8() as usize
     };
-    let topic = get_string(&mut b, topic_len, "topic")?;
+    let topic = get_str(&mut b, topic_len, "topic")?;
     need(&b, 2, "properties length")?;
     let prop_len = b.get_i16();
     if prop_len < 0 {
         return Err(MessageError::BadLength("properties"));
     }
-    let properties = get_string(&mut b, prop_len as usize, "properties")?;
+    let properties = get_str(&mut b, prop_len as usize, "properties")?;
     if b.has_remaining() {
         return Err(MessageError::BadLength("total"));
     }
-    Ok(StoredMessage {
+    Ok(Stored {
         total_size,
         queue_id,
         flag,
@@ -467,7 +510,9 @@ pub fn decode_batch(body: &Bytes) -> Result<Vec<BatchItem>, MessageError> {
         if prop_len < 0 {
             return Err(MessageError::BadLength("batch properties"));
         }
-        let properties = get_string(&mut b, prop_len as usize, "batch properties")?;
+        let mut rest = b.chunk();
+        let properties = get_str(&mut rest, prop_len as usize, "batch properties")?.to_owned();
+        b.advance(prop_len as usize);
         if total as usize != 20 + body_len as usize + 2 + prop_len as usize {
             return Err(MessageError::BadLength("batch item total"));
         }
@@ -568,6 +613,39 @@ mod tests {
         assert_eq!(parse_offset_msg_id(&d.offset_msg_id()), Some(4096));
         // 127.0.0.1:10911, then offset 4096, as Java spells it.
         assert_eq!(d.offset_msg_id(), "7F00000100002A9F0000000000001000");
+    }
+
+    #[test]
+    fn the_borrowed_read_agrees_with_the_owned_one() {
+        let store: SocketAddr = "127.0.0.1:10911".parse().unwrap();
+        let mut b = BytesMut::new();
+        sample("TopicTest").encode(&mut b, 42, 4096, 1_700_000_000_123, &store);
+        let bytes = b.freeze();
+        let borrowed = parse_stored(&bytes).unwrap();
+        let owned = decode_stored(&bytes).unwrap();
+        assert_eq!(
+            borrowed.clone().map(Bytes::copy_from_slice, str::to_owned),
+            owned
+        );
+        // The owned body is a view of the bytes read, not a copy.
+        assert!(bytes.as_ptr_range().contains(&owned.body.as_ptr()));
+        assert_eq!(borrowed.queue_tags_code(), tag_hash("TagA"));
+        assert_eq!(owned.queue_tags_code(), tag_hash("TagA"));
+
+        // A delayed message's code is its delivery time: store time plus its level's delay.
+        let mut delayed = sample(SCHEDULE_TOPIC);
+        delayed.properties = format!("{PROP_DELAY}\u{1}3\u{2}{PROP_TAGS}\u{1}TagA\u{2}");
+        let mut b = BytesMut::new();
+        delayed.encode(&mut b, 0, 0, 1_700_000_000_000, &store);
+        assert_eq!(
+            parse_stored(&b).unwrap().queue_tags_code(),
+            1_700_000_000_000 + DELAY_LEVELS_MS[2]
+        );
+        // A truncated message is refused, not read past its end.
+        assert_eq!(
+            parse_stored(&bytes[..bytes.len() - 1]),
+            Err(MessageError::BadLength("total"))
+        );
     }
 
     #[test]

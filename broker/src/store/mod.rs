@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 
 use commitlog::CommitLog;
 use consume_queue::{ConsumeQueue, CqEntry};
-use message::{NewMessage, StoredMessage};
+use message::{NewMessage, StoredRef};
 use persist::{load_json, save_json};
 
 /// What went wrong in the store; paths are included so an operator can find the file.
@@ -371,8 +371,8 @@ impl MessageStore {
         }
         let store_queues = RwLock::new(queues);
         let report = {
-            let open_queue = |m: &StoredMessage| -> Result<(), StoreError> {
-                let key = (m.topic.clone(), m.queue_id);
+            let open_queue = |m: &StoredRef<'_>| -> Result<(), StoreError> {
+                let key = (m.topic.to_owned(), m.queue_id);
                 let existing = store_queues
                     .read()
                     .unwrap_or_else(|p| p.into_inner())
@@ -381,7 +381,7 @@ impl MessageStore {
                 let cq = match existing {
                     Some(cq) => cq,
                     None => {
-                        let cq = Arc::new(ConsumeQueue::open(&cq_dir, &m.topic, m.queue_id)?);
+                        let cq = Arc::new(ConsumeQueue::open(&cq_dir, m.topic, m.queue_id)?);
                         store_queues
                             .write()
                             .unwrap_or_else(|p| p.into_inner())
@@ -394,7 +394,7 @@ impl MessageStore {
                     CqEntry {
                         offset: m.physical_offset as u64,
                         size: m.total_size as u32,
-                        tags_code: message::queue_tags_code(m),
+                        tags_code: m.queue_tags_code(),
                     },
                 )
             };
@@ -778,16 +778,15 @@ impl MessageStore {
             if rest.len() < size as usize {
                 break;
             }
-            let bytes = Bytes::copy_from_slice(&rest[..size as usize]);
-            let m = message::decode_stored(&bytes)
+            let m = message::parse_stored(&rest[..size as usize])
                 .map_err(|e| StoreError::Corrupt(format!("replicated message at {pos}: {e}")))?;
-            let cq = self.queue_or_create(&m.topic, m.queue_id)?;
+            let cq = self.queue_or_create(m.topic, m.queue_id)?;
             cq.put(
                 m.queue_offset as u64,
                 CqEntry {
                     offset: pos,
                     size: size as u32,
-                    tags_code: message::queue_tags_code(&m),
+                    tags_code: m.queue_tags_code(),
                 },
             )?;
             used += size as usize;
