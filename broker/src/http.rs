@@ -16,20 +16,27 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Says why a started process cannot serve any more (a broker whose disk failed), asked at
+/// each `/readyz`.
+pub type Fault = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// What the HTTP endpoints report.
 pub struct HealthState {
     /// Metrics of the process.
     pub registry: Registry,
     /// Set once the process can serve requests.
     pub ready: AtomicBool,
+    /// A condition that makes the process unready whatever `ready` says.
+    fault: Option<Fault>,
 }
 
 impl HealthState {
-    /// A not-yet-ready state with the given metrics.
-    pub fn new(registry: Registry) -> Arc<HealthState> {
+    /// A not-yet-ready state with the given metrics and, if any, a fault to check.
+    pub fn new(registry: Registry, fault: Option<Fault>) -> Arc<HealthState> {
         Arc::new(HealthState {
             registry,
             ready: AtomicBool::new(false),
+            fault,
         })
     }
 }
@@ -37,14 +44,21 @@ impl HealthState {
 fn respond(state: &HealthState, path: &str) -> Response<Full<Bytes>> {
     let (status, body, ctype) = match path {
         "/healthz" => (StatusCode::OK, "ok\n".to_string(), "text/plain"),
-        "/readyz" if state.ready.load(Ordering::Acquire) => {
-            (StatusCode::OK, "ready\n".to_string(), "text/plain")
-        }
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready\n".to_string(),
-            "text/plain",
-        ),
+        "/readyz" => match state.fault.as_ref().and_then(|f| f()) {
+            Some(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+                "text/plain",
+            ),
+            None if state.ready.load(Ordering::Acquire) => {
+                (StatusCode::OK, "ready\n".to_string(), "text/plain")
+            }
+            None => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready\n".to_string(),
+                "text/plain",
+            ),
+        },
         "/metrics" => {
             let mut out = String::new();
             match prometheus_client::encoding::text::encode(&mut out, &state.registry) {

@@ -288,7 +288,7 @@ pub async fn start(cfg: NameServerConfig) -> Result<NameServerHandle, NameServer
         "Brokers dropped for missing heartbeats",
         metrics.expired.clone(),
     );
-    let health = HealthState::new(registry);
+    let health = HealthState::new(registry, None);
 
     let ns = Arc::new(NameServer {
         cfg: cfg.clone(),

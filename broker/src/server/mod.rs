@@ -5,6 +5,8 @@ pub mod clients;
 mod pull;
 pub mod schedule;
 mod send;
+#[cfg(test)]
+mod tests;
 
 pub use send::validate_topic;
 
@@ -801,7 +803,17 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         "Time event loops spent spinning instead of sleeping while sends waited for their group commit or slave (syncWaitSpinMicros)",
         spin.spent.clone(),
     );
-    let health = HealthState::new(registry);
+    // A broker whose commit log could not be written to disk takes no more messages until a
+    // restart recovers the log: it says so here, so probes and rollouts see it.
+    let fault_store = store.clone();
+    let health = HealthState::new(
+        registry,
+        Some(Box::new(move || {
+            fault_store.commitlog().write_back_failure().map(|e| {
+                format!("the commit log could not be written to disk ({e}); restart the broker to recover it")
+            })
+        })),
+    );
 
     let broker = Arc::new(Broker {
         cfg: cfg.clone(),

@@ -50,7 +50,10 @@ fn store_error_response(req: &RemotingCommand, e: &StoreError) -> RemotingComman
             req.error_to(ResponseCode::MessageIllegal, e.to_string())
         }
         StoreError::FlushTimeout(_) => req.error_to(ResponseCode::FlushDiskTimeout, e.to_string()),
-        StoreError::Shutdown => req.error_to(ResponseCode::ServiceNotAvailable, e.to_string()),
+        // Clients send elsewhere on this code, as they do for Java's "store not writable".
+        StoreError::Shutdown | StoreError::WriteBackFailed(_) => {
+            req.error_to(ResponseCode::ServiceNotAvailable, e.to_string())
+        }
         _ => req.error_to(ResponseCode::SystemError, format!("store failed: {e}")),
     }
 }

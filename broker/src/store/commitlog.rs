@@ -101,6 +101,27 @@ impl ZeroRun {
     }
 }
 
+#[cfg(test)]
+impl CommitLog {
+    /// Points the segment holding `offset` at /dev/null, which takes writes but refuses
+    /// `fdatasync` (EINVAL): a disk whose write-back fails, through the real calls.
+    pub(crate) fn break_syncing(&self, offset: u64) {
+        let mut segs = write(&self.segments);
+        let idx = ((offset - segs[0].base) / self.segment_size) as usize;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        let path = segs[idx].path.clone();
+        segs[idx] = Arc::new(Segment {
+            base: segs[idx].base,
+            file,
+            path,
+        });
+    }
+}
+
 /// The append-only log of all messages.
 #[derive(Debug)]
 pub struct CommitLog {
@@ -115,8 +136,10 @@ pub struct CommitLog {
     /// where zeroes go, but not while writing them: an append waits for the zeroes only
     /// when it would land on the range being filled.
     prepared: Mutex<Prepared>,
-    /// Set when writing zeroes out failed: the file's write-back error is reported once, to
-    /// whichever call asks first, so the flushes that follow must not succeed in its place.
+    /// Set when writing the log to disk failed (a flush or a write-out of zeroes): the kernel
+    /// reports a file's write-back error once, to whichever call asks first, and may drop the
+    /// pages it could not write, so no later flush may succeed in its place and no more data
+    /// is taken (see [`CommitLog::write_back_failure`]).
     write_back_failed: std::sync::OnceLock<String>,
     /// Held while a segment file is created: the appender and the flush thread, which creates
     /// the next segment ahead of the data, never create the same one twice.
@@ -304,6 +327,7 @@ impl CommitLog {
     /// Appends `data` (one or more whole messages) at [`CommitLog::next_start`]; the single
     /// writer (the store's write lock holder) calls this. Returns the start offset.
     pub fn append(&self, data: &[u8]) -> Result<u64, StoreError> {
+        self.check_writable()?;
         let len = data.len() as u64;
         if len > self.max_message_len() {
             return Err(StoreError::MessageTooLarge {
@@ -377,8 +401,8 @@ impl CommitLog {
     /// for its device flushes and journal commits (see README, Storage and durability).
     ///
     /// The wait reports any write-back error of the file, data pages' included, and reports it
-    /// only once: so a failure here makes every later [`CommitLog::flush`] fail too. The first
-    /// failure is logged here; the flushes that fail after it say nothing more.
+    /// only once: so a failure here, as one of a flush, makes every later
+    /// [`CommitLog::flush`] and append fail too (see [`CommitLog::write_back_failure`]).
     pub fn write_out(&self, zeroes: &ZeroRun) -> Result<(), StoreError> {
         let written = zeroes.seg.sync_range(
             zeroes.offset,
@@ -387,17 +411,34 @@ impl CommitLog {
                 | libc::SYNC_FILE_RANGE_WRITE
                 | libc::SYNC_FILE_RANGE_WAIT_AFTER,
         );
-        if let Err(e) = &written {
-            if self.write_back_failed.set(e.to_string()).is_ok() {
-                tracing::error!(error = %e, "writing the commit log out failed; no SYNC_FLUSH send can be acknowledged until a restart");
-            }
+        written.inspect_err(|e| self.write_back_lost(e))
+    }
+
+    /// Records that writing the log to disk failed; the first failure is logged.
+    fn write_back_lost(&self, e: &StoreError) {
+        if self.write_back_failed.set(e.to_string()).is_ok() {
+            tracing::error!(error = %e, "writing the commit log to disk failed; the store takes no more messages until a restart recovers its log");
         }
-        written
+    }
+
+    /// Why the log takes no more data, once writing it to disk has failed: pages written
+    /// before may be lost, and a log that went on past them would lose acknowledged messages
+    /// at the next recovery, which stops at the first damaged one. A restart recovers it.
+    pub fn write_back_failure(&self) -> Option<&str> {
+        self.write_back_failed.get().map(String::as_str)
+    }
+
+    fn check_writable(&self) -> Result<(), StoreError> {
+        match self.write_back_failure() {
+            Some(e) => Err(StoreError::WriteBackFailed(e.to_string())),
+            None => Ok(()),
+        }
     }
 
     /// Writes replicated bytes verbatim at `offset`, which must be the current end (slaves
     /// only). The range must not cross a segment boundary.
     pub fn append_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.check_writable()?;
         let end = self.max_offset();
         if offset != end {
             return Err(StoreError::Corrupt(format!(
@@ -575,16 +616,14 @@ impl CommitLog {
         if target <= from {
             return Ok(from);
         }
-        if let Some(e) = self.write_back_failed.get() {
-            return Err(StoreError::WriteBackFailed(e.clone()));
-        }
+        self.check_writable()?;
         let segs: Vec<Arc<Segment>> = read(&self.segments)
             .iter()
             .filter(|s| s.base + self.segment_size > from && s.base < target)
             .cloned()
             .collect();
         for s in segs {
-            s.sync_data()?;
+            s.sync_data().inspect_err(|e| self.write_back_lost(e))?;
         }
         self.flushed.fetch_max(target, Ordering::AcqRel);
         Ok(target)
@@ -799,15 +838,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_failed_write_out_fails_every_later_flush() {
+    fn a_failed_write_out_fails_every_later_flush_and_append() {
         let dir = tempfile::tempdir().unwrap();
         let log = CommitLog::open(dir.path(), 64 * 1024).unwrap();
         log.append(&[1u8; 100]).unwrap();
         assert_eq!(log.flush().unwrap(), 100);
         // What the kernel reports once for the whole file: here a range it refuses.
+        log.append(&[2u8; 100]).unwrap();
         let bad = ZeroRun::unwritable(&log).unwrap();
         assert!(log.write_out(&bad).is_err());
-        log.append(&[2u8; 100]).unwrap();
         for _ in 0..2 {
             match log.flush() {
                 Err(StoreError::WriteBackFailed(why)) => assert!(why.contains("too large")),
@@ -815,6 +854,46 @@ mod tests {
             }
         }
         assert_eq!(log.flushed_offset(), 100, "only what was synced before");
+        assert!(matches!(
+            log.append(&[3u8; 100]),
+            Err(StoreError::WriteBackFailed(_))
+        ));
+        assert_eq!(log.max_offset(), 200, "nothing taken after the failure");
+    }
+
+    #[test]
+    fn a_failed_flush_fails_every_later_flush_and_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = CommitLog::open(dir.path(), 64 * 1024).unwrap();
+        log.append(&[1u8; 100]).unwrap();
+        assert_eq!(log.flush().unwrap(), 100);
+        assert_eq!(log.write_back_failure(), None);
+        log.break_syncing(0);
+        log.append(&[2u8; 100]).unwrap();
+        match log.flush() {
+            Err(StoreError::Io { source, .. }) => {
+                assert_eq!(source.raw_os_error(), Some(libc::EINVAL))
+            }
+            other => panic!("the broken sync was not reported: {other:?}"),
+        }
+        // The kernel would report the error once and may drop the pages: the next flush,
+        // with nothing new to report, must not succeed in its place.
+        for _ in 0..2 {
+            assert!(matches!(log.flush(), Err(StoreError::WriteBackFailed(_))));
+        }
+        assert!(log
+            .write_back_failure()
+            .unwrap()
+            .contains("Invalid argument"));
+        assert!(matches!(
+            log.append(&[3u8; 100]),
+            Err(StoreError::WriteBackFailed(_))
+        ));
+        assert!(matches!(
+            log.append_at(200, &[3u8; 100]),
+            Err(StoreError::WriteBackFailed(_))
+        ));
+        assert_eq!((log.max_offset(), log.flushed_offset()), (200, 100));
     }
 
     #[test]

@@ -949,11 +949,7 @@ impl MessageStore {
                         }
                     }
                     Err(e) => {
-                        // A failed write-out, which fails every flush after it, was logged
-                        // when it happened.
-                        if !matches!(e, StoreError::WriteBackFailed(_)) {
-                            tracing::error!(error = %e, "commit log flush failed");
-                        }
+                        // Logged where it was recorded: it fails every flush after it.
                         for w in batch {
                             let _ = w.done.send(Err(e.to_string()));
                         }

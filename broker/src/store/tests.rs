@@ -514,6 +514,38 @@ async fn no_send_is_acknowledged_as_durable_after_a_failed_write_out() {
     store.shutdown();
 }
 
+#[tokio::test]
+async fn a_failed_flush_refuses_every_later_message() {
+    for flush in [FlushDiskType::Sync, FlushDiskType::Async] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = without_preparer(dir.path(), flush);
+        store.put(&[msg("T", 0, 0, "A")]).await.unwrap();
+        let log = store.commitlog();
+        log.break_syncing(0);
+        // The send whose group commit fails is not acknowledged (SYNC_FLUSH); under
+        // ASYNC_FLUSH it was, as that policy allows, and the background flush fails.
+        let waited = store.put(&[msg("T", 0, 1, "A")]).await;
+        assert_eq!(waited.is_err(), flush == FlushDiskType::Sync, "{waited:?}");
+        if flush == FlushDiskType::Async {
+            assert!(log.flush().is_err());
+        }
+        let end = log.max_offset();
+        match store.put(&[msg("T", 0, 2, "A")]).await {
+            Err(StoreError::WriteBackFailed(why)) => {
+                assert!(why.contains("Invalid argument"), "{why}")
+            }
+            other => panic!("{flush:?}: a message was taken after a failed flush: {other:?}"),
+        }
+        assert_eq!(
+            log.max_offset(),
+            end,
+            "{flush:?}: the refused message was written"
+        );
+        assert!(store.commitlog().write_back_failure().is_some());
+        store.shutdown();
+    }
+}
+
 #[test]
 fn zeroes_written_out_have_their_blocks_allocated() {
     let dir = tempfile::tempdir().unwrap();

@@ -178,7 +178,7 @@ async fn run(
         "Time spent in reconcile",
         durations.clone(),
     );
-    let health = broker::http::HealthState::new(registry);
+    let health = broker::http::HealthState::new(registry, None);
     let shutdown = CancellationToken::new();
     let listener = broker::http::bind(SocketAddr::from(([0, 0, 0, 0], http_port))).await?;
     tokio::spawn(broker::http::serve(
