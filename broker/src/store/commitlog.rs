@@ -34,9 +34,34 @@ pub struct Segment {
     pub base: u64,
     file: File,
     path: PathBuf,
+    /// The file opened a second time, for the waits of [`CommitLog::write_out`]: the kernel
+    /// reports a write-back error once per open file, so with a descriptor of its own the
+    /// zeroing thread cannot take an error the flush thread's `fdatasync` must see.
+    write_out: std::sync::OnceLock<File>,
 }
 
 impl Segment {
+    fn new(base: u64, file: File, path: PathBuf) -> Segment {
+        Segment {
+            base,
+            file,
+            path,
+            write_out: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The descriptor the zeroing thread waits on, opened at its first use.
+    fn write_out_file(&self) -> Result<&File, StoreError> {
+        if let Some(f) = self.write_out.get() {
+            return Ok(f);
+        }
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| StoreError::io(&self.path, e))?;
+        Ok(self.write_out.get_or_init(|| f))
+    }
+
     /// Path of the file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -53,7 +78,13 @@ impl Segment {
     /// of a range, without the device flush (and, on a journaling file system, the journal
     /// commit) an `fdatasync` of the whole file would add.
     #[allow(unsafe_code)]
-    fn sync_range(&self, offset: u64, len: u64, flags: libc::c_uint) -> Result<(), StoreError> {
+    fn sync_range(
+        &self,
+        file: &File,
+        offset: u64,
+        len: u64,
+        flags: libc::c_uint,
+    ) -> Result<(), StoreError> {
         use std::os::fd::AsRawFd;
         if len == 0 {
             // The system call would take 0 for "to the end of the file".
@@ -70,7 +101,7 @@ impl Segment {
         // SAFETY: sync_file_range only reads its four integer arguments; the descriptor is
         // open for as long as `self` lives, and no memory is shared with the kernel. Neither
         // nix nor rustix wraps this call.
-        let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), offset, len, flags) };
+        let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
         if rc == 0 {
             Ok(())
         } else {
@@ -114,11 +145,7 @@ impl CommitLog {
             .open("/dev/null")
             .unwrap();
         let path = segs[idx].path.clone();
-        segs[idx] = Arc::new(Segment {
-            base: segs[idx].base,
-            file,
-            path,
-        });
+        segs[idx] = Arc::new(Segment::new(segs[idx].base, file, path));
     }
 }
 
@@ -227,7 +254,7 @@ impl CommitLog {
                     path.display()
                 )));
             }
-            segments.push(Arc::new(Segment { base, file, path }));
+            segments.push(Arc::new(Segment::new(base, file, path)));
         }
         segments.sort_by_key(|s| s.base);
         for pair in segments.windows(2) {
@@ -301,7 +328,7 @@ impl CommitLog {
         file.set_len(self.segment_size)
             .map_err(|e| StoreError::io(&path, e))?;
         sync_dir(&self.dir)?;
-        let seg = Arc::new(Segment { base, file, path });
+        let seg = Arc::new(Segment::new(base, file, path));
         let mut segs = write(&self.segments);
         segs.push(seg.clone());
         Ok(seg)
@@ -391,7 +418,8 @@ impl CommitLog {
         let Some(seg) = self.segment_for(pos) else {
             return Ok(());
         };
-        seg.sync_range(pos - seg.base, len, libc::SYNC_FILE_RANGE_WRITE)
+        // Nothing is waited for, so no write-back error is reported (and taken) here.
+        seg.sync_range(&seg.file, pos - seg.base, len, libc::SYNC_FILE_RANGE_WRITE)
     }
 
     /// Writes `zeroes` to the disk and waits until they are there (SYNC_FLUSH), so their
@@ -400,17 +428,22 @@ impl CommitLog {
     /// syncs the segment, and a second thread syncing the same file made group commits wait
     /// for its device flushes and journal commits (see README, Storage and durability).
     ///
-    /// The wait reports any write-back error of the file, data pages' included, and reports it
-    /// only once: so a failure here, as one of a flush, makes every later
-    /// [`CommitLog::flush`] and append fail too (see [`CommitLog::write_back_failure`]).
+    /// The wait reports any write-back error of the file, data pages' included, once per open
+    /// file: it waits on a descriptor of its own, so the flush thread's `fdatasync` still sees
+    /// the error. A failure here, like one of a flush, makes every later [`CommitLog::flush`]
+    /// and append fail (see [`CommitLog::write_back_failure`]).
     pub fn write_out(&self, zeroes: &ZeroRun) -> Result<(), StoreError> {
-        let written = zeroes.seg.sync_range(
-            zeroes.offset,
-            zeroes.len,
-            libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                | libc::SYNC_FILE_RANGE_WRITE
-                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-        );
+        let seg = &zeroes.seg;
+        let written = seg.write_out_file().and_then(|file| {
+            seg.sync_range(
+                file,
+                zeroes.offset,
+                zeroes.len,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )
+        });
         written.inspect_err(|e| self.write_back_lost(e))
     }
 
