@@ -16,8 +16,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Says why a started process cannot serve any more (a broker whose disk failed), asked at
-/// each `/readyz`.
+/// Why a started process can no longer serve (a broker whose disk failed); asked by `/readyz`.
 pub type Fault = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// What the HTTP endpoints report.

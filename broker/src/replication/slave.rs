@@ -30,6 +30,12 @@ pub async fn follow(
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
+        if let Some(why) = store.commitlog().write_back_failure() {
+            // Every replicated write would be refused: stop asking the master for them.
+            tracing::error!(error = why, "replication stopped: this slave's commit log cannot be written to disk; restart it to recover");
+            shutdown.cancelled().await;
+            return;
+        }
         let addr = master.borrow_and_update().clone();
         let Some(addr) = addr else {
             tokio::select! {
@@ -150,5 +156,41 @@ async fn follow_once(
             store.dispatch_replicated()?;
         }
         acked.map_err(e)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{FlushDiskType, StoreConfig};
+    use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn a_slave_whose_log_cannot_reach_the_disk_stops_following() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            MessageStore::open(StoreConfig::for_tests(dir.path(), FlushDiskType::Async)).unwrap();
+        let log = store.commitlog();
+        log.append(&[1u8; 100]).unwrap();
+        log.break_syncing(0);
+        assert!(log.flush().is_err());
+
+        let master = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = master.local_addr().unwrap().to_string();
+        let (_tx, rx) = watch::channel(Some(addr));
+        let shutdown = CancellationToken::new();
+        let me = SlaveIdentity {
+            group: "g".into(),
+            token: String::new(),
+        };
+        let following = tokio::spawn(follow(store.clone(), me, rx, shutdown.clone()));
+        let connected = tokio::time::timeout(Duration::from_millis(500), master.accept()).await;
+        assert!(connected.is_err(), "the slave still connects to its master");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), following)
+            .await
+            .expect("follow ends on shutdown")
+            .unwrap();
+        store.shutdown();
     }
 }

@@ -316,7 +316,11 @@ impl Broker {
     /// The registration body and header for the name servers.
     fn registration(&self) -> RemotingCommand {
         let (mut table, version) = self.store.topics.snapshot();
-        if self.write_wiped() || self.cfg.permission & PERM_WRITE == 0 {
+        // A store that failed to write its log takes nothing more: routes say so, and clients
+        // send elsewhere, whatever way they send (a refused send is retried elsewhere only by
+        // synchronous sends).
+        let unwritable = self.store.commitlog().write_back_failure().is_some();
+        if self.write_wiped() || self.cfg.permission & PERM_WRITE == 0 || unwritable {
             for t in table.values_mut() {
                 t.perm &= !PERM_WRITE;
             }
@@ -927,10 +931,16 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut last_retention = std::time::Instant::now();
+        let mut unwritable = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            if !unwritable && b.store.commitlog().write_back_failure().is_some() {
+                // Register again at once, without write permission.
+                unwritable = true;
+                b.topics_changed.notify_one();
             }
             b.consumers.expire();
             if let Some(r) = &b.replication {
@@ -973,6 +983,11 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(schedule::TICK) => {}
+            }
+            // A store that failed to write its log takes nothing: the due messages wait for
+            // the restart (the store said why, once).
+            if b.store.commitlog().write_back_failure().is_some() {
+                continue;
             }
             if let Err(e) = b.scheduler.deliver_due(&b.store).await {
                 tracing::error!(error = %e, "delayed delivery failed");

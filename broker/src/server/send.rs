@@ -194,7 +194,10 @@ impl Broker {
         match result {
             Ok((results, status)) => self.send_response(req, &results, status),
             Err(e) => {
-                tracing::warn!(error = %e, "send failed");
+                // A failed write-back refuses every send: the store logged it once.
+                if !matches!(e, StoreError::WriteBackFailed(_)) {
+                    tracing::warn!(error = %e, "send failed");
+                }
                 store_error_response(req, &e)
             }
         }

@@ -38,11 +38,19 @@ fn message() -> NewMessage {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_whose_log_cannot_reach_the_disk_is_unready_and_turns_sends_away() {
     let dir = tempfile::tempdir().unwrap();
+    let ns = crate::nameserver::start(crate::nameserver::NameServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let cfg = BrokerConfig {
         store_root: dir.path().to_path_buf(),
         listen_port: 0,
         http_port: 0,
         ha_listen_port: 0,
+        namesrv_addrs: vec![ns.addr.to_string()],
         ..BrokerConfig::default()
     };
     let h = start(cfg).await.unwrap();
@@ -57,9 +65,13 @@ async fn a_broker_whose_log_cannot_reach_the_disk_is_unready_and_turns_sends_awa
     assert!(answer.starts_with("HTTP/1.1 200"), "never ready: {answer}");
 
     let store = &h.broker.store;
-    store.append(&[message()]).unwrap();
     let log = store.commitlog();
+    store.append(&[message()]).unwrap();
+    log.flush().unwrap();
+    // Broken before the next message, so whichever flush takes it first (the test's, the
+    // background one or a checkpoint) fails.
     log.break_syncing(0);
+    store.append(&[message()]).unwrap();
     assert!(log.flush().is_err());
 
     let answer = get(h.http_addr, "/readyz").await;
@@ -79,5 +91,23 @@ async fn a_broker_whose_log_cannot_reach_the_disk_is_unready_and_turns_sends_awa
         "{resp:?}"
     );
     assert_eq!(log.max_offset(), end, "the refused send was written");
+
+    // Routes stop offering it for sends, at once (not at the next registration, in 30 s).
+    let client = crate::client::Client::new(vec![ns.addr.to_string()]);
+    let mut perm = PERM_WRITE;
+    for _ in 0..200 {
+        let route = client.refresh_route(AUTO_CREATE_TOPIC).await.unwrap();
+        perm = route.queue_datas.iter().fold(0, |p, q| p | q.perm);
+        if perm & PERM_WRITE == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        perm & PERM_WRITE,
+        0,
+        "the name server still offers it for sends"
+    );
     h.stop().await;
+    ns.stop().await;
 }

@@ -354,6 +354,9 @@ impl CommitLog {
     /// Appends `data` (one or more whole messages) at [`CommitLog::next_start`]; the single
     /// writer (the store's write lock holder) calls this. Returns the start offset.
     pub fn append(&self, data: &[u8]) -> Result<u64, StoreError> {
+        // A failure recorded between this check and the write lets this write in: under
+        // SYNC_FLUSH its flush fails, so it is never acknowledged as durable; under
+        // ASYNC_FLUSH it is acknowledged, as that policy allows.
         self.check_writable()?;
         let len = data.len() as u64;
         if len > self.max_message_len() {
@@ -418,8 +421,22 @@ impl CommitLog {
         let Some(seg) = self.segment_for(pos) else {
             return Ok(());
         };
-        // Nothing is waited for, so no write-back error is reported (and taken) here.
+        // Nothing is waited for, so no earlier write-back error is reported (and taken) here.
+        // What the call itself returns can be data the file system dropped (delayed
+        // allocation failing for want of space, or an I/O error): that is recorded as a flush
+        // failure would be. Anything else leaves the pages dirty, for the flush to write.
         seg.sync_range(&seg.file, pos - seg.base, len, libc::SYNC_FILE_RANGE_WRITE)
+            .map_err(|e| match &e {
+                StoreError::Io { source, .. }
+                    if matches!(
+                        source.raw_os_error(),
+                        Some(libc::EIO | libc::ENOSPC | libc::EDQUOT)
+                    ) =>
+                {
+                    self.write_back_lost(e)
+                }
+                _ => e,
+            })
     }
 
     /// Writes `zeroes` to the disk and waits until they are there (SYNC_FLUSH), so their
@@ -434,29 +451,34 @@ impl CommitLog {
     /// and append fail (see [`CommitLog::write_back_failure`]).
     pub fn write_out(&self, zeroes: &ZeroRun) -> Result<(), StoreError> {
         let seg = &zeroes.seg;
-        let written = seg.write_out_file().and_then(|file| {
-            seg.sync_range(
-                file,
-                zeroes.offset,
-                zeroes.len,
-                libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                    | libc::SYNC_FILE_RANGE_WRITE
-                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-            )
-        });
-        written.inspect_err(|e| self.write_back_lost(e))
+        // A descriptor that cannot be opened (too many open files) says nothing of the disk.
+        let file = seg.write_out_file()?;
+        seg.sync_range(
+            file,
+            zeroes.offset,
+            zeroes.len,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        )
+        .map_err(|e| self.write_back_lost(e))
     }
 
-    /// Records that writing the log to disk failed; the first failure is logged.
-    fn write_back_lost(&self, e: &StoreError) {
-        if self.write_back_failed.set(e.to_string()).is_ok() {
+    /// Records that writing the log to disk failed (the first failure is logged) and returns
+    /// the error every caller gets from now on.
+    fn write_back_lost(&self, e: StoreError) -> StoreError {
+        let why = e.to_string();
+        if self.write_back_failed.set(why.clone()).is_ok() {
             tracing::error!(error = %e, "writing the commit log to disk failed; the store takes no more messages until a restart recovers its log");
         }
+        StoreError::WriteBackFailed(why)
     }
 
-    /// Why the log takes no more data, once writing it to disk has failed: pages written
-    /// before may be lost, and a log that went on past them would lose acknowledged messages
-    /// at the next recovery, which stops at the first damaged one. A restart recovers it.
+    /// Why the log takes no more data, once writing it to disk has failed.
+    ///
+    /// Pages written before may be lost, and a log that went on past them would lose
+    /// acknowledged messages at the next recovery, which stops at the first damaged one. A
+    /// restart recovers it.
     pub fn write_back_failure(&self) -> Option<&str> {
         self.write_back_failed.get().map(String::as_str)
     }
@@ -656,7 +678,7 @@ impl CommitLog {
             .cloned()
             .collect();
         for s in segs {
-            s.sync_data().inspect_err(|e| self.write_back_lost(e))?;
+            s.sync_data().map_err(|e| self.write_back_lost(e))?;
         }
         self.flushed.fetch_max(target, Ordering::AcqRel);
         Ok(target)
@@ -682,6 +704,7 @@ impl CommitLog {
             if pos < seg.base {
                 pos = seg.base;
             }
+            read_from_disk(seg, pos - seg.base)?;
             let mut buf: Vec<u8> = Vec::new();
             let mut buf_start = pos; // commit-log offset of buf[0]
             loop {
@@ -791,6 +814,25 @@ pub struct RecoveryReport {
     pub segments_removed: u64,
     /// End of the valid log.
     pub end: u64,
+}
+
+/// Makes recovery read a segment from `at` on as the disk holds it, not as the page cache
+/// does: after a failed write-back the kernel may keep the pages it could not write, clean
+/// and readable, so a restarted broker would take messages the disk never got for recovered
+/// and never write them again. Dirty pages (a crash leaves them, and they are good) are
+/// written first; a failure there fails the start.
+fn read_from_disk(seg: &Segment, at: u64) -> Result<(), StoreError> {
+    seg.sync_data()?;
+    let from = (at - at % PAGE) as libc::off_t;
+    if let Err(e) = nix::fcntl::posix_fadvise(
+        &seg.file,
+        from,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    ) {
+        tracing::debug!(path = %seg.path.display(), error = %e, "cannot drop cached pages before recovery");
+    }
+    Ok(())
 }
 
 fn read_chunk(seg: &Segment, at: u64, len: usize, seg_size: u64) -> Result<Vec<u8>, StoreError> {
@@ -904,9 +946,7 @@ mod tests {
         log.break_syncing(0);
         log.append(&[2u8; 100]).unwrap();
         match log.flush() {
-            Err(StoreError::Io { source, .. }) => {
-                assert_eq!(source.raw_os_error(), Some(libc::EINVAL))
-            }
+            Err(StoreError::WriteBackFailed(why)) => assert!(why.contains("Invalid argument")),
             other => panic!("the broken sync was not reported: {other:?}"),
         }
         // The kernel would report the error once and may drop the pages: the next flush,

@@ -233,8 +233,10 @@ fn put_host(dst: &mut impl BufMut, addr: &SocketAddr) {
     dst.put_i32(i32::from(addr.port()));
 }
 
-/// A stored message, decoded: owned ([`StoredMessage`]) for readers that keep it, or borrowed
-/// from the bytes it was read from ([`StoredRef`]) for indexing, which keeps nothing.
+/// A stored message, decoded; owned or borrowed, as the reader needs.
+///
+/// Owned ([`StoredMessage`]) for readers that keep it, borrowed from the bytes it was read
+/// from ([`StoredRef`]) for indexing, which keeps nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stored<B, S> {
     /// Bytes the message takes in the commit log.
@@ -274,8 +276,10 @@ pub type StoredMessage = Stored<Bytes, String>;
 pub type StoredRef<'a> = Stored<&'a [u8], &'a str>;
 
 impl<B, S: AsRef<str>> Stored<B, S> {
-    /// The consume-queue tag code: the tag hash, or for a delayed message its delivery time
-    /// (so the scheduler never reads messages that are not due).
+    /// The consume-queue tag code, by which consumers filter and the scheduler waits.
+    ///
+    /// The tag hash, or for a delayed message its delivery time (so the scheduler never reads
+    /// messages that are not due).
     pub fn queue_tags_code(&self) -> i64 {
         let properties = self.properties.as_ref();
         if self.topic.as_ref() == SCHEDULE_TOPIC {
@@ -404,8 +408,7 @@ pub fn decode_stored(buf: &Bytes) -> Result<StoredMessage, MessageError> {
     Ok(parse_stored(buf)?.map(|body| buf.slice_ref(body), str::to_owned))
 }
 
-/// Reads one stored message in place from the start of `buf`, with the checks of
-/// [`decode_stored`] but nothing copied.
+/// Reads one stored message in place, checked like [`decode_stored`] but with nothing copied.
 pub fn parse_stored(buf: &[u8]) -> Result<StoredRef<'_>, MessageError> {
     let mut b = buf;
     need(&b, 8, "header")?;

@@ -70,11 +70,11 @@ pub enum StoreError {
     /// The store is shutting down or its flusher died.
     #[error("store is shut down")]
     Shutdown,
-    /// Writing the commit log out failed earlier, so pages written since may be lost: nothing
-    /// more can be acknowledged as durable until a restart recovers the log from the disk.
+    /// Writing the commit log to disk failed and pages may be lost, so nothing more is taken
+    /// or acknowledged as durable until a restart recovers the log from the disk.
     #[error(
-        "an earlier write of the commit log to disk failed ({0}); no send can be acknowledged \
-         as durable until the broker restarts and recovers its log"
+        "writing the commit log to disk failed ({0}); the store takes no more messages until \
+         the broker restarts and recovers its log"
     )]
     WriteBackFailed(String),
 }
@@ -232,7 +232,7 @@ type QueueKey = (String, i32);
 
 struct Waiter {
     end: u64,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), StoreError>>,
 }
 
 /// State shared with the flusher thread.
@@ -840,7 +840,7 @@ impl MessageStore {
         let timeout = Duration::from_millis(self.cfg.sync_flush_timeout_ms);
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(StoreError::Corrupt(format!("flush failed: {e}"))),
+            Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err(StoreError::Shutdown),
             Err(_) => Err(StoreError::FlushTimeout(timeout)),
         }
@@ -951,7 +951,7 @@ impl MessageStore {
                     Err(e) => {
                         // Logged where it was recorded: it fails every flush after it.
                         for w in batch {
-                            let _ = w.done.send(Err(e.to_string()));
+                            let _ = w.done.send(Err(e.duplicate()));
                         }
                     }
                 }
@@ -968,7 +968,10 @@ impl MessageStore {
             if stopping || last_checkpoint.elapsed() >= checkpoint_every {
                 last_checkpoint = Instant::now();
                 let consistent = self.dispatched.load(Ordering::Acquire);
-                if consistent != checkpointed || stopping {
+                // After a failed write-back no checkpoint can be made (the log cannot be
+                // flushed): the last one stands, and recovery starts there.
+                let failed = self.commitlog.write_back_failure().is_some();
+                if (consistent != checkpointed || stopping) && !failed {
                     if let Err(e) = self.checkpoint(consistent, stopping) {
                         tracing::error!(error = %e, "checkpoint failed");
                     } else {
