@@ -172,7 +172,10 @@ mod tests {
             MessageStore::open(StoreConfig::for_tests(dir.path(), FlushDiskType::Async)).unwrap();
         let log = store.commitlog();
         log.append(&[1u8; 100]).unwrap();
+        log.flush().unwrap();
+        // Broken before the next write, so whichever flush takes it first fails.
         log.break_syncing(0);
+        log.append(&[2u8; 100]).unwrap();
         assert!(log.flush().is_err());
 
         let master = TcpListener::bind("127.0.0.1:0").await.unwrap();

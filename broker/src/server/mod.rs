@@ -315,7 +315,7 @@ impl Broker {
 
     /// The registration body and header for the name servers.
     fn registration(&self) -> RemotingCommand {
-        let (mut table, version) = self.store.topics.snapshot();
+        let (mut table, mut version) = self.store.topics.snapshot();
         // A store that failed to write its log takes nothing more: routes say so, and clients
         // send elsewhere, whatever way they send (a refused send is retried elsewhere only by
         // synchronous sends).
@@ -324,6 +324,9 @@ impl Broker {
             for t in table.values_mut() {
                 t.perm &= !PERM_WRITE;
             }
+            // A name server takes a broker's topics again only when their data version
+            // changes (Java's does so): the same table without write permission is another.
+            version.counter += 1;
         }
         let body = RegisterBrokerBody {
             topic_config_serialize_wrapper: TopicConfigWrapper {

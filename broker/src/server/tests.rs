@@ -68,6 +68,11 @@ async fn a_broker_whose_log_cannot_reach_the_disk_is_unready_and_turns_sends_awa
     let log = store.commitlog();
     store.append(&[message()]).unwrap();
     log.flush().unwrap();
+    let version = |b: &Broker| {
+        let body: serde_json::Value = serde_json::from_slice(&b.registration().body).unwrap();
+        body["topicConfigSerializeWrapper"]["dataVersion"].clone()
+    };
+    let writable_version = version(&h.broker);
     // Broken before the next message, so whichever flush takes it first (the test's, the
     // background one or a checkpoint) fails.
     log.break_syncing(0);
@@ -108,6 +113,8 @@ async fn a_broker_whose_log_cannot_reach_the_disk_is_unready_and_turns_sends_awa
         0,
         "the name server still offers it for sends"
     );
+    // Java's name server takes a broker's topics again only under a new data version.
+    assert_ne!(version(&h.broker), writable_version);
     h.stop().await;
     ns.stop().await;
 }

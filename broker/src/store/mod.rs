@@ -398,7 +398,7 @@ impl MessageStore {
                     },
                 )
             };
-            commitlog.recover(from, open_queue)?
+            commitlog.recover(from, !checkpoint.clean_shutdown, open_queue)?
         };
         if report.messages > 0 || report.truncated_bytes > 0 || !checkpoint.clean_shutdown {
             tracing::info!(
@@ -443,7 +443,12 @@ impl MessageStore {
             partial: Mutex::new(Vec::new()),
             group: Mutex::new(SendGroup::default()),
         });
-        // Mark the store as running: a crash from now on must recover.
+        // Mark the store as running: a crash from now on must recover. The entries recovery
+        // rebuilt may still be in the queues' buffers: on disk first, or a crash before the
+        // next checkpoint would lose them for good (the next start would trust `end`).
+        for cq in store.all_queues() {
+            cq.flush()?;
+        }
         store.write_checkpoint(end, false)?;
         let mut started = store.start_thread("commitlog-flush", Self::flush_loop);
         if started.is_ok() && store.cfg.prepare_ahead {
@@ -858,8 +863,12 @@ impl MessageStore {
                     // Written out piece by piece: a group commit never finds more than one
                     // piece of zeroes to write along with its sends.
                     if self.cfg.flush == FlushDiskType::Sync {
-                        // A failure is logged there, once, and fails every flush after it.
-                        let _ = self.commitlog.write_out(&zeroes);
+                        match self.commitlog.write_out(&zeroes) {
+                            // Logged there, once; it fails every flush after it.
+                            Ok(()) | Err(StoreError::WriteBackFailed(_)) => {}
+                            // The zeroes go out with the next flush instead.
+                            Err(e) => tracing::warn!(error = %e, "writing zeroes out failed"),
+                        }
                     }
                     refilling = true;
                     idle = Duration::from_millis(1);
@@ -899,6 +908,7 @@ impl MessageStore {
         let mut last_checkpoint = Instant::now();
         let mut checkpointed = self.dispatched.load(Ordering::Acquire);
         let mut create_failed: Option<Instant> = None;
+        let mut checkpoint_failed = false;
         loop {
             let batch: Vec<Waiter> = {
                 let mut w = lock(&self.flush.waiters);
@@ -969,11 +979,14 @@ impl MessageStore {
                 last_checkpoint = Instant::now();
                 let consistent = self.dispatched.load(Ordering::Acquire);
                 // After a failed write-back no checkpoint can be made (the log cannot be
-                // flushed): the last one stands, and recovery starts there.
-                let failed = self.commitlog.write_back_failure().is_some();
+                // flushed), and after a failed checkpoint none may be: a queue's sync that
+                // failed would succeed when tried again, over pages the disk may not have.
+                // The last good checkpoint stands, and recovery starts there.
+                let failed = checkpoint_failed || self.commitlog.write_back_failure().is_some();
                 if (consistent != checkpointed || stopping) && !failed {
                     if let Err(e) = self.checkpoint(consistent, stopping) {
-                        tracing::error!(error = %e, "checkpoint failed");
+                        tracing::error!(error = %e, "checkpoint failed; no more checkpoints until a restart, which recovers from the last one");
+                        checkpoint_failed = true;
                     } else {
                         checkpointed = consistent;
                     }
