@@ -794,3 +794,54 @@ fn a_slave_log_that_starts_past_zero_indexes_at_the_right_offsets() {
     master.shutdown();
     slave.shutdown();
 }
+
+#[test]
+fn sends_queued_while_a_group_is_written_let_the_loop_run_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    // Holding the write lock stops the group's write where it starts.
+    let writing = lock(&store.write_lock);
+    let loop_thread = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                // Ready before the group is written: another task of this event loop (a
+                // connection with answers to write, say).
+                let other = {
+                    let store = store.clone();
+                    tokio::spawn(async move { lock(&store.group).sends.len() })
+                };
+                store
+                    .append_grouped(vec![msg("T", 0, 0, "A")], false)
+                    .await
+                    .unwrap();
+                other.await.unwrap()
+            })
+        })
+    };
+    // Once the leader has taken its group, another loop's send queues behind it.
+    while !{
+        let g = lock(&store.group);
+        g.leading && g.sends.is_empty()
+    } {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (done, queued) = oneshot::channel();
+    lock(&store.group).sends.push(GroupedSend {
+        msgs: vec![msg("T", 0, 1, "A")],
+        done,
+    });
+    drop(writing);
+    let waiting_when_the_other_task_ran = loop_thread.join().unwrap();
+    assert_eq!(
+        waiting_when_the_other_task_ran, 1,
+        "the loop's other task waited until the queued send was written too"
+    );
+    // And the queued send is written all the same.
+    let written = queued.blocking_recv().unwrap().unwrap();
+    assert_eq!(written[0].queue_offset, 1);
+    store.shutdown();
+}
