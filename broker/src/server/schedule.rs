@@ -83,6 +83,11 @@ impl Scheduler {
     }
 
     /// Delivers every due message once; returns how many moved.
+    ///
+    /// Progress is kept per message and saved after every batch and before an error is
+    /// returned, so an error or a crash repeats at most one batch (and a message stored
+    /// whose answer failed); it is saved only once the moved messages are durable, so a power
+    /// loss cannot mark as delivered a message whose copy was lost.
     pub async fn deliver_due(&self, store: &MessageStore) -> Result<usize, StoreError> {
         let mut moved = 0;
         let now = now_ms();
@@ -90,67 +95,106 @@ impl Scheduler {
             let Some(q) = store.queue(SCHEDULE_TOPIC, level - 1) else {
                 continue;
             };
-            let mut next = self
+            let saved = self
                 .offsets
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .offset_table
                 .get(&level)
                 .copied()
-                .unwrap_or(0)
-                .max(q.min_offset());
-            let start = next;
-            'batches: loop {
-                let entries = q.get(next, 64)?;
-                if entries.is_empty() {
-                    break;
+                .unwrap_or(0);
+            // Past the queue's end only if a power loss took entries the progress file had
+            // already counted: the offsets are handed out again, to messages not delivered.
+            let mut next = saved.max(q.min_offset()).min(q.max_offset());
+            let mut durable_to = 0;
+            let mut last_saved = saved;
+            loop {
+                let batch = self
+                    .deliver_batch(store, &q, now, &mut next, &mut durable_to, &mut moved)
+                    .await;
+                if next != last_saved {
+                    self.save(store, level, next, durable_to).await?;
+                    last_saved = next;
                 }
-                for e in entries {
-                    if e.tags_code > now {
-                        break 'batches;
-                    }
-                    let m = store.commitlog().read_message(e.offset)?;
-                    let mut props = parse_properties(&m.properties);
-                    let topic = props.remove(PROP_REAL_TOPIC);
-                    let qid = props.remove(PROP_REAL_QID).and_then(|q| q.parse().ok());
-                    props.remove(PROP_DELAY);
-                    if let (Some(topic), Some(queue_id)) = (topic, qid) {
-                        let properties = format_properties(&props);
-                        let real = NewMessage {
-                            topic,
-                            queue_id,
-                            flag: m.flag,
-                            body: m.body.clone(),
-                            tags_code: NewMessage::tags_code_of(&properties),
-                            properties,
-                            sys_flag: m.sys_flag
-                                & !(crate::store::message::FLAG_BORN_V6
-                                    | crate::store::message::FLAG_STORE_V6),
-                            born_timestamp: m.born_timestamp,
-                            born_host: m.born_host,
-                            reconsume_times: m.reconsume_times,
-                        };
-                        store.put(std::slice::from_ref(&real)).await?;
-                        moved += 1;
-                    } else {
-                        tracing::warn!(
-                            offset = e.offset,
-                            "scheduled message without REAL_TOPIC/REAL_QID dropped"
-                        );
-                    }
-                    next += 1;
+                match batch {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => return Err(e),
                 }
-            }
-            if next != start {
-                let snapshot = {
-                    let mut o = self.offsets.lock().unwrap_or_else(|p| p.into_inner());
-                    o.offset_table.insert(level, next);
-                    o.clone()
-                };
-                save_json(&self.path, &snapshot)?;
             }
         }
         Ok(moved)
+    }
+
+    /// Moves the due messages of one batch of up to 64 from `next` on, advancing it past
+    /// each one moved; `Ok(true)` when there may be more due.
+    async fn deliver_batch(
+        &self,
+        store: &MessageStore,
+        q: &crate::store::consume_queue::ConsumeQueue,
+        now: i64,
+        next: &mut u64,
+        durable_to: &mut u64,
+        moved: &mut usize,
+    ) -> Result<bool, StoreError> {
+        let entries = q.get(*next, 64)?;
+        if entries.is_empty() {
+            return Ok(false);
+        }
+        for e in entries {
+            if e.tags_code > now {
+                return Ok(false);
+            }
+            let m = store.commitlog().read_message(e.offset)?;
+            let mut props = parse_properties(&m.properties);
+            let topic = props.remove(PROP_REAL_TOPIC);
+            let qid = props.remove(PROP_REAL_QID).and_then(|q| q.parse().ok());
+            props.remove(PROP_DELAY);
+            if let (Some(topic), Some(queue_id)) = (topic, qid) {
+                let properties = format_properties(&props);
+                let real = NewMessage {
+                    topic,
+                    queue_id,
+                    flag: m.flag,
+                    body: m.body.clone(),
+                    tags_code: NewMessage::tags_code_of(&properties),
+                    properties,
+                    sys_flag: m.sys_flag
+                        & !(crate::store::message::FLAG_BORN_V6
+                            | crate::store::message::FLAG_STORE_V6),
+                    born_timestamp: m.born_timestamp,
+                    born_host: m.born_host,
+                    reconsume_times: m.reconsume_times,
+                };
+                let stored = store.put(std::slice::from_ref(&real)).await?;
+                *durable_to = stored.iter().map(|r| r.end).fold(*durable_to, u64::max);
+                *moved += 1;
+            } else {
+                tracing::warn!(
+                    offset = e.offset,
+                    "scheduled message without REAL_TOPIC/REAL_QID dropped"
+                );
+            }
+            *next += 1;
+        }
+        Ok(true)
+    }
+
+    /// Records that a level is delivered up to `next`, once the log is durable to `end`.
+    async fn save(
+        &self,
+        store: &MessageStore,
+        level: i32,
+        next: u64,
+        end: u64,
+    ) -> Result<(), StoreError> {
+        store.wait_durable(end).await?;
+        let snapshot = {
+            let mut o = self.offsets.lock().unwrap_or_else(|p| p.into_inner());
+            o.offset_table.insert(level, next);
+            o.clone()
+        };
+        save_json(&self.path, &snapshot)
     }
 }
 
@@ -209,6 +253,52 @@ mod tests {
         // Progress survives a restart of the scheduler.
         let again = Scheduler::load(dir.path()).unwrap();
         assert_eq!(again.deliver_due(&store).await.unwrap(), 0);
+        store.shutdown();
+    }
+
+    #[tokio::test]
+    async fn an_error_part_way_repeats_no_message_already_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MessageStore::open(StoreConfig {
+            segment_size: 1 << 20,
+            ..StoreConfig::for_tests(dir.path(), FlushDiskType::Async)
+        })
+        .unwrap();
+        let sched = Scheduler::load(dir.path()).unwrap();
+        let msg = |i: u8| NewMessage {
+            topic: "T".into(),
+            queue_id: 0,
+            flag: 0,
+            body: bytes::Bytes::from(vec![i; 10]),
+            properties: String::new(),
+            sys_flag: 0,
+            born_timestamp: 0,
+            born_host: "127.0.0.1:2".parse().unwrap(),
+            reconsume_times: 0,
+            tags_code: 0,
+        };
+        let mut stored = Vec::new();
+        for i in 0..5 {
+            stored.push(store.put(&[delay(&msg(i), 1)]).await.unwrap().remove(0));
+        }
+        // The third cannot be read any more: its bytes in the log are damaged.
+        let log = dir.path().join("commitlog").join(format!("{:020}", 0));
+        let file = std::fs::OpenOptions::new().write(true).open(log).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[0xFF; 8], stored[2].physical_offset + 8)
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        for _ in 0..2 {
+            assert!(sched.deliver_due(&store).await.is_err());
+        }
+        assert_eq!(
+            store.queue("T", 0).unwrap().max_offset(),
+            2,
+            "the two before the damaged one were delivered again"
+        );
+        // The progress made is saved: a restarted scheduler does not repeat them either.
+        let again = Scheduler::load(dir.path()).unwrap();
+        assert!(again.deliver_due(&store).await.is_err());
+        assert_eq!(store.queue("T", 0).unwrap().max_offset(), 2);
         store.shutdown();
     }
 

@@ -227,6 +227,7 @@ impl CommitLog {
     pub fn open(dir: &Path, segment_size: u64) -> Result<CommitLog, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
         let mut segments = Vec::new();
+        let mut empty = Vec::new();
         let entries = std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| StoreError::io(dir, e))?;
@@ -241,7 +242,11 @@ impl CommitLog {
                 .open(&path)
                 .map_err(|e| StoreError::io(&path, e))?;
             let len = file.metadata().map_err(|e| StoreError::io(&path, e))?.len();
-            if len != segment_size {
+            if len == 0 {
+                // Created but not yet sized when the process stopped (it is sized right after
+                // it is created); checked below to be the last one.
+                empty.push(base);
+            } else if len != segment_size {
                 return Err(StoreError::Corrupt(format!(
                     "segment {} is {len} bytes but mappedFileSizeCommitLog is {segment_size}; \
                      the segment size cannot change once data is stored",
@@ -257,6 +262,21 @@ impl CommitLog {
             segments.push(Arc::new(Segment::new(base, file, path)));
         }
         segments.sort_by_key(|s| s.base);
+        if let Some(base) = empty
+            .iter()
+            .find(|&&b| Some(b) != segments.last().map(|s| s.base))
+        {
+            return Err(StoreError::Corrupt(format!(
+                "segment {} is empty but not the last one",
+                dir.join(segment_name(*base)).display()
+            )));
+        }
+        if let (Some(_), Some(last)) = (empty.first(), segments.last()) {
+            last.file
+                .set_len(segment_size)
+                .map_err(|e| StoreError::io(&last.path, e))?;
+            tracing::warn!(path = %last.path.display(), "sized a segment whose creation a stop interrupted");
+        }
         for pair in segments.windows(2) {
             if pair[1].base != pair[0].base + segment_size {
                 return Err(StoreError::Corrupt(format!(
@@ -944,6 +964,33 @@ mod tests {
             Err(StoreError::WriteBackFailed(_))
         ));
         assert_eq!(log.max_offset(), 200, "nothing taken after the failure");
+    }
+
+    #[test]
+    fn a_segment_left_empty_by_a_stop_during_its_creation_is_sized() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = CommitLog::open(dir.path(), 64 * 1024).unwrap();
+            log.append(&[1u8; 100]).unwrap();
+            log.flush().unwrap();
+        }
+        // Killed between creating the next segment and sizing it.
+        std::fs::File::create(dir.path().join(segment_name(64 * 1024))).unwrap();
+        let log = CommitLog::open(dir.path(), 64 * 1024).unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.path().join(segment_name(64 * 1024)))
+                .unwrap()
+                .len(),
+            64 * 1024
+        );
+        drop(log);
+        // An empty segment anywhere else is damage, not an interrupted creation.
+        std::fs::remove_file(dir.path().join(segment_name(0))).unwrap();
+        std::fs::File::create(dir.path().join(segment_name(0))).unwrap();
+        match CommitLog::open(dir.path(), 64 * 1024) {
+            Err(StoreError::Corrupt(why)) => assert!(why.contains("not the last"), "{why}"),
+            other => panic!("an empty first segment was taken: {other:?}"),
+        }
     }
 
     #[test]

@@ -242,13 +242,20 @@ impl ConsumeQueue {
 
     /// Makes written entries durable if any changed since the last flush.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.write_out()?;
-        if self.dirty.swap(false, Ordering::AcqRel) {
+        // Taken before the write: an entry put after the write but before the flag was taken
+        // would have its flag taken, yet not be in the file, and no later flush would sync it.
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return self.write_out();
+        }
+        let synced = self.write_out().and_then(|()| {
             self.file
                 .sync_data()
-                .map_err(|err| StoreError::io(&self.path, err))?;
+                .map_err(|err| StoreError::io(&self.path, err))
+        });
+        if synced.is_err() {
+            self.dirty.store(true, Ordering::Release);
         }
-        Ok(())
+        synced
     }
 }
 
