@@ -612,6 +612,35 @@ async fn slave_ahead_of_a_restored_master_is_reported_not_merged() -> Result<(),
         master.log_text()
     );
     assert_eq!(client.runtime_info(&master.addr).await?["slaveCount"], "0");
+    // The restored master then takes more than the slave holds: its log passes the slave's
+    // end with other bytes, and the slave must still merge nothing.
+    create_topic(&client, &[&master], "Ahead").await?;
+    let p = Producer::new(client.clone(), "pg2");
+    while client.runtime_info(&master.addr).await?["commitLogMaxOffset"]
+        .parse::<u64>()
+        .unwrap_or(0)
+        <= end + 8192
+    {
+        p.send(&Message {
+            topic: "Ahead".into(),
+            body: body(1_000_000),
+            ..Default::default()
+        })
+        .await?;
+    }
+    let mut refused = false;
+    for _ in 0..100 {
+        if slave.log_text().contains("the logs have forked") {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        refused,
+        "the slave did not refuse the forked log:\n{}",
+        slave.log_text()
+    );
     slave.stop()?;
     assert!(
         before == segment_files(&slave.store, end),

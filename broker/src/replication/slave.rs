@@ -100,11 +100,19 @@ async fn follow_once(
         hello.extend_from_slice(s.as_bytes());
     }
     let log = store.commitlog();
-    hello.extend_from_slice(&log.max_offset().to_be_bytes());
+    // Asked for from a little before this log's end: the master's bytes there must be this
+    // log's own, or the two logs have forked (a master that lost its tail, a store replaced)
+    // and appending the master's later bytes would merge them. Until they are checked, the
+    // slave reports only what it has checked, so no SYNC_MASTER send counts bytes it holds
+    // but the master may not.
+    let local_end = log.max_offset();
+    let mut checked = overlap_start(log);
+    hello.extend_from_slice(&checked.to_be_bytes());
     wr.write_all(&hello).await.map_err(e)?;
     tracing::info!(
         master = addr,
-        offset = log.max_offset(),
+        offset = local_end,
+        check_from = checked,
         "replicating from master"
     );
 
@@ -129,6 +137,29 @@ async fn follow_once(
             )));
         }
         rd.read_exact(&mut buf[..size]).await.map_err(e)?;
+        let mut start = start;
+        let mut data = &buf[..size];
+        if checked < local_end {
+            if start != checked {
+                return Err(ReplicationError::Diverged(format!(
+                    "master {addr} sends from offset {start} but this slave asked from {checked}"
+                )));
+            }
+            let n = data.len().min((local_end - checked) as usize);
+            let mut mine = vec![0u8; n];
+            log.read_into(checked, &mut mine)?;
+            if mine != data[..n] {
+                return Err(ReplicationError::Diverged(format!(
+                    "master {addr} holds other bytes than this slave at offset {checked} \
+                     (this slave's log ends at {local_end}): the logs have forked, and this \
+                     slave will not merge them; rebuild it from an empty store"
+                )));
+            }
+            checked += n as u64;
+            start = checked;
+            data = &data[n..];
+        }
+        let size = data.len();
         let end = log.max_offset();
         if start != end {
             if end == 0 && log.min_offset() == 0 && size > 0 {
@@ -141,7 +172,7 @@ async fn follow_once(
             }
         }
         if size > 0 {
-            store.replicate(start, &buf[..size])?;
+            store.replicate(start, data)?;
         }
         // Acknowledge once what has arrived is stored: a SYNC_MASTER waits for this, and one
         // acknowledgement covers every chunk of the same read. Indexing comes after, as on
@@ -149,7 +180,12 @@ async fn follow_once(
         let more_buffered = !rd.buffer().is_empty();
         let mut acked = Ok(());
         if (size > 0 && !more_buffered) || last_report.elapsed() >= HEARTBEAT {
-            acked = wr.write_all(&log.max_offset().to_be_bytes()).await;
+            let holds = if checked < local_end {
+                checked
+            } else {
+                log.max_offset()
+            };
+            acked = wr.write_all(&holds.to_be_bytes()).await;
             last_report = Instant::now();
         }
         if !more_buffered {
@@ -159,8 +195,24 @@ async fn follow_once(
     }
 }
 
+/// Bytes before the log's end a slave asks to be sent again and compares with its own.
+const OVERLAP: u64 = 4096;
+
+/// Where a slave asks its master to start: up to [`OVERLAP`] bytes before the log's end,
+/// within the last segment that holds data and not before the log's start.
+fn overlap_start(log: &crate::store::commitlog::CommitLog) -> u64 {
+    let end = log.max_offset();
+    if end == 0 {
+        return 0;
+    }
+    let last_byte = end - 1;
+    let segment_start = last_byte - last_byte % log.segment_size();
+    end - OVERLAP.min(end - segment_start.max(log.min_offset()))
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::HELLO_MAGIC;
     use super::*;
     use crate::store::{FlushDiskType, StoreConfig};
     use tokio::net::TcpListener;
@@ -194,6 +246,87 @@ mod tests {
             .await
             .expect("follow ends on shutdown")
             .unwrap();
+        store.shutdown();
+    }
+
+    /// A master that answers a slave's hello with `log[from..]` in one chunk and returns the
+    /// offset the slave asked from and every offset it reported.
+    async fn fake_master(log: Vec<u8>) -> (String, tokio::task::JoinHandle<(u64, Vec<u64>)>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let serving = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            assert_eq!(socket.read_u32().await.unwrap(), HELLO_MAGIC);
+            socket.read_u16().await.unwrap();
+            for _ in 0..2 {
+                let n = socket.read_u16().await.unwrap() as usize;
+                socket.read_exact(&mut vec![0u8; n]).await.unwrap();
+            }
+            let from = socket.read_u64().await.unwrap();
+            let data = &log[from as usize..];
+            socket.write_u64(from).await.unwrap();
+            socket.write_u32(data.len() as u32).await.unwrap();
+            socket.write_all(data).await.unwrap();
+            let mut reported = Vec::new();
+            while let Ok(Ok(off)) =
+                tokio::time::timeout(Duration::from_millis(300), socket.read_u64()).await
+            {
+                reported.push(off);
+            }
+            (from, reported)
+        });
+        (addr, serving)
+    }
+
+    #[tokio::test]
+    async fn a_slave_ahead_of_its_master_merges_nothing_once_the_master_catches_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            MessageStore::open(StoreConfig::for_tests(dir.path(), FlushDiskType::Async)).unwrap();
+        let me = SlaveIdentity {
+            group: "g".into(),
+            token: String::new(),
+        };
+        // The slave holds 10,000 bytes of an earlier life of the master's log.
+        let old: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        store.replicate(0, &old).unwrap();
+
+        // The master lost its tail and has since grown past the slave with other bytes.
+        let mut forked = old[..6_000].to_vec();
+        forked.extend((0..8_000u32).map(|i| (i % 13) as u8));
+        let (addr, master) = fake_master(forked).await;
+        let followed = follow_once(&store, &me, &addr).await;
+        assert!(
+            matches!(followed, Err(ReplicationError::Diverged(_))),
+            "{followed:?}"
+        );
+        let (from, reported) = master.await.unwrap();
+        assert!(
+            from < 10_000,
+            "the slave asked from its end, checking nothing"
+        );
+        assert!(
+            reported.iter().all(|&off| off <= from),
+            "the slave reported bytes it had not checked: {reported:?}"
+        );
+        let mut kept = vec![0u8; 10_000];
+        store.commitlog().read_into(0, &mut kept).unwrap();
+        assert_eq!(kept, old, "the slave's log was changed");
+        assert_eq!(store.commitlog().max_offset(), 10_000);
+
+        // A master whose log continues the slave's: the overlap matches and the rest lands.
+        let mut longer = old.clone();
+        longer.extend([9u8; 500]);
+        let (addr, master) = fake_master(longer.clone()).await;
+        let followed =
+            tokio::time::timeout(Duration::from_secs(2), follow_once(&store, &me, &addr)).await;
+        // The fake master stops talking after its chunk; the slave then waits or fails.
+        drop(followed);
+        let (_, reported) = master.await.unwrap();
+        assert_eq!(reported.last(), Some(&10_500));
+        let mut all = vec![0u8; 10_500];
+        store.commitlog().read_into(0, &mut all).unwrap();
+        assert_eq!(all, longer);
         store.shutdown();
     }
 }
