@@ -23,8 +23,22 @@ use crate::store::MessageStore;
 pub struct SlaveStatus {
     /// Slave's address.
     pub addr: SocketAddr,
-    /// Commit-log offset the slave reported holding.
+    /// Commit-log offset the slave reported holding (at first, the offset it asked from).
     pub acked: u64,
+    /// Whether `acked` came from the slave's own report: only then does it acknowledge
+    /// SYNC_MASTER sends (the offset a slave asks from is not checked yet; see
+    /// `slave::overlap_start`).
+    pub reported: bool,
+}
+
+/// The highest offset a slave has reported, which acknowledges sends up to it.
+fn best_reported(slaves: &BTreeMap<u64, SlaveStatus>) -> u64 {
+    slaves
+        .values()
+        .filter(|v| v.reported)
+        .map(|v| v.acked)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Master-side replication state shared with the send path.
@@ -81,14 +95,29 @@ impl ReplicationMaster {
         let mut s = self.slaves_lock();
         if let Some(st) = s.get_mut(&id) {
             st.acked = acked;
+            st.reported = true;
         }
-        self.set_acked(s.values().map(|v| v.acked).max().unwrap_or(0));
+        self.set_acked(best_reported(&s));
+    }
+
+    /// Registers a slave that asked for the log from `first`; returns its id.
+    fn connected(&self, addr: SocketAddr, first: u64) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.slaves_lock().insert(
+            id,
+            SlaveStatus {
+                addr,
+                acked: first,
+                reported: false,
+            },
+        );
+        id
     }
 
     fn remove(&self, id: u64) {
         let mut s = self.slaves_lock();
         s.remove(&id);
-        self.set_acked(s.values().map(|v| v.acked).max().unwrap_or(0));
+        self.set_acked(best_reported(&s));
     }
 
     /// Records the best acknowledged offset and releases the sends it covers.
@@ -253,15 +282,9 @@ async fn serve_slave(
             log.max_offset()
         )));
     }
-    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-    state.slaves_lock().insert(
-        id,
-        SlaveStatus {
-            addr: peer,
-            acked: first,
-        },
-    );
-    state.update(id, first);
+    // Not an acknowledgement: what the slave holds below `first` it has not yet compared with
+    // this log. Its reports acknowledge.
+    let id = state.connected(peer, first);
     tracing::info!(slave = %peer, offset = first, "slave connected");
 
     // Offsets reported by the slave, read concurrently with streaming.
@@ -424,14 +447,24 @@ mod tests {
 
     fn with_slave() -> (Arc<ReplicationMaster>, u64) {
         let m = ReplicationMaster::new("g", None, 1 << 20);
-        m.slaves_lock().insert(
-            1,
-            SlaveStatus {
-                addr: "127.0.0.1:1".parse().unwrap(),
-                acked: 0,
-            },
+        let id = m.connected("127.0.0.1:1".parse().unwrap(), 0);
+        (m, id)
+    }
+
+    #[tokio::test]
+    async fn the_offset_a_slave_asks_from_acknowledges_nothing() {
+        let m = ReplicationMaster::new("g", None, 1 << 20);
+        let id = m.connected("127.0.0.1:1".parse().unwrap(), 10_000);
+        let short = Duration::from_millis(50);
+        assert!(
+            matches!(
+                m.wait(5_000, 10_000, short).await,
+                Err(SyncWaitError::Timeout(_))
+            ),
+            "a send was acknowledged by the offset a slave asked from"
         );
-        (m, 1)
+        m.update(id, 10_000);
+        assert!(m.wait(5_000, 10_000, short).await.is_ok());
     }
 
     #[tokio::test]

@@ -139,7 +139,13 @@ async fn follow_once(
         rd.read_exact(&mut buf[..size]).await.map_err(e)?;
         let mut start = start;
         let mut data = &buf[..size];
+        let mut check_done = false;
         if checked < local_end {
+            if start > checked && start <= local_end {
+                // The master no longer has the start of the range (retention deleted it):
+                // what it still has is compared.
+                checked = start;
+            }
             if start != checked {
                 return Err(ReplicationError::Diverged(format!(
                     "master {addr} sends from offset {start} but this slave asked from {checked}"
@@ -158,6 +164,8 @@ async fn follow_once(
             checked += n as u64;
             start = checked;
             data = &data[n..];
+            // Reported at once: until then the master counts nothing this slave holds.
+            check_done = checked == local_end;
         }
         let size = data.len();
         let end = log.max_offset();
@@ -179,7 +187,7 @@ async fn follow_once(
         // Java's slaves, and happens even if the acknowledgement cannot be written.
         let more_buffered = !rd.buffer().is_empty();
         let mut acked = Ok(());
-        if (size > 0 && !more_buffered) || last_report.elapsed() >= HEARTBEAT {
+        if (size > 0 && !more_buffered) || check_done || last_report.elapsed() >= HEARTBEAT {
             let holds = if checked < local_end {
                 checked
             } else {
@@ -202,8 +210,9 @@ const OVERLAP: u64 = 4096;
 /// within the last segment that holds data and not before the log's start.
 fn overlap_start(log: &crate::store::commitlog::CommitLog) -> u64 {
     let end = log.max_offset();
-    if end == 0 {
-        return 0;
+    if end == 0 || !log.holds(end - 1) {
+        // Nothing stored to compare (an empty log, or one just moved to a master's start).
+        return end;
     }
     let last_byte = end - 1;
     let segment_start = last_byte - last_byte % log.segment_size();
@@ -249,9 +258,13 @@ mod tests {
         store.shutdown();
     }
 
-    /// A master that answers a slave's hello with `log[from..]` in one chunk and returns the
-    /// offset the slave asked from and every offset it reported.
-    async fn fake_master(log: Vec<u8>) -> (String, tokio::task::JoinHandle<(u64, Vec<u64>)>) {
+    /// A master that answers a slave's hello with `log[from..upto]` in one chunk, then sends
+    /// heartbeats and listens for `listen`; returns the offset the slave asked from and every offset it reported.
+    async fn fake_master(
+        log: Vec<u8>,
+        upto: usize,
+        listen: Duration,
+    ) -> (String, tokio::task::JoinHandle<(u64, Vec<u64>)>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let serving = tokio::spawn(async move {
@@ -263,16 +276,27 @@ mod tests {
                 socket.read_exact(&mut vec![0u8; n]).await.unwrap();
             }
             let from = socket.read_u64().await.unwrap();
-            let data = &log[from as usize..];
+            let data = &log[from as usize..upto];
             socket.write_u64(from).await.unwrap();
             socket.write_u32(data.len() as u32).await.unwrap();
             socket.write_all(data).await.unwrap();
+            // Then heartbeats, as a master with nothing new sends.
+            let (mut rd, mut wr) = socket.into_split();
+            let beats = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let beat = [&(upto as u64).to_be_bytes()[..], &[0u8; 4]].concat();
+                    if wr.write_all(&beat).await.is_err() {
+                        return;
+                    }
+                }
+            });
             let mut reported = Vec::new();
-            while let Ok(Ok(off)) =
-                tokio::time::timeout(Duration::from_millis(300), socket.read_u64()).await
-            {
+            let until = tokio::time::Instant::now() + listen;
+            while let Ok(Ok(off)) = tokio::time::timeout_at(until, rd.read_u64()).await {
                 reported.push(off);
             }
+            beats.abort();
             (from, reported)
         });
         (addr, serving)
@@ -290,38 +314,50 @@ mod tests {
         // The slave holds 10,000 bytes of an earlier life of the master's log.
         let old: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         store.replicate(0, &old).unwrap();
+        let short = Duration::from_millis(300);
 
         // The master lost its tail and has since grown past the slave with other bytes.
         let mut forked = old[..6_000].to_vec();
         forked.extend((0..8_000u32).map(|i| (i % 13) as u8));
-        let (addr, master) = fake_master(forked).await;
+        let (addr, master) = fake_master(forked.clone(), forked.len(), short).await;
         let followed = follow_once(&store, &me, &addr).await;
         assert!(
             matches!(followed, Err(ReplicationError::Diverged(_))),
             "{followed:?}"
         );
-        let (from, reported) = master.await.unwrap();
+        let (from, _) = master.await.unwrap();
         assert!(
-            from < 10_000,
-            "the slave asked from its end, checking nothing"
-        );
-        assert!(
-            reported.iter().all(|&off| off <= from),
-            "the slave reported bytes it had not checked: {reported:?}"
+            from < 6_000,
+            "asked from {from}: the forked bytes would not be compared"
         );
         let mut kept = vec![0u8; 10_000];
         store.commitlog().read_into(0, &mut kept).unwrap();
         assert_eq!(kept, old, "the slave's log was changed");
         assert_eq!(store.commitlog().max_offset(), 10_000);
 
-        // A master whose log continues the slave's: the overlap matches and the rest lands.
+        // A master with only part of what the slave asked to compare (it is behind, and
+        // quiet): the slave reports no more than it compared, heartbeats included.
+        let listen = HEARTBEAT + Duration::from_millis(500);
+        let (addr, master) = fake_master(old.clone(), 8_000, listen).await;
+        let _ = tokio::time::timeout(listen, follow_once(&store, &me, &addr)).await;
+        let (_, reported) = master.await.unwrap();
+        assert!(!reported.is_empty(), "no heartbeat report");
+        assert!(
+            reported.iter().all(|&off| off <= 8_000),
+            "the slave reported bytes it had not compared: {reported:?}"
+        );
+
+        // The whole range compared and equal: reported at once, not at the next heartbeat.
+        let (addr, master) = fake_master(old.clone(), old.len(), short).await;
+        let _ = tokio::time::timeout(short, follow_once(&store, &me, &addr)).await;
+        let (_, reported) = master.await.unwrap();
+        assert_eq!(reported.first(), Some(&10_000));
+
+        // A master whose log continues the slave's: the rest lands after the compared bytes.
         let mut longer = old.clone();
         longer.extend([9u8; 500]);
-        let (addr, master) = fake_master(longer.clone()).await;
-        let followed =
-            tokio::time::timeout(Duration::from_secs(2), follow_once(&store, &me, &addr)).await;
-        // The fake master stops talking after its chunk; the slave then waits or fails.
-        drop(followed);
+        let (addr, master) = fake_master(longer.clone(), longer.len(), short).await;
+        let _ = tokio::time::timeout(short, follow_once(&store, &me, &addr)).await;
         let (_, reported) = master.await.unwrap();
         assert_eq!(reported.last(), Some(&10_500));
         let mut all = vec![0u8; 10_500];

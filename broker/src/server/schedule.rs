@@ -84,10 +84,11 @@ impl Scheduler {
 
     /// Delivers every due message once; returns how many moved.
     ///
-    /// Progress is kept per message and saved after every batch and before an error is
-    /// returned, so an error or a crash repeats at most one batch (and a message stored
-    /// whose answer failed); it is saved only once the moved messages are durable, so a power
-    /// loss cannot mark as delivered a message whose copy was lost.
+    /// Progress is kept in memory per message moved, so an error part-way (or a slow disk)
+    /// repeats nothing in this process. It is saved at the end of each level's pass, before
+    /// an error is returned, and every [`SAVE_EVERY`] messages, each time only once the log
+    /// is durable, so a power loss cannot mark as delivered a message whose copy was lost;
+    /// a crash repeats at most what was moved since the last save.
     pub async fn deliver_due(&self, store: &MessageStore) -> Result<usize, StoreError> {
         let mut moved = 0;
         let now = now_ms();
@@ -95,26 +96,20 @@ impl Scheduler {
             let Some(q) = store.queue(SCHEDULE_TOPIC, level - 1) else {
                 continue;
             };
-            let saved = self
-                .offsets
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .offset_table
-                .get(&level)
-                .copied()
-                .unwrap_or(0);
+            let saved = self.progress(level);
             // Past the queue's end only if a power loss took entries the progress file had
             // already counted: the offsets are handed out again, to messages not delivered.
             let mut next = saved.max(q.min_offset()).min(q.max_offset());
-            let mut durable_to = 0;
-            let mut last_saved = saved;
+            let mut last_saved = (saved, moved);
             loop {
                 let batch = self
-                    .deliver_batch(store, &q, now, &mut next, &mut durable_to, &mut moved)
+                    .deliver_batch(store, &q, now, &mut next, &mut moved)
                     .await;
-                if next != last_saved {
-                    self.save(store, level, next, durable_to).await?;
-                    last_saved = next;
+                self.set_progress(level, next);
+                let pass_over = !matches!(batch, Ok(true));
+                if next != last_saved.0 && (pass_over || moved - last_saved.1 >= SAVE_EVERY) {
+                    self.save(store).await?;
+                    last_saved = (next, moved);
                 }
                 match batch {
                     Ok(true) => continue,
@@ -126,6 +121,16 @@ impl Scheduler {
         Ok(moved)
     }
 
+    fn progress(&self, level: i32) -> u64 {
+        let offsets = self.offsets.lock().unwrap_or_else(|p| p.into_inner());
+        offsets.offset_table.get(&level).copied().unwrap_or(0)
+    }
+
+    fn set_progress(&self, level: i32, next: u64) {
+        let mut offsets = self.offsets.lock().unwrap_or_else(|p| p.into_inner());
+        offsets.offset_table.insert(level, next);
+    }
+
     /// Moves the due messages of one batch of up to 64 from `next` on, advancing it past
     /// each one moved; `Ok(true)` when there may be more due.
     async fn deliver_batch(
@@ -134,7 +139,6 @@ impl Scheduler {
         q: &crate::store::consume_queue::ConsumeQueue,
         now: i64,
         next: &mut u64,
-        durable_to: &mut u64,
         moved: &mut usize,
     ) -> Result<bool, StoreError> {
         let entries = q.get(*next, 64)?;
@@ -166,8 +170,7 @@ impl Scheduler {
                     born_host: m.born_host,
                     reconsume_times: m.reconsume_times,
                 };
-                let stored = store.put(std::slice::from_ref(&real)).await?;
-                *durable_to = stored.iter().map(|r| r.end).fold(*durable_to, u64::max);
+                store.put(std::slice::from_ref(&real)).await?;
                 *moved += 1;
             } else {
                 tracing::warn!(
@@ -180,23 +183,21 @@ impl Scheduler {
         Ok(true)
     }
 
-    /// Records that a level is delivered up to `next`, once the log is durable to `end`.
-    async fn save(
-        &self,
-        store: &MessageStore,
-        level: i32,
-        next: u64,
-        end: u64,
-    ) -> Result<(), StoreError> {
-        store.wait_durable(end).await?;
-        let snapshot = {
-            let mut o = self.offsets.lock().unwrap_or_else(|p| p.into_inner());
-            o.offset_table.insert(level, next);
-            o.clone()
-        };
+    /// Saves the progress in memory once everything in the log so far is durable: the
+    /// messages it counts as delivered have their copies there.
+    async fn save(&self, store: &MessageStore) -> Result<(), StoreError> {
+        store.wait_durable(store.commitlog().max_offset()).await?;
+        let snapshot = self
+            .offsets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         save_json(&self.path, &snapshot)
     }
 }
+
+/// Messages moved between two saves of the progress within one pass.
+const SAVE_EVERY: usize = 1024;
 
 /// How often due messages are looked for.
 pub const TICK: Duration = Duration::from_millis(100);

@@ -651,6 +651,11 @@ impl CommitLog {
         Ok(true)
     }
 
+    /// Whether the byte at `offset` is stored (a slave compares only what it has).
+    pub fn holds(&self, offset: u64) -> bool {
+        offset < self.max_offset() && self.segment_for(offset).is_some()
+    }
+
     /// Reads `len` bytes at `offset`; the range must lie within one segment.
     pub fn read(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
         let mut buf = BytesMut::zeroed(len);

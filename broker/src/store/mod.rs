@@ -590,8 +590,8 @@ impl MessageStore {
     /// Writes queued grouped sends until none are left, then gives up the leader role.
     ///
     /// Sends queued while a group was being written come from connections on other event
-    /// loops. They are written at once for up to [`INLINE_ROUNDS`] groups; after that, on an
-    /// event loop, by a task of its own queued behind this loop's ready tasks (answers to
+    /// loops. They are written at once until [`INLINE_ROUNDS`] groups, the leader's own
+    /// included, have been written in a row; after that, on an event loop, by a task of its own queued behind this loop's ready tasks (answers to
     /// write, frames to read), which would otherwise wait until the queue runs dry, and under
     /// sustained sends from other loops it need not.
     fn drain_group(self: &Arc<Self>) {

@@ -823,10 +823,15 @@ fn sends_queued_while_a_group_is_written_let_the_loop_run_first() {
         })
     };
     // Once the leader has taken its group, another loop's send queues behind it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !{
         let g = lock(&store.group);
         g.leading && g.sends.is_empty()
     } {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the leader never took its group"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     let (done, queued) = oneshot::channel();
