@@ -455,6 +455,9 @@ mod tests {
     async fn the_offset_a_slave_asks_from_acknowledges_nothing() {
         let m = ReplicationMaster::new("g", None, 1 << 20);
         let id = m.connected("127.0.0.1:1".parse().unwrap(), 10_000);
+        // Another slave's report makes the master work out the best offset again.
+        let other = m.connected("127.0.0.1:2".parse().unwrap(), 0);
+        m.update(other, 100);
         let short = Duration::from_millis(50);
         assert!(
             matches!(
