@@ -86,7 +86,7 @@ pub struct DataVersion {
     pub counter: i64,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct TopicsFile {
     topic_config_table: BTreeMap<String, TopicConfig>,
@@ -124,15 +124,15 @@ impl TopicTable {
 
     /// Creates or replaces a topic and saves the table. Returns true if anything changed.
     pub fn put(&self, cfg: TopicConfig) -> Result<bool, StoreError> {
-        let mut t = write(&self.inner);
-        if t.topic_config_table.get(&cfg.topic_name) == Some(&cfg) {
-            return Ok(false);
-        }
-        t.topic_config_table.insert(cfg.topic_name.clone(), cfg);
-        t.data_version.counter += 1;
-        t.data_version.timestamp = now_ms();
-        save_json(&self.path, &*t)?;
-        Ok(true)
+        self.change(|t| {
+            if t.topic_config_table.get(&cfg.topic_name) == Some(&cfg) {
+                return false;
+            }
+            t.topic_config_table.insert(cfg.topic_name.clone(), cfg);
+            t.data_version.counter += 1;
+            t.data_version.timestamp = now_ms();
+            true
+        })
     }
 
     /// Replaces the whole table with a master's (slaves); saves only when it differs.
@@ -141,25 +141,41 @@ impl TopicTable {
         table: BTreeMap<String, TopicConfig>,
         version: DataVersion,
     ) -> Result<bool, StoreError> {
-        let mut t = write(&self.inner);
-        if t.topic_config_table == table {
-            return Ok(false);
-        }
-        t.topic_config_table = table;
-        t.data_version = version;
-        save_json(&self.path, &*t)?;
-        Ok(true)
+        self.change(|t| {
+            if t.topic_config_table == table {
+                return false;
+            }
+            t.topic_config_table = table;
+            t.data_version = version;
+            true
+        })
     }
 
     /// Sets the permission of every topic (e.g. to drop write before a scale-in).
     pub fn set_all_perm(&self, perm: i32) -> Result<(), StoreError> {
+        self.change(|t| {
+            for cfg in t.topic_config_table.values_mut() {
+                cfg.perm = perm;
+            }
+            t.data_version.counter += 1;
+            t.data_version.timestamp = now_ms();
+            true
+        })
+        .map(drop)
+    }
+
+    /// Applies `edit` to a copy of the table and, if it changed anything, saves the copy and
+    /// only then takes it: a change whose save failed is not kept in memory, where it would
+    /// be served until a restart lost it and, asked for again, look already made.
+    fn change(&self, edit: impl FnOnce(&mut TopicsFile) -> bool) -> Result<bool, StoreError> {
         let mut t = write(&self.inner);
-        for cfg in t.topic_config_table.values_mut() {
-            cfg.perm = perm;
+        let mut changed = t.clone();
+        if !edit(&mut changed) {
+            return Ok(false);
         }
-        t.data_version.counter += 1;
-        t.data_version.timestamp = now_ms();
-        save_json(&self.path, &*t)
+        save_json(&self.path, &changed)?;
+        *t = changed;
+        Ok(true)
     }
 }
 
@@ -181,6 +197,25 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_whose_save_failed_is_not_kept_and_is_saved_when_asked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("topics.json");
+        let table = TopicTable::load(path.clone()).unwrap();
+        // The save cannot create its temporary file.
+        let blocker = path.with_extension("tmp");
+        std::fs::create_dir(&blocker).unwrap();
+        assert!(table.put(TopicConfig::new("T", 4, 6)).is_err());
+        assert!(
+            table.get("T").is_none(),
+            "served a topic that was not saved"
+        );
+        std::fs::remove_dir(&blocker).unwrap();
+        assert!(table.put(TopicConfig::new("T", 4, 6)).unwrap());
+        let reloaded = TopicTable::load(path).unwrap();
+        assert!(reloaded.get("T").is_some(), "the topic was never saved");
+    }
 
     #[test]
     fn internal_topics_are_told_from_user_topics() {
