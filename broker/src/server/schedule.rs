@@ -207,15 +207,20 @@ mod tests {
     use super::*;
     use crate::store::{FlushDiskType, StoreConfig};
 
+    /// A store with room for the tests' messages in one segment, and its scheduler.
+    fn open(root: &std::path::Path) -> (std::sync::Arc<MessageStore>, Scheduler) {
+        let store = MessageStore::open(StoreConfig {
+            segment_size: 1 << 20,
+            ..StoreConfig::for_tests(root, FlushDiskType::Async)
+        })
+        .unwrap();
+        (store, Scheduler::load(root).unwrap())
+    }
+
     #[tokio::test]
     async fn delayed_message_reaches_its_topic_only_when_due() {
         let dir = tempfile::tempdir().unwrap();
-        let store = MessageStore::open(StoreConfig {
-            segment_size: 1 << 20,
-            ..StoreConfig::for_tests(dir.path(), FlushDiskType::Async)
-        })
-        .unwrap();
-        let sched = Scheduler::load(dir.path()).unwrap();
+        let (store, sched) = open(dir.path());
         let msg = NewMessage {
             topic: "%RETRY%g".into(),
             queue_id: 0,
@@ -260,12 +265,7 @@ mod tests {
     #[tokio::test]
     async fn an_error_part_way_repeats_no_message_already_moved() {
         let dir = tempfile::tempdir().unwrap();
-        let store = MessageStore::open(StoreConfig {
-            segment_size: 1 << 20,
-            ..StoreConfig::for_tests(dir.path(), FlushDiskType::Async)
-        })
-        .unwrap();
-        let sched = Scheduler::load(dir.path()).unwrap();
+        let (store, sched) = open(dir.path());
         let msg = |i: u8| NewMessage {
             topic: "T".into(),
             queue_id: 0,
