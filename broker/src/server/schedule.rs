@@ -86,7 +86,7 @@ impl Scheduler {
     ///
     /// Progress is kept in memory per message moved, so an error part-way (or a slow disk)
     /// repeats nothing in this process. It is saved at the end of each level's pass, before
-    /// an error is returned, and every [`SAVE_EVERY`] messages, each time only once the log
+    /// an error is returned, and every 1,024 messages, each time only once the log
     /// is durable, so a power loss cannot mark as delivered a message whose copy was lost;
     /// a crash repeats at most what was moved since the last save.
     pub async fn deliver_due(&self, store: &MessageStore) -> Result<usize, StoreError> {
