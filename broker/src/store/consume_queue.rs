@@ -197,15 +197,20 @@ impl ConsumeQueue {
     pub fn truncate_from_offset(&self, end: u64) -> Result<u64, StoreError> {
         self.write_out()?;
         let count = self.max_offset();
-        // Entries are in commit-log order, so binary search for the first one at or past end.
-        let (mut lo, mut hi) = (0u64, count);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let e = self.get(mid, 1)?;
-            if e.first().is_some_and(|e| e.offset >= end) {
-                hi = mid;
-            } else {
-                lo = mid + 1;
+        // Back from the last entry to the last one that is whole and before `end`. Entries up
+        // to the checkpoint were synced; those after it may be torn by a power loss, and a
+        // zeroed one (offset 0, size 0) sorts before `end` too, so a binary search could stop
+        // past it and keep it.
+        let mut lo = count;
+        while lo > 0 {
+            let from = lo.saturating_sub(1024);
+            let entries = self.get(from, (lo - from) as usize)?;
+            match entries.iter().rposition(|e| e.size > 0 && e.offset < end) {
+                Some(i) => {
+                    lo = from + i as u64 + 1;
+                    break;
+                }
+                None => lo = from,
             }
         }
         if lo < count {
@@ -262,6 +267,26 @@ impl ConsumeQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_torn_to_zeroes_past_the_checkpoint_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cq = ConsumeQueue::open(dir.path(), "T", 0).unwrap();
+        for i in 0..10 {
+            cq.put(i, entry(i)).unwrap();
+        }
+        cq.flush().unwrap();
+        // A power loss kept entries 8 and 9 but not the pages of 5 to 7.
+        cq.file
+            .write_all_at(&[0u8; 3 * ENTRY_SIZE as usize], 5 * ENTRY_SIZE)
+            .unwrap();
+        drop(cq);
+        let cq = ConsumeQueue::open(dir.path(), "T", 0).unwrap();
+        // Entries 0-4 point before the checkpoint (entry(5)'s offset); the rest go.
+        assert_eq!(cq.truncate_from_offset(entry(5).offset).unwrap(), 5);
+        assert_eq!(cq.max_offset(), 5);
+        assert_eq!(cq.get(4, 1).unwrap()[0].offset, entry(4).offset);
+    }
 
     fn entry(i: u64) -> CqEntry {
         CqEntry {
