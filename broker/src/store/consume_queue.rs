@@ -108,6 +108,12 @@ impl ConsumeQueue {
         buf[12..].copy_from_slice(&e.tags_code.to_be_bytes());
         {
             let mut tail = self.lock_tail();
+            if self.max_offset() == 0 && index > 0 {
+                // The first entry of a queue whose earlier ones are not stored here (a slave
+                // that joined at its master's first offset, or recovery after retention): the
+                // queue starts at it, so reads from its start find entries.
+                self.min.fetch_max(index, Ordering::AcqRel);
+            }
             if index != tail.base + (tail.buf.len() as u64) / ENTRY_SIZE {
                 // Not the next entry (recovery rewriting one): write it in place.
                 self.write_tail(&mut tail)?;
@@ -267,6 +273,17 @@ impl ConsumeQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queue_whose_first_entry_is_not_at_zero_starts_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let cq = ConsumeQueue::open(dir.path(), "T", 0).unwrap();
+        cq.put(5, entry(5)).unwrap();
+        cq.put(6, entry(6)).unwrap();
+        assert_eq!(cq.min_offset(), 5);
+        let from_start = cq.get(cq.min_offset(), 10).unwrap();
+        assert_eq!(from_start, vec![entry(5), entry(6)]);
+    }
 
     #[test]
     fn entries_torn_to_zeroes_past_the_checkpoint_are_dropped() {
