@@ -27,7 +27,7 @@ pub struct SlaveStatus {
     pub acked: u64,
     /// Whether `acked` came from the slave's own report: only then does it acknowledge
     /// SYNC_MASTER sends (the offset a slave asks from is not checked yet; see
-    /// `slave::overlap_start`).
+    /// `slave::Overlap`).
     pub reported: bool,
 }
 

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{ReplicationError, HEARTBEAT, HELLO_MAGIC, HELLO_VERSION, IDLE_TIMEOUT, MAX_CHUNK};
+use crate::store::commitlog::CommitLog;
 use crate::store::MessageStore;
 
 /// Who this slave is and how it proves it.
@@ -100,19 +101,13 @@ async fn follow_once(
         hello.extend_from_slice(s.as_bytes());
     }
     let log = store.commitlog();
-    // Asked for from a little before this log's end: the master's bytes there must be this
-    // log's own, or the two logs have forked (a master that lost its tail, a store replaced)
-    // and appending the master's later bytes would merge them. Until they are checked, the
-    // slave reports only what it has checked, so no SYNC_MASTER send counts bytes it holds
-    // but the master may not.
-    let local_end = log.max_offset();
-    let mut checked = overlap_start(log);
-    hello.extend_from_slice(&checked.to_be_bytes());
+    let mut overlap = Overlap::new(log);
+    hello.extend_from_slice(&overlap.checked.to_be_bytes());
     wr.write_all(&hello).await.map_err(e)?;
     tracing::info!(
         master = addr,
-        offset = local_end,
-        check_from = checked,
+        offset = overlap.end,
+        check_from = overlap.checked,
         "replicating from master"
     );
 
@@ -137,36 +132,7 @@ async fn follow_once(
             )));
         }
         rd.read_exact(&mut buf[..size]).await.map_err(e)?;
-        let mut start = start;
-        let mut data = &buf[..size];
-        let mut check_done = false;
-        if checked < local_end {
-            if start > checked && start <= local_end {
-                // The master no longer has the start of the range (retention deleted it):
-                // what it still has is compared.
-                checked = start;
-            }
-            if start != checked {
-                return Err(ReplicationError::Diverged(format!(
-                    "master {addr} sends from offset {start} but this slave asked from {checked}"
-                )));
-            }
-            let n = data.len().min((local_end - checked) as usize);
-            let mut mine = vec![0u8; n];
-            log.read_into(checked, &mut mine)?;
-            if mine != data[..n] {
-                return Err(ReplicationError::Diverged(format!(
-                    "master {addr} holds other bytes than this slave at offset {checked} \
-                     (this slave's log ends at {local_end}): the logs have forked, and this \
-                     slave will not merge them; rebuild it from an empty store"
-                )));
-            }
-            checked += n as u64;
-            start = checked;
-            data = &data[n..];
-            // Reported at once: until then the master counts nothing this slave holds.
-            check_done = checked == local_end;
-        }
+        let (start, data, check_done) = overlap.compare(addr, log, start, &buf[..size])?;
         let size = data.len();
         let end = log.max_offset();
         if start != end {
@@ -188,12 +154,7 @@ async fn follow_once(
         let more_buffered = !rd.buffer().is_empty();
         let mut acked = Ok(());
         if (size > 0 && !more_buffered) || check_done || last_report.elapsed() >= HEARTBEAT {
-            let holds = if checked < local_end {
-                checked
-            } else {
-                log.max_offset()
-            };
-            acked = wr.write_all(&holds.to_be_bytes()).await;
+            acked = wr.write_all(&overlap.holds(log).to_be_bytes()).await;
             last_report = Instant::now();
         }
         if !more_buffered {
@@ -206,17 +167,81 @@ async fn follow_once(
 /// Bytes before the log's end a slave asks to be sent again and compares with its own.
 const OVERLAP: u64 = 4096;
 
-/// Where a slave asks its master to start: up to [`OVERLAP`] bytes before the log's end,
-/// within the last segment that holds data and not before the log's start.
-fn overlap_start(log: &crate::store::commitlog::CommitLog) -> u64 {
-    let end = log.max_offset();
-    if end == 0 || !log.holds(end - 1) {
-        // Nothing stored to compare (an empty log, or one just moved to a master's start).
-        return end;
+/// The end of this slave's log, asked for again: the master's bytes there must be this log's
+/// own, or the two logs have forked (a master that lost its tail, a store replaced) and
+/// appending the master's later bytes would merge them. Until they are compared, the slave
+/// reports only what it has compared, so no SYNC_MASTER send counts bytes it holds but the
+/// master may not.
+struct Overlap {
+    /// Compared up to here; the offset asked from, at first.
+    checked: u64,
+    /// The log's end when the session started.
+    end: u64,
+}
+
+impl Overlap {
+    /// Up to [`OVERLAP`] bytes before the log's end, within the last segment that holds data
+    /// and not before the log's start.
+    fn new(log: &CommitLog) -> Overlap {
+        let end = log.max_offset();
+        let checked = if end == 0 || !log.holds(end - 1) {
+            // Nothing stored to compare (an empty log, or one just moved to a master's start).
+            end
+        } else {
+            let last_byte = end - 1;
+            let segment_start = last_byte - last_byte % log.segment_size();
+            end - OVERLAP.min(end - segment_start.max(log.min_offset()))
+        };
+        Overlap { checked, end }
     }
-    let last_byte = end - 1;
-    let segment_start = last_byte - last_byte % log.segment_size();
-    end - OVERLAP.min(end - segment_start.max(log.min_offset()))
+
+    /// Compares the part of a chunk from `start` that falls in the overlap with this log;
+    /// returns where the rest starts, the rest, and whether the comparison just ended (to be
+    /// reported at once: until then the master counts nothing this slave holds).
+    fn compare<'a>(
+        &mut self,
+        addr: &str,
+        log: &CommitLog,
+        start: u64,
+        data: &'a [u8],
+    ) -> Result<(u64, &'a [u8], bool), ReplicationError> {
+        if self.checked >= self.end {
+            return Ok((start, data, false));
+        }
+        if start > self.checked && start <= self.end {
+            // The master no longer has the start of the range (retention deleted it): what it
+            // still has is compared.
+            self.checked = start;
+        }
+        if start != self.checked {
+            return Err(ReplicationError::Diverged(format!(
+                "master {addr} sends from offset {start} but this slave asked from {}",
+                self.checked
+            )));
+        }
+        let n = data.len().min((self.end - start) as usize);
+        let mut mine = vec![0u8; n];
+        log.read_into(start, &mut mine)?;
+        if mine != data[..n] {
+            return Err(ReplicationError::Diverged(format!(
+                "master {addr} holds other bytes than this slave at offset {start} (this \
+                 slave's log ends at {}): the logs have forked, and this slave will not merge \
+                 them; rebuild it from an empty store",
+                self.end
+            )));
+        }
+        self.checked += n as u64;
+        Ok((self.checked, &data[n..], self.checked == self.end))
+    }
+
+    /// The offset this slave reports holding.
+    fn holds(&self, log: &CommitLog) -> u64 {
+        if self.checked < self.end {
+            self.checked
+        } else {
+            log.max_offset()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -259,7 +284,8 @@ mod tests {
     }
 
     /// A master that answers a slave's hello with `log[from..upto]` in one chunk, then sends
-    /// heartbeats and listens for `listen`; returns the offset the slave asked from and every offset it reported.
+    /// heartbeats and listens for `listen`; returns the offset the slave asked from and every
+    /// offset it reported.
     async fn fake_master(
         log: Vec<u8>,
         upto: usize,

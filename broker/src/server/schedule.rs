@@ -184,7 +184,8 @@ impl Scheduler {
     }
 
     /// Saves the progress in memory once everything in the log so far is durable: the
-    /// messages it counts as delivered have their copies there.
+    /// messages it counts as delivered have their copies there. The file's sync runs on a
+    /// blocking thread, not the runtime's.
     async fn save(&self, store: &MessageStore) -> Result<(), StoreError> {
         store.wait_durable(store.commitlog().max_offset()).await?;
         let snapshot = self
@@ -192,7 +193,10 @@ impl Scheduler {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        save_json(&self.path, &snapshot)
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || save_json(&path, &snapshot))
+            .await
+            .unwrap_or(Err(StoreError::Shutdown))
     }
 }
 

@@ -163,10 +163,10 @@ pub struct CommitLog {
     /// where zeroes go, but not while writing them: an append waits for the zeroes only
     /// when it would land on the range being filled.
     prepared: Mutex<Prepared>,
-    /// Set when writing the log to disk failed (a flush or a write-out of zeroes): the kernel
-    /// reports a file's write-back error once, to whichever call asks first, and may drop the
-    /// pages it could not write, so no later flush may succeed in its place and no more data
-    /// is taken (see [`CommitLog::write_back_failure`]).
+    /// Set when writing the log to disk failed (a flush, a write-out of zeroes or the
+    /// write-back hint): the kernel reports a file's write-back error once per open file and
+    /// may drop the pages it could not write, so no later flush may succeed in its place and
+    /// no more data is taken (see [`CommitLog::write_back_failure`]).
     write_back_failed: std::sync::OnceLock<String>,
     /// Held while a segment file is created: the appender and the flush thread, which creates
     /// the next segment ahead of the data, never create the same one twice.

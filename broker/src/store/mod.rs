@@ -591,9 +591,10 @@ impl MessageStore {
     ///
     /// Sends queued while a group was being written come from connections on other event
     /// loops. They are written at once until [`INLINE_ROUNDS`] groups, the leader's own
-    /// included, have been written in a row; after that, on an event loop, by a task of its own queued behind this loop's ready tasks (answers to
-    /// write, frames to read), which would otherwise wait until the queue runs dry, and under
-    /// sustained sends from other loops it need not.
+    /// included, have been written in a row; after that, on an event loop, by a task of its
+    /// own queued behind this loop's ready tasks (answers to write, frames to read), which
+    /// would otherwise wait until the queue runs dry, and under sustained sends from other
+    /// loops it need not.
     fn drain_group(self: &Arc<Self>) {
         // Should writing panic, the role is given up anyway: the sends taken fail (their
         // result senders drop) and the next send leads a new group instead of waiting forever.
@@ -620,8 +621,11 @@ impl MessageStore {
             for (send, r) in sends.into_iter().zip(results) {
                 let _ = send.done.send(r);
             }
-            let more = !lock(&self.group).sends.is_empty();
-            if more && round >= INLINE_ROUNDS && tokio::runtime::Handle::try_current().is_ok() {
+            // Below the limit the next turn of the loop looks at the queue anyway.
+            if round >= INLINE_ROUNDS
+                && !lock(&self.group).sends.is_empty()
+                && tokio::runtime::Handle::try_current().is_ok()
+            {
                 // Still the leader: the new task writes them, or its drop does.
                 GroupWriter(self.clone()).hand_off();
                 return;

@@ -204,12 +204,7 @@ fn recovery_reads_the_log_past_the_checkpoint_from_the_disk() {
         let line = io.lines().find(|l| l.starts_with("read_bytes:"))?;
         line.split_whitespace().nth(1)?.parse().ok()
     };
-    let fs = std::process::Command::new("stat")
-        .args(["-f", "-c", "%T"])
-        .arg(dir.path())
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let fs = file_system(dir.path());
     // Where there is no disk behind the files (tmpfs) or reads are not counted, nothing shows.
     // Not btrfs: with compression it counts compressed bytes read.
     let on_disk = matches!(fs.as_deref(), Some("ext2/ext3" | "xfs"));
@@ -596,6 +591,28 @@ fn zeroes_are_prepared_ahead_under_async_flush_too() {
 }
 
 /// A store whose zeroes ahead are written by the test, by hand: no preparing thread.
+/// What a command printed, if it ran and succeeded.
+fn run(cmd: &str, args: &[&std::ffi::OsStr]) -> Option<String> {
+    let out = std::process::Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The type of the file system holding `path`, as `stat -f` names it ("ext2/ext3", "xfs").
+fn file_system(path: &Path) -> Option<String> {
+    let out = run(
+        "stat",
+        &[
+            "-f".as_ref(),
+            "-c".as_ref(),
+            "%T".as_ref(),
+            path.as_os_str(),
+        ],
+    )?;
+    Some(out.trim().to_string())
+}
+
 fn without_preparer(root: &Path, flush: FlushDiskType) -> Arc<MessageStore> {
     MessageStore::open(StoreConfig {
         prepare_ahead: false,
@@ -680,18 +697,8 @@ fn zeroes_written_out_have_their_blocks_allocated() {
     // "delalloc". Checked on ext4 and XFS only, where a waited-for write-back allocates: on
     // others (btrfs with compression, tmpfs) there may be nothing to see, or it may differ.
     let seg = dir.path().join("commitlog").join(format!("{segment:020}"));
-    let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
-        let out = std::process::Command::new(cmd).args(args).output().ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    let fs = run(
-        "stat",
-        &["-f".as_ref(), "-c".as_ref(), "%T".as_ref(), seg.as_os_str()],
-    );
     let extents = || run("filefrag", &["-v".as_ref(), seg.as_os_str()]);
-    match (fs.as_deref().map(str::trim), extents()) {
+    match (file_system(&seg).as_deref(), extents()) {
         (Some("ext2/ext3" | "xfs"), Some(before)) if before.contains("delalloc") => {
             log.write_out(&zeroes).unwrap();
             let after = extents().unwrap();
