@@ -225,7 +225,7 @@ fn segment_name(base: u64) -> String {
 impl CommitLog {
     /// Opens (or creates) the commit log in `dir`; call [`CommitLog::recover`] before use.
     pub fn open(dir: &Path, segment_size: u64) -> Result<CommitLog, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        create_dir_durable(dir)?;
         let mut segments = Vec::new();
         let mut empty = Vec::new();
         let entries = std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))?;
@@ -925,6 +925,26 @@ fn zero_tail(seg: &Segment, at: u64, seg_size: u64) -> Result<u64, StoreError> {
     Ok(dirty)
 }
 
+/// Creates `dir` and any missing parents, making each new directory's entry durable: the
+/// files in it are synced, but on a file system without a journal a power loss could still
+/// take away the directory that names them.
+pub fn create_dir_durable(dir: &Path) -> Result<(), StoreError> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at.filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+        missing.push(d);
+        at = d.parent();
+    }
+    std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+    for d in missing.iter().rev() {
+        match d.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(parent) => sync_dir(parent)?,
+            None => sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
+}
+
 /// Makes a directory entry (a new or renamed file) durable.
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
@@ -932,11 +952,13 @@ pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| StoreError::io(dir, e))
 }
 
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+/// Reads behind `l`, whether or not a writer panicked (the data stays consistent).
+pub(super) fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|p| p.into_inner())
 }
 
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+/// Writes behind `l`, whether or not an earlier writer panicked.
+pub(super) fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
 

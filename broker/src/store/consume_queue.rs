@@ -2,14 +2,16 @@
 //! tag code) indexed by queue offset. They are derived data: recovery rebuilds them from the
 //! commit log.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::Notify;
 
+use super::commitlog::{create_dir_durable, read, sync_dir, write};
 use super::StoreError;
 
 /// Bytes per consume-queue entry.
@@ -40,6 +42,95 @@ pub struct CqEntry {
     pub tags_code: i64,
 }
 
+/// Every consume queue of a store, by topic and queue id, opened or created on first use.
+/// Looked up with a borrowed topic, so finding a queue allocates nothing (a send looks its
+/// queue up once per message).
+#[derive(Debug)]
+pub struct Queues {
+    dir: PathBuf,
+    by_topic: RwLock<HashMap<String, HashMap<i32, Arc<ConsumeQueue>>>>,
+}
+
+impl Queues {
+    /// Opens every queue file under `dir` (one directory per topic, one file per queue id).
+    pub fn open(dir: &Path) -> Result<Queues, StoreError> {
+        create_dir_durable(dir)?;
+        let mut by_topic: HashMap<String, HashMap<i32, Arc<ConsumeQueue>>> = HashMap::new();
+        for topic_dir in list(dir)? {
+            let Some(topic) = topic_dir.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            for qfile in list(&topic_dir)? {
+                let Some(qid) = qfile
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.parse::<i32>().ok())
+                else {
+                    continue;
+                };
+                let cq = ConsumeQueue::open(dir, topic, qid)?;
+                by_topic
+                    .entry(topic.to_string())
+                    .or_default()
+                    .insert(qid, Arc::new(cq));
+            }
+        }
+        Ok(Queues {
+            dir: dir.to_path_buf(),
+            by_topic: RwLock::new(by_topic),
+        })
+    }
+
+    /// The queue `topic`/`queue_id`, if it exists.
+    pub fn get(&self, topic: &str, queue_id: i32) -> Option<Arc<ConsumeQueue>> {
+        read(&self.by_topic).get(topic)?.get(&queue_id).cloned()
+    }
+
+    /// The queue `topic`/`queue_id`, created (file and directory) if it does not exist yet.
+    pub fn get_or_create(
+        &self,
+        topic: &str,
+        queue_id: i32,
+    ) -> Result<Arc<ConsumeQueue>, StoreError> {
+        if let Some(q) = self.get(topic, queue_id) {
+            return Ok(q);
+        }
+        let mut by_topic = write(&self.by_topic);
+        if let Some(q) = by_topic.get(topic).and_then(|t| t.get(&queue_id)) {
+            return Ok(q.clone());
+        }
+        let q = Arc::new(ConsumeQueue::open(&self.dir, topic, queue_id)?);
+        by_topic
+            .entry(topic.to_string())
+            .or_default()
+            .insert(queue_id, q.clone());
+        Ok(q)
+    }
+
+    /// Queues `topic` has here (highest queue id + 1), 0 when it has none.
+    pub fn count(&self, topic: &str) -> i32 {
+        read(&self.by_topic)
+            .get(topic)
+            .and_then(|t| t.keys().max())
+            .map_or(0, |q| q + 1)
+    }
+
+    /// Every queue.
+    pub fn all(&self) -> Vec<Arc<ConsumeQueue>> {
+        read(&self.by_topic)
+            .values()
+            .flat_map(|t| t.values().cloned())
+            .collect()
+    }
+}
+
+/// The entries of directory `dir`, as paths.
+fn list(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    std::fs::read_dir(dir)
+        .and_then(|entries| entries.map(|e| e.map(|e| e.path())).collect())
+        .map_err(|e| StoreError::io(dir, e))
+}
+
 /// The index of one queue of one topic.
 #[derive(Debug)]
 pub struct ConsumeQueue {
@@ -54,6 +145,10 @@ pub struct ConsumeQueue {
     /// First entry still pointing at stored data.
     min: AtomicU64,
     dirty: AtomicBool,
+    /// Directories holding entries made for this queue that may not be durable yet (its
+    /// file's, its topic directory's): the next flush syncs them, off the send path, before
+    /// a checkpoint counts the queue's entries as stored.
+    unsynced_dirs: Mutex<Vec<PathBuf>>,
     tail: Mutex<Tail>,
     /// Wakes long-polling pulls when an entry is added.
     pub arrived: Notify,
@@ -63,15 +158,23 @@ impl ConsumeQueue {
     /// Opens or creates the queue file `dir/<topic>/<queue_id>`.
     pub fn open(dir: &Path, topic: &str, queue_id: i32) -> Result<ConsumeQueue, StoreError> {
         let tdir = dir.join(topic);
-        std::fs::create_dir_all(&tdir).map_err(|e| StoreError::io(&tdir, e))?;
+        let mut unsynced_dirs = Vec::new();
+        if !tdir.is_dir() {
+            std::fs::create_dir_all(&tdir).map_err(|e| StoreError::io(&tdir, e))?;
+            unsynced_dirs.push(dir.to_path_buf());
+        }
         let path = tdir.join(queue_id.to_string());
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| StoreError::io(&path, e))?;
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        let file = match options.clone().create_new(true).open(&path) {
+            Ok(file) => {
+                unsynced_dirs.push(tdir);
+                Ok(file)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => options.open(&path),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| StoreError::io(&path, e))?;
         let len = file.metadata().map_err(|e| StoreError::io(&path, e))?.len();
         Ok(ConsumeQueue {
             topic: topic.to_string(),
@@ -81,6 +184,7 @@ impl ConsumeQueue {
             count: AtomicU64::new(len / ENTRY_SIZE),
             min: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
+            unsynced_dirs: Mutex::new(unsynced_dirs),
             tail: Mutex::new(Tail {
                 base: len / ENTRY_SIZE,
                 buf: Vec::new(),
@@ -251,22 +355,29 @@ impl ConsumeQueue {
         Ok(())
     }
 
-    /// Makes written entries durable if any changed since the last flush.
+    /// Makes written entries durable if any changed since the last flush, and the queue's
+    /// file findable: the directory entries made when it was created.
     pub fn flush(&self) -> Result<(), StoreError> {
         // Taken before the write: an entry put after the write but before the flag was taken
         // would have its flag taken, yet not be in the file, and no later flush would sync it.
-        if !self.dirty.swap(false, Ordering::AcqRel) {
-            return self.write_out();
-        }
-        let synced = self.write_out().and_then(|()| {
-            self.file
+        let dirty = self.dirty.swap(false, Ordering::AcqRel);
+        let written = self.write_out().and_then(|()| match dirty {
+            true => self
+                .file
                 .sync_data()
-                .map_err(|err| StoreError::io(&self.path, err))
+                .map_err(|err| StoreError::io(&self.path, err)),
+            false => Ok(()),
         });
-        if synced.is_err() {
+        if written.is_err() && dirty {
             self.dirty.store(true, Ordering::Release);
         }
-        synced
+        written?;
+        let mut dirs = self.unsynced_dirs.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(dir) = dirs.last() {
+            sync_dir(dir)?;
+            dirs.pop();
+        }
+        Ok(())
     }
 }
 
@@ -303,6 +414,57 @@ mod tests {
         assert_eq!(cq.truncate_from_offset(entry(5).offset).unwrap(), 5);
         assert_eq!(cq.max_offset(), 5);
         assert_eq!(cq.get(4, 1).unwrap()[0].offset, entry(4).offset);
+    }
+
+    #[test]
+    fn a_new_queue_makes_its_directory_entries_durable_at_its_first_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("consumequeue");
+        std::fs::create_dir(&root).unwrap();
+        let away = dir.path().join("away");
+        let cq = ConsumeQueue::open(&root, "T", 0).unwrap();
+        cq.put(0, entry(0)).unwrap();
+        // The topic's directory moved away: syncing it fails, so a flush that tries fails.
+        std::fs::rename(root.join("T"), &away).unwrap();
+        let err = cq.flush().unwrap_err();
+        assert!(err.to_string().contains("consumequeue/T"), "{err}");
+        std::fs::rename(&away, root.join("T")).unwrap();
+        cq.flush().unwrap();
+        // Synced once: later flushes leave the directories alone.
+        std::fs::rename(root.join("T"), &away).unwrap();
+        cq.put(1, entry(1)).unwrap();
+        cq.flush().unwrap();
+        std::fs::rename(&away, root.join("T")).unwrap();
+        drop(cq);
+        // A queue that already existed made no entry to sync.
+        let cq = ConsumeQueue::open(&root, "T", 0).unwrap();
+        std::fs::rename(root.join("T"), &away).unwrap();
+        cq.put(2, entry(2)).unwrap();
+        cq.flush().unwrap();
+    }
+
+    #[test]
+    fn the_queue_set_finds_creates_and_counts_queues_and_reopens_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("consumequeue");
+        let queues = Queues::open(&root).unwrap();
+        assert!(queues.get("T", 0).is_none());
+        assert_eq!(queues.count("T"), 0);
+        let q3 = queues.get_or_create("T", 3).unwrap();
+        q3.put(0, entry(0)).unwrap();
+        q3.flush().unwrap();
+        queues.get_or_create("T", 1).unwrap();
+        queues.get_or_create("U", 0).unwrap();
+        assert!(Arc::ptr_eq(&queues.get("T", 3).unwrap(), &q3));
+        assert!(Arc::ptr_eq(&queues.get_or_create("T", 3).unwrap(), &q3));
+        assert_eq!(queues.count("T"), 4);
+        assert_eq!(queues.count("U"), 1);
+        assert_eq!(queues.all().len(), 3);
+        drop(queues);
+        let reopened = Queues::open(&root).unwrap();
+        assert_eq!(reopened.all().len(), 3);
+        assert_eq!(reopened.get("T", 3).unwrap().max_offset(), 1);
+        assert!(reopened.get("U", 1).is_none());
     }
 
     fn entry(i: u64) -> CqEntry {

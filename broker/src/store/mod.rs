@@ -11,11 +11,10 @@ pub mod topics;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -23,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use commitlog::CommitLog;
-use consume_queue::{ConsumeQueue, CqEntry};
+use consume_queue::{ConsumeQueue, CqEntry, Queues};
 use message::{NewMessage, StoredRef};
 use persist::{load_json, save_json};
 
@@ -228,8 +227,6 @@ struct Checkpoint {
     clean_shutdown: bool,
 }
 
-type QueueKey = (String, i32);
-
 struct Waiter {
     end: u64,
     done: oneshot::Sender<Result<(), StoreError>>,
@@ -252,8 +249,7 @@ const PREPARE_AHEAD: u64 = 16 << 20;
 pub struct MessageStore {
     cfg: StoreConfig,
     commitlog: CommitLog,
-    queues: RwLock<HashMap<QueueKey, Arc<ConsumeQueue>>>,
-    cq_dir: PathBuf,
+    queues: Queues,
     /// Serializes appends so commit-log order and queue offsets agree; holds the encode buffer.
     write_lock: Mutex<BytesMut>,
     /// Commit-log offset below which every message is appended and dispatched to its queue.
@@ -338,10 +334,9 @@ impl MessageStore {
     pub fn open(cfg: StoreConfig) -> Result<Arc<MessageStore>, StoreError> {
         let root = cfg.root.clone();
         let config_dir = root.join("config");
-        std::fs::create_dir_all(&config_dir).map_err(|e| StoreError::io(&config_dir, e))?;
+        commitlog::create_dir_durable(&config_dir)?;
         let commitlog = CommitLog::open(&root.join("commitlog"), cfg.segment_size)?;
         let cq_dir = root.join("consumequeue");
-        std::fs::create_dir_all(&cq_dir).map_err(|e| StoreError::io(&cq_dir, e))?;
         let checkpoint_path = root.join("checkpoint");
         // No checkpoint means a new store: nothing to recover.
         let checkpoint: Checkpoint = load_json(&checkpoint_path)?.unwrap_or(Checkpoint {
@@ -349,55 +344,16 @@ impl MessageStore {
             clean_shutdown: true,
         });
 
-        // Open every existing consume queue.
-        let mut queues = HashMap::new();
-        for topic_dir in read_dir(&cq_dir)? {
-            let Some(topic) = topic_dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .map(String::from)
-            else {
-                continue;
-            };
-            for qfile in read_dir(&topic_dir)? {
-                let Some(qid) = qfile
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.parse::<i32>().ok())
-                else {
-                    continue;
-                };
-                let cq = ConsumeQueue::open(&cq_dir, &topic, qid)?;
-                queues.insert((topic.clone(), qid), Arc::new(cq));
-            }
-        }
-
+        let queues = Queues::open(&cq_dir)?;
         // Consume-queue entries past the checkpoint may be torn or point at a torn tail:
         // drop them and re-dispatch from the commit log.
         let from = checkpoint.consistent_offset;
-        for cq in queues.values() {
+        for cq in queues.all() {
             cq.truncate_from_offset(from)?;
         }
-        let store_queues = RwLock::new(queues);
         let report = {
             let open_queue = |m: &StoredRef<'_>| -> Result<(), StoreError> {
-                let key = (m.topic.to_owned(), m.queue_id);
-                let existing = store_queues
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&key)
-                    .cloned();
-                let cq = match existing {
-                    Some(cq) => cq,
-                    None => {
-                        let cq = Arc::new(ConsumeQueue::open(&cq_dir, m.topic, m.queue_id)?);
-                        store_queues
-                            .write()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(key, cq.clone());
-                        cq
-                    }
-                };
+                let cq = queues.get_or_create(m.topic, m.queue_id)?;
                 cq.put(
                     m.queue_offset as u64,
                     CqEntry {
@@ -420,11 +376,7 @@ impl MessageStore {
             );
         }
         let min_phys = commitlog.min_offset();
-        for cq in store_queues
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-        {
+        for cq in queues.all() {
             cq.correct_min_offset(min_phys)?;
         }
 
@@ -434,8 +386,7 @@ impl MessageStore {
         let store = Arc::new(MessageStore {
             cfg,
             commitlog,
-            queues: store_queues,
-            cq_dir,
+            queues,
             write_lock: Mutex::new(BytesMut::with_capacity(1 << 20)),
             dispatched: AtomicU64::new(end),
             flush: Arc::new(FlushShared {
@@ -508,46 +459,21 @@ impl MessageStore {
 
     /// The consume queue of `topic`/`queue_id`, if it exists.
     pub fn queue(&self, topic: &str, queue_id: i32) -> Option<Arc<ConsumeQueue>> {
-        self.queues
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(topic.to_string(), queue_id))
-            .cloned()
+        self.queues.get(topic, queue_id)
     }
 
     /// Queues a topic has locally (highest queue id + 1), 0 when it has none.
     pub fn queue_count(&self, topic: &str) -> i32 {
-        self.queues
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .filter(|(t, _)| t == topic)
-            .map(|(_, q)| q + 1)
-            .max()
-            .unwrap_or(0)
+        self.queues.count(topic)
     }
 
     /// Every consume queue.
     pub fn all_queues(&self) -> Vec<Arc<ConsumeQueue>> {
-        self.queues
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.queues.all()
     }
 
     fn queue_or_create(&self, topic: &str, queue_id: i32) -> Result<Arc<ConsumeQueue>, StoreError> {
-        if let Some(q) = self.queue(topic, queue_id) {
-            return Ok(q);
-        }
-        let mut qs = self.queues.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(q) = qs.get(&(topic.to_string(), queue_id)) {
-            return Ok(q.clone());
-        }
-        let q = Arc::new(ConsumeQueue::open(&self.cq_dir, topic, queue_id)?);
-        qs.insert((topic.to_string(), queue_id), q.clone());
-        Ok(q)
+        self.queues.get_or_create(topic, queue_id)
     }
 
     /// Appends messages (all of one batch land contiguously) without waiting for the disk.
@@ -1198,12 +1124,4 @@ impl MessageStore {
         self.flush.abandon.store(true, Ordering::Release);
         self.shutdown();
     }
-}
-
-fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
-        out.push(e.map_err(|e| StoreError::io(dir, e))?.path());
-    }
-    Ok(out)
 }
