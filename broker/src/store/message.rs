@@ -733,4 +733,48 @@ mod tests {
         bad[19] = 100; // body length beyond the buffer
         assert!(decode_batch(&bad.freeze()).is_err());
     }
+
+    proptest::proptest! {
+        /// Bytes from a slave's master, a damaged disk or a client are never trusted: any
+        /// change to a valid stored message or batch body, or any cut, decodes to an error
+        /// or to a message, never a panic.
+        #[test]
+        fn damaged_messages_and_batches_never_panic(
+            edits in proptest::collection::vec((0usize..400, proptest::num::u8::ANY), 0..6),
+            cut in 0usize..400,
+            fix_total: bool,
+        ) {
+            let store: SocketAddr = "[::1]:10911".parse().unwrap();
+            let mut m = sample("TopicTest");
+            m.sys_flag = FLAG_BORN_V6;
+            m.born_host = "[fe80::1]:5555".parse().unwrap();
+            let mut stored = BytesMut::new();
+            m.encode(&mut stored, 42, 4096, 1_700_000_000_123, &store);
+            let batch = encode_batch(&[
+                BatchItem { flag: 1, body: m.body.clone(), properties: m.properties.clone() },
+                BatchItem { flag: 2, body: Bytes::new(), properties: String::new() },
+            ]);
+            for original in [stored.freeze(), batch] {
+                let mut bytes = BytesMut::from(&original[..]);
+                for &(at, byte) in &edits {
+                    if let Some(b) = bytes.get_mut(at % original.len()) {
+                        *b = byte;
+                    }
+                }
+                bytes.truncate(cut.min(bytes.len()));
+                if fix_total && bytes.len() >= 4 {
+                    // A cut whose length field agrees with it gets past the first check.
+                    let len = bytes.len() as i32;
+                    bytes[..4].copy_from_slice(&len.to_be_bytes());
+                }
+                let bytes = bytes.freeze();
+                if let Ok(msg) = decode_stored(&bytes) {
+                    let _ = (msg.properties_map(), msg.offset_msg_id());
+                }
+                let _ = parse_stored(&bytes);
+                let _ = decode_batch(&bytes);
+                let _ = crate::client::decode_messages(&bytes);
+            }
+        }
+    }
 }
