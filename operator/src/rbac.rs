@@ -16,6 +16,8 @@ pub struct Rule {
 }
 
 /// Calls on BrokerClusters and the objects they own (granted in the watched namespaces).
+/// Objects are written by server-side apply, a `patch` that the API server also authorizes
+/// as `create` when the object does not exist yet.
 pub const RULES: &[Rule] = &[
     Rule {
         api_group: "ferromq.io",
@@ -30,22 +32,22 @@ pub const RULES: &[Rule] = &[
     Rule {
         api_group: "apps",
         resource: "statefulsets",
-        verbs: &["get", "list", "watch", "patch", "delete"],
+        verbs: &["get", "list", "watch", "create", "patch", "delete"],
     },
     Rule {
         api_group: "",
         resource: "services",
-        verbs: &["get", "list", "patch", "delete"],
+        verbs: &["get", "list", "create", "patch", "delete"],
     },
     Rule {
         api_group: "",
         resource: "configmaps",
-        verbs: &["get", "list", "patch", "delete"],
+        verbs: &["get", "list", "create", "patch", "delete"],
     },
     Rule {
         api_group: "policy",
         resource: "poddisruptionbudgets",
-        verbs: &["get", "list", "patch", "delete"],
+        verbs: &["get", "list", "create", "patch", "delete"],
     },
     Rule {
         api_group: "events.k8s.io",

@@ -186,6 +186,19 @@ impl FakeApi {
             Some(s) => format!("{plural}/{s}"),
             None => plural.clone(),
         };
+        // A server-side apply of an object that does not exist yet creates it, and the API
+        // server authorizes that as `create` as well as `patch`.
+        let applies_new = method == Method::PATCH
+            && sub.is_none()
+            && query.contains_key("fieldManager")
+            && name.as_ref().is_some_and(|n| {
+                !st.objects
+                    .contains_key(&(plural.clone(), ns.clone(), n.clone()))
+            });
+        if applies_new {
+            st.calls
+                .push((group.clone(), resource.clone(), "create".to_string()));
+        }
         st.calls.push((group, resource, verb.to_string()));
         if method != Method::GET {
             let target = format!(
