@@ -157,6 +157,9 @@ pub struct BrokerConfig {
     pub heartbeat_timeout_ms: u64,
     /// `longPollingEnable`.
     pub long_polling: bool,
+    /// `shortPollingTimeMills`: how long a pull that finds nothing is held without long
+    /// polling.
+    pub short_polling: std::time::Duration,
     /// `slaveReadEnable`.
     pub slave_read_enable: bool,
     /// `serverMaxFrameBytes` (ferromq): largest request frame accepted.
@@ -211,6 +214,7 @@ impl Default for BrokerConfig {
             register_period_ms: 30_000,
             heartbeat_timeout_ms: 120_000,
             long_polling: true,
+            short_polling: std::time::Duration::from_secs(1),
             slave_read_enable: true,
             max_frame_bytes: 16 << 20,
             io_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -345,6 +349,9 @@ impl BrokerConfig {
                     c.heartbeat_timeout_ms = num(k, v, "milliseconds")?;
                 }
                 "longPollingEnable" => c.long_polling = boolean(k, v)?,
+                "shortPollingTimeMills" => {
+                    c.short_polling = std::time::Duration::from_millis(num(k, v, "milliseconds")?);
+                }
                 "slaveReadEnable" => c.slave_read_enable = boolean(k, v)?,
                 "serverMaxFrameBytes" => c.max_frame_bytes = num(k, v, "a size in bytes")?,
                 "serverIoThreads" => c.io_threads = num(k, v, "a thread count")?,

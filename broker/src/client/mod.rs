@@ -374,6 +374,7 @@ impl Client {
             consumer_group: group.into(),
             topic: topic.into(),
             queue_id,
+            set_zero_if_not_found: None,
         }
         .to_ext();
         match self

@@ -306,6 +306,9 @@ ext_header! {
         pub topic: String => "topic",
         /// Queue.
         pub queue_id: i32 => "queueId",
+        /// `false`: a group with no offset gets "not found" even where it would read from 0
+        /// (RocketMQ 5 clients).
+        pub set_zero_if_not_found: Option<bool> => "setZeroIfNotFound",
     }
 }
 

@@ -22,6 +22,9 @@ const MAX_SUSPEND: Duration = Duration::from_secs(20);
 const MAX_PULL_BYTES: usize = 4 << 20;
 /// Messages returned by one pull at most.
 const MAX_PULL_MESSAGES: usize = 1024;
+/// Entries a held pull passes over for want of a matching tag before it answers anyway
+/// (Java's `maxFilterMessageCount`).
+const MAX_FILTERED: u64 = 16_000;
 
 impl Broker {
     /// Handles PULL_MESSAGE.
@@ -81,14 +84,25 @@ impl Broker {
                 ),
             );
         }
-        let expr = if h.sys_flag & PULL_SUBSCRIPTION != 0 {
-            h.subscription.clone().unwrap_or_default()
+        let (expr, expr_type) = if h.sys_flag & PULL_SUBSCRIPTION != 0 {
+            (
+                h.subscription.clone().unwrap_or_default(),
+                h.expression_type.clone(),
+            )
         } else {
             self.consumers
                 .subscription(&h.consumer_group, &h.topic)
-                .map(|s| s.sub_string)
+                .map(|s| (s.sub_string, s.expression_type))
                 .unwrap_or_default()
         };
+        // Only tag expressions are understood: read as tags, an SQL92 expression would match
+        // nothing, and the consumer's offset would move past every message.
+        if let Some(t) = expr_type.filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("TAG")) {
+            return req.error_to(
+                ResponseCode::SystemError,
+                format!("The broker does not support consumer to filter message by {t}"),
+            );
+        }
         let filter = TagFilter::parse(&expr);
         if h.sys_flag & PULL_COMMIT_OFFSET != 0 && self.is_master() {
             if let Some(off) = h.commit_offset.filter(|o| *o >= 0) {
@@ -102,13 +116,21 @@ impl Broker {
             .max_msg_bytes
             .filter(|b| *b > 0)
             .map_or(MAX_PULL_BYTES, |b| (b as usize).min(MAX_PULL_BYTES));
-        let offset = h.queue_offset.max(0) as u64;
-        let suspend = if h.sys_flag & PULL_SUSPEND != 0 && self.cfg.long_polling {
+        let mut offset = h.queue_offset.max(0) as u64;
+        let first = offset;
+        let suspend = if h.sys_flag & PULL_SUSPEND == 0 {
+            Duration::ZERO
+        } else if self.cfg.long_polling {
             Duration::from_millis(h.suspend_timeout_millis.unwrap_or(15_000).max(0) as u64)
                 .min(MAX_SUSPEND)
         } else {
-            Duration::ZERO
+            // Clients pull again at once after "nothing new": without long polling they are
+            // still held a short while, or every idle queue would be a busy loop.
+            self.cfg.short_polling.min(MAX_SUSPEND)
         };
+        // A slave may be behind its master, so what it lacks may still come: it waits for it
+        // instead of moving the consumer (see `pull_response`).
+        let slave = !self.is_master();
         let deadline = Instant::now() + suspend;
         let mut cq = self.store.queue(&h.topic, h.queue_id);
         loop {
@@ -132,10 +154,25 @@ impl Broker {
                     return req.error_to(ResponseCode::SystemError, format!("read failed: {e}"))
                 }
             };
-            let waiting = matches!(got.status, GetStatus::NoNewMessage)
-                || (got.status == GetStatus::NoMessageInQueue && offset == 0);
+            let waiting = match got.status {
+                GetStatus::NoNewMessage => true,
+                GetStatus::NoMessageInQueue => offset == 0 || slave,
+                GetStatus::OffsetOverflow => slave,
+                _ => false,
+            };
             let now = Instant::now();
-            if !waiting || now >= deadline {
+            if got.status == GetStatus::NoMatchedMessage && now < deadline {
+                // Nothing this consumer's tags select: pass over it and read or wait on. Java
+                // wakes a held pull only for a message its filter matches; answering each
+                // arrival of other tags would cost a round trip per message.
+                offset = got.next_offset;
+                if offset < got.max_offset {
+                    if offset - first < MAX_FILTERED {
+                        continue;
+                    }
+                    return self.pull_response(req, offset, got);
+                }
+            } else if !waiting || now >= deadline {
                 return self.pull_response(req, offset, got);
             }
             match notified.as_mut().as_pin_mut() {
@@ -151,14 +188,26 @@ impl Broker {
     }
 
     fn pull_response(&self, req: &RemotingCommand, offset: u64, got: GetResult) -> RemotingCommand {
-        let (code, next) = match got.status {
-            GetStatus::Found => (ResponseCode::Success, got.next_offset),
-            GetStatus::NoNewMessage => (ResponseCode::PullNotFound, got.next_offset),
-            GetStatus::NoMatchedMessage => (ResponseCode::PullRetryImmediately, got.next_offset),
-            GetStatus::NoMessageInQueue if offset == 0 => (ResponseCode::PullNotFound, 0),
-            GetStatus::NoMessageInQueue => (ResponseCode::PullOffsetMoved, 0),
+        // A slave never moves a consumer's offset (Java's default, `offsetCheckInSlave`
+        // false): it may lack what its master holds, and a consumer told to move commits the
+        // new offset and re-reads or skips messages. It sends the consumer to the master.
+        let slave = !self.is_master();
+        let (code, next, to_master) = match got.status {
+            GetStatus::Found => (ResponseCode::Success, got.next_offset, false),
+            GetStatus::NoNewMessage => (ResponseCode::PullNotFound, got.next_offset, false),
+            GetStatus::NoMatchedMessage => {
+                (ResponseCode::PullRetryImmediately, got.next_offset, false)
+            }
+            GetStatus::NoMessageInQueue if offset == 0 => (ResponseCode::PullNotFound, 0, false),
+            GetStatus::NoMessageInQueue | GetStatus::OffsetOverflow if slave => {
+                (ResponseCode::PullNotFound, offset, true)
+            }
+            GetStatus::OffsetTooSmall if slave => {
+                (ResponseCode::PullRetryImmediately, offset, true)
+            }
+            GetStatus::NoMessageInQueue => (ResponseCode::PullOffsetMoved, 0, false),
             GetStatus::OffsetTooSmall | GetStatus::OffsetOverflow => {
-                (ResponseCode::PullOffsetMoved, got.next_offset)
+                (ResponseCode::PullOffsetMoved, got.next_offset, false)
             }
         };
         if code == ResponseCode::Success {
@@ -166,7 +215,10 @@ impl Broker {
         }
         let mut resp = req.response_to(code);
         resp.ext_fields = PullMessageResponseHeader {
-            suggest_which_broker_id: self.suggest_broker(got.lag_bytes),
+            suggest_which_broker_id: match to_master {
+                true => 0,
+                false => self.suggest_broker(got.lag_bytes),
+            },
             next_begin_offset: next as i64,
             min_offset: got.min_offset as i64,
             max_offset: got.max_offset as i64,
@@ -183,8 +235,7 @@ impl Broker {
         if !self.cfg.slave_read_enable {
             return 0;
         }
-        let limit = self.total_memory / 100 * self.cfg.access_message_in_memory_max_ratio;
-        if lag_bytes <= limit {
+        if self.in_memory(lag_bytes) {
             return 0;
         }
         match &self.replication {
@@ -194,6 +245,12 @@ impl Broker {
             // A slave keeps a lagging consumer.
             None => self.cfg.broker_id,
         }
+    }
+
+    /// Whether data `lag_bytes` behind the commit log's end is probably still in memory
+    /// (`accessMessageInMemoryMaxRatio` of the machine's memory, as Java reckons it).
+    fn in_memory(&self, lag_bytes: u64) -> bool {
+        lag_bytes <= self.total_memory / 100 * self.cfg.access_message_in_memory_max_ratio
     }
 
     /// Handles QUERY_CONSUMER_OFFSET.
@@ -206,23 +263,42 @@ impl Broker {
             .store
             .offsets
             .get(&h.consumer_group, &h.topic, h.queue_id);
-        let offset = match stored {
+        // A new group reads a queue from its start while the queue still starts at 0 and its
+        // first message is in memory, as Java does; otherwise the client decides where
+        // (CONSUME_FROM_LAST_OFFSET: the end). A negative offset counts as none.
+        let offset = match stored.filter(|o| *o >= 0) {
             Some(o) => o,
-            // A queue that still starts at 0 is read from its start by a new group (as Java
-            // does while the first message is in memory); otherwise the client decides.
-            None => match self.store.queue(&h.topic, h.queue_id) {
-                Some(q) if q.min_offset() > 0 => {
-                    return req.error_to(
-                        ResponseCode::QueryNotFound,
-                        "Not found, maybe this group consumer boot first",
-                    )
-                }
-                _ => 0,
-            },
+            None if h.set_zero_if_not_found != Some(false) && self.starts_in_memory(&h) => 0,
+            None => {
+                return req.error_to(
+                    ResponseCode::QueryNotFound,
+                    "Not found, maybe this group consumer boot first",
+                )
+            }
         };
         let mut resp = req.response_to(ResponseCode::Success);
         resp.ext_fields = OffsetResponseHeader { offset }.to_ext();
         resp
+    }
+
+    /// Whether the queue asked about still starts at 0 with its first message in memory (a
+    /// queue with nothing in it yet does).
+    fn starts_in_memory(&self, h: &QueryConsumerOffsetRequestHeader) -> bool {
+        let Some(q) = self.store.queue(&h.topic, h.queue_id) else {
+            return true;
+        };
+        if q.min_offset() > 0 {
+            return false;
+        }
+        match q.get(0, 1) {
+            Ok(first) => first.first().is_none_or(|e| {
+                self.in_memory(self.store.commitlog().max_offset().saturating_sub(e.offset))
+            }),
+            Err(e) => {
+                tracing::warn!(topic = %h.topic, queue = h.queue_id, error = %e, "reading a queue's first entry failed");
+                false
+            }
+        }
     }
 
     /// Handles UPDATE_CONSUMER_OFFSET.

@@ -8,6 +8,7 @@ use tokio::net::TcpStream;
 
 use super::*;
 use crate::remoting::ext::ExtFields;
+use crate::remoting::header::{PullMessageRequestHeader, PullMessageResponseHeader};
 use crate::store::message::NewMessage;
 
 /// One HTTP/1.1 GET; the whole answer, status line first.
@@ -117,4 +118,258 @@ async fn a_broker_whose_log_cannot_reach_the_disk_is_unready_and_turns_sends_awa
     assert_ne!(version(&h.broker), writable_version);
     h.stop().await;
     ns.stop().await;
+}
+
+/// A broker with no name server, in `role` (a slave gets brokerId 1), with topic `T` of four
+/// queues.
+async fn lone_broker(dir: &std::path::Path, role: BrokerRole) -> BrokerHandle {
+    let cfg = BrokerConfig {
+        store_root: dir.to_path_buf(),
+        listen_port: 0,
+        http_port: 0,
+        ha_listen_port: 0,
+        broker_id: if role == BrokerRole::Slave { 1 } else { 0 },
+        role,
+        ..BrokerConfig::default()
+    };
+    let h = start(cfg).await.unwrap();
+    h.broker
+        .store
+        .topics
+        .put(TopicConfig::new("T", 4, PERM_READ | PERM_WRITE))
+        .unwrap();
+    h
+}
+
+/// `n` messages with tag `tag` on queue `queue_id` of `T`.
+fn tagged(queue_id: i32, tag: &str, n: usize) -> Vec<NewMessage> {
+    let mut m = message();
+    m.queue_id = queue_id;
+    m.tags_code = crate::store::message::tag_hash(tag);
+    m.properties = format!("TAGS\u{1}{tag}\u{2}");
+    vec![m; n]
+}
+
+/// PULL_MESSAGE of `T`/`queue_id` from `offset` for tags `tags`, held up to `suspend_ms`:
+/// the answer's code and header.
+async fn pull_at(
+    b: &Broker,
+    queue_id: i32,
+    offset: i64,
+    suspend_ms: i64,
+    tags: &str,
+) -> (i32, PullMessageResponseHeader) {
+    use crate::remoting::header::{PULL_SUBSCRIPTION, PULL_SUSPEND};
+    let h = PullMessageRequestHeader {
+        consumer_group: "G".into(),
+        topic: "T".into(),
+        queue_id,
+        queue_offset: offset,
+        max_msg_nums: 32,
+        sys_flag: PULL_SUBSCRIPTION | if suspend_ms > 0 { PULL_SUSPEND } else { 0 },
+        commit_offset: None,
+        suspend_timeout_millis: Some(suspend_ms),
+        subscription: Some(tags.into()),
+        sub_version: Some(0),
+        expression_type: Some("TAG".into()),
+        max_msg_bytes: None,
+    };
+    let req = RemotingCommand::request(RequestCode::PullMessage.code(), h.to_ext());
+    let resp = b.pull(&req).await;
+    let header = PullMessageResponseHeader::from_ext(&resp.ext_fields).unwrap_or_default();
+    (resp.code, header)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_never_moves_a_consumers_offset_and_waits_for_what_it_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::Slave).await;
+    let store = h.broker.store.clone();
+    store.append(&tagged(0, "A", 5)).unwrap();
+    let results = store.append(&tagged(2, "A", 3)).unwrap();
+    // Queue 2 now starts at its third entry (as after retention).
+    store
+        .queue("T", 2)
+        .unwrap()
+        .correct_min_offset(results[2].physical_offset)
+        .unwrap();
+    let not_found = ResponseCode::PullNotFound.code();
+    let retry = ResponseCode::PullRetryImmediately.code();
+
+    // Past the slave's end of a queue, or in a queue it does not hold yet: its master may
+    // have it. The offset stays, and the consumer is sent to the master.
+    let (code, got) = pull_at(&h.broker, 0, 8, 0, "*").await;
+    assert_eq!(
+        (code, got.next_begin_offset, got.suggest_which_broker_id),
+        (not_found, 8, 0)
+    );
+    let (code, got) = pull_at(&h.broker, 1, 8, 0, "*").await;
+    assert_eq!(
+        (code, got.next_begin_offset, got.suggest_which_broker_id),
+        (not_found, 8, 0)
+    );
+    // Before what the slave still holds: the master may have it.
+    let (code, got) = pull_at(&h.broker, 2, 0, 0, "*").await;
+    assert_eq!(
+        (code, got.next_begin_offset, got.suggest_which_broker_id),
+        (retry, 0, 0)
+    );
+
+    // A held pull past the end is answered when replication brings the message.
+    let broker = h.broker.clone();
+    let held = tokio::spawn(async move { pull_at(&broker, 0, 6, 10_000, "*").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!held.is_finished(), "the pull was not held");
+    store.append(&tagged(0, "A", 2)).unwrap();
+    let (code, got) = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("the held pull was not woken")
+        .unwrap();
+    assert_eq!(
+        (code, got.next_begin_offset),
+        (ResponseCode::Success.code(), 7)
+    );
+    h.stop().await;
+
+    // A master does move it, as Java's does.
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    h.broker.store.append(&tagged(0, "A", 5)).unwrap();
+    let (code, got) = pull_at(&h.broker, 0, 8, 0, "*").await;
+    assert_eq!(
+        (code, got.next_begin_offset),
+        (ResponseCode::PullOffsetMoved.code(), 5)
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_pull_passes_over_other_tags_and_answers_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let store = h.broker.store.clone();
+    let broker = h.broker.clone();
+    let held = tokio::spawn(async move { pull_at(&broker, 0, 0, 10_000, "A").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store.append(&tagged(0, "B", 3)).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!held.is_finished(), "answered for messages of another tag");
+    store.append(&tagged(0, "A", 1)).unwrap();
+    let (code, got) = tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("the held pull was not woken")
+        .unwrap();
+    assert_eq!(
+        (code, got.next_begin_offset),
+        (ResponseCode::Success.code(), 4)
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_are_held_briefly_without_long_polling_and_sql92_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = BrokerConfig {
+        store_root: dir.path().to_path_buf(),
+        listen_port: 0,
+        http_port: 0,
+        ha_listen_port: 0,
+        long_polling: false,
+        short_polling: Duration::from_millis(300),
+        ..BrokerConfig::default()
+    };
+    let h = start(cfg).await.unwrap();
+    h.broker
+        .store
+        .topics
+        .put(TopicConfig::new("T", 4, PERM_READ | PERM_WRITE))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (code, _) = pull_at(&h.broker, 0, 0, 15_000, "*").await;
+    assert_eq!(code, ResponseCode::PullNotFound.code());
+    let held = started.elapsed();
+    assert!(
+        held >= Duration::from_millis(250) && held < Duration::from_secs(10),
+        "held {held:?}, not the short polling time"
+    );
+
+    let mut req_header = PullMessageRequestHeader {
+        consumer_group: "G".into(),
+        topic: "T".into(),
+        queue_id: 0,
+        queue_offset: 0,
+        max_msg_nums: 32,
+        sys_flag: crate::remoting::header::PULL_SUBSCRIPTION,
+        commit_offset: None,
+        suspend_timeout_millis: None,
+        subscription: Some("a > 5".into()),
+        sub_version: Some(0),
+        expression_type: Some("SQL92".into()),
+        max_msg_bytes: None,
+    };
+    let req = RemotingCommand::request(RequestCode::PullMessage.code(), req_header.to_ext());
+    let resp = h.broker.pull(&req).await;
+    assert_eq!(resp.code, ResponseCode::SystemError.code());
+    assert!(format!("{:?}", resp.remark).contains("SQL92"), "{resp:?}");
+    req_header.expression_type = Some("tag".into());
+    req_header.subscription = Some("*".into());
+    let req = RemotingCommand::request(RequestCode::PullMessage.code(), req_header.to_ext());
+    assert_eq!(
+        h.broker.pull(&req).await.code,
+        ResponseCode::PullNotFound.code()
+    );
+    h.stop().await;
+}
+
+/// QUERY_CONSUMER_OFFSET of group `G` for `T`/0: the offset, or the answer's code.
+fn query_offset(b: &Broker, zero_if_not_found: Option<bool>) -> Result<i64, i32> {
+    use crate::remoting::header::{OffsetResponseHeader, QueryConsumerOffsetRequestHeader};
+    let h = QueryConsumerOffsetRequestHeader {
+        consumer_group: "G".into(),
+        topic: "T".into(),
+        queue_id: 0,
+        set_zero_if_not_found: zero_if_not_found,
+    };
+    let req = RemotingCommand::request(RequestCode::QueryConsumerOffset.code(), h.to_ext());
+    let resp = b.query_consumer_offset(&req);
+    if resp.code != ResponseCode::Success.code() {
+        return Err(resp.code);
+    }
+    Ok(OffsetResponseHeader::from_ext(&resp.ext_fields)
+        .unwrap()
+        .offset)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_group_reads_from_the_start_only_while_the_start_is_in_memory() {
+    let not_found = Err(ResponseCode::QueryNotFound.code());
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    // An empty queue, then one whose start is in memory: from 0, unless told not to.
+    assert_eq!(query_offset(&h.broker, None), Ok(0));
+    h.broker.store.append(&tagged(0, "A", 2)).unwrap();
+    assert_eq!(query_offset(&h.broker, None), Ok(0));
+    assert_eq!(query_offset(&h.broker, Some(false)), not_found);
+    // A stored offset is answered; a negative one counts as none.
+    h.broker.store.offsets.commit("G", "T", 0, 1);
+    assert_eq!(query_offset(&h.broker, Some(false)), Ok(1));
+    h.broker.store.offsets.commit("G", "T", 0, -1);
+    assert_eq!(query_offset(&h.broker, None), Ok(0));
+    h.stop().await;
+
+    // With no memory counted for messages, the start is never in memory: the client decides
+    // (CONSUME_FROM_LAST_OFFSET starts at the end instead of replaying the queue).
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = BrokerConfig {
+        store_root: dir.path().to_path_buf(),
+        listen_port: 0,
+        http_port: 0,
+        ha_listen_port: 0,
+        access_message_in_memory_max_ratio: 0,
+        ..BrokerConfig::default()
+    };
+    let h = start(cfg).await.unwrap();
+    h.broker.store.append(&tagged(0, "A", 2)).unwrap();
+    assert_eq!(query_offset(&h.broker, None), not_found);
+    h.stop().await;
 }
