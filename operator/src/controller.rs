@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::crd::{BrokerCluster, BrokerClusterStatus, GroupStatus};
 use crate::plan::{plan, ClusterPlan};
-use crate::resources::{render, FIELD_MANAGER, LABEL_COMPONENT, LABEL_GROUP, LABEL_INSTANCE};
+use crate::resources::{managed_selector, render, FIELD_MANAGER, LABEL_COMPONENT, LABEL_GROUP};
 
 /// Annotation holding a hash of what the operator last applied to an object.
 pub const ANNOTATION_APPLIED: &str = "ferromq.io/applied-hash";
@@ -43,8 +43,9 @@ pub enum Error {
     /// The object lacks what the operator needs (namespace, uid).
     #[error("BrokerCluster is missing {0}")]
     Incomplete(&'static str),
-    /// Draining a group failed.
-    #[error("draining {group}: {reason}")]
+    /// A draining group's broker could not be asked (reconcile keeps the group, reports this
+    /// in status and goes on).
+    #[error("cannot drain {group}: {reason}")]
     Drain {
         /// Group.
         group: String,
@@ -137,12 +138,21 @@ fn applied_hash<K: Serialize>(obj: &K) -> String {
         .collect()
 }
 
+/// Whether the BrokerCluster with `uid` is the controller of `obj`: the only objects reconcile
+/// deletes, whatever labels others (a Helm release, an Argo CD app) put on theirs.
+fn controlled_by<K: Resource>(obj: &K, uid: &str) -> bool {
+    obj.owner_references()
+        .iter()
+        .any(|r| r.controller == Some(true) && r.uid == uid)
+}
+
 /// Applies `desired` objects of one kind that changed since the last apply, and deletes
-/// objects of that kind labelled for the cluster that are neither desired nor kept. Returns
-/// how many writes it made.
+/// objects of that kind labelled for the cluster and controlled by it (`owner_uid`) that are
+/// neither desired nor kept. Returns how many writes it made.
 async fn sync_kind<K>(
     api: &Api<K>,
     selector: &str,
+    owner_uid: &str,
     desired: Vec<K>,
     keep: &HashSet<String>,
 ) -> Result<usize, Error>
@@ -180,11 +190,17 @@ where
         .await?;
         writes += 1;
     }
-    for name in live_hashes.keys() {
-        if !wanted.contains(name) && !keep.contains(name) {
-            api.delete(name, &DeleteParams::default()).await?;
-            writes += 1;
+    for obj in &live.items {
+        let name = obj.name_any();
+        if wanted.contains(&name) || keep.contains(&name) {
+            continue;
         }
+        if !controlled_by(obj, owner_uid) {
+            tracing::debug!(object = %name, "not controlled by this BrokerCluster: left alone");
+            continue;
+        }
+        api.delete(&name, &DeleteParams::default()).await?;
+        writes += 1;
     }
     Ok(writes)
 }
@@ -219,6 +235,8 @@ struct Observed {
     groups: Vec<GroupStatus>,
     draining: Vec<String>,
     stuck: Vec<String>,
+    /// Draining groups whose broker could not be asked, with the cause.
+    drain_failed: Vec<String>,
 }
 
 fn build_status(
@@ -240,6 +258,14 @@ fn build_status(
     let progressing = !ready && invalid.is_none();
     let (degraded, degraded_reason, degraded_msg) = match (&invalid, obs.stuck.is_empty()) {
         (Some(msg), _) => (true, "InvalidSpec", msg.clone()),
+        (None, _) if !obs.drain_failed.is_empty() => (
+            true,
+            "DrainFailed",
+            format!(
+                "{}; set annotation {ANNOTATION_FORCE_DRAIN}=true to remove the group without draining",
+                obs.drain_failed.join("; ")
+            ),
+        ),
         (None, false) => (
             true,
             "DrainTimeout",
@@ -343,6 +369,39 @@ async fn patch_status(
     Ok(true)
 }
 
+/// One step of draining `group`: makes it read-only the first time (`start`), marking its
+/// StatefulSet and recording an event, then tells whether consumers have caught up. A broker
+/// that cannot be asked is an [`Error::Drain`]; the caller keeps the group and goes on.
+async fn drain_step(
+    ctx: &Context,
+    bc: &BrokerCluster,
+    sts_api: &Api<StatefulSet>,
+    group: &GroupRef,
+    start: bool,
+) -> Result<bool, Error> {
+    let name = &group.group;
+    let drain_error = |reason| Error::Drain {
+        group: name.clone(),
+        reason,
+    };
+    if start {
+        ctx.admin.make_read_only(group).await.map_err(drain_error)?;
+        let mark = serde_json::json!({"metadata": {"annotations": {ANNOTATION_DRAIN_STARTED: k8s_openapi::jiff::Timestamp::now().to_string()}}});
+        sts_api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&mark))
+            .await?;
+        publish(
+            ctx,
+            bc,
+            EventType::Normal,
+            "Draining",
+            format!("{name} is read-only; waiting for consumers before removing it"),
+        )
+        .await;
+    }
+    ctx.admin.drained(group).await.map_err(drain_error)
+}
+
 /// One reconcile of a BrokerCluster.
 pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     if bc.spec.paused {
@@ -375,6 +434,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
                 groups: Vec::new(),
                 draining: Vec::new(),
                 stuck: Vec::new(),
+                drain_failed: Vec::new(),
             };
             if patch_status(
                 &bcs,
@@ -392,7 +452,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         .controller_owner_ref(&())
         .ok_or(Error::Incomplete("a uid"))?;
     let desired = render(&plan, &bc.spec, &owner);
-    let selector = format!("{LABEL_INSTANCE}={name}");
+    let selector = managed_selector(&name);
 
     let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let live_sts = sts_api
@@ -407,10 +467,12 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
     };
 
     // Scale-in: groups no longer planned are drained (read-only, consumers caught up) before
-    // their objects go.
+    // their objects go. A group whose broker cannot be asked is kept and reported, and the
+    // rest of the cluster is reconciled all the same.
     let mut keep = HashSet::new();
     let mut draining = Vec::new();
     let mut stuck = Vec::new();
+    let mut drain_failed = Vec::new();
     let force = bc
         .annotations()
         .get(ANNOTATION_FORCE_DRAIN)
@@ -422,40 +484,42 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         };
         if labels.get(LABEL_COMPONENT).map(String::as_str) != Some("broker")
             || wanted.contains(&group)
+            || !controlled_by(sts, &owner.uid)
         {
             continue;
         }
-        let gref = group_ref(&group);
-        let started = sts.annotations().get(ANNOTATION_DRAIN_STARTED).cloned();
-        if started.is_none() {
-            ctx.admin
-                .make_read_only(&gref)
-                .await
-                .map_err(|reason| Error::Drain {
-                    group: group.clone(),
-                    reason,
-                })?;
-            let mark = serde_json::json!({"metadata": {"annotations": {ANNOTATION_DRAIN_STARTED: k8s_openapi::jiff::Timestamp::now().to_string()}}});
-            sts_api
-                .patch(&group, &PatchParams::default(), &Patch::Merge(&mark))
-                .await?;
+        if force {
+            // Often the group goes because its broker is down: do not ask it anything.
             publish(
                 &ctx,
                 &bc,
                 EventType::Normal,
-                "Draining",
-                format!("{group} is read-only; waiting for consumers before removing it"),
+                "ScaledIn",
+                format!("{group} removed without draining ({ANNOTATION_FORCE_DRAIN})"),
             )
             .await;
+            continue; // not kept: deleted below with the other unwanted objects
         }
-        let drained = ctx
-            .admin
-            .drained(&gref)
-            .await
-            .map_err(|reason| Error::Drain {
-                group: group.clone(),
-                reason,
-            })?;
+        let started = sts.annotations().get(ANNOTATION_DRAIN_STARTED).cloned();
+        match drain_step(&ctx, &bc, &sts_api, &group_ref(&group), started.is_none()).await {
+            Ok(true) => {
+                publish(
+                    &ctx,
+                    &bc,
+                    EventType::Normal,
+                    "ScaledIn",
+                    format!("{group} drained; removing it"),
+                )
+                .await;
+                continue; // not kept: deleted below with the other unwanted objects
+            }
+            Ok(false) => {}
+            Err(e @ Error::Drain { .. }) => {
+                tracing::warn!(cluster = %name, %group, error = %e, "cannot drain the group; keeping it");
+                drain_failed.push(e.to_string());
+            }
+            Err(e) => return Err(e),
+        }
         let elapsed = started
             .and_then(|s| s.parse::<k8s_openapi::jiff::Timestamp>().ok())
             .map(|t| {
@@ -464,20 +528,6 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
                     .as_secs()
             })
             .unwrap_or(0);
-        if drained || force {
-            publish(
-                &ctx,
-                &bc,
-                EventType::Normal,
-                "ScaledIn",
-                format!(
-                    "{group} drained{}; removing it",
-                    if force && !drained { " (forced)" } else { "" }
-                ),
-            )
-            .await;
-            continue; // not kept: deleted below with the other unwanted objects
-        }
         if elapsed > bc.spec.broker.drain_timeout_seconds {
             stuck.push(group.clone());
         }
@@ -488,6 +538,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
     let writes = sync_kind(
         &Api::<Service>::namespaced(client.clone(), &ns),
         &selector,
+        &owner.uid,
         desired.services,
         &keep,
     )
@@ -495,6 +546,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         + sync_kind(
             &Api::<ConfigMap>::namespaced(client.clone(), &ns),
             &selector,
+            &owner.uid,
             desired.config_maps,
             &keep,
         )
@@ -502,11 +554,19 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         + sync_kind(
             &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
             &selector,
+            &owner.uid,
             desired.pdbs,
             &keep,
         )
         .await?
-        + sync_kind(&sts_api, &selector, desired.stateful_sets, &keep).await?;
+        + sync_kind(
+            &sts_api,
+            &selector,
+            &owner.uid,
+            desired.stateful_sets,
+            &keep,
+        )
+        .await?;
     if writes > 0 {
         tracing::info!(cluster = %name, namespace = %ns, writes, "applied changes");
         publish(
@@ -521,7 +581,6 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         )
         .await;
     }
-    ctx.failures().remove(&format!("{ns}/{name}"));
 
     // Status from what the StatefulSets report.
     let live_sts = sts_api
@@ -561,6 +620,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         groups,
         draining: draining.clone(),
         stuck: stuck.clone(),
+        drain_failed: drain_failed.clone(),
     };
     let status = build_status(&bc, &plan, &obs, None);
     let was_ready = bc.status.as_ref().is_some_and(|s| {
@@ -617,6 +677,9 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
     for s in &stuck {
         publish(&ctx, &bc, EventType::Warning, "DrainTimeout", format!("{s} still has unconsumed messages; set annotation {ANNOTATION_FORCE_DRAIN}=true to remove it anyway")).await;
     }
+    for f in &drain_failed {
+        publish(&ctx, &bc, EventType::Warning, "DrainFailed", format!("{f}; set annotation {ANNOTATION_FORCE_DRAIN}=true to remove the group without draining")).await;
+    }
     if draining.is_empty() && now_ready && !topics_pending {
         Ok(Action::requeue(Duration::from_secs(300)))
     } else {
@@ -625,25 +688,31 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
 }
 
 /// Reconciles, and records a failure as a Warning event on the BrokerCluster so
-/// `kubectl describe` shows it.
+/// `kubectl describe` shows it. Only a reconcile that succeeded to the end resets the backoff.
 pub async fn reconcile_reporting(
     bc: Arc<BrokerCluster>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     let result = reconcile(bc.clone(), ctx.clone()).await;
-    if let Err(e) = &result {
-        publish(&ctx, &bc, EventType::Warning, e.category(), e.to_string()).await;
+    match &result {
+        Ok(_) => {
+            ctx.failures().remove(&failure_key(&bc));
+        }
+        Err(e) => publish(&ctx, &bc, EventType::Warning, e.category(), e.to_string()).await,
     }
     result
+}
+
+fn failure_key(bc: &BrokerCluster) -> String {
+    format!("{}/{}", bc.namespace().unwrap_or_default(), bc.name_any())
 }
 
 /// Requeue after an error with an exponential backoff per cluster (5 s doubling to 5 min);
 /// one failing object never stops the others.
 pub fn error_policy(bc: Arc<BrokerCluster>, err: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!("{}/{}", bc.namespace().unwrap_or_default(), bc.name_any());
     let n = {
         let mut f = ctx.failures();
-        let n = f.entry(key).or_insert(0);
+        let n = f.entry(failure_key(&bc)).or_insert(0);
         *n = n.saturating_add(1);
         *n
     };

@@ -230,14 +230,17 @@ impl Default for BrokerSpec {
         .message("broker.storage.storageClassName is immutable")
 )]
 pub struct Storage {
-    /// Volume size per broker.
+    /// Volume size per broker. Immutable: a StatefulSet's volumeClaimTemplates cannot change.
     #[serde(default = "default_size")]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("broker.storage.size is immutable (StatefulSet volume claims cannot change): to grow volumes, expand each PersistentVolumeClaim data-<group>-<ordinal> instead"))]
     pub size: Quantity,
     /// Storage class (cluster default when unset). Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
     /// Use an emptyDir instead of a PersistentVolumeClaim (data lost with the pod: tests only).
+    /// Immutable: a StatefulSet's volumeClaimTemplates cannot change.
     #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("broker.storage.ephemeral is immutable (StatefulSet volume claims cannot change): create a new BrokerCluster to switch storage"))]
     pub ephemeral: bool,
 }
 

@@ -96,7 +96,7 @@ fn config_may_not_set_owned_keys() {
 fn storage_class_is_immutable() {
     let old = cluster(serde_json::json!({"broker": {"storage": {"storageClassName": "fast"}}}));
     let same = cluster(
-        serde_json::json!({"broker": {"storage": {"storageClassName": "fast", "size": "20Gi"}}}),
+        serde_json::json!({"broker": {"masters": 2, "storage": {"storageClassName": "fast"}}}),
     );
     assert!(same.validate_cel_update(&old).is_ok());
     let changed = cluster(serde_json::json!({"broker": {"storage": {"storageClassName": "slow"}}}));
@@ -112,4 +112,56 @@ fn storage_class_is_immutable() {
     );
     let removed = cluster(serde_json::json!({"broker": {"storage": {}}}));
     assert!(removed.validate_cel_update(&old).is_err());
+}
+
+fn update_errors(old: serde_json::Value, new: serde_json::Value) -> Vec<String> {
+    match cluster(new).validate_cel_update(&cluster(old)) {
+        Ok(()) => Vec::new(),
+        Err(e) => e.into_iter().map(|e| e.message.clone()).collect(),
+    }
+}
+
+#[test]
+fn storage_size_is_immutable() {
+    // The StatefulSet's volumeClaimTemplates cannot change: the apiserver would refuse every
+    // reconcile after such an edit.
+    let old = serde_json::json!({"broker": {"storage": {"size": "10Gi"}}});
+    assert_eq!(
+        update_errors(
+            old.clone(),
+            serde_json::json!({"broker": {"storage": {"size": "10Gi"}, "masters": 3}})
+        ),
+        Vec::<String>::new()
+    );
+    let e = update_errors(
+        old,
+        serde_json::json!({"broker": {"storage": {"size": "20Gi"}}}),
+    );
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("broker.storage.size is immutable"),
+        "{e:?}"
+    );
+    assert!(e[0].contains("expand each PersistentVolumeClaim"), "{e:?}");
+    let e = update_errors(
+        serde_json::json!({}),
+        serde_json::json!({"broker": {"storage": {"size": "1Ti"}}}),
+    );
+    assert_eq!(e.len(), 1, "a default size is fixed too: {e:?}");
+}
+
+#[test]
+fn storage_ephemeral_is_immutable() {
+    for (old, new) in [(false, true), (true, false)] {
+        let e = update_errors(
+            serde_json::json!({"broker": {"storage": {"ephemeral": old}}}),
+            serde_json::json!({"broker": {"storage": {"ephemeral": new}}}),
+        );
+        assert_eq!(e.len(), 1, "{old} -> {new}: {e:?}");
+        assert!(
+            e[0].starts_with("broker.storage.ephemeral is immutable"),
+            "{e:?}"
+        );
+        assert!(e[0].contains("create a new BrokerCluster"), "{e:?}");
+    }
 }

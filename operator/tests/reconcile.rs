@@ -1,5 +1,6 @@
 //! Reconcile against an in-memory API server: create, no-op, scale out, drain-then-scale-in,
-//! config changes, status, paused, invalid specs.
+//! config changes, status, paused, invalid specs, objects the cluster does not control,
+//! unreachable drains, StatefulSet fields the API server refuses to change.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -47,7 +48,14 @@ impl GroupAdmin for FakeAdmin {
     fn drained<'a>(&'a self, _g: &'a GroupRef) -> BoxFuture<'a, Result<bool, String>> {
         self.checks.fetch_add(1, Ordering::Relaxed);
         let d = self.drained.load(Ordering::Relaxed);
-        Box::pin(async move { Ok(d) })
+        let broken = self.broken.load(Ordering::Relaxed);
+        Box::pin(async move {
+            if broken {
+                Err("broker unreachable".to_string())
+            } else {
+                Ok(d)
+            }
+        })
     }
     fn share_topics<'a>(&'a self, g: &'a GroupRef) -> BoxFuture<'a, Result<Vec<String>, String>> {
         self.shared.lock().unwrap().push(g.group.clone());
@@ -430,15 +438,12 @@ async fn every_api_call_is_covered_by_the_rbac_rules() {
 #[tokio::test]
 async fn a_failed_reconcile_is_reported_as_an_event_and_retried_with_backoff() {
     let h = harness(json!({"broker": {"masters": 2}}));
-    h.reconcile().await;
-    h.edit_spec(json!({"masters": 1}));
-    h.drain.broken.store(true, Ordering::Relaxed);
+    h.api.fail("PATCH brokerclusters/demo/status");
     let bcs: Api<BrokerCluster> = Api::namespaced(h.ctx.client.clone(), NS);
     let bc = Arc::new(bcs.get("demo").await.unwrap());
-    let err = operator::controller::reconcile_reporting(bc.clone(), h.ctx.clone())
-        .await
-        .unwrap_err();
-    assert_eq!(err.category(), "DrainFailed");
+    let run = || operator::controller::reconcile_reporting(bc.clone(), h.ctx.clone());
+    let err = run().await.unwrap_err();
+    assert_eq!(err.category(), "KubeApi");
     let events: Vec<serde_json::Value> = h
         .api
         .names("events")
@@ -448,12 +453,171 @@ async fn a_failed_reconcile_is_reported_as_an_event_and_retried_with_backoff() {
     assert!(
         events
             .iter()
-            .any(|e| e["reason"] == "DrainFailed" && e["type"] == "Warning"),
+            .any(|e| e["reason"] == "KubeApi" && e["type"] == "Warning"),
         "{events:#?}"
     );
     let first = operator::controller::error_policy(bc.clone(), &err, h.ctx.clone());
-    let second = operator::controller::error_policy(bc, &err, h.ctx.clone());
-    assert_ne!(first, second, "retries should back off");
+    // Applying the objects succeeds this time, the status patch fails again: still a failure,
+    // so the backoff keeps growing.
+    let err = run().await.unwrap_err();
+    let second = operator::controller::error_policy(bc.clone(), &err, h.ctx.clone());
+    assert_eq!(first, Action::requeue(Duration::from_secs(5)));
+    assert_eq!(
+        second,
+        Action::requeue(Duration::from_secs(10)),
+        "retries should back off"
+    );
+    // A reconcile that succeeds to the end starts the backoff over.
+    h.api.heal();
+    run().await.unwrap();
+    assert_eq!(
+        operator::controller::error_policy(bc.clone(), &err, h.ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+}
+
+#[tokio::test]
+async fn objects_the_operator_does_not_control_are_never_deleted() {
+    let h = harness(json!({"broker": {"masters": 2}}));
+    h.reconcile().await;
+    // A Helm release named like the cluster: same instance label, no owner.
+    let helm = json!({"app.kubernetes.io/instance": "demo"});
+    h.api.insert(
+        "configmaps",
+        NS,
+        json!({"metadata": {"name": "demo-dashboards", "labels": helm}, "data": {}}),
+    );
+    h.api.insert(
+        "statefulsets",
+        NS,
+        json!({"metadata": {"name": "demo-exporter", "labels": helm}, "spec": {"replicas": 1}}),
+    );
+    // Objects carrying every label the operator sets, but not controlled by this BrokerCluster.
+    let lookalike = json!({
+        "app.kubernetes.io/name": "ferromq",
+        "app.kubernetes.io/instance": "demo",
+        "app.kubernetes.io/managed-by": "ferromq-operator",
+        "app.kubernetes.io/component": "broker",
+        "ferromq.io/broker-group": "demo-broker-9",
+    });
+    h.api.insert(
+        "configmaps",
+        NS,
+        json!({"metadata": {"name": "demo-broker-9", "labels": lookalike}, "data": {}}),
+    );
+    h.api.insert(
+        "statefulsets",
+        NS,
+        json!({"metadata": {"name": "demo-broker-9", "labels": lookalike, "ownerReferences": [
+            {"apiVersion": "ferromq.io/v1alpha1", "kind": "BrokerCluster", "name": "demo",
+             "uid": "uid-of-another-demo", "controller": true}]},
+            "spec": {"replicas": 1}}),
+    );
+    // Scale in, consumers caught up: the removed group goes, nothing else does.
+    h.edit_spec(json!({"masters": 1}));
+    h.drain.drained.store(true, Ordering::Relaxed);
+    let mut deletes = h.reconcile().await;
+    deletes.retain(|w| w.starts_with("DELETE"));
+    deletes.sort();
+    assert_eq!(
+        deletes,
+        vec![
+            "DELETE configmaps/demo-broker-1",
+            "DELETE poddisruptionbudgets/demo-broker-1",
+            "DELETE services/demo-broker-1",
+            "DELETE statefulsets/demo-broker-1",
+        ]
+    );
+    for (plural, name) in [
+        ("configmaps", "demo-dashboards"),
+        ("statefulsets", "demo-exporter"),
+        ("configmaps", "demo-broker-9"),
+        ("statefulsets", "demo-broker-9"),
+    ] {
+        assert!(
+            h.api.get(plural, NS, name).is_some(),
+            "{plural}/{name} was deleted"
+        );
+    }
+    assert_eq!(
+        *h.drain.read_only.lock().unwrap(),
+        vec!["demo-broker-1".to_string()],
+        "only the operator's own group is drained"
+    );
+}
+
+fn force_drain(h: &Harness) {
+    h.api.edit(
+        "brokerclusters",
+        NS,
+        "demo",
+        json!({"metadata": {"annotations": {"ferromq.io/force-drain": "true"}}}),
+    );
+}
+
+#[tokio::test]
+async fn force_drain_removes_a_group_whose_broker_is_unreachable() {
+    let h = harness(json!({"broker": {"masters": 2}}));
+    h.reconcile().await;
+    h.edit_spec(json!({"masters": 1}));
+    h.drain.broken.store(true, Ordering::Relaxed);
+    force_drain(&h);
+    let writes = h.reconcile().await;
+    assert!(
+        writes.contains(&"DELETE statefulsets/demo-broker-1".to_string()),
+        "{writes:?}"
+    );
+    assert!(h.api.get("statefulsets", NS, "demo-broker-1").is_none());
+    assert_eq!(h.condition("Degraded").0, "False");
+}
+
+#[tokio::test]
+async fn an_unreachable_draining_group_is_kept_and_reported_while_the_rest_applies() {
+    let h = harness(json!({"broker": {"masters": 2}}));
+    h.reconcile().await;
+    h.drain.broken.store(true, Ordering::Relaxed);
+    h.edit_spec(json!({"masters": 1, "flush": "Sync"}));
+    let writes = h.reconcile().await;
+    assert!(
+        writes.contains(&"PATCH configmaps/demo-broker-0".to_string()),
+        "the other groups' changes apply: {writes:?}"
+    );
+    assert!(
+        writes.iter().all(|w| !w.starts_with("DELETE")),
+        "{writes:?}"
+    );
+    assert!(h.api.get("statefulsets", NS, "demo-broker-1").is_some());
+    assert_eq!(
+        h.condition("Degraded"),
+        ("True".into(), "DrainFailed".into())
+    );
+    let s = h.status();
+    let degraded = s["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        degraded.contains("demo-broker-1") && degraded.contains("broker unreachable"),
+        "{degraded}"
+    );
+    assert!(degraded.contains("ferromq.io/force-drain"), "{degraded}");
+    assert!(s["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g["name"] == "demo-broker-1" && g["draining"] == true));
+    assert_eq!(s["observedGeneration"], 2);
+    // The broker is back and consumers caught up: the group goes and the cluster recovers.
+    h.drain.broken.store(false, Ordering::Relaxed);
+    h.drain.drained.store(true, Ordering::Relaxed);
+    h.reconcile().await;
+    assert!(h.api.get("statefulsets", NS, "demo-broker-1").is_none());
+    assert_eq!(h.condition("Degraded").0, "False");
 }
 
 #[tokio::test]
@@ -496,4 +660,39 @@ async fn ready_groups_are_given_the_clusters_topics_and_failures_retry_soon() {
         asked[2..],
         ["demo-broker-2".to_string(), "demo-broker-2".to_string()]
     );
+}
+
+#[tokio::test]
+async fn spec_edits_the_crd_allows_never_touch_what_a_stateful_set_cannot_change() {
+    // The API double refuses, as the API server does, an update of a StatefulSet's
+    // volumeClaimTemplates, selector, serviceName or podManagementPolicy.
+    let h = harness(json!({"nameServer": {"replicas": 1}, "broker": {"masters": 1}}));
+    h.reconcile().await;
+    h.edit_spec(
+        json!({"masters": 2, "slavesPerMaster": 1, "replication": "Sync", "flush": "Sync",
+        "config": {"fileReservedTime": "48"}, "drainTimeoutSeconds": 60,
+        "resources": {"requests": {"memory": "1Gi"}},
+        "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+        "nodeSelector": {"disk": "ssd"}}),
+    );
+    h.api.edit(
+        "brokerclusters",
+        NS,
+        "demo",
+        json!({"spec": {"image": "ferromq:2", "imagePullPolicy": "Always",
+            "imagePullSecrets": [{"name": "registry"}], "nameServer": {"replicas": 3}}}),
+    );
+    let writes = h.reconcile().await;
+    assert!(
+        writes.contains(&"PATCH statefulsets/demo-broker-0".to_string())
+            && writes.contains(&"PATCH statefulsets/demo-nameserver".to_string()),
+        "{writes:?}"
+    );
+    // What the CRD refuses (storage) the API double refuses too, so a test that changed it
+    // would fail rather than pass against an API server that is more lenient than the real one.
+    h.edit_spec(json!({"storage": {"size": "20Gi"}}));
+    let bcs: Api<BrokerCluster> = Api::namespaced(h.ctx.client.clone(), NS);
+    let bc = bcs.get("demo").await.unwrap();
+    let err = reconcile(Arc::new(bc), h.ctx.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("Forbidden"), "{err}");
 }

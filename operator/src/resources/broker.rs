@@ -167,7 +167,9 @@ pub(super) fn render(
         Some(vec![PersistentVolumeClaim {
             metadata: ObjectMeta {
                 name: Some(DATA_VOLUME.into()),
-                labels: Some(l.clone()),
+                // volumeClaimTemplates cannot change on an existing StatefulSet: only the
+                // selector's labels, which cannot change either, never the full set.
+                labels: Some(group_selector(plan, g)),
                 ..Default::default()
             },
             spec: Some(PersistentVolumeClaimSpec {

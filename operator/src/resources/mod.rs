@@ -20,6 +20,11 @@ use crate::plan::ClusterPlan;
 
 /// Label every object carries: the cluster it belongs to (used to find objects to delete).
 pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+/// Label every object carries: the application (`ferromq`).
+pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+/// Label every object carries: who manages it, so a Helm release or Argo CD app that shares
+/// the cluster's instance name is not mistaken for the operator's.
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Label: which tier (nameserver or broker).
 pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
 /// Label: the broker group (brokerName).
@@ -47,24 +52,27 @@ pub struct Resources {
 /// Recommended labels of a cluster's objects.
 pub fn labels(cluster: &str, component: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".to_string(), "ferromq".to_string()),
+        (LABEL_NAME.to_string(), "ferromq".to_string()),
         (LABEL_INSTANCE.to_string(), cluster.to_string()),
         (LABEL_COMPONENT.to_string(), component.to_string()),
         (
             "app.kubernetes.io/part-of".to_string(),
             "ferromq".to_string(),
         ),
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            FIELD_MANAGER.to_string(),
-        ),
+        (LABEL_MANAGED_BY.to_string(), FIELD_MANAGER.to_string()),
     ])
+}
+
+/// Label selector of every object the operator manages for a cluster (what it lists before
+/// deleting what the plan no longer holds; ownership is checked as well).
+pub fn managed_selector(cluster: &str) -> String {
+    format!("{LABEL_NAME}=ferromq,{LABEL_INSTANCE}={cluster},{LABEL_MANAGED_BY}={FIELD_MANAGER}")
 }
 
 /// Labels that select a component's pods (a stable subset of [`labels`]).
 pub fn selector(cluster: &str, component: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("app.kubernetes.io/name".to_string(), "ferromq".to_string()),
+        (LABEL_NAME.to_string(), "ferromq".to_string()),
         (LABEL_INSTANCE.to_string(), cluster.to_string()),
         (LABEL_COMPONENT.to_string(), component.to_string()),
     ])

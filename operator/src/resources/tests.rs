@@ -272,3 +272,14 @@ fn ephemeral_storage_uses_an_empty_dir() {
     let vols = sp.template.spec.as_ref().unwrap().volumes.as_ref().unwrap();
     assert!(vols.iter().any(|v| v.empty_dir.is_some()));
 }
+
+#[test]
+fn volume_claim_labels_are_the_group_selector_only() {
+    // An existing StatefulSet refuses any change to its volumeClaimTemplates, so their labels
+    // must not follow the full label set when it grows.
+    let s = spec(1, 0, Replication::Async, Flush::Async);
+    let r = render(&plan("d", "n", &s, "i").unwrap(), &s, &owner());
+    let sp = r.stateful_sets[1].spec.as_ref().unwrap();
+    let claim = &sp.volume_claim_templates.as_ref().unwrap()[0];
+    assert_eq!(claim.metadata.labels, sp.selector.match_labels);
+}

@@ -1,7 +1,8 @@
 //! A small stateful stand-in for the Kubernetes API server, plugged into `kube::Client` as a
 //! tower service: namespaced GET, LIST (label selectors), server-side apply and merge PATCH
 //! (status subresource included), DELETE and POST. Every write is recorded so tests can assert
-//! exactly what a reconcile changed.
+//! exactly what a reconcile changed. Like the real API server, it refuses (422) an update that
+//! changes a StatefulSet's volumeClaimTemplates, selector, serviceName or podManagementPolicy.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,6 +23,8 @@ struct State {
     writes: Vec<String>,
     /// Every call as (api group, resource[/subresource], RBAC verb).
     calls: Vec<(String, String, String)>,
+    /// Writes ("METHOD plural/name[/status]") answered with a 500 until cleared.
+    failing: Vec<String>,
     version: u64,
 }
 
@@ -54,6 +57,41 @@ fn status(code: u16, reason: &str, message: String) -> Response<Full<Bytes>> {
 
 fn ok(v: &Value) -> Response<Full<Bytes>> {
     Response::new(Full::new(Bytes::from(v.to_string())))
+}
+
+/// StatefulSet spec fields the API server refuses to change on an existing object.
+const STATEFULSET_IMMUTABLE: &[&str] = &[
+    "volumeClaimTemplates",
+    "selector",
+    "serviceName",
+    "podManagementPolicy",
+];
+
+/// The API server's 422 for an update of a StatefulSet that changes a field it refuses to.
+fn refused_update(
+    plural: &str,
+    name: &str,
+    old: &Value,
+    new: &Value,
+) -> Option<Response<Full<Bytes>>> {
+    if plural != "statefulsets" {
+        return None;
+    }
+    let changed: Vec<&str> = STATEFULSET_IMMUTABLE
+        .iter()
+        .copied()
+        .filter(|f| old["spec"][f] != new["spec"][f])
+        .collect();
+    (!changed.is_empty()).then(|| {
+        status(
+            422,
+            "Invalid",
+            format!(
+                "StatefulSet.apps \"{name}\" is invalid: spec: Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden (changed: {})",
+                changed.join(", ")
+            ),
+        )
+    })
 }
 
 fn matches(obj: &Value, selector: &str) -> bool {
@@ -113,6 +151,17 @@ impl FakeApi {
     /// Writes since the last call, as "METHOD plural/name[/status]".
     pub fn take_writes(&self) -> Vec<String> {
         std::mem::take(&mut self.0.lock().unwrap().writes)
+    }
+
+    /// Makes a write ("METHOD plural/name[/status]", as recorded) fail with a 500 until
+    /// [`FakeApi::heal`].
+    pub fn fail(&self, write: &str) {
+        self.0.lock().unwrap().failing.push(write.to_string());
+    }
+
+    /// Ends every failure set by [`FakeApi::fail`].
+    pub fn heal(&self) {
+        self.0.lock().unwrap().failing.clear();
     }
 
     /// Every call so far as (api group, resource, RBAC verb).
@@ -206,7 +255,11 @@ impl FakeApi {
                 name.clone().unwrap_or_default(),
                 sub.map(|s| format!("/{s}")).unwrap_or_default()
             );
-            st.writes.push(format!("{method} {target}"));
+            let write = format!("{method} {target}");
+            st.writes.push(write.clone());
+            if st.failing.contains(&write) {
+                return status(500, "InternalError", format!("{write}: injected failure"));
+            }
         }
         let body: Value = if body.is_empty() {
             Value::Null
@@ -268,6 +321,11 @@ impl FakeApi {
                         new
                     }
                 };
+                if let Some(cur) = st.objects.get(&key) {
+                    if let Some(refused) = refused_update(&plural, &name, cur, &obj) {
+                        return refused;
+                    }
+                }
                 let mut obj = obj;
                 obj["metadata"]["resourceVersion"] = json!(version.to_string());
                 obj["metadata"]["namespace"] = json!(ns);
@@ -283,6 +341,11 @@ impl FakeApi {
                 if current.is_some() && current != Some(body["metadata"]["resourceVersion"].clone())
                 {
                     return status(409, "Conflict", format!("{plural} {name} was modified"));
+                }
+                if let Some(cur) = st.objects.get(&key) {
+                    if let Some(refused) = refused_update(&plural, &name, cur, &body) {
+                        return refused;
+                    }
                 }
                 st.version += 1;
                 let mut obj = body.clone();
