@@ -37,6 +37,9 @@ pub struct NameServerConfig {
     pub scan_interval: Duration,
     /// Largest request frame accepted.
     pub max_frame: usize,
+    /// How long a broker registered under an id that another broker now claims has to
+    /// accept a connection before the newcomer replaces it.
+    pub probe_timeout: Duration,
 }
 
 impl Default for NameServerConfig {
@@ -47,6 +50,7 @@ impl Default for NameServerConfig {
             broker_timeout: Duration::from_secs(120),
             scan_interval: Duration::from_secs(1),
             max_frame: crate::remoting::frame::DEFAULT_MAX_FRAME,
+            probe_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -62,6 +66,14 @@ struct Metrics {
     expired: Counter,
 }
 
+/// Whether something accepts connections at `addr` within `timeout`.
+async fn answers(addr: &str, timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
+}
+
 /// Request processor of the name server.
 pub struct NameServer {
     cfg: NameServerConfig,
@@ -74,7 +86,7 @@ impl NameServer {
         self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn register(&self, req: &RemotingCommand) -> RemotingCommand {
+    async fn register(&self, req: &RemotingCommand) -> RemotingCommand {
         let h = match RegisterBrokerRequestHeader::from_ext(&req.ext_fields) {
             Ok(h) => h,
             Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
@@ -102,22 +114,33 @@ impl NameServer {
             .heartbeat_timeout_millis
             .filter(|t| *t > 0)
             .map_or(self.cfg.broker_timeout, |t| Duration::from_millis(t as u64));
-        let outcome = match self.routes().register(
-            Registration {
-                cluster: h.cluster_name.clone(),
-                broker_name: h.broker_name.clone(),
-                broker_addr: h.broker_addr.clone(),
-                broker_id: h.broker_id,
-                ha_addr: h.ha_server_addr,
-                timeout,
-                topics: body.topic_config_serialize_wrapper,
-            },
-            Instant::now(),
-        ) {
+        let registration = Registration {
+            cluster: h.cluster_name.clone(),
+            broker_name: h.broker_name.clone(),
+            broker_addr: h.broker_addr.clone(),
+            broker_id: h.broker_id,
+            ha_addr: h.ha_server_addr,
+            timeout,
+            topics: body.topic_config_serialize_wrapper,
+        };
+        let mut outcome = self.routes().register(&registration, Instant::now());
+        if let Err(refused) = &outcome {
+            // The broker holding the id may be gone without a word (its pod replaced after
+            // its node died): its entry would refuse the replacement, with a new address,
+            // until it expires. Java's name server takes the newcomer; this one first checks
+            // that the old broker no longer answers, so a second live master is still refused.
+            if !answers(&refused.existing, self.cfg.probe_timeout).await {
+                tracing::warn!(old = %refused.existing, new = %h.broker_addr, name = %h.broker_name, id = h.broker_id, "the broker registered under this id does not answer; the new one replaces it");
+                let mut routes = self.routes();
+                routes.unregister(&h.broker_name, &refused.existing);
+                outcome = routes.register(&registration, Instant::now());
+            }
+        }
+        let outcome = match outcome {
             Ok(o) => o,
-            Err(conflict) => {
-                tracing::warn!(broker = %h.broker_addr, name = %h.broker_name, id = h.broker_id, %conflict, "registration refused");
-                return req.error_to(ResponseCode::SystemError, conflict);
+            Err(refused) => {
+                tracing::warn!(broker = %h.broker_addr, name = %h.broker_name, id = h.broker_id, conflict = %refused, "registration refused");
+                return req.error_to(ResponseCode::SystemError, refused.reason);
             }
         };
         tracing::debug!(broker = %h.broker_addr, name = %h.broker_name, id = h.broker_id, "broker registered");
@@ -130,7 +153,7 @@ impl NameServer {
         resp
     }
 
-    fn handle(&self, req: &RemotingCommand) -> RemotingCommand {
+    async fn handle(&self, req: &RemotingCommand) -> RemotingCommand {
         let Some(code) = RequestCode::from_code(req.code) else {
             return req.error_to(
                 ResponseCode::RequestCodeNotSupported,
@@ -141,7 +164,7 @@ impl NameServer {
             );
         };
         match code {
-            RequestCode::RegisterBroker => self.register(req),
+            RequestCode::RegisterBroker => self.register(req).await,
             RequestCode::UnregisterBroker => {
                 match UnregisterBrokerRequestHeader::from_ext(&req.ext_fields) {
                     Ok(h) => {
@@ -203,7 +226,7 @@ impl Processor for NameServer {
             .requests
             .get_or_create(&CodeLabel { code: req.code })
             .inc();
-        Some(self.handle(&req))
+        Some(self.handle(&req).await)
     }
 }
 
@@ -342,4 +365,68 @@ pub async fn start(cfg: NameServerConfig) -> Result<NameServerHandle, NameServer
         shutdown,
         tasks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name_server() -> NameServer {
+        NameServer {
+            cfg: NameServerConfig {
+                probe_timeout: Duration::from_millis(500),
+                ..NameServerConfig::default()
+            },
+            routes: Mutex::new(RouteTable::default()),
+            metrics: Metrics {
+                requests: Family::default(),
+                brokers: Gauge::default(),
+                expired: Counter::default(),
+            },
+        }
+    }
+
+    fn registration(addr: &str) -> RemotingCommand {
+        let h = RegisterBrokerRequestHeader {
+            broker_name: "a".into(),
+            broker_addr: addr.into(),
+            cluster_name: "C".into(),
+            ha_server_addr: None,
+            broker_id: 0,
+            heartbeat_timeout_millis: Some(120_000),
+            compressed: false,
+            body_crc32: None,
+        };
+        RemotingCommand::request(RequestCode::RegisterBroker.code(), h.to_ext())
+    }
+
+    #[tokio::test]
+    async fn a_master_that_no_longer_answers_is_replaced_but_a_live_one_is_not() {
+        let ns = name_server();
+        let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap().to_string();
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gone_addr = gone.local_addr().unwrap().to_string();
+        drop(gone);
+        let ok = ResponseCode::Success.code();
+
+        // A live master keeps its id: a second one is refused.
+        assert_eq!(ns.register(&registration(&live_addr)).await.code, ok);
+        let second = ns.register(&registration("127.0.0.1:1")).await;
+        assert_eq!(second.code, ResponseCode::SystemError.code());
+        assert!(format!("{:?}", second.remark).contains("already has a master"));
+        assert_eq!(
+            ns.routes().registered("a", 0),
+            Some((live_addr.clone(), true)),
+            "the live master lost its place"
+        );
+
+        // A master that went without a word (nothing listens at its address any more) is
+        // replaced at once by its successor, not after it expires.
+        let ns = name_server();
+        assert_eq!(ns.register(&registration(&gone_addr)).await.code, ok);
+        assert_eq!(ns.register(&registration(&live_addr)).await.code, ok);
+        assert_eq!(ns.routes().registered("a", 0), Some((live_addr, true)));
+        drop(live);
+    }
 }

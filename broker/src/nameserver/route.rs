@@ -28,6 +28,30 @@ pub struct RegisterOutcome {
     pub master_addr: Option<String>,
 }
 
+#[cfg(test)]
+impl RouteTable {
+    /// The address registered as `broker_id` of group `broker_name`, and whether it counts as
+    /// alive (tests).
+    pub(crate) fn registered(&self, broker_name: &str, broker_id: i64) -> Option<(String, bool)> {
+        let addr = self
+            .brokers
+            .get(broker_name)?
+            .broker_addrs
+            .get(&broker_id)?;
+        Some((addr.clone(), self.live.contains_key(addr)))
+    }
+}
+
+/// Why a registration was refused: another live broker holds the same brokerId of the group.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Refused {
+    /// Address of the broker registered under that id.
+    pub existing: String,
+    /// What the refused broker is told.
+    pub reason: String,
+}
+
 /// Every route the name server knows.
 #[derive(Debug, Default)]
 pub struct RouteTable {
@@ -58,7 +82,7 @@ pub struct Registration {
 
 impl RouteTable {
     /// Records a broker's registration (or heartbeat) at `now`.
-    pub fn register(&mut self, r: Registration, now: Instant) -> Result<RegisterOutcome, String> {
+    pub fn register(&mut self, r: &Registration, now: Instant) -> Result<RegisterOutcome, Refused> {
         // One address per brokerId in a group: a second master (or a second slave with the
         // same id) is refused while the first is alive.
         if let Some(existing) = self
@@ -76,11 +100,15 @@ impl RouteTable {
                 } else {
                     format!("brokerId {}", r.broker_id)
                 };
-                return Err(format!(
-                    "group {} already has {what} at {existing}; {} cannot register as brokerId {} \
-                     (check brokerName/brokerId, or wait until the old broker expires)",
-                    r.broker_name, r.broker_addr, r.broker_id
-                ));
+                return Err(Refused {
+                    existing: existing.clone(),
+                    reason: format!(
+                        "group {} already has {what} at {existing}; {} cannot register as \
+                         brokerId {} (check brokerName/brokerId, or wait until the old broker \
+                         expires)",
+                        r.broker_name, r.broker_addr, r.broker_id
+                    ),
+                });
             }
         }
         self.clusters
@@ -130,7 +158,7 @@ impl RouteTable {
                 last_seen: now,
                 timeout: r.timeout,
                 ha_addr: r.ha_addr.clone(),
-                cluster: r.cluster,
+                cluster: r.cluster.clone(),
                 broker_name: r.broker_name.clone(),
                 broker_id: r.broker_id,
             },
@@ -265,8 +293,8 @@ mod tests {
     fn route_lists_every_group_holding_the_topic() {
         let mut t = RouteTable::default();
         let now = Instant::now();
-        t.register(reg("a", "h1:1", 0, &["T"]), now).unwrap();
-        t.register(reg("b", "h2:1", 0, &["T", "U"]), now).unwrap();
+        t.register(&reg("a", "h1:1", 0, &["T"]), now).unwrap();
+        t.register(&reg("b", "h2:1", 0, &["T", "U"]), now).unwrap();
         let r = t.route("T").unwrap();
         assert_eq!(r.queue_datas.len(), 2);
         assert_eq!(r.broker_datas.len(), 2);
@@ -278,8 +306,8 @@ mod tests {
     fn slave_learns_its_master_and_is_listed_by_id() {
         let mut t = RouteTable::default();
         let now = Instant::now();
-        t.register(reg("a", "h1:1", 0, &["T"]), now).unwrap();
-        let out = t.register(reg("a", "h2:1", 1, &[]), now).unwrap();
+        t.register(&reg("a", "h1:1", 0, &["T"]), now).unwrap();
+        let out = t.register(&reg("a", "h2:1", 1, &[]), now).unwrap();
         assert_eq!(out.master_addr.as_deref(), Some("h1:1"));
         assert_eq!(out.ha_server_addr.as_deref(), Some("h1:1-ha"));
         let bd = &t.route("T").unwrap().broker_datas[0];
@@ -291,9 +319,9 @@ mod tests {
     fn silent_broker_expires_and_its_topics_go_with_its_group() {
         let mut t = RouteTable::default();
         let start = Instant::now();
-        t.register(reg("a", "h1:1", 0, &["T"]), start).unwrap();
+        t.register(&reg("a", "h1:1", 0, &["T"]), start).unwrap();
         t.register(
-            reg("b", "h2:1", 0, &["T"]),
+            &reg("b", "h2:1", 0, &["T"]),
             start + Duration::from_secs(100),
         )
         .unwrap();
@@ -309,14 +337,15 @@ mod tests {
     fn second_master_of_a_group_is_refused_while_the_first_lives() {
         let mut t = RouteTable::default();
         let start = Instant::now();
-        t.register(reg("a", "h1:1", 0, &["T"]), start).unwrap();
-        let err = t.register(reg("a", "h9:1", 0, &["T"]), start).unwrap_err();
-        assert!(err.contains("already has a master at h1:1"), "{err}");
+        t.register(&reg("a", "h1:1", 0, &["T"]), start).unwrap();
+        let err = t.register(&reg("a", "h9:1", 0, &["T"]), start).unwrap_err();
+        assert!(err.reason.contains("already has a master at h1:1"), "{err}");
+        assert_eq!(err.existing, "h1:1");
         // Re-registering the same master is a heartbeat, not a conflict.
-        t.register(reg("a", "h1:1", 0, &["T"]), start).unwrap();
+        t.register(&reg("a", "h1:1", 0, &["T"]), start).unwrap();
         // Once the first expires, the new one may take over.
         t.register(
-            reg("a", "h9:1", 0, &["T"]),
+            &reg("a", "h9:1", 0, &["T"]),
             start + Duration::from_secs(121),
         )
         .unwrap();
@@ -329,7 +358,7 @@ mod tests {
     #[test]
     fn wipe_write_perm_leaves_read() {
         let mut t = RouteTable::default();
-        t.register(reg("a", "h1:1", 0, &["T", "U"]), Instant::now())
+        t.register(&reg("a", "h1:1", 0, &["T", "U"]), Instant::now())
             .unwrap();
         assert_eq!(t.wipe_write_perm("a"), 2);
         assert_eq!(t.route("T").unwrap().queue_datas[0].perm, 4);
