@@ -265,6 +265,8 @@ pub struct MessageStore {
     pub recovery: commitlog::RecoveryReport,
     /// Wakes replication senders when the log grows.
     pub appended: tokio::sync::Notify,
+    /// The commit log's first offset when every queue's minimum was last moved to it.
+    queues_min: AtomicU64,
     /// Bytes a slave received past the last whole message (dispatched once complete).
     partial: Mutex<Vec<u8>>,
     /// Sends waiting to share the next commit-log write.
@@ -400,6 +402,7 @@ impl MessageStore {
             topics,
             recovery: report,
             appended: tokio::sync::Notify::new(),
+            queues_min: AtomicU64::new(min_phys),
             partial: Mutex::new(Vec::new()),
             group: Mutex::new(SendGroup::default()),
         });
@@ -966,11 +969,20 @@ impl MessageStore {
     /// Deletes commit-log segments older than `fileReservedTime` and moves queue minimums.
     pub fn delete_expired(&self) -> Result<(), StoreError> {
         let age = Duration::from_secs(self.cfg.file_reserved_hours * 3600);
-        let before = self.commitlog.min_offset();
         let min = self.commitlog.delete_expired(age)?;
-        if min != before {
+        if min != self.queues_min.load(Ordering::Acquire) {
+            // Every queue, whatever one of them answers: a queue left behind would send its
+            // consumers to deleted data until the next correction, which only a completed
+            // one marks done.
+            let mut failed = None;
             for cq in self.all_queues() {
-                cq.correct_min_offset(min)?;
+                if let Err(e) = cq.correct_min_offset(min) {
+                    failed.get_or_insert(e);
+                }
+            }
+            match failed {
+                Some(e) => return Err(e),
+                None => self.queues_min.store(min, Ordering::Release),
             }
         }
         Ok(())
@@ -1035,12 +1047,16 @@ impl MessageStore {
         let mut next = offset;
         let mut count = 0;
         let mut bytes = 0usize;
+        // Entries whose segment retention has just deleted, before the queue's minimum was
+        // moved past them, are passed over like messages of other tags (Java answers
+        // MESSAGE_WAS_REMOVING the same way: retry from further on).
+        let log_min = self.commitlog.min_offset();
         for e in &entries {
             if count >= max_count || (bytes > 0 && bytes + e.size as usize > max_bytes) {
                 break;
             }
             next += 1;
-            if !filter(e.tags_code) {
+            if e.offset < log_min || !filter(e.tags_code) {
                 continue;
             }
             match ranges.last_mut() {
