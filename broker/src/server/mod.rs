@@ -57,6 +57,8 @@ struct Metrics {
     messages_in: Counter,
     bytes_in: Counter,
     messages_out: Counter,
+    /// Pulls of data probably no longer in memory, read off the event loops.
+    cold_pulls: Counter,
     send_latency: Histogram,
     sync_wait: Histogram,
     slave_lag: Family<SlaveLabel, Gauge>,
@@ -741,6 +743,7 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         messages_in: Counter::default(),
         bytes_in: Counter::default(),
         messages_out: Counter::default(),
+        cold_pulls: Counter::default(),
         send_latency: Histogram::new(exponential_buckets(0.000_025, 2.0, 16)),
         sync_wait: Histogram::new(exponential_buckets(0.000_025, 2.0, 16)),
         slave_lag: Family::default(),
@@ -780,6 +783,11 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         "messages_pulled",
         "Messages returned to pulls",
         metrics.messages_out.clone(),
+    );
+    registry.register(
+        "pulls_cold",
+        "Pulls of data beyond accessMessageInMemoryMaxRatio of the log's end, read on a blocking thread",
+        metrics.cold_pulls.clone(),
     );
     registry.register(
         "send_latency_seconds",

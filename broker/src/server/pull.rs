@@ -9,7 +9,7 @@ use crate::remoting::header::{
 };
 use crate::remoting::{RemotingCommand, ResponseCode};
 use crate::store::topics::{TopicConfig, PERM_READ};
-use crate::store::{GetResult, GetStatus};
+use crate::store::{GetResult, GetStatus, StoreError};
 
 use super::clients::TagFilter;
 use super::Broker;
@@ -145,10 +145,9 @@ impl Broker {
                 n.enable();
             }
             let got = match self
-                .store
-                .get(&h.topic, h.queue_id, offset, max, max_bytes, |c| {
-                    filter.matches(c)
-                }) {
+                .read(&h.topic, h.queue_id, offset, max, max_bytes, &filter)
+                .await
+            {
                 Ok(g) => g,
                 Err(e) => {
                     return req.error_to(ResponseCode::SystemError, format!("read failed: {e}"))
@@ -185,6 +184,42 @@ impl Broker {
                 }
             }
         }
+    }
+
+    /// Reads for a pull. Data probably no longer in memory is read on a blocking thread, as
+    /// Java reads pulls on threads of their own: a consumer catching up from the disk must not
+    /// hold up the sends of the event loop its connection shares.
+    async fn read(
+        &self,
+        topic: &str,
+        queue_id: i32,
+        offset: u64,
+        max: usize,
+        max_bytes: usize,
+        filter: &TagFilter,
+    ) -> Result<GetResult, StoreError> {
+        let first = self
+            .store
+            .queue(topic, queue_id)
+            .and_then(|q| q.get(offset, 1).ok()?.first().copied());
+        let log_end = self.store.commitlog().max_offset();
+        let cold = first.is_some_and(|e| !self.in_memory(log_end.saturating_sub(e.offset)));
+        if !cold {
+            return self
+                .store
+                .get(topic, queue_id, offset, max, max_bytes, |c| {
+                    filter.matches(c)
+                });
+        }
+        self.metrics.cold_pulls.inc();
+        let (store, topic, filter) = (self.store.clone(), topic.to_string(), filter.clone());
+        tokio::task::spawn_blocking(move || {
+            store.get(&topic, queue_id, offset, max, max_bytes, |c| {
+                filter.matches(c)
+            })
+        })
+        .await
+        .unwrap_or(Err(StoreError::Shutdown))
     }
 
     fn pull_response(&self, req: &RemotingCommand, offset: u64, got: GetResult) -> RemotingCommand {

@@ -373,3 +373,32 @@ async fn a_new_group_reads_from_the_start_only_while_the_start_is_in_memory() {
     assert_eq!(query_offset(&h.broker, None), not_found);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_of_data_no_longer_in_memory_are_read_off_the_event_loop() {
+    for (ratio, cold) in [(40, 0), (0, 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = BrokerConfig {
+            store_root: dir.path().to_path_buf(),
+            listen_port: 0,
+            http_port: 0,
+            ha_listen_port: 0,
+            access_message_in_memory_max_ratio: ratio,
+            ..BrokerConfig::default()
+        };
+        let h = start(cfg).await.unwrap();
+        h.broker
+            .store
+            .topics
+            .put(TopicConfig::new("T", 4, PERM_READ | PERM_WRITE))
+            .unwrap();
+        h.broker.store.append(&tagged(0, "A", 3)).unwrap();
+        let (code, got) = pull_at(&h.broker, 0, 0, 0, "*").await;
+        assert_eq!(
+            (code, got.next_begin_offset),
+            (ResponseCode::Success.code(), 3)
+        );
+        assert_eq!(h.broker.metrics.cold_pulls.get(), cold, "ratio {ratio}");
+        h.stop().await;
+    }
+}
