@@ -345,6 +345,9 @@ ext_header! {
         pub queue_id: i32 => "queueId",
         /// Store time in ms to search for.
         pub timestamp: i64 => "timestamp",
+        /// `LOWER` (default) or `UPPER`: the first message at or after the time, or the last
+        /// at or before it (RocketMQ 5).
+        pub boundary_type: Option<String> => "boundaryType",
     }
 }
 

@@ -9,7 +9,7 @@ use crate::remoting::header::{
 };
 use crate::remoting::{RemotingCommand, ResponseCode};
 use crate::store::topics::{TopicConfig, PERM_READ};
-use crate::store::{GetResult, GetStatus, StoreError};
+use crate::store::{Boundary, GetResult, GetStatus, StoreError};
 
 use super::clients::TagFilter;
 use super::Broker;
@@ -376,7 +376,14 @@ impl Broker {
             Ok(h) => h,
             Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
         };
-        match self.store.search_offset(&h.topic, h.queue_id, h.timestamp) {
+        let boundary = match h.boundary_type.as_deref() {
+            Some(b) if b.eq_ignore_ascii_case("upper") => Boundary::Upper,
+            _ => Boundary::Lower,
+        };
+        match self
+            .store
+            .search_offset(&h.topic, h.queue_id, h.timestamp, boundary)
+        {
             Ok(offset) => {
                 let mut resp = req.response_to(ResponseCode::Success);
                 resp.ext_fields = OffsetResponseHeader {

@@ -245,6 +245,17 @@ struct FlushShared {
 /// it): about half a second of appends at full speed.
 const PREPARE_AHEAD: u64 = 16 << 20;
 
+/// Which message a search by time answers when several, or none, were stored at that time
+/// (RocketMQ 5's `boundaryType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Boundary {
+    /// The first message stored at or after the time.
+    #[default]
+    Lower,
+    /// The last message stored at or before the time.
+    Upper,
+}
+
 /// The broker's storage engine.
 pub struct MessageStore {
     cfg: StoreConfig,
@@ -1086,31 +1097,42 @@ impl MessageStore {
         Ok(res)
     }
 
-    /// Queue offset of the first message stored at or after `timestamp` (ms); the queue end if
-    /// none is.
+    /// Queue offset of the message stored at `timestamp` (ms), by `boundary`: the first one
+    /// stored at or after it (the queue end if none is), or the last one stored at or before it
+    /// (the queue's first if none is).
     pub fn search_offset(
         &self,
         topic: &str,
         queue_id: i32,
         timestamp: i64,
+        boundary: Boundary,
     ) -> Result<u64, StoreError> {
         let Some(cq) = self.queue(topic, queue_id) else {
             return Ok(0);
         };
-        let (mut lo, mut hi) = (cq.min_offset(), cq.max_offset());
+        let (min, max) = (cq.min_offset(), cq.max_offset());
+        // The first entry stored after `timestamp` (Upper), or at or after it (Lower).
+        let (mut lo, mut hi) = (min, max);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             let Some(e) = cq.get(mid, 1)?.first().copied() else {
                 break;
             };
-            let m = self.commitlog.read_message(e.offset)?;
-            if m.store_timestamp < timestamp {
+            let stored = self.commitlog.read_message(e.offset)?.store_timestamp;
+            let before = match boundary {
+                Boundary::Lower => stored < timestamp,
+                Boundary::Upper => stored <= timestamp,
+            };
+            if before {
                 lo = mid + 1;
             } else {
                 hi = mid;
             }
         }
-        Ok(lo)
+        Ok(match boundary {
+            Boundary::Lower => lo,
+            Boundary::Upper => lo.saturating_sub(1).max(min),
+        })
     }
 
     /// Store time of the first stored message of a queue.

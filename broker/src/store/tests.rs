@@ -328,8 +328,42 @@ fn search_by_timestamp_finds_the_first_message_at_or_after() {
     let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
     fill(&store, 10);
     let t = store.earliest_time("T", 0).unwrap().unwrap();
-    assert_eq!(store.search_offset("T", 0, t).unwrap(), 0);
-    assert_eq!(store.search_offset("T", 0, i64::MAX).unwrap(), 5);
+    assert_eq!(store.search_offset("T", 0, t, Boundary::Lower).unwrap(), 0);
+    assert_eq!(
+        store
+            .search_offset("T", 0, i64::MAX, Boundary::Lower)
+            .unwrap(),
+        5
+    );
+    store.shutdown();
+}
+
+#[test]
+fn search_by_timestamp_upper_finds_the_last_message_at_or_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    // Queue offsets 0 and 1 stored at one time, 2 and 3 at a later one.
+    let mut times = Vec::new();
+    for pair in 0..2 {
+        let stored = store
+            .append(&[msg("T", 0, pair * 2, "A"), msg("T", 0, pair * 2 + 1, "A")])
+            .unwrap();
+        let m = store
+            .commitlog()
+            .read_message(stored[0].physical_offset)
+            .unwrap();
+        times.push(m.store_timestamp);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (t1, t2) = (times[0], times[1]);
+    let search = |t, b| store.search_offset("T", 0, t, b).unwrap();
+    assert_eq!(search(t1 - 1, Boundary::Upper), 0, "none before: the first");
+    assert_eq!(search(t1, Boundary::Upper), 1);
+    assert_eq!(search(t1 + 1, Boundary::Upper), 1);
+    assert_eq!(search(t2, Boundary::Upper), 3);
+    assert_eq!(search(i64::MAX, Boundary::Upper), 3);
+    assert_eq!(search(t1 + 1, Boundary::Lower), 2);
+    assert_eq!(search(t1, Boundary::Lower), 0);
     store.shutdown();
 }
 
