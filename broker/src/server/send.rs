@@ -310,6 +310,18 @@ impl Broker {
                 "a slave cannot take messages back",
             );
         }
+        // A read-only broker (draining before it is removed) takes nothing back either: the
+        // consumer then sends the retry through its producer to a writable broker, as it does
+        // against Java's.
+        if self.cfg.permission & PERM_WRITE == 0 || self.write_wiped() {
+            return req.error_to(
+                ResponseCode::NoPermission,
+                format!(
+                    "the broker[{}] sending message is forbidden",
+                    self.cfg.broker_addr()
+                ),
+            );
+        }
         let orig = match self.store.commitlog().read_message(h.offset as u64) {
             Ok(m) => m,
             Err(e) => {

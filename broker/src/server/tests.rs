@@ -402,3 +402,37 @@ async fn pulls_of_data_no_longer_in_memory_are_read_off_the_event_loop() {
         h.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_broker_takes_no_message_back() {
+    use crate::remoting::header::ConsumerSendMsgBackRequestHeader;
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let stored = h.broker.store.append(&tagged(0, "A", 1)).unwrap();
+    let back = ConsumerSendMsgBackRequestHeader {
+        offset: stored[0].physical_offset as i64,
+        group: "G".into(),
+        delay_level: 0,
+        origin_msg_id: None,
+        origin_topic: Some("T".into()),
+        unit_mode: false,
+        max_reconsume_times: None,
+    };
+    let req = RemotingCommand::request(RequestCode::ConsumerSendMsgBack.code(), back.to_ext());
+    let born: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    assert_eq!(
+        h.broker.send_back(&req, born).await.code,
+        ResponseCode::Success.code()
+    );
+    // Draining before scale-in: write permission wiped.
+    h.broker.wiped.store(true, Ordering::Release);
+    let end = h.broker.store.commitlog().max_offset();
+    let resp = h.broker.send_back(&req, born).await;
+    assert_eq!(resp.code, ResponseCode::NoPermission.code(), "{resp:?}");
+    assert_eq!(
+        h.broker.store.commitlog().max_offset(),
+        end,
+        "stored anyway"
+    );
+    h.stop().await;
+}
