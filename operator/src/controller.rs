@@ -33,6 +33,9 @@ pub const ANNOTATION_FORCE_DRAIN: &str = "ferromq.io/force-drain";
 pub const ANNOTATION_TOPICS_SHARED: &str = "ferromq.io/topics-shared";
 /// Annotation on a group's StatefulSet: when its drain started (RFC 3339).
 pub const ANNOTATION_DRAIN_STARTED: &str = "ferromq.io/drain-started";
+/// Pod-template annotation of a group's StatefulSet: when a cancelled drain restarted its pods
+/// (RFC 3339), the only way to give a broker its write permission back.
+pub const ANNOTATION_WRITES_RESTORED: &str = "ferromq.io/writes-restored-at";
 
 /// Why a reconcile failed; the variant name becomes the event reason and metric label.
 #[derive(Debug, thiserror::Error)]
@@ -230,13 +233,44 @@ fn condition(
     }
 }
 
+/// What `build_status` needs from the cluster.
 struct Observed {
     ns_ready: i32,
     groups: Vec<GroupStatus>,
+    /// StatefulSets (name servers, wanted groups) not yet running their current spec on every
+    /// pod, described for the Progressing message.
+    rolling: Vec<String>,
     draining: Vec<String>,
     stuck: Vec<String>,
     /// Draining groups whose broker could not be asked, with the cause.
     drain_failed: Vec<String>,
+}
+
+/// Why StatefulSet `name` does not yet run its current spec on `want` ready pods, or `None`
+/// when it does: its controller has seen the latest generation, every pod is at the update
+/// revision, and all are ready. Ready pods alone say nothing about a spec just edited, whose
+/// pods have not rolled yet.
+fn rollout_gap(name: &str, sts: Option<&StatefulSet>, want: i32) -> Option<String> {
+    let Some(sts) = sts else {
+        return Some(format!("{name} to be created"));
+    };
+    let st = sts.status.clone().unwrap_or_default();
+    let seen = st.observed_generation.unwrap_or(0) >= sts.metadata.generation.unwrap_or(0);
+    let updated = st.updated_replicas.unwrap_or(0);
+    let ready = st.ready_replicas.unwrap_or(0);
+    let same_revision = match (&st.current_revision, &st.update_revision) {
+        (Some(current), Some(update)) => current == update,
+        _ => true,
+    };
+    if !seen {
+        return Some(format!("{name} to take its new spec"));
+    }
+    if st.replicas == want && updated == want && ready == want && same_revision {
+        return None;
+    }
+    Some(format!(
+        "{name} ({ready}/{want} ready, {updated}/{want} updated)"
+    ))
 }
 
 fn build_status(
@@ -251,10 +285,7 @@ fn build_status(
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
     let generation = bc.metadata.generation;
-    let ready = invalid.is_none()
-        && obs.ns_ready >= plan.name_server.replicas
-        && obs.groups.iter().all(|g| g.ready_replicas >= g.replicas)
-        && obs.draining.is_empty();
+    let ready = invalid.is_none() && obs.rolling.is_empty() && obs.draining.is_empty();
     let progressing = !ready && invalid.is_none();
     let (degraded, degraded_reason, degraded_msg) = match (&invalid, obs.stuck.is_empty()) {
         (Some(msg), _) => (true, "InvalidSpec", msg.clone()),
@@ -276,19 +307,8 @@ fn build_status(
         ),
         (None, true) => (false, "AsPlanned", "no problem observed".to_string()),
     };
-    let waiting: Vec<String> = obs
-        .groups
-        .iter()
-        .filter(|g| g.ready_replicas < g.replicas)
-        .map(|g| format!("{} {}/{}", g.name, g.ready_replicas, g.replicas))
-        .collect();
     let progress_msg = if obs.draining.is_empty() {
-        format!(
-            "waiting for name servers {}/{} and groups [{}]",
-            obs.ns_ready,
-            plan.name_server.replicas,
-            waiting.join(", ")
-        )
+        format!("waiting for {}", obs.rolling.join("; "))
     } else {
         format!("draining {}", obs.draining.join(", "))
     };
@@ -369,9 +389,12 @@ async fn patch_status(
     Ok(true)
 }
 
-/// One step of draining `group`: makes it read-only the first time (`start`), marking its
-/// StatefulSet and recording an event, then tells whether consumers have caught up. A broker
-/// that cannot be asked is an [`Error::Drain`]; the caller keeps the group and goes on.
+/// One pass of draining `group`: on the first pass (`start`) marks its StatefulSet and records
+/// an event; on every pass makes the group read-only, then tells whether consumers have caught
+/// up. The wipe is asserted again each pass because the broker holds it in memory only: a
+/// master restarted mid-drain (eviction, OOM) would take writes again, and the group could be
+/// deleted with messages nobody consumed. A broker that cannot be asked is an
+/// [`Error::Drain`]; the caller keeps the group and goes on.
 async fn drain_step(
     ctx: &Context,
     bc: &BrokerCluster,
@@ -385,7 +408,8 @@ async fn drain_step(
         reason,
     };
     if start {
-        ctx.admin.make_read_only(group).await.map_err(drain_error)?;
+        // Marked before the first wipe, so that a wipe which got halfway (the broker, not the
+        // name servers) is undone as well if the scale-in is reverted.
         let mark = serde_json::json!({"metadata": {"annotations": {ANNOTATION_DRAIN_STARTED: k8s_openapi::jiff::Timestamp::now().to_string()}}});
         sts_api
             .patch(name, &PatchParams::default(), &Patch::Merge(&mark))
@@ -395,11 +419,42 @@ async fn drain_step(
             bc,
             EventType::Normal,
             "Draining",
-            format!("{name} is read-only; waiting for consumers before removing it"),
+            format!("making {name} read-only; it is removed once consumers have caught up"),
         )
         .await;
     }
+    ctx.admin.make_read_only(group).await.map_err(drain_error)?;
     ctx.admin.drained(group).await.map_err(drain_error)
+}
+
+/// Gives write permission back to a group whose drain started but which the plan wants again
+/// (a scale-in reverted before it finished). The broker keeps the wipe in memory only and has
+/// no call to undo it, so the group's pods are rolled through a pod-template annotation: they
+/// restart writable, and their registrations give the name servers write permission back.
+async fn cancel_drain(
+    ctx: &Context,
+    bc: &BrokerCluster,
+    sts_api: &Api<StatefulSet>,
+    group: &str,
+) -> Result<(), Error> {
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {ANNOTATION_DRAIN_STARTED: null}},
+        "spec": {"template": {"metadata": {"annotations": {ANNOTATION_WRITES_RESTORED: now}}}},
+    });
+    sts_api
+        .patch(group, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    tracing::info!(cluster = %bc.name_any(), %group, "scale-in reverted: restarting the group to make it writable");
+    publish(
+        ctx,
+        bc,
+        EventType::Normal,
+        "DrainCancelled",
+        format!("{group} is wanted again: restarting its pods to make it writable"),
+    )
+    .await;
+    Ok(())
 }
 
 /// One reconcile of a BrokerCluster.
@@ -432,6 +487,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
             let obs = Observed {
                 ns_ready: 0,
                 groups: Vec::new(),
+                rolling: Vec::new(),
                 draining: Vec::new(),
                 stuck: Vec::new(),
                 drain_failed: Vec::new(),
@@ -483,9 +539,14 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
             continue;
         };
         if labels.get(LABEL_COMPONENT).map(String::as_str) != Some("broker")
-            || wanted.contains(&group)
             || !controlled_by(sts, &owner.uid)
         {
+            continue;
+        }
+        if wanted.contains(&group) {
+            if sts.annotations().contains_key(ANNOTATION_DRAIN_STARTED) {
+                cancel_drain(&ctx, &bc, &sts_api, &group).await?;
+            }
             continue;
         }
         if force {
@@ -586,15 +647,17 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
     let live_sts = sts_api
         .list(&ListParams::default().labels(&selector))
         .await?;
+    let find = |n: &str| live_sts.items.iter().find(|s| s.name_any() == n);
     let ready_of = |n: &str| {
-        live_sts
-            .items
-            .iter()
-            .find(|s| s.name_any() == n)
+        find(n)
             .and_then(|s| s.status.as_ref())
             .and_then(|s| s.ready_replicas)
             .unwrap_or(0)
     };
+    let rolling: Vec<String> = std::iter::once((&plan.name_server.name, plan.name_server.replicas))
+        .chain(plan.groups.iter().map(|g| (&g.name, g.replicas())))
+        .filter_map(|(n, want)| rollout_gap(n, find(n), want))
+        .collect();
     let groups = plan
         .groups
         .iter()
@@ -618,6 +681,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
     let obs = Observed {
         ns_ready: ready_of(&plan.name_server.name),
         groups,
+        rolling,
         draining: draining.clone(),
         stuck: stuck.clone(),
         drain_failed: drain_failed.clone(),

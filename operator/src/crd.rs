@@ -39,6 +39,10 @@ pub const OWNED_CONFIG_KEYS: &[&str] = &[
     status = "BrokerClusterStatus",
     shortname = "bc",
     cel,
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a letter and ending with a letter or digit): it names the cluster's Services"),
+    validation = Rule::new("size(self.metadata.name) <= 41")
+        .message("metadata.name may have at most 41 characters: <name>-nameserver and <name>-broker-<index> name StatefulSets, which Kubernetes limits to 52 characters"),
     printcolumn = r#"{"name":"Masters","type":"integer","jsonPath":".spec.broker.masters"}"#,
     printcolumn = r#"{"name":"Slaves","type":"integer","jsonPath":".spec.broker.slavesPerMaster"}"#,
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".status.mode"}"#,
@@ -169,7 +173,10 @@ pub enum Flush {
 pub struct BrokerSpec {
     /// Broker groups (brokerNames), each with one master.
     #[serde(default = "one")]
-    #[x_kube(validation = Rule::new("self >= 1").message("broker.masters must be at least 1"))]
+    #[x_kube(
+        validation = Rule::new("self >= 1").message("broker.masters must be at least 1"),
+        validation = Rule::new("self <= 1000").message("broker.masters may be at most 1000 (group names, up to <name>-broker-999, must stay valid StatefulSet names)")
+    )]
     pub masters: i32,
     /// Slaves per master; 0 runs multi-master without replication.
     #[serde(default)]

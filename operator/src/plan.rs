@@ -22,6 +22,29 @@ pub const STORE_PATH: &str = "/data/store";
 /// Where broker.conf is mounted.
 pub const CONFIG_DIR: &str = "/etc/ferromq";
 
+/// Longest BrokerCluster name: `<name>-nameserver` and `<name>-broker-999` name StatefulSets,
+/// which must fit 52 characters (their pods carry a `controller-revision-hash` label of the
+/// StatefulSet name plus an 11-character suffix, and label values fit 63). The CRD refuses
+/// longer names; the plan checks again for objects created before that rule.
+pub const MAX_CLUSTER_NAME_LEN: usize = 41;
+/// Most broker groups a cluster may have: group indices stay within three digits, which
+/// [`MAX_CLUSTER_NAME_LEN`] is computed for.
+pub const MAX_MASTERS: i32 = 1000;
+/// Longest StatefulSet name whose pods Kubernetes can create.
+pub const MAX_STATEFULSET_NAME_LEN: usize = 52;
+
+/// Whether `name` is a DNS-1035 label (what Service names must be): lowercase letters, digits
+/// and '-', starting with a letter, ending with a letter or digit, at most 63 characters.
+pub fn is_dns_label(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.last() != Some(&b'-')
+}
+
 /// Why a spec cannot be planned (the schema catches most of these first).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -170,6 +193,11 @@ fn hash(parts: &[&str]) -> String {
         .collect()
 }
 
+/// Name of the name servers' StatefulSet (and client Service).
+pub fn name_server_name(cluster: &str) -> String {
+    format!("{cluster}-nameserver")
+}
+
 /// Name of group `i`'s StatefulSet (and brokerName).
 pub fn group_name(cluster: &str, i: i32) -> String {
     format!("{cluster}-broker-{i}")
@@ -182,7 +210,21 @@ pub fn plan(
     spec: &BrokerClusterSpec,
     default_image: &str,
 ) -> Result<ClusterPlan, PlanError> {
+    if !is_dns_label(name) || name.len() > MAX_CLUSTER_NAME_LEN {
+        return Err(PlanError::Invalid {
+            field: "metadata.name",
+            value: name.to_string(),
+            why: "must be a DNS-1035 label of at most 41 characters (it prefixes every StatefulSet and Service name)",
+        });
+    }
     let b = &spec.broker;
+    if b.masters > MAX_MASTERS {
+        return Err(PlanError::Invalid {
+            field: "broker.masters",
+            value: b.masters.to_string(),
+            why: "at most 1000 masters",
+        });
+    }
     if b.masters < 1 {
         return Err(PlanError::Invalid {
             field: "broker.masters",
@@ -218,7 +260,7 @@ pub fn plan(
     {
         return Err(PlanError::OwnedKey(k.clone()));
     }
-    let ns_name = format!("{name}-nameserver");
+    let ns_name = name_server_name(name);
     let name_server = NameServerPlan {
         headless_service: format!("{ns_name}-headless"),
         service: ns_name.clone(),
@@ -364,6 +406,57 @@ mod tests {
                 assert_eq!(conf.listen_port, BROKER_PORT);
             }
         }
+    }
+
+    /// Every name the plan and the builders derive from the cluster name, with what
+    /// Kubernetes allows for it.
+    fn generated_names(p: &ClusterPlan) -> Vec<(String, usize)> {
+        let mut names = vec![
+            (p.name_server.name.clone(), MAX_STATEFULSET_NAME_LEN),
+            (p.name_server.service.clone(), 63),
+            (p.name_server.headless_service.clone(), 63),
+        ];
+        for g in &p.groups {
+            names.push((g.name.clone(), MAX_STATEFULSET_NAME_LEN));
+            // Pod names are their hostnames.
+            names.extend(g.members.iter().map(|m| (m.pod.clone(), 63)));
+        }
+        names
+    }
+
+    #[test]
+    fn the_longest_cluster_name_keeps_every_generated_name_valid() {
+        let longest = "a".repeat(MAX_CLUSTER_NAME_LEN);
+        let s = spec(MAX_MASTERS, 2, Replication::Async, Flush::Async);
+        let p = plan(&longest, "n", &s, "i").unwrap();
+        for (name, max) in generated_names(&p) {
+            assert!(name.len() <= max, "{name} is longer than {max}");
+            assert!(is_dns_label(&name), "{name}");
+        }
+        // The bound is tight, for both StatefulSet kinds: one more character is too many.
+        let longer = "a".repeat(MAX_CLUSTER_NAME_LEN + 1);
+        assert!(name_server_name(&longer).len() > MAX_STATEFULSET_NAME_LEN);
+        assert!(group_name(&longer, MAX_MASTERS - 1).len() > MAX_STATEFULSET_NAME_LEN);
+    }
+
+    #[test]
+    fn names_that_cannot_prefix_kubernetes_names_are_refused() {
+        let s = spec(1, 0, Replication::Async, Flush::Async);
+        for bad in [
+            "a".repeat(MAX_CLUSTER_NAME_LEN + 1),
+            "1demo".to_string(),
+            "Demo".to_string(),
+            "demo-".to_string(),
+            "de.mo".to_string(),
+            String::new(),
+        ] {
+            let e = plan(&bad, "n", &s, "i").unwrap_err();
+            assert!(e.to_string().contains("metadata.name"), "{bad}: {e}");
+        }
+        assert!(plan("demo-2", "n", &s, "i").is_ok());
+        let many = spec(MAX_MASTERS + 1, 0, Replication::Async, Flush::Async);
+        let e = plan("demo", "n", &many, "i").unwrap_err();
+        assert!(e.to_string().contains("broker.masters"), "{e}");
     }
 
     #[test]

@@ -30,15 +30,71 @@ fn chart_ships_the_same_crd() {
 }
 
 fn cluster(spec: serde_json::Value) -> BrokerCluster {
+    named("demo", spec)
+}
+
+fn named(name: &str, spec: serde_json::Value) -> BrokerCluster {
     let spec: BrokerClusterSpec = serde_json::from_value(spec).unwrap();
     BrokerCluster {
         metadata: ObjectMeta {
-            name: Some("demo".into()),
+            name: Some(name.into()),
             ..Default::default()
         },
         spec,
         status: None,
     }
+}
+
+fn name_errors(name: &str) -> Vec<String> {
+    match named(name, serde_json::json!({})).validate_cel() {
+        Ok(()) => Vec::new(),
+        Err(e) => e.into_iter().map(|e| e.message.clone()).collect(),
+    }
+}
+
+#[test]
+fn names_every_generated_name_can_carry_are_accepted() {
+    for name in [
+        "demo",
+        "orders-2",
+        "a",
+        &"a".repeat(operator::plan::MAX_CLUSTER_NAME_LEN),
+    ] {
+        assert_eq!(name_errors(name), Vec::<String>::new(), "{name}");
+    }
+}
+
+#[test]
+fn names_too_long_or_not_dns_labels_are_refused() {
+    let long = "a".repeat(operator::plan::MAX_CLUSTER_NAME_LEN + 1);
+    let e = name_errors(&long);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("metadata.name may have at most 41 characters"),
+        "{e:?}"
+    );
+    for name in ["1demo", "demo-", "de.mo", "-demo"] {
+        let e = name_errors(name);
+        assert_eq!(e.len(), 1, "{name}: {e:?}");
+        assert!(
+            e[0].starts_with("metadata.name must be a DNS-1035 label"),
+            "{name}: {e:?}"
+        );
+    }
+}
+
+#[test]
+fn more_masters_than_group_names_allow_are_refused() {
+    assert_eq!(
+        errors(serde_json::json!({"broker": {"masters": 1000}})),
+        Vec::<String>::new()
+    );
+    let e = errors(serde_json::json!({"broker": {"masters": 1001}}));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("broker.masters may be at most 1000"),
+        "{e:?}"
+    );
 }
 
 fn errors(spec: serde_json::Value) -> Vec<String> {

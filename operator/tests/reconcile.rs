@@ -15,7 +15,9 @@ use futures::future::BoxFuture;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
-use operator::controller::{reconcile, Context, GroupAdmin, GroupRef, ANNOTATION_DRAIN_STARTED};
+use operator::controller::{
+    reconcile, Context, GroupAdmin, GroupRef, ANNOTATION_DRAIN_STARTED, ANNOTATION_WRITES_RESTORED,
+};
 use operator::crd::BrokerCluster;
 use serde_json::json;
 
@@ -24,6 +26,8 @@ const NS: &str = "mq";
 #[derive(Default)]
 struct FakeAdmin {
     broken: AtomicBool,
+    /// Whether only the wipe fails (e.g. the name servers refuse it).
+    wipe_fails: AtomicBool,
     read_only: std::sync::Mutex<Vec<String>>,
     drained: AtomicBool,
     checks: AtomicUsize,
@@ -36,7 +40,7 @@ struct FakeAdmin {
 impl GroupAdmin for FakeAdmin {
     fn make_read_only<'a>(&'a self, g: &'a GroupRef) -> BoxFuture<'a, Result<(), String>> {
         self.read_only.lock().unwrap().push(g.group.clone());
-        let broken = self.broken.load(Ordering::Relaxed);
+        let broken = self.broken.load(Ordering::Relaxed) || self.wipe_fails.load(Ordering::Relaxed);
         Box::pin(async move {
             if broken {
                 Err("broker unreachable".to_string())
@@ -142,15 +146,22 @@ impl Harness {
         )
     }
 
+    /// Every StatefulSet has rolled out its current spec: the controller saw its generation,
+    /// and every pod is at the update revision and ready.
     fn mark_ready(&self) {
         for name in self.api.names("statefulsets") {
             let sts = self.api.get("statefulsets", NS, &name).unwrap();
             let replicas = sts["spec"]["replicas"].clone();
+            let generation = sts["metadata"]["generation"].clone();
+            let revision = format!("{name}-rev{generation}");
             self.api.edit(
                 "statefulsets",
                 NS,
                 &name,
-                json!({"status": {"replicas": replicas, "readyReplicas": replicas}}),
+                json!({"status": {"observedGeneration": generation, "replicas": replicas,
+                    "readyReplicas": replicas, "updatedReplicas": replicas,
+                    "currentReplicas": replicas, "currentRevision": revision,
+                    "updateRevision": revision}}),
             );
         }
     }
@@ -198,7 +209,12 @@ async fn create_applies_every_object_in_order_and_reports_progress() {
         vec!["demo-broker-0", "demo-broker-1", "demo-nameserver"]
     );
     assert_eq!(h.api.names("configmaps").len(), 2);
-    assert_eq!(h.api.names("poddisruptionbudgets").len(), 2);
+    let mut pdbs = h.api.names("poddisruptionbudgets");
+    pdbs.sort();
+    assert_eq!(
+        pdbs,
+        vec!["demo-broker-0", "demo-broker-1", "demo-nameserver"]
+    );
     assert_eq!(h.api.names("services").len(), 4);
     let broker0 = h.api.get("statefulsets", NS, "demo-broker-0").unwrap();
     assert_eq!(broker0["spec"]["replicas"], 2);
@@ -258,6 +274,59 @@ async fn ready_members_make_the_cluster_ready() {
 }
 
 #[tokio::test]
+async fn a_spec_change_is_not_ready_until_every_pod_has_rolled() {
+    let h = harness(sync_double_write());
+    h.reconcile().await;
+    h.mark_ready();
+    h.reconcile().await;
+    assert_eq!(h.condition("Ready").0, "True");
+    h.edit_spec(json!({"flush": "Sync"}));
+    h.reconcile().await;
+    // Every pod is still ready, on the old broker.conf.
+    assert_eq!(h.status()["groups"][0]["readyReplicas"], 2);
+    assert_eq!(h.condition("Ready"), ("False".into(), "NotReady".into()));
+    assert_eq!(h.condition("Progressing").0, "True");
+    assert!(
+        ready_message(&h).contains("demo-broker-0"),
+        "{}",
+        ready_message(&h)
+    );
+    h.mark_ready();
+    h.reconcile().await;
+    assert_eq!(
+        h.condition("Ready"),
+        ("True".into(), "AllMembersReady".into())
+    );
+    assert_eq!(h.condition("Progressing").0, "False");
+    // A pod template changed again: until the pods are on the update revision, not ready.
+    h.api.edit(
+        "statefulsets",
+        NS,
+        "demo-broker-1",
+        json!({"status": {"updateRevision": "demo-broker-1-next"}}),
+    );
+    h.reconcile().await;
+    assert_eq!(h.condition("Ready").0, "False");
+    assert!(
+        ready_message(&h).contains("demo-broker-1"),
+        "{}",
+        ready_message(&h)
+    );
+}
+
+fn ready_message(h: &Harness) -> String {
+    h.status()["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
 async fn scaling_masters_out_creates_exactly_one_group() {
     let h = harness(sync_double_write());
     h.reconcile().await;
@@ -299,9 +368,15 @@ async fn scaling_masters_in_drains_the_group_before_deleting_it() {
         .unwrap()
         .iter()
         .any(|g| g["name"] == "demo-broker-2" && g["draining"] == true));
-    // Still not drained: read-only is not requested twice.
+    // Still not drained: read-only is asserted again on every pass, since a broker restarted
+    // mid-drain forgets it and would take writes again.
     h.reconcile().await;
-    assert_eq!(h.drain.read_only.lock().unwrap().len(), 1);
+    h.reconcile().await;
+    assert_eq!(
+        *h.drain.read_only.lock().unwrap(),
+        vec!["demo-broker-2".to_string(); 3]
+    );
+    assert_eq!(h.drain.checks.load(Ordering::Relaxed), 3);
     // Consumers caught up: everything of the group goes.
     h.drain.drained.store(true, Ordering::Relaxed);
     let mut writes = h.reconcile().await;
@@ -318,6 +393,63 @@ async fn scaling_masters_in_drains_the_group_before_deleting_it() {
     );
     assert!(h.api.get("statefulsets", NS, "demo-broker-2").is_none());
     assert!(h.api.get("statefulsets", NS, "demo-broker-1").is_some());
+}
+
+#[tokio::test]
+async fn a_draining_group_that_cannot_be_made_read_only_again_is_kept_and_reported() {
+    let h = harness(json!({"broker": {"masters": 3}}));
+    h.reconcile().await;
+    h.edit_spec(json!({"masters": 2}));
+    h.reconcile().await;
+    // Its master restarted writable and the wipe fails this time: whatever the consumers'
+    // offsets say, new messages may be arriving, so the group stays.
+    h.drain.wipe_fails.store(true, Ordering::Relaxed);
+    h.drain.drained.store(true, Ordering::Relaxed);
+    h.reconcile().await;
+    assert!(h.api.get("statefulsets", NS, "demo-broker-2").is_some());
+    assert_eq!(
+        h.condition("Degraded"),
+        ("True".into(), "DrainFailed".into())
+    );
+}
+
+#[tokio::test]
+async fn reverting_a_scale_in_makes_the_group_writable_again() {
+    let h = harness(json!({"broker": {"masters": 3}}));
+    h.reconcile().await;
+    h.edit_spec(json!({"masters": 2}));
+    h.reconcile().await;
+    let restored = |h: &Harness| {
+        h.api.get("statefulsets", NS, "demo-broker-2").unwrap()["spec"]["template"]["metadata"]
+            ["annotations"][ANNOTATION_WRITES_RESTORED]
+            .clone()
+    };
+    assert!(restored(&h).is_null());
+    // Back to three masters before consumers caught up.
+    h.edit_spec(json!({"masters": 3}));
+    let writes = h.reconcile().await;
+    assert!(
+        writes.contains(&"PATCH statefulsets/demo-broker-2".to_string()),
+        "{writes:?}"
+    );
+    let sts = h.api.get("statefulsets", NS, "demo-broker-2").unwrap();
+    assert!(
+        sts["metadata"]["annotations"][ANNOTATION_DRAIN_STARTED].is_null(),
+        "{sts:#}"
+    );
+    // The broker keeps the wipe in memory only: its pods restart to become writable.
+    assert!(restored(&h).is_string(), "{sts:#}");
+    assert_eq!(h.drain.read_only.lock().unwrap().len(), 1);
+    assert!(h.status()["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|g| g["draining"] == false));
+    assert_eq!(h.condition("Progressing").0, "True");
+    // Done once: the group is not restarted again.
+    let before = restored(&h);
+    h.reconcile().await;
+    assert_eq!(restored(&h), before);
 }
 
 #[tokio::test]

@@ -8,18 +8,15 @@ use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, ConfigMapVolumeSource, EmptyDirVolumeSource, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity, PodSpec, PodTemplateSpec, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
-    WeightedPodAffinityTerm,
+    ConfigMap, ConfigMapVolumeSource, EmptyDirVolumeSource, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount, VolumeResourceRequirements,
 };
-use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    base_container, field_env, http_probe, labels, meta, pod_security, port, selector, Resources,
-    ANNOTATION_CONFIG_HASH, LABEL_GROUP,
+    base_container, field_env, http_probe, labels, meta, pdb, pod_security, port, selector,
+    spread_over_nodes, Resources, ANNOTATION_CONFIG_HASH, LABEL_GROUP,
 };
 use crate::crd::BrokerClusterSpec;
 use crate::plan::{
@@ -41,29 +38,6 @@ fn group_selector(plan: &ClusterPlan, g: &BrokerGroupPlan) -> BTreeMap<String, S
     let mut l = selector(&plan.cluster, COMPONENT);
     l.insert(LABEL_GROUP.into(), g.name.clone());
     l
-}
-
-/// Prefer spreading a group's members over nodes, so a master and its slaves rarely share one.
-fn anti_affinity(plan: &ClusterPlan, g: &BrokerGroupPlan, user: Option<&Affinity>) -> Affinity {
-    let mut a = user.cloned().unwrap_or_default();
-    let term = WeightedPodAffinityTerm {
-        weight: 100,
-        pod_affinity_term: PodAffinityTerm {
-            label_selector: Some(LabelSelector {
-                match_labels: Some(group_selector(plan, g)),
-                ..Default::default()
-            }),
-            topology_key: "kubernetes.io/hostname".into(),
-            ..Default::default()
-        },
-    };
-    let anti = a
-        .pod_anti_affinity
-        .get_or_insert_with(PodAntiAffinity::default);
-    anti.preferred_during_scheduling_ignored_during_execution
-        .get_or_insert_with(Vec::new)
-        .push(term);
-    a
 }
 
 pub(super) fn render(
@@ -104,18 +78,10 @@ pub(super) fn render(
         }),
         ..Default::default()
     });
-    r.pdbs.push(PodDisruptionBudget {
-        metadata: meta(&g.name, plan, l.clone(), owner),
-        spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector {
-                match_labels: Some(group_selector(plan, g)),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    r.pdbs.push(pdb(
+        meta(&g.name, plan, l.clone(), owner),
+        group_selector(plan, g),
+    ));
 
     let b = &spec.broker;
     let mut c = base_container("mqbroker", plan, spec);
@@ -194,7 +160,12 @@ pub(super) fn render(
         security_context: Some(pod_security()),
         image_pull_secrets: (!spec.image_pull_secrets.is_empty())
             .then(|| spec.image_pull_secrets.clone()),
-        affinity: Some(anti_affinity(plan, g, sched.affinity.as_ref())),
+        // Prefer spreading a group's members over nodes, so a master and its slaves rarely
+        // share one.
+        affinity: Some(spread_over_nodes(
+            group_selector(plan, g),
+            sched.affinity.as_ref(),
+        )),
         tolerations: (!sched.tolerations.is_empty()).then(|| sched.tolerations.clone()),
         node_selector: (!sched.node_selector.is_empty()).then(|| sched.node_selector.clone()),
         topology_spread_constraints: (!sched.topology_spread_constraints.is_empty())

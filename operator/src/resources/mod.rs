@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, PodSecurityContext, Probe, SeccompProfile, SecurityContext, Service,
+    Affinity, Capabilities, ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
+    Probe, SeccompProfile, SecurityContext, Service, WeightedPodAffinityTerm,
 };
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::crd::BrokerClusterSpec;
@@ -43,7 +44,7 @@ pub struct Resources {
     pub services: Vec<Service>,
     /// broker.conf per group.
     pub config_maps: Vec<ConfigMap>,
-    /// One per broker group.
+    /// Name servers first, then one per broker group.
     pub pdbs: Vec<PodDisruptionBudget>,
     /// Name servers first, then one per broker group.
     pub stateful_sets: Vec<StatefulSet>,
@@ -156,6 +157,47 @@ fn field_env(name: &str, path: &str) -> EnvVar {
         }),
         ..Default::default()
     }
+}
+
+/// At most one pod of `selector` voluntarily evicted at a time (node drains, upgrades): a
+/// group keeps its master or a slave, the name-server tier keeps answering.
+fn pdb(metadata: ObjectMeta, selector: BTreeMap<String, String>) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata,
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The user's affinity plus a preferred anti-affinity spreading the pods of `selector` over
+/// nodes, so one node failure takes few of them. Preferred only: a small cluster still runs
+/// them all, and the user's own terms, required ones included, are kept as written.
+fn spread_over_nodes(selector: BTreeMap<String, String>, user: Option<&Affinity>) -> Affinity {
+    let mut a = user.cloned().unwrap_or_default();
+    let term = WeightedPodAffinityTerm {
+        weight: 100,
+        pod_affinity_term: PodAffinityTerm {
+            label_selector: Some(LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            }),
+            topology_key: "kubernetes.io/hostname".into(),
+            ..Default::default()
+        },
+    };
+    a.pod_anti_affinity
+        .get_or_insert_with(PodAntiAffinity::default)
+        .preferred_during_scheduling_ignored_during_execution
+        .get_or_insert_with(Vec::new)
+        .push(term);
+    a
 }
 
 fn base_container(name: &str, plan: &ClusterPlan, spec: &BrokerClusterSpec) -> Container {

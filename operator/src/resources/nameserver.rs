@@ -1,12 +1,15 @@
-//! The name-server tier: a StatefulSet, a headless Service brokers resolve to every pod, and a
-//! client Service.
+//! The name-server tier: a StatefulSet, a headless Service brokers resolve to every pod, a
+//! client Service and a PodDisruptionBudget.
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{PodSpec, PodTemplateSpec, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{base_container, http_probe, labels, meta, pod_security, port, selector, Resources};
+use super::{
+    base_container, http_probe, labels, meta, pdb, pod_security, port, selector, spread_over_nodes,
+    Resources,
+};
 use crate::crd::BrokerClusterSpec;
 use crate::plan::{ClusterPlan, NAMESRV_HTTP_PORT, NAMESRV_PORT};
 
@@ -57,13 +60,22 @@ pub(super) fn render(
     c.liveness_probe = Some(http_probe("/healthz", NAMESRV_HTTP_PORT, 10, 3));
     c.readiness_probe = Some(http_probe("/readyz", NAMESRV_HTTP_PORT, 5, 2));
     c.resources = spec.name_server.resources.clone();
+    r.pdbs.push(pdb(
+        meta(&ns.name, plan, labels(&plan.cluster, COMPONENT), owner),
+        selector(&plan.cluster, COMPONENT),
+    ));
     let sched = &spec.name_server.scheduling;
     let pod = PodSpec {
         containers: vec![c],
         security_context: Some(pod_security()),
         image_pull_secrets: (!spec.image_pull_secrets.is_empty())
             .then(|| spec.image_pull_secrets.clone()),
-        affinity: sched.affinity.clone(),
+        // Name servers on different nodes: one node failure leaves clients and brokers one
+        // to talk to.
+        affinity: Some(spread_over_nodes(
+            selector(&plan.cluster, COMPONENT),
+            sched.affinity.as_ref(),
+        )),
         tolerations: (!sched.tolerations.is_empty()).then(|| sched.tolerations.clone()),
         node_selector: (!sched.node_selector.is_empty()).then(|| sched.node_selector.clone()),
         topology_spread_constraints: (!sched.topology_spread_constraints.is_empty())

@@ -49,7 +49,7 @@ fn every_model_renders_the_objects_it_needs_in_apply_order() {
         let groups = s.broker.masters as usize;
         assert_eq!(r.services.len(), 2 + groups);
         assert_eq!(r.config_maps.len(), groups);
-        assert_eq!(r.pdbs.len(), groups);
+        assert_eq!(r.pdbs.len(), 1 + groups);
         assert_eq!(r.stateful_sets.len(), 1 + groups);
         let ns = &r.stateful_sets[0];
         assert_eq!(ns.metadata.name.as_deref(), Some("demo-nameserver"));
@@ -208,7 +208,7 @@ fn objects_carry_labels_owner_and_group_wiring() {
         "kubernetes.io/hostname"
     );
     assert_eq!(
-        r.pdbs[1].spec.as_ref().unwrap().max_unavailable,
+        r.pdbs[2].spec.as_ref().unwrap().max_unavailable,
         Some(IntOrString::Int(1))
     );
     let claims = sp.volume_claim_templates.as_ref().unwrap();
@@ -282,4 +282,61 @@ fn volume_claim_labels_are_the_group_selector_only() {
     let sp = r.stateful_sets[1].spec.as_ref().unwrap();
     let claim = &sp.volume_claim_templates.as_ref().unwrap()[0];
     assert_eq!(claim.metadata.labels, sp.selector.match_labels);
+}
+
+#[test]
+fn name_servers_have_a_disruption_budget_and_spread_over_nodes() {
+    let mut s = spec(1, 0, Replication::Async, Flush::Async);
+    // The user's own affinity is kept, the operator's preference is added to it.
+    let user = k8s_openapi::api::core::v1::Affinity {
+        node_affinity: Some(Default::default()),
+        ..Default::default()
+    };
+    s.name_server.scheduling.affinity = Some(user);
+    let r = render(&plan("demo", "mq", &s, "i").unwrap(), &s, &owner());
+    let want = selector("demo", "nameserver");
+    let pdb = &r.pdbs[0];
+    assert_eq!(pdb.metadata.name.as_deref(), Some("demo-nameserver"));
+    let pdb_spec = pdb.spec.as_ref().unwrap();
+    assert_eq!(pdb_spec.max_unavailable, Some(IntOrString::Int(1)));
+    assert_eq!(
+        pdb_spec.selector.as_ref().unwrap().match_labels.as_ref(),
+        Some(&want)
+    );
+    let sts = r.stateful_sets[0].spec.as_ref().unwrap();
+    assert_eq!(sts.selector.match_labels.as_ref(), Some(&want));
+    let affinity = sts
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .affinity
+        .as_ref()
+        .unwrap();
+    assert!(
+        affinity.node_affinity.is_some(),
+        "the user's affinity is kept"
+    );
+    let terms = affinity
+        .pod_anti_affinity
+        .as_ref()
+        .unwrap()
+        .preferred_during_scheduling_ignored_during_execution
+        .as_ref()
+        .unwrap();
+    assert_eq!(terms.len(), 1);
+    assert_eq!(
+        terms[0].pod_affinity_term.topology_key,
+        "kubernetes.io/hostname"
+    );
+    assert_eq!(
+        terms[0]
+            .pod_affinity_term
+            .label_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref(),
+        Some(&want)
+    );
 }

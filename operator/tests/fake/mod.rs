@@ -1,8 +1,9 @@
 //! A small stateful stand-in for the Kubernetes API server, plugged into `kube::Client` as a
 //! tower service: namespaced GET, LIST (label selectors), server-side apply and merge PATCH
 //! (status subresource included), DELETE and POST. Every write is recorded so tests can assert
-//! exactly what a reconcile changed. Like the real API server, it refuses (422) an update that
-//! changes a StatefulSet's volumeClaimTemplates, selector, serviceName or podManagementPolicy.
+//! exactly what a reconcile changed. Like the real API server, a write that changes `spec` bumps
+//! `metadata.generation`, and an update that changes a StatefulSet's volumeClaimTemplates,
+//! selector, serviceName or podManagementPolicy is refused (422).
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -303,7 +304,12 @@ impl FakeApi {
                         )
                     }
                     (None, Some(mut cur)) if !query.contains_key("fieldManager") => {
+                        let before = cur["spec"].clone();
                         merge(&mut cur, &body);
+                        if cur["spec"] != before {
+                            let g = cur["metadata"]["generation"].as_i64().unwrap_or(1);
+                            cur["metadata"]["generation"] = json!(g + 1);
+                        }
                         cur
                     }
                     (None, existing) => {
