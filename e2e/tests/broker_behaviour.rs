@@ -522,6 +522,7 @@ async fn mqadmin_commands_work_against_a_cluster() -> Result<(), Error> {
         topic: "AdminT".into(),
         queue_id: 0,
         timestamp: now + 1000,
+        boundary_type: None,
     };
     let resp = c
         .client

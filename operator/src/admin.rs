@@ -1,6 +1,6 @@
 //! Day-2 actions on broker groups, through the broker crate's admin client (the same protocol
 //! code mqadmin uses): before scale-in, wipe a group's write permission and wait until every
-//! consumer group has consumed every queue it holds; after scale-out, give the new group the
+//! consumer group has consumed every queue it holds and no delayed message waits; after scale-out, give the new group the
 //! topics the rest of the cluster serves, so producers' routes reach it.
 
 use futures::future::BoxFuture;
@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use broker::client::Client;
 use broker::remoting::body::ClusterInfo;
+use broker::store::message::{DELAY_LEVELS_MS, SCHEDULE_TOPIC};
 use broker::store::topics::{is_system_topic, TopicConfig};
 
 use crate::controller::{GroupAdmin, GroupRef};
@@ -60,6 +61,23 @@ impl GroupAdmin for BrokerAdmin {
                         tracing::info!(broker_group = %g.group, %topic, consumer_group = %group, queue, committed, max, "still draining");
                         return Ok(false);
                     }
+                }
+            }
+            // Delayed messages and consumers' retries wait in the schedule topic until due;
+            // once delivered they are in their topics, which the check above covers.
+            let delivered = client
+                .delay_offsets(&master)
+                .await
+                .map_err(|e| e.to_string())?;
+            for level in 1..=DELAY_LEVELS_MS.len() as i32 {
+                let max = client
+                    .max_offset(&master, SCHEDULE_TOPIC, level - 1)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let done = delivered.get(&level).copied().unwrap_or(0);
+                if done < max {
+                    tracing::info!(broker_group = %g.group, level, waiting = max - done, "delayed messages still waiting");
+                    return Ok(false);
                 }
             }
             Ok(true)

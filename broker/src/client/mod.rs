@@ -330,6 +330,23 @@ impl Client {
             .map_err(|e| bad(broker, e.to_string()))
     }
 
+    /// How far a broker's scheduler has delivered each delay level (`SCHEDULE_TOPIC_XXXX`
+    /// queue `level - 1`): delayed messages past these offsets are still waiting.
+    pub async fn delay_offsets(&self, broker: &str) -> Result<BTreeMap<i32, i64>, ClientError> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Table {
+            #[serde(default)]
+            offset_table: BTreeMap<i32, i64>,
+        }
+        let req =
+            RemotingCommand::request(RequestCode::GetAllDelayOffset.code(), ExtFields::default());
+        let resp = self.call_ok(broker, req).await?;
+        let t: Table =
+            from_json(&resp.body).map_err(|e| bad(broker, format!("delay offsets: {e}")))?;
+        Ok(t.offset_table)
+    }
+
     /// End of a queue.
     pub async fn max_offset(
         &self,

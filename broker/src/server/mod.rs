@@ -674,7 +674,7 @@ impl BrokerHandle {
 }
 
 /// Opens the store, binds the ports, registers with the name servers and starts serving.
-pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
+pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     let ip: std::net::IpAddr = cfg
         .broker_ip
         .parse()
@@ -703,6 +703,8 @@ pub async fn start(cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             addr: http_listen,
             source,
         })?;
+    // Port 0 takes any free port: the one bound is the one to advertise.
+    cfg.listen_port = addr.port();
 
     let store_cfg = StoreConfig {
         root: cfg.store_root.clone(),
