@@ -129,11 +129,14 @@ impl NameServer {
             // its node died): its entry would refuse the replacement, with a new address,
             // until it expires. Java's name server takes the newcomer; this one first checks
             // that the old broker no longer answers, so a second live master is still refused.
+            let probed = Instant::now();
             if !answers(&refused.existing, self.cfg.probe_timeout).await {
-                tracing::warn!(old = %refused.existing, new = %h.broker_addr, name = %h.broker_name, id = h.broker_id, "the broker registered under this id does not answer; the new one replaces it");
+                // Only if it still holds the id and did not register during the probe.
                 let mut routes = self.routes();
-                routes.unregister(&h.broker_name, &refused.existing);
-                outcome = routes.register(&registration, Instant::now());
+                if routes.drop_silent(&h.broker_name, h.broker_id, &refused.existing, probed) {
+                    tracing::warn!(old = %refused.existing, new = %h.broker_addr, name = %h.broker_name, id = h.broker_id, "the broker registered under this id does not answer; the new one replaces it");
+                    outcome = routes.register(&registration, Instant::now());
+                }
             }
         }
         let outcome = match outcome {

@@ -179,7 +179,29 @@ impl RouteTable {
         })
     }
 
-    /// Removes a broker (on UNREGISTER_BROKER or expiry).
+    /// Drops `addr` from `broker_id` of group `broker_name` if it still holds that id and has
+    /// not registered since `since` (when it was found not to answer); returns whether it did.
+    pub fn drop_silent(
+        &mut self,
+        broker_name: &str,
+        broker_id: i64,
+        addr: &str,
+        since: Instant,
+    ) -> bool {
+        let holds = self
+            .brokers
+            .get(broker_name)
+            .and_then(|b| b.broker_addrs.get(&broker_id))
+            .is_some_and(|a| a == addr);
+        let heard = self.live.get(addr).is_some_and(|l| l.last_seen >= since);
+        if !holds || heard {
+            return false;
+        }
+        self.unregister(broker_name, addr);
+        true
+    }
+
+    /// Removes a broker (on UNREGISTER_BROKER, expiry, or when it stopped answering).
     pub fn unregister(&mut self, broker_name: &str, broker_addr: &str) {
         self.live.remove(broker_addr);
         let mut group_empty = false;
@@ -331,6 +353,22 @@ mod tests {
         assert_eq!(r.broker_datas.len(), 1);
         assert_eq!(r.broker_datas[0].broker_name, "b");
         assert!(!t.cluster_info().cluster_addr_table["c"].contains("a"));
+    }
+
+    #[test]
+    fn a_silent_broker_is_dropped_only_if_it_holds_the_id_and_was_not_heard_since() {
+        let mut t = RouteTable::default();
+        let start = Instant::now();
+        t.register(&reg("a", "h1:1", 0, &["T"]), start).unwrap();
+        let later = start + Duration::from_secs(1);
+        // It registered after the probe began: still alive.
+        assert!(!t.drop_silent("a", 0, "h1:1", start));
+        // Another address, or another id, is not the one probed.
+        assert!(!t.drop_silent("a", 0, "h2:1", later));
+        assert!(!t.drop_silent("a", 1, "h1:1", later));
+        assert!(t.registered("a", 0).is_some());
+        assert!(t.drop_silent("a", 0, "h1:1", later));
+        assert_eq!(t.registered("a", 0), None);
     }
 
     #[test]

@@ -1027,15 +1027,35 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
 
 /// Physical memory in bytes (Linux), or 8 GiB where it cannot be read.
 fn total_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    usable_memory(
+        read("/proc/meminfo").as_deref(),
+        &[
+            read("/sys/fs/cgroup/memory.max"),
+            read("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+        ],
+    )
+}
+
+/// The machine's memory (`meminfo`), or the lowest cgroup limit when lower: in a pod the
+/// limit is what the page cache can hold for the broker, as the JVM reckons it for Java's.
+/// 8 GiB when the machine's cannot be read.
+fn usable_memory(meminfo: Option<&str>, cgroup_limits: &[Option<String>]) -> u64 {
+    let machine = meminfo
         .and_then(|m| {
             m.lines()
                 .find(|l| l.starts_with("MemTotal:"))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
-        .map_or(8 << 30, |kb| kb * 1024)
+        .map_or(8 << 30, |kb| kb * 1024);
+    cgroup_limits
+        .iter()
+        .flatten()
+        // "max" (cgroup v2) and unparsable values set no limit.
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .filter(|l| *l > 0)
+        .fold(machine, u64::min)
 }
 
 /// Whether it is now the configured `deleteWhen` hour (UTC).

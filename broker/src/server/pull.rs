@@ -22,9 +22,10 @@ const MAX_SUSPEND: Duration = Duration::from_secs(20);
 const MAX_PULL_BYTES: usize = 4 << 20;
 /// Messages returned by one pull at most.
 const MAX_PULL_MESSAGES: usize = 1024;
-/// Entries a held pull passes over for want of a matching tag before it answers anyway
-/// (Java's `maxFilterMessageCount`).
-const MAX_FILTERED: u64 = 16_000;
+/// Entries a held pull passes over for want of a matching tag before it answers anyway, at
+/// least (Java's `maxFilterMessageCount`, 16,000 bytes of 20-byte entries; more when the pull
+/// asks for more messages).
+const MAX_FILTERED: u64 = 800;
 
 impl Broker {
     /// Handles PULL_MESSAGE.
@@ -166,7 +167,10 @@ impl Broker {
                 // arrival of other tags would cost a round trip per message.
                 offset = got.next_offset;
                 if offset < got.max_offset {
-                    if offset - first < MAX_FILTERED {
+                    if offset - first < MAX_FILTERED.max(max as u64) {
+                        // Other connections on this loop go first: reads of data in memory
+                        // never wait, so the pass over would hold the thread.
+                        tokio::task::yield_now().await;
                         continue;
                     }
                     return self.pull_response(req, offset, got);

@@ -436,3 +436,25 @@ async fn a_read_only_broker_takes_no_message_back() {
     );
     h.stop().await;
 }
+
+#[test]
+fn memory_is_the_machines_or_a_lower_cgroup_limit() {
+    let meminfo = Some("MemTotal:       24576000 kB\nMemFree: 1 kB\n");
+    let machine = 24_576_000 * 1024;
+    assert_eq!(usable_memory(meminfo, &[]), machine);
+    assert_eq!(
+        usable_memory(meminfo, &[Some("max\n".into()), None]),
+        machine
+    );
+    assert_eq!(
+        usable_memory(meminfo, &[Some("4294967296\n".into())]),
+        4 << 30
+    );
+    // cgroup v1 reports no limit as a huge number.
+    assert_eq!(
+        usable_memory(meminfo, &[None, Some("9223372036854771712\n".into())]),
+        machine
+    );
+    assert_eq!(usable_memory(None, &[Some("garbage".into())]), 8 << 30);
+    assert_eq!(usable_memory(None, &[Some("1073741824".into())]), 1 << 30);
+}

@@ -158,17 +158,16 @@ impl ConsumeQueue {
     /// Opens or creates the queue file `dir/<topic>/<queue_id>`.
     pub fn open(dir: &Path, topic: &str, queue_id: i32) -> Result<ConsumeQueue, StoreError> {
         let tdir = dir.join(topic);
-        let mut unsynced_dirs = Vec::new();
-        if !tdir.is_dir() {
-            std::fs::create_dir_all(&tdir).map_err(|e| StoreError::io(&tdir, e))?;
-            unsynced_dirs.push(dir.to_path_buf());
-        }
+        std::fs::create_dir_all(&tdir).map_err(|e| StoreError::io(&tdir, e))?;
         let path = tdir.join(queue_id.to_string());
         let mut options = OpenOptions::new();
         options.read(true).write(true);
+        let mut unsynced_dirs = Vec::new();
         let file = match options.clone().create_new(true).open(&path) {
             Ok(file) => {
-                unsynced_dirs.push(tdir);
+                // The topic's directory too, whoever made it: an earlier attempt may have
+                // made it and then failed to create the file.
+                unsynced_dirs = vec![dir.to_path_buf(), tdir];
                 Ok(file)
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => options.open(&path),

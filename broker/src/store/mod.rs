@@ -1118,7 +1118,13 @@ impl MessageStore {
             let Some(e) = cq.get(mid, 1)?.first().copied() else {
                 break;
             };
-            let stored = self.commitlog.read_message(e.offset)?.store_timestamp;
+            // An entry whose segment retention deleted (before the queue's minimum moved)
+            // counts as earlier than any time.
+            let stored = if e.offset < self.commitlog.min_offset() {
+                i64::MIN
+            } else {
+                self.commitlog.read_message(e.offset)?.store_timestamp
+            };
             let before = match boundary {
                 Boundary::Lower => stored < timestamp,
                 Boundary::Upper => stored <= timestamp,
