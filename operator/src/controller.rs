@@ -1,7 +1,8 @@
 //! The reconcile loop: plan, render, apply in order (Services, ConfigMaps, PDBs,
 //! StatefulSets), drain groups before deleting them, delete what the plan no longer holds, and
 //! report status. Objects are applied with server-side apply under one field manager, and only
-//! when they differ from what was last applied: a no-op reconcile only reads.
+//! when they differ from what was last applied: a no-op reconcile only reads. Broker groups
+//! take a new pod template one at a time (see [`crate::rollout`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Debug;
@@ -24,6 +25,7 @@ use sha2::{Digest, Sha256};
 use crate::crd::{BrokerCluster, BrokerClusterStatus, GroupStatus};
 use crate::plan::{plan, ClusterPlan};
 use crate::resources::{managed_selector, render, FIELD_MANAGER, LABEL_COMPONENT, LABEL_GROUP};
+use crate::rollout::{rollout_gap, rollout_turns, stamp_template_hash};
 
 /// Annotation holding a hash of what the operator last applied to an object.
 pub const ANNOTATION_APPLIED: &str = "ferromq.io/applied-hash";
@@ -132,7 +134,9 @@ impl Context {
     }
 }
 
-fn applied_hash<K: Serialize>(obj: &K) -> String {
+/// Short hash of an object as rendered: what `ANNOTATION_APPLIED` records, and the pod-template
+/// hash the rollout order compares.
+pub(crate) fn applied_hash<K: Serialize>(obj: &K) -> String {
     let bytes = serde_json::to_vec(obj).unwrap_or_default();
     Sha256::digest(&bytes)
         .iter()
@@ -240,37 +244,12 @@ struct Observed {
     /// StatefulSets (name servers, wanted groups) not yet running their current spec on every
     /// pod, described for the Progressing message.
     rolling: Vec<String>,
+    /// Serving broker groups whose new pod template waits until no other group is rolling.
+    waiting: Vec<String>,
     draining: Vec<String>,
     stuck: Vec<String>,
     /// Draining groups whose broker could not be asked, with the cause.
     drain_failed: Vec<String>,
-}
-
-/// Why StatefulSet `name` does not yet run its current spec on `want` ready pods, or `None`
-/// when it does: its controller has seen the latest generation, every pod is at the update
-/// revision, and all are ready. Ready pods alone say nothing about a spec just edited, whose
-/// pods have not rolled yet.
-fn rollout_gap(name: &str, sts: Option<&StatefulSet>, want: i32) -> Option<String> {
-    let Some(sts) = sts else {
-        return Some(format!("{name} to be created"));
-    };
-    let st = sts.status.clone().unwrap_or_default();
-    let seen = st.observed_generation.unwrap_or(0) >= sts.metadata.generation.unwrap_or(0);
-    let updated = st.updated_replicas.unwrap_or(0);
-    let ready = st.ready_replicas.unwrap_or(0);
-    let same_revision = match (&st.current_revision, &st.update_revision) {
-        (Some(current), Some(update)) => current == update,
-        _ => true,
-    };
-    if !seen {
-        return Some(format!("{name} to take its new spec"));
-    }
-    if st.replicas == want && updated == want && ready == want && same_revision {
-        return None;
-    }
-    Some(format!(
-        "{name} ({ready}/{want} ready, {updated}/{want} updated)"
-    ))
 }
 
 fn build_status(
@@ -285,7 +264,10 @@ fn build_status(
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
     let generation = bc.metadata.generation;
-    let ready = invalid.is_none() && obs.rolling.is_empty() && obs.draining.is_empty();
+    let ready = invalid.is_none()
+        && obs.rolling.is_empty()
+        && obs.waiting.is_empty()
+        && obs.draining.is_empty();
     let progressing = !ready && invalid.is_none();
     let (degraded, degraded_reason, degraded_msg) = match (&invalid, obs.stuck.is_empty()) {
         (Some(msg), _) => (true, "InvalidSpec", msg.clone()),
@@ -307,11 +289,19 @@ fn build_status(
         ),
         (None, true) => (false, "AsPlanned", "no problem observed".to_string()),
     };
-    let progress_msg = if obs.draining.is_empty() {
-        format!("waiting for {}", obs.rolling.join("; "))
-    } else {
-        format!("draining {}", obs.draining.join(", "))
-    };
+    let mut progress = Vec::new();
+    if !obs.draining.is_empty() {
+        progress.push(format!("draining {}", obs.draining.join(", ")));
+    } else if !obs.rolling.is_empty() {
+        progress.push(format!("waiting for {}", obs.rolling.join("; ")));
+    }
+    if !obs.waiting.is_empty() {
+        progress.push(format!(
+            "groups waiting their turn to roll (one at a time): {}",
+            obs.waiting.join(", ")
+        ));
+    }
+    let progress_msg = progress.join("; ");
     BrokerClusterStatus {
         observed_generation: generation,
         conditions: vec![
@@ -488,6 +478,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
                 ns_ready: 0,
                 groups: Vec::new(),
                 rolling: Vec::new(),
+                waiting: Vec::new(),
                 draining: Vec::new(),
                 stuck: Vec::new(),
                 drain_failed: Vec::new(),
@@ -507,7 +498,11 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
     let owner = bc
         .controller_owner_ref(&())
         .ok_or(Error::Incomplete("a uid"))?;
-    let desired = render(&plan, &bc.spec, &owner);
+    let mut desired = render(&plan, &bc.spec, &owner);
+    desired
+        .stateful_sets
+        .iter_mut()
+        .for_each(stamp_template_hash);
     let selector = managed_selector(&name);
 
     let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
@@ -529,6 +524,8 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
     let mut draining = Vec::new();
     let mut stuck = Vec::new();
     let mut drain_failed = Vec::new();
+    // Groups whose pods this pass restarts outside the rollout order (a cancelled drain).
+    let mut restarting = HashSet::new();
     let force = bc
         .annotations()
         .get(ANNOTATION_FORCE_DRAIN)
@@ -546,6 +543,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         if wanted.contains(&group) {
             if sts.annotations().contains_key(ANNOTATION_DRAIN_STARTED) {
                 cancel_drain(&ctx, &bc, &sts_api, &group).await?;
+                restarting.insert(group);
             }
             continue;
         }
@@ -595,6 +593,28 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         draining.push(group.clone());
         keep.insert(group);
     }
+
+    // Broker groups take a new pod template one at a time. A waiting group's ConfigMap waits
+    // with its StatefulSet: pods read broker.conf only when they start, so a pod restarting
+    // early for another reason (eviction, OOM) would otherwise run the new config out of turn.
+    let group_names: Vec<&str> = plan.groups.iter().map(|g| g.name.as_str()).collect();
+    let turns = rollout_turns(
+        &group_names,
+        &desired.stateful_sets,
+        &live_sts.items,
+        &restarting,
+    );
+    if !turns.waiting.is_empty() {
+        tracing::info!(cluster = %name, rolling = ?turns.now, waiting = ?turns.waiting, "broker groups roll one at a time");
+    }
+    let waiting: HashSet<String> = turns.waiting.iter().cloned().collect();
+    desired
+        .config_maps
+        .retain(|c| !waiting.contains(&c.name_any()));
+    desired
+        .stateful_sets
+        .retain(|s| !waiting.contains(&s.name_any()));
+    let keep: HashSet<String> = keep.union(&waiting).cloned().collect();
 
     let writes = sync_kind(
         &Api::<Service>::namespaced(client.clone(), &ns),
@@ -682,6 +702,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         ns_ready: ready_of(&plan.name_server.name),
         groups,
         rolling,
+        waiting: turns.waiting,
         draining: draining.clone(),
         stuck: stuck.clone(),
         drain_failed: drain_failed.clone(),

@@ -21,3 +21,4 @@ pub async fn wait_for_signal() {
     broker::logging::shutdown_signal().await;
 }
 pub mod rbac;
+pub mod rollout;

@@ -1,5 +1,5 @@
 //! Reconcile against an in-memory API server: create, no-op, scale out, drain-then-scale-in,
-//! config changes, status, paused, invalid specs, objects the cluster does not control,
+//! config changes (broker groups rolled one at a time), status, paused, invalid specs, objects the cluster does not control,
 //! unreachable drains, StatefulSet fields the API server refuses to change.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -150,20 +150,48 @@ impl Harness {
     /// and every pod is at the update revision and ready.
     fn mark_ready(&self) {
         for name in self.api.names("statefulsets") {
-            let sts = self.api.get("statefulsets", NS, &name).unwrap();
-            let replicas = sts["spec"]["replicas"].clone();
-            let generation = sts["metadata"]["generation"].clone();
-            let revision = format!("{name}-rev{generation}");
-            self.api.edit(
-                "statefulsets",
-                NS,
-                &name,
-                json!({"status": {"observedGeneration": generation, "replicas": replicas,
-                    "readyReplicas": replicas, "updatedReplicas": replicas,
-                    "currentReplicas": replicas, "currentRevision": revision,
-                    "updateRevision": revision}}),
-            );
+            self.mark_rolled(&name);
         }
+    }
+
+    /// StatefulSet `name` has rolled out its current spec (see [`Harness::mark_ready`]).
+    fn mark_rolled(&self, name: &str) {
+        let sts = self.api.get("statefulsets", NS, name).unwrap();
+        let replicas = sts["spec"]["replicas"].clone();
+        let generation = sts["metadata"]["generation"].clone();
+        let revision = format!("{name}-rev{generation}");
+        self.api.edit(
+            "statefulsets",
+            NS,
+            name,
+            json!({"status": {"observedGeneration": generation, "replicas": replicas,
+                "readyReplicas": replicas, "updatedReplicas": replicas,
+                "currentReplicas": replicas, "currentRevision": revision,
+                "updateRevision": revision}}),
+        );
+    }
+
+    /// The ConfigMap and StatefulSet writes of one reconcile (what restarts pods), sorted and
+    /// once each: the API double drops, on a server-side apply, the topics-shared mark that a
+    /// merge patch set (the API server keeps fields another manager owns), so an applied group
+    /// is marked again in the same pass.
+    async fn reconcile_pods(&self) -> Vec<String> {
+        let mut writes: Vec<String> = self
+            .reconcile()
+            .await
+            .into_iter()
+            .filter(|w| w.contains("configmaps/") || w.contains("statefulsets/"))
+            .collect();
+        writes.sort();
+        writes.dedup();
+        writes
+    }
+
+    /// The requeue a reconcile asks for.
+    async fn requeue(&self) -> Action {
+        let bcs: Api<BrokerCluster> = Api::namespaced(self.ctx.client.clone(), NS);
+        let bc = bcs.get("demo").await.unwrap();
+        reconcile(Arc::new(bc), self.ctx.clone()).await.unwrap()
     }
 
     fn edit_spec(&self, broker: serde_json::Value) {
@@ -291,6 +319,10 @@ async fn a_spec_change_is_not_ready_until_every_pod_has_rolled() {
         "{}",
         ready_message(&h)
     );
+    // Groups roll one at a time: demo-broker-1 takes its new spec once demo-broker-0 is done.
+    h.mark_ready();
+    h.reconcile().await;
+    assert_eq!(h.condition("Ready").0, "False");
     h.mark_ready();
     h.reconcile().await;
     assert_eq!(
@@ -514,6 +546,126 @@ async fn changing_flush_updates_the_config_map_and_rolls_the_pods() {
         "2 masters x 1 slave, sync double write, sync flush"
     );
     assert_eq!(h.status()["observedGeneration"], 2);
+}
+
+/// A serving cluster of three sync double-write groups, Ready.
+async fn three_ready_groups() -> Harness {
+    let h = harness(
+        json!({"broker": {"masters": 3, "slavesPerMaster": 1, "replication": "Sync", "flush": "Async"}}),
+    );
+    h.reconcile().await;
+    h.mark_ready();
+    h.reconcile().await;
+    assert_eq!(h.condition("Ready").0, "True");
+    h
+}
+
+fn applied(group: &str) -> Vec<String> {
+    vec![
+        format!("PATCH configmaps/{group}"),
+        format!("PATCH statefulsets/{group}"),
+    ]
+}
+
+fn flush_of(h: &Harness, group: &str) -> String {
+    let cm = h.api.get("configmaps", NS, group).unwrap();
+    let conf = cm["data"]["broker.conf"].as_str().unwrap().to_string();
+    conf.lines()
+        .find_map(|l| l.strip_prefix("flushDiskType="))
+        .unwrap()
+        .to_string()
+}
+
+fn progressing_message(h: &Harness) -> String {
+    h.status()["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Progressing")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_pod_template_change_rolls_broker_groups_one_at_a_time() {
+    let h = three_ready_groups().await;
+    h.edit_spec(json!({"flush": "Sync"}));
+    // Only the first group: every master restarting at once would leave no group taking writes.
+    assert_eq!(h.reconcile_pods().await, applied("demo-broker-0"));
+    // The others' broker.conf waits with their pods: a pod restarted early for another reason
+    // (eviction, OOM) must not run the new config out of turn.
+    assert_eq!(flush_of(&h, "demo-broker-0"), "SYNC_FLUSH");
+    assert_eq!(flush_of(&h, "demo-broker-1"), "ASYNC_FLUSH");
+    assert_eq!(flush_of(&h, "demo-broker-2"), "ASYNC_FLUSH");
+    assert_eq!(h.condition("Ready").0, "False");
+    assert_eq!(h.condition("Progressing").0, "True");
+    let msg = progressing_message(&h);
+    assert!(msg.contains("demo-broker-1, demo-broker-2"), "{msg}");
+    // Still rolling: the next group waits, and the operator looks again soon.
+    assert_eq!(h.requeue().await, Action::requeue(Duration::from_secs(10)));
+    assert_eq!(h.reconcile_pods().await, Vec::<String>::new());
+    h.mark_rolled("demo-broker-0");
+    assert_eq!(h.reconcile_pods().await, applied("demo-broker-1"));
+    let msg = progressing_message(&h);
+    assert!(
+        msg.contains("demo-broker-2") && !msg.contains("demo-broker-0"),
+        "{msg}"
+    );
+    assert_eq!(h.reconcile_pods().await, Vec::<String>::new());
+    h.mark_rolled("demo-broker-1");
+    assert_eq!(h.reconcile_pods().await, applied("demo-broker-2"));
+    assert_eq!(h.condition("Ready").0, "False");
+    h.mark_rolled("demo-broker-2");
+    assert_eq!(h.reconcile_pods().await, Vec::<String>::new());
+    assert_eq!(
+        h.condition("Ready"),
+        ("True".into(), "AllMembersReady".into())
+    );
+    assert_eq!(h.condition("Progressing").0, "False");
+    assert_eq!(h.requeue().await, Action::requeue(Duration::from_secs(300)));
+}
+
+#[tokio::test]
+async fn a_scale_out_during_a_rollout_creates_the_new_group_at_once() {
+    let h = three_ready_groups().await;
+    h.edit_spec(json!({"flush": "Sync"}));
+    assert_eq!(h.reconcile_pods().await, applied("demo-broker-0"));
+    h.edit_spec(json!({"masters": 4}));
+    assert_eq!(h.reconcile_pods().await, applied("demo-broker-3"));
+    assert!(h
+        .api
+        .get("poddisruptionbudgets", NS, "demo-broker-3")
+        .is_some());
+    assert!(h.api.get("services", NS, "demo-broker-3").is_some());
+    // The new group counts as rolling until it is up: the next existing group waits for it.
+    h.mark_rolled("demo-broker-0");
+    assert_eq!(h.reconcile_pods().await, Vec::<String>::new());
+    h.mark_rolled("demo-broker-3");
+    let mut writes = h.reconcile_pods().await;
+    writes.retain(|w| !w.ends_with("demo-broker-3")); // marked topics-shared
+    assert_eq!(writes, applied("demo-broker-1"));
+}
+
+#[tokio::test]
+async fn a_slave_count_change_alone_applies_everywhere_at_once_but_waits_with_a_template_change() {
+    let h = three_ready_groups().await;
+    // More slaves: new pods at higher ordinals, no master restarts, nothing to wait for.
+    h.edit_spec(json!({"slavesPerMaster": 2}));
+    let sts: Vec<String> = ["demo-broker-0", "demo-broker-1", "demo-broker-2"]
+        .iter()
+        .map(|g| format!("PATCH statefulsets/{g}"))
+        .collect();
+    assert_eq!(h.reconcile_pods().await, sts);
+    h.mark_ready();
+    h.reconcile().await;
+    // Replicas and the template together: a template change, one group at a time.
+    h.edit_spec(json!({"slavesPerMaster": 1, "flush": "Sync"}));
+    assert_eq!(h.reconcile_pods().await, applied("demo-broker-0"));
+    let replicas = |g: &str| h.api.get("statefulsets", NS, g).unwrap()["spec"]["replicas"].clone();
+    assert_eq!(replicas("demo-broker-0"), 2);
+    assert_eq!(replicas("demo-broker-1"), 3);
 }
 
 #[tokio::test]

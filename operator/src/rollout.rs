@@ -1,0 +1,268 @@
+//! Which broker groups may take a new pod template now. A template change (broker.conf, flush,
+//! image, resources, an operator upgrade that renders pods differently) restarts every pod of
+//! a group, slaves then master. Applied to every group in one pass it would restart every
+//! master at once: no group would take writes until they are back, and under sync double write
+//! every master would answer SLAVE_NOT_AVAILABLE. PodDisruptionBudgets do not help, since the
+//! StatefulSet controller deletes pods directly. So serving groups roll one at a time.
+
+use std::collections::HashSet;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use kube::ResourceExt;
+
+use crate::controller::applied_hash;
+
+/// StatefulSet annotation: hash of the pod template the operator last applied, which tells a
+/// change that restarts pods from one that does not (replicas, labels).
+pub const ANNOTATION_TEMPLATE_HASH: &str = "ferromq.io/template-hash";
+
+/// Hash of the pod template of a StatefulSet as rendered (before anything is applied).
+fn template_hash(sts: &StatefulSet) -> String {
+    applied_hash(&sts.spec.as_ref().map(|s| &s.template))
+}
+
+/// Records on a rendered StatefulSet the hash of its pod template, so that a later pass can
+/// tell whether applying a newer rendering restarts pods.
+pub fn stamp_template_hash(sts: &mut StatefulSet) {
+    let hash = template_hash(sts);
+    sts.annotations_mut()
+        .insert(ANNOTATION_TEMPLATE_HASH.into(), hash);
+}
+
+/// Why StatefulSet `name` does not yet run its current spec on `want` ready pods, or `None`
+/// when it does: its controller has seen the latest generation, every pod is at the update
+/// revision, and all are ready. Ready pods alone say nothing about a spec just edited, whose
+/// pods have not rolled yet.
+pub fn rollout_gap(name: &str, sts: Option<&StatefulSet>, want: i32) -> Option<String> {
+    let Some(sts) = sts else {
+        return Some(format!("{name} to be created"));
+    };
+    let st = sts.status.clone().unwrap_or_default();
+    let seen = st.observed_generation.unwrap_or(0) >= sts.metadata.generation.unwrap_or(0);
+    let updated = st.updated_replicas.unwrap_or(0);
+    let ready = st.ready_replicas.unwrap_or(0);
+    let same_revision = match (&st.current_revision, &st.update_revision) {
+        (Some(current), Some(update)) => current == update,
+        _ => true,
+    };
+    if !seen {
+        return Some(format!("{name} to take its new spec"));
+    }
+    if st.replicas == want && updated == want && ready == want && same_revision {
+        return None;
+    }
+    Some(format!(
+        "{name} ({ready}/{want} ready, {updated}/{want} updated)"
+    ))
+}
+
+/// Which existing broker groups' pod-template changes one reconcile pass applies, and which
+/// wait their turn (their StatefulSet and ConfigMap are left as they are, applied-hash
+/// included, so a later pass applies them).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RolloutTurns {
+    /// Groups whose new pod template is applied in this pass.
+    pub now: Vec<String>,
+    /// Groups whose new pod template waits until no other group is rolling.
+    pub waiting: Vec<String>,
+}
+
+/// Decides which of the existing broker groups (`groups`, the plan's, in index order) take
+/// their new pod template (`desired`, stamped) in this pass, given the `live` StatefulSets and
+/// the groups whose pods this pass restarts for another reason (`restarting`).
+///
+/// - A group whose template is unchanged is not concerned: replicas alone (slavesPerMaster)
+///   add or remove slaves, the highest ordinals, and never restart a master. New groups are
+///   not concerned either: they do not exist yet.
+/// - A group with no ready pod serves nothing, so it loses nothing by rolling: it takes its
+///   template at once. Otherwise a cluster whose every group is down (a bad image) could
+///   never be fixed, each group waiting for the others.
+/// - Of the serving groups, the first by index rolls, and only once every other existing
+///   group has finished rolling (`rollout_gap`); the rest wait. Groups being drained are not
+///   counted: they take no writes and a stuck one must not stop rollouts. The name servers
+///   roll on their own: brokers register with every name server, and clients know several.
+pub fn rollout_turns(
+    groups: &[&str],
+    desired: &[StatefulSet],
+    live: &[StatefulSet],
+    restarting: &HashSet<String>,
+) -> RolloutTurns {
+    fn find<'a>(list: &'a [StatefulSet], name: &str) -> Option<&'a StatefulSet> {
+        list.iter().find(|s| s.name_any() == name)
+    }
+    let existing: Vec<(&str, &StatefulSet)> = groups
+        .iter()
+        .filter_map(|g| find(live, g).map(|s| (*g, s)))
+        .collect();
+    let unsettled: HashSet<&str> = existing
+        .iter()
+        .filter(|(g, s)| {
+            let want = s.spec.as_ref().and_then(|sp| sp.replicas).unwrap_or(1);
+            restarting.contains(*g) || rollout_gap(g, Some(s), want).is_some()
+        })
+        .map(|(g, _)| *g)
+        .collect();
+    let mut turns = RolloutTurns::default();
+    let mut serving_rolls = false;
+    for (g, s) in &existing {
+        let Some(new) = find(desired, g) else {
+            continue;
+        };
+        let applied = s.annotations().get(ANNOTATION_TEMPLATE_HASH);
+        if applied == Some(&template_hash(new)) {
+            continue;
+        }
+        let ready = s
+            .status
+            .as_ref()
+            .and_then(|st| st.ready_replicas)
+            .unwrap_or(0);
+        let others_settled = unsettled.iter().all(|u| u == g);
+        if ready == 0 || (!serving_rolls && others_settled) {
+            serving_rolls |= ready > 0;
+            turns.now.push(g.to_string());
+        } else {
+            turns.waiting.push(g.to_string());
+        }
+    }
+    turns
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::{StatefulSetSpec, StatefulSetStatus};
+    use k8s_openapi::api::core::v1::PodTemplateSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use std::collections::BTreeMap;
+
+    /// A rendered StatefulSet whose pod template is told by `image`.
+    fn rendered(name: &str, image: &str, replicas: i32) -> StatefulSet {
+        let mut sts = StatefulSet {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            spec: Some(StatefulSetSpec {
+                replicas: Some(replicas),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        annotations: Some(BTreeMap::from([("image".into(), image.into())])),
+                        ..Default::default()
+                    }),
+                    spec: None,
+                },
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        stamp_template_hash(&mut sts);
+        sts
+    }
+
+    /// `rendered` as applied, with `ready` of its pods ready and its rollout otherwise done.
+    fn live(name: &str, image: &str, replicas: i32, ready: i32) -> StatefulSet {
+        let mut sts = rendered(name, image, replicas);
+        sts.metadata.generation = Some(1);
+        sts.status = Some(StatefulSetStatus {
+            observed_generation: Some(1),
+            replicas,
+            ready_replicas: Some(ready),
+            updated_replicas: Some(replicas),
+            ..Default::default()
+        });
+        sts
+    }
+
+    const GROUPS: &[&str] = &["b-0", "b-1", "b-2"];
+
+    fn turns(desired: &[StatefulSet], live: &[StatefulSet]) -> (Vec<String>, Vec<String>) {
+        let t = rollout_turns(GROUPS, desired, live, &HashSet::new());
+        (t.now, t.waiting)
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn serving_groups_take_a_new_template_one_at_a_time_in_index_order() {
+        let desired: Vec<_> = GROUPS.iter().map(|g| rendered(g, "v2", 2)).collect();
+        let mut live: Vec<_> = GROUPS.iter().map(|g| live(g, "v1", 2, 2)).collect();
+        assert_eq!(
+            turns(&desired, &live),
+            (strings(&["b-0"]), strings(&["b-1", "b-2"]))
+        );
+        // b-0 applied and rolling: nobody else moves, not even b-0 again.
+        live[0] = self::live("b-0", "v2", 2, 1);
+        assert_eq!(turns(&desired, &live), (vec![], strings(&["b-1", "b-2"])));
+        live[0] = self::live("b-0", "v2", 2, 2);
+        assert_eq!(
+            turns(&desired, &live),
+            (strings(&["b-1"]), strings(&["b-2"]))
+        );
+    }
+
+    #[test]
+    fn replicas_alone_new_groups_and_unchanged_groups_never_wait() {
+        let desired: Vec<_> = GROUPS.iter().map(|g| rendered(g, "v1", 3)).collect();
+        let live = vec![live("b-0", "v1", 2, 2), live("b-1", "v1", 2, 1)];
+        assert_eq!(turns(&desired, &live), (vec![], vec![]));
+    }
+
+    #[test]
+    fn a_group_that_serves_nothing_rolls_at_once_and_holds_the_others() {
+        let desired: Vec<_> = GROUPS.iter().map(|g| rendered(g, "v2", 2)).collect();
+        // b-1 is down (a bad image): the fix reaches it, and the others wait until it is up.
+        let live: Vec<_> = vec![
+            live("b-0", "v1", 2, 2),
+            live("b-1", "v1", 2, 0),
+            live("b-2", "v1", 2, 2),
+        ];
+        assert_eq!(
+            turns(&desired, &live),
+            (strings(&["b-1"]), strings(&["b-0", "b-2"]))
+        );
+        // Every group down: all take the fix.
+        let live: Vec<_> = GROUPS.iter().map(|g| self::live(g, "v1", 2, 0)).collect();
+        assert_eq!(turns(&desired, &live), (strings(GROUPS), vec![]));
+    }
+
+    #[test]
+    fn a_group_rolling_for_another_reason_holds_the_others() {
+        let desired: Vec<_> = GROUPS.iter().map(|g| rendered(g, "v2", 2)).collect();
+        let mut live: Vec<_> = GROUPS.iter().map(|g| live(g, "v1", 2, 2)).collect();
+        // Half-rolled (pods on two revisions) though every pod is ready.
+        live[2].status.as_mut().unwrap().current_revision = Some("r1".into());
+        live[2].status.as_mut().unwrap().update_revision = Some("r2".into());
+        assert_eq!(
+            turns(&desired, &live),
+            (strings(&["b-2"]), strings(&["b-0", "b-1"]))
+        );
+        // Restarted in this very pass (a cancelled drain).
+        let live: Vec<_> = GROUPS.iter().map(|g| self::live(g, "v1", 2, 2)).collect();
+        let restarting = HashSet::from(["b-1".to_string()]);
+        let t = rollout_turns(GROUPS, &desired, &live, &restarting);
+        assert_eq!(
+            (t.now, t.waiting),
+            (strings(&["b-1"]), strings(&["b-0", "b-2"]))
+        );
+    }
+
+    #[test]
+    fn a_stateful_set_applied_before_template_hashes_existed_counts_as_changed() {
+        let desired: Vec<_> = GROUPS.iter().map(|g| rendered(g, "v1", 2)).collect();
+        let live: Vec<_> = GROUPS
+            .iter()
+            .map(|g| {
+                let mut s = live(g, "v1", 2, 2);
+                s.annotations_mut().remove(ANNOTATION_TEMPLATE_HASH);
+                s
+            })
+            .collect();
+        assert_eq!(
+            turns(&desired, &live),
+            (strings(&["b-0"]), strings(&["b-1", "b-2"]))
+        );
+    }
+}
