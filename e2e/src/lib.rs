@@ -40,19 +40,31 @@ pub fn bin(name: &str) -> Result<PathBuf, Error> {
     }
 }
 
-/// A port base with `n` consecutive free ports.
+/// A port base with `n` consecutive free ports, below the kernel's ephemeral range: a port
+/// taken from that range (by binding port 0) can be handed, before the broker binds it, to
+/// any outgoing connection of the tests running in parallel as its source port.
 pub fn free_ports(n: u16) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .filter(|h| *h > LOW + 1_000)
+        .unwrap_or(32_768);
+    let span = high - LOW - u32::from(n);
+    // Test binaries run one after another, but each starts where the previous ones may still
+    // have brokers shutting down: start each process somewhere else in the range.
+    let _ = NEXT.compare_exchange(
+        0,
+        std::process::id() % span + 1,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
     loop {
-        let Ok(l) = TcpListener::bind("127.0.0.1:0") else {
-            continue;
-        };
-        let Ok(addr) = l.local_addr() else { continue };
-        let base = addr.port();
-        drop(l);
-        if base > 60000 {
-            continue;
-        }
-        if (1..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+        let step = NEXT.fetch_add(u32::from(n), Ordering::Relaxed);
+        let base = (LOW + step % span) as u16;
+        if (0..n).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
             return base;
         }
     }
