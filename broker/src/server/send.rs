@@ -84,14 +84,8 @@ impl Broker {
                 ),
             );
         }
-        if self.cfg.permission & PERM_WRITE == 0 || self.write_wiped() {
-            return req.error_to(
-                ResponseCode::NoPermission,
-                format!(
-                    "the broker[{}] sending message is forbidden",
-                    self.cfg.broker_addr()
-                ),
-            );
+        if let Some(refused) = self.refuse_writes(req) {
+            return refused;
         }
         if let Err(e) = validate_topic(&h.topic) {
             return req.error_to(ResponseCode::SystemError, e);
@@ -293,6 +287,20 @@ impl Broker {
         resp
     }
 
+    /// The answer to a request that would write, when this broker takes no writes: its
+    /// permission lacks write, or it was made read-only to be drained (Java's NO_PERMISSION).
+    fn refuse_writes(&self, req: &RemotingCommand) -> Option<RemotingCommand> {
+        (self.cfg.permission & PERM_WRITE == 0 || self.write_wiped()).then(|| {
+            req.error_to(
+                ResponseCode::NoPermission,
+                format!(
+                    "the broker[{}] sending message is forbidden",
+                    self.cfg.broker_addr()
+                ),
+            )
+        })
+    }
+
     /// Handles CONSUMER_SEND_MSG_BACK: the message goes to the group's retry topic, or to its
     /// dead-letter topic once it has been retried too often.
     pub(super) async fn send_back(
@@ -313,14 +321,8 @@ impl Broker {
         // A read-only broker (draining before it is removed) takes nothing back either: the
         // consumer then sends the retry through its producer to a writable broker, as it does
         // against Java's.
-        if self.cfg.permission & PERM_WRITE == 0 || self.write_wiped() {
-            return req.error_to(
-                ResponseCode::NoPermission,
-                format!(
-                    "the broker[{}] sending message is forbidden",
-                    self.cfg.broker_addr()
-                ),
-            );
+        if let Some(refused) = self.refuse_writes(req) {
+            return refused;
         }
         let orig = match self.store.commitlog().read_message(h.offset as u64) {
             Ok(m) => m,

@@ -180,6 +180,31 @@ async fn pull_at(
     (resp.code, header)
 }
 
+/// A pull of `T`/0 from `offset` for `tags`, held up to 10 s: `first` runs while it is held,
+/// the pull must still be held 200 ms later, then `then` runs and the answer is returned.
+async fn held_pull(
+    h: &BrokerHandle,
+    offset: i64,
+    tags: &'static str,
+    first: impl FnOnce(),
+    then: impl FnOnce(),
+) -> (i32, PullMessageResponseHeader) {
+    let broker = h.broker.clone();
+    let held = tokio::spawn(async move { pull_at(&broker, 0, offset, 10_000, tags).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !held.is_finished(),
+        "the pull was answered before its message came"
+    );
+    then();
+    tokio::time::timeout(Duration::from_secs(5), held)
+        .await
+        .expect("the held pull was not woken")
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slave_never_moves_a_consumers_offset_and_waits_for_what_it_lacks() {
     let dir = tempfile::tempdir().unwrap();
@@ -216,15 +241,16 @@ async fn a_slave_never_moves_a_consumers_offset_and_waits_for_what_it_lacks() {
     );
 
     // A held pull past the end is answered when replication brings the message.
-    let broker = h.broker.clone();
-    let held = tokio::spawn(async move { pull_at(&broker, 0, 6, 10_000, "*").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!held.is_finished(), "the pull was not held");
-    store.append(&tagged(0, "A", 2)).unwrap();
-    let (code, got) = tokio::time::timeout(Duration::from_secs(5), held)
-        .await
-        .expect("the held pull was not woken")
-        .unwrap();
+    let (code, got) = held_pull(
+        &h,
+        6,
+        "*",
+        || {},
+        || {
+            store.append(&tagged(0, "A", 2)).unwrap();
+        },
+    )
+    .await;
     assert_eq!(
         (code, got.next_begin_offset),
         (ResponseCode::Success.code(), 7)
@@ -248,17 +274,19 @@ async fn a_held_pull_passes_over_other_tags_and_answers_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
     let store = h.broker.store.clone();
-    let broker = h.broker.clone();
-    let held = tokio::spawn(async move { pull_at(&broker, 0, 0, 10_000, "A").await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    store.append(&tagged(0, "B", 3)).unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!held.is_finished(), "answered for messages of another tag");
-    store.append(&tagged(0, "A", 1)).unwrap();
-    let (code, got) = tokio::time::timeout(Duration::from_secs(5), held)
-        .await
-        .expect("the held pull was not woken")
-        .unwrap();
+    // Messages of another tag arrive first: the pull stays held until its own comes.
+    let (code, got) = held_pull(
+        &h,
+        0,
+        "A",
+        || {
+            store.append(&tagged(0, "B", 3)).unwrap();
+        },
+        || {
+            store.append(&tagged(0, "A", 1)).unwrap();
+        },
+    )
+    .await;
     assert_eq!(
         (code, got.next_begin_offset),
         (ResponseCode::Success.code(), 4)
