@@ -29,7 +29,8 @@ use crate::rollout::{rollout_gap, rollout_turns, stamp_template_hash};
 
 /// Annotation holding a hash of what the operator last applied to an object.
 pub const ANNOTATION_APPLIED: &str = "ferromq.io/applied-hash";
-/// Annotation on a BrokerCluster: delete draining groups without waiting for consumers.
+/// Annotation on a BrokerCluster: delete draining groups whose drain cannot finish (broker
+/// unreachable, or past `drainTimeoutSeconds`) without waiting for consumers.
 pub const ANNOTATION_FORCE_DRAIN: &str = "ferromq.io/force-drain";
 /// Annotation on a group's StatefulSet: the group has been given the cluster's topics.
 pub const ANNOTATION_TOPICS_SHARED: &str = "ferromq.io/topics-shared";
@@ -155,13 +156,17 @@ fn controlled_by<K: Resource>(obj: &K, uid: &str) -> bool {
 
 /// Applies `desired` objects of one kind that changed since the last apply, and deletes
 /// objects of that kind labelled for the cluster and controlled by it (`owner_uid`) that are
-/// neither desired nor kept. Returns how many writes it made.
+/// neither desired nor kept. Before an object that exists is applied, `keep_live` copies into
+/// it what must stay as the live object has it (fields the API server refuses to change); the
+/// applied hash is that of the object as rendered, so server-side defaults in those fields do
+/// not make a no-op pass write. Returns how many writes it made.
 async fn sync_kind<K>(
     api: &Api<K>,
     selector: &str,
     owner_uid: &str,
     desired: Vec<K>,
     keep: &HashSet<String>,
+    keep_live: fn(&K, &mut K),
 ) -> Result<usize, Error>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug,
@@ -187,6 +192,9 @@ where
         if live_hashes.get(&name).and_then(|h| h.as_deref()) == Some(hash.as_str()) {
             continue;
         }
+        if let Some(live) = live.items.iter().find(|o| o.name_any() == name) {
+            keep_live(live, &mut obj);
+        }
         obj.annotations_mut()
             .insert(ANNOTATION_APPLIED.into(), hash);
         api.patch(
@@ -210,6 +218,21 @@ where
         writes += 1;
     }
     Ok(writes)
+}
+
+/// For [`sync_kind`]: nothing of the live object is kept.
+fn keep_nothing<K>(_live: &K, _desired: &mut K) {}
+
+/// For [`sync_kind`]: a StatefulSet keeps the volumeClaimTemplates it was created with.
+/// Kubernetes refuses any change to them, and an older operator rendered them differently (the
+/// full label set), so applying this version's rendering would fail on every pass.
+fn keep_claim_templates(live: &StatefulSet, desired: &mut StatefulSet) {
+    if let Some(spec) = desired.spec.as_mut() {
+        spec.volume_claim_templates = live
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_claim_templates.clone());
+    }
 }
 
 fn condition(
@@ -547,39 +570,9 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
             }
             continue;
         }
-        if force {
-            // Often the group goes because its broker is down: do not ask it anything.
-            publish(
-                &ctx,
-                &bc,
-                EventType::Normal,
-                "ScaledIn",
-                format!("{group} removed without draining ({ANNOTATION_FORCE_DRAIN})"),
-            )
-            .await;
-            continue; // not kept: deleted below with the other unwanted objects
-        }
         let started = sts.annotations().get(ANNOTATION_DRAIN_STARTED).cloned();
-        match drain_step(&ctx, &bc, &sts_api, &group_ref(&group), started.is_none()).await {
-            Ok(true) => {
-                publish(
-                    &ctx,
-                    &bc,
-                    EventType::Normal,
-                    "ScaledIn",
-                    format!("{group} drained; removing it"),
-                )
-                .await;
-                continue; // not kept: deleted below with the other unwanted objects
-            }
-            Ok(false) => {}
-            Err(e @ Error::Drain { .. }) => {
-                tracing::warn!(cluster = %name, %group, error = %e, "cannot drain the group; keeping it");
-                drain_failed.push(e.to_string());
-            }
-            Err(e) => return Err(e),
-        }
         let elapsed = started
+            .as_deref()
             .and_then(|s| s.parse::<k8s_openapi::jiff::Timestamp>().ok())
             .map(|t| {
                 k8s_openapi::jiff::Timestamp::now()
@@ -587,7 +580,50 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
                     .as_secs()
             })
             .unwrap_or(0);
-        if elapsed > bc.spec.broker.drain_timeout_seconds {
+        let timed_out = elapsed > bc.spec.broker.drain_timeout_seconds;
+        let failed =
+            match drain_step(&ctx, &bc, &sts_api, &group_ref(&group), started.is_none()).await {
+                Ok(true) => {
+                    publish(
+                        &ctx,
+                        &bc,
+                        EventType::Normal,
+                        "ScaledIn",
+                        format!("{group} drained; removing it"),
+                    )
+                    .await;
+                    continue; // not kept: deleted below with the other unwanted objects
+                }
+                Ok(false) => None,
+                Err(e @ Error::Drain { .. }) => Some(e.to_string()),
+                Err(e) => return Err(e),
+            };
+        // Force applies only to a drain that cannot finish (its broker cannot be asked, or it
+        // has run past its timeout): an annotation left behind must not skip the drain of a
+        // group removed weeks later.
+        if force && (failed.is_some() || timed_out) {
+            let why = failed.unwrap_or_else(|| {
+                format!(
+                    "not drained within drainTimeoutSeconds ({}s)",
+                    bc.spec.broker.drain_timeout_seconds
+                )
+            });
+            tracing::warn!(cluster = %name, %group, reason = %why, "removing the group without draining ({ANNOTATION_FORCE_DRAIN})");
+            publish(
+                &ctx,
+                &bc,
+                EventType::Normal,
+                "ScaledIn",
+                format!("{group} removed without draining ({ANNOTATION_FORCE_DRAIN}): {why}"),
+            )
+            .await;
+            continue; // not kept: deleted below with the other unwanted objects
+        }
+        if let Some(e) = failed {
+            tracing::warn!(cluster = %name, %group, error = %e, "cannot drain the group; keeping it");
+            drain_failed.push(e);
+        }
+        if timed_out {
             stuck.push(group.clone());
         }
         draining.push(group.clone());
@@ -622,6 +658,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         &owner.uid,
         desired.services,
         &keep,
+        keep_nothing,
     )
     .await?
         + sync_kind(
@@ -630,6 +667,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
             &owner.uid,
             desired.config_maps,
             &keep,
+            keep_nothing,
         )
         .await?
         + sync_kind(
@@ -638,6 +676,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
             &owner.uid,
             desired.pdbs,
             &keep,
+            keep_nothing,
         )
         .await?
         + sync_kind(
@@ -646,6 +685,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
             &owner.uid,
             desired.stateful_sets,
             &keep,
+            keep_claim_templates,
         )
         .await?;
     if writes > 0 {

@@ -230,16 +230,29 @@ impl Default for BrokerSpec {
 }
 
 /// Where a broker keeps its commit log.
+// Every field is immutable, checked on this object rather than on each field: the API server
+// runs no rule on a field whose value is `null`, so a field-level `self == oldSelf` would let
+// `size: null` through.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
+    validation = Rule::new("has(self.size) == has(oldSelf.size) && (!has(self.size) || self.size == oldSelf.size)")
+        .message("broker.storage.size is immutable (StatefulSet volume claims cannot change): to grow volumes, expand each PersistentVolumeClaim data-<group>-<ordinal> instead")
+        .field_path(".size"),
     validation = Rule::new("has(self.storageClassName) == has(oldSelf.storageClassName) && (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)")
         .message("broker.storage.storageClassName is immutable")
+        .field_path(".storageClassName"),
+    validation = Rule::new("(has(self.ephemeral) && self.ephemeral) == (has(oldSelf.ephemeral) && oldSelf.ephemeral)")
+        .message("broker.storage.ephemeral is immutable (StatefulSet volume claims cannot change): create a new BrokerCluster to switch storage")
+        .field_path(".ephemeral")
 )]
 pub struct Storage {
     /// Volume size per broker. Immutable: a StatefulSet's volumeClaimTemplates cannot change.
+    // Not nullable (kube marks optional int-or-string fields nullable), so that the API server
+    // drops a `null` and applies the default before the rules run: a `null` kept would bypass
+    // them and reach the operator, which needs a size.
     #[serde(default = "default_size")]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("broker.storage.size is immutable (StatefulSet volume claims cannot change): to grow volumes, expand each PersistentVolumeClaim data-<group>-<ordinal> instead"))]
+    #[schemars(extend("nullable" = false))]
     pub size: Quantity,
     /// Storage class (cluster default when unset). Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -247,7 +260,6 @@ pub struct Storage {
     /// Use an emptyDir instead of a PersistentVolumeClaim (data lost with the pod: tests only).
     /// Immutable: a StatefulSet's volumeClaimTemplates cannot change.
     #[serde(default)]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("broker.storage.ephemeral is immutable (StatefulSet volume claims cannot change): create a new BrokerCluster to switch storage"))]
     pub ephemeral: bool,
 }
 

@@ -56,6 +56,21 @@ pub fn rollout_gap(name: &str, sts: Option<&StatefulSet>, want: i32) -> Option<S
     ))
 }
 
+/// Whether StatefulSet `sts` is rolling a pod template: its controller has not observed its
+/// latest generation, or its pods are not all at the update revision (the controller makes the
+/// current revision the update revision only once every pod is updated and ready). A group
+/// short of ready pods at a settled revision (a slave Pending for want of room, a crashed pod)
+/// is not rolling: making others wait for it could block the very change that fixes it.
+fn rolling_template(sts: &StatefulSet) -> bool {
+    let st = sts.status.clone().unwrap_or_default();
+    let seen = st.observed_generation.unwrap_or(0) >= sts.metadata.generation.unwrap_or(0);
+    let revisions_differ = match (&st.current_revision, &st.update_revision) {
+        (Some(current), Some(update)) => current != update,
+        _ => false,
+    };
+    !seen || revisions_differ
+}
+
 /// Which existing broker groups' pod-template changes one reconcile pass applies, and which
 /// wait their turn (their StatefulSet and ConfigMap are left as they are, applied-hash
 /// included, so a later pass applies them).
@@ -77,10 +92,12 @@ pub struct RolloutTurns {
 /// - A group with no ready pod serves nothing, so it loses nothing by rolling: it takes its
 ///   template at once. Otherwise a cluster whose every group is down (a bad image) could
 ///   never be fixed, each group waiting for the others.
-/// - Of the serving groups, the first by index rolls, and only once every other existing
-///   group has finished rolling (`rollout_gap`); the rest wait. Groups being drained are not
-///   counted: they take no writes and a stuck one must not stop rollouts. The name servers
-///   roll on their own: brokers register with every name server, and clients know several.
+/// - Of the serving groups, the first by index rolls, and only once no other existing group
+///   is rolling a template (`rolling_template`, or restarted in this pass); the rest wait.
+///   Groups short of ready pods at a settled revision do not hold the others. Groups being
+///   drained are not counted: they take no writes and a stuck one must not stop rollouts.
+///   The name servers roll on their own: brokers register with every name server, and
+///   clients know several.
 pub fn rollout_turns(
     groups: &[&str],
     desired: &[StatefulSet],
@@ -94,12 +111,9 @@ pub fn rollout_turns(
         .iter()
         .filter_map(|g| find(live, g).map(|s| (*g, s)))
         .collect();
-    let unsettled: HashSet<&str> = existing
+    let rolling: HashSet<&str> = existing
         .iter()
-        .filter(|(g, s)| {
-            let want = s.spec.as_ref().and_then(|sp| sp.replicas).unwrap_or(1);
-            restarting.contains(*g) || rollout_gap(g, Some(s), want).is_some()
-        })
+        .filter(|(g, s)| restarting.contains(*g) || rolling_template(s))
         .map(|(g, _)| *g)
         .collect();
     let mut turns = RolloutTurns::default();
@@ -117,7 +131,7 @@ pub fn rollout_turns(
             .as_ref()
             .and_then(|st| st.ready_replicas)
             .unwrap_or(0);
-        let others_settled = unsettled.iter().all(|u| u == g);
+        let others_settled = rolling.iter().all(|u| u == g);
         if ready == 0 || (!serving_rolls && others_settled) {
             serving_rolls |= ready > 0;
             turns.now.push(g.to_string());
@@ -160,7 +174,8 @@ mod tests {
         sts
     }
 
-    /// `rendered` as applied, with `ready` of its pods ready and its rollout otherwise done.
+    /// `rendered` as applied and rolled out (every pod at one revision), `ready` of its pods
+    /// ready.
     fn live(name: &str, image: &str, replicas: i32, ready: i32) -> StatefulSet {
         let mut sts = rendered(name, image, replicas);
         sts.metadata.generation = Some(1);
@@ -169,8 +184,20 @@ mod tests {
             replicas,
             ready_replicas: Some(ready),
             updated_replicas: Some(replicas),
+            current_revision: Some(format!("{name}-r1")),
+            update_revision: Some(format!("{name}-r1")),
             ..Default::default()
         });
+        sts
+    }
+
+    /// `rendered` as applied and still rolling it: the controller has seen it, and not every
+    /// pod is updated and ready, so the current revision is still the previous one.
+    fn rolling(name: &str, image: &str, replicas: i32, ready: i32) -> StatefulSet {
+        let mut sts = live(name, image, replicas, ready);
+        let st = sts.status.as_mut().unwrap();
+        st.update_revision = Some(format!("{name}-r2"));
+        st.updated_replicas = Some(1);
         sts
     }
 
@@ -193,8 +220,12 @@ mod tests {
             turns(&desired, &live),
             (strings(&["b-0"]), strings(&["b-1", "b-2"]))
         );
-        // b-0 applied and rolling: nobody else moves, not even b-0 again.
-        live[0] = self::live("b-0", "v2", 2, 1);
+        // b-0 applied, not yet seen by its controller: nobody else moves, not even b-0 again.
+        live[0] = self::live("b-0", "v2", 2, 2);
+        live[0].metadata.generation = Some(2);
+        assert_eq!(turns(&desired, &live), (vec![], strings(&["b-1", "b-2"])));
+        // Seen and rolling: still nobody, though every pod may be ready for a moment.
+        live[0] = rolling("b-0", "v2", 2, 2);
         assert_eq!(turns(&desired, &live), (vec![], strings(&["b-1", "b-2"])));
         live[0] = self::live("b-0", "v2", 2, 2);
         assert_eq!(
@@ -211,9 +242,10 @@ mod tests {
     }
 
     #[test]
-    fn a_group_that_serves_nothing_rolls_at_once_and_holds_the_others() {
+    fn a_group_that_serves_nothing_rolls_at_once_and_holds_the_others_while_rolling() {
         let desired: Vec<_> = GROUPS.iter().map(|g| rendered(g, "v2", 2)).collect();
-        // b-1 is down (a bad image): the fix reaches it, and the others wait until it is up.
+        // b-1 is down (a bad image): the fix reaches it at once, besides the one serving group
+        // allowed to roll.
         let live: Vec<_> = vec![
             live("b-0", "v1", 2, 2),
             live("b-1", "v1", 2, 0),
@@ -221,11 +253,29 @@ mod tests {
         ];
         assert_eq!(
             turns(&desired, &live),
-            (strings(&["b-1"]), strings(&["b-0", "b-2"]))
+            (strings(&["b-0", "b-1"]), strings(&["b-2"]))
         );
+        // b-1 rolling the fix: the serving groups wait until it is done.
+        let live: Vec<_> = vec![
+            self::live("b-0", "v1", 2, 2),
+            rolling("b-1", "v2", 2, 0),
+            self::live("b-2", "v1", 2, 2),
+        ];
+        assert_eq!(turns(&desired, &live), (vec![], strings(&["b-0", "b-2"])));
         // Every group down: all take the fix.
         let live: Vec<_> = GROUPS.iter().map(|g| self::live(g, "v1", 2, 0)).collect();
         assert_eq!(turns(&desired, &live), (strings(GROUPS), vec![]));
+    }
+
+    #[test]
+    fn groups_short_of_ready_pods_at_a_settled_revision_do_not_block_a_rollout() {
+        // After a slavesPerMaster increase the cluster has no room for, each group has a
+        // Pending slave; the change that makes them fit (resources) must still roll.
+        let groups = ["b-0", "b-1"];
+        let desired: Vec<_> = groups.iter().map(|g| rendered(g, "v2", 2)).collect();
+        let live: Vec<_> = groups.iter().map(|g| live(g, "v1", 2, 1)).collect();
+        let t = rollout_turns(&groups, &desired, &live, &HashSet::new());
+        assert_eq!((t.now, t.waiting), (strings(&["b-0"]), strings(&["b-1"])));
     }
 
     #[test]

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use fake::FakeApi;
 use futures::future::BoxFuture;
-use kube::api::Api;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use operator::controller::{
@@ -157,17 +158,32 @@ impl Harness {
     /// StatefulSet `name` has rolled out its current spec (see [`Harness::mark_ready`]).
     fn mark_rolled(&self, name: &str) {
         let sts = self.api.get("statefulsets", NS, name).unwrap();
-        let replicas = sts["spec"]["replicas"].clone();
-        let generation = sts["metadata"]["generation"].clone();
-        let revision = format!("{name}-rev{generation}");
+        self.mark_rolled_with_ready(name, sts["spec"]["replicas"].as_i64().unwrap_or(1));
+    }
+
+    /// The StatefulSet controller has seen `name`'s spec and updated its pods, of which
+    /// `ready` are ready (the others Pending or crashing). As the real controller does, the
+    /// update revision follows the pod template, and becomes the current revision only once
+    /// every pod is updated and ready: a template change with a pod not ready stays rolling.
+    fn mark_rolled_with_ready(&self, name: &str, ready: i64) {
+        use std::hash::{Hash, Hasher};
+        let sts = self.api.get("statefulsets", NS, name).unwrap();
+        let replicas = sts["spec"]["replicas"].as_i64().unwrap_or(1);
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        sts["spec"]["template"].to_string().hash(&mut hasher);
+        let update = format!("{name}-{:x}", hasher.finish());
+        let current = match sts["status"]["currentRevision"].as_str() {
+            Some(current) if ready < replicas => current.to_string(),
+            _ => update.clone(),
+        };
         self.api.edit(
             "statefulsets",
             NS,
             name,
-            json!({"status": {"observedGeneration": generation, "replicas": replicas,
-                "readyReplicas": replicas, "updatedReplicas": replicas,
-                "currentReplicas": replicas, "currentRevision": revision,
-                "updateRevision": revision}}),
+            json!({"status": {"observedGeneration": sts["metadata"]["generation"],
+                "replicas": replicas, "readyReplicas": ready, "updatedReplicas": replicas,
+                "currentReplicas": if current == update { replicas } else { 0 },
+                "currentRevision": current, "updateRevision": update}}),
         );
     }
 
@@ -639,7 +655,8 @@ async fn a_scale_out_during_a_rollout_creates_the_new_group_at_once() {
         .get("poddisruptionbudgets", NS, "demo-broker-3")
         .is_some());
     assert!(h.api.get("services", NS, "demo-broker-3").is_some());
-    // The new group counts as rolling until it is up: the next existing group waits for it.
+    // Until its StatefulSet controller has seen the new group, it counts as rolling: the next
+    // existing group waits for it.
     h.mark_rolled("demo-broker-0");
     assert_eq!(h.reconcile_pods().await, Vec::<String>::new());
     h.mark_rolled("demo-broker-3");
@@ -666,6 +683,32 @@ async fn a_slave_count_change_alone_applies_everywhere_at_once_but_waits_with_a_
     let replicas = |g: &str| h.api.get("statefulsets", NS, g).unwrap()["spec"]["replicas"].clone();
     assert_eq!(replicas("demo-broker-0"), 2);
     assert_eq!(replicas("demo-broker-1"), 3);
+}
+
+#[tokio::test]
+async fn slaves_that_cannot_be_scheduled_do_not_block_the_change_that_makes_them_fit() {
+    let h = three_ready_groups().await;
+    h.edit_spec(json!({"slavesPerMaster": 2}));
+    h.reconcile().await;
+    // The cluster has no room for the new slaves: each group serves with one Pending pod.
+    for g in ["demo-broker-0", "demo-broker-1", "demo-broker-2"] {
+        h.mark_rolled_with_ready(g, 2);
+    }
+    h.reconcile().await;
+    // Smaller requests make them fit: the groups take it one at a time, as any template change.
+    h.edit_spec(json!({"resources": {"requests": {"memory": "512Mi"}}}));
+    assert_eq!(
+        h.reconcile_pods().await,
+        vec!["PATCH statefulsets/demo-broker-0".to_string()]
+    );
+    // demo-broker-0 rolls until all its pods are updated and ready: the next group waits.
+    h.mark_rolled_with_ready("demo-broker-0", 2);
+    assert_eq!(h.reconcile_pods().await, Vec::<String>::new());
+    h.mark_rolled("demo-broker-0");
+    assert_eq!(
+        h.reconcile_pods().await,
+        vec!["PATCH statefulsets/demo-broker-1".to_string()]
+    );
 }
 
 #[tokio::test]
@@ -856,6 +899,44 @@ async fn force_drain_removes_a_group_whose_broker_is_unreachable() {
 }
 
 #[tokio::test]
+async fn force_drain_left_set_does_not_skip_the_drain_of_a_reachable_group() {
+    // The annotation stays on the cluster after the scale-in it was set for: a later scale-in
+    // drains as usual while the broker answers and the timeout has not passed.
+    let h = harness(json!({"broker": {"masters": 3}}));
+    h.reconcile().await;
+    force_drain(&h);
+    h.edit_spec(json!({"masters": 2}));
+    let writes = h.reconcile().await;
+    assert!(
+        writes.iter().all(|w| !w.starts_with("DELETE")),
+        "{writes:?}"
+    );
+    assert!(h.api.get("statefulsets", NS, "demo-broker-2").is_some());
+    assert_eq!(
+        *h.drain.read_only.lock().unwrap(),
+        vec!["demo-broker-2".to_string()]
+    );
+    assert!(h.status()["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g["name"] == "demo-broker-2" && g["draining"] == true));
+    // Past drainTimeoutSeconds the drain cannot be waited for any longer: force removes it.
+    h.api.edit(
+        "statefulsets",
+        NS,
+        "demo-broker-2",
+        json!({"metadata": {"annotations": {ANNOTATION_DRAIN_STARTED: "2020-01-01T00:00:00Z"}}}),
+    );
+    let writes = h.reconcile().await;
+    assert!(
+        writes.contains(&"DELETE statefulsets/demo-broker-2".to_string()),
+        "{writes:?}"
+    );
+    assert_eq!(h.condition("Degraded").0, "False");
+}
+
+#[tokio::test]
 async fn an_unreachable_draining_group_is_kept_and_reported_while_the_rest_applies() {
     let h = harness(json!({"broker": {"masters": 2}}));
     h.reconcile().await;
@@ -972,11 +1053,74 @@ async fn spec_edits_the_crd_allows_never_touch_what_a_stateful_set_cannot_change
             && writes.contains(&"PATCH statefulsets/demo-nameserver".to_string()),
         "{writes:?}"
     );
-    // What the CRD refuses (storage) the API double refuses too, so a test that changed it
-    // would fail rather than pass against an API server that is more lenient than the real one.
+    // Even a storage edit (which the CRD refuses) leaves the claim templates as created.
+    let claims = |h: &Harness| {
+        h.api.get("statefulsets", NS, "demo-broker-0").unwrap()["spec"]["volumeClaimTemplates"]
+            .clone()
+    };
+    let before = claims(&h);
     h.edit_spec(json!({"storage": {"size": "20Gi"}}));
-    let bcs: Api<BrokerCluster> = Api::namespaced(h.ctx.client.clone(), NS);
-    let bc = bcs.get("demo").await.unwrap();
-    let err = reconcile(Arc::new(bc), h.ctx.clone()).await.unwrap_err();
+    h.reconcile().await;
+    assert_eq!(claims(&h), before);
+    // The API double does refuse a change of them, so a test that changed them would fail
+    // rather than pass against an API server more lenient than the real one.
+    let sts_api: Api<StatefulSet> = Api::namespaced(h.ctx.client.clone(), NS);
+    let mut sts = sts_api.get("demo-broker-0").await.unwrap();
+    sts.metadata.managed_fields = None;
+    sts.spec
+        .as_mut()
+        .unwrap()
+        .volume_claim_templates
+        .as_mut()
+        .unwrap()[0]
+        .metadata
+        .labels = None;
+    let err = sts_api
+        .patch(
+            "demo-broker-0",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&sts),
+        )
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("Forbidden"), "{err}");
+}
+
+#[tokio::test]
+async fn stateful_sets_created_by_an_older_operator_keep_their_claim_templates() {
+    let h = harness(sync_double_write());
+    h.reconcile().await;
+    h.mark_ready();
+    h.reconcile().await;
+    // As an older operator left them: claim templates carrying the full label set (this
+    // version renders the selector labels only), and the hash of another rendering.
+    let claims = |h: &Harness, g: &str| {
+        h.api.get("statefulsets", NS, g).unwrap()["spec"]["volumeClaimTemplates"].clone()
+    };
+    for g in ["demo-broker-0", "demo-broker-1"] {
+        let mut sts = h.api.get("statefulsets", NS, g).unwrap();
+        let labels = sts["metadata"]["labels"].clone();
+        assert_ne!(labels, sts["spec"]["selector"]["matchLabels"]);
+        sts["spec"]["volumeClaimTemplates"][0]["metadata"]["labels"] = labels;
+        sts["metadata"]["annotations"]["ferromq.io/applied-hash"] = json!("older-operator");
+        h.api.insert("statefulsets", NS, sts);
+    }
+    let before = [claims(&h, "demo-broker-0"), claims(&h, "demo-broker-1")];
+    // The API double refuses (422) any change of claim templates: the reconcile succeeding
+    // shows none was made.
+    let writes = h.reconcile().await;
+    assert!(
+        writes.contains(&"PATCH statefulsets/demo-broker-0".to_string())
+            && writes.contains(&"PATCH statefulsets/demo-broker-1".to_string()),
+        "{writes:?}"
+    );
+    assert_eq!(
+        [claims(&h, "demo-broker-0"), claims(&h, "demo-broker-1")],
+        before
+    );
+    assert_eq!(h.condition("Ready").0, "True");
+    // Later spec changes apply as usual.
+    h.edit_spec(json!({"config": {"fileReservedTime": "48"}}));
+    assert_eq!(h.reconcile_pods().await, applied("demo-broker-0"));
+    assert_eq!(claims(&h, "demo-broker-0"), before[0]);
 }
