@@ -971,12 +971,19 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             consumers_gauge.set(b.consumers.client_count() as i64);
             commitlog_max.set(b.store.commitlog().max_offset() as i64);
             commitlog_flushed.set(b.store.commitlog().flushed_offset() as i64);
+            // Segments are deleted in the deleteWhen hour; a queue-minimum correction that
+            // failed then is tried again every minute.
+            let deleting = retention_hour(b.cfg.delete_when_hour);
             if last_retention.elapsed() >= Duration::from_secs(60)
-                && retention_hour(b.cfg.delete_when_hour)
+                && (deleting || b.store.queue_minimums_behind())
             {
                 last_retention = std::time::Instant::now();
                 let s = b.store.clone();
-                match tokio::task::spawn_blocking(move || s.delete_expired()).await {
+                let run = move || match deleting {
+                    true => s.delete_expired(),
+                    false => s.correct_queue_minimums(),
+                };
+                match tokio::task::spawn_blocking(run).await {
                     Ok(Err(e)) => tracing::error!(error = %e, "retention failed"),
                     Err(e) => tracing::error!(error = %e, "retention task failed"),
                     Ok(Ok(())) => {}

@@ -980,7 +980,20 @@ impl MessageStore {
     /// Deletes commit-log segments older than `fileReservedTime` and moves queue minimums.
     pub fn delete_expired(&self) -> Result<(), StoreError> {
         let age = Duration::from_secs(self.cfg.file_reserved_hours * 3600);
-        let min = self.commitlog.delete_expired(age)?;
+        self.commitlog.delete_expired(age)?;
+        self.correct_queue_minimums()
+    }
+
+    /// Whether some queue's minimum still points before the commit log's first offset (a
+    /// correction after retention failed): [`MessageStore::correct_queue_minimums`] is due.
+    pub fn queue_minimums_behind(&self) -> bool {
+        self.commitlog.min_offset() != self.queues_min.load(Ordering::Acquire)
+    }
+
+    /// Moves every queue's minimum to the commit log's first offset, if it moved since the
+    /// last time this completed.
+    pub fn correct_queue_minimums(&self) -> Result<(), StoreError> {
+        let min = self.commitlog.min_offset();
         if min != self.queues_min.load(Ordering::Acquire) {
             // Every queue, whatever one of them answers: a queue left behind would send its
             // consumers to deleted data until the next correction, which only a completed
