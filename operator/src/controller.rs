@@ -261,6 +261,7 @@ fn condition(
 }
 
 /// What `build_status` needs from the cluster.
+#[derive(Default)]
 struct Observed {
     ns_ready: i32,
     groups: Vec<GroupStatus>,
@@ -273,6 +274,13 @@ struct Observed {
     stuck: Vec<String>,
     /// Draining groups whose broker could not be asked, with the cause.
     drain_failed: Vec<String>,
+}
+
+/// `why` a drain cannot go on, and how to remove the group anyway.
+fn force_drain_hint(why: &str) -> String {
+    format!(
+        "{why}; set annotation {ANNOTATION_FORCE_DRAIN}=true to remove the group without draining"
+    )
 }
 
 fn build_status(
@@ -297,10 +305,7 @@ fn build_status(
         (None, _) if !obs.drain_failed.is_empty() => (
             true,
             "DrainFailed",
-            format!(
-                "{}; set annotation {ANNOTATION_FORCE_DRAIN}=true to remove the group without draining",
-                obs.drain_failed.join("; ")
-            ),
+            force_drain_hint(&obs.drain_failed.join("; ")),
         ),
         (None, false) => (
             true,
@@ -497,15 +502,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
                 groups: Vec::new(),
                 mode: crate::plan::describe(&bc.spec),
             };
-            let obs = Observed {
-                ns_ready: 0,
-                groups: Vec::new(),
-                rolling: Vec::new(),
-                waiting: Vec::new(),
-                draining: Vec::new(),
-                stuck: Vec::new(),
-                drain_failed: Vec::new(),
-            };
+            let obs = Observed::default();
             if patch_status(
                 &bcs,
                 &bc,
@@ -743,9 +740,9 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         groups,
         rolling,
         waiting: turns.waiting,
-        draining: draining.clone(),
-        stuck: stuck.clone(),
-        drain_failed: drain_failed.clone(),
+        draining,
+        stuck,
+        drain_failed,
     };
     let status = build_status(&bc, &plan, &obs, None);
     let was_ready = bc.status.as_ref().is_some_and(|s| {
@@ -763,13 +760,8 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
     // New groups get the topics the rest of the cluster serves once their master is up, so
     // scaling out spreads load without `mqadmin updateTopic -c`.
     let mut topics_pending = false;
-    let shared = |n: &str| {
-        live_sts
-            .items
-            .iter()
-            .find(|s| s.name_any() == n)
-            .is_some_and(|s| s.annotations().contains_key(ANNOTATION_TOPICS_SHARED))
-    };
+    let shared =
+        |n: &str| find(n).is_some_and(|s| s.annotations().contains_key(ANNOTATION_TOPICS_SHARED));
     for g in plan
         .groups
         .iter()
@@ -799,13 +791,20 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
             }
         }
     }
-    for s in &stuck {
+    for s in &obs.stuck {
         publish(&ctx, &bc, EventType::Warning, "DrainTimeout", format!("{s} still has unconsumed messages; set annotation {ANNOTATION_FORCE_DRAIN}=true to remove it anyway")).await;
     }
-    for f in &drain_failed {
-        publish(&ctx, &bc, EventType::Warning, "DrainFailed", format!("{f}; set annotation {ANNOTATION_FORCE_DRAIN}=true to remove the group without draining")).await;
+    for f in &obs.drain_failed {
+        publish(
+            &ctx,
+            &bc,
+            EventType::Warning,
+            "DrainFailed",
+            force_drain_hint(f),
+        )
+        .await;
     }
-    if draining.is_empty() && now_ready && !topics_pending {
+    if obs.draining.is_empty() && now_ready && !topics_pending {
         Ok(Action::requeue(Duration::from_secs(300)))
     } else {
         Ok(Action::requeue(Duration::from_secs(10)))

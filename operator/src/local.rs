@@ -235,10 +235,14 @@ fn assign_slots(held: &BTreeMap<String, u32>, wanted: &[String]) -> BTreeMap<Str
     slots
 }
 
+/// First port of `slot`, which may lie past 65535.
+fn slot_base(first: u16, slot: u32) -> u64 {
+    u64::from(first) + u64::from(slot) * u64::from(PORTS_PER_MEMBER)
+}
+
 /// Remoting, HA and HTTP ports of `slot`, or `None` past port 65535.
 fn slot_ports(first: u16, slot: u32) -> Option<[u16; 3]> {
-    let base = u64::from(first) + u64::from(slot) * u64::from(PORTS_PER_MEMBER);
-    let last = u16::try_from(base + 2).ok()?;
+    let last = u16::try_from(slot_base(first, slot) + 2).ok()?;
     Some([last - 2, last - 1, last])
 }
 
@@ -359,16 +363,12 @@ impl LocalCluster {
             .filter(|(k, _)| self.procs.contains_key(*k))
             .map(|(k, s)| (k.clone(), *s))
             .collect();
-        let wanted: Vec<String> = plan
-            .groups
-            .iter()
-            .flat_map(|g| g.members.iter().map(|m| m.pod.clone()))
-            .collect();
+        let wanted: Vec<String> = plan.pods().map(String::from).collect();
         let slots = assign_slots(&held, &wanted);
         let first = self.opts.broker_port;
         for (member, slot) in &slots {
             let Some(ports) = slot_ports(first, *slot) else {
-                let base = u64::from(first) + u64::from(*slot) * u64::from(PORTS_PER_MEMBER);
+                let base = slot_base(first, *slot);
                 return Err(LocalError::Ports(format!(
                     "{member} would need ports {base}-{}, past 65535 ({} broker members take {PORTS_PER_MEMBER} ports each from --broker-port {first}): use a lower --broker-port or fewer members",
                     base + 2,
@@ -443,11 +443,7 @@ impl LocalCluster {
         let rolled = self.roll_groups(plan, &logs).await;
         // Members no longer planned: slaves of kept groups just stop; whole groups drain first.
         let planned_groups: BTreeSet<&str> = plan.groups.iter().map(|g| g.name.as_str()).collect();
-        let wanted: BTreeSet<&str> = plan
-            .groups
-            .iter()
-            .flat_map(|g| g.members.iter().map(|m| m.pod.as_str()))
-            .collect();
+        let wanted: BTreeSet<&str> = plan.pods().collect();
         let gone: Vec<String> = self
             .procs
             .keys()
@@ -502,9 +498,7 @@ impl LocalCluster {
             // Highest ordinal first: slaves restart before their master, as in a StatefulSet.
             for m in g.members.iter().rev() {
                 let key = m.pod.clone();
-                let Some(hash) = current.get(&key).cloned() else {
-                    continue;
-                };
+                let hash = format!("{}|{}", g.config_hash, self.namesrv);
                 let running = self.procs.contains_key(&key);
                 if running && self.hashes.get(&key) == Some(&hash) {
                     continue;

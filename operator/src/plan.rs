@@ -153,6 +153,15 @@ pub struct ClusterPlan {
     pub mode: String,
 }
 
+impl ClusterPlan {
+    /// Every broker pod the plan holds, group by group: what runs, here or as local processes.
+    pub fn pods(&self) -> impl Iterator<Item = &str> {
+        self.groups
+            .iter()
+            .flat_map(|g| g.members.iter().map(|m| m.pod.as_str()))
+    }
+}
+
 /// The deployment model in words, e.g. "2 masters x 1 slave, sync double write, async flush".
 pub fn describe(spec: &BrokerClusterSpec) -> String {
     let b = &spec.broker;

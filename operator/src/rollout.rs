@@ -16,15 +16,10 @@ use crate::controller::applied_hash;
 /// change that restarts pods from one that does not (replicas, labels).
 pub const ANNOTATION_TEMPLATE_HASH: &str = "ferromq.io/template-hash";
 
-/// Hash of the pod template of a StatefulSet as rendered (before anything is applied).
-fn template_hash(sts: &StatefulSet) -> String {
-    applied_hash(&sts.spec.as_ref().map(|s| &s.template))
-}
-
 /// Records on a rendered StatefulSet the hash of its pod template, so that a later pass can
 /// tell whether applying a newer rendering restarts pods.
 pub fn stamp_template_hash(sts: &mut StatefulSet) {
-    let hash = template_hash(sts);
+    let hash = applied_hash(&sts.spec.as_ref().map(|s| &s.template));
     sts.annotations_mut()
         .insert(ANNOTATION_TEMPLATE_HASH.into(), hash);
 }
@@ -38,17 +33,12 @@ pub fn rollout_gap(name: &str, sts: Option<&StatefulSet>, want: i32) -> Option<S
         return Some(format!("{name} to be created"));
     };
     let st = sts.status.clone().unwrap_or_default();
-    let seen = st.observed_generation.unwrap_or(0) >= sts.metadata.generation.unwrap_or(0);
     let updated = st.updated_replicas.unwrap_or(0);
     let ready = st.ready_replicas.unwrap_or(0);
-    let same_revision = match (&st.current_revision, &st.update_revision) {
-        (Some(current), Some(update)) => current == update,
-        _ => true,
-    };
-    if !seen {
+    if !seen(sts) {
         return Some(format!("{name} to take its new spec"));
     }
-    if st.replicas == want && updated == want && ready == want && same_revision {
+    if st.replicas == want && updated == want && ready == want && !rolling_template(sts) {
         return None;
     }
     Some(format!(
@@ -62,13 +52,18 @@ pub fn rollout_gap(name: &str, sts: Option<&StatefulSet>, want: i32) -> Option<S
 /// short of ready pods at a settled revision (a slave Pending for want of room, a crashed pod)
 /// is not rolling: making others wait for it could block the very change that fixes it.
 fn rolling_template(sts: &StatefulSet) -> bool {
-    let st = sts.status.clone().unwrap_or_default();
-    let seen = st.observed_generation.unwrap_or(0) >= sts.metadata.generation.unwrap_or(0);
-    let revisions_differ = match (&st.current_revision, &st.update_revision) {
-        (Some(current), Some(update)) => current != update,
+    let st = sts.status.as_ref();
+    let revisions_differ = match st.map(|s| (&s.current_revision, &s.update_revision)) {
+        Some((Some(current), Some(update))) => current != update,
         _ => false,
     };
-    !seen || revisions_differ
+    !seen(sts) || revisions_differ
+}
+
+/// Whether the StatefulSet controller has observed `sts`'s latest generation.
+fn seen(sts: &StatefulSet) -> bool {
+    let observed = sts.status.as_ref().and_then(|s| s.observed_generation);
+    observed.unwrap_or(0) >= sts.metadata.generation.unwrap_or(0)
 }
 
 /// Which existing broker groups' pod-template changes one reconcile pass applies, and which
@@ -123,7 +118,7 @@ pub fn rollout_turns(
             continue;
         };
         let applied = s.annotations().get(ANNOTATION_TEMPLATE_HASH);
-        if applied == Some(&template_hash(new)) {
+        if applied.is_some() && applied == new.annotations().get(ANNOTATION_TEMPLATE_HASH) {
             continue;
         }
         let ready = s

@@ -133,18 +133,29 @@ impl Harness {
     }
 
     fn condition(&self, t: &str) -> (String, String) {
-        let s = self.status();
-        let c = s["conditions"]
+        let c = self.condition_of(t);
+        (
+            c["status"].as_str().unwrap().to_string(),
+            c["reason"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// The message of condition `t`.
+    fn message(&self, t: &str) -> String {
+        self.condition_of(t)["message"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn condition_of(&self, t: &str) -> serde_json::Value {
+        self.status()["conditions"]
             .as_array()
             .unwrap()
             .iter()
             .find(|c| c["type"] == t)
             .unwrap()
-            .clone();
-        (
-            c["status"].as_str().unwrap().to_string(),
-            c["reason"].as_str().unwrap().to_string(),
-        )
+            .clone()
     }
 
     /// Every StatefulSet has rolled out its current spec: the controller saw its generation,
@@ -331,9 +342,9 @@ async fn a_spec_change_is_not_ready_until_every_pod_has_rolled() {
     assert_eq!(h.condition("Ready"), ("False".into(), "NotReady".into()));
     assert_eq!(h.condition("Progressing").0, "True");
     assert!(
-        ready_message(&h).contains("demo-broker-0"),
+        h.message("Ready").contains("demo-broker-0"),
         "{}",
-        ready_message(&h)
+        h.message("Ready")
     );
     // Groups roll one at a time: demo-broker-1 takes its new spec once demo-broker-0 is done.
     h.mark_ready();
@@ -356,22 +367,10 @@ async fn a_spec_change_is_not_ready_until_every_pod_has_rolled() {
     h.reconcile().await;
     assert_eq!(h.condition("Ready").0, "False");
     assert!(
-        ready_message(&h).contains("demo-broker-1"),
+        h.message("Ready").contains("demo-broker-1"),
         "{}",
-        ready_message(&h)
+        h.message("Ready")
     );
-}
-
-fn ready_message(h: &Harness) -> String {
-    h.status()["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Ready")
-        .unwrap()["message"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }
 
 #[tokio::test]
@@ -592,18 +591,6 @@ fn flush_of(h: &Harness, group: &str) -> String {
         .to_string()
 }
 
-fn progressing_message(h: &Harness) -> String {
-    h.status()["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Progressing")
-        .unwrap()["message"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 #[tokio::test]
 async fn a_pod_template_change_rolls_broker_groups_one_at_a_time() {
     let h = three_ready_groups().await;
@@ -617,14 +604,14 @@ async fn a_pod_template_change_rolls_broker_groups_one_at_a_time() {
     assert_eq!(flush_of(&h, "demo-broker-2"), "ASYNC_FLUSH");
     assert_eq!(h.condition("Ready").0, "False");
     assert_eq!(h.condition("Progressing").0, "True");
-    let msg = progressing_message(&h);
+    let msg = h.message("Progressing");
     assert!(msg.contains("demo-broker-1, demo-broker-2"), "{msg}");
     // Still rolling: the next group waits, and the operator looks again soon.
     assert_eq!(h.requeue().await, Action::requeue(Duration::from_secs(10)));
     assert_eq!(h.reconcile_pods().await, Vec::<String>::new());
     h.mark_rolled("demo-broker-0");
     assert_eq!(h.reconcile_pods().await, applied("demo-broker-1"));
-    let msg = progressing_message(&h);
+    let msg = h.message("Progressing");
     assert!(
         msg.contains("demo-broker-2") && !msg.contains("demo-broker-0"),
         "{msg}"
@@ -727,15 +714,8 @@ async fn invalid_spec_is_reported_not_applied() {
         h.condition("Degraded"),
         ("True".into(), "InvalidSpec".into())
     );
-    let s = h.status();
-    let msg = s["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Degraded")
-        .unwrap()["message"]
-        .clone();
-    assert!(msg.as_str().unwrap().contains("fileReservedTme"), "{msg}");
+    let msg = h.message("Degraded");
+    assert!(msg.contains("fileReservedTme"), "{msg}");
     assert!(h.api.names("statefulsets").is_empty());
 }
 
@@ -957,15 +937,7 @@ async fn an_unreachable_draining_group_is_kept_and_reported_while_the_rest_appli
         ("True".into(), "DrainFailed".into())
     );
     let s = h.status();
-    let degraded = s["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Degraded")
-        .unwrap()["message"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let degraded = h.message("Degraded");
     assert!(
         degraded.contains("demo-broker-1") && degraded.contains("broker unreachable"),
         "{degraded}"

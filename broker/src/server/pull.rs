@@ -202,12 +202,12 @@ impl Broker {
         max_bytes: usize,
         filter: &TagFilter,
     ) -> Result<GetResult, StoreError> {
-        let first = self
+        let cold = self
             .store
-            .queue(topic, queue_id)
-            .and_then(|q| q.get(offset, 1).ok()?.first().copied());
-        let log_end = self.store.commitlog().max_offset();
-        let cold = first.is_some_and(|e| !self.in_memory(log_end.saturating_sub(e.offset)));
+            .lag_at(topic, queue_id, offset)
+            .ok()
+            .flatten()
+            .is_some_and(|lag| !self.in_memory(lag));
         if !cold {
             return self
                 .store
@@ -323,16 +323,12 @@ impl Broker {
     /// Whether the queue asked about still starts at 0 with its first message in memory (a
     /// queue with nothing in it yet does).
     fn starts_in_memory(&self, h: &QueryConsumerOffsetRequestHeader) -> bool {
-        let Some(q) = self.store.queue(&h.topic, h.queue_id) else {
-            return true;
-        };
-        if q.min_offset() > 0 {
+        let queue = self.store.queue(&h.topic, h.queue_id);
+        if queue.is_some_and(|q| q.min_offset() > 0) {
             return false;
         }
-        match q.get(0, 1) {
-            Ok(first) => first.first().is_none_or(|e| {
-                self.in_memory(self.store.commitlog().max_offset().saturating_sub(e.offset))
-            }),
+        match self.store.lag_at(&h.topic, h.queue_id, 0) {
+            Ok(lag) => lag.is_none_or(|lag| self.in_memory(lag)),
             Err(e) => {
                 tracing::warn!(topic = %h.topic, queue = h.queue_id, error = %e, "reading a queue's first entry failed");
                 false

@@ -1124,6 +1124,7 @@ impl MessageStore {
             return Ok(0);
         };
         let (min, max) = (cq.min_offset(), cq.max_offset());
+        let log_min = self.commitlog.min_offset();
         // The first entry stored after `timestamp` (Upper), or at or after it (Lower).
         let (mut lo, mut hi) = (min, max);
         while lo < hi {
@@ -1133,7 +1134,7 @@ impl MessageStore {
             };
             // An entry whose segment retention deleted (before the queue's minimum moved)
             // counts as earlier than any time.
-            let stored = if e.offset < self.commitlog.min_offset() {
+            let stored = if e.offset < log_min {
                 i64::MIN
             } else {
                 self.commitlog.read_message(e.offset)?.store_timestamp
@@ -1152,6 +1153,25 @@ impl MessageStore {
             Boundary::Lower => lo,
             Boundary::Upper => lo.saturating_sub(1).max(min),
         })
+    }
+
+    /// Bytes of the commit log from the message at queue offset `index` of `topic`/`queue_id`
+    /// to the log's end: how far behind the end a read from there is. `None` without such an
+    /// entry.
+    pub fn lag_at(
+        &self,
+        topic: &str,
+        queue_id: i32,
+        index: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let Some(cq) = self.queue(topic, queue_id) else {
+            return Ok(None);
+        };
+        let end = self.commitlog.max_offset();
+        Ok(cq
+            .get(index, 1)?
+            .first()
+            .map(|e| end.saturating_sub(e.offset)))
     }
 
     /// Store time of the first stored message of a queue.
