@@ -112,8 +112,10 @@ pub struct SubscriptionData {
     /// Tags of the expression.
     pub tags_set: BTreeSet<String>,
     /// Tag codes of the expression.
+    #[serde(deserialize_with = "longs_or_text")]
     pub code_set: BTreeSet<i64>,
     /// Version of the subscription.
+    #[serde(deserialize_with = "long_or_text")]
     pub sub_version: i64,
     /// TAG or SQL92.
     pub expression_type: Option<String>,
@@ -164,6 +166,41 @@ pub struct HeartbeatData {
 pub struct ConsumerListBody {
     /// Client ids of the group's live consumers.
     pub consumer_id_list: Vec<String>,
+}
+
+/// A JSON long as Java clients write it (a number), as the C++ and Go clients write it (a
+/// decimal string), or null.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum LongOrText {
+    Long(i64),
+    Text(String),
+    Null(()),
+}
+
+impl LongOrText {
+    fn value<E: serde::de::Error>(self) -> Result<i64, E> {
+        match self {
+            LongOrText::Long(n) => Ok(n),
+            LongOrText::Text(t) => t
+                .trim()
+                .parse()
+                .map_err(|_| E::custom(format!("expected a long, found {t:?}"))),
+            LongOrText::Null(()) => Ok(0),
+        }
+    }
+}
+
+fn long_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    LongOrText::deserialize(d)?.value()
+}
+
+fn longs_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeSet<i64>, D::Error> {
+    Option::<Vec<LongOrText>>::deserialize(d)?
+        .unwrap_or_default()
+        .into_iter()
+        .map(LongOrText::value)
+        .collect()
 }
 
 /// Parses a JSON body, tolerating unquoted integer map keys as fastjson writes them.
@@ -271,5 +308,20 @@ mod tests {
         let json = br#"{"clientID":"c1","producerDataSet":[],"consumerDataSet":[{"groupName":"g","consumeType":1,"messageModel":"CLUSTERING","consumeFromWhere":"CONSUME_FROM_FIRST_OFFSET","subscriptionDataSet":[{"topic":"T","subString":"*","tagsSet":[],"codeSet":[],"subVersion":1,"expressionType":"TAG","classFilterMode":false}],"unitMode":false}],"heartbeatFingerprint":0}"#;
         let hb: HeartbeatData = from_json(json).unwrap();
         assert_eq!(hb.consumer_data_set[0].subscription_data_set[0].topic, "T");
+    }
+
+    #[test]
+    fn heartbeat_longs_may_come_as_text_as_the_cpp_and_go_clients_send_them() {
+        // rocketmq-client-cpp writes subVersion as a string; rocketmq-client-go quotes the
+        // tag codes of codeSet.
+        let json = br#"{"clientID":"c1","consumerDataSet":[{"groupName":"g","subscriptionDataSet":[{"topic":"T","subString":"A || B","tagsSet":["A","B"],"codeSet":["65","-66"],"subVersion":"1700000000000"},{"topic":"U","subString":"*","codeSet":null,"subVersion":null}]}]}"#;
+        let hb: HeartbeatData = from_json(json).unwrap();
+        let subs = &hb.consumer_data_set[0].subscription_data_set;
+        assert_eq!(subs[0].sub_version, 1_700_000_000_000);
+        assert_eq!(subs[0].code_set, BTreeSet::from([65, -66]));
+        assert_eq!((subs[1].sub_version, subs[1].code_set.len()), (0, 0));
+        let bad = br#"{"consumerDataSet":[{"subscriptionDataSet":[{"subVersion":"soon"}]}]}"#;
+        let e = from_json::<HeartbeatData>(bad).unwrap_err().to_string();
+        assert!(e.contains("expected a long"), "{e}");
     }
 }

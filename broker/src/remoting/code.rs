@@ -68,6 +68,9 @@ pub enum RequestCode {
     SendMessageV2 = 310,
     /// Send several messages in one request.
     SendBatchMessage = 320,
+    /// A pull from a lite-pull consumer (RocketMQ 5's DefaultLitePullConsumer): a pull like
+    /// any other.
+    LitePullMessage = 361,
 }
 
 impl RequestCode {
@@ -105,6 +108,7 @@ impl RequestCode {
         Self::GetBrokerRuntimeInfo,
         Self::SendMessageV2,
         Self::SendBatchMessage,
+        Self::LitePullMessage,
     ];
 
     /// The code as it travels on the wire.

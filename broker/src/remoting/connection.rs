@@ -74,6 +74,20 @@ impl Peer {
     }
 }
 
+#[cfg(test)]
+impl Peer {
+    /// A peer with no connection behind it (pushes to it go nowhere), for processors under
+    /// test.
+    pub(crate) fn detached(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            push: mpsc::channel(1).0,
+            busy: Arc::default(),
+            placement: Placement::default(),
+        }
+    }
+}
+
 /// Answers requests: the name server and the broker each implement it once.
 pub trait Processor: Send + Sync + 'static {
     /// Handles one request; `None` means no response (oneway requests).

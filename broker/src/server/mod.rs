@@ -170,6 +170,13 @@ impl Broker {
                 )
             }
         };
+        if let Some(e) = hb
+            .consumer_data_set
+            .iter()
+            .find_map(|c| send::validate_group(&c.group_name).err())
+        {
+            return req.error_to(ResponseCode::SystemError, format!("bad heartbeat: {e}"));
+        }
         for c in &hb.consumer_data_set {
             // Every consumer group gets its retry topic, as in RocketMQ (slaves copy topics
             // from their master instead).
@@ -589,7 +596,7 @@ impl Processor for Broker {
             RequestCode::SendMessage
             | RequestCode::SendMessageV2
             | RequestCode::SendBatchMessage => self.send(&req, peer).await,
-            RequestCode::PullMessage => self.pull(&req).await,
+            RequestCode::PullMessage | RequestCode::LitePullMessage => self.pull(&req).await,
             RequestCode::QueryConsumerOffset => self.query_consumer_offset(&req),
             RequestCode::UpdateConsumerOffset => self.update_consumer_offset(&req),
             RequestCode::GetMaxOffset => self.queue_bound(&req, true),

@@ -12,7 +12,7 @@ use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
 use crate::replication::SyncWaitError;
 use crate::store::message::{
     decode_batch, format_properties, offset_msg_id, parse_properties, NewMessage,
-    PROP_MAX_RECONSUME_TIMES, PROP_ORIGIN_MESSAGE_ID, PROP_RETRY_TOPIC,
+    PROP_MAX_RECONSUME_TIMES, PROP_ORIGIN_MESSAGE_ID, PROP_RETRY_TOPIC, PROP_TRANSACTION_PREPARED,
 };
 use crate::store::topics::{now_ms, PERM_READ, PERM_WRITE};
 use crate::store::{FlushDiskType, PutResult, StoreError};
@@ -44,9 +44,36 @@ pub fn validate_topic(topic: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Longest consumer group name: its retry and dead-letter topics are directory names, which
+/// ext4 and most file systems cap at 255 bytes.
+const MAX_GROUP_LEN: usize = 255 - "%RETRY%".len();
+
+/// Checks a consumer group name before it becomes part of a topic (and so of a path): the
+/// characters Java clients allow (`[%|a-zA-Z0-9_-]`), and a length that fits a file name.
+pub fn validate_group(group: &str) -> Result<(), String> {
+    if group.is_empty() {
+        return Err("consumer group name is empty".into());
+    }
+    if group.len() > MAX_GROUP_LEN {
+        return Err(format!(
+            "consumer group name is {} characters; at most {MAX_GROUP_LEN} are allowed",
+            group.len()
+        ));
+    }
+    if let Some(c) = group
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '%' | '|' | '_' | '-')))
+    {
+        return Err(format!(
+            "consumer group name {group:?} contains {c:?}; only letters, digits, %, |, _ and - are allowed"
+        ));
+    }
+    Ok(())
+}
+
 fn store_error_response(req: &RemotingCommand, e: &StoreError) -> RemotingCommand {
     match e {
-        StoreError::MessageTooLarge { .. } => {
+        StoreError::MessageTooLarge { .. } | StoreError::PropertiesTooLong { .. } => {
             req.error_to(ResponseCode::MessageIllegal, e.to_string())
         }
         StoreError::FlushTimeout(_) => req.error_to(ResponseCode::FlushDiskTimeout, e.to_string()),
@@ -100,7 +127,12 @@ impl Broker {
                 format!("the topic[{}] sending message is forbidden", h.topic),
             );
         }
+        let dead_letter = match self.dead_letter_of_retry(&h) {
+            Ok(d) => d,
+            Err(resp) => return resp(req),
+        };
         let queue_id = match h.queue_id {
+            _ if dead_letter.is_some() => 0,
             Some(q) if q >= 0 && q < topic.write_queue_nums => q,
             Some(q) if q >= topic.write_queue_nums => {
                 return req.error_to(
@@ -149,7 +181,11 @@ impl Broker {
                 ),
             );
         }
+        if let Some(refused) = self.refuse_transactions(req, &items, &h) {
+            return refused;
+        }
         let born_ts = h.born_timestamp.unwrap_or_else(now_ms);
+        let topic_name = dead_letter.unwrap_or_else(|| h.topic.clone());
         let to_schedule = |m: NewMessage| match schedule::requested_level(&m.properties) {
             level if level > 0 && !m.topic.starts_with("%DLQ%") => schedule::delay(&m, level),
             _ => m,
@@ -157,7 +193,7 @@ impl Broker {
         let msgs: Vec<NewMessage> = items
             .into_iter()
             .map(|(flag, body, properties)| NewMessage {
-                topic: h.topic.clone(),
+                topic: topic_name.clone(),
                 queue_id,
                 flag,
                 tags_code: NewMessage::tags_code_of(&properties),
@@ -301,6 +337,66 @@ impl Broker {
         })
     }
 
+    /// Where a send to a group's retry topic goes instead: its dead-letter topic once the
+    /// message has used up its attempts (Java's handleRetryAndDLQ). Orderly consumers retry
+    /// through their producer, and so do concurrent ones whose send-back failed; without this
+    /// such a message came back every two hours forever.
+    fn dead_letter_of_retry(
+        &self,
+        h: &SendMessageRequestHeader,
+    ) -> Result<Option<String>, super::ErrorResponder> {
+        let Some(group) = h.topic.strip_prefix("%RETRY%") else {
+            return Ok(None);
+        };
+        let max = h.max_reconsume_times.unwrap_or(DEFAULT_MAX_RECONSUME_TIMES);
+        if h.reconsume_times.unwrap_or(0) < max {
+            return Ok(None);
+        }
+        self.dead_letter_topic(group)
+            .map(Some)
+            .map_err(|e| super::err_responder(ResponseCode::SystemError, e))
+    }
+
+    /// The group's dead-letter topic, created write-only as Java 4 creates it (an operator
+    /// makes it readable with `updateTopic -p 6` to read what landed there).
+    fn dead_letter_topic(&self, group: &str) -> Result<String, String> {
+        let topic = format!("%DLQ%{group}");
+        self.ensure_topic(&topic, 1, PERM_WRITE)
+            .map_err(|e| format!("cannot create {topic}: {e}"))?;
+        Ok(topic)
+    }
+
+    /// Transactional half messages are refused as Java's broker refuses them with
+    /// `rejectTransactionMessage`: ferromq has no half-message store, and storing one as a
+    /// plain message would deliver it before its commit and despite its rollback.
+    fn refuse_transactions(
+        &self,
+        req: &RemotingCommand,
+        items: &[(i32, bytes::Bytes, String)],
+        h: &SendMessageRequestHeader,
+    ) -> Option<RemotingCommand> {
+        let prepared = |props: &str| {
+            crate::store::message::property(props, PROP_TRANSACTION_PREPARED)
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        };
+        // Java lets a retry of a transactional message through (it is a plain message by
+        // then): reconsumed and delayed.
+        let retry = h.reconsume_times.unwrap_or(0) > 0
+            && items
+                .iter()
+                .all(|(_, _, p)| schedule::requested_level(p) > 0);
+        (!retry && items.iter().any(|(_, _, p)| prepared(p))).then(|| {
+            req.error_to(
+                ResponseCode::NoPermission,
+                format!(
+                    "the broker[{}] sending transaction message is forbidden: ferromq does not \
+                     implement transactional messages",
+                    self.cfg.broker_addr()
+                ),
+            )
+        })
+    }
+
     /// Handles CONSUMER_SEND_MSG_BACK: the message goes to the group's retry topic, or to its
     /// dead-letter topic once it has been retried too often.
     pub(super) async fn send_back(
@@ -324,6 +420,9 @@ impl Broker {
         if let Some(refused) = self.refuse_writes(req) {
             return refused;
         }
+        if let Err(e) = validate_group(&h.group) {
+            return req.error_to(ResponseCode::SystemError, e);
+        }
         let orig = match self.store.commitlog().read_message(h.offset as u64) {
             Ok(m) => m,
             Err(e) => {
@@ -337,21 +436,17 @@ impl Broker {
         let times = orig.reconsume_times + 1;
         let to_dlq = times > max || h.delay_level < 0;
         let topic = if to_dlq {
-            format!("%DLQ%{}", h.group)
+            self.dead_letter_topic(&h.group)
         } else {
-            format!("%RETRY%{}", h.group)
+            let retry = format!("%RETRY%{}", h.group);
+            self.ensure_topic(&retry, 1, PERM_READ | PERM_WRITE)
+                .map(|_| retry)
+                .map_err(|e| format!("cannot create %RETRY%{}: {e}", h.group))
         };
-        let perm = if to_dlq {
-            PERM_WRITE
-        } else {
-            PERM_READ | PERM_WRITE
+        let topic = match topic {
+            Ok(t) => t,
+            Err(e) => return req.error_to(ResponseCode::SystemError, e),
         };
-        if let Err(e) = self.ensure_topic(&topic, 1, perm) {
-            return req.error_to(
-                ResponseCode::SystemError,
-                format!("cannot create {topic}: {e}"),
-            );
-        }
         let mut props = parse_properties(&orig.properties);
         props
             .entry(PROP_RETRY_TOPIC.into())

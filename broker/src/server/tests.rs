@@ -486,3 +486,167 @@ fn memory_is_the_machines_or_a_lower_cgroup_limit() {
     assert_eq!(usable_memory(None, &[Some("garbage".into())]), 8 << 30);
     assert_eq!(usable_memory(None, &[Some("1073741824".into())]), 1 << 30);
 }
+
+/// SEND_MESSAGE_V2 of one message to `topic` with `properties`, as a Java producer sends it,
+/// through the broker's request dispatch.
+async fn send_v2(
+    b: &Broker,
+    topic: &str,
+    properties: String,
+    reconsume: Option<(i32, i32)>,
+) -> RemotingCommand {
+    use crate::remoting::header::SendMessageRequestHeader;
+    let h = SendMessageRequestHeader {
+        producer_group: "P".into(),
+        topic: topic.into(),
+        default_topic: Some("TBW102".into()),
+        default_topic_queue_nums: Some(4),
+        queue_id: Some(0),
+        sys_flag: Some(0),
+        born_timestamp: Some(1),
+        flag: Some(0),
+        properties: Some(properties),
+        reconsume_times: reconsume.map(|r| r.0),
+        unit_mode: false,
+        max_reconsume_times: reconsume.map(|r| r.1),
+        batch: false,
+        broker_name: None,
+    };
+    let req = RemotingCommand::request(RequestCode::SendMessageV2.code(), h.to_v2())
+        .with_body(Bytes::from_static(b"body"));
+    let peer = crate::remoting::connection::Peer::detached("127.0.0.1:1".parse().unwrap());
+    b.process(req, &peer).await.unwrap()
+}
+
+/// Messages stored so far in `topic`/`queue_id`.
+fn stored_in(b: &Broker, topic: &str, queue_id: i32) -> u64 {
+    b.store.queue(topic, queue_id).map_or(0, |q| q.max_offset())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_no_reader_could_decode_and_transactional_halves_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let b = &h.broker;
+    let end = b.store.commitlog().max_offset();
+    // The stored form gives properties a 16-bit length.
+    let long = format!("K\u{1}{}\u{2}", "v".repeat(40_000));
+    let resp = send_v2(b, "T", long, None).await;
+    assert_eq!(resp.code, ResponseCode::MessageIllegal.code(), "{resp:?}");
+    // Short enough alone, too long once the delay's properties are added.
+    let near = format!("K\u{1}{}\u{2}DELAY\u{1}1\u{2}", "v".repeat(32_750));
+    let resp = send_v2(b, "T", near, None).await;
+    assert_eq!(resp.code, ResponseCode::MessageIllegal.code(), "{resp:?}");
+    let half = "TRAN_MSG\u{1}true\u{2}PGROUP\u{1}P\u{2}".to_string();
+    let resp = send_v2(b, "T", half, None).await;
+    assert_eq!(resp.code, ResponseCode::NoPermission.code(), "{resp:?}");
+    assert!(
+        resp.remark.as_deref().unwrap_or("").contains("transaction"),
+        "{resp:?}"
+    );
+    assert_eq!(b.store.commitlog().max_offset(), end, "stored anyway");
+    // What fits is stored and readable.
+    let fits = format!("K\u{1}{}\u{2}", "v".repeat(32_000));
+    let resp = send_v2(b, "T", fits, None).await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    let (code, _) = pull_at(b, 0, 0, 0, "*").await;
+    assert_eq!(code, ResponseCode::Success.code());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_sent_through_the_producer_goes_to_the_dead_letter_queue_once_used_up() {
+    use crate::store::message::SCHEDULE_TOPIC;
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let b = &h.broker;
+    // An orderly consumer's retry: through its producer, with a delay of 3 + attempts.
+    let resp = send_v2(b, "%RETRY%G", "DELAY\u{1}5\u{2}".into(), Some((2, 16))).await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(
+        stored_in(b, SCHEDULE_TOPIC, 4),
+        1,
+        "a retry left is delayed"
+    );
+    let resp = send_v2(b, "%RETRY%G", "DELAY\u{1}19\u{2}".into(), Some((16, 16))).await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(stored_in(b, "%DLQ%G", 0), 1, "used up: dead letter");
+    assert_eq!(stored_in(b, SCHEDULE_TOPIC, 17), 0, "scheduled anyway");
+    let dlq = b.store.topics.get("%DLQ%G").unwrap();
+    assert_eq!(dlq.perm, PERM_WRITE);
+    // maxReconsumeTimes 0 (Java's -1 and 0 alike): the first failure is final.
+    let resp = send_v2(b, "%RETRY%G", String::new(), Some((0, 0))).await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(stored_in(b, "%DLQ%G", 0), 2);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lite_pull_is_answered_as_a_pull() {
+    use crate::remoting::header::{PULL_SUBSCRIPTION, PULL_SUSPEND};
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    h.broker.store.append(&tagged(0, "A", 3)).unwrap();
+    let header = PullMessageRequestHeader {
+        consumer_group: "G".into(),
+        topic: "T".into(),
+        queue_id: 0,
+        queue_offset: 0,
+        max_msg_nums: 32,
+        // RocketMQ 5's DefaultLitePullConsumer: subscription, suspend and the lite-pull bit.
+        sys_flag: PULL_SUBSCRIPTION | PULL_SUSPEND | 0x10,
+        commit_offset: None,
+        suspend_timeout_millis: Some(1000),
+        subscription: Some("*".into()),
+        sub_version: Some(0),
+        expression_type: Some("TAG".into()),
+        max_msg_bytes: None,
+    };
+    let req = RemotingCommand::request(RequestCode::LitePullMessage.code(), header.to_ext());
+    let peer = crate::remoting::connection::Peer::detached("127.0.0.1:1".parse().unwrap());
+    let resp = h.broker.process(req, &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    let got = PullMessageResponseHeader::from_ext(&resp.ext_fields).unwrap();
+    assert_eq!(got.next_begin_offset, 3);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_names_that_cannot_name_a_topic_are_refused() {
+    use crate::remoting::header::ConsumerSendMsgBackRequestHeader;
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let b = &h.broker;
+    let peer = crate::remoting::connection::Peer::detached("127.0.0.1:1".parse().unwrap());
+    let bad = "x/../../../escaped";
+    let body = format!(
+        r#"{{"clientID":"c","consumerDataSet":[{{"groupName":"{bad}","subscriptionDataSet":[]}}]}}"#
+    );
+    let req = RemotingCommand::request(RequestCode::HeartBeat.code(), ExtFields::default())
+        .with_body(Bytes::from(body));
+    let resp = b.process(req, &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::SystemError.code(), "{resp:?}");
+    let stored = b.store.append(&tagged(0, "A", 1)).unwrap();
+    let back = ConsumerSendMsgBackRequestHeader {
+        offset: stored[0].physical_offset as i64,
+        group: bad.into(),
+        delay_level: 0,
+        origin_msg_id: None,
+        origin_topic: Some("T".into()),
+        unit_mode: false,
+        max_reconsume_times: None,
+    };
+    let req = RemotingCommand::request(RequestCode::ConsumerSendMsgBack.code(), back.to_ext());
+    let resp = b.process(req, &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::SystemError.code(), "{resp:?}");
+    assert!(b.store.topics.get(&format!("%RETRY%{bad}")).is_none());
+    assert!(!dir.path().join("escaped").exists());
+    // A valid group still gets its retry topic.
+    let body = r#"{"clientID":"c","consumerDataSet":[{"groupName":"ns%G_1-a|b","subscriptionDataSet":[]}]}"#;
+    let req = RemotingCommand::request(RequestCode::HeartBeat.code(), ExtFields::default())
+        .with_body(Bytes::from_static(body.as_bytes()));
+    let resp = b.process(req, &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert!(b.store.topics.get("%RETRY%ns%G_1-a|b").is_some());
+    h.stop().await;
+}

@@ -43,6 +43,8 @@ pub const PROP_DELAY: &str = "DELAY";
 pub const PROP_RECONSUME_TIME: &str = "RECONSUME_TIME";
 /// Property key of the retry limit.
 pub const PROP_MAX_RECONSUME_TIMES: &str = "MAX_RECONSUME_TIMES";
+/// Property: "true" on the half message of a transactional send.
+pub const PROP_TRANSACTION_PREPARED: &str = "TRAN_MSG";
 
 /// The internal topic holding delayed messages until they are due.
 pub const SCHEDULE_TOPIC: &str = "SCHEDULE_TOPIC_XXXX";

@@ -56,6 +56,13 @@ pub enum StoreError {
         /// Largest accepted.
         max: u64,
     },
+    /// A message's properties do not fit the stored form's 16-bit length field: stored, no
+    /// reader could decode the message (or any behind it at recovery).
+    #[error("message properties of {len} bytes exceed the limit of {max} bytes", max = i16::MAX)]
+    PropertiesTooLong {
+        /// Length of the properties string.
+        len: usize,
+    },
     /// An offset outside the stored range was read.
     #[error("offset {offset} is not stored")]
     OutOfRange {
@@ -94,6 +101,7 @@ impl StoreError {
                 len: *len,
                 max: *max,
             },
+            StoreError::PropertiesTooLong { len } => StoreError::PropertiesTooLong { len: *len },
             StoreError::OutOfRange { offset } => StoreError::OutOfRange { offset: *offset },
             StoreError::FlushTimeout(d) => StoreError::FlushTimeout(*d),
             StoreError::Shutdown => StoreError::Shutdown,
@@ -591,6 +599,12 @@ impl MessageStore {
             let total: u64 = msgs.iter().map(|m| m.stored_len(&store_host) as u64).sum();
             if total > max {
                 out.push(Err(StoreError::MessageTooLarge { len: total, max }));
+                continue;
+            }
+            if let Some(m) = msgs.iter().find(|m| m.properties.len() > i16::MAX as usize) {
+                out.push(Err(StoreError::PropertiesTooLong {
+                    len: m.properties.len(),
+                }));
                 continue;
             }
             if !buf.is_empty() {
