@@ -457,6 +457,17 @@ impl Broker {
             }
         }
         let req =
+            RemotingCommand::request(RequestCode::GetAllDelayOffset.code(), Default::default());
+        if let Ok(resp) = self
+            .pool
+            .call_ok(&master, req, Duration::from_secs(3))
+            .await
+        {
+            if let Err(e) = self.scheduler.adopt(&resp.body).await {
+                tracing::warn!(error = %e, "taking the master's delay offsets failed");
+            }
+        }
+        let req =
             RemotingCommand::request(RequestCode::GetBrokerRuntimeInfo.code(), Default::default());
         if let Ok(resp) = self
             .pool

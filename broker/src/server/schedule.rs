@@ -82,6 +82,29 @@ impl Scheduler {
             .unwrap_or_default()
     }
 
+    /// Takes a master's progress (GET_ALL_DELAY_OFFSET's body) on a slave and saves it
+    /// if it changed, as Java's SlaveSynchronize does: a slave restarted as a master then
+    /// goes on from where its master was instead of delivering again every delayed message
+    /// and retry still stored. Returns whether it changed.
+    pub async fn adopt(&self, body: &[u8]) -> Result<bool, StoreError> {
+        let theirs: DelayOffsets = crate::remoting::body::from_json(body).map_err(|e| {
+            StoreError::Corrupt(format!("unreadable delay offsets from the master: {e}"))
+        })?;
+        let snapshot = {
+            let mut ours = self.offsets.lock().unwrap_or_else(|p| p.into_inner());
+            if ours.offset_table == theirs.offset_table {
+                return Ok(false);
+            }
+            *ours = theirs;
+            ours.clone()
+        };
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || save_json(&path, &snapshot))
+            .await
+            .unwrap_or(Err(StoreError::Shutdown))?;
+        Ok(true)
+    }
+
     /// Delivers every due message once; returns how many moved.
     ///
     /// Progress is kept in memory per message moved, so an error part-way (or a slow disk)
@@ -89,8 +112,11 @@ impl Scheduler {
     /// an error is returned, and every 1,024 messages, each time only once the log
     /// is durable, so a power loss cannot mark as delivered a message whose copy was lost;
     /// a crash repeats at most what was moved since the last save.
+    /// A level that fails does not hold up the others: the first error is returned after
+    /// every level has had its pass.
     pub async fn deliver_due(&self, store: &MessageStore) -> Result<usize, StoreError> {
         let mut moved = 0;
+        let mut failed = None;
         let now = now_ms();
         for level in 1..=LEVELS_MS.len() as i32 {
             let Some(q) = store.queue(SCHEDULE_TOPIC, level - 1) else {
@@ -103,7 +129,7 @@ impl Scheduler {
             let mut last_saved = (saved, moved);
             loop {
                 let batch = self
-                    .deliver_batch(store, &q, now, &mut next, &mut moved)
+                    .deliver_batch(store, &q, level, now, &mut next, &mut moved)
                     .await;
                 self.set_progress(level, next);
                 let pass_over = !matches!(batch, Ok(true));
@@ -114,29 +140,38 @@ impl Scheduler {
                 match batch {
                     Ok(true) => continue,
                     Ok(false) => break,
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                        break;
+                    }
                 }
             }
         }
-        Ok(moved)
+        failed.map_or(Ok(moved), Err)
     }
 
-    fn progress(&self, level: i32) -> u64 {
+    pub(super) fn progress(&self, level: i32) -> u64 {
         let offsets = self.offsets.lock().unwrap_or_else(|p| p.into_inner());
         offsets.offset_table.get(&level).copied().unwrap_or(0)
     }
 
-    fn set_progress(&self, level: i32, next: u64) {
+    pub(super) fn set_progress(&self, level: i32, next: u64) {
         let mut offsets = self.offsets.lock().unwrap_or_else(|p| p.into_inner());
         offsets.offset_table.insert(level, next);
     }
 
     /// Moves the due messages of one batch of up to 64 from `next` on, advancing it past
     /// each one moved; `Ok(true)` when there may be more due.
+    ///
+    /// A message that can no longer be read (damaged, or its segment deleted by retention)
+    /// is logged and passed over, as Java's scheduler drops it: waiting for it would hold up
+    /// every later message of its level for good. Any other error (a failed write) is
+    /// returned, and the message is tried again at the next pass.
     async fn deliver_batch(
         &self,
         store: &MessageStore,
         q: &crate::store::consume_queue::ConsumeQueue,
+        level: i32,
         now: i64,
         next: &mut u64,
         moved: &mut usize,
@@ -145,11 +180,29 @@ impl Scheduler {
         if entries.is_empty() {
             return Ok(false);
         }
+        // A delivery time further off than the level's delay: the clock went back since the
+        // message was stored. It is due now (Java's correctDeliverTimestamp), not after the
+        // clock catches up.
+        let latest = now + LEVELS_MS[(level - 1) as usize];
         for e in entries {
-            if e.tags_code > now {
+            if e.tags_code > now && e.tags_code <= latest {
                 return Ok(false);
             }
-            let m = store.commitlog().read_message(e.offset)?;
+            let m = match store.commitlog().read_message(e.offset) {
+                Ok(m) => m,
+                Err(err @ (StoreError::Corrupt(_) | StoreError::OutOfRange { .. })) => {
+                    tracing::error!(
+                        level,
+                        queue_offset = *next,
+                        offset = e.offset,
+                        error = %err,
+                        "a delayed message cannot be read and is dropped"
+                    );
+                    *next += 1;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
             let mut props = parse_properties(&m.properties);
             let topic = props.remove(PROP_REAL_TOPIC);
             let qid = props.remove(PROP_REAL_QID).and_then(|q| q.parse().ok());
@@ -266,12 +319,9 @@ mod tests {
         store.shutdown();
     }
 
-    #[tokio::test]
-    async fn an_error_part_way_repeats_no_message_already_moved() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, sched) = open(dir.path());
-        let msg = |i: u8| NewMessage {
-            topic: "T".into(),
+    fn plain(i: u8, topic: &str) -> NewMessage {
+        NewMessage {
+            topic: topic.into(),
             queue_id: 0,
             flag: 0,
             body: bytes::Bytes::from(vec![i; 10]),
@@ -281,16 +331,22 @@ mod tests {
             born_host: "127.0.0.1:2".parse().unwrap(),
             reconsume_times: 0,
             tags_code: 0,
-        };
-        let mut stored = Vec::new();
-        for i in 0..5 {
-            stored.push(store.put(&[delay(&msg(i), 1)]).await.unwrap().remove(0));
         }
-        // The third cannot be read any more: its bytes in the log are damaged.
-        let log = dir.path().join("commitlog").join(format!("{:020}", 0));
-        let file = std::fs::OpenOptions::new().write(true).open(log).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&file, &[0xFF; 8], stored[2].physical_offset + 8)
-            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_error_part_way_repeats_no_message_already_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, sched) = open(dir.path());
+        // The third goes to a topic whose queue directory cannot be made (a file stands in
+        // its way): its delivery fails until that is fixed.
+        for i in 0..5 {
+            let topic = if i == 2 { "Blocked" } else { "T" };
+            store.put(&[delay(&plain(i, topic), 1)]).await.unwrap();
+        }
+        let blocker = dir.path().join("consumequeue").join("Blocked");
+        std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+        std::fs::write(&blocker, b"in the way").unwrap();
         tokio::time::sleep(Duration::from_millis(1100)).await;
         for _ in 0..2 {
             assert!(sched.deliver_due(&store).await.is_err());
@@ -298,13 +354,97 @@ mod tests {
         assert_eq!(
             store.queue("T", 0).unwrap().max_offset(),
             2,
-            "the two before the damaged one were delivered again"
+            "the two before the failing one were delivered again"
         );
-        // The progress made is saved: a restarted scheduler does not repeat them either.
+        // The progress made is saved: a restarted scheduler does not repeat them either, and
+        // once the failure is gone, it goes on from the failed message.
         let again = Scheduler::load(dir.path()).unwrap();
         assert!(again.deliver_due(&store).await.is_err());
         assert_eq!(store.queue("T", 0).unwrap().max_offset(), 2);
+        std::fs::remove_file(&blocker).unwrap();
+        assert_eq!(again.deliver_due(&store).await.unwrap(), 3);
+        assert_eq!(store.queue("T", 0).unwrap().max_offset(), 4);
+        assert_eq!(store.queue("Blocked", 0).unwrap().max_offset(), 1);
         store.shutdown();
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_message_is_dropped_and_the_rest_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, sched) = open(dir.path());
+        let mut stored = Vec::new();
+        for i in 0..3 {
+            stored.push(
+                store
+                    .put(&[delay(&plain(i, "T"), 1)])
+                    .await
+                    .unwrap()
+                    .remove(0),
+            );
+        }
+        // The second cannot be read any more: its bytes in the log are damaged.
+        let log = dir.path().join("commitlog").join(format!("{:020}", 0));
+        let file = std::fs::OpenOptions::new().write(true).open(log).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[0xFF; 8], stored[1].physical_offset + 8)
+            .unwrap();
+        assert!(store
+            .commitlog()
+            .read_message(stored[1].physical_offset)
+            .is_err());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(sched.deliver_due(&store).await.unwrap(), 2);
+        assert_eq!(store.queue("T", 0).unwrap().max_offset(), 2);
+        assert_eq!(sched.deliver_due(&store).await.unwrap(), 0);
+        store.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_level_that_fails_holds_up_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, sched) = open(dir.path());
+        let mut first = delay(&plain(1, "Blocked"), 1);
+        let mut second = delay(&plain(2, "T"), 2);
+        first.tags_code = now_ms() - 1;
+        second.tags_code = now_ms() - 1;
+        store.put(&[first]).await.unwrap();
+        store.put(&[second]).await.unwrap();
+        let blocker = dir.path().join("consumequeue").join("Blocked");
+        std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+        std::fs::write(&blocker, b"in the way").unwrap();
+        assert!(sched.deliver_due(&store).await.is_err());
+        assert_eq!(store.queue("T", 0).unwrap().max_offset(), 1);
+        store.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_delivery_time_past_the_levels_delay_means_the_clock_went_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, sched) = open(dir.path());
+        let mut m = delay(&plain(1, "T"), 1);
+        // Stored when the clock read a day ahead of now.
+        m.tags_code = now_ms() + 86_400_000;
+        store.put(&[m]).await.unwrap();
+        assert_eq!(sched.deliver_due(&store).await.unwrap(), 1);
+        assert_eq!(store.queue("T", 0).unwrap().max_offset(), 1);
+        store.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_slave_adopts_and_saves_its_masters_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("config")).unwrap();
+        let sched = Scheduler::load(dir.path()).unwrap();
+        // fastjson writes the levels as bare integer keys.
+        assert!(sched.adopt(br#"{"offsetTable":{1:7,3:2}}"#).await.unwrap());
+        assert!(!sched
+            .adopt(br#"{"offsetTable":{"1":7,"3":2}}"#)
+            .await
+            .unwrap());
+        assert_eq!((sched.progress(1), sched.progress(3)), (7, 2));
+        let reloaded = Scheduler::load(dir.path()).unwrap();
+        assert_eq!((reloaded.progress(1), reloaded.progress(3)), (7, 2));
+        assert!(sched.adopt(b"{not json").await.is_err());
+        assert_eq!(sched.progress(1), 7);
     }
 
     #[test]

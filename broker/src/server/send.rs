@@ -44,6 +44,17 @@ pub fn validate_topic(topic: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The broker's own topics, which producers may not send to (Java's TopicValidator
+/// NOT_ALLOWED_SEND_TOPIC_SET).
+const NOT_ALLOWED_SEND_TOPICS: &[&str] = &[
+    schedule::SCHEDULE_TOPIC,
+    "RMQ_SYS_TRANS_HALF_TOPIC",
+    "RMQ_SYS_TRANS_OP_HALF_TOPIC",
+    "TRANS_CHECK_MAX_TIME_TOPIC",
+    "SELF_TEST_TOPIC",
+    "OFFSET_MOVED_EVENT",
+];
+
 /// Longest consumer group name: its retry and dead-letter topics are directory names, which
 /// ext4 and most file systems cap at 255 bytes.
 const MAX_GROUP_LEN: usize = 255 - "%RETRY%".len();
@@ -116,6 +127,14 @@ impl Broker {
         }
         if let Err(e) = validate_topic(&h.topic) {
             return req.error_to(ResponseCode::SystemError, e);
+        }
+        if NOT_ALLOWED_SEND_TOPICS.contains(&h.topic.as_str()) {
+            // A message sent straight to the schedule topic carries a tag hash where its
+            // delivery time belongs: it would be moved at once, to any REAL_TOPIC it names.
+            return req.error_to(
+                ResponseCode::NoPermission,
+                format!("Sending message to topic[{}] is forbidden.", h.topic),
+            );
         }
         let topic = match self.topic_for_send(&h) {
             Ok(t) => t,

@@ -544,6 +544,14 @@ async fn sends_no_reader_could_decode_and_transactional_halves_are_refused() {
         resp.remark.as_deref().unwrap_or("").contains("transaction"),
         "{resp:?}"
     );
+    let resp = send_v2(
+        b,
+        "SCHEDULE_TOPIC_XXXX",
+        "REAL_TOPIC\u{1}T\u{2}".into(),
+        None,
+    )
+    .await;
+    assert_eq!(resp.code, ResponseCode::NoPermission.code(), "{resp:?}");
     assert_eq!(b.store.commitlog().max_offset(), end, "stored anyway");
     // What fits is stored and readable.
     let fits = format!("K\u{1}{}\u{2}", "v".repeat(32_000));
@@ -649,4 +657,19 @@ async fn group_names_that_cannot_name_a_topic_are_refused() {
     assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
     assert!(b.store.topics.get("%RETRY%ns%G_1-a|b").is_some());
     h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_keeps_its_masters_delay_progress() {
+    let (mdir, sdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let master = lone_broker(mdir.path(), BrokerRole::AsyncMaster).await;
+    let slave = lone_broker(sdir.path(), BrokerRole::Slave).await;
+    master.broker.scheduler.set_progress(3, 42);
+    *slave.broker.master_addr.lock().unwrap() = Some(master.addr.to_string());
+    slave.broker.sync_from_master().await;
+    assert_eq!(slave.broker.scheduler.progress(3), 42);
+    let saved = std::fs::read_to_string(sdir.path().join("config").join("delayOffset.json"));
+    assert!(saved.unwrap().contains("42"));
+    slave.stop().await;
+    master.stop().await;
 }

@@ -658,6 +658,10 @@ impl CommitLog {
 
     /// Reads `len` bytes at `offset`; the range must lie within one segment.
     pub fn read(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+        // Before allocating: `len` may come from a damaged size field.
+        if offset.saturating_add(len as u64) > self.max_offset() {
+            return Err(StoreError::OutOfRange { offset });
+        }
         let mut buf = BytesMut::zeroed(len);
         self.read_into(offset, &mut buf)?;
         Ok(buf.freeze())
@@ -666,7 +670,7 @@ impl CommitLog {
     /// Fills `buf` with the bytes at `offset` (within one segment), for callers that frame
     /// them in a buffer of their own (replication) and would otherwise copy them twice.
     pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        if offset + buf.len() as u64 > self.max_offset() {
+        if offset.saturating_add(buf.len() as u64) > self.max_offset() {
             return Err(StoreError::OutOfRange { offset });
         }
         let seg = self
@@ -683,6 +687,11 @@ impl CommitLog {
         let size = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
         if size <= 0 {
             return Err(StoreError::OutOfRange { offset });
+        }
+        if size as u64 > self.max_message_len() {
+            return Err(StoreError::Corrupt(format!(
+                "message at {offset}: size {size} exceeds the largest a segment holds"
+            )));
         }
         let bytes = self.read(offset, size as usize)?;
         decode_stored(&bytes).map_err(|e| StoreError::Corrupt(format!("message at {offset}: {e}")))
@@ -968,6 +977,19 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_damaged_size_field_is_refused_before_anything_is_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = CommitLog::open(dir.path(), 64 * 1024).unwrap();
+        // A size of 2 GiB - 1 where a message would start (say, an id asked of VIEW_MESSAGE).
+        log.append(&[0x7F, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0]).unwrap();
+        assert!(matches!(log.read_message(0), Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            log.read(0, usize::MAX),
+            Err(StoreError::OutOfRange { offset: 0 })
+        ));
+    }
 
     #[test]
     fn a_failed_write_out_fails_every_later_flush_and_append() {
