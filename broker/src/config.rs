@@ -14,6 +14,11 @@ const MAX_IO_THREADS: usize = 256;
 /// the disk or the network, not waking up, is what the send waits for.
 const MAX_SYNC_WAIT_SPIN_US: u64 = 10_000;
 
+/// Shortest queue-lock live time accepted. It refuses only the absurd (0 would let a lock
+/// lapse a millisecond after it was taken): values under the clients' own lock lifetime (Java's
+/// 30 s) stay allowed for clients set to renew faster; the README warns about them.
+const MIN_REBALANCE_LOCK_LIVE_MS: u64 = 1_000;
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -183,6 +188,10 @@ pub struct BrokerConfig {
     /// `accessMessageInMemoryMaxRatio` (percent of RAM): a consumer further behind than this
     /// is told to read from a slave.
     pub access_message_in_memory_max_ratio: u64,
+    /// `rebalanceLockMaxLiveTime` (ms): how long an orderly consumer's queue lock lasts
+    /// without renewal before another client may take it (Java's
+    /// `rocketmq.broker.rebalance.lockMaxLiveTime`).
+    pub rebalance_lock_max_live_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -224,6 +233,7 @@ impl Default for BrokerConfig {
             ha_max_gap: 256 << 20,
             slave_timeout_ms: 3_000,
             access_message_in_memory_max_ratio: 40,
+            rebalance_lock_max_live_ms: 60_000,
         }
     }
 }
@@ -369,6 +379,9 @@ impl BrokerConfig {
                         return Err(bad(k, v, "a percentage, 0-100"));
                     }
                 }
+                "rebalanceLockMaxLiveTime" => {
+                    c.rebalance_lock_max_live_ms = num(k, v, "milliseconds")?;
+                }
                 _ => return Err(ConfigError::UnknownKey { key, line }),
             }
         }
@@ -453,6 +466,13 @@ impl BrokerConfig {
                 "syncWaitSpinMicros",
                 &self.sync_wait_spin_us.to_string(),
                 &format!("0 to {MAX_SYNC_WAIT_SPIN_US}"),
+            ));
+        }
+        if self.rebalance_lock_max_live_ms < MIN_REBALANCE_LOCK_LIVE_MS {
+            return Err(bad(
+                "rebalanceLockMaxLiveTime",
+                &self.rebalance_lock_max_live_ms.to_string(),
+                &format!("at least {MIN_REBALANCE_LOCK_LIVE_MS} ms"),
             ));
         }
         if self.max_frame_bytes < 1024 {
@@ -607,6 +627,28 @@ mod tests {
         for bad in ["syncWaitSpinMicros=10001", "syncWaitSpinMicros=-1"] {
             let e = BrokerConfig::parse(bad).unwrap_err();
             assert!(e.to_string().contains("syncWaitSpinMicros"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn queue_locks_live_a_minute_unless_configured_and_at_least_a_second() {
+        assert_eq!(
+            BrokerConfig::parse("").unwrap().rebalance_lock_max_live_ms,
+            60_000
+        );
+        let c = BrokerConfig::parse("rebalanceLockMaxLiveTime=90000").unwrap();
+        assert_eq!(c.rebalance_lock_max_live_ms, 90_000);
+        for bad in [
+            "rebalanceLockMaxLiveTime=999",
+            "rebalanceLockMaxLiveTime=0",
+            "rebalanceLockMaxLiveTime=-1",
+            "rebalanceLockMaxLiveTime=1m",
+        ] {
+            let e = BrokerConfig::parse(bad).unwrap_err();
+            assert!(
+                e.to_string().contains("rebalanceLockMaxLiveTime"),
+                "{bad}: {e}"
+            );
         }
     }
 

@@ -203,6 +203,56 @@ fn longs_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeSet<i64>
         .collect()
 }
 
+/// One queue of a topic on one broker group, as clients name it (Java's `MessageQueue`): the
+/// key of orderly consumption's queue locks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MessageQueue {
+    /// Topic.
+    pub topic: String,
+    /// Broker group holding the queue.
+    pub broker_name: String,
+    /// Queue number within the topic (a number, or a string holding one).
+    #[serde(deserialize_with = "lenient_int")]
+    pub queue_id: i32,
+}
+
+/// LOCK_BATCH_MQ's and UNLOCK_BATCH_MQ's body (Java's `LockBatchRequestBody` and
+/// `UnlockBatchRequestBody`, which have the same fields). `onlyThisBroker` only matters to
+/// Java's `lockInStrictMode`, which ferromq does not have, and is ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct QueueLockRequestBody {
+    /// Consumer group the locks belong to.
+    pub consumer_group: String,
+    /// Client asking (holder of the locks it gets).
+    pub client_id: String,
+    /// Queues to lock or unlock.
+    pub mq_set: Vec<MessageQueue>,
+}
+
+/// LOCK_BATCH_MQ's response body: the queues the client now holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LockBatchResponseBody {
+    /// Queues locked for the client (Java reads `lockOKMQSet`).
+    #[serde(rename = "lockOKMQSet")]
+    pub lock_ok_mq_set: Vec<MessageQueue>,
+}
+
+/// Reads a 32-bit integer written as a JSON number or as a string holding one, as fastjson
+/// does.
+fn lenient_int<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+    use serde::de::Error;
+    match LongOrText::deserialize(d)? {
+        LongOrText::Null(()) => Err(D::Error::custom("null is not an integer")),
+        v => {
+            let n = v.value()?;
+            i32::try_from(n).map_err(|_| D::Error::custom(format!("{n} is not a 32-bit integer")))
+        }
+    }
+}
+
 /// Parses a JSON body, tolerating unquoted integer map keys as fastjson writes them.
 pub fn from_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, serde_json::Error> {
     match serde_json::from_slice(body) {
@@ -301,6 +351,43 @@ mod tests {
         let json = br#"{"brokerAddrTable":{"b":{"cluster":"c","brokerName":"b","brokerAddrs":{0:"x:1", 1:"y:2"}}},"clusterAddrTable":{"c":["b"]}}"#;
         let ci: ClusterInfo = from_json(json).unwrap();
         assert_eq!(ci.broker_addr_table["b"].broker_addrs[&1], "y:2");
+    }
+
+    #[test]
+    fn lock_bodies_carry_the_field_names_java_reads_and_writes() {
+        let resp = LockBatchResponseBody {
+            lock_ok_mq_set: vec![MessageQueue {
+                topic: "T".into(),
+                broker_name: "broker-a".into(),
+                queue_id: 3,
+            }],
+        };
+        let json: serde_json::Value = serde_json::from_slice(&to_json(&resp)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"lockOKMQSet":[{"topic":"T","brokerName":"broker-a","queueId":3}]})
+        );
+        // As fastjson writes it: keys sorted, onlyThisBroker present, an int possibly quoted.
+        let req: QueueLockRequestBody = from_json(
+            br#"{"clientId":"10.0.0.1@1","consumerGroup":"G","mqSet":[{"brokerName":"broker-a","queueId":0,"topic":"T"},{"brokerName":"broker-a","queueId":"1","topic":"T"}],"onlyThisBroker":false}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (req.consumer_group.as_str(), req.client_id.as_str()),
+            ("G", "10.0.0.1@1")
+        );
+        let ids: Vec<i32> = req.mq_set.iter().map(|q| q.queue_id).collect();
+        assert_eq!(ids, [0, 1]);
+        assert_eq!(req.mq_set[1].broker_name, "broker-a");
+        for bad in [
+            r#"{"mqSet":[{"queueId":"x"}]}"#,
+            r#"{"mqSet":[{"queueId":4294967296}]}"#,
+        ] {
+            assert!(
+                from_json::<QueueLockRequestBody>(bad.as_bytes()).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! and the background chores (client expiry, retention).
 
 pub mod clients;
+mod locks;
 mod pull;
 pub mod schedule;
 mod send;
@@ -75,6 +76,8 @@ pub struct Broker {
     cfg: BrokerConfig,
     store: Arc<MessageStore>,
     consumers: clients::ConsumerRegistry,
+    /// Orderly consumers' queue locks.
+    locks: locks::QueueLocks,
     metrics: Metrics,
     next_queue: AtomicUsize,
     /// Set when an operator wiped write permission (drain before scale-in).
@@ -614,6 +617,8 @@ impl Processor for Broker {
             RequestCode::GetMinOffset => self.queue_bound(&req, false),
             RequestCode::SearchOffsetByTimestamp => self.search_offset(&req),
             RequestCode::HeartBeat => self.heartbeat(&req, peer),
+            RequestCode::LockBatchMq => self.lock_batch(&req, std::time::Instant::now()),
+            RequestCode::UnlockBatchMq => self.unlock_batch(&req),
             RequestCode::ConsumerSendMsgBack => self.send_back(&req, peer.addr).await,
             RequestCode::GetAllTopicConfig
             | RequestCode::GetAllConsumerOffset
@@ -854,6 +859,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         cfg: cfg.clone(),
         store,
         consumers: clients::ConsumerRegistry::default(),
+        locks: locks::QueueLocks::new(Duration::from_millis(cfg.rebalance_lock_max_live_ms)),
         metrics,
         next_queue: AtomicUsize::new(0),
         wiped: AtomicBool::new(false),
@@ -956,7 +962,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         }
     }));
 
-    // Chores: client expiry, metrics gauges, retention.
+    // Chores: client and queue-lock expiry, metrics gauges, retention.
     let b = broker.clone();
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
@@ -974,6 +980,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
                 b.topics_changed.notify_one();
             }
             b.consumers.expire();
+            b.locks.expire(std::time::Instant::now());
             if let Some(r) = &b.replication {
                 let end = b.store.commitlog().max_offset();
                 b.metrics.slave_lag.clear();

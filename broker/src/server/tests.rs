@@ -659,6 +659,56 @@ async fn group_names_that_cannot_name_a_topic_are_refused() {
     h.stop().await;
 }
 
+/// A LOCK_BATCH_MQ or UNLOCK_BATCH_MQ request of group `G` from `client` for queues `ids` of
+/// `T` on `broker-a`, its body as Java's fastjson writes it.
+fn lock_request(code: RequestCode, client: &str, ids: &[i32]) -> RemotingCommand {
+    let mqs: Vec<String> = ids
+        .iter()
+        .map(|id| format!(r#"{{"brokerName":"broker-a","queueId":{id},"topic":"T"}}"#))
+        .collect();
+    let body = format!(
+        r#"{{"clientId":"{client}","consumerGroup":"G","mqSet":[{}],"onlyThisBroker":false}}"#,
+        mqs.join(",")
+    );
+    RemotingCommand::request(code.code(), ExtFields::default()).with_body(body.into_bytes())
+}
+
+/// LOCK_BATCH_MQ of `ids` by `client` at `now`: the queue ids it holds afterwards.
+fn lock_at(b: &Broker, client: &str, ids: &[i32], now: std::time::Instant) -> Vec<i32> {
+    let resp = b.lock_batch(&lock_request(RequestCode::LockBatchMq, client, ids), now);
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    let body: crate::remoting::body::LockBatchResponseBody = from_json(&resp.body).unwrap();
+    let mut ids: Vec<i32> = body.lock_ok_mq_set.iter().map(|q| q.queue_id).collect();
+    ids.sort_unstable();
+    ids
+}
+
+fn unlock(b: &Broker, client: &str, ids: &[i32]) {
+    let resp = b.unlock_batch(&lock_request(RequestCode::UnlockBatchMq, client, ids));
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_at_a_time_holds_a_queue_until_it_unlocks_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let b = &h.broker;
+    let now = std::time::Instant::now();
+    assert_eq!(lock_at(b, "a", &[0, 1], now), [0, 1]);
+    // The second client gets only what the first does not hold.
+    assert_eq!(lock_at(b, "b", &[1, 2], now), [2]);
+    // The holder locks again (renews).
+    assert_eq!(lock_at(b, "a", &[0, 1], now), [0, 1]);
+    // An unlock by a client that does not hold the queue changes nothing.
+    unlock(b, "b", &[0, 1]);
+    assert_eq!(lock_at(b, "b", &[0, 1], now), Vec::<i32>::new());
+    // Once the holder unlocks, the other client gets it.
+    unlock(b, "a", &[1]);
+    assert_eq!(lock_at(b, "b", &[0, 1], now), [1]);
+    assert_eq!(lock_at(b, "a", &[0, 1], now), [0]);
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slave_keeps_its_masters_delay_progress() {
     let (mdir, sdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -672,4 +722,85 @@ async fn a_slave_keeps_its_masters_delay_progress() {
     assert!(saved.unwrap().contains("42"));
     slave.stop().await;
     master.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_not_renewed_within_its_live_time_goes_to_the_next_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = BrokerConfig {
+        store_root: dir.path().to_path_buf(),
+        listen_port: 0,
+        http_port: 0,
+        ha_listen_port: 0,
+        rebalance_lock_max_live_ms: 10_000,
+        ..BrokerConfig::default()
+    };
+    let h = start(cfg).await.unwrap();
+    let b = &h.broker;
+    let t0 = std::time::Instant::now();
+    assert_eq!(lock_at(b, "a", &[0], t0), [0]);
+    let live = Duration::from_secs(10);
+    // Renewed at 5 s: still a's 10 s later, b's just after.
+    assert_eq!(lock_at(b, "a", &[0], t0 + Duration::from_secs(5)), [0]);
+    let renewed = t0 + Duration::from_secs(5);
+    assert!(lock_at(b, "b", &[0], renewed + live).is_empty());
+    let expired = renewed + live + Duration::from_millis(1);
+    assert_eq!(lock_at(b, "b", &[0], expired), [0]);
+    assert!(lock_at(b, "a", &[0], expired).is_empty());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_locks_are_answered_over_the_wire_and_bad_bodies_get_a_system_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let pool = ConnectionPool::default();
+    let addr = h.addr.to_string();
+    let call = |req: RemotingCommand| pool.call(&addr, req, Duration::from_secs(5));
+
+    let resp = call(lock_request(RequestCode::LockBatchMq, "a", &[3]))
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    let body: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"lockOKMQSet":[{"topic":"T","brokerName":"broker-a","queueId":3}]})
+    );
+    let resp = call(lock_request(RequestCode::UnlockBatchMq, "a", &[3]))
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert!(resp.body.is_empty());
+    assert_eq!(
+        lock_at(&h.broker, "b", &[3], std::time::Instant::now()),
+        [3]
+    );
+
+    for code in [RequestCode::LockBatchMq, RequestCode::UnlockBatchMq] {
+        for (body, says) in [
+            (&b"{\"consumerGroup\":"[..], "EOF"),
+            (b"", "EOF"),
+            (
+                br#"{"consumerGroup":"G","clientId":"a","mqSet":{"topic":"T"}}"#,
+                "sequence",
+            ),
+            (
+                br#"{"clientId":"a","mqSet":[]}"#,
+                "consumerGroup is missing",
+            ),
+            (
+                br#"{"consumerGroup":"G","mqSet":[]}"#,
+                "clientId is missing",
+            ),
+        ] {
+            let req = RemotingCommand::request(code.code(), ExtFields::default())
+                .with_body(body.to_vec());
+            let resp = call(req).await.unwrap();
+            assert_eq!(resp.code, ResponseCode::SystemError.code(), "{resp:?}");
+            let remark = resp.remark.unwrap_or_default();
+            assert!(remark.contains("body") && remark.contains(says), "{remark}");
+        }
+    }
+    h.stop().await;
 }
