@@ -62,6 +62,8 @@ pub enum RequestCode {
     GetTopicsByCluster = 224,
     /// Consumption progress of a consumer group on one broker.
     GetConsumeStats = 208,
+    /// Offsets and last store time of each queue of a topic on one broker.
+    GetTopicStatsInfo = 202,
     /// Runtime figures of a broker (`mqadmin brokerStatus`).
     GetBrokerRuntimeInfo = 28,
     /// Send one message (single-letter header keys).
@@ -105,6 +107,7 @@ impl RequestCode {
         Self::WipeWritePermOfBroker,
         Self::GetTopicsByCluster,
         Self::GetConsumeStats,
+        Self::GetTopicStatsInfo,
         Self::GetBrokerRuntimeInfo,
         Self::SendMessageV2,
         Self::SendBatchMessage,

@@ -337,6 +337,14 @@ ext_header! {
 }
 
 ext_header! {
+    /// GET_TOPIC_STATS_INFO request (Java's `mqadmin topicStatus`).
+    pub struct TopicStatsRequestHeader {
+        /// Topic.
+        pub topic: String => "topic",
+    }
+}
+
+ext_header! {
     /// SEARCH_OFFSET_BY_TIMESTAMP request.
     pub struct SearchOffsetRequestHeader {
         /// Topic.

@@ -6,6 +6,7 @@ mod locks;
 mod pull;
 pub mod schedule;
 mod send;
+mod stats;
 #[cfg(test)]
 mod tests;
 
@@ -616,6 +617,8 @@ impl Processor for Broker {
             RequestCode::GetMaxOffset => self.queue_bound(&req, true),
             RequestCode::GetMinOffset => self.queue_bound(&req, false),
             RequestCode::SearchOffsetByTimestamp => self.search_offset(&req),
+            RequestCode::GetTopicStatsInfo => self.topic_stats(&req),
+            RequestCode::GetConsumeStats => self.consume_stats(&req),
             RequestCode::HeartBeat => self.heartbeat(&req, peer),
             RequestCode::LockBatchMq => self.lock_batch(&req, std::time::Instant::now()),
             RequestCode::UnlockBatchMq => self.unlock_batch(&req),

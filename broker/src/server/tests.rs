@@ -804,3 +804,68 @@ async fn queue_locks_are_answered_over_the_wire_and_bad_bodies_get_a_system_erro
     }
     h.stop().await;
 }
+
+/// The value fastjson would read for the queue `T`/`queue_id` key of a queue-keyed stats body.
+fn stats_entry(body: &[u8], broker: &str, queue_id: i32) -> serde_json::Value {
+    let body = std::str::from_utf8(body).unwrap();
+    let key = format!(r#"{{"topic":"T","brokerName":"{broker}","queueId":{queue_id}}}:"#);
+    let at = body
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {key} in {body}"))
+        + key.len();
+    let end = at + body[at..].find('}').unwrap() + 1;
+    serde_json::from_str(&body[at..end]).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn javas_topic_status_and_consumer_progress_are_answered() {
+    use crate::remoting::header::{ConsumeStatsRequestHeader, TopicStatsRequestHeader};
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let b = &h.broker;
+    let name = b.cfg.broker_name.clone();
+    b.store.append(&tagged(0, "A", 3)).unwrap();
+    b.store.offsets.commit("G", "T", 0, 2);
+    let peer = crate::remoting::connection::Peer::detached("127.0.0.1:1".parse().unwrap());
+
+    let ask = TopicStatsRequestHeader { topic: "T".into() };
+    let req = RemotingCommand::request(RequestCode::GetTopicStatsInfo.code(), ask.to_ext());
+    let resp = b.process(req, &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert!(resp.body.starts_with(br#"{"offsetTable":{{"#));
+    let q0 = stats_entry(&resp.body, &name, 0);
+    assert_eq!(
+        (q0["minOffset"].as_i64(), q0["maxOffset"].as_i64()),
+        (Some(0), Some(3))
+    );
+    assert!(q0["lastUpdateTimestamp"].as_i64().unwrap() > 0);
+    let q3 = stats_entry(&resp.body, &name, 3);
+    assert_eq!(q3["maxOffset"].as_i64(), Some(0));
+    let ask = TopicStatsRequestHeader {
+        topic: "Nope".into(),
+    };
+    let req = RemotingCommand::request(RequestCode::GetTopicStatsInfo.code(), ask.to_ext());
+    let resp = b.process(req, &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::TopicNotExist.code());
+
+    let ask = ConsumeStatsRequestHeader {
+        consumer_group: "G".into(),
+        topic: None,
+    };
+    let req = RemotingCommand::request(RequestCode::GetConsumeStats.code(), ask.to_ext());
+    let resp = b.process(req, &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert!(resp
+        .body
+        .starts_with(br#"{"consumeTps":0.0,"offsetTable":{{"#));
+    let q0 = stats_entry(&resp.body, &name, 0);
+    assert_eq!(q0["brokerOffset"].as_i64(), Some(3));
+    assert_eq!(q0["consumerOffset"].as_i64(), Some(2));
+    assert!(q0["lastTimestamp"].as_i64().unwrap() > 0);
+    let q1 = stats_entry(&resp.body, &name, 1);
+    assert_eq!(
+        (q1["consumerOffset"].as_i64(), q1["lastTimestamp"].as_i64()),
+        (Some(0), Some(0))
+    );
+    h.stop().await;
+}

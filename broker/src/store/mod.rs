@@ -1193,7 +1193,12 @@ impl MessageStore {
         let Some(cq) = self.queue(topic, queue_id) else {
             return Ok(None);
         };
-        match cq.get(cq.min_offset(), 1)?.first() {
+        self.store_time_at(&cq, cq.min_offset())
+    }
+
+    /// Store time of the message at `index` of a queue (none past its end).
+    pub fn store_time_at(&self, cq: &ConsumeQueue, index: u64) -> Result<Option<i64>, StoreError> {
+        match cq.get(index, 1)?.first() {
             Some(e) => Ok(Some(self.commitlog.read_message(e.offset)?.store_timestamp)),
             None => Ok(None),
         }
