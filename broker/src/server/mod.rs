@@ -4,6 +4,7 @@
 pub mod clients;
 mod locks;
 mod pull;
+mod rates;
 pub mod schedule;
 mod send;
 mod stats;
@@ -79,6 +80,8 @@ pub struct Broker {
     consumers: clients::ConsumerRegistry,
     /// Orderly consumers' queue locks.
     locks: locks::QueueLocks,
+    /// Put and get rates and daily totals for the runtime info.
+    rates: rates::Rates,
     metrics: Metrics,
     next_queue: AtomicUsize,
     /// Set when an operator wiped write permission (drain before scale-in).
@@ -527,6 +530,20 @@ impl Broker {
         {
             t.insert("masterAddr".to_string(), m.clone());
         }
+        t.insert(
+            "brokerVersionDesc".to_string(),
+            format!("ferromq {}", env!("CARGO_PKG_VERSION")),
+        );
+        if let Ok(Some(first)) = self.store.earliest_message_time() {
+            t.insert("earliestMessageTimeStamp".to_string(), first.to_string());
+        }
+        let (puts, gets) = (
+            self.metrics.messages_in.get(),
+            self.metrics.messages_out.get(),
+        );
+        for (k, v) in self.rates.table(puts, gets) {
+            t.insert(k.to_string(), v);
+        }
         RuntimeInfo { table: t }
     }
 
@@ -863,6 +880,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         store,
         consumers: clients::ConsumerRegistry::default(),
         locks: locks::QueueLocks::new(Duration::from_millis(cfg.rebalance_lock_max_live_ms)),
+        rates: rates::Rates::default(),
         metrics,
         next_queue: AtomicUsize::new(0),
         wiped: AtomicBool::new(false),
@@ -984,6 +1002,12 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             }
             b.consumers.expire();
             b.locks.expire(std::time::Instant::now());
+            b.rates.sample(
+                std::time::Instant::now(),
+                rates::utc_day(),
+                b.metrics.messages_in.get(),
+                b.metrics.messages_out.get(),
+            );
             if let Some(r) = &b.replication {
                 let end = b.store.commitlog().max_offset();
                 b.metrics.slave_lag.clear();

@@ -869,3 +869,30 @@ async fn javas_topic_status_and_consumer_progress_are_answered() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_info_has_what_javas_cluster_list_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    h.broker.store.append(&tagged(0, "A", 1)).unwrap();
+    let info = h.broker.runtime_info().table;
+    // Java's clusterList splits these and parses each part, and its daily totals, as numbers.
+    for key in ["putTps", "getTransferedTps", "getTransferredTps"] {
+        let parts: Vec<f64> = info[key].split(' ').map(|p| p.parse().unwrap()).collect();
+        assert_eq!(parts.len(), 3, "{key}");
+    }
+    for key in [
+        "msgPutTotalTodayNow",
+        "msgGetTotalTodayNow",
+        "msgPutTotalTodayMorning",
+        "msgGetTotalTodayMorning",
+        "msgPutTotalYesterdayMorning",
+        "msgGetTotalYesterdayMorning",
+        "earliestMessageTimeStamp",
+    ] {
+        let n: i64 = info[key].parse().unwrap();
+        assert!(n >= 0, "{key}");
+    }
+    assert!(info["brokerVersionDesc"].starts_with("ferromq"));
+    h.stop().await;
+}

@@ -1196,6 +1196,15 @@ impl MessageStore {
         self.store_time_at(&cq, cq.min_offset())
     }
 
+    /// Store time of the oldest message still in the commit log.
+    pub fn earliest_message_time(&self) -> Result<Option<i64>, StoreError> {
+        let first = self.commitlog.min_offset();
+        if first >= self.commitlog.max_offset() {
+            return Ok(None);
+        }
+        Ok(Some(self.commitlog.read_message(first)?.store_timestamp))
+    }
+
     /// Store time of the message at `index` of a queue (none past its end).
     pub fn store_time_at(&self, cq: &ConsumeQueue, index: u64) -> Result<Option<i64>, StoreError> {
         match cq.get(index, 1)?.first() {
