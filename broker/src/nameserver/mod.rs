@@ -19,7 +19,7 @@ use crate::remoting::connection::{serve, Peer, Processor};
 use crate::remoting::event_loop::EventLoops;
 use crate::remoting::header::{
     RegisterBrokerRequestHeader, RegisterBrokerResponseHeader, TopicRequestHeader,
-    UnregisterBrokerRequestHeader, WipeWritePermRequestHeader,
+    TopicsByClusterRequestHeader, UnregisterBrokerRequestHeader, WipeWritePermRequestHeader,
 };
 use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
 use route::{Registration, RouteTable};
@@ -203,6 +203,18 @@ impl NameServer {
                 };
                 req.response_to(ResponseCode::Success)
                     .with_body(to_json(&list))
+            }
+            RequestCode::GetTopicsByCluster => {
+                match TopicsByClusterRequestHeader::from_ext(&req.ext_fields) {
+                    Ok(h) => {
+                        let list = TopicList {
+                            topic_list: self.routes().topics_of_cluster(&h.cluster),
+                        };
+                        req.response_to(ResponseCode::Success)
+                            .with_body(to_json(&list))
+                    }
+                    Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                }
             }
             RequestCode::WipeWritePermOfBroker => {
                 match WipeWritePermRequestHeader::from_ext(&req.ext_fields) {

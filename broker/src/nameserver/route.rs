@@ -269,6 +269,18 @@ impl RouteTable {
         self.topics.keys().cloned().collect()
     }
 
+    /// Topics with queues on some broker group of `cluster` (GET_TOPICS_BY_CLUSTER).
+    pub fn topics_of_cluster(&self, cluster: &str) -> BTreeSet<String> {
+        let Some(groups) = self.clusters.get(cluster) else {
+            return BTreeSet::new();
+        };
+        self.topics
+            .iter()
+            .filter(|(_, queues)| queues.keys().any(|g| groups.contains(g)))
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
     /// Removes write permission from every topic of a group; returns how many topics changed.
     pub fn wipe_write_perm(&mut self, broker_name: &str) -> usize {
         let mut n = 0;
@@ -322,6 +334,19 @@ mod tests {
         assert_eq!(r.broker_datas.len(), 2);
         assert_eq!(t.route("U").unwrap().broker_datas[0].broker_name, "b");
         assert!(t.route("V").is_none());
+    }
+
+    #[test]
+    fn topics_of_a_cluster_are_those_on_its_groups() {
+        let mut t = RouteTable::default();
+        let now = Instant::now();
+        t.register(&reg("a", "h1:1", 0, &["T"]), now).unwrap();
+        let mut other = reg("b", "h2:1", 0, &["U"]);
+        other.cluster = "d".into();
+        t.register(&other, now).unwrap();
+        assert_eq!(t.topics_of_cluster("c"), BTreeSet::from(["T".to_string()]));
+        assert_eq!(t.topics_of_cluster("d"), BTreeSet::from(["U".to_string()]));
+        assert!(t.topics_of_cluster("nope").is_empty());
     }
 
     #[test]

@@ -337,6 +337,14 @@ ext_header! {
 }
 
 ext_header! {
+    /// GET_TOPICS_BY_CLUSTER request (Java's `mqadmin topicList -c`).
+    pub struct TopicsByClusterRequestHeader {
+        /// Cluster name.
+        pub cluster: String => "cluster",
+    }
+}
+
+ext_header! {
     /// GET_TOPIC_STATS_INFO request (Java's `mqadmin topicStatus`).
     pub struct TopicStatsRequestHeader {
         /// Topic.

@@ -51,9 +51,20 @@ impl ConsumerRegistry {
         let changed = {
             let mut groups = self.lock();
             let g = groups.entry(data.group_name.clone()).or_default();
+            // As Java's ConsumerGroupInfo: a subscription is replaced only by a newer version
+            // (clients stamp it with the time it was made), so during a rolling change of
+            // tags an older client's heartbeat does not swing the group's filter back and
+            // forth; and topics the heartbeat no longer names are dropped.
             for s in &data.subscription_data_set {
-                g.subscriptions.insert(s.topic.clone(), s.clone());
+                match g.subscriptions.get(&s.topic) {
+                    Some(old) if old.sub_version > s.sub_version => {}
+                    _ => {
+                        g.subscriptions.insert(s.topic.clone(), s.clone());
+                    }
+                }
             }
+            g.subscriptions
+                .retain(|topic, _| data.subscription_data_set.iter().any(|s| &s.topic == topic));
             g.consume_from_where = Some(data.consume_from_where.clone());
             let entry = ClientEntry {
                 addr,
@@ -207,5 +218,41 @@ mod tests {
         assert!(!f.matches(tag_hash("TagC")));
         assert!(TagFilter::parse("*").matches(12345));
         assert!(TagFilter::parse("").matches(0));
+    }
+
+    #[test]
+    fn an_older_subscription_never_replaces_a_newer_one() {
+        let reg = ConsumerRegistry::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let beat = |client: &str, subs: &[(&str, &str, i64)]| {
+            let data = ConsumerData {
+                group_name: "G".into(),
+                subscription_data_set: subs
+                    .iter()
+                    .map(|(topic, expr, version)| SubscriptionData {
+                        topic: topic.to_string(),
+                        sub_string: expr.to_string(),
+                        sub_version: *version,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            reg.heartbeat(client, &data, addr, &tx);
+        };
+        let expr = |topic: &str| reg.subscription("G", topic).map(|s| s.sub_string);
+        beat("new", &[("T", "A || B", 2), ("U", "*", 1)]);
+        // A client still on the old expression, mid-rollout.
+        beat("old", &[("T", "A", 1), ("U", "*", 1)]);
+        assert_eq!(expr("T").as_deref(), Some("A || B"));
+        beat("new", &[("T", "B", 3), ("U", "*", 1)]);
+        assert_eq!(expr("T").as_deref(), Some("B"));
+        // Clients that stamp no version: the latest heartbeat counts.
+        beat("new", &[("T", "C", 3), ("U", "*", 1)]);
+        assert_eq!(expr("T").as_deref(), Some("C"));
+        // A topic no longer named is dropped.
+        beat("new", &[("T", "C", 3)]);
+        assert_eq!(expr("U"), None);
     }
 }
