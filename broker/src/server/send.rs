@@ -82,6 +82,15 @@ pub fn validate_group(group: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether a send waits for the flush or the slave its broker promises: unless each of its
+/// messages says WAIT=false (Java's isWaitStoreMsgOK: absent means true).
+fn msgs_wait(msgs: &[NewMessage]) -> bool {
+    msgs.iter().any(|m| {
+        crate::store::message::property(&m.properties, "WAIT")
+            .is_none_or(|v| v.eq_ignore_ascii_case("true"))
+    })
+}
+
 fn store_error_response(req: &RemotingCommand, e: &StoreError) -> RemotingCommand {
     match e {
         StoreError::MessageTooLarge { .. } | StoreError::PropertiesTooLong { .. } => {
@@ -262,6 +271,10 @@ impl Broker {
         msgs: Vec<NewMessage>,
         company: bool,
     ) -> Result<(Vec<PutResult>, ResponseCode), StoreError> {
+        let sync_master = self.replication.is_some() && self.cfg.role == BrokerRole::SyncMaster;
+        // A producer may not want to wait (Java's Message.setWaitStoreMsgOK(false), the WAIT
+        // property): answered once stored, as Java's broker answers it.
+        let wait = (self.cfg.flush == FlushDiskType::Sync || sync_master) && msgs_wait(&msgs);
         let results = self.store.append_grouped(msgs, company).await?;
         self.metrics.messages_in.inc_by(results.len() as u64);
         self.metrics
@@ -269,7 +282,7 @@ impl Broker {
             .inc_by(results.iter().map(|r| u64::from(r.size)).sum());
         let end = results.iter().map(|r| r.end).max().unwrap_or(0);
         let flush = async {
-            if self.cfg.flush == FlushDiskType::Sync {
+            if wait && self.cfg.flush == FlushDiskType::Sync {
                 // The flush thread answers within about a disk write: the loop should be
                 // running to take the answer up, not waking from sleep.
                 let _awake = StayAwake::begin();
@@ -280,7 +293,7 @@ impl Broker {
         };
         let replica = async {
             match (&self.replication, self.cfg.role) {
-                (Some(r), BrokerRole::SyncMaster) => {
+                (Some(r), BrokerRole::SyncMaster) if wait => {
                     // The slave answers within a round trip: the loop should be running to
                     // read its acknowledgement, not waking from sleep.
                     let _awake = StayAwake::begin();

@@ -896,3 +896,20 @@ async fn runtime_info_has_what_javas_cluster_list_reads() {
     assert!(info["brokerVersionDesc"].starts_with("ferromq"));
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_that_does_not_want_to_wait_is_answered_once_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    // A SYNC_MASTER without a slave answers SLAVE_NOT_AVAILABLE to whoever waits for one.
+    let h = lone_broker(dir.path(), BrokerRole::SyncMaster).await;
+    let resp = send_v2(&h.broker, "T", "WAIT\u{1}true\u{2}".into(), None).await;
+    assert_eq!(
+        resp.code,
+        ResponseCode::SlaveNotAvailable.code(),
+        "{resp:?}"
+    );
+    let resp = send_v2(&h.broker, "T", "WAIT\u{1}false\u{2}".into(), None).await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(stored_in(&h.broker, "T", 0), 2);
+    h.stop().await;
+}
