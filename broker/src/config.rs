@@ -424,6 +424,15 @@ impl BrokerConfig {
             }
             _ => {}
         }
+        if self.register_period_ms >= self.heartbeat_timeout_ms {
+            // The name servers would drop the broker between two registrations.
+            return Err(ConfigError::Inconsistent(format!(
+                "registerNameServerPeriod ({} ms) must be shorter than \
+                 brokerNotActiveTimeoutMillis ({} ms), or the name servers drop the broker \
+                 between registrations",
+                self.register_period_ms, self.heartbeat_timeout_ms
+            )));
+        }
         if self.segment_size < 64 * 1024 {
             return Err(bad(
                 "mappedFileSizeCommitLog",
@@ -560,6 +569,17 @@ mod tests {
         assert!(prepares(
             "brokerId=1\nbrokerRole=SLAVE\nflushDiskType=ASYNC_FLUSH"
         ));
+    }
+
+    #[test]
+    fn a_registration_period_the_name_servers_would_expire_is_refused() {
+        let e =
+            BrokerConfig::parse("registerNameServerPeriod=8000\nbrokerNotActiveTimeoutMillis=5000")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("registerNameServerPeriod"), "{e}");
+        assert!(BrokerConfig::parse("registerNameServerPeriod=200000").is_err());
+        assert!(BrokerConfig::parse("registerNameServerPeriod=2000").is_ok());
     }
 
     #[test]

@@ -99,8 +99,18 @@ pub async fn serve(listener: TcpListener, state: Arc<HealthState>, shutdown: Can
             _ = shutdown.cancelled() => return,
             a = listener.accept() => a,
         };
-        let Ok((stream, _)) = accepted else {
-            continue;
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, say: the error repeats until one is freed, and
+                // trying again at once would spin a core.
+                tracing::warn!(error = %e, "http accept failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                }
+                continue;
+            }
         };
         let st = state.clone();
         tokio::spawn(async move {

@@ -86,7 +86,7 @@ impl NameServer {
         self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn register(&self, req: &RemotingCommand) -> RemotingCommand {
+    async fn register(&self, req: &RemotingCommand, via: Option<SocketAddr>) -> RemotingCommand {
         let h = match RegisterBrokerRequestHeader::from_ext(&req.ext_fields) {
             Ok(h) => h,
             Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
@@ -121,6 +121,7 @@ impl NameServer {
             broker_id: h.broker_id,
             ha_addr: h.ha_server_addr,
             timeout,
+            via,
             topics: body.topic_config_serialize_wrapper,
         };
         let mut outcome = self.routes().register(&registration, Instant::now());
@@ -156,7 +157,7 @@ impl NameServer {
         resp
     }
 
-    async fn handle(&self, req: &RemotingCommand) -> RemotingCommand {
+    async fn handle(&self, req: &RemotingCommand, peer: &Peer) -> RemotingCommand {
         let Some(code) = RequestCode::from_code(req.code) else {
             return req.error_to(
                 ResponseCode::RequestCodeNotSupported,
@@ -167,7 +168,7 @@ impl NameServer {
             );
         };
         match code {
-            RequestCode::RegisterBroker => self.register(req).await,
+            RequestCode::RegisterBroker => self.register(req, Some(peer.addr)).await,
             RequestCode::UnregisterBroker => {
                 match UnregisterBrokerRequestHeader::from_ext(&req.ext_fields) {
                     Ok(h) => {
@@ -236,12 +237,19 @@ impl NameServer {
 }
 
 impl Processor for NameServer {
-    async fn process(&self, req: RemotingCommand, _peer: &Peer) -> Option<RemotingCommand> {
+    async fn process(&self, req: RemotingCommand, peer: &Peer) -> Option<RemotingCommand> {
         self.metrics
             .requests
             .get_or_create(&CodeLabel { code: req.code })
             .inc();
-        Some(self.handle(&req).await)
+        Some(self.handle(&req, peer).await)
+    }
+
+    fn disconnected(&self, peer: &Peer) {
+        let gone = self.routes().disconnected(peer.addr);
+        for addr in gone {
+            tracing::info!(broker = %addr, "broker connection closed; broker dropped");
+        }
     }
 }
 
@@ -426,8 +434,8 @@ mod tests {
         let ok = ResponseCode::Success.code();
 
         // A live master keeps its id: a second one is refused.
-        assert_eq!(ns.register(&registration(&live_addr)).await.code, ok);
-        let second = ns.register(&registration("127.0.0.1:1")).await;
+        assert_eq!(ns.register(&registration(&live_addr), None).await.code, ok);
+        let second = ns.register(&registration("127.0.0.1:1"), None).await;
         assert_eq!(second.code, ResponseCode::SystemError.code());
         assert!(format!("{:?}", second.remark).contains("already has a master"));
         assert_eq!(
@@ -439,8 +447,8 @@ mod tests {
         // A master that went without a word (nothing listens at its address any more) is
         // replaced at once by its successor, not after it expires.
         let ns = name_server();
-        assert_eq!(ns.register(&registration(&gone_addr)).await.code, ok);
-        assert_eq!(ns.register(&registration(&live_addr)).await.code, ok);
+        assert_eq!(ns.register(&registration(&gone_addr), None).await.code, ok);
+        assert_eq!(ns.register(&registration(&live_addr), None).await.code, ok);
         assert_eq!(ns.routes().registered("a", 0), Some((live_addr, true)));
         drop(live);
     }

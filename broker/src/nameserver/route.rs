@@ -2,6 +2,7 @@
 //! topic's queues are. Pure state; the processor and the expiry timer drive it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::remoting::body::{
@@ -12,6 +13,9 @@ use crate::store::topics::PERM_WRITE;
 #[derive(Debug, Clone)]
 struct LiveBroker {
     last_seen: Instant,
+    /// The connection its latest registration came on: when that closes, the broker is
+    /// gone (as Java's name server drops it on channel close).
+    via: Option<SocketAddr>,
     timeout: Duration,
     ha_addr: Option<String>,
     cluster: String,
@@ -76,6 +80,8 @@ pub struct Registration {
     pub ha_addr: Option<String>,
     /// How long to keep the broker without a new registration.
     pub timeout: Duration,
+    /// The connection the registration came on (none for registrations made in-process).
+    pub via: Option<SocketAddr>,
     /// The broker's topics.
     pub topics: TopicConfigWrapper,
 }
@@ -110,6 +116,18 @@ impl RouteTable {
                     ),
                 });
             }
+        }
+        // The address was another group's: that broker is gone and something new listens
+        // there (a pod IP reused). Its entry would otherwise be kept alive by the newcomer's
+        // registrations and route its topics to the wrong group for good.
+        if let Some(old) = self
+            .live
+            .get(&r.broker_addr)
+            .filter(|l| l.broker_name != r.broker_name || l.cluster != r.cluster)
+            .map(|l| l.broker_name.clone())
+        {
+            tracing::warn!(addr = %r.broker_addr, old = %old, new = %r.broker_name, "a broker of another group now registers at this address; the old one is dropped");
+            self.unregister(&old, &r.broker_addr);
         }
         self.clusters
             .entry(r.cluster.clone())
@@ -156,6 +174,7 @@ impl RouteTable {
             r.broker_addr.clone(),
             LiveBroker {
                 last_seen: now,
+                via: r.via,
                 timeout: r.timeout,
                 ha_addr: r.ha_addr.clone(),
                 cluster: r.cluster.clone(),
@@ -226,6 +245,21 @@ impl RouteTable {
             }
             self.topics.retain(|_, g| !g.is_empty());
         }
+    }
+
+    /// Drops the brokers whose latest registration came on the connection from `via`, which
+    /// just closed; returns their addresses.
+    pub fn disconnected(&mut self, via: SocketAddr) -> Vec<String> {
+        let gone: Vec<(String, String)> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.via == Some(via))
+            .map(|(a, l)| (l.broker_name.clone(), a.clone()))
+            .collect();
+        for (name, addr) in &gone {
+            self.unregister(name, addr);
+        }
+        gone.into_iter().map(|(_, a)| a).collect()
     }
 
     /// Drops brokers whose last registration is older than their timeout; returns their
@@ -319,6 +353,7 @@ mod tests {
             broker_id: id,
             ha_addr: Some(format!("{addr}-ha")),
             timeout: Duration::from_secs(120),
+            via: None,
             topics: w,
         }
     }
@@ -334,6 +369,51 @@ mod tests {
         assert_eq!(r.broker_datas.len(), 2);
         assert_eq!(t.route("U").unwrap().broker_datas[0].broker_name, "b");
         assert!(t.route("V").is_none());
+    }
+
+    #[test]
+    fn an_address_another_group_now_registers_at_drops_the_old_group() {
+        let mut t = RouteTable::default();
+        let now = Instant::now();
+        t.register(&reg("a", "h:1", 0, &["TopicOfA"]), now).unwrap();
+        // a died; b's pod got its IP and port.
+        for i in 0..3 {
+            let at = now + Duration::from_secs(60 * i);
+            t.register(&reg("b", "h:1", 0, &["TopicOfB"]), at).unwrap();
+        }
+        assert!(
+            t.route("TopicOfA").is_none(),
+            "a's topics still routed to h:1"
+        );
+        assert!(!t.cluster_info().broker_addr_table.contains_key("a"));
+        // A new master of a comes up elsewhere and is taken.
+        t.register(&reg("a", "h:2", 0, &["TopicOfA"]), now).unwrap();
+        let r = t.route("TopicOfA").unwrap();
+        assert_eq!(r.broker_datas[0].broker_addrs[&0], "h:2");
+    }
+
+    #[test]
+    fn a_broker_is_dropped_when_the_connection_it_registered_on_closes() {
+        let mut t = RouteTable::default();
+        let now = Instant::now();
+        let (c1, c2): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.0.1:40001".parse().unwrap(),
+        );
+        let mut a = reg("a", "h:1", 0, &["T"]);
+        a.via = Some(c1);
+        t.register(&a, now).unwrap();
+        let mut b = reg("b", "h:2", 0, &["T"]);
+        b.via = Some(c1);
+        t.register(&b, now).unwrap();
+        // b registers again on a new connection: the old one closing no longer concerns it.
+        b.via = Some(c2);
+        t.register(&b, now).unwrap();
+        assert_eq!(t.disconnected(c1), vec!["h:1".to_string()]);
+        let r = t.route("T").unwrap();
+        assert_eq!(r.broker_datas.len(), 1);
+        assert_eq!(r.broker_datas[0].broker_name, "b");
+        assert!(t.disconnected(c1).is_empty());
     }
 
     #[test]

@@ -365,18 +365,24 @@ impl Broker {
         RemotingCommand::request(RequestCode::RegisterBroker.code(), h.to_ext()).with_body(body)
     }
 
-    /// Registers with every address every configured name server resolves to.
-    async fn register_all(&self) {
+    /// Registers with every address every configured name server resolves to, all at once
+    /// (one that hangs does not hold up the others). The broker is ready when no name server
+    /// refused it and at least one took it (or none is configured): a broker no name server
+    /// lists is one no client finds. Returns whether no name server answered at all (then
+    /// the next round should come soon).
+    async fn register_all(&self) -> bool {
         let req = self.registration();
-        let mut refused = false;
-        for addr in resolve_all(&self.cfg.namesrv_addrs).await {
-            match self
-                .pool
-                .call_ok(&addr, req.clone(), Duration::from_secs(6))
-                .await
-            {
+        let addrs = resolve_all(&self.cfg.namesrv_addrs).await;
+        let calls = addrs
+            .iter()
+            .map(|addr| self.pool.call_ok(addr, req.clone(), Duration::from_secs(6)));
+        let answers = futures::future::join_all(calls).await;
+        let (mut refused, mut accepted) = (false, false);
+        for (addr, answer) in addrs.iter().zip(answers) {
+            match answer {
                 Ok(resp) => {
                     tracing::debug!(namesrv = %addr, "registered");
+                    accepted = true;
                     if self.cfg.role == BrokerRole::Slave {
                         self.learn_master(&resp);
                     }
@@ -390,7 +396,11 @@ impl Broker {
                 Err(e) => tracing::warn!(namesrv = %addr, error = %e, "registration failed"),
             }
         }
-        self.health.ready.store(!refused, Ordering::Release);
+        let unheard = !accepted && !refused && !self.cfg.namesrv_addrs.is_empty();
+        self.health
+            .ready
+            .store(!refused && !unheard, Ordering::Release);
+        unheard
     }
 
     /// A slave learns where its master is from a registration answer.
@@ -968,18 +978,25 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     }
 
     // Registration: at start, on every topic change, and every registerNameServerPeriod.
-    broker.register_all().await;
+    // While no name server answers, rounds come every second (name servers starting after
+    // the broker, or back from an outage, should not leave it unready for a whole period).
+    let mut unheard = broker.register_all().await;
     let b = broker.clone();
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         let period = Duration::from_millis(b.cfg.register_period_ms.max(1000));
         loop {
+            let wait = if unheard {
+                period.min(Duration::from_secs(1))
+            } else {
+                period
+            };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(period) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = b.topics_changed.notified() => {}
             }
-            b.register_all().await;
+            unheard = b.register_all().await;
         }
     }));
 

@@ -913,3 +913,45 @@ async fn a_send_that_does_not_want_to_wait_is_answered_once_stored() {
     assert_eq!(stored_in(&h.broker, "T", 0), 2);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_no_name_server_took_is_unready_until_one_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let spot = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ns_addr = spot.local_addr().unwrap();
+    drop(spot);
+    let cfg = BrokerConfig {
+        store_root: dir.path().to_path_buf(),
+        listen_port: 0,
+        http_port: 0,
+        ha_listen_port: 0,
+        namesrv_addrs: vec![ns_addr.to_string()],
+        ..BrokerConfig::default()
+    };
+    let h = start(cfg).await.unwrap();
+    let answer = get(h.http_addr, "/readyz").await;
+    assert!(
+        answer.starts_with("HTTP/1.1 503"),
+        "ready unlisted: {answer}"
+    );
+    // The name server comes up late: the broker registers within a second or two, not a
+    // whole registerNameServerPeriod (30 s) later.
+    let ns = crate::nameserver::start(crate::nameserver::NameServerConfig {
+        listen: ns_addr,
+        http: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    for _ in 0..100 {
+        answer = get(h.http_addr, "/readyz").await;
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(answer.starts_with("HTTP/1.1 200"), "never ready: {answer}");
+    h.stop().await;
+    ns.stop().await;
+}

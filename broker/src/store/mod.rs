@@ -63,6 +63,12 @@ pub enum StoreError {
         /// Length of the properties string.
         len: usize,
     },
+    /// Another process (or another open store in this one) has the store.
+    #[error(
+        "{0}: the store is in use by another broker (each broker needs a store directory of \
+         its own: check storePathRootDir)"
+    )]
+    Locked(PathBuf),
     /// An offset outside the stored range was read.
     #[error("offset {offset} is not stored")]
     OutOfRange {
@@ -102,6 +108,7 @@ impl StoreError {
                 max: *max,
             },
             StoreError::PropertiesTooLong { len } => StoreError::PropertiesTooLong { len: *len },
+            StoreError::Locked(p) => StoreError::Locked(p.clone()),
             StoreError::OutOfRange { offset } => StoreError::OutOfRange { offset: *offset },
             StoreError::FlushTimeout(d) => StoreError::FlushTimeout(*d),
             StoreError::Shutdown => StoreError::Shutdown,
@@ -267,6 +274,9 @@ pub enum Boundary {
 /// The broker's storage engine.
 pub struct MessageStore {
     cfg: StoreConfig,
+    /// The store's lock file, held locked while the store is open: two brokers on one store
+    /// would write over each other's log and configs.
+    _lock: std::fs::File,
     commitlog: CommitLog,
     queues: Queues,
     /// Serializes appends so commit-log order and queue offsets agree; holds the encode buffer.
@@ -349,6 +359,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Takes the store's lock file (`<root>/lock`, as Java's broker locks it) for as long as the
+/// returned file is open; refuses a store another broker has open.
+fn lock_store(root: &Path) -> Result<std::fs::File, StoreError> {
+    let path = root.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(path)),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::io(&path, e)),
+    }
+}
+
 impl MessageStore {
     /// Opens the store under `cfg.root`, recovering from a crash if the last stop was not
     /// clean, and starts the flusher thread (and the preparer with `prepare_ahead`).
@@ -356,6 +383,7 @@ impl MessageStore {
         let root = cfg.root.clone();
         let config_dir = root.join("config");
         commitlog::create_dir_durable(&config_dir)?;
+        let lock = lock_store(&root)?;
         let commitlog = CommitLog::open(&root.join("commitlog"), cfg.segment_size)?;
         let cq_dir = root.join("consumequeue");
         let checkpoint_path = root.join("checkpoint");
@@ -405,6 +433,7 @@ impl MessageStore {
         let topics = topics::TopicTable::load(config_dir.join("topics.json"))?;
         let end = report.end;
         let store = Arc::new(MessageStore {
+            _lock: lock,
             cfg,
             commitlog,
             queues,

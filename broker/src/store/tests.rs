@@ -117,6 +117,27 @@ fn out_of_range_offsets_report_where_to_go() {
 }
 
 #[test]
+fn a_store_another_broker_has_open_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    fill(&store, 10);
+    let end = store.commitlog().max_offset();
+    match MessageStore::open(cfg(dir.path(), FlushDiskType::Async)) {
+        Err(e @ StoreError::Locked(_)) => {
+            assert!(e.to_string().contains("storePathRootDir"), "{e}")
+        }
+        other => panic!("a second store opened over the first: {other:?}"),
+    }
+    assert_eq!(store.commitlog().max_offset(), end);
+    store.shutdown();
+    drop(store);
+    // Closed, the store is free again.
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    assert_eq!(store.commitlog().max_offset(), end);
+    store.shutdown();
+}
+
+#[test]
 fn clean_restart_keeps_everything_without_a_scan() {
     let dir = tempfile::tempdir().unwrap();
     let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
