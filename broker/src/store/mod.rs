@@ -769,6 +769,12 @@ impl MessageStore {
         Ok(())
     }
 
+    /// Bytes of replicated data held in memory until they are indexed.
+    #[cfg(test)]
+    pub(crate) fn unindexed_bytes(&self) -> usize {
+        lock(&self.partial).len()
+    }
+
     /// Commit-log offset up to which every message is indexed.
     pub fn dispatched_offset(&self) -> u64 {
         self.dispatched.load(Ordering::Acquire)
