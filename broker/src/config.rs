@@ -267,6 +267,15 @@ pub fn split_namesrv(v: &str) -> Vec<String> {
         .collect()
 }
 
+/// The setting a broker.conf key names, so a setting given under two of its names is refused
+/// like one given twice: RocketMQ 4.x calls `haMaxGapNotInSync` `haSlaveFallbehindMax`.
+fn setting(key: &str) -> &str {
+    match key {
+        "haSlaveFallbehindMax" => "haMaxGapNotInSync",
+        other => other,
+    }
+}
+
 impl BrokerConfig {
     /// Whether the store keeps zeroes written ahead of the commit log (see
     /// `StoreConfig::prepare_ahead`). They pay where a write's latency is waited on: a group
@@ -292,12 +301,20 @@ impl BrokerConfig {
         let mut c = BrokerConfig::default();
         let mut ha_set = false;
         let mut http_set = false;
-        let mut seen: HashMap<String, usize> = HashMap::new();
+        // Each setting, under the name it was first given, and where.
+        let mut seen: HashMap<String, (String, usize)> = HashMap::new();
         for (key, v, line) in parse_properties(text)? {
-            if let Some(first) = seen.insert(key.clone(), line) {
-                return Err(ConfigError::Inconsistent(format!(
-                    "`{key}` is set twice (lines {first} and {line})"
-                )));
+            if let Some((first_key, first)) =
+                seen.insert(setting(&key).to_string(), (key.clone(), line))
+            {
+                return Err(ConfigError::Inconsistent(if first_key == key {
+                    format!("`{key}` is set twice (lines {first} and {line})")
+                } else {
+                    format!(
+                        "`{first_key}` (line {first}) and `{key}` (line {line}) are one setting, \
+                         set twice"
+                    )
+                }));
             }
             let v = v.as_str();
             let k = key.as_str();
@@ -371,7 +388,9 @@ impl BrokerConfig {
                 }
                 "haMasterAddress" => c.ha_master_address = Some(non_empty(k, v)?),
                 "haAuthToken" => c.ha_auth_token = Some(v.to_string()).filter(|t| !t.is_empty()),
-                "haMaxGapNotInSync" => c.ha_max_gap = num(k, v, "a size in bytes")?,
+                "haMaxGapNotInSync" | "haSlaveFallbehindMax" => {
+                    c.ha_max_gap = num(k, v, "a size in bytes")?;
+                }
                 "slaveTimeout" => c.slave_timeout_ms = num(k, v, "milliseconds")?,
                 "accessMessageInMemoryMaxRatio" => {
                     c.access_message_in_memory_max_ratio = num(k, v, "a percentage, 0-100")?;
@@ -687,6 +706,19 @@ mod tests {
         c.apply_ordinal("demo-broker-0-2").unwrap();
         assert_eq!((c.broker_id, c.role), (2, BrokerRole::Slave));
         assert!(c.apply_ordinal("no-ordinal-here").is_err());
+    }
+
+    #[test]
+    fn the_4x_name_of_the_slave_gap_sets_the_same_setting() {
+        let c = BrokerConfig::parse("haSlaveFallbehindMax=1048576").unwrap();
+        assert_eq!(c.ha_max_gap, 1 << 20);
+        let c = BrokerConfig::parse("haMaxGapNotInSync=2097152").unwrap();
+        assert_eq!(c.ha_max_gap, 2 << 20);
+        let both = BrokerConfig::parse("haMaxGapNotInSync=1\nhaSlaveFallbehindMax=2");
+        assert!(
+            matches!(&both, Err(ConfigError::Inconsistent(m)) if m.contains("haSlaveFallbehindMax")),
+            "{both:?}"
+        );
     }
 
     #[test]

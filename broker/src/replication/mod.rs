@@ -2,7 +2,8 @@
 //!
 //! A slave connects to its master's HA port, introduces itself (brokerName and an optional
 //! shared token: Java has no authentication here), then reports the end of its commit log
-//! (an 8-byte big-endian offset) at connect, after each chunk and every few seconds. The master
+//! (an 8-byte big-endian offset) at connect, after the chunks of each read (at least every few
+//! MiB while catching up) and every few seconds, even while a chunk is arriving. The master
 //! streams `[i64 startOffset][i32 size][bytes]` chunks from that offset; an empty chunk is a
 //! heartbeat. The slave appends the bytes verbatim, so its log is byte-identical to the
 //! master's, and indexes the messages they complete.
@@ -22,7 +23,8 @@ pub const HELLO_VERSION: u16 = 1;
 pub const MAX_CHUNK: u64 = 256 * 1024;
 /// How often an idle side speaks (master heartbeat, slave offset report).
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
-/// Silence after which a side drops the connection.
+/// Silence after which a side drops the connection (on a slave, counted from the last byte
+/// received, wherever in a chunk it waits).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why replication could not proceed.

@@ -412,6 +412,17 @@ pub fn decode_stored(buf: &Bytes) -> Result<StoredMessage, MessageError> {
 
 /// Reads one stored message in place, checked like [`decode_stored`] but with nothing copied.
 pub fn parse_stored(buf: &[u8]) -> Result<StoredRef<'_>, MessageError> {
+    parse_stored_checking(buf, true)
+}
+
+/// Reads one stored message in place without checking its body CRC: indexing a slave's
+/// replicated log reads no bodies, and indexes what its master indexed, as Java's reput
+/// service does (it checks no CRC either).
+pub fn parse_stored_for_index(buf: &[u8]) -> Result<StoredRef<'_>, MessageError> {
+    parse_stored_checking(buf, false)
+}
+
+fn parse_stored_checking(buf: &[u8], check_crc: bool) -> Result<StoredRef<'_>, MessageError> {
     let mut b = buf;
     need(&b, 8, "header")?;
     let total_size = b.get_i32();
@@ -444,10 +455,12 @@ pub fn parse_stored(buf: &[u8]) -> Result<StoredRef<'_>, MessageError> {
     }
     let (body, rest) = b.split_at(body_len as usize);
     b = rest;
-    // Stores written before ferromq masked the top bit hold the plain CRC32: accept both.
-    let crc = crc32fast::hash(body);
-    if stored_crc != masked_crc(crc) && stored_crc != crc as i32 {
-        return Err(MessageError::BadCrc);
+    if check_crc {
+        // Stores written before ferromq masked the top bit hold the plain CRC32: accept both.
+        let crc = crc32fast::hash(body);
+        if stored_crc != masked_crc(crc) && stored_crc != crc as i32 {
+            return Err(MessageError::BadCrc);
+        }
     }
     let topic_len = if magic == MAGIC_V2 {
         need(&b, 2, "topic length")?;

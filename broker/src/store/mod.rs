@@ -242,6 +242,16 @@ struct Checkpoint {
     clean_shutdown: bool,
 }
 
+/// Replicated bytes a slave has stored but not yet indexed.
+#[derive(Default)]
+struct Unindexed {
+    /// The log from the dispatched offset on, kept until its messages are complete.
+    bytes: Vec<u8>,
+    /// Whether indexing met data whose size cannot be trusted and stopped there (until a
+    /// restart): nothing more is kept, as nothing more can be indexed.
+    stopped: bool,
+}
+
 struct Waiter {
     end: u64,
     done: oneshot::Sender<Result<(), StoreError>>,
@@ -296,8 +306,8 @@ pub struct MessageStore {
     pub appended: tokio::sync::Notify,
     /// The commit log's first offset when every queue's minimum was last moved to it.
     queues_min: AtomicU64,
-    /// Bytes a slave received past the last whole message (dispatched once complete).
-    partial: Mutex<Vec<u8>>,
+    /// Bytes a slave received past the last indexed message (dispatched once complete).
+    partial: Mutex<Unindexed>,
     /// Sends waiting to share the next commit-log write.
     group: Mutex<SendGroup>,
 }
@@ -451,7 +461,7 @@ impl MessageStore {
             recovery: report,
             appended: tokio::sync::Notify::new(),
             queues_min: AtomicU64::new(min_phys),
-            partial: Mutex::new(Vec::new()),
+            partial: Mutex::new(Unindexed::default()),
             group: Mutex::new(SendGroup::default()),
         });
         // Mark the store as running: a crash from now on must recover. The entries recovery
@@ -745,7 +755,10 @@ impl MessageStore {
     pub fn replicate(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
         let _writer = lock(&self.write_lock);
         self.commitlog.append_at(offset, data)?;
-        lock(&self.partial).extend_from_slice(data);
+        let mut partial = lock(&self.partial);
+        if !partial.stopped {
+            partial.bytes.extend_from_slice(data);
+        }
         Ok(())
     }
 
@@ -758,16 +771,23 @@ impl MessageStore {
         Ok(())
     }
 
-    /// Indexes every replicated message that has fully arrived.
+    /// Indexes every replicated message that has fully arrived. A message that cannot be read
+    /// but whose size can be trusted is skipped and logged, as Java's reput service skips it;
+    /// data whose size cannot be trusted stops indexing there for good (until a restart, whose
+    /// recovery ends the log there), which is reported once, as an error.
     pub fn dispatch_replicated(&self) -> Result<(), StoreError> {
         let _writer = lock(&self.write_lock);
         let mut partial = lock(&self.partial);
+        if partial.stopped {
+            return Ok(());
+        }
         // `partial` starts at the dispatched offset, always a message (or filler) boundary.
         let mut pos = self.dispatched.load(Ordering::Acquire);
         let mut used = 0usize;
         let seg = self.commitlog.segment_size();
+        let mut untrusted = None;
         loop {
-            let rest = &partial[used..];
+            let rest = &partial.bytes[used..];
             if rest.len() < 8 {
                 break;
             }
@@ -783,33 +803,62 @@ impl MessageStore {
                 pos += skip as u64;
                 continue;
             }
-            if size <= 8 {
-                return Err(StoreError::Corrupt(format!(
-                    "replicated data at {pos} is not a message"
-                )));
+            // A size is trusted as the appender guarantees it: a message magic, and room in
+            // the segment for the message and a filler header after it.
+            if (magic != message::MAGIC_V1 && magic != message::MAGIC_V2)
+                || size <= 8
+                || pos % seg + size as u64 > self.commitlog.max_message_len()
+            {
+                untrusted = Some(format!(
+                    "replicated data at {pos} is not a message (size {size}, magic {magic:#x})"
+                ));
+                break;
             }
             if rest.len() < size as usize {
                 break;
             }
-            let m = message::parse_stored(&rest[..size as usize])
-                .map_err(|e| StoreError::Corrupt(format!("replicated message at {pos}: {e}")))?;
-            let cq = self.queue_or_create(m.topic, m.queue_id)?;
-            cq.put(
-                m.queue_offset as u64,
-                CqEntry {
-                    offset: pos,
-                    size: size as u32,
-                    tags_code: m.queue_tags_code(),
-                },
-            )?;
+            match message::parse_stored_for_index(&rest[..size as usize]) {
+                Ok(m) => {
+                    let cq = self.queue_or_create(m.topic, m.queue_id)?;
+                    cq.put(
+                        m.queue_offset as u64,
+                        CqEntry {
+                            offset: pos,
+                            size: size as u32,
+                            tags_code: m.queue_tags_code(),
+                        },
+                    )?;
+                }
+                Err(e) => tracing::error!(
+                    offset = pos,
+                    size,
+                    error = %e,
+                    "a replicated message cannot be read; it is skipped and not indexed"
+                ),
+            }
             used += size as usize;
             pos += size as u64;
         }
-        partial.drain(..used);
+        partial.bytes.drain(..used);
         self.dispatched.store(pos, Ordering::Release);
+        if untrusted.is_some() {
+            partial.stopped = true;
+            partial.bytes = Vec::new();
+        }
         drop(partial);
         self.appended.notify_waiters();
-        Ok(())
+        match untrusted {
+            Some(why) => Err(StoreError::Corrupt(format!(
+                "{why}; indexing of replicated messages stops there until a restart"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes of replicated data held in memory until they are indexed.
+    #[cfg(test)]
+    pub(crate) fn unindexed_bytes(&self) -> usize {
+        lock(&self.partial).bytes.len()
     }
 
     /// Commit-log offset up to which every message is indexed.

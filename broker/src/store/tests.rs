@@ -962,3 +962,89 @@ fn retention_moves_queue_minimums_and_reads_never_fail_on_deleted_segments() {
     );
     store.shutdown();
 }
+
+/// A master's log of `n` messages in queue 0 of topic T, with where each landed.
+fn master_log(root: &Path, n: u64) -> (Vec<u8>, Vec<PutResult>) {
+    let master = MessageStore::open(cfg(root, FlushDiskType::Async)).unwrap();
+    let results: Vec<PutResult> = (0..n)
+        .map(|i| master.append(&[msg("T", 0, i, "A")]).unwrap().remove(0))
+        .collect();
+    let end = master.commitlog().max_offset();
+    let bytes = master.commitlog().read(0, end as usize).unwrap().to_vec();
+    master.shutdown();
+    (bytes, results)
+}
+
+/// The physical offset of the message a slave's queue 0 of T holds at `index`, if any.
+fn indexed_at(slave: &MessageStore, index: u64) -> Option<u64> {
+    let entries = slave.queue("T", 0)?.get(index, 1).unwrap();
+    entries.first().map(|e| e.offset)
+}
+
+#[test]
+fn a_replicated_message_that_cannot_be_read_is_skipped_and_the_rest_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut bytes, results) = master_log(&dir.path().join("m"), 3);
+    // The second message's properties length is negative (a 4.x-era store wrapped lengths
+    // past 32767); its total size is intact.
+    let second = &results[1];
+    let props = msg("T", 0, 1, "A").properties.len() as u64;
+    let at = (second.physical_offset + u64::from(second.size) - props - 2) as usize;
+    bytes[at..at + 2].copy_from_slice(&(-1i16).to_be_bytes());
+    let slave = MessageStore::open(cfg(&dir.path().join("s"), FlushDiskType::Async)).unwrap();
+    slave.replicate(0, &bytes).unwrap();
+    slave.dispatch_replicated().unwrap();
+    assert_eq!(slave.dispatched_offset(), bytes.len() as u64);
+    assert_eq!(slave.unindexed_bytes(), 0);
+    assert_eq!(indexed_at(&slave, 0), Some(results[0].physical_offset));
+    assert_eq!(indexed_at(&slave, 2), Some(results[2].physical_offset));
+    slave.shutdown();
+}
+
+#[test]
+fn replicated_messages_are_indexed_without_checking_their_body_crc() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut bytes, results) = master_log(&dir.path().join("m"), 3);
+    // A body byte of the second message changed: its master indexed it when it was sent, and
+    // its slave indexes it too (consumers check CRCs, as Java's do).
+    let second = &results[1];
+    let range = second.physical_offset as usize..(second.physical_offset + 200) as usize;
+    let body = bytes[range.clone()]
+        .windows(8)
+        .position(|w| w == b"00000001")
+        .unwrap();
+    bytes[range.start + body + 8] ^= 0xFF;
+    let slave = MessageStore::open(cfg(&dir.path().join("s"), FlushDiskType::Async)).unwrap();
+    slave.replicate(0, &bytes).unwrap();
+    slave.dispatch_replicated().unwrap();
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(indexed_at(&slave, i as u64), Some(r.physical_offset));
+    }
+    slave.shutdown();
+}
+
+#[test]
+fn replicated_data_of_untrusted_size_stops_indexing_once_and_is_no_longer_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut bytes, results) = master_log(&dir.path().join("m"), 5);
+    // The third message's size runs past its segment.
+    let third = results[2].physical_offset as usize;
+    bytes[third..third + 4].copy_from_slice(&i32::MAX.to_be_bytes());
+    let slave = MessageStore::open(cfg(&dir.path().join("s"), FlushDiskType::Async)).unwrap();
+    let split = results[3].physical_offset as usize;
+    slave.replicate(0, &bytes[..split]).unwrap();
+    let stopped = slave.dispatch_replicated();
+    assert!(
+        matches!(stopped, Err(StoreError::Corrupt(_))),
+        "{stopped:?}"
+    );
+    assert_eq!(slave.dispatched_offset(), third as u64);
+    assert_eq!(indexed_at(&slave, 1), Some(results[1].physical_offset));
+    // Replication goes on (the log stays the master's), but nothing is kept for indexing.
+    slave.replicate(split as u64, &bytes[split..]).unwrap();
+    assert_eq!(slave.unindexed_bytes(), 0);
+    slave.dispatch_replicated().unwrap();
+    assert_eq!(slave.dispatched_offset(), third as u64);
+    assert_eq!(slave.commitlog().max_offset(), bytes.len() as u64);
+    slave.shutdown();
+}
