@@ -293,6 +293,8 @@ pub struct MessageStore {
     write_lock: Mutex<BytesMut>,
     /// Commit-log offset below which every message is appended and dispatched to its queue.
     dispatched: AtomicU64,
+    /// The offset the latest checkpoint written records.
+    checkpointed: AtomicU64,
     flush: Arc<FlushShared>,
     /// The flusher and, with `prepare_ahead`, the preparer; joined at shutdown.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -449,6 +451,7 @@ impl MessageStore {
             queues,
             write_lock: Mutex::new(BytesMut::with_capacity(1 << 20)),
             dispatched: AtomicU64::new(end),
+            checkpointed: AtomicU64::new(0),
             flush: Arc::new(FlushShared {
                 waiters: Mutex::new(Vec::new()),
                 wake: Condvar::new(),
@@ -515,7 +518,9 @@ impl MessageStore {
                 consistent_offset: offset,
                 clean_shutdown: clean,
             },
-        )
+        )?;
+        self.checkpointed.store(offset, Ordering::Release);
+        Ok(())
     }
 
     /// The consume queue of `topic`/`queue_id`, if it exists.
@@ -963,7 +968,9 @@ impl MessageStore {
         let checkpoint_every = Duration::from_secs(1);
         let mut last_thorough = Instant::now();
         let mut last_checkpoint = Instant::now();
-        let mut checkpointed = self.dispatched.load(Ordering::Acquire);
+        // From the checkpoint written at open, not from what is dispatched when this thread
+        // starts: messages appended in between would otherwise wait for the next append.
+        let mut checkpointed = self.checkpointed.load(Ordering::Acquire);
         let mut create_failed: Option<Instant> = None;
         let mut checkpoint_failed = false;
         loop {
