@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -21,29 +21,46 @@ pub type Fault = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// What the HTTP endpoints report.
 pub struct HealthState {
-    /// Metrics of the process.
-    pub registry: Registry,
+    /// Metrics of the process, once it has them.
+    registry: OnceLock<Registry>,
     /// Set once the process can serve requests.
     pub ready: AtomicBool,
     /// A condition that makes the process unready whatever `ready` says.
-    fault: Option<Fault>,
+    fault: OnceLock<Fault>,
 }
 
 impl HealthState {
     /// A not-yet-ready state with the given metrics and, if any, a fault to check.
     pub fn new(registry: Registry, fault: Option<Fault>) -> Arc<HealthState> {
+        let state = HealthState::starting();
+        state.started(registry, fault);
+        state
+    }
+
+    /// A state for a process still starting (a broker recovering its store): alive and not
+    /// ready, with no metrics yet. Served from the start, so that a liveness probe does not
+    /// kill a long recovery.
+    pub fn starting() -> Arc<HealthState> {
         Arc::new(HealthState {
-            registry,
+            registry: OnceLock::new(),
             ready: AtomicBool::new(false),
-            fault,
+            fault: OnceLock::new(),
         })
+    }
+
+    /// Gives a started process's metrics and fault check to the endpoints (first call wins).
+    pub fn started(&self, registry: Registry, fault: Option<Fault>) {
+        let _ = self.registry.set(registry);
+        if let Some(f) = fault {
+            let _ = self.fault.set(f);
+        }
     }
 }
 
 fn respond(state: &HealthState, path: &str) -> Response<Full<Bytes>> {
     let (status, body, ctype) = match path {
         "/healthz" => (StatusCode::OK, "ok\n".to_string(), "text/plain"),
-        "/readyz" => match state.fault.as_ref().and_then(|f| f()) {
+        "/readyz" => match state.fault.get().and_then(|f| f()) {
             Some(why) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {why}\n"),
@@ -60,7 +77,9 @@ fn respond(state: &HealthState, path: &str) -> Response<Full<Bytes>> {
         },
         "/metrics" => {
             let mut out = String::new();
-            match prometheus_client::encoding::text::encode(&mut out, &state.registry) {
+            let empty = Registry::default();
+            let registry = state.registry.get().unwrap_or(&empty);
+            match prometheus_client::encoding::text::encode(&mut out, registry) {
                 Ok(()) => (
                     StatusCode::OK,
                     out,

@@ -758,6 +758,13 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         })?;
     // Port 0 takes any free port: the one bound is the one to advertise.
     cfg.listen_port = addr.port();
+    // Alive from here on, ready later: a recovery longer than the liveness probe's patience
+    // must not get the broker killed and the recovery started over.
+    let health = HealthState::starting();
+    let startup = CancellationToken::new();
+    let early_http = tokio::spawn(http::serve(http_listener, health.clone(), startup.clone()));
+    // A start that fails from here on stops it again.
+    let failed_start = startup.clone().drop_guard();
 
     let store_cfg = StoreConfig {
         root: cfg.store_root.clone(),
@@ -876,7 +883,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     // A broker whose commit log could not be written to disk takes no more messages until a
     // restart recovers the log: it says so here, so probes and rollouts see it.
     let fault_store = store.clone();
-    let health = HealthState::new(
+    health.started(
         registry,
         Some(Box::new(move || {
             fault_store.commitlog().write_back_failure().map(|e| {
@@ -930,11 +937,14 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         shutdown.clone(),
         loops,
     )));
-    tasks.push(tokio::spawn(http::serve(
-        http_listener,
-        health.clone(),
-        shutdown.clone(),
-    )));
+    // The HTTP server started before the store opened goes on until shutdown.
+    let stop_http = startup.clone();
+    let stopping = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        stopping.cancelled().await;
+        stop_http.cancel();
+        let _ = early_http.await;
+    }));
 
     // Replication: masters serve their slaves, slaves follow their master.
     if let Some(state) = &broker.replication {
@@ -1092,6 +1102,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         flush = ?cfg.flush,
         "broker started"
     );
+    failed_start.disarm();
     Ok(BrokerHandle {
         addr,
         http_addr,

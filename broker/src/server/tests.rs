@@ -955,3 +955,66 @@ async fn a_broker_no_name_server_took_is_unready_until_one_does() {
     h.stop().await;
     ns.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_recovering_its_store_is_alive_but_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    // The checkpoint is a FIFO: opening the store blocks on it until the test writes one,
+    // as a long recovery would hold the start.
+    let fifo = dir.path().join("checkpoint");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: mkfifo is not available");
+        return;
+    }
+    let spot = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http_port = spot.local_addr().unwrap().port();
+    drop(spot);
+    let cfg = BrokerConfig {
+        store_root: dir.path().to_path_buf(),
+        listen_port: 0,
+        http_port,
+        ha_listen_port: 0,
+        ..BrokerConfig::default()
+    };
+    let starting = tokio::spawn(start(cfg));
+    let http: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    for _ in 0..250 {
+        if TcpStream::connect(http).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let health = tokio::time::timeout(Duration::from_secs(2), get(http, "/healthz"))
+        .await
+        .unwrap_or_default();
+    assert!(
+        health.starts_with("HTTP/1.1 200"),
+        "not alive while starting: {health}"
+    );
+    let ready = get(http, "/readyz").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 503"),
+        "ready while starting: {ready}"
+    );
+    assert!(!starting.is_finished());
+    let write = tokio::task::spawn_blocking(move || {
+        std::fs::write(&fifo, br#"{"consistentOffset":0,"cleanShutdown":true}"#)
+    });
+    write.await.unwrap().unwrap();
+    let h = tokio::time::timeout(Duration::from_secs(10), starting)
+        .await
+        .expect("the start did not finish")
+        .unwrap()
+        .unwrap();
+    let mut ready = String::new();
+    for _ in 0..100 {
+        ready = get(h.http_addr, "/readyz").await;
+        if ready.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ready.starts_with("HTTP/1.1 200"), "never ready: {ready}");
+    h.stop().await;
+}
