@@ -153,6 +153,22 @@ impl Proc {
         Ok(())
     }
 
+    /// Waits up to `within` for the process to exit by itself; its exit status.
+    pub fn wait_exit(&mut self, within: Duration) -> Result<std::process::ExitStatus, Error> {
+        let c = self.child.as_mut().ok_or("process not running")?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = c.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if start.elapsed() > within {
+                return Err(format!("{} did not exit within {within:?}", self.name).into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends a signal by name (`STOP`, `CONT`, ...) to the process.
     pub fn signal(&self, sig: &str) -> Result<(), Error> {
         let c = self.child.as_ref().ok_or("process not running")?;

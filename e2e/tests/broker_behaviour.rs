@@ -338,32 +338,71 @@ async fn unknown_request_codes_get_an_error_answer_not_a_closed_connection() -> 
     Ok(())
 }
 
+/// Whether the name server at `ns` lists `broker-a`.
+async fn listed(ns: &str) -> Result<bool, Error> {
+    let one = Client::new(vec![ns.to_string()]);
+    Ok(one
+        .cluster_info()
+        .await?
+        .broker_addr_table
+        .contains_key("broker-a"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn killed_broker_is_dropped_by_every_name_server_after_the_timeout() -> Result<(), Error> {
-    let mut c = cluster(2, &["brokerNotActiveTimeoutMillis=1500"], 120_000)?;
+async fn a_killed_broker_is_dropped_at_once_not_after_its_timeout() -> Result<(), Error> {
+    let mut c = cluster(1, &[], 120_000)?;
+    assert!(listed(&c.ns[0].addr).await?);
+    c.broker.kill9();
+    // Its connections closed with it: the name server drops it then, as Java's does.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while listed(&c.ns[0].addr).await? {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a dead broker kept for its 120 s timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hangup_stops_the_broker_cleanly() -> Result<(), Error> {
+    let mut c = cluster(1, &[], 120_000)?;
+    topic(&c, "Hup", 1).await?;
+    let proc = c.broker.proc.as_mut().ok_or("broker not running")?;
+    proc.signal("HUP")?;
+    let status = proc.wait_exit(Duration::from_secs(20))?;
+    assert!(status.success(), "exited with {status}");
+    let checkpoint: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(c.broker.store.join("checkpoint"))?)?;
+    assert_eq!(checkpoint["cleanShutdown"], true, "{checkpoint}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_broker_is_dropped_by_every_name_server_after_the_timeout() -> Result<(), Error> {
+    let extra = [
+        "brokerNotActiveTimeoutMillis=1500",
+        "registerNameServerPeriod=1000",
+    ];
+    let mut c = cluster(2, &extra, 120_000)?;
     topic(&c, "Expiry", 1).await?;
     for ns in &c.ns {
-        let one = Client::new(vec![ns.addr.clone()]);
-        assert!(one
-            .cluster_info()
-            .await?
-            .broker_addr_table
-            .contains_key("broker-a"));
+        assert!(listed(&ns.addr).await?);
     }
-    c.broker.kill9();
+    // Stopped, not dead: its connections stay open, only its silence tells.
+    c.broker
+        .proc
+        .as_ref()
+        .ok_or("broker not running")?
+        .signal("STOP")?;
     tokio::time::sleep(Duration::from_millis(3000)).await;
     for ns in &c.ns {
+        assert!(!listed(&ns.addr).await?, "{} kept a silent broker", ns.addr);
         let one = Client::new(vec![ns.addr.clone()]);
-        assert!(
-            !one.cluster_info()
-                .await?
-                .broker_addr_table
-                .contains_key("broker-a"),
-            "{} kept a dead broker",
-            ns.addr
-        );
         assert!(one.refresh_route("Expiry").await.is_err());
     }
+    c.broker.kill9();
     Ok(())
 }
 
