@@ -52,8 +52,12 @@ pub enum RequestCode {
     GetRouteinfoByTopic = 105,
     /// Every cluster and broker the name server knows.
     GetBrokerClusterInfo = 106,
+    /// Create or update a subscription group's settings (Java's `mqadmin updateSubGroup`).
+    UpdateAndCreateSubscriptionGroup = 200,
     /// Every subscription group config of a broker.
     GetAllSubscriptionGroupConfig = 201,
+    /// Forget a subscription group's settings (Java's `mqadmin deleteSubGroup`).
+    DeleteSubscriptionGroup = 207,
     /// Every topic the name server knows.
     GetAllTopicListFromNameserver = 206,
     /// Remove write permission from a broker (drain before scale-in).
@@ -102,7 +106,9 @@ impl RequestCode {
         Self::UnregisterBroker,
         Self::GetRouteinfoByTopic,
         Self::GetBrokerClusterInfo,
+        Self::UpdateAndCreateSubscriptionGroup,
         Self::GetAllSubscriptionGroupConfig,
+        Self::DeleteSubscriptionGroup,
         Self::GetAllTopicListFromNameserver,
         Self::WipeWritePermOfBroker,
         Self::GetTopicsByCluster,

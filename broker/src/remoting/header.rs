@@ -337,6 +337,14 @@ ext_header! {
 }
 
 ext_header! {
+    /// DELETE_SUBSCRIPTIONGROUP request.
+    pub struct DeleteSubscriptionGroupRequestHeader {
+        /// Group whose settings go.
+        pub group_name: String => "groupName",
+    }
+}
+
+ext_header! {
     /// GET_TOPICS_BY_CLUSTER request (Java's `mqadmin topicList -c`).
     pub struct TopicsByClusterRequestHeader {
         /// Cluster name.

@@ -35,13 +35,14 @@ use crate::remoting::body::{
 use crate::remoting::connection::{serve, ClientError, ConnectionPool, Peer, Processor};
 use crate::remoting::event_loop::{EventLoops, Spin};
 use crate::remoting::header::{
-    ConsumerGroupRequestHeader, CreateTopicRequestHeader, RegisterBrokerRequestHeader,
-    RegisterBrokerResponseHeader, SendMessageRequestHeader, UnregisterBrokerRequestHeader,
-    UnregisterClientRequestHeader, ViewMessageRequestHeader,
+    ConsumerGroupRequestHeader, CreateTopicRequestHeader, DeleteSubscriptionGroupRequestHeader,
+    RegisterBrokerRequestHeader, RegisterBrokerResponseHeader, SendMessageRequestHeader,
+    UnregisterBrokerRequestHeader, UnregisterClientRequestHeader, ViewMessageRequestHeader,
 };
 use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
 use crate::replication::master::{self, ReplicationMaster};
 use crate::replication::slave::{self, SlaveIdentity};
+use crate::store::groups::{GroupsFile, SubscriptionGroupConfig};
 use crate::store::topics::{TopicConfig, AUTO_CREATE_TOPIC, PERM_INHERIT, PERM_READ, PERM_WRITE};
 use crate::store::{MessageStore, StoreConfig, StoreError};
 use std::collections::BTreeMap;
@@ -122,9 +123,9 @@ impl Broker {
         if let Some(t) = self.store.topics.get(&h.topic) {
             return Ok(t);
         }
-        if h.topic.starts_with("%RETRY%") {
+        if let Some(group) = h.topic.strip_prefix("%RETRY%") {
             return self
-                .ensure_topic(&h.topic, 1, PERM_READ | PERM_WRITE)
+                .ensure_retry_topic(group)
                 .map_err(|e| err_responder(ResponseCode::SystemError, e.to_string()));
         }
         let template = h
@@ -167,6 +168,62 @@ impl Broker {
         Ok(cfg)
     }
 
+    /// Handles UPDATE_AND_CREATE_SUBSCRIPTIONGROUP: the body is the group's config as Java's
+    /// tools send it.
+    fn update_group(&self, req: &RemotingCommand) -> RemotingCommand {
+        let cfg: SubscriptionGroupConfig = match from_json(&req.body) {
+            Ok(c) => c,
+            Err(e) => {
+                return req.error_to(
+                    ResponseCode::SystemError,
+                    format!("bad subscription group body: {e}"),
+                )
+            }
+        };
+        if let Err(e) = send::validate_group(&cfg.group_name) {
+            return req.error_to(ResponseCode::SystemError, e);
+        }
+        if !(1..=1024).contains(&cfg.retry_queue_nums) {
+            return req.error_to(
+                ResponseCode::SystemError,
+                format!(
+                    "retryQueueNums {} is not between 1 and 1024",
+                    cfg.retry_queue_nums
+                ),
+            );
+        }
+        let group = cfg.group_name.clone();
+        match self.store.groups.put(cfg) {
+            Ok(changed) => {
+                if changed {
+                    tracing::info!(group = %group, "subscription group updated");
+                }
+                req.response_to(ResponseCode::Success)
+            }
+            Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+        }
+    }
+
+    /// The retry limit of a group for a client that sent none: its configured
+    /// `retryMaxTimes`, or RocketMQ's 16.
+    fn retry_max_times(&self, group: &str) -> i32 {
+        self.store
+            .groups
+            .get(group)
+            .map_or(send::DEFAULT_MAX_RECONSUME_TIMES, |g| g.retry_max_times)
+    }
+
+    /// Creates a group's retry topic unless it exists, with the group's configured
+    /// `retryQueueNums`.
+    fn ensure_retry_topic(&self, group: &str) -> Result<TopicConfig, StoreError> {
+        let queues = self
+            .store
+            .groups
+            .get(group)
+            .map_or(1, |g| g.retry_queue_nums);
+        self.ensure_topic(&format!("%RETRY%{group}"), queues, PERM_READ | PERM_WRITE)
+    }
+
     fn heartbeat(&self, req: &RemotingCommand, peer: &Peer) -> RemotingCommand {
         let hb: HeartbeatData = match from_json(&req.body) {
             Ok(h) => h,
@@ -187,10 +244,9 @@ impl Broker {
         for c in &hb.consumer_data_set {
             // Every consumer group gets its retry topic, as in RocketMQ (slaves copy topics
             // from their master instead).
-            let retry = format!("%RETRY%{}", c.group_name);
             if self.is_master() {
-                if let Err(e) = self.ensure_topic(&retry, 1, PERM_READ | PERM_WRITE) {
-                    tracing::warn!(error = %e, topic = %retry, "cannot create retry topic");
+                if let Err(e) = self.ensure_retry_topic(&c.group_name) {
+                    tracing::warn!(error = %e, group = %c.group_name, "cannot create retry topic");
                 }
             }
             self.consumers
@@ -231,6 +287,28 @@ impl Broker {
                     Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
                 }
             }
+            RequestCode::UpdateAndCreateSubscriptionGroup
+            | RequestCode::DeleteSubscriptionGroup
+                if !self.is_master() =>
+            {
+                req.error_to(
+                    ResponseCode::NoPermission,
+                    "this broker is a slave: configure groups on its master, slaves copy them",
+                )
+            }
+            RequestCode::UpdateAndCreateSubscriptionGroup => self.update_group(req),
+            RequestCode::DeleteSubscriptionGroup => {
+                match DeleteSubscriptionGroupRequestHeader::from_ext(&req.ext_fields) {
+                    Ok(h) => match self.store.groups.remove(&h.group_name) {
+                        Ok(_) => req.response_to(ResponseCode::Success),
+                        Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                    },
+                    Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                }
+            }
+            RequestCode::GetAllSubscriptionGroupConfig => req
+                .response_to(ResponseCode::Success)
+                .with_body(to_json(&self.store.groups.snapshot())),
             RequestCode::UpdateAndCreateTopic if !self.is_master() => req.error_to(
                 ResponseCode::NoPermission,
                 "this broker is a slave: create topics on its master, slaves copy them",
@@ -471,6 +549,24 @@ impl Broker {
         {
             if let Err(e) = self.store.offsets.merge_json(&resp.body) {
                 tracing::warn!(error = %e, "master sent unreadable consumer offsets");
+            }
+        }
+        let req = RemotingCommand::request(
+            RequestCode::GetAllSubscriptionGroupConfig.code(),
+            Default::default(),
+        );
+        if let Ok(resp) = self
+            .pool
+            .call_ok(&master, req, Duration::from_secs(3))
+            .await
+        {
+            match from_json::<GroupsFile>(&resp.body) {
+                Ok(groups) => {
+                    if let Err(e) = self.store.groups.replace_all(groups) {
+                        tracing::warn!(error = %e, "saving groups copied from the master failed");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "master sent unreadable subscription groups"),
             }
         }
         let req =

@@ -43,6 +43,13 @@ impl Broker {
                 ),
             );
         }
+        if !self.store.groups.consume_enabled(&h.consumer_group) {
+            // Paused by its operator (updateSubGroup with consumeEnable=false).
+            return req.error_to(
+                ResponseCode::NoPermission,
+                format!("subscription group no permission, {}", h.consumer_group),
+            );
+        }
         if !self.is_master() && !self.cfg.slave_read_enable {
             // Reads from slaves are off: send the consumer back to the master.
             let mut resp = req.response_to(ResponseCode::PullRetryImmediately);

@@ -14,13 +14,13 @@ use crate::store::message::{
     decode_batch, format_properties, offset_msg_id, parse_properties, NewMessage,
     PROP_MAX_RECONSUME_TIMES, PROP_ORIGIN_MESSAGE_ID, PROP_RETRY_TOPIC, PROP_TRANSACTION_PREPARED,
 };
-use crate::store::topics::{now_ms, PERM_READ, PERM_WRITE};
+use crate::store::topics::{now_ms, PERM_WRITE};
 use crate::store::{FlushDiskType, PutResult, StoreError};
 
 use super::{schedule, Broker};
 
 /// Retry attempts before a message goes to the dead-letter queue (RocketMQ default).
-const DEFAULT_MAX_RECONSUME_TIMES: i32 = 16;
+pub(super) const DEFAULT_MAX_RECONSUME_TIMES: i32 = 16;
 
 /// Checks a topic name the way RocketMQ does (`[%|a-zA-Z0-9_-]`, at most 127 characters).
 pub fn validate_topic(topic: &str) -> Result<(), String> {
@@ -380,7 +380,9 @@ impl Broker {
         let Some(group) = h.topic.strip_prefix("%RETRY%") else {
             return Ok(None);
         };
-        let max = h.max_reconsume_times.unwrap_or(DEFAULT_MAX_RECONSUME_TIMES);
+        let max = h
+            .max_reconsume_times
+            .unwrap_or_else(|| self.retry_max_times(group));
         if h.reconsume_times.unwrap_or(0) < max {
             return Ok(None);
         }
@@ -464,15 +466,16 @@ impl Broker {
                 )
             }
         };
-        let max = h.max_reconsume_times.unwrap_or(DEFAULT_MAX_RECONSUME_TIMES);
+        let max = h
+            .max_reconsume_times
+            .unwrap_or_else(|| self.retry_max_times(&h.group));
         let times = orig.reconsume_times + 1;
         let to_dlq = times > max || h.delay_level < 0;
         let topic = if to_dlq {
             self.dead_letter_topic(&h.group)
         } else {
-            let retry = format!("%RETRY%{}", h.group);
-            self.ensure_topic(&retry, 1, PERM_READ | PERM_WRITE)
-                .map(|_| retry)
+            self.ensure_retry_topic(&h.group)
+                .map(|t| t.topic_name)
                 .map_err(|e| format!("cannot create %RETRY%{}: {e}", h.group))
         };
         let topic = match topic {

@@ -710,14 +710,27 @@ async fn one_client_at_a_time_holds_a_queue_until_it_unlocks_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slave_keeps_its_masters_delay_progress() {
+async fn a_slave_keeps_its_masters_delay_progress_and_groups() {
     let (mdir, sdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let master = lone_broker(mdir.path(), BrokerRole::AsyncMaster).await;
     let slave = lone_broker(sdir.path(), BrokerRole::Slave).await;
     master.broker.scheduler.set_progress(3, 42);
+    let mut paused = crate::store::groups::SubscriptionGroupConfig::new("G");
+    paused.consume_enable = false;
+    master.broker.store.groups.put(paused.clone()).unwrap();
     *slave.broker.master_addr.lock().unwrap() = Some(master.addr.to_string());
     slave.broker.sync_from_master().await;
     assert_eq!(slave.broker.scheduler.progress(3), 42);
+    // Subscription groups too: a group paused on the master is paused on its slave.
+    assert_eq!(slave.broker.store.groups.get("G"), Some(paused));
+    let update = RemotingCommand::request(
+        RequestCode::UpdateAndCreateSubscriptionGroup.code(),
+        ExtFields::default(),
+    )
+    .with_body(Bytes::from_static(br#"{"groupName":"H"}"#));
+    let peer = crate::remoting::connection::Peer::detached("127.0.0.1:1".parse().unwrap());
+    let resp = slave.broker.process(update, &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::NoPermission.code());
     let saved = std::fs::read_to_string(sdir.path().join("config").join("delayOffset.json"));
     assert!(saved.unwrap().contains("42"));
     slave.stop().await;
@@ -1016,5 +1029,118 @@ async fn a_broker_recovering_its_store_is_alive_but_not_ready() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(ready.starts_with("HTTP/1.1 200"), "never ready: {ready}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_groups_an_operator_configures_are_kept_and_honoured() {
+    use crate::remoting::header::{
+        ConsumerSendMsgBackRequestHeader, DeleteSubscriptionGroupRequestHeader,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let b = &h.broker;
+    let peer = crate::remoting::connection::Peer::detached("127.0.0.1:1".parse().unwrap());
+    let call = |code: RequestCode, ext: ExtFields, body: &'static str| {
+        let req = RemotingCommand::request(code.code(), ext)
+            .with_body(Bytes::from_static(body.as_bytes()));
+        b.process(req, &peer)
+    };
+    // As Java's `mqadmin updateSubGroup -g G -s false -q 3 -r 2` sends it.
+    let body = r#"{"groupName":"G","consumeEnable":false,"consumeBroadcastEnable":true,"retryQueueNums":3,"retryMaxTimes":2,"brokerId":0,"whichBrokerWhenConsumeSlowly":1}"#;
+    let resp = call(
+        RequestCode::UpdateAndCreateSubscriptionGroup,
+        ExtFields::default(),
+        body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    let bad = r#"{"groupName":"x/y"}"#;
+    let resp = call(
+        RequestCode::UpdateAndCreateSubscriptionGroup,
+        ExtFields::default(),
+        bad,
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.code, ResponseCode::SystemError.code());
+
+    // Paused: its pulls are refused, other groups' are not.
+    b.store.append(&tagged(0, "A", 1)).unwrap();
+    let pull = |group: &str| {
+        let header = PullMessageRequestHeader {
+            consumer_group: group.into(),
+            topic: "T".into(),
+            queue_id: 0,
+            queue_offset: 0,
+            max_msg_nums: 32,
+            sys_flag: crate::remoting::header::PULL_SUBSCRIPTION,
+            commit_offset: None,
+            suspend_timeout_millis: Some(0),
+            subscription: Some("*".into()),
+            sub_version: Some(0),
+            expression_type: Some("TAG".into()),
+            max_msg_bytes: None,
+        };
+        RemotingCommand::request(RequestCode::PullMessage.code(), header.to_ext())
+    };
+    assert_eq!(
+        b.pull(&pull("G")).await.code,
+        ResponseCode::NoPermission.code()
+    );
+    assert_eq!(
+        b.pull(&pull("Other")).await.code,
+        ResponseCode::Success.code()
+    );
+
+    // Its retry topic takes its queue count, and its retry limit applies to clients that
+    // send none.
+    let hb = r#"{"clientID":"c","consumerDataSet":[{"groupName":"G","subscriptionDataSet":[]}]}"#;
+    let resp = call(RequestCode::HeartBeat, ExtFields::default(), hb)
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code());
+    assert_eq!(b.store.topics.get("%RETRY%G").unwrap().write_queue_nums, 3);
+    let mut tired = tagged(0, "A", 1);
+    tired[0].reconsume_times = 2;
+    let stored = b.store.append(&tired).unwrap();
+    let back = ConsumerSendMsgBackRequestHeader {
+        offset: stored[0].physical_offset as i64,
+        group: "G".into(),
+        delay_level: 0,
+        origin_msg_id: None,
+        origin_topic: Some("T".into()),
+        unit_mode: false,
+        max_reconsume_times: None,
+    };
+    let req = RemotingCommand::request(RequestCode::ConsumerSendMsgBack.code(), back.to_ext());
+    assert_eq!(
+        b.process(req, &peer).await.unwrap().code,
+        ResponseCode::Success.code()
+    );
+    assert_eq!(stored_in(b, "%DLQ%G", 0), 1, "retryMaxTimes 2 not applied");
+
+    // Listed as Java's tools read it, and forgotten on delete.
+    let resp = call(
+        RequestCode::GetAllSubscriptionGroupConfig,
+        ExtFields::default(),
+        "",
+    )
+    .await
+    .unwrap();
+    let all: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+    assert_eq!(
+        all["subscriptionGroupTable"]["G"]["whichBrokerWhenConsumeSlowly"],
+        1
+    );
+    let del = DeleteSubscriptionGroupRequestHeader {
+        group_name: "G".into(),
+    };
+    let resp = call(RequestCode::DeleteSubscriptionGroup, del.to_ext(), "")
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code());
+    assert_eq!(b.pull(&pull("G")).await.code, ResponseCode::Success.code());
     h.stop().await;
 }

@@ -3,6 +3,7 @@
 
 pub mod commitlog;
 pub mod consume_queue;
+pub mod groups;
 pub mod message;
 pub mod offsets;
 pub mod persist;
@@ -300,6 +301,8 @@ pub struct MessageStore {
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Consumer offsets.
     pub offsets: offsets::ConsumerOffsets,
+    /// Subscription groups an operator configured.
+    pub groups: groups::GroupTable,
     /// Topic configs.
     pub topics: topics::TopicTable,
     /// What recovery found at start.
@@ -443,6 +446,7 @@ impl MessageStore {
 
         let offsets = offsets::ConsumerOffsets::load(config_dir.join("consumerOffset.json"))?;
         let topics = topics::TopicTable::load(config_dir.join("topics.json"))?;
+        let groups = groups::GroupTable::load(config_dir.join("subscriptionGroup.json"))?;
         let end = report.end;
         let store = Arc::new(MessageStore {
             _lock: lock,
@@ -461,6 +465,7 @@ impl MessageStore {
             threads: Mutex::new(Vec::new()),
             offsets,
             topics,
+            groups,
             recovery: report,
             appended: tokio::sync::Notify::new(),
             queues_min: AtomicU64::new(min_phys),

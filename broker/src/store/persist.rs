@@ -2,12 +2,13 @@
 //! crash leaves either the old or the new version, never a torn one.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::commitlog::sync_dir;
+use super::commitlog::{read, sync_dir, write};
 use super::StoreError;
 
 /// Writes `value` as JSON to `path` via a temp file, fsync and rename.
@@ -38,5 +39,43 @@ pub fn load_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreErr
             }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StoreError::io(path, e)),
+    }
+}
+
+/// A table kept in memory and saved whole to its JSON file on every change (topics,
+/// subscription groups: changes are rare).
+#[derive(Debug)]
+pub struct JsonTable<T> {
+    path: PathBuf,
+    inner: RwLock<T>,
+}
+
+impl<T: Serialize + DeserializeOwned + Default + Clone> JsonTable<T> {
+    /// Loads the table from `path`, or starts empty.
+    pub fn load(path: PathBuf) -> Result<JsonTable<T>, StoreError> {
+        let inner = load_json::<T>(&path)?.unwrap_or_default();
+        Ok(JsonTable {
+            path,
+            inner: RwLock::new(inner),
+        })
+    }
+
+    /// The table as it is now.
+    pub fn read(&self) -> RwLockReadGuard<'_, T> {
+        read(&self.inner)
+    }
+
+    /// Applies `edit` to a copy of the table and, if it changed anything, saves the copy and
+    /// only then takes it: a change whose save failed is not kept in memory, where it would
+    /// be served until a restart lost it and, asked for again, look already made.
+    pub fn change(&self, edit: impl FnOnce(&mut T) -> bool) -> Result<bool, StoreError> {
+        let mut t = write(&self.inner);
+        let mut changed = t.clone();
+        if !edit(&mut changed) {
+            return Ok(false);
+        }
+        save_json(&self.path, &changed)?;
+        *t = changed;
+        Ok(true)
     }
 }

@@ -2,11 +2,10 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
 
-use super::persist::{load_json, save_json};
+use super::persist::JsonTable;
 use super::StoreError;
 
 /// Permission bit: the topic may be read.
@@ -96,29 +95,22 @@ struct TopicsFile {
 
 /// The topic table, saved on every change (changes are rare).
 #[derive(Debug)]
-pub struct TopicTable {
-    path: PathBuf,
-    inner: RwLock<TopicsFile>,
-}
+pub struct TopicTable(JsonTable<TopicsFile>);
 
 impl TopicTable {
     /// Loads the table from `path`, or starts empty.
     pub fn load(path: PathBuf) -> Result<TopicTable, StoreError> {
-        let inner = load_json::<TopicsFile>(&path)?.unwrap_or_default();
-        Ok(TopicTable {
-            path,
-            inner: RwLock::new(inner),
-        })
+        JsonTable::load(path).map(TopicTable)
     }
 
     /// The config of `topic`.
     pub fn get(&self, topic: &str) -> Option<TopicConfig> {
-        read(&self.inner).topic_config_table.get(topic).cloned()
+        self.0.read().topic_config_table.get(topic).cloned()
     }
 
     /// Every topic config, with the table version.
     pub fn snapshot(&self) -> (BTreeMap<String, TopicConfig>, DataVersion) {
-        let t = read(&self.inner);
+        let t = self.0.read();
         (t.topic_config_table.clone(), t.data_version.clone())
     }
 
@@ -164,18 +156,8 @@ impl TopicTable {
         .map(drop)
     }
 
-    /// Applies `edit` to a copy of the table and, if it changed anything, saves the copy and
-    /// only then takes it: a change whose save failed is not kept in memory, where it would
-    /// be served until a restart lost it and, asked for again, look already made.
     fn change(&self, edit: impl FnOnce(&mut TopicsFile) -> bool) -> Result<bool, StoreError> {
-        let mut t = write(&self.inner);
-        let mut changed = t.clone();
-        if !edit(&mut changed) {
-            return Ok(false);
-        }
-        save_json(&self.path, &changed)?;
-        *t = changed;
-        Ok(true)
+        self.0.change(edit)
     }
 }
 
@@ -184,14 +166,6 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
