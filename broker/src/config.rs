@@ -66,6 +66,8 @@ pub enum ConfigError {
 /// their line numbers.
 pub fn parse_properties(text: &str) -> Result<Vec<(String, String, usize)>, ConfigError> {
     let mut out = Vec::new();
+    // A byte-order mark some editors put first would otherwise stick to the first key.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
@@ -146,8 +148,9 @@ pub struct BrokerConfig {
     pub segment_size: u64,
     /// `fileReservedTime` (hours).
     pub file_reserved_hours: u64,
-    /// `deleteWhen`: hour of day expired segments are deleted.
-    pub delete_when_hour: u32,
+    /// `deleteWhen`: hours of day (UTC) expired segments are deleted in; Java's form
+    /// `04;16` gives several.
+    pub delete_when_hours: Vec<u32>,
     /// `maxMessageSize` (bytes).
     pub max_message_size: u64,
     /// `autoCreateTopicEnable`.
@@ -215,7 +218,7 @@ impl Default for BrokerConfig {
             sync_flush_timeout_ms: 5_000,
             segment_size: 1 << 30,
             file_reserved_hours: 72,
-            delete_when_hour: 4,
+            delete_when_hours: vec![4],
             max_message_size: 4 << 20,
             auto_create_topic: true,
             default_topic_queue_nums: 8,
@@ -360,10 +363,14 @@ impl BrokerConfig {
                 "mappedFileSizeCommitLog" => c.segment_size = num(k, v, "a size in bytes")?,
                 "fileReservedTime" => c.file_reserved_hours = num(k, v, "hours")?,
                 "deleteWhen" => {
-                    c.delete_when_hour = num(k, v, "an hour of day, 0-23")?;
-                    if c.delete_when_hour > 23 {
-                        return Err(bad(k, v, "an hour of day, 0-23"));
-                    }
+                    let what = "hours of day, 0-23, separated by ';'";
+                    c.delete_when_hours = v
+                        .split(';')
+                        .map(|h| match h.trim().parse::<u32>() {
+                            Ok(h) if h <= 23 => Ok(h),
+                            _ => Err(bad(k, v, what)),
+                        })
+                        .collect::<Result<_, _>>()?;
                 }
                 "maxMessageSize" => c.max_message_size = num(k, v, "a size in bytes")?,
                 "autoCreateTopicEnable" => c.auto_create_topic = boolean(k, v)?,
@@ -569,7 +576,13 @@ mod tests {
         assert_eq!(c.namesrv_addrs, vec!["10.0.0.1:9876", "10.0.0.2:9876"]);
         assert_eq!(c.ha_listen_port, 20912);
         assert_eq!(c.http_port, 20913);
-        assert_eq!(c.delete_when_hour, 4);
+        assert_eq!(c.delete_when_hours, [4]);
+        let several = BrokerConfig::parse("deleteWhen=04;16").unwrap();
+        assert_eq!(several.delete_when_hours, [4, 16]);
+        assert!(BrokerConfig::parse("deleteWhen=04;24").is_err());
+        assert!(BrokerConfig::parse("deleteWhen=").is_err());
+        let bom = BrokerConfig::parse("\u{feff}brokerName=b\n").unwrap();
+        assert_eq!(bom.broker_name, "b");
         assert_eq!(c.file_reserved_hours, 48);
     }
 

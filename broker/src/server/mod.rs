@@ -1148,7 +1148,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             commitlog_flushed.set(b.store.commitlog().flushed_offset() as i64);
             // Segments are deleted in the deleteWhen hour; a queue-minimum correction that
             // failed then is tried again every minute.
-            let deleting = retention_hour(b.cfg.delete_when_hour);
+            let deleting = retention_hour(&b.cfg.delete_when_hours);
             if last_retention.elapsed() >= Duration::from_secs(60)
                 && (deleting || b.store.queue_minimums_behind())
             {
@@ -1241,10 +1241,10 @@ fn usable_memory(meminfo: Option<&str>, cgroup_limits: &[Option<String>]) -> u64
         .fold(machine, u64::min)
 }
 
-/// Whether it is now the configured `deleteWhen` hour (UTC).
-fn retention_hour(hour: u32) -> bool {
+/// Whether it is now one of the configured `deleteWhen` hours (UTC).
+fn retention_hour(hours: &[u32]) -> bool {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    ((secs / 3600) % 24) as u32 == hour
+    hours.contains(&(((secs / 3600) % 24) as u32))
 }

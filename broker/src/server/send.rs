@@ -474,9 +474,17 @@ impl Broker {
         let topic = if to_dlq {
             self.dead_letter_topic(&h.group)
         } else {
-            self.ensure_retry_topic(&h.group)
-                .map(|t| t.topic_name)
-                .map_err(|e| format!("cannot create %RETRY%{}: {e}", h.group))
+            match self.ensure_retry_topic(&h.group) {
+                // An operator took write away (updateTopic -p 4): as Java, no retries.
+                Ok(t) if t.perm & PERM_WRITE == 0 => {
+                    return req.error_to(
+                        ResponseCode::NoPermission,
+                        format!("the topic[{}] sending message is forbidden", t.topic_name),
+                    )
+                }
+                Ok(t) => Ok(t.topic_name),
+                Err(e) => Err(format!("cannot create %RETRY%{}: {e}", h.group)),
+            }
         };
         let topic = match topic {
             Ok(t) => t,

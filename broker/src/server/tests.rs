@@ -1121,6 +1121,28 @@ async fn subscription_groups_an_operator_configures_are_kept_and_honoured() {
     );
     assert_eq!(stored_in(b, "%DLQ%G", 0), 1, "retryMaxTimes 2 not applied");
 
+    // A retry topic made read-only takes no retries.
+    let mut ro = b.store.topics.get("%RETRY%G").unwrap();
+    ro.perm = PERM_READ;
+    b.store.topics.put(ro).unwrap();
+    let mut fresh = tagged(0, "A", 1);
+    fresh[0].reconsume_times = 0;
+    let stored = b.store.append(&fresh).unwrap();
+    let back = ConsumerSendMsgBackRequestHeader {
+        offset: stored[0].physical_offset as i64,
+        group: "G".into(),
+        delay_level: 0,
+        origin_msg_id: None,
+        origin_topic: Some("T".into()),
+        unit_mode: false,
+        max_reconsume_times: None,
+    };
+    let req = RemotingCommand::request(RequestCode::ConsumerSendMsgBack.code(), back.to_ext());
+    assert_eq!(
+        b.process(req, &peer).await.unwrap().code,
+        ResponseCode::NoPermission.code()
+    );
+
     // Listed as Java's tools read it, and forgotten on delete.
     let resp = call(
         RequestCode::GetAllSubscriptionGroupConfig,
