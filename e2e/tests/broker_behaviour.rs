@@ -578,3 +578,19 @@ async fn mqadmin_commands_work_against_a_cluster() -> Result<(), Error> {
     let _ = BTreeMap::<i32, i32>::new();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bench_whose_every_send_fails_exits_with_an_error() -> Result<(), Error> {
+    let c = cluster(1, &[], 120_000)?;
+    // Readable, not writable: every send is refused.
+    c.client
+        .create_topic(&c.broker.addr, &TopicConfig::new("ReadOnly", 1, 4))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let failed = mqadmin(&c, &["bench", "-t", "ReadOnly", "-p", "1", "-c", "5"]);
+    let e = failed
+        .expect_err("a bench that sent nothing succeeded")
+        .to_string();
+    assert!(e.contains("every send failed"), "{e}");
+    Ok(())
+}

@@ -22,7 +22,7 @@ use hdrhistogram::Histogram;
 
 /// Admin and benchmark tool for ferromq clusters.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Name server list (`host:port;host:port`).
     #[arg(
@@ -804,6 +804,15 @@ async fn bench(client: Arc<Client>, args: BenchArgs) -> Result<(), ClientError> 
         ) {
             println!("consume: {c} msgs, {r:.0} msgs/s, {mb:.1} MB/s");
         }
+    }
+    if !args.consume_only && report.sent == 0 && report.failed > 0 {
+        return Err(ClientError::BadResponse {
+            addr: "bench".into(),
+            detail: format!(
+                "every send failed ({}); RUST_LOG=debug shows why",
+                report.failed
+            ),
+        });
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use clap::Parser;
 
 /// RocketMQ-compatible broker.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// broker.conf file (RocketMQ key names).
     #[arg(short = 'c', long = "configFile")]

@@ -14,7 +14,7 @@ use clap::Parser;
 
 /// RocketMQ-compatible name server.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Remoting port.
     #[arg(
