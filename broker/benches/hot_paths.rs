@@ -119,6 +119,7 @@ fn store_config(root: &std::path::Path) -> StoreConfig {
         file_reserved_hours: 72,
         store_host: SocketAddr::from(([127, 0, 0, 1], 10_911)),
         prepare_ahead: true,
+        delay_levels_ms: broker::store::message::DELAY_LEVELS_MS.into(),
     }
 }
 

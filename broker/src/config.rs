@@ -148,6 +148,8 @@ pub struct BrokerConfig {
     pub segment_size: u64,
     /// `fileReservedTime` (hours).
     pub file_reserved_hours: u64,
+    /// `messageDelayLevel`: the delay of each delay level, ms ("1s 5s 10s ... 2h").
+    pub delay_levels_ms: Vec<i64>,
     /// `deleteWhen`: hours of day (UTC) expired segments are deleted in; Java's form
     /// `04;16` gives several.
     pub delete_when_hours: Vec<u32>,
@@ -219,6 +221,7 @@ impl Default for BrokerConfig {
             segment_size: 1 << 30,
             file_reserved_hours: 72,
             delete_when_hours: vec![4],
+            delay_levels_ms: crate::store::message::DELAY_LEVELS_MS.to_vec(),
             max_message_size: 4 << 20,
             auto_create_topic: true,
             default_topic_queue_nums: 8,
@@ -362,6 +365,7 @@ impl BrokerConfig {
                 "syncFlushTimeout" => c.sync_flush_timeout_ms = num(k, v, "milliseconds")?,
                 "mappedFileSizeCommitLog" => c.segment_size = num(k, v, "a size in bytes")?,
                 "fileReservedTime" => c.file_reserved_hours = num(k, v, "hours")?,
+                "messageDelayLevel" => c.delay_levels_ms = delay_levels(k, v)?,
                 "deleteWhen" => {
                     let what = "hours of day, 0-23, separated by ';'";
                     c.delete_when_hours = v
@@ -559,6 +563,37 @@ fn non_empty(key: &str, v: &str) -> Result<String, ConfigError> {
     }
 }
 
+/// Most delay levels `messageDelayLevel` may give (each is a queue of the schedule topic).
+const MAX_DELAY_LEVELS: usize = 64;
+
+/// Parses `messageDelayLevel` as Java does: delays separated by spaces, each a number with a
+/// unit, `s`, `m`, `h` or `d`.
+fn delay_levels(k: &str, v: &str) -> Result<Vec<i64>, ConfigError> {
+    let what = "delays like \"1s 5s 10s 30s 1m 2h 1d\" (units s, m, h, d)";
+    let levels = v
+        .split_whitespace()
+        .map(|d| {
+            let split = d.len().saturating_sub(1);
+            let (n, unit) = d.split_at(split);
+            let ms = match unit {
+                "s" => 1_000,
+                "m" => 60_000,
+                "h" => 3_600_000,
+                "d" => 86_400_000,
+                _ => return Err(bad(k, v, what)),
+            };
+            match n.parse::<i64>() {
+                Ok(n) if n > 0 && n <= 365 * 86_400_000 / ms => Ok(n * ms),
+                _ => Err(bad(k, v, what)),
+            }
+        })
+        .collect::<Result<Vec<i64>, _>>()?;
+    if levels.is_empty() || levels.len() > MAX_DELAY_LEVELS {
+        return Err(bad(k, v, &format!("1 to {MAX_DELAY_LEVELS} {what}")));
+    }
+    Ok(levels)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -612,6 +647,22 @@ mod tests {
         assert!(e.contains("registerNameServerPeriod"), "{e}");
         assert!(BrokerConfig::parse("registerNameServerPeriod=200000").is_err());
         assert!(BrokerConfig::parse("registerNameServerPeriod=2000").is_ok());
+    }
+
+    #[test]
+    fn delay_levels_are_read_as_java_writes_them() {
+        let c = BrokerConfig::parse(
+            "messageDelayLevel=1s 5s 10s 30s 1m 2m 3m 4m 5m 6m 7m 8m 9m 10m 20m 30m 1h 2h",
+        )
+        .unwrap();
+        assert_eq!(c.delay_levels_ms, crate::store::message::DELAY_LEVELS_MS);
+        let c = BrokerConfig::parse("messageDelayLevel=500s 1d").unwrap();
+        assert_eq!(c.delay_levels_ms, [500_000, 86_400_000]);
+        for bad in ["", "5", "5x", "0s", "-1s", "1.5s", "s"] {
+            let e = BrokerConfig::parse(&format!("messageDelayLevel={bad}"));
+            assert!(e.is_err(), "{bad:?} accepted");
+        }
+        assert!(BrokerConfig::parse(&format!("messageDelayLevel={}", "1s ".repeat(65))).is_err());
     }
 
     #[test]

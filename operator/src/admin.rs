@@ -69,7 +69,15 @@ impl GroupAdmin for BrokerAdmin {
                 .delay_offsets(&master)
                 .await
                 .map_err(|e| e.to_string())?;
-            for level in 1..=DELAY_LEVELS_MS.len() as i32 {
+            // The default table's levels, and any other a broker with its own
+            // messageDelayLevel reports progress for (each level with a queue, every pass).
+            let levels = delivered
+                .keys()
+                .copied()
+                .max()
+                .unwrap_or(0)
+                .max(DELAY_LEVELS_MS.len() as i32);
+            for level in 1..=levels {
                 let max = client
                     .max_offset(&master, SCHEDULE_TOPIC, level - 1)
                     .await

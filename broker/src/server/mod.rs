@@ -873,6 +873,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         file_reserved_hours: cfg.file_reserved_hours,
         store_host: SocketAddr::new(ip, cfg.listen_port),
         prepare_ahead: cfg.prepares_ahead(),
+        delay_levels_ms: cfg.delay_levels_ms.clone().into(),
     };
     let store = tokio::task::spawn_blocking(move || MessageStore::open(store_cfg))
         .await

@@ -15,20 +15,20 @@ use crate::store::persist::{load_json, save_json};
 use crate::store::topics::now_ms;
 use crate::store::{MessageStore, StoreError};
 
-pub use crate::store::message::{DELAY_LEVELS_MS as LEVELS_MS, SCHEDULE_TOPIC};
+pub use crate::store::message::SCHEDULE_TOPIC;
 /// Property: the topic a delayed message goes to when due.
 pub const PROP_REAL_TOPIC: &str = "REAL_TOPIC";
 /// Property: the queue a delayed message goes to when due.
 pub const PROP_REAL_QID: &str = "REAL_QID";
 
-/// Level to use for a requested level (clamped to the table).
-pub fn clamp_level(level: i32) -> i32 {
-    level.clamp(1, LEVELS_MS.len() as i32)
+/// Level to use for a requested level (clamped to the broker's table).
+pub fn clamp_level(level: i32, levels_ms: &[i64]) -> i32 {
+    level.clamp(1, levels_ms.len().max(1) as i32)
 }
 
-/// Wraps a message for delayed delivery at `level`.
-pub fn delay(msg: &NewMessage, level: i32) -> NewMessage {
-    let level = clamp_level(level);
+/// Wraps a message for delayed delivery at `level` of the broker's delay levels.
+pub fn delay(msg: &NewMessage, level: i32, levels_ms: &[i64]) -> NewMessage {
+    let level = clamp_level(level, levels_ms);
     let mut props = parse_properties(&msg.properties);
     props.insert(PROP_REAL_TOPIC.into(), msg.topic.clone());
     props.insert(PROP_REAL_QID.into(), msg.queue_id.to_string());
@@ -38,7 +38,7 @@ pub fn delay(msg: &NewMessage, level: i32) -> NewMessage {
         queue_id: level - 1,
         properties: format_properties(&props),
         // The consume-queue tag code of a scheduled message is its delivery time.
-        tags_code: now_ms() + LEVELS_MS[(level - 1) as usize],
+        tags_code: now_ms() + levels_ms.get((level - 1) as usize).copied().unwrap_or(0),
         ..msg.clone()
     }
 }
@@ -118,7 +118,8 @@ impl Scheduler {
         let mut moved = 0;
         let mut failed = None;
         let now = now_ms();
-        for level in 1..=LEVELS_MS.len() as i32 {
+        let levels = store.config().delay_levels_ms.clone();
+        for level in 1..=levels.len() as i32 {
             let Some(q) = store.queue(SCHEDULE_TOPIC, level - 1) else {
                 continue;
             };
@@ -129,7 +130,14 @@ impl Scheduler {
             let mut last_saved = (saved, moved);
             loop {
                 let batch = self
-                    .deliver_batch(store, &q, level, now, &mut next, &mut moved)
+                    .deliver_batch(
+                        store,
+                        &q,
+                        levels[(level - 1) as usize],
+                        now,
+                        &mut next,
+                        &mut moved,
+                    )
                     .await;
                 self.set_progress(level, next);
                 let pass_over = !matches!(batch, Ok(true));
@@ -171,7 +179,7 @@ impl Scheduler {
         &self,
         store: &MessageStore,
         q: &crate::store::consume_queue::ConsumeQueue,
-        level: i32,
+        level_ms: i64,
         now: i64,
         next: &mut u64,
         moved: &mut usize,
@@ -183,7 +191,7 @@ impl Scheduler {
         // A delivery time further off than the level's delay: the clock went back since the
         // message was stored. It is due now (Java's correctDeliverTimestamp), not after the
         // clock catches up.
-        let latest = now + LEVELS_MS[(level - 1) as usize];
+        let latest = now + level_ms;
         for e in entries {
             if e.tags_code > now && e.tags_code <= latest {
                 return Ok(false);
@@ -192,7 +200,7 @@ impl Scheduler {
                 Ok(m) => m,
                 Err(err @ (StoreError::Corrupt(_) | StoreError::OutOfRange { .. })) => {
                     tracing::error!(
-                        level,
+                        delay_ms = level_ms,
                         queue_offset = *next,
                         offset = e.offset,
                         error = %err,
@@ -262,6 +270,7 @@ pub const TICK: Duration = Duration::from_millis(100);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::message::DELAY_LEVELS_MS;
     use crate::store::{FlushDiskType, StoreConfig};
 
     /// A store with room for the tests' messages in one segment, and its scheduler.
@@ -290,7 +299,10 @@ mod tests {
             reconsume_times: 1,
             tags_code: 0,
         };
-        store.put(&[delay(&msg, 1)]).await.unwrap();
+        store
+            .put(&[delay(&msg, 1, &DELAY_LEVELS_MS)])
+            .await
+            .unwrap();
         assert_eq!(
             sched.deliver_due(&store).await.unwrap(),
             0,
@@ -342,7 +354,10 @@ mod tests {
         // its way): its delivery fails until that is fixed.
         for i in 0..5 {
             let topic = if i == 2 { "Blocked" } else { "T" };
-            store.put(&[delay(&plain(i, topic), 1)]).await.unwrap();
+            store
+                .put(&[delay(&plain(i, topic), 1, &DELAY_LEVELS_MS)])
+                .await
+                .unwrap();
         }
         let blocker = dir.path().join("consumequeue").join("Blocked");
         std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
@@ -376,7 +391,7 @@ mod tests {
         for i in 0..3 {
             stored.push(
                 store
-                    .put(&[delay(&plain(i, "T"), 1)])
+                    .put(&[delay(&plain(i, "T"), 1, &DELAY_LEVELS_MS)])
                     .await
                     .unwrap()
                     .remove(0),
@@ -402,8 +417,8 @@ mod tests {
     async fn a_level_that_fails_holds_up_no_other() {
         let dir = tempfile::tempdir().unwrap();
         let (store, sched) = open(dir.path());
-        let mut first = delay(&plain(1, "Blocked"), 1);
-        let mut second = delay(&plain(2, "T"), 2);
+        let mut first = delay(&plain(1, "Blocked"), 1, &DELAY_LEVELS_MS);
+        let mut second = delay(&plain(2, "T"), 2, &DELAY_LEVELS_MS);
         first.tags_code = now_ms() - 1;
         second.tags_code = now_ms() - 1;
         store.put(&[first]).await.unwrap();
@@ -420,7 +435,7 @@ mod tests {
     async fn a_delivery_time_past_the_levels_delay_means_the_clock_went_back() {
         let dir = tempfile::tempdir().unwrap();
         let (store, sched) = open(dir.path());
-        let mut m = delay(&plain(1, "T"), 1);
+        let mut m = delay(&plain(1, "T"), 1, &DELAY_LEVELS_MS);
         // Stored when the clock read a day ahead of now.
         m.tags_code = now_ms() + 86_400_000;
         store.put(&[m]).await.unwrap();
@@ -447,10 +462,50 @@ mod tests {
         assert_eq!(sched.progress(1), 7);
     }
 
+    #[tokio::test]
+    async fn a_broker_with_its_own_delay_levels_uses_them_through_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let levels: std::sync::Arc<[i64]> = vec![100, 300].into();
+        let open = || {
+            MessageStore::open(StoreConfig {
+                segment_size: 1 << 20,
+                delay_levels_ms: levels.clone(),
+                ..StoreConfig::for_tests(dir.path(), FlushDiskType::Async)
+            })
+            .unwrap()
+        };
+        let store = open();
+        let sched = Scheduler::load(dir.path()).unwrap();
+        // Level 9 does not exist here: the last level, 300 ms.
+        let m = delay(&plain(1, "T"), 9, &store.config().delay_levels_ms);
+        assert_eq!(m.queue_id, 1);
+        store.put(&[m]).await.unwrap();
+        assert_eq!(sched.deliver_due(&store).await.unwrap(), 0);
+        // As after a crash: recovery rebuilds the entry, its delivery time by the same table.
+        store.shutdown();
+        drop(store);
+        std::fs::remove_dir_all(dir.path().join("consumequeue")).unwrap();
+        std::fs::write(
+            dir.path().join("checkpoint"),
+            br#"{"consistentOffset":0,"cleanShutdown":false}"#,
+        )
+        .unwrap();
+        let store = open();
+        assert_eq!(
+            sched.deliver_due(&store).await.unwrap(),
+            0,
+            "delivered early"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(sched.deliver_due(&store).await.unwrap(), 1);
+        store.shutdown();
+    }
+
     #[test]
     fn requested_level_reads_the_delay_property() {
         assert_eq!(requested_level("DELAY\u{1}3\u{2}TAGS\u{1}A\u{2}"), 3);
         assert_eq!(requested_level("TAGS\u{1}A\u{2}"), 0);
-        assert_eq!(clamp_level(99), 18);
+        assert_eq!(clamp_level(99, &DELAY_LEVELS_MS), 18);
+        assert_eq!(clamp_level(0, &[1_000, 2_000]), 1);
     }
 }

@@ -215,7 +215,9 @@ impl Broker {
         let born_ts = h.born_timestamp.unwrap_or_else(now_ms);
         let topic_name = dead_letter.unwrap_or_else(|| h.topic.clone());
         let to_schedule = |m: NewMessage| match schedule::requested_level(&m.properties) {
-            level if level > 0 && !m.topic.starts_with("%DLQ%") => schedule::delay(&m, level),
+            level if level > 0 && !m.topic.starts_with("%DLQ%") => {
+                schedule::delay(&m, level, &self.store.config().delay_levels_ms)
+            }
             _ => m,
         };
         let msgs: Vec<NewMessage> = items
@@ -526,7 +528,7 @@ impl Broker {
             } else {
                 3 + orig.reconsume_times
             };
-            schedule::delay(&msg, level)
+            schedule::delay(&msg, level, &self.store.config().delay_levels_ms)
         };
         match self.put(vec![msg], false).await {
             Ok((_, status)) => req.response_to(status),

@@ -49,7 +49,7 @@ pub const PROP_TRANSACTION_PREPARED: &str = "TRAN_MSG";
 /// The internal topic holding delayed messages until they are due.
 pub const SCHEDULE_TOPIC: &str = "SCHEDULE_TOPIC_XXXX";
 
-/// Delay of each level, 1-based (`messageDelayLevel` default: 1s 5s 10s 30s 1m ... 2h).
+/// Delay of each level, 1-based: `messageDelayLevel`'s default (1s 5s 10s 30s 1m ... 2h).
 pub const DELAY_LEVELS_MS: [i64; 18] = [
     1_000, 5_000, 10_000, 30_000, 60_000, 120_000, 180_000, 240_000, 300_000, 360_000, 420_000,
     480_000, 540_000, 600_000, 1_200_000, 1_800_000, 3_600_000, 7_200_000,
@@ -280,16 +280,16 @@ pub type StoredRef<'a> = Stored<&'a [u8], &'a str>;
 impl<B, S: AsRef<str>> Stored<B, S> {
     /// The consume-queue tag code, by which consumers filter and the scheduler waits.
     ///
-    /// The tag hash, or for a delayed message its delivery time (so the scheduler never reads
-    /// messages that are not due).
-    pub fn queue_tags_code(&self) -> i64 {
+    /// The tag hash, or for a delayed message its delivery time by the broker's delay levels
+    /// (so the scheduler never reads messages that are not due).
+    pub fn queue_tags_code(&self, delay_levels_ms: &[i64]) -> i64 {
         let properties = self.properties.as_ref();
         if self.topic.as_ref() == SCHEDULE_TOPIC {
             let level: usize = property(properties, PROP_DELAY)
                 .and_then(|l| l.parse().ok())
                 .unwrap_or(1);
-            let idx = level.clamp(1, DELAY_LEVELS_MS.len()) - 1;
-            return self.store_timestamp + DELAY_LEVELS_MS[idx];
+            let idx = level.clamp(1, delay_levels_ms.len().max(1)) - 1;
+            return self.store_timestamp + delay_levels_ms.get(idx).copied().unwrap_or(0);
         }
         property(properties, PROP_TAGS).map_or(0, tag_hash)
     }
@@ -647,8 +647,8 @@ mod tests {
         );
         // The owned body is a view of the bytes read, not a copy.
         assert!(bytes.as_ptr_range().contains(&owned.body.as_ptr()));
-        assert_eq!(borrowed.queue_tags_code(), tag_hash("TagA"));
-        assert_eq!(owned.queue_tags_code(), tag_hash("TagA"));
+        assert_eq!(borrowed.queue_tags_code(&DELAY_LEVELS_MS), tag_hash("TagA"));
+        assert_eq!(owned.queue_tags_code(&DELAY_LEVELS_MS), tag_hash("TagA"));
 
         // A delayed message's code is its delivery time: store time plus its level's delay.
         let mut delayed = sample(SCHEDULE_TOPIC);
@@ -656,7 +656,7 @@ mod tests {
         let mut b = BytesMut::new();
         delayed.encode(&mut b, 0, 0, 1_700_000_000_000, &store);
         assert_eq!(
-            parse_stored(&b).unwrap().queue_tags_code(),
+            parse_stored(&b).unwrap().queue_tags_code(&DELAY_LEVELS_MS),
             1_700_000_000_000 + DELAY_LEVELS_MS[2]
         );
         // A truncated message is refused, not read past its end.

@@ -161,6 +161,9 @@ pub struct StoreConfig {
     /// written out to the disk too, so a group commit has only data to write. The broker sets
     /// it for SYNC_FLUSH and for slaves only.
     pub prepare_ahead: bool,
+    /// Delay of each delay level, ms (`messageDelayLevel`): recovery and a slave's indexing
+    /// give a delayed message its delivery time by it.
+    pub delay_levels_ms: Arc<[i64]>,
 }
 
 #[cfg(test)]
@@ -179,6 +182,7 @@ impl StoreConfig {
             file_reserved_hours: 72,
             store_host: "127.0.0.1:10911".parse().unwrap(),
             prepare_ahead: true,
+            delay_levels_ms: message::DELAY_LEVELS_MS.into(),
         }
     }
 }
@@ -423,7 +427,7 @@ impl MessageStore {
                     CqEntry {
                         offset: m.physical_offset as u64,
                         size: m.total_size as u32,
-                        tags_code: m.queue_tags_code(),
+                        tags_code: m.queue_tags_code(&cfg.delay_levels_ms),
                     },
                 )
             };
@@ -835,7 +839,7 @@ impl MessageStore {
                         CqEntry {
                             offset: pos,
                             size: size as u32,
-                            tags_code: m.queue_tags_code(),
+                            tags_code: m.queue_tags_code(&self.cfg.delay_levels_ms),
                         },
                     )?;
                 }
