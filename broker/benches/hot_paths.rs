@@ -120,6 +120,7 @@ fn store_config(root: &std::path::Path) -> StoreConfig {
         store_host: SocketAddr::from(([127, 0, 0, 1], 10_911)),
         prepare_ahead: true,
         delay_levels_ms: broker::store::message::DELAY_LEVELS_MS.into(),
+        disk_full_ratio: 0.90,
     }
 }
 

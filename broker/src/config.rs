@@ -148,6 +148,12 @@ pub struct BrokerConfig {
     pub segment_size: u64,
     /// `fileReservedTime` (hours).
     pub file_reserved_hours: u64,
+    /// `diskMaxUsedSpaceRatio` (percent): past it, expired segments are deleted at once
+    /// rather than at the `deleteWhen` hour.
+    pub disk_max_used_percent: u32,
+    /// `diskSpaceWarningLevelRatio` (a share, kept in thousandths): past it, the broker takes
+    /// no messages.
+    pub disk_full_permille: u32,
     /// `messageDelayLevel`: the delay of each delay level, ms ("1s 5s 10s ... 2h").
     pub delay_levels_ms: Vec<i64>,
     /// `deleteWhen`: hours of day (UTC) expired segments are deleted in; Java's form
@@ -221,6 +227,8 @@ impl Default for BrokerConfig {
             segment_size: 1 << 30,
             file_reserved_hours: 72,
             delete_when_hours: vec![4],
+            disk_max_used_percent: 75,
+            disk_full_permille: 900,
             delay_levels_ms: crate::store::message::DELAY_LEVELS_MS.to_vec(),
             max_message_size: 4 << 20,
             auto_create_topic: true,
@@ -366,6 +374,18 @@ impl BrokerConfig {
                 "mappedFileSizeCommitLog" => c.segment_size = num(k, v, "a size in bytes")?,
                 "fileReservedTime" => c.file_reserved_hours = num(k, v, "hours")?,
                 "messageDelayLevel" => c.delay_levels_ms = delay_levels(k, v)?,
+                "diskMaxUsedSpaceRatio" => {
+                    c.disk_max_used_percent = num(k, v, "a percentage, 10-95")?;
+                    if !(10..=95).contains(&c.disk_max_used_percent) {
+                        return Err(bad(k, v, "a percentage, 10-95"));
+                    }
+                }
+                "diskSpaceWarningLevelRatio" => {
+                    c.disk_full_permille = match v.trim().parse::<f64>() {
+                        Ok(r) if (0.5..=0.99).contains(&r) => (r * 1000.0).round() as u32,
+                        _ => return Err(bad(k, v, "a share between 0.5 and 0.99")),
+                    };
+                }
                 "deleteWhen" => {
                     let what = "hours of day, 0-23, separated by ';'";
                     c.delete_when_hours = v
@@ -647,6 +667,21 @@ mod tests {
         assert!(e.contains("registerNameServerPeriod"), "{e}");
         assert!(BrokerConfig::parse("registerNameServerPeriod=200000").is_err());
         assert!(BrokerConfig::parse("registerNameServerPeriod=2000").is_ok());
+    }
+
+    #[test]
+    fn disk_limits_are_read_and_bounded() {
+        let c = BrokerConfig::parse("diskMaxUsedSpaceRatio=80\ndiskSpaceWarningLevelRatio=0.95")
+            .unwrap();
+        assert_eq!((c.disk_max_used_percent, c.disk_full_permille), (80, 950));
+        for bad in [
+            "diskMaxUsedSpaceRatio=99",
+            "diskMaxUsedSpaceRatio=5",
+            "diskSpaceWarningLevelRatio=90",
+            "diskSpaceWarningLevelRatio=x",
+        ] {
+            assert!(BrokerConfig::parse(bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

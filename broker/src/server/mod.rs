@@ -874,6 +874,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         store_host: SocketAddr::new(ip, cfg.listen_port),
         prepare_ahead: cfg.prepares_ahead(),
         delay_levels_ms: cfg.delay_levels_ms.clone().into(),
+        disk_full_ratio: f64::from(cfg.disk_full_permille) / 1000.0,
     };
     let store = tokio::task::spawn_blocking(move || MessageStore::open(store_cfg))
         .await
@@ -983,8 +984,11 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     health.started(
         registry,
         Some(Box::new(move || {
-            fault_store.commitlog().write_back_failure().map(|e| {
-                format!("the commit log could not be written to disk ({e}); restart the broker to recover it")
+            if let Some(e) = fault_store.commitlog().write_back_failure() {
+                return Some(format!("the commit log could not be written to disk ({e}); restart the broker to recover it"));
+            }
+            fault_store.disk_full().map(|used| {
+                StoreError::DiskFull(used).to_string()
             })
         })),
     );
@@ -1114,6 +1118,8 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut last_retention = std::time::Instant::now();
         let mut unwritable = false;
+        let mut ticks: u64 = 0;
+        let mut disk_over = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -1147,9 +1153,28 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             consumers_gauge.set(b.consumers.client_count() as i64);
             commitlog_max.set(b.store.commitlog().max_offset() as i64);
             commitlog_flushed.set(b.store.commitlog().flushed_offset() as i64);
-            // Segments are deleted in the deleteWhen hour; a queue-minimum correction that
-            // failed then is tried again every minute.
-            let deleting = retention_hour(&b.cfg.delete_when_hours);
+            // How full the disk is, every 10 s (a statvfs call): past diskMaxUsedSpaceRatio
+            // expired segments go at once; past diskSpaceWarningLevelRatio the store refuses
+            // messages (the readiness check says why).
+            if ticks.is_multiple_of(10) {
+                let was_full = b.store.disk_full().is_some();
+                match b.store.measure_disk() {
+                    Ok(used) => {
+                        disk_over = used * 100.0 > f64::from(b.cfg.disk_max_used_percent);
+                        match (was_full, b.store.disk_full()) {
+                            (false, Some(_)) => tracing::error!(used = format!("{:.1}%", used * 100.0), "the store's disk is full: messages are refused until space is freed"),
+                            (true, None) => tracing::warn!(used = format!("{:.1}%", used * 100.0), "the store's disk has room again: messages are taken"),
+                            _ => {}
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot measure the store's disk"),
+                }
+            }
+            ticks += 1;
+            // Segments are deleted in the deleteWhen hour, or whenever the disk is fuller
+            // than diskMaxUsedSpaceRatio; a queue-minimum correction that failed then is
+            // tried again every minute.
+            let deleting = retention_hour(&b.cfg.delete_when_hours) || disk_over;
             if last_retention.elapsed() >= Duration::from_secs(60)
                 && (deleting || b.store.queue_minimums_behind())
             {

@@ -98,7 +98,7 @@ fn store_error_response(req: &RemotingCommand, e: &StoreError) -> RemotingComman
         }
         StoreError::FlushTimeout(_) => req.error_to(ResponseCode::FlushDiskTimeout, e.to_string()),
         // Clients send elsewhere on this code, as they do for Java's "store not writable".
-        StoreError::Shutdown | StoreError::WriteBackFailed(_) => {
+        StoreError::Shutdown | StoreError::WriteBackFailed(_) | StoreError::DiskFull(_) => {
             req.error_to(ResponseCode::ServiceNotAvailable, e.to_string())
         }
         _ => req.error_to(ResponseCode::SystemError, format!("store failed: {e}")),

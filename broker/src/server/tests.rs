@@ -1166,3 +1166,33 @@ async fn subscription_groups_an_operator_configures_are_kept_and_honoured() {
     assert_eq!(b.pull(&pull("G")).await.code, ResponseCode::Success.code());
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_on_a_full_disk_turns_sends_away_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    // Past diskSpaceWarningLevelRatio (90%). Recorded again until it sticks: the broker's
+    // own first measurement, at its start, may come after the test's.
+    let (mut resp, mut ready) = (None, String::new());
+    for _ in 0..50 {
+        h.broker.store.record_disk_usage(0.93);
+        resp = Some(send_v2(&h.broker, "T", String::new(), None).await);
+        ready = get(h.http_addr, "/readyz").await;
+        if ready.starts_with("HTTP/1.1 503") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // What Java answers: producers retry on another broker.
+    let resp = resp.unwrap();
+    assert_eq!(
+        resp.code,
+        ResponseCode::ServiceNotAvailable.code(),
+        "{resp:?}"
+    );
+    assert!(ready.contains("full"), "{ready}");
+    h.broker.store.record_disk_usage(0.2);
+    let resp = send_v2(&h.broker, "T", String::new(), None).await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    h.stop().await;
+}

@@ -64,6 +64,13 @@ pub enum StoreError {
         /// Length of the properties string.
         len: usize,
     },
+    /// The store's file system is fuller than `diskSpaceWarningLevelRatio`.
+    #[error(
+        "the store's disk is {:.1}% full (over diskSpaceWarningLevelRatio): no more messages \
+         until space is freed",
+        .0 * 100.0
+    )]
+    DiskFull(f64),
     /// Another process (or another open store in this one) has the store.
     #[error(
         "{0}: the store is in use by another broker (each broker needs a store directory of \
@@ -110,6 +117,7 @@ impl StoreError {
             },
             StoreError::PropertiesTooLong { len } => StoreError::PropertiesTooLong { len: *len },
             StoreError::Locked(p) => StoreError::Locked(p.clone()),
+            StoreError::DiskFull(u) => StoreError::DiskFull(*u),
             StoreError::OutOfRange { offset } => StoreError::OutOfRange { offset: *offset },
             StoreError::FlushTimeout(d) => StoreError::FlushTimeout(*d),
             StoreError::Shutdown => StoreError::Shutdown,
@@ -164,6 +172,9 @@ pub struct StoreConfig {
     /// Delay of each delay level, ms (`messageDelayLevel`): recovery and a slave's indexing
     /// give a delayed message its delivery time by it.
     pub delay_levels_ms: Arc<[i64]>,
+    /// Share of the store's file system in use at which appends are refused
+    /// (`diskSpaceWarningLevelRatio`): a write that fails half-way on a full disk is worse.
+    pub disk_full_ratio: f64,
 }
 
 #[cfg(test)]
@@ -183,6 +194,7 @@ impl StoreConfig {
             store_host: "127.0.0.1:10911".parse().unwrap(),
             prepare_ahead: true,
             delay_levels_ms: message::DELAY_LEVELS_MS.into(),
+            disk_full_ratio: 0.90,
         }
     }
 }
@@ -300,6 +312,8 @@ pub struct MessageStore {
     dispatched: AtomicU64,
     /// The offset the latest checkpoint written records.
     checkpointed: AtomicU64,
+    /// Share of the store's file system in use, in millionths, as last measured.
+    disk_used: AtomicU64,
     flush: Arc<FlushShared>,
     /// The flusher and, with `prepare_ahead`, the preparer; joined at shutdown.
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -460,6 +474,7 @@ impl MessageStore {
             write_lock: Mutex::new(BytesMut::with_capacity(1 << 20)),
             dispatched: AtomicU64::new(end),
             checkpointed: AtomicU64::new(0),
+            disk_used: AtomicU64::new(0),
             flush: Arc::new(FlushShared {
                 waiters: Mutex::new(Vec::new()),
                 wake: Condvar::new(),
@@ -530,6 +545,32 @@ impl MessageStore {
         )?;
         self.checkpointed.store(offset, Ordering::Release);
         Ok(())
+    }
+
+    /// Measures how full the store's file system is (statvfs), records it and returns it.
+    pub fn measure_disk(&self) -> Result<f64, StoreError> {
+        let st = nix::sys::statvfs::statvfs(&self.cfg.root)
+            .map_err(|e| StoreError::io(&self.cfg.root, std::io::Error::from(e)))?;
+        let total = st.blocks() as f64;
+        let used = if total > 0.0 {
+            1.0 - st.blocks_available() as f64 / total
+        } else {
+            0.0
+        };
+        self.record_disk_usage(used);
+        Ok(used)
+    }
+
+    /// Records how full the store's file system is (a share, 0 to 1).
+    pub fn record_disk_usage(&self, used: f64) {
+        let millionths = (used.clamp(0.0, 1.0) * 1e6) as u64;
+        self.disk_used.store(millionths, Ordering::Release);
+    }
+
+    /// How full the disk is, if fuller than `disk_full_ratio`: appends are refused.
+    pub fn disk_full(&self) -> Option<f64> {
+        let used = self.disk_used.load(Ordering::Acquire) as f64 / 1e6;
+        (used >= self.cfg.disk_full_ratio).then_some(used)
     }
 
     /// The consume queue of `topic`/`queue_id`, if it exists.
@@ -638,6 +679,12 @@ impl MessageStore {
     /// allow; one result per send. A send too large fails alone; a failed write fails the
     /// sends it carried.
     fn append_many(&self, sends: &[&[NewMessage]]) -> Vec<Result<Vec<PutResult>, StoreError>> {
+        if let Some(used) = self.disk_full() {
+            return sends
+                .iter()
+                .map(|_| Err(StoreError::DiskFull(used)))
+                .collect();
+        }
         let store_host = self.cfg.store_host;
         let max = self.commitlog.max_message_len();
         let mut buf = lock(&self.write_lock);

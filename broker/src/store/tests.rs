@@ -138,6 +138,24 @@ fn a_store_another_broker_has_open_is_refused() {
 }
 
 #[test]
+fn a_full_disk_refuses_appends_until_space_is_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    let used = store.measure_disk().unwrap();
+    assert!((0.0..=1.0).contains(&used), "{used}");
+    store.record_disk_usage(0.95);
+    let end = store.commitlog().max_offset();
+    match store.append(&[msg("T", 0, 1, "A")]) {
+        Err(StoreError::DiskFull(u)) => assert!(u > 0.9),
+        other => panic!("appended to a full disk: {other:?}"),
+    }
+    assert_eq!(store.commitlog().max_offset(), end);
+    store.record_disk_usage(0.5);
+    assert!(store.append(&[msg("T", 0, 1, "A")]).is_ok());
+    store.shutdown();
+}
+
+#[test]
 fn clean_restart_keeps_everything_without_a_scan() {
     let dir = tempfile::tempdir().unwrap();
     let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
