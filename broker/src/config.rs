@@ -374,17 +374,18 @@ impl BrokerConfig {
                 "mappedFileSizeCommitLog" => c.segment_size = num(k, v, "a size in bytes")?,
                 "fileReservedTime" => c.file_reserved_hours = num(k, v, "hours")?,
                 "messageDelayLevel" => c.delay_levels_ms = delay_levels(k, v)?,
+                // Java limits both rather than refusing them: 10-95% and 35-90%.
                 "diskMaxUsedSpaceRatio" => {
-                    c.disk_max_used_percent = num(k, v, "a percentage, 10-95")?;
-                    if !(10..=95).contains(&c.disk_max_used_percent) {
-                        return Err(bad(k, v, "a percentage, 10-95"));
-                    }
+                    c.disk_max_used_percent = num::<u32>(k, v, "a percentage")?.clamp(10, 95);
                 }
                 "diskSpaceWarningLevelRatio" => {
-                    c.disk_full_permille = match v.trim().parse::<f64>() {
-                        Ok(r) if (0.5..=0.99).contains(&r) => (r * 1000.0).round() as u32,
-                        _ => return Err(bad(k, v, "a share between 0.5 and 0.99")),
+                    // Java 5 writes a percentage (90); the JVM property of Java 4 a share (0.90).
+                    let r = match v.trim().parse::<f64>() {
+                        Ok(r) if r > 1.0 => r / 100.0,
+                        Ok(r) if r > 0.0 => r,
+                        _ => return Err(bad(k, v, "a percentage (90) or a share (0.90)")),
                     };
+                    c.disk_full_permille = (r.clamp(0.35, 0.90) * 1000.0).round() as u32;
                 }
                 "deleteWhen" => {
                     let what = "hours of day, 0-23, separated by ';'";
@@ -474,7 +475,8 @@ impl BrokerConfig {
             }
             _ => {}
         }
-        if self.register_period_ms >= self.heartbeat_timeout_ms {
+        // Registrations come at most once a second whatever the period says.
+        if self.register_period_ms.max(1000) >= self.heartbeat_timeout_ms {
             // The name servers would drop the broker between two registrations.
             return Err(ConfigError::Inconsistent(format!(
                 "registerNameServerPeriod ({} ms) must be shorter than \
@@ -593,13 +595,14 @@ fn delay_levels(k: &str, v: &str) -> Result<Vec<i64>, ConfigError> {
     let levels = v
         .split_whitespace()
         .map(|d| {
-            let split = d.len().saturating_sub(1);
-            let (n, unit) = d.split_at(split);
+            let mut chars = d.chars();
+            let unit = chars.next_back();
+            let n = chars.as_str();
             let ms = match unit {
-                "s" => 1_000,
-                "m" => 60_000,
-                "h" => 3_600_000,
-                "d" => 86_400_000,
+                Some('s') => 1_000,
+                Some('m') => 60_000,
+                Some('h') => 3_600_000,
+                Some('d') => 86_400_000,
                 _ => return Err(bad(k, v, what)),
             };
             match n.parse::<i64>() {
@@ -667,18 +670,29 @@ mod tests {
         assert!(e.contains("registerNameServerPeriod"), "{e}");
         assert!(BrokerConfig::parse("registerNameServerPeriod=200000").is_err());
         assert!(BrokerConfig::parse("registerNameServerPeriod=2000").is_ok());
+        // The period counts as at least a second.
+        assert!(BrokerConfig::parse(
+            "registerNameServerPeriod=500\nbrokerNotActiveTimeoutMillis=800"
+        )
+        .is_err());
     }
 
     #[test]
     fn disk_limits_are_read_and_bounded() {
-        let c = BrokerConfig::parse("diskMaxUsedSpaceRatio=80\ndiskSpaceWarningLevelRatio=0.95")
+        let c = BrokerConfig::parse("diskMaxUsedSpaceRatio=80\ndiskSpaceWarningLevelRatio=0.85")
             .unwrap();
-        assert_eq!((c.disk_max_used_percent, c.disk_full_permille), (80, 950));
+        assert_eq!((c.disk_max_used_percent, c.disk_full_permille), (80, 850));
+        // Java 5's percentage form, and Java's limits.
+        let c =
+            BrokerConfig::parse("diskMaxUsedSpaceRatio=99\ndiskSpaceWarningLevelRatio=95").unwrap();
+        assert_eq!((c.disk_max_used_percent, c.disk_full_permille), (95, 900));
+        let c =
+            BrokerConfig::parse("diskMaxUsedSpaceRatio=5\ndiskSpaceWarningLevelRatio=20").unwrap();
+        assert_eq!((c.disk_max_used_percent, c.disk_full_permille), (10, 350));
         for bad in [
-            "diskMaxUsedSpaceRatio=99",
-            "diskMaxUsedSpaceRatio=5",
-            "diskSpaceWarningLevelRatio=90",
+            "diskMaxUsedSpaceRatio=x",
             "diskSpaceWarningLevelRatio=x",
+            "diskSpaceWarningLevelRatio=0",
         ] {
             assert!(BrokerConfig::parse(bad).is_err(), "{bad} accepted");
         }
@@ -693,7 +707,7 @@ mod tests {
         assert_eq!(c.delay_levels_ms, crate::store::message::DELAY_LEVELS_MS);
         let c = BrokerConfig::parse("messageDelayLevel=500s 1d").unwrap();
         assert_eq!(c.delay_levels_ms, [500_000, 86_400_000]);
-        for bad in ["", "5", "5x", "0s", "-1s", "1.5s", "s"] {
+        for bad in ["", "5", "5x", "0s", "-1s", "1.5s", "s", "5秒", "1µ", "µs"] {
             let e = BrokerConfig::parse(&format!("messageDelayLevel={bad}"));
             assert!(e.is_err(), "{bad:?} accepted");
         }

@@ -70,7 +70,8 @@ pub fn free_ports(n: u16) -> u16 {
     }
 }
 
-fn wait_tcp(port: u16, timeout: Duration) -> bool {
+/// Whether something accepts connections on 127.0.0.1:`port` within `timeout`.
+pub fn wait_tcp(port: u16, timeout: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < timeout {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {

@@ -594,3 +594,31 @@ async fn a_bench_whose_every_send_fails_exits_with_an_error() -> Result<(), Erro
     assert!(e.contains("every send failed"), "{e}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_process_started_under_nohup_ignores_a_hangup() -> Result<(), Error> {
+    let dir = e2e::test_dir("nohup")?;
+    let port = e2e::free_ports(2);
+    let mut child = Command::new("nohup")
+        .arg(e2e::bin("mqnamesrv")?)
+        .args(["--bind", "127.0.0.1", "-p", &port.to_string()])
+        .args(["--http-port", &(port + 1).to_string()])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    assert!(
+        e2e::wait_tcp(port, Duration::from_secs(10)),
+        "never listened"
+    );
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let alive = child.try_wait()?.is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    // As a JVM started under nohup: the hangup stays ignored.
+    assert!(alive, "a process started under nohup stopped on SIGHUP");
+    Ok(())
+}

@@ -463,10 +463,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Where a pool keeps its connection to one address.
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Connection>>>>;
+
 /// Connections shared by address, re-opened when broken.
 #[derive(Default)]
 pub struct ConnectionPool {
-    conns: tokio::sync::Mutex<HashMap<String, Arc<Connection>>>,
+    /// One slot per address, locked while its connection is made: a peer that does not
+    /// answer holds up calls to itself only.
+    conns: Mutex<HashMap<String, Slot>>,
     headers: SerializeType,
 }
 
@@ -482,11 +487,13 @@ impl ConnectionPool {
 
     /// A live connection to `addr`, opening one if needed.
     pub async fn get(&self, addr: &str) -> Result<Arc<Connection>, ClientError> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(addr) {
-            if !c.is_closed() {
-                return Ok(c.clone());
-            }
+        let slot = lock(&self.conns)
+            .entry(addr.to_string())
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
         }
         let c = tokio::time::timeout(Duration::from_secs(3), Connection::connect(addr))
             .await
@@ -494,8 +501,19 @@ impl ConnectionPool {
                 addr: addr.to_string(),
                 timeout: Duration::from_secs(3),
             })??;
-        conns.insert(addr.to_string(), c.clone());
+        *slot = Some(c.clone());
         Ok(c)
+    }
+
+    /// Whether the pool holds an open connection to `addr` (one it made that has not closed).
+    pub fn connected(&self, addr: &str) -> bool {
+        let slot = lock(&self.conns).get(addr).cloned();
+        slot.is_some_and(|s| {
+            s.try_lock()
+                .map(|c| c.as_ref().is_some_and(|c| !c.is_closed()))
+                // Being connected right now.
+                .unwrap_or(true)
+        })
     }
 
     /// Sends a request to `addr` and returns a successful response, or the error.

@@ -341,6 +341,8 @@ ext_header! {
     pub struct DeleteSubscriptionGroupRequestHeader {
         /// Group whose settings go.
         pub group_name: String => "groupName",
+        /// Whether the group's committed offsets go too (`deleteSubGroup -r true`).
+        pub clean_offset: bool => "cleanOffset",
     }
 }
 

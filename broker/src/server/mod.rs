@@ -183,11 +183,11 @@ impl Broker {
         if let Err(e) = send::validate_group(&cfg.group_name) {
             return req.error_to(ResponseCode::SystemError, e);
         }
-        if !(1..=1024).contains(&cfg.retry_queue_nums) {
+        if !(0..=1024).contains(&cfg.retry_queue_nums) {
             return req.error_to(
                 ResponseCode::SystemError,
                 format!(
-                    "retryQueueNums {} is not between 1 and 1024",
+                    "retryQueueNums {} is not between 0 and 1024",
                     cfg.retry_queue_nums
                 ),
             );
@@ -220,7 +220,7 @@ impl Broker {
             .store
             .groups
             .get(group)
-            .map_or(1, |g| g.retry_queue_nums);
+            .map_or(1, |g| g.retry_queue_nums.max(1));
         self.ensure_topic(&format!("%RETRY%{group}"), queues, PERM_READ | PERM_WRITE)
     }
 
@@ -234,14 +234,13 @@ impl Broker {
                 )
             }
         };
-        if let Some(e) = hb
-            .consumer_data_set
-            .iter()
-            .find_map(|c| send::validate_group(&c.group_name).err())
-        {
-            return req.error_to(ResponseCode::SystemError, format!("bad heartbeat: {e}"));
-        }
         for c in &hb.consumer_data_set {
+            // A group whose name cannot name its retry topic (a directory) is left out; the
+            // client's other groups are registered.
+            if let Err(e) = send::validate_group(&c.group_name) {
+                tracing::warn!(client = %hb.client_id, error = %e, "consumer group left out of a heartbeat");
+                continue;
+            }
             // Every consumer group gets its retry topic, as in RocketMQ (slaves copy topics
             // from their master instead).
             if self.is_master() {
@@ -300,7 +299,13 @@ impl Broker {
             RequestCode::DeleteSubscriptionGroup => {
                 match DeleteSubscriptionGroupRequestHeader::from_ext(&req.ext_fields) {
                     Ok(h) => match self.store.groups.remove(&h.group_name) {
-                        Ok(_) => req.response_to(ResponseCode::Success),
+                        Ok(_) => {
+                            if h.clean_offset {
+                                let n = self.store.offsets.remove_group(&h.group_name);
+                                tracing::info!(group = %h.group_name, topics = n, "consumer offsets of a deleted group removed");
+                            }
+                            req.response_to(ResponseCode::Success)
+                        }
                         Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
                     },
                     Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
@@ -446,21 +451,21 @@ impl Broker {
     /// Registers with every address every configured name server resolves to, all at once
     /// (one that hangs does not hold up the others). The broker is ready when no name server
     /// refused it and at least one took it (or none is configured): a broker no name server
-    /// lists is one no client finds. Returns whether no name server answered at all (then
-    /// the next round should come soon).
-    async fn register_all(&self) -> bool {
+    /// lists is one no client finds. Returns the addresses that took it (none while no name
+    /// server answers: then the next round should come soon).
+    async fn register_all(&self) -> Vec<String> {
         let req = self.registration();
         let addrs = resolve_all(&self.cfg.namesrv_addrs).await;
         let calls = addrs
             .iter()
             .map(|addr| self.pool.call_ok(addr, req.clone(), Duration::from_secs(6)));
         let answers = futures::future::join_all(calls).await;
-        let (mut refused, mut accepted) = (false, false);
+        let (mut refused, mut accepted) = (false, Vec::new());
         for (addr, answer) in addrs.iter().zip(answers) {
             match answer {
                 Ok(resp) => {
                     tracing::debug!(namesrv = %addr, "registered");
-                    accepted = true;
+                    accepted.push(addr.clone());
                     if self.cfg.role == BrokerRole::Slave {
                         self.learn_master(&resp);
                     }
@@ -474,11 +479,11 @@ impl Broker {
                 Err(e) => tracing::warn!(namesrv = %addr, error = %e, "registration failed"),
             }
         }
-        let unheard = !accepted && !refused && !self.cfg.namesrv_addrs.is_empty();
+        let unheard = accepted.is_empty() && !refused && !self.cfg.namesrv_addrs.is_empty();
         self.health
             .ready
             .store(!refused && !unheard, Ordering::Release);
-        unheard
+        accepted
     }
 
     /// A slave learns where its master is from a registration answer.
@@ -766,6 +771,23 @@ impl Processor for Broker {
     }
 }
 
+/// Shuts a store down when dropped, unless disarmed: for starts that fail after opening it.
+struct StoreCloser(Option<Arc<MessageStore>>);
+
+impl StoreCloser {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for StoreCloser {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.shutdown();
+        }
+    }
+}
+
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -879,6 +901,8 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     let store = tokio::task::spawn_blocking(move || MessageStore::open(store_cfg))
         .await
         .map_err(|e| BrokerError::Unsupported(format!("store open task failed: {e}")))??;
+    // A start that fails from here on closes the store again (its threads and its lock).
+    let close_store = StoreCloser(Some(store.clone()));
 
     let scheduler = schedule::Scheduler::load(&cfg.store_root)?;
     let mut registry = Registry::with_prefix("ferromq_broker");
@@ -980,10 +1004,13 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     );
     // A broker whose commit log could not be written to disk takes no more messages until a
     // restart recovers the log: it says so here, so probes and rollouts see it.
-    let fault_store = store.clone();
+    // Weak: an HTTP connection kept alive (a metrics scraper) must not keep the store, and
+    // its lock, after the broker stopped.
+    let fault_store = Arc::downgrade(&store);
     health.started(
         registry,
         Some(Box::new(move || {
+            let fault_store = fault_store.upgrade()?;
             if let Some(e) = fault_store.commitlog().write_back_failure() {
                 return Some(format!("the commit log could not be written to disk ({e}); restart the broker to recover it"));
             }
@@ -1022,6 +1049,8 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     }
 
     let shutdown = CancellationToken::new();
+    // A start that fails from here on stops what it started (the remoting server, say).
+    let stop_started = shutdown.clone().drop_guard();
     let loops =
         EventLoops::start("remoting", cfg.io_threads, spin, &shutdown).map_err(|source| {
             BrokerError::Threads {
@@ -1091,23 +1120,36 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     // Registration: at start, on every topic change, and every registerNameServerPeriod.
     // While no name server answers, rounds come every second (name servers starting after
     // the broker, or back from an outage, should not leave it unready for a whole period).
-    let mut unheard = broker.register_all().await;
+    // A name server drops a broker whose connection to it closes (as Java's does): when one
+    // that took the registration is no longer connected, the broker registers again at once
+    // rather than staying out of its routes until the next period.
+    let mut took = broker.register_all().await;
     let b = broker.clone();
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         let period = Duration::from_millis(b.cfg.register_period_ms.max(1000));
+        let mut next = tokio::time::Instant::now();
         loop {
-            let wait = if unheard {
+            let unheard = took.is_empty() && !b.cfg.namesrv_addrs.is_empty();
+            next += if unheard {
                 period.min(Duration::from_secs(1))
             } else {
                 period
             };
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-                _ = b.topics_changed.notified() => {}
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep_until(next) => break,
+                    _ = b.topics_changed.notified() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        if took.iter().any(|a| !b.pool.connected(a)) {
+                            break;
+                        }
+                    }
+                }
             }
-            unheard = b.register_all().await;
+            took = b.register_all().await;
+            next = tokio::time::Instant::now();
         }
     }));
 
@@ -1207,7 +1249,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             }
             // A store that failed to write its log takes nothing: the due messages wait for
             // the restart (the store said why, once).
-            if b.store.commitlog().write_back_failure().is_some() {
+            if b.store.commitlog().write_back_failure().is_some() || b.store.disk_full().is_some() {
                 continue;
             }
             if let Err(e) = b.scheduler.deliver_due(&b.store).await {
@@ -1225,6 +1267,8 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         "broker started"
     );
     failed_start.disarm();
+    close_store.disarm();
+    stop_started.disarm();
     Ok(BrokerHandle {
         addr,
         http_addr,

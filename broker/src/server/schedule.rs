@@ -142,7 +142,11 @@ impl Scheduler {
                 self.set_progress(level, next);
                 let pass_over = !matches!(batch, Ok(true));
                 if next != last_saved.0 && (pass_over || moved - last_saved.1 >= SAVE_EVERY) {
-                    self.save(store).await?;
+                    if let Err(e) = self.save(store).await {
+                        // This level waits for the next pass; the others go on.
+                        failed.get_or_insert(e);
+                        break;
+                    }
                     last_saved = (next, moved);
                 }
                 match batch {

@@ -24,21 +24,27 @@ pub(super) const DEFAULT_MAX_RECONSUME_TIMES: i32 = 16;
 
 /// Checks a topic name the way RocketMQ does (`[%|a-zA-Z0-9_-]`, at most 127 characters).
 pub fn validate_topic(topic: &str) -> Result<(), String> {
-    if topic.is_empty() {
-        return Err("topic name is empty".into());
+    validate_name("topic", topic, 127)
+}
+
+/// Checks a name the way Java clients check topic and group names: not empty, at most `max`
+/// characters, and only letters, digits, `%`, `|`, `_` and `-`.
+fn validate_name(kind: &str, name: &str, max: usize) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!("{kind} name is empty"));
     }
-    if topic.len() > 127 {
+    if name.len() > max {
         return Err(format!(
-            "topic name is {} characters; at most 127 are allowed",
-            topic.len()
+            "{kind} name is {} characters; at most {max} are allowed",
+            name.len()
         ));
     }
-    if let Some(c) = topic
+    if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '%' | '|' | '_' | '-')))
     {
         return Err(format!(
-            "topic name {topic:?} contains {c:?}; only letters, digits, %, |, _ and - are allowed"
+            "{kind} name {name:?} contains {c:?}; only letters, digits, %, |, _ and - are allowed"
         ));
     }
     Ok(())
@@ -60,26 +66,9 @@ const NOT_ALLOWED_SEND_TOPICS: &[&str] = &[
 const MAX_GROUP_LEN: usize = 255 - "%RETRY%".len();
 
 /// Checks a consumer group name before it becomes part of a topic (and so of a path): the
-/// characters Java clients allow (`[%|a-zA-Z0-9_-]`), and a length that fits a file name.
+/// characters Java clients allow, and a length that fits a file name.
 pub fn validate_group(group: &str) -> Result<(), String> {
-    if group.is_empty() {
-        return Err("consumer group name is empty".into());
-    }
-    if group.len() > MAX_GROUP_LEN {
-        return Err(format!(
-            "consumer group name is {} characters; at most {MAX_GROUP_LEN} are allowed",
-            group.len()
-        ));
-    }
-    if let Some(c) = group
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '%' | '|' | '_' | '-')))
-    {
-        return Err(format!(
-            "consumer group name {group:?} contains {c:?}; only letters, digits, %, |, _ and - are allowed"
-        ));
-    }
-    Ok(())
+    validate_name("consumer group", group, MAX_GROUP_LEN)
 }
 
 /// Whether a send waits for the flush or the slave its broker promises: unless each of its
@@ -412,8 +401,10 @@ impl Broker {
         h: &SendMessageRequestHeader,
     ) -> Option<RemotingCommand> {
         let prepared = |props: &str| {
-            crate::store::message::property(props, PROP_TRANSACTION_PREPARED)
-                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            // The cheap test first: this runs for every message sent.
+            props.contains("TRAN_MSG\u{1}")
+                && crate::store::message::property(props, PROP_TRANSACTION_PREPARED)
+                    .is_some_and(|v| v.eq_ignore_ascii_case("true"))
         };
         // Java lets a retry of a transactional message through (it is a plain message by
         // then): reconsumed and delayed.
@@ -459,6 +450,17 @@ impl Broker {
         if let Err(e) = validate_group(&h.group) {
             return req.error_to(ResponseCode::SystemError, e);
         }
+        // A group configured with no retry queues drops what its consumers give back, as
+        // Java's broker does.
+        if self
+            .store
+            .groups
+            .get(&h.group)
+            .is_some_and(|g| g.retry_queue_nums <= 0)
+        {
+            tracing::debug!(group = %h.group, offset = h.offset, "retryQueueNums is 0: message given back dropped");
+            return req.response_to(ResponseCode::Success);
+        }
         let orig = match self.store.commitlog().read_message(h.offset as u64) {
             Ok(m) => m,
             Err(e) => {
@@ -474,7 +476,7 @@ impl Broker {
         let times = orig.reconsume_times + 1;
         let to_dlq = times > max || h.delay_level < 0;
         let topic = if to_dlq {
-            self.dead_letter_topic(&h.group)
+            self.dead_letter_topic(&h.group).map(|t| (t, 0))
         } else {
             match self.ensure_retry_topic(&h.group) {
                 // An operator took write away (updateTopic -p 4): as Java, no retries.
@@ -484,11 +486,11 @@ impl Broker {
                         format!("the topic[{}] sending message is forbidden", t.topic_name),
                     )
                 }
-                Ok(t) => Ok(t.topic_name),
+                Ok(t) => Ok((t.topic_name, self.pick_queue(t.write_queue_nums))),
                 Err(e) => Err(format!("cannot create %RETRY%{}: {e}", h.group)),
             }
         };
-        let topic = match topic {
+        let (topic, queue_id) = match topic {
             Ok(t) => t,
             Err(e) => return req.error_to(ResponseCode::SystemError, e),
         };
@@ -507,7 +509,7 @@ impl Broker {
         let properties = format_properties(&props);
         let msg = NewMessage {
             topic,
-            queue_id: 0,
+            queue_id,
             flag: orig.flag,
             tags_code: NewMessage::tags_code_of(&properties),
             body: orig.body.clone(),

@@ -72,13 +72,12 @@ impl Broker {
             let (min, max, last) = match self.store.queue(&h.topic, queue_id) {
                 Some(cq) => {
                     let max = cq.max_offset();
-                    let last = match max.checked_sub(1) {
-                        Some(i) => match self.store.store_time_at(&cq, i) {
-                            Ok(t) => t.unwrap_or(0),
-                            Err(e) => return stats_failed(req, &e),
-                        },
-                        None => 0,
-                    };
+                    // A last message whose segment retention deleted has no time: 0, as
+                    // Java answers.
+                    let last = max
+                        .checked_sub(1)
+                        .and_then(|i| self.store.store_time_at(&cq, i).ok().flatten())
+                        .unwrap_or(0);
                     (cq.min_offset() as i64, max as i64, last)
                 }
                 None => (0, 0, 0),
@@ -131,14 +130,12 @@ impl Broker {
                     .get(group, topic, queue_id)
                     .unwrap_or(0)
                     .max(0);
-                let last_timestamp = match (&cq, (consumer_offset as u64).checked_sub(1)) {
-                    (Some(q), Some(i)) => match self.store.store_time_at(q, i) {
-                        Ok(t) => t.unwrap_or(0),
-                        // Consumed messages whose segment retention deleted: no time.
-                        Err(_) => 0,
-                    },
-                    _ => 0,
-                };
+                // Consumed messages whose segment retention deleted have no time: 0.
+                let last_timestamp = cq
+                    .as_ref()
+                    .zip((consumer_offset as u64).checked_sub(1))
+                    .and_then(|(q, i)| self.store.store_time_at(q, i).ok().flatten())
+                    .unwrap_or(0);
                 let progress = OffsetWrapper {
                     broker_offset,
                     consumer_offset,

@@ -633,7 +633,11 @@ async fn group_names_that_cannot_name_a_topic_are_refused() {
     let req = RemotingCommand::request(RequestCode::HeartBeat.code(), ExtFields::default())
         .with_body(Bytes::from(body));
     let resp = b.process(req, &peer).await.unwrap();
-    assert_eq!(resp.code, ResponseCode::SystemError.code(), "{resp:?}");
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert!(
+        b.consumers.client_ids(bad).is_empty(),
+        "a bad group registered"
+    );
     let stored = b.store.append(&tagged(0, "A", 1)).unwrap();
     let back = ConsumerSendMsgBackRequestHeader {
         offset: stored[0].physical_offset as i64,
@@ -1143,6 +1147,65 @@ async fn subscription_groups_an_operator_configures_are_kept_and_honoured() {
         ResponseCode::NoPermission.code()
     );
 
+    // Given back twice, retries spread over the retry topic's queues.
+    let mut writable = b.store.topics.get("%RETRY%G").unwrap();
+    writable.perm = PERM_READ | PERM_WRITE;
+    b.store.topics.put(writable).unwrap();
+    let mut real_queues = std::collections::BTreeSet::new();
+    for _ in 0..2 {
+        let stored = b.store.append(&tagged(0, "A", 1)).unwrap();
+        let back = ConsumerSendMsgBackRequestHeader {
+            offset: stored[0].physical_offset as i64,
+            group: "G".into(),
+            delay_level: 1,
+            origin_msg_id: None,
+            origin_topic: Some("T".into()),
+            unit_mode: false,
+            max_reconsume_times: None,
+        };
+        let req = RemotingCommand::request(RequestCode::ConsumerSendMsgBack.code(), back.to_ext());
+        assert_eq!(
+            b.process(req, &peer).await.unwrap().code,
+            ResponseCode::Success.code()
+        );
+        let end = b.store.commitlog().max_offset();
+        let q = b
+            .store
+            .queue(crate::store::message::SCHEDULE_TOPIC, 0)
+            .unwrap();
+        let e = q.get(q.max_offset() - 1, 1).unwrap()[0];
+        assert!(e.offset < end);
+        let m = b.store.commitlog().read_message(e.offset).unwrap();
+        real_queues
+            .insert(crate::store::message::property(&m.properties, "REAL_QID").map(str::to_owned));
+    }
+    assert_eq!(
+        real_queues.len(),
+        2,
+        "every retry went to one queue: {real_queues:?}"
+    );
+    // retryQueueNums 0: what the consumers give back is dropped (Java's rule).
+    let none = r#"{"groupName":"G","retryQueueNums":0}"#;
+    let resp = call(
+        RequestCode::UpdateAndCreateSubscriptionGroup,
+        ExtFields::default(),
+        none,
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code());
+    let end = b.store.commitlog().max_offset();
+    let req = RemotingCommand::request(RequestCode::ConsumerSendMsgBack.code(), back.to_ext());
+    assert_eq!(
+        b.process(req, &peer).await.unwrap().code,
+        ResponseCode::Success.code()
+    );
+    assert_eq!(
+        b.store.commitlog().max_offset(),
+        end,
+        "stored despite retryQueueNums 0"
+    );
+
     // Listed as Java's tools read it, and forgotten on delete.
     let resp = call(
         RequestCode::GetAllSubscriptionGroupConfig,
@@ -1152,18 +1215,30 @@ async fn subscription_groups_an_operator_configures_are_kept_and_honoured() {
     .await
     .unwrap();
     let all: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
-    assert_eq!(
-        all["subscriptionGroupTable"]["G"]["whichBrokerWhenConsumeSlowly"],
-        1
-    );
+    assert_eq!(all["subscriptionGroupTable"]["G"]["retryQueueNums"], 0);
+    b.store.offsets.commit("G", "T", 0, 1);
+    b.store.offsets.commit("Other", "T", 0, 1);
     let del = DeleteSubscriptionGroupRequestHeader {
         group_name: "G".into(),
+        clean_offset: false,
     };
     let resp = call(RequestCode::DeleteSubscriptionGroup, del.to_ext(), "")
         .await
         .unwrap();
     assert_eq!(resp.code, ResponseCode::Success.code());
     assert_eq!(b.pull(&pull("G")).await.code, ResponseCode::Success.code());
+    assert_eq!(b.store.offsets.get("G", "T", 0), Some(1));
+    // `deleteSubGroup -r true`: its offsets go too, no other group's.
+    let del = DeleteSubscriptionGroupRequestHeader {
+        group_name: "G".into(),
+        clean_offset: true,
+    };
+    let resp = call(RequestCode::DeleteSubscriptionGroup, del.to_ext(), "")
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code());
+    assert_eq!(b.store.offsets.get("G", "T", 0), None);
+    assert_eq!(b.store.offsets.get("Other", "T", 0), Some(1));
     h.stop().await;
 }
 
@@ -1195,4 +1270,76 @@ async fn a_broker_on_a_full_disk_turns_sends_away_and_says_so() {
     let resp = send_v2(&h.broker, "T", String::new(), None).await;
     assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
     h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_registers_again_at_once_with_a_name_server_that_lost_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns_cfg = || crate::nameserver::NameServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
+    let ns = crate::nameserver::start(ns_cfg()).await.unwrap();
+    let ns_addr = ns.addr;
+    let cfg = BrokerConfig {
+        store_root: dir.path().to_path_buf(),
+        listen_port: 0,
+        http_port: 0,
+        ha_listen_port: 0,
+        namesrv_addrs: vec![ns_addr.to_string()],
+        ..BrokerConfig::default()
+    };
+    let h = start(cfg).await.unwrap();
+    let listed = |at: SocketAddr| async move {
+        let c = crate::client::Client::new(vec![at.to_string()]);
+        c.cluster_info()
+            .await
+            .is_ok_and(|i| i.broker_addr_table.contains_key("broker-a"))
+    };
+    assert!(listed(ns_addr).await);
+    // The name server restarts (its routes are gone, the broker's connection closed); the
+    // next period is 30 s away.
+    ns.stop().await;
+    let ns = crate::nameserver::start(crate::nameserver::NameServerConfig {
+        listen: ns_addr,
+        ..ns_cfg()
+    })
+    .await
+    .unwrap();
+    let mut back = false;
+    for _ in 0..100 {
+        if listed(ns_addr).await {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        back,
+        "the broker waited for its next period to register again"
+    );
+    h.stop().await;
+    ns.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_broker_frees_its_store_even_with_a_scraper_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    // A metrics scraper keeps its connection open between scrapes.
+    let mut scraper = TcpStream::connect(h.http_addr).await.unwrap();
+    scraper
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = scraper.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    h.stop().await;
+    let cfg = crate::store::StoreConfig::for_tests(dir.path(), crate::store::FlushDiskType::Async);
+    let again = crate::store::MessageStore::open(cfg);
+    assert!(again.is_ok(), "the store stayed locked: {:?}", again.err());
+    again.unwrap().shutdown();
+    drop(scraper);
 }

@@ -497,6 +497,11 @@ impl MessageStore {
         for cq in store.all_queues() {
             cq.flush()?;
         }
+        // How full the disk is, before the first append: a broker restarted on a full disk
+        // refuses messages from the start, not from its first periodic measurement.
+        if let Err(e) = store.measure_disk() {
+            tracing::warn!(error = %e, "cannot measure the store's disk");
+        }
         store.write_checkpoint(end, false)?;
         let mut started = store.start_thread("commitlog-flush", Self::flush_loop);
         if started.is_ok() && store.cfg.prepare_ahead {
@@ -1292,7 +1297,7 @@ impl MessageStore {
             let stored = if e.offset < log_min {
                 i64::MIN
             } else {
-                self.commitlog.read_message(e.offset)?.store_timestamp
+                self.commitlog.read_store_timestamp(e.offset)?
             };
             let before = match boundary {
                 Boundary::Lower => stored < timestamp,
@@ -1343,13 +1348,13 @@ impl MessageStore {
         if first >= self.commitlog.max_offset() {
             return Ok(None);
         }
-        Ok(Some(self.commitlog.read_message(first)?.store_timestamp))
+        Ok(Some(self.commitlog.read_store_timestamp(first)?))
     }
 
     /// Store time of the message at `index` of a queue (none past its end).
     pub fn store_time_at(&self, cq: &ConsumeQueue, index: u64) -> Result<Option<i64>, StoreError> {
         match cq.get(index, 1)?.first() {
-            Some(e) => Ok(Some(self.commitlog.read_message(e.offset)?.store_timestamp)),
+            Some(e) => Ok(Some(self.commitlog.read_store_timestamp(e.offset)?)),
             None => Ok(None),
         }
     }

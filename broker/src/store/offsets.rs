@@ -70,6 +70,20 @@ impl ConsumerOffsets {
             .collect()
     }
 
+    /// Forgets every offset of `group` (DELETE_SUBSCRIPTIONGROUP with cleanOffset); returns
+    /// how many topics it had offsets for.
+    pub fn remove_group(&self, group: &str) -> usize {
+        let mut t = lock(&self.table);
+        let before = t.offset_table.len();
+        t.offset_table
+            .retain(|k, _| k.rsplit_once('@').is_none_or(|(_, g)| g != group));
+        let removed = before - t.offset_table.len();
+        if removed > 0 {
+            self.dirty.store(true, Ordering::Release);
+        }
+        removed
+    }
+
     /// Every `(topic, group)` pair with a committed offset.
     pub fn groups(&self) -> Vec<(String, String)> {
         lock(&self.table)

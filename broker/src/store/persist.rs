@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -48,6 +48,9 @@ pub fn load_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreErr
 pub struct JsonTable<T> {
     path: PathBuf,
     inner: RwLock<T>,
+    /// Serializes changes, so the file's save runs without the read side locked: a pull
+    /// reading the table does not wait for an fsync.
+    writer: Mutex<()>,
 }
 
 impl<T: Serialize + DeserializeOwned + Default + Clone> JsonTable<T> {
@@ -57,6 +60,7 @@ impl<T: Serialize + DeserializeOwned + Default + Clone> JsonTable<T> {
         Ok(JsonTable {
             path,
             inner: RwLock::new(inner),
+            writer: Mutex::new(()),
         })
     }
 
@@ -69,13 +73,13 @@ impl<T: Serialize + DeserializeOwned + Default + Clone> JsonTable<T> {
     /// only then takes it: a change whose save failed is not kept in memory, where it would
     /// be served until a restart lost it and, asked for again, look already made.
     pub fn change(&self, edit: impl FnOnce(&mut T) -> bool) -> Result<bool, StoreError> {
-        let mut t = write(&self.inner);
-        let mut changed = t.clone();
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut changed = read(&self.inner).clone();
         if !edit(&mut changed) {
             return Ok(false);
         }
         save_json(&self.path, &changed)?;
-        *t = changed;
+        *write(&self.inner) = changed;
         Ok(true)
     }
 }

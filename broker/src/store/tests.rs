@@ -138,6 +138,26 @@ fn a_store_another_broker_has_open_is_refused() {
 }
 
 #[test]
+fn a_store_time_read_from_the_header_alone_is_the_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    let mut v6 = msg("T", 0, 2, "A");
+    v6.born_host = "[2001:db8::1]:9".parse().unwrap();
+    let stored = store.append(&[msg("T", 0, 1, "A"), v6]).unwrap();
+    for r in &stored {
+        let whole = store.commitlog().read_message(r.physical_offset).unwrap();
+        assert_eq!(
+            store
+                .commitlog()
+                .read_store_timestamp(r.physical_offset)
+                .unwrap(),
+            whole.store_timestamp
+        );
+    }
+    store.shutdown();
+}
+
+#[test]
 fn a_full_disk_refuses_appends_until_space_is_freed() {
     let dir = tempfile::tempdir().unwrap();
     let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
