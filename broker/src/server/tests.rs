@@ -21,6 +21,18 @@ async fn get(addr: SocketAddr, path: &str) -> String {
     answer
 }
 
+/// A broker config for tests: the store in `dir`, every port chosen by the system, no name
+/// server.
+fn local_config(dir: &std::path::Path) -> BrokerConfig {
+    BrokerConfig {
+        store_root: dir.to_path_buf(),
+        listen_port: 0,
+        http_port: 0,
+        ha_listen_port: 0,
+        ..BrokerConfig::default()
+    }
+}
+
 fn message() -> NewMessage {
     NewMessage {
         topic: "T".into(),
@@ -47,12 +59,8 @@ async fn a_broker_whose_log_cannot_reach_the_disk_is_unready_and_turns_sends_awa
     .await
     .unwrap();
     let cfg = BrokerConfig {
-        store_root: dir.path().to_path_buf(),
-        listen_port: 0,
-        http_port: 0,
-        ha_listen_port: 0,
         namesrv_addrs: vec![ns.addr.to_string()],
-        ..BrokerConfig::default()
+        ..local_config(dir.path())
     };
     let h = start(cfg).await.unwrap();
     let mut answer = String::new();
@@ -124,13 +132,9 @@ async fn a_broker_whose_log_cannot_reach_the_disk_is_unready_and_turns_sends_awa
 /// queues.
 async fn lone_broker(dir: &std::path::Path, role: BrokerRole) -> BrokerHandle {
     let cfg = BrokerConfig {
-        store_root: dir.to_path_buf(),
-        listen_port: 0,
-        http_port: 0,
-        ha_listen_port: 0,
         broker_id: if role == BrokerRole::Slave { 1 } else { 0 },
         role,
-        ..BrokerConfig::default()
+        ..local_config(dir)
     };
     let h = start(cfg).await.unwrap();
     h.broker
@@ -159,25 +163,39 @@ async fn pull_at(
     suspend_ms: i64,
     tags: &str,
 ) -> (i32, PullMessageResponseHeader) {
-    use crate::remoting::header::{PULL_SUBSCRIPTION, PULL_SUSPEND};
-    let h = PullMessageRequestHeader {
-        consumer_group: "G".into(),
+    use crate::remoting::header::PULL_SUSPEND;
+    let suspend = if suspend_ms > 0 { PULL_SUSPEND } else { 0 };
+    let h = pull_header("G", queue_id, offset, suspend, suspend_ms, tags);
+    let req = RemotingCommand::request(RequestCode::PullMessage.code(), h.to_ext());
+    let resp = b.pull(&req).await;
+    let header = PullMessageResponseHeader::from_ext(&resp.ext_fields).unwrap_or_default();
+    (resp.code, header)
+}
+
+/// A pull header of `group` for `T`/`queue_id` from `offset`, with its subscription (`tags`)
+/// and the `flags` besides that, held up to `suspend_ms`.
+fn pull_header(
+    group: &str,
+    queue_id: i32,
+    offset: i64,
+    flags: i32,
+    suspend_ms: i64,
+    tags: &str,
+) -> PullMessageRequestHeader {
+    PullMessageRequestHeader {
+        consumer_group: group.into(),
         topic: "T".into(),
         queue_id,
         queue_offset: offset,
         max_msg_nums: 32,
-        sys_flag: PULL_SUBSCRIPTION | if suspend_ms > 0 { PULL_SUSPEND } else { 0 },
+        sys_flag: crate::remoting::header::PULL_SUBSCRIPTION | flags,
         commit_offset: None,
         suspend_timeout_millis: Some(suspend_ms),
         subscription: Some(tags.into()),
         sub_version: Some(0),
         expression_type: Some("TAG".into()),
         max_msg_bytes: None,
-    };
-    let req = RemotingCommand::request(RequestCode::PullMessage.code(), h.to_ext());
-    let resp = b.pull(&req).await;
-    let header = PullMessageResponseHeader::from_ext(&resp.ext_fields).unwrap_or_default();
-    (resp.code, header)
+    }
 }
 
 /// A pull of `T`/0 from `offset` for `tags`, held up to 10 s: `first` runs while it is held,
@@ -298,13 +316,9 @@ async fn a_held_pull_passes_over_other_tags_and_answers_its_own() {
 async fn pulls_are_held_briefly_without_long_polling_and_sql92_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = BrokerConfig {
-        store_root: dir.path().to_path_buf(),
-        listen_port: 0,
-        http_port: 0,
-        ha_listen_port: 0,
         long_polling: false,
         short_polling: Duration::from_millis(300),
-        ..BrokerConfig::default()
+        ..local_config(dir.path())
     };
     let h = start(cfg).await.unwrap();
     h.broker
@@ -389,12 +403,8 @@ async fn a_new_group_reads_from_the_start_only_while_the_start_is_in_memory() {
     // (CONSUME_FROM_LAST_OFFSET starts at the end instead of replaying the queue).
     let dir = tempfile::tempdir().unwrap();
     let cfg = BrokerConfig {
-        store_root: dir.path().to_path_buf(),
-        listen_port: 0,
-        http_port: 0,
-        ha_listen_port: 0,
         access_message_in_memory_max_ratio: 0,
-        ..BrokerConfig::default()
+        ..local_config(dir.path())
     };
     let h = start(cfg).await.unwrap();
     h.broker.store.append(&tagged(0, "A", 2)).unwrap();
@@ -407,12 +417,8 @@ async fn pulls_of_data_no_longer_in_memory_are_read_off_the_event_loop() {
     for (ratio, cold) in [(40, 0), (0, 1)] {
         let dir = tempfile::tempdir().unwrap();
         let cfg = BrokerConfig {
-            store_root: dir.path().to_path_buf(),
-            listen_port: 0,
-            http_port: 0,
-            ha_listen_port: 0,
             access_message_in_memory_max_ratio: ratio,
-            ..BrokerConfig::default()
+            ..local_config(dir.path())
         };
         let h = start(cfg).await.unwrap();
         h.broker
@@ -431,22 +437,28 @@ async fn pulls_of_data_no_longer_in_memory_are_read_off_the_event_loop() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_only_broker_takes_no_message_back() {
+/// CONSUMER_SEND_MSG_BACK of the message at commit-log `offset` (from topic `T`) for
+/// `group`, at `delay_level`, with no retry limit of the client's own.
+fn send_back_request(offset: i64, group: &str, delay_level: i32) -> RemotingCommand {
     use crate::remoting::header::ConsumerSendMsgBackRequestHeader;
-    let dir = tempfile::tempdir().unwrap();
-    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
-    let stored = h.broker.store.append(&tagged(0, "A", 1)).unwrap();
     let back = ConsumerSendMsgBackRequestHeader {
-        offset: stored[0].physical_offset as i64,
-        group: "G".into(),
-        delay_level: 0,
+        offset,
+        group: group.into(),
+        delay_level,
         origin_msg_id: None,
         origin_topic: Some("T".into()),
         unit_mode: false,
         max_reconsume_times: None,
     };
-    let req = RemotingCommand::request(RequestCode::ConsumerSendMsgBack.code(), back.to_ext());
+    RemotingCommand::request(RequestCode::ConsumerSendMsgBack.code(), back.to_ext())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_broker_takes_no_message_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let stored = h.broker.store.append(&tagged(0, "A", 1)).unwrap();
+    let req = send_back_request(stored[0].physical_offset as i64, "G", 0);
     let born: SocketAddr = "127.0.0.1:1".parse().unwrap();
     assert_eq!(
         h.broker.send_back(&req, born).await.code,
@@ -591,25 +603,12 @@ async fn a_retry_sent_through_the_producer_goes_to_the_dead_letter_queue_once_us
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lite_pull_is_answered_as_a_pull() {
-    use crate::remoting::header::{PULL_SUBSCRIPTION, PULL_SUSPEND};
+    use crate::remoting::header::PULL_SUSPEND;
     let dir = tempfile::tempdir().unwrap();
     let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
     h.broker.store.append(&tagged(0, "A", 3)).unwrap();
-    let header = PullMessageRequestHeader {
-        consumer_group: "G".into(),
-        topic: "T".into(),
-        queue_id: 0,
-        queue_offset: 0,
-        max_msg_nums: 32,
-        // RocketMQ 5's DefaultLitePullConsumer: subscription, suspend and the lite-pull bit.
-        sys_flag: PULL_SUBSCRIPTION | PULL_SUSPEND | 0x10,
-        commit_offset: None,
-        suspend_timeout_millis: Some(1000),
-        subscription: Some("*".into()),
-        sub_version: Some(0),
-        expression_type: Some("TAG".into()),
-        max_msg_bytes: None,
-    };
+    // RocketMQ 5's DefaultLitePullConsumer: subscription, suspend and the lite-pull bit.
+    let header = pull_header("G", 0, 0, PULL_SUSPEND | 0x10, 1000, "*");
     let req = RemotingCommand::request(RequestCode::LitePullMessage.code(), header.to_ext());
     let peer = crate::remoting::connection::Peer::detached("127.0.0.1:1".parse().unwrap());
     let resp = h.broker.process(req, &peer).await.unwrap();
@@ -621,7 +620,6 @@ async fn a_lite_pull_is_answered_as_a_pull() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_names_that_cannot_name_a_topic_are_refused() {
-    use crate::remoting::header::ConsumerSendMsgBackRequestHeader;
     let dir = tempfile::tempdir().unwrap();
     let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
     let b = &h.broker;
@@ -639,16 +637,7 @@ async fn group_names_that_cannot_name_a_topic_are_refused() {
         "a bad group registered"
     );
     let stored = b.store.append(&tagged(0, "A", 1)).unwrap();
-    let back = ConsumerSendMsgBackRequestHeader {
-        offset: stored[0].physical_offset as i64,
-        group: bad.into(),
-        delay_level: 0,
-        origin_msg_id: None,
-        origin_topic: Some("T".into()),
-        unit_mode: false,
-        max_reconsume_times: None,
-    };
-    let req = RemotingCommand::request(RequestCode::ConsumerSendMsgBack.code(), back.to_ext());
+    let req = send_back_request(stored[0].physical_offset as i64, bad, 0);
     let resp = b.process(req, &peer).await.unwrap();
     assert_eq!(resp.code, ResponseCode::SystemError.code(), "{resp:?}");
     assert!(b.store.topics.get(&format!("%RETRY%{bad}")).is_none());
@@ -745,12 +734,8 @@ async fn a_slave_keeps_its_masters_delay_progress_and_groups() {
 async fn a_lock_not_renewed_within_its_live_time_goes_to_the_next_client() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = BrokerConfig {
-        store_root: dir.path().to_path_buf(),
-        listen_port: 0,
-        http_port: 0,
-        ha_listen_port: 0,
         rebalance_lock_max_live_ms: 10_000,
-        ..BrokerConfig::default()
+        ..local_config(dir.path())
     };
     let h = start(cfg).await.unwrap();
     let b = &h.broker;
@@ -938,12 +923,8 @@ async fn a_broker_no_name_server_took_is_unready_until_one_does() {
     let ns_addr = spot.local_addr().unwrap();
     drop(spot);
     let cfg = BrokerConfig {
-        store_root: dir.path().to_path_buf(),
-        listen_port: 0,
-        http_port: 0,
-        ha_listen_port: 0,
         namesrv_addrs: vec![ns_addr.to_string()],
-        ..BrokerConfig::default()
+        ..local_config(dir.path())
     };
     let h = start(cfg).await.unwrap();
     let answer = get(h.http_addr, "/readyz").await;
@@ -1038,9 +1019,7 @@ async fn a_broker_recovering_its_store_is_alive_but_not_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_groups_an_operator_configures_are_kept_and_honoured() {
-    use crate::remoting::header::{
-        ConsumerSendMsgBackRequestHeader, DeleteSubscriptionGroupRequestHeader,
-    };
+    use crate::remoting::header::DeleteSubscriptionGroupRequestHeader;
     let dir = tempfile::tempdir().unwrap();
     let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
     let b = &h.broker;
@@ -1073,20 +1052,7 @@ async fn subscription_groups_an_operator_configures_are_kept_and_honoured() {
     // Paused: its pulls are refused, other groups' are not.
     b.store.append(&tagged(0, "A", 1)).unwrap();
     let pull = |group: &str| {
-        let header = PullMessageRequestHeader {
-            consumer_group: group.into(),
-            topic: "T".into(),
-            queue_id: 0,
-            queue_offset: 0,
-            max_msg_nums: 32,
-            sys_flag: crate::remoting::header::PULL_SUBSCRIPTION,
-            commit_offset: None,
-            suspend_timeout_millis: Some(0),
-            subscription: Some("*".into()),
-            sub_version: Some(0),
-            expression_type: Some("TAG".into()),
-            max_msg_bytes: None,
-        };
+        let header = pull_header(group, 0, 0, 0, 0, "*");
         RemotingCommand::request(RequestCode::PullMessage.code(), header.to_ext())
     };
     assert_eq!(
@@ -1109,16 +1075,7 @@ async fn subscription_groups_an_operator_configures_are_kept_and_honoured() {
     let mut tired = tagged(0, "A", 1);
     tired[0].reconsume_times = 2;
     let stored = b.store.append(&tired).unwrap();
-    let back = ConsumerSendMsgBackRequestHeader {
-        offset: stored[0].physical_offset as i64,
-        group: "G".into(),
-        delay_level: 0,
-        origin_msg_id: None,
-        origin_topic: Some("T".into()),
-        unit_mode: false,
-        max_reconsume_times: None,
-    };
-    let req = RemotingCommand::request(RequestCode::ConsumerSendMsgBack.code(), back.to_ext());
+    let req = send_back_request(stored[0].physical_offset as i64, "G", 0);
     assert_eq!(
         b.process(req, &peer).await.unwrap().code,
         ResponseCode::Success.code()
@@ -1132,16 +1089,7 @@ async fn subscription_groups_an_operator_configures_are_kept_and_honoured() {
     let mut fresh = tagged(0, "A", 1);
     fresh[0].reconsume_times = 0;
     let stored = b.store.append(&fresh).unwrap();
-    let back = ConsumerSendMsgBackRequestHeader {
-        offset: stored[0].physical_offset as i64,
-        group: "G".into(),
-        delay_level: 0,
-        origin_msg_id: None,
-        origin_topic: Some("T".into()),
-        unit_mode: false,
-        max_reconsume_times: None,
-    };
-    let req = RemotingCommand::request(RequestCode::ConsumerSendMsgBack.code(), back.to_ext());
+    let req = send_back_request(stored[0].physical_offset as i64, "G", 0);
     assert_eq!(
         b.process(req, &peer).await.unwrap().code,
         ResponseCode::NoPermission.code()
@@ -1154,16 +1102,7 @@ async fn subscription_groups_an_operator_configures_are_kept_and_honoured() {
     let mut real_queues = std::collections::BTreeSet::new();
     for _ in 0..2 {
         let stored = b.store.append(&tagged(0, "A", 1)).unwrap();
-        let back = ConsumerSendMsgBackRequestHeader {
-            offset: stored[0].physical_offset as i64,
-            group: "G".into(),
-            delay_level: 1,
-            origin_msg_id: None,
-            origin_topic: Some("T".into()),
-            unit_mode: false,
-            max_reconsume_times: None,
-        };
-        let req = RemotingCommand::request(RequestCode::ConsumerSendMsgBack.code(), back.to_ext());
+        let req = send_back_request(stored[0].physical_offset as i64, "G", 1);
         assert_eq!(
             b.process(req, &peer).await.unwrap().code,
             ResponseCode::Success.code()
@@ -1195,7 +1134,7 @@ async fn subscription_groups_an_operator_configures_are_kept_and_honoured() {
     .unwrap();
     assert_eq!(resp.code, ResponseCode::Success.code());
     let end = b.store.commitlog().max_offset();
-    let req = RemotingCommand::request(RequestCode::ConsumerSendMsgBack.code(), back.to_ext());
+    let req = send_back_request(stored[0].physical_offset as i64, "G", 1);
     assert_eq!(
         b.process(req, &peer).await.unwrap().code,
         ResponseCode::Success.code()
@@ -1283,12 +1222,8 @@ async fn a_broker_registers_again_at_once_with_a_name_server_that_lost_it() {
     let ns = crate::nameserver::start(ns_cfg()).await.unwrap();
     let ns_addr = ns.addr;
     let cfg = BrokerConfig {
-        store_root: dir.path().to_path_buf(),
-        listen_port: 0,
-        http_port: 0,
-        ha_listen_port: 0,
         namesrv_addrs: vec![ns_addr.to_string()],
-        ..BrokerConfig::default()
+        ..local_config(dir.path())
     };
     let h = start(cfg).await.unwrap();
     let listed = |at: SocketAddr| async move {
