@@ -6,6 +6,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -33,6 +34,11 @@ struct Args {
     /// Drop a broker that has not registered for this long (ms).
     #[arg(long = "broker-timeout-ms", default_value_t = 120_000)]
     broker_timeout_ms: u64,
+    /// Where the KV config (`mqadmin updateKvConfig`, ordered topics' queues) is saved, as
+    /// Java's ~/namesrv/kvConfig.json; without it the values live in memory only (name servers
+    /// are stateless by default: on Kubernetes they run on a read-only file system).
+    #[arg(long = "kv-config-path", env = "NAMESRV_KV_CONFIG_PATH")]
+    kv_config_path: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -44,6 +50,7 @@ async fn main() -> ExitCode {
         http: SocketAddr::new(args.bind, args.http_port),
         broker_timeout: Duration::from_millis(args.broker_timeout_ms),
         scan_interval: Duration::from_secs(1),
+        kv_config_path: args.kv_config_path,
         ..Default::default()
     };
     let handle = match nameserver::start(cfg).await {

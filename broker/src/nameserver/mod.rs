@@ -1,5 +1,6 @@
 //! The name server: brokers register here, clients ask here where topics live.
 
+pub mod kv;
 pub mod route;
 
 use std::net::SocketAddr;
@@ -18,8 +19,10 @@ use crate::remoting::body::{from_json, to_json, RegisterBrokerBody, TopicList};
 use crate::remoting::connection::{serve, Peer, Processor};
 use crate::remoting::event_loop::EventLoops;
 use crate::remoting::header::{
-    RegisterBrokerRequestHeader, RegisterBrokerResponseHeader, TopicRequestHeader,
-    TopicsByClusterRequestHeader, UnregisterBrokerRequestHeader, WipeWritePermRequestHeader,
+    KvConfigRequestHeader, KvConfigResponseHeader, KvNamespaceRequestHeader,
+    PutKvConfigRequestHeader, RegisterBrokerRequestHeader, RegisterBrokerResponseHeader,
+    TopicRequestHeader, TopicsByClusterRequestHeader, UnregisterBrokerRequestHeader,
+    WipeWritePermRequestHeader,
 };
 use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
 use route::{Registration, RouteTable};
@@ -40,6 +43,8 @@ pub struct NameServerConfig {
     /// How long a broker registered under an id that another broker now claims has to
     /// accept a connection before the newcomer replaces it.
     pub probe_timeout: Duration,
+    /// Where the KV config is saved (`kvConfig.json`); none keeps it in memory only.
+    pub kv_config_path: Option<std::path::PathBuf>,
 }
 
 impl Default for NameServerConfig {
@@ -51,6 +56,7 @@ impl Default for NameServerConfig {
             scan_interval: Duration::from_secs(1),
             max_frame: crate::remoting::frame::DEFAULT_MAX_FRAME,
             probe_timeout: Duration::from_secs(1),
+            kv_config_path: None,
         }
     }
 }
@@ -78,6 +84,7 @@ async fn answers(addr: &str, timeout: Duration) -> bool {
 pub struct NameServer {
     cfg: NameServerConfig,
     routes: Mutex<RouteTable>,
+    kv: kv::KvConfig,
     metrics: Metrics,
 }
 
@@ -182,9 +189,12 @@ impl NameServer {
             RequestCode::GetRouteinfoByTopic => match TopicRequestHeader::from_ext(&req.ext_fields)
             {
                 Ok(h) => match self.routes().route(&h.topic) {
-                    Some(r) => req
-                        .response_to(ResponseCode::Success)
-                        .with_body(to_json(&r)),
+                    Some(mut r) => {
+                        // A globally ordered topic's queues, as `updateTopic -o` recorded them.
+                        r.order_topic_conf = self.kv.get(kv::ORDER_TOPIC_CONFIG, &h.topic);
+                        req.response_to(ResponseCode::Success)
+                            .with_body(to_json(&r))
+                    }
                     None => req.error_to(
                         ResponseCode::TopicNotExist,
                         format!(
@@ -195,6 +205,48 @@ impl NameServer {
                 },
                 Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
             },
+            RequestCode::PutKvConfig => match PutKvConfigRequestHeader::from_ext(&req.ext_fields) {
+                Ok(h) => match self.kv.put(&h.namespace, &h.key, &h.value) {
+                    Ok(()) => req.response_to(ResponseCode::Success),
+                    Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                },
+                Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+            },
+            RequestCode::GetKvConfig => match KvConfigRequestHeader::from_ext(&req.ext_fields) {
+                Ok(h) => match self.kv.get(&h.namespace, &h.key) {
+                    Some(value) => {
+                        let mut resp = req.response_to(ResponseCode::Success);
+                        resp.ext_fields = KvConfigResponseHeader { value: Some(value) }.to_ext();
+                        resp
+                    }
+                    None => req.error_to(
+                        ResponseCode::QueryNotFound,
+                        format!("No config item, Namespace: {} Key: {}", h.namespace, h.key),
+                    ),
+                },
+                Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+            },
+            RequestCode::DeleteKvConfig => match KvConfigRequestHeader::from_ext(&req.ext_fields) {
+                Ok(h) => match self.kv.delete(&h.namespace, &h.key) {
+                    Ok(()) => req.response_to(ResponseCode::Success),
+                    Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                },
+                Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+            },
+            RequestCode::GetKvlistByNamespace => {
+                match KvNamespaceRequestHeader::from_ext(&req.ext_fields) {
+                    Ok(h) => match self.kv.namespace(&h.namespace) {
+                        Some(table) => req
+                            .response_to(ResponseCode::Success)
+                            .with_body(to_json(&serde_json::json!({ "table": table }))),
+                        None => req.error_to(
+                            ResponseCode::QueryNotFound,
+                            format!("No config item, Namespace: {}", h.namespace),
+                        ),
+                    },
+                    Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                }
+            }
             RequestCode::GetBrokerClusterInfo => req
                 .response_to(ResponseCode::Success)
                 .with_body(to_json(&self.routes().cluster_info())),
@@ -284,6 +336,9 @@ pub enum NameServerError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The KV config file could not be read.
+    #[error("KV config: {0}")]
+    KvConfig(#[from] crate::store::StoreError),
 }
 
 /// Binds the ports and starts serving.
@@ -339,6 +394,7 @@ pub async fn start(cfg: NameServerConfig) -> Result<NameServerHandle, NameServer
     let ns = Arc::new(NameServer {
         cfg: cfg.clone(),
         routes: Mutex::new(RouteTable::default()),
+        kv: kv::KvConfig::open(cfg.kv_config_path.clone())?,
         metrics,
     });
     let shutdown = CancellationToken::new();
@@ -401,6 +457,7 @@ mod tests {
                 ..NameServerConfig::default()
             },
             routes: Mutex::new(RouteTable::default()),
+            kv: kv::KvConfig::open(None).unwrap(),
             metrics: Metrics {
                 requests: Family::default(),
                 brokers: Gauge::default(),
@@ -421,6 +478,66 @@ mod tests {
             body_crc32: None,
         };
         RemotingCommand::request(RequestCode::RegisterBroker.code(), h.to_ext())
+    }
+
+    #[tokio::test]
+    async fn kv_config_is_served_and_an_ordered_topic_is_routed_with_its_queues() {
+        let ns = name_server();
+        let peer = Peer::detached("127.0.0.1:1".parse().unwrap());
+        let ok = ResponseCode::Success.code();
+        let mut with_t = crate::remoting::body::RegisterBrokerBody::default();
+        with_t
+            .topic_config_serialize_wrapper
+            .topic_config_table
+            .insert(
+                "T".into(),
+                crate::store::topics::TopicConfig::new("T", 4, 6),
+            );
+        let reg = registration("127.0.0.1:2").with_body(to_json(&with_t));
+        assert_eq!(ns.register(&reg, None).await.code, ok);
+        // What `mqadmin updateTopic -t T -o true` sends every name server.
+        let put = PutKvConfigRequestHeader {
+            namespace: kv::ORDER_TOPIC_CONFIG.into(),
+            key: "T".into(),
+            value: "a:4".into(),
+        };
+        let req = RemotingCommand::request(RequestCode::PutKvConfig.code(), put.to_ext());
+        assert_eq!(ns.handle(&req, &peer).await.code, ok);
+        let key = KvConfigRequestHeader {
+            namespace: kv::ORDER_TOPIC_CONFIG.into(),
+            key: "T".into(),
+        };
+        let req = RemotingCommand::request(RequestCode::GetKvConfig.code(), key.to_ext());
+        let resp = ns.handle(&req, &peer).await;
+        assert_eq!(resp.ext_fields.get("value"), Some("a:4"));
+        let route = RemotingCommand::request(
+            RequestCode::GetRouteinfoByTopic.code(),
+            TopicRequestHeader { topic: "T".into() }.to_ext(),
+        );
+        let r: crate::remoting::body::TopicRouteData =
+            from_json(&ns.handle(&route, &peer).await.body).unwrap();
+        assert_eq!(r.order_topic_conf.as_deref(), Some("a:4"));
+        let list = RemotingCommand::request(
+            RequestCode::GetKvlistByNamespace.code(),
+            KvNamespaceRequestHeader {
+                namespace: kv::ORDER_TOPIC_CONFIG.into(),
+            }
+            .to_ext(),
+        );
+        let body: serde_json::Value =
+            serde_json::from_slice(&ns.handle(&list, &peer).await.body).unwrap();
+        assert_eq!(body["table"]["T"], "a:4");
+        let req = RemotingCommand::request(RequestCode::DeleteKvConfig.code(), key.to_ext());
+        assert_eq!(ns.handle(&req, &peer).await.code, ok);
+        let req = RemotingCommand::request(RequestCode::GetKvConfig.code(), key.to_ext());
+        assert_eq!(
+            ns.handle(&req, &peer).await.code,
+            ResponseCode::QueryNotFound.code()
+        );
+        assert_eq!(
+            ns.handle(&list, &peer).await.code,
+            ResponseCode::QueryNotFound.code()
+        );
     }
 
     #[tokio::test]

@@ -44,6 +44,14 @@ pub enum RequestCode {
     GetAllConsumerOffset = 43,
     /// Every delay-level offset of a broker.
     GetAllDelayOffset = 45,
+    /// Set a value of the name server's KV config.
+    PutKvConfig = 100,
+    /// Read a value of the name server's KV config.
+    GetKvConfig = 101,
+    /// Remove a value of the name server's KV config.
+    DeleteKvConfig = 102,
+    /// Every value of one namespace of the name server's KV config.
+    GetKvlistByNamespace = 219,
     /// Broker joins the name server (and heartbeats).
     RegisterBroker = 103,
     /// Broker leaves the name server.
@@ -102,6 +110,10 @@ impl RequestCode {
         Self::UnlockBatchMq,
         Self::GetAllConsumerOffset,
         Self::GetAllDelayOffset,
+        Self::PutKvConfig,
+        Self::GetKvConfig,
+        Self::DeleteKvConfig,
+        Self::GetKvlistByNamespace,
         Self::RegisterBroker,
         Self::UnregisterBroker,
         Self::GetRouteinfoByTopic,

@@ -337,6 +337,44 @@ ext_header! {
 }
 
 ext_header! {
+    /// PUT_KV_CONFIG request.
+    pub struct PutKvConfigRequestHeader {
+        /// Namespace.
+        pub namespace: String => "namespace",
+        /// Key.
+        pub key: String => "key",
+        /// Value.
+        pub value: String => "value",
+    }
+}
+
+ext_header! {
+    /// GET_KV_CONFIG and DELETE_KV_CONFIG request.
+    pub struct KvConfigRequestHeader {
+        /// Namespace.
+        pub namespace: String => "namespace",
+        /// Key.
+        pub key: String => "key",
+    }
+}
+
+ext_header! {
+    /// GET_KV_CONFIG answer.
+    pub struct KvConfigResponseHeader {
+        /// The value.
+        pub value: Option<String> => "value",
+    }
+}
+
+ext_header! {
+    /// GET_KVLIST_BY_NAMESPACE request.
+    pub struct KvNamespaceRequestHeader {
+        /// Namespace.
+        pub namespace: String => "namespace",
+    }
+}
+
+ext_header! {
     /// DELETE_SUBSCRIPTIONGROUP request.
     pub struct DeleteSubscriptionGroupRequestHeader {
         /// Group whose settings go.

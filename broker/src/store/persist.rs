@@ -46,7 +46,8 @@ pub fn load_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreErr
 /// subscription groups: changes are rare).
 #[derive(Debug)]
 pub struct JsonTable<T> {
-    path: PathBuf,
+    /// Where it is saved; none for a table kept in memory only.
+    path: Option<PathBuf>,
     inner: RwLock<T>,
     /// Serializes changes, so the file's save runs without the read side locked: a pull
     /// reading the table does not wait for an fsync.
@@ -58,10 +59,19 @@ impl<T: Serialize + DeserializeOwned + Default + Clone> JsonTable<T> {
     pub fn load(path: PathBuf) -> Result<JsonTable<T>, StoreError> {
         let inner = load_json::<T>(&path)?.unwrap_or_default();
         Ok(JsonTable {
-            path,
+            path: Some(path),
             inner: RwLock::new(inner),
             writer: Mutex::new(()),
         })
+    }
+
+    /// An empty table that is never saved (a name server run without a KV config file).
+    pub fn in_memory() -> JsonTable<T> {
+        JsonTable {
+            path: None,
+            inner: RwLock::new(T::default()),
+            writer: Mutex::new(()),
+        }
     }
 
     /// The table as it is now.
@@ -78,7 +88,9 @@ impl<T: Serialize + DeserializeOwned + Default + Clone> JsonTable<T> {
         if !edit(&mut changed) {
             return Ok(false);
         }
-        save_json(&self.path, &changed)?;
+        if let Some(path) = &self.path {
+            save_json(path, &changed)?;
+        }
         *write(&self.inner) = changed;
         Ok(true)
     }
