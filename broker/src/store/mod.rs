@@ -1104,14 +1104,18 @@ impl MessageStore {
                 last_checkpoint = Instant::now();
                 let consistent = self.dispatched.load(Ordering::Acquire);
                 // After a failed write-back no checkpoint can be made (the log cannot be
-                // flushed), and after a failed checkpoint none may be: a queue's sync that
-                // failed would succeed when tried again, over pages the disk may not have.
-                // The last good checkpoint stands, and recovery starts there.
+                // flushed), and after a failed sync of the data a checkpoint counts none may
+                // be: a queue's sync that failed would succeed when tried again, over pages
+                // the disk may not have. The last good checkpoint stands, and recovery starts
+                // there. Failing to write the checkpoint file itself (a full disk) is only
+                // tried again: the data it would count is on disk.
                 let failed = checkpoint_failed || self.commitlog.write_back_failure().is_some();
                 if (consistent != checkpointed || stopping) && !failed {
-                    if let Err(e) = self.checkpoint(consistent, stopping) {
+                    if let Err(e) = self.sync_for_checkpoint(consistent) {
                         tracing::error!(error = %e, "checkpoint failed; no more checkpoints until a restart, which recovers from the last one");
                         checkpoint_failed = true;
+                    } else if let Err(e) = self.write_checkpoint(consistent, stopping) {
+                        tracing::warn!(error = %e, "writing the checkpoint failed; tried again in a second");
                     } else {
                         checkpointed = consistent;
                     }
@@ -1126,15 +1130,15 @@ impl MessageStore {
         }
     }
 
-    /// Makes the log and queues durable up to `consistent` and records it.
-    fn checkpoint(&self, consistent: u64, clean: bool) -> Result<(), StoreError> {
+    /// Makes the log and queues durable up to `consistent`, for a checkpoint to record.
+    fn sync_for_checkpoint(&self, consistent: u64) -> Result<(), StoreError> {
         if self.commitlog.flushed_offset() < consistent {
             self.commitlog.flush()?;
         }
         for cq in self.all_queues() {
             cq.flush()?;
         }
-        self.write_checkpoint(consistent, clean)
+        Ok(())
     }
 
     /// Deletes commit-log segments older than `fileReservedTime` and moves queue minimums.

@@ -222,35 +222,63 @@ fn entries_rebuilt_by_recovery_survive_a_crash_right_after() {
     store.shutdown();
 }
 
-#[test]
-fn after_a_failed_checkpoint_no_later_one_is_written() {
-    let dir = tempfile::tempdir().unwrap();
-    let checkpoint = || -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(dir.path().join("checkpoint")).unwrap()).unwrap()
-    };
-    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
-    fill(&store, 10);
-    let end = store.commitlog().max_offset();
+/// The checkpoint file's content.
+fn checkpoint_of(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("checkpoint")).unwrap()).unwrap()
+}
+
+/// Waits up to 10 s for a checkpoint at `end`.
+fn wait_checkpoint(dir: &Path, end: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while checkpoint()["consistentOffset"] != end {
+    while checkpoint_of(dir)["consistentOffset"] != end {
         assert!(
             std::time::Instant::now() < deadline,
             "no checkpoint at {end}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // The next checkpoint fails: its temporary file cannot be created.
-    let blocker = dir.path().join("checkpoint.tmp");
-    std::fs::create_dir(&blocker).unwrap();
+}
+
+#[test]
+fn after_a_failed_sync_for_a_checkpoint_no_later_one_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
     fill(&store, 10);
-    std::thread::sleep(Duration::from_secs(3));
+    let end = store.commitlog().max_offset();
+    wait_checkpoint(dir.path(), end);
+    // A new queue whose topic directory cannot be synced: the next checkpoint's sync fails.
+    store.append(&[msg("New", 0, 1, "A")]).unwrap();
+    let away = dir.path().join("away");
+    std::fs::rename(dir.path().join("consumequeue").join("New"), &away).unwrap();
+    std::thread::sleep(Duration::from_millis(2_500));
     // Tried again, it would succeed now; none may be tried, not even at a clean stop.
-    std::fs::remove_dir(&blocker).unwrap();
+    std::fs::rename(&away, dir.path().join("consumequeue").join("New")).unwrap();
     fill(&store, 10);
     std::thread::sleep(Duration::from_millis(2_500));
     store.shutdown();
-    assert_eq!(checkpoint()["consistentOffset"], end);
-    assert_eq!(checkpoint()["cleanShutdown"], false);
+    assert_eq!(checkpoint_of(dir.path())["consistentOffset"], end);
+    assert_eq!(checkpoint_of(dir.path())["cleanShutdown"], false);
+}
+
+#[test]
+fn a_checkpoint_file_that_could_not_be_written_is_written_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    fill(&store, 10);
+    let end = store.commitlog().max_offset();
+    wait_checkpoint(dir.path(), end);
+    // The next checkpoint file cannot be written (its temporary file cannot be made, as on
+    // a full disk); the data it counts is synced, so it is only tried again.
+    let blocker = dir.path().join("checkpoint.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    fill(&store, 10);
+    std::thread::sleep(Duration::from_millis(2_500));
+    assert_eq!(checkpoint_of(dir.path())["consistentOffset"], end);
+    std::fs::remove_dir(&blocker).unwrap();
+    let later = store.commitlog().max_offset();
+    wait_checkpoint(dir.path(), later);
+    store.shutdown();
+    assert_eq!(checkpoint_of(dir.path())["cleanShutdown"], true);
 }
 
 #[test]
