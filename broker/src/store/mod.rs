@@ -1244,7 +1244,8 @@ impl MessageStore {
                 break;
             }
             next += 1;
-            if e.offset < log_min || !filter(e.tags_code) {
+            // An empty entry stands for a replicated message a slave could not read.
+            if e.size == 0 || e.offset < log_min || !filter(e.tags_code) {
                 continue;
             }
             match ranges.last_mut() {
@@ -1298,7 +1299,7 @@ impl MessageStore {
             };
             // An entry whose segment retention deleted (before the queue's minimum moved)
             // counts as earlier than any time.
-            let stored = if e.offset < log_min {
+            let stored = if e.offset < log_min || e.size == 0 {
                 i64::MIN
             } else {
                 self.commitlog.read_store_timestamp(e.offset)?
@@ -1358,8 +1359,9 @@ impl MessageStore {
     /// Store time of the message at `index` of a queue (none past its end).
     pub fn store_time_at(&self, cq: &ConsumeQueue, index: u64) -> Result<Option<i64>, StoreError> {
         match cq.get(index, 1)?.first() {
-            Some(e) => Ok(Some(self.commitlog.read_store_timestamp(e.offset)?)),
-            None => Ok(None),
+            // An empty entry (a replicated message a slave could not read) has no time.
+            Some(e) if e.size > 0 => Ok(Some(self.commitlog.read_store_timestamp(e.offset)?)),
+            _ => Ok(None),
         }
     }
 

@@ -1064,6 +1064,11 @@ fn a_replicated_message_that_cannot_be_read_is_skipped_and_the_rest_indexed() {
     assert_eq!(slave.unindexed_bytes(), 0);
     assert_eq!(indexed_at(&slave, 0), Some(results[0].physical_offset));
     assert_eq!(indexed_at(&slave, 2), Some(results[2].physical_offset));
+    // The skipped one's place is empty: a pull passes over it, and it has no store time.
+    let got = slave.get("T", 0, 0, 32, usize::MAX, |_| true).unwrap();
+    assert_eq!((got.count, got.next_offset), (2, 3));
+    let cq = slave.queue("T", 0).unwrap();
+    assert_eq!(slave.store_time_at(&cq, 1).unwrap(), None);
     slave.shutdown();
 }
 
