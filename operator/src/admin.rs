@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use broker::client::Client;
 use broker::remoting::body::ClusterInfo;
-use broker::store::message::{DELAY_LEVELS_MS, SCHEDULE_TOPIC};
+use broker::server::SCHEDULE_OFFSET_PREFIX;
 use broker::store::topics::{is_system_topic, TopicConfig};
 
 use crate::controller::{GroupAdmin, GroupRef};
@@ -64,25 +64,25 @@ impl GroupAdmin for BrokerAdmin {
                 }
             }
             // Delayed messages and consumers' retries wait in the schedule topic until due;
-            // once delivered they are in their topics, which the check above covers.
-            let delivered = client
-                .delay_offsets(&master)
+            // once delivered they are in their topics, which the check above covers. The
+            // broker reports each of its delay levels (its own messageDelayLevel's) as
+            // "delivered,max".
+            let info = client
+                .runtime_info(&master)
                 .await
                 .map_err(|e| e.to_string())?;
-            // The default table's levels, and any other a broker with its own
-            // messageDelayLevel reports progress for (each level with a queue, every pass).
-            let levels = delivered
-                .keys()
-                .copied()
-                .max()
-                .unwrap_or(0)
-                .max(DELAY_LEVELS_MS.len() as i32);
-            for level in 1..=levels {
-                let max = client
-                    .max_offset(&master, SCHEDULE_TOPIC, level - 1)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let done = delivered.get(&level).copied().unwrap_or(0);
+            for (key, value) in &info {
+                let Some(level) = key.strip_prefix(SCHEDULE_OFFSET_PREFIX) else {
+                    continue;
+                };
+                let parsed = value
+                    .split_once(',')
+                    .and_then(|(d, m)| Some((d.parse::<u64>().ok()?, m.parse::<u64>().ok()?)));
+                let Some((done, max)) = parsed else {
+                    return Err(format!(
+                        "the broker reported {key}={value:?}, not \"delivered,max\""
+                    ));
+                };
                 if done < max {
                     tracing::info!(broker_group = %g.group, level, waiting = max - done, "delayed messages still waiting");
                     return Ok(false);

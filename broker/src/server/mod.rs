@@ -655,6 +655,19 @@ impl Broker {
         for (k, v) in self.rates.table(puts, gets) {
             t.insert(k.to_string(), v);
         }
+        // Each delay level's progress against its queue's end, as Java's brokerStatus shows
+        // it ("delivered,max"): what the operator's drain check waits on.
+        for level in 1..=self.store.config().delay_levels_ms.len() as i32 {
+            let max = self
+                .store
+                .queue(schedule::SCHEDULE_TOPIC, level - 1)
+                .map_or(0, |q| q.max_offset());
+            let delivered = self.scheduler.progress(level).min(max);
+            t.insert(
+                format!("{SCHEDULE_OFFSET_PREFIX}{level}"),
+                format!("{delivered},{max}"),
+            );
+        }
         RuntimeInfo { table: t }
     }
 
@@ -770,6 +783,9 @@ impl Processor for Broker {
         self.consumers.disconnected(peer.addr);
     }
 }
+
+/// Runtime-info key prefix of each delay level's progress (`scheduleMessageOffset_3`).
+pub const SCHEDULE_OFFSET_PREFIX: &str = "scheduleMessageOffset_";
 
 /// Shuts a store down when dropped, unless disarmed: for starts that fail after opening it.
 struct StoreCloser(Option<Arc<MessageStore>>);

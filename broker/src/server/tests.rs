@@ -896,6 +896,19 @@ async fn runtime_info_has_what_javas_cluster_list_reads() {
         assert!(n >= 0, "{key}");
     }
     assert!(info["brokerVersionDesc"].starts_with("ferromq"));
+    // Each delay level's progress, "delivered,max", as Java's brokerStatus shows it.
+    assert_eq!(info["scheduleMessageOffset_18"], "0,0");
+    assert!(!info.contains_key("scheduleMessageOffset_19"));
+    let later = crate::server::schedule::delay(
+        &tagged(0, "A", 1)[0],
+        2,
+        &h.broker.store.config().delay_levels_ms,
+    );
+    h.broker.store.append(&[later]).unwrap();
+    assert_eq!(
+        h.broker.runtime_info().table["scheduleMessageOffset_2"],
+        "0,1"
+    );
     h.stop().await;
 }
 
