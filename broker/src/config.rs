@@ -379,10 +379,12 @@ impl BrokerConfig {
                     c.disk_max_used_percent = num::<u32>(k, v, "a percentage")?.clamp(10, 95);
                 }
                 "diskSpaceWarningLevelRatio" => {
-                    // Java 5 writes a percentage (90); the JVM property of Java 4 a share (0.90).
-                    let r = match v.trim().parse::<f64>() {
-                        Ok(r) if r > 1.0 => r / 100.0,
-                        Ok(r) if r > 0.0 => r,
+                    // Java 5 writes a whole percentage (90); the JVM property of Java 4 a share
+                    // (0.90).
+                    let v = v.trim();
+                    let r = match (v.parse::<u32>(), v.parse::<f64>()) {
+                        (Ok(percent), _) => f64::from(percent) / 100.0,
+                        (_, Ok(r)) if (0.0..=1.0).contains(&r) => r,
                         _ => return Err(bad(k, v, "a percentage (90) or a share (0.90)")),
                     };
                     c.disk_full_permille = (r.clamp(0.35, 0.90) * 1000.0).round() as u32;
@@ -689,10 +691,13 @@ mod tests {
         let c =
             BrokerConfig::parse("diskMaxUsedSpaceRatio=5\ndiskSpaceWarningLevelRatio=20").unwrap();
         assert_eq!((c.disk_max_used_percent, c.disk_full_permille), (10, 350));
+        // Whole numbers are percentages, as Java 5 reads them.
+        let c = BrokerConfig::parse("diskSpaceWarningLevelRatio=1").unwrap();
+        assert_eq!(c.disk_full_permille, 350);
         for bad in [
             "diskMaxUsedSpaceRatio=x",
             "diskSpaceWarningLevelRatio=x",
-            "diskSpaceWarningLevelRatio=0",
+            "diskSpaceWarningLevelRatio=1.5",
         ] {
             assert!(BrokerConfig::parse(bad).is_err(), "{bad} accepted");
         }

@@ -11,20 +11,21 @@ pub fn init(default: &str) {
         .try_init();
 }
 
-/// Resolves when the process is asked to stop (Ctrl-C, SIGTERM, or SIGHUP: its terminal or
+/// Resolves when the process is asked to stop (SIGINT, SIGTERM, or SIGHUP: its terminal or
 /// session went away; the JVM runs its shutdown hooks on it too, and without a handler the
-/// process would die without a clean checkpoint). A SIGHUP that was ignored when the process
-/// started (`nohup`) stays ignored, as the JVM leaves it.
+/// process would die without a clean checkpoint). A signal that was ignored when the process
+/// started (SIGHUP under `nohup`, SIGINT for a job started with `&` by a script) stays
+/// ignored, as the JVM leaves it.
 pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let term = signal(SignalKind::terminate());
-        let hup = if hangup_ignored() {
-            None
-        } else {
-            signal(SignalKind::hangup()).ok()
+        let ignored = ignored_signals();
+        // Bit n-1 of the mask is signal n: SIGHUP 1, SIGINT 2, SIGTERM 15.
+        let listen = |kind: SignalKind, number: u32| {
+            (ignored & (1 << (number - 1)) == 0)
+                .then(|| signal(kind).ok())
+                .flatten()
         };
         let on = |s: Option<tokio::signal::unix::Signal>| async move {
             match s {
@@ -35,26 +36,26 @@ pub async fn shutdown_signal() {
             }
         };
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = on(term.ok()) => {}
-            _ = on(hup) => {}
+            _ = on(listen(SignalKind::interrupt(), 2)) => {}
+            _ = on(listen(SignalKind::terminate(), 15)) => {}
+            _ = on(listen(SignalKind::hangup(), 1)) => {}
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
-/// Whether SIGHUP was ignored when the process started (`nohup`), read from the `SigIgn`
-/// mask in /proc (no unsafe call needed).
+/// The signals ignored when the process started, from the `SigIgn` mask in /proc (no unsafe
+/// call needed); none where /proc cannot tell.
 #[cfg(unix)]
-fn hangup_ignored() -> bool {
+fn ignored_signals() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .as_deref()
         .and_then(sig_ignored_mask)
-        .is_some_and(|mask| mask & 1 != 0)
+        .unwrap_or(0)
 }
 
 /// The `SigIgn` mask of a /proc status text (bit n-1 is signal n).

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use broker::client::Client;
 use broker::remoting::body::ClusterInfo;
 use broker::server::SCHEDULE_OFFSET_PREFIX;
+use broker::store::message::{DELAY_LEVELS_MS, SCHEDULE_TOPIC};
 use broker::store::topics::{is_system_topic, TopicConfig};
 
 use crate::controller::{GroupAdmin, GroupRef};
@@ -66,25 +67,34 @@ impl GroupAdmin for BrokerAdmin {
             // Delayed messages and consumers' retries wait in the schedule topic until due;
             // once delivered they are in their topics, which the check above covers. The
             // broker reports each of its delay levels (its own messageDelayLevel's) as
-            // "delivered,max".
+            // "delivered,max"; a broker too old to report them is asked level by level for
+            // the default table's 18.
             let info = client
                 .runtime_info(&master)
                 .await
                 .map_err(|e| e.to_string())?;
-            for (key, value) in &info {
-                let Some(level) = key.strip_prefix(SCHEDULE_OFFSET_PREFIX) else {
-                    continue;
-                };
-                let parsed = value
-                    .split_once(',')
-                    .and_then(|(d, m)| Some((d.parse::<u64>().ok()?, m.parse::<u64>().ok()?)));
-                let Some((done, max)) = parsed else {
-                    return Err(format!(
-                        "the broker reported {key}={value:?}, not \"delivered,max\""
-                    ));
-                };
+            let levels = match delay_progress(&info)? {
+                Some(levels) => levels,
+                None => {
+                    let delivered = client
+                        .delay_offsets(&master)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let mut levels = Vec::new();
+                    for level in 1..=DELAY_LEVELS_MS.len() as i32 {
+                        let max = client
+                            .max_offset(&master, SCHEDULE_TOPIC, level - 1)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let done = delivered.get(&level).copied().unwrap_or(0);
+                        levels.push((level.to_string(), done.max(0) as u64, max.max(0) as u64));
+                    }
+                    levels
+                }
+            };
+            for (level, done, max) in levels {
                 if done < max {
-                    tracing::info!(broker_group = %g.group, level, waiting = max - done, "delayed messages still waiting");
+                    tracing::info!(broker_group = %g.group, %level, waiting = max - done, "delayed messages still waiting");
                     return Ok(false);
                 }
             }
@@ -164,6 +174,32 @@ pub fn merge_topic(wanted: &mut BTreeMap<String, TopicConfig>, cfg: TopicConfig)
     }
 }
 
+/// One delay level's progress: (level, messages delivered, its queue's end).
+type LevelProgress = (String, u64, u64);
+
+/// Each delay level's (level, delivered, queue end) from a broker's runtime info
+/// (`scheduleMessageOffset_N` = "delivered,max"); none when the broker reports none.
+fn delay_progress(
+    info: &std::collections::BTreeMap<String, String>,
+) -> Result<Option<Vec<LevelProgress>>, String> {
+    let mut levels = Vec::new();
+    for (key, value) in info {
+        let Some(level) = key.strip_prefix(SCHEDULE_OFFSET_PREFIX) else {
+            continue;
+        };
+        let parsed = value
+            .split_once(',')
+            .and_then(|(d, m)| Some((d.parse::<u64>().ok()?, m.parse::<u64>().ok()?)));
+        let Some((done, max)) = parsed else {
+            return Err(format!(
+                "the broker reported {key}={value:?}, not \"delivered,max\""
+            ));
+        };
+        levels.push((level.to_string(), done, max));
+    }
+    Ok((!levels.is_empty()).then_some(levels))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,5 +214,20 @@ mod tests {
         assert_eq!(wanted["Orders"].perm, 6);
         assert_eq!(wanted["Orders"].write_queue_nums, 4);
         assert_eq!(wanted.len(), 2);
+    }
+
+    #[test]
+    fn delay_progress_is_read_from_runtime_info_and_absent_from_an_older_broker() {
+        let mut info = BTreeMap::new();
+        info.insert("brokerRole".to_string(), "ASYNC_MASTER".to_string());
+        // A broker from before these entries: the caller asks level by level instead.
+        assert_eq!(delay_progress(&info).unwrap(), None);
+        info.insert("scheduleMessageOffset_3".to_string(), "4,9".to_string());
+        assert_eq!(
+            delay_progress(&info).unwrap(),
+            Some(vec![("3".to_string(), 4, 9)])
+        );
+        info.insert("scheduleMessageOffset_4".to_string(), "x".to_string());
+        assert!(delay_progress(&info).is_err());
     }
 }

@@ -39,6 +39,11 @@ struct Args {
     /// are stateless by default: on Kubernetes they run on a read-only file system).
     #[arg(long = "kv-config-path", env = "NAMESRV_KV_CONFIG_PATH")]
     kv_config_path: Option<PathBuf>,
+    /// Give routes an ordered topic's queues from the KV config (`orderTopicConf`, set by
+    /// `updateTopic -o true`), as Java's `orderMessageEnable`; clients then route that topic by
+    /// it alone.
+    #[arg(long = "order-message-enable")]
+    order_message_enable: bool,
 }
 
 #[tokio::main]
@@ -51,6 +56,7 @@ async fn main() -> ExitCode {
         broker_timeout: Duration::from_millis(args.broker_timeout_ms),
         scan_interval: Duration::from_secs(1),
         kv_config_path: args.kv_config_path,
+        order_message_enable: args.order_message_enable,
         ..Default::default()
     };
     let handle = match nameserver::start(cfg).await {

@@ -45,6 +45,10 @@ pub struct NameServerConfig {
     pub probe_timeout: Duration,
     /// Where the KV config is saved (`kvConfig.json`); none keeps it in memory only.
     pub kv_config_path: Option<std::path::PathBuf>,
+    /// Whether routes carry an ordered topic's queues from the KV config as
+    /// `orderTopicConf` (Java's `orderMessageEnable`, off by default: clients then route by
+    /// that string alone, ignoring write permission and brokers that are gone).
+    pub order_message_enable: bool,
 }
 
 impl Default for NameServerConfig {
@@ -57,6 +61,7 @@ impl Default for NameServerConfig {
             max_frame: crate::remoting::frame::DEFAULT_MAX_FRAME,
             probe_timeout: Duration::from_secs(1),
             kv_config_path: None,
+            order_message_enable: false,
         }
     }
 }
@@ -191,7 +196,9 @@ impl NameServer {
                 Ok(h) => match self.routes().route(&h.topic) {
                     Some(mut r) => {
                         // A globally ordered topic's queues, as `updateTopic -o` recorded them.
-                        r.order_topic_conf = self.kv.get(kv::ORDER_TOPIC_CONFIG, &h.topic);
+                        if self.cfg.order_message_enable {
+                            r.order_topic_conf = self.kv.get(kv::ORDER_TOPIC_CONFIG, &h.topic);
+                        }
                         req.response_to(ResponseCode::Success)
                             .with_body(to_json(&r))
                     }
@@ -514,6 +521,19 @@ mod tests {
             RequestCode::GetRouteinfoByTopic.code(),
             TopicRequestHeader { topic: "T".into() }.to_ext(),
         );
+        let r: crate::remoting::body::TopicRouteData =
+            from_json(&ns.handle(&route, &peer).await.body).unwrap();
+        assert_eq!(
+            r.order_topic_conf, None,
+            "orderMessageEnable is off by default"
+        );
+        let ns = NameServer {
+            cfg: NameServerConfig {
+                order_message_enable: true,
+                ..NameServerConfig::default()
+            },
+            ..ns
+        };
         let r: crate::remoting::body::TopicRouteData =
             from_json(&ns.handle(&route, &peer).await.body).unwrap();
         assert_eq!(r.order_topic_conf.as_deref(), Some("a:4"));

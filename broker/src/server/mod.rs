@@ -451,9 +451,10 @@ impl Broker {
     /// Registers with every address every configured name server resolves to, all at once
     /// (one that hangs does not hold up the others). The broker is ready when no name server
     /// refused it and at least one took it (or none is configured): a broker no name server
-    /// lists is one no client finds. Returns the addresses that took it (none while no name
-    /// server answers: then the next round should come soon).
-    async fn register_all(&self) -> Vec<String> {
+    /// lists is one no client finds. Returns the addresses that took it, and whether no name
+    /// server answered at all (then the next round should come soon; a refusal waits for the
+    /// period).
+    async fn register_all(&self) -> (Vec<String>, bool) {
         let req = self.registration();
         let addrs = resolve_all(&self.cfg.namesrv_addrs).await;
         let calls = addrs
@@ -483,7 +484,7 @@ impl Broker {
         self.health
             .ready
             .store(!refused && !unheard, Ordering::Release);
-        accepted
+        (accepted, unheard)
     }
 
     /// A slave learns where its master is from a registration answer.
@@ -1145,14 +1146,13 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     // A name server drops a broker whose connection to it closes (as Java's does): when one
     // that took the registration is no longer connected, the broker registers again at once
     // rather than staying out of its routes until the next period.
-    let mut took = broker.register_all().await;
+    let (mut took, mut unheard) = broker.register_all().await;
     let b = broker.clone();
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         let period = Duration::from_millis(b.cfg.register_period_ms.max(1000));
         let mut next = tokio::time::Instant::now();
         loop {
-            let unheard = took.is_empty() && !b.cfg.namesrv_addrs.is_empty();
             next += if unheard {
                 period.min(Duration::from_secs(1))
             } else {
@@ -1170,7 +1170,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
                     }
                 }
             }
-            took = b.register_all().await;
+            (took, unheard) = b.register_all().await;
             next = tokio::time::Instant::now();
         }
     }));

@@ -1310,3 +1310,48 @@ async fn metrics_show_how_far_the_log_is_indexed() {
     assert!(metrics.contains(&want), "{metrics}");
     h.stop().await;
 }
+
+/// REGISTER_BROKER requests a name server has answered, from its /metrics.
+async fn registrations(ns_http: SocketAddr) -> u64 {
+    let metrics = get(ns_http, "/metrics").await;
+    metrics
+        .lines()
+        .find(|l| l.starts_with("ferromq_namesrv_requests_total{code=\"103\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_broker_tries_again_at_its_period_not_every_second() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ns = crate::nameserver::start(crate::nameserver::NameServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let with_ns = |d: &tempfile::TempDir| BrokerConfig {
+        namesrv_addrs: vec![ns.addr.to_string()],
+        ..local_config(d.path())
+    };
+    let first = start(with_ns(&d1)).await.unwrap();
+    // A second master for the same group: refused while the first lives.
+    let second = start(with_ns(&d2)).await.unwrap();
+    assert!(get(second.http_addr, "/readyz")
+        .await
+        .starts_with("HTTP/1.1 503"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = registrations(ns.http_addr).await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let after = registrations(ns.http_addr).await;
+    assert!(
+        after - before <= 1,
+        "{} registrations in 3 s",
+        after - before
+    );
+    second.stop().await;
+    first.stop().await;
+    ns.stop().await;
+}

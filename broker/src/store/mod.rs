@@ -1294,12 +1294,24 @@ impl MessageStore {
         let (mut lo, mut hi) = (min, max);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let Some(e) = cq.get(mid, 1)?.first().copied() else {
+            // An empty entry (a replicated message a slave could not read) has no time: the
+            // next entry with one stands for it, and with none up to `hi`, it counts as later
+            // than any time.
+            let mut probe = mid;
+            let e = loop {
+                match cq.get(probe, 1)?.first().copied() {
+                    Some(e) if e.size == 0 && probe + 1 < hi => probe += 1,
+                    other => break other,
+                }
+            };
+            let Some(e) = e else {
                 break;
             };
             // An entry whose segment retention deleted (before the queue's minimum moved)
             // counts as earlier than any time.
-            let stored = if e.offset < log_min || e.size == 0 {
+            let stored = if e.size == 0 {
+                i64::MAX
+            } else if e.offset < log_min {
                 i64::MIN
             } else {
                 self.commitlog.read_store_timestamp(e.offset)?
@@ -1336,6 +1348,7 @@ impl MessageStore {
         Ok(cq
             .get(index, 1)?
             .first()
+            .filter(|e| e.size > 0)
             .map(|e| end.saturating_sub(e.offset)))
     }
 

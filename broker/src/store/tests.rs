@@ -1073,6 +1073,50 @@ fn a_replicated_message_that_cannot_be_read_is_skipped_and_the_rest_indexed() {
 }
 
 #[test]
+fn a_search_by_time_steps_over_an_empty_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = MessageStore::open(cfg(&dir.path().join("m"), FlushDiskType::Async)).unwrap();
+    // Five messages stored milliseconds apart, so each has a time of its own.
+    let results: Vec<PutResult> = (0..5)
+        .map(|i| {
+            std::thread::sleep(Duration::from_millis(3));
+            master.append(&[msg("T", 0, i, "A")]).unwrap().remove(0)
+        })
+        .collect();
+    let times: Vec<i64> = results
+        .iter()
+        .map(|r| {
+            master
+                .commitlog()
+                .read_store_timestamp(r.physical_offset)
+                .unwrap()
+        })
+        .collect();
+    let end = master.commitlog().max_offset();
+    let mut bytes = master.commitlog().read(0, end as usize).unwrap().to_vec();
+    master.shutdown();
+    // The middle one cannot be read on the slave: its queue entry is empty.
+    let third = &results[2];
+    let props = msg("T", 0, 2, "A").properties.len() as u64;
+    let at = (third.physical_offset + u64::from(third.size) - props - 2) as usize;
+    bytes[at..at + 2].copy_from_slice(&(-1i16).to_be_bytes());
+    let slave = MessageStore::open(cfg(&dir.path().join("s"), FlushDiskType::Async)).unwrap();
+    slave.replicate(0, &bytes).unwrap();
+    slave.dispatch_replicated().unwrap();
+    // The first stored at or after the second's time is the second, not one past the gap.
+    let found = slave
+        .search_offset("T", 0, times[1], Boundary::Lower)
+        .unwrap();
+    assert_eq!(found, 1);
+    let found = slave
+        .search_offset("T", 0, times[3], Boundary::Lower)
+        .unwrap();
+    assert!((2..=3).contains(&found), "{found}");
+    assert_eq!(slave.lag_at("T", 0, 2).unwrap(), None);
+    slave.shutdown();
+}
+
+#[test]
 fn replicated_messages_are_indexed_without_checking_their_body_crc() {
     let dir = tempfile::tempdir().unwrap();
     let (mut bytes, results) = master_log(&dir.path().join("m"), 3);
