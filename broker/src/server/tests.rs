@@ -33,6 +33,30 @@ fn local_config(dir: &std::path::Path) -> BrokerConfig {
     }
 }
 
+/// A name server in this process on `listen` (port 0: any), its HTTP port any.
+async fn name_server_at(listen: SocketAddr) -> crate::nameserver::NameServerHandle {
+    crate::nameserver::start(crate::nameserver::NameServerConfig {
+        listen,
+        http: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Polls `/readyz` at `http` for up to 5 s until it answers 200; its last answer.
+async fn wait_ready(http: SocketAddr) -> String {
+    let mut answer = String::new();
+    for _ in 0..100 {
+        answer = get(http, "/readyz").await;
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    answer
+}
+
 fn message() -> NewMessage {
     NewMessage {
         topic: "T".into(),
@@ -51,26 +75,13 @@ fn message() -> NewMessage {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_whose_log_cannot_reach_the_disk_is_unready_and_turns_sends_away() {
     let dir = tempfile::tempdir().unwrap();
-    let ns = crate::nameserver::start(crate::nameserver::NameServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        http: "127.0.0.1:0".parse().unwrap(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let ns = name_server_at("127.0.0.1:0".parse().unwrap()).await;
     let cfg = BrokerConfig {
         namesrv_addrs: vec![ns.addr.to_string()],
         ..local_config(dir.path())
     };
     let h = start(cfg).await.unwrap();
-    let mut answer = String::new();
-    for _ in 0..200 {
-        answer = get(h.http_addr, "/readyz").await;
-        if answer.starts_with("HTTP/1.1 200") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let answer = wait_ready(h.http_addr).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "never ready: {answer}");
 
     let store = &h.broker.store;
@@ -947,21 +958,8 @@ async fn a_broker_no_name_server_took_is_unready_until_one_does() {
     );
     // The name server comes up late: the broker registers within a second or two, not a
     // whole registerNameServerPeriod (30 s) later.
-    let ns = crate::nameserver::start(crate::nameserver::NameServerConfig {
-        listen: ns_addr,
-        http: "127.0.0.1:0".parse().unwrap(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut answer = String::new();
-    for _ in 0..100 {
-        answer = get(h.http_addr, "/readyz").await;
-        if answer.starts_with("HTTP/1.1 200") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ns = name_server_at(ns_addr).await;
+    let answer = wait_ready(h.http_addr).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "never ready: {answer}");
     h.stop().await;
     ns.stop().await;
@@ -1018,14 +1016,7 @@ async fn a_broker_recovering_its_store_is_alive_but_not_ready() {
         .expect("the start did not finish")
         .unwrap()
         .unwrap();
-    let mut ready = String::new();
-    for _ in 0..100 {
-        ready = get(h.http_addr, "/readyz").await;
-        if ready.starts_with("HTTP/1.1 200") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let ready = wait_ready(h.http_addr).await;
     assert!(ready.starts_with("HTTP/1.1 200"), "never ready: {ready}");
     h.stop().await;
 }
@@ -1227,12 +1218,7 @@ async fn a_broker_on_a_full_disk_turns_sends_away_and_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_registers_again_at_once_with_a_name_server_that_lost_it() {
     let dir = tempfile::tempdir().unwrap();
-    let ns_cfg = || crate::nameserver::NameServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        http: "127.0.0.1:0".parse().unwrap(),
-        ..Default::default()
-    };
-    let ns = crate::nameserver::start(ns_cfg()).await.unwrap();
+    let ns = name_server_at("127.0.0.1:0".parse().unwrap()).await;
     let ns_addr = ns.addr;
     let cfg = BrokerConfig {
         namesrv_addrs: vec![ns_addr.to_string()],
@@ -1249,12 +1235,7 @@ async fn a_broker_registers_again_at_once_with_a_name_server_that_lost_it() {
     // The name server restarts (its routes are gone, the broker's connection closed); the
     // next period is 30 s away.
     ns.stop().await;
-    let ns = crate::nameserver::start(crate::nameserver::NameServerConfig {
-        listen: ns_addr,
-        ..ns_cfg()
-    })
-    .await
-    .unwrap();
+    let ns = name_server_at(ns_addr).await;
     let mut back = false;
     for _ in 0..100 {
         if listed(ns_addr).await {
@@ -1325,13 +1306,7 @@ async fn registrations(ns_http: SocketAddr) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_broker_tries_again_at_its_period_not_every_second() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ns = crate::nameserver::start(crate::nameserver::NameServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        http: "127.0.0.1:0".parse().unwrap(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let ns = name_server_at("127.0.0.1:0".parse().unwrap()).await;
     let with_ns = |d: &tempfile::TempDir| BrokerConfig {
         namesrv_addrs: vec![ns.addr.to_string()],
         ..local_config(d.path())
