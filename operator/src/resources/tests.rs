@@ -188,17 +188,7 @@ fn objects_carry_labels_owner_and_group_wiring() {
         tmpl.annotations.as_ref().unwrap()[ANNOTATION_CONFIG_HASH],
         p.groups[1].config_hash
     );
-    let anti = sp
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .affinity
-        .as_ref()
-        .unwrap()
-        .pod_anti_affinity
-        .as_ref()
-        .unwrap();
+    let anti = affinity_of(sp).pod_anti_affinity.as_ref().unwrap();
     let term = &anti
         .preferred_during_scheduling_ignored_during_execution
         .as_ref()
@@ -305,14 +295,7 @@ fn name_servers_have_a_disruption_budget_and_spread_over_nodes() {
     );
     let sts = r.stateful_sets[0].spec.as_ref().unwrap();
     assert_eq!(sts.selector.match_labels.as_ref(), Some(&want));
-    let affinity = sts
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .affinity
-        .as_ref()
-        .unwrap();
+    let affinity = affinity_of(sts);
     assert!(
         affinity.node_affinity.is_some(),
         "the user's affinity is kept"
@@ -339,4 +322,15 @@ fn name_servers_have_a_disruption_budget_and_spread_over_nodes() {
             .as_ref(),
         Some(&want)
     );
+}
+
+/// The pod affinity a StatefulSet's template sets (the test fails if it sets none).
+fn affinity_of(
+    sts: &k8s_openapi::api::apps::v1::StatefulSetSpec,
+) -> &k8s_openapi::api::core::v1::Affinity {
+    sts.template
+        .spec
+        .as_ref()
+        .and_then(|p| p.affinity.as_ref())
+        .expect("the pod template sets an affinity")
 }
