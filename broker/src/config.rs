@@ -457,6 +457,11 @@ impl BrokerConfig {
         BrokerConfig::parse(&text)
     }
 
+    /// The time between registrations: `registerNameServerPeriod`, but at least a second.
+    pub fn register_period(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.register_period_ms.max(1000))
+    }
+
     /// Checks settings against each other.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let id = self.broker_id.to_string();
@@ -477,8 +482,7 @@ impl BrokerConfig {
             }
             _ => {}
         }
-        // Registrations come at most once a second whatever the period says.
-        if self.register_period_ms.max(1000) >= self.heartbeat_timeout_ms {
+        if self.register_period().as_millis() >= u128::from(self.heartbeat_timeout_ms) {
             // The name servers would drop the broker between two registrations.
             return Err(ConfigError::Inconsistent(format!(
                 "registerNameServerPeriod ({} ms) must be shorter than \

@@ -1150,7 +1150,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     let b = broker.clone();
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
-        let period = Duration::from_millis(b.cfg.register_period_ms.max(1000));
+        let period = b.cfg.register_period();
         let mut next = tokio::time::Instant::now();
         loop {
             next += if unheard {

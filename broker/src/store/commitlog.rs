@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::message::{
     decode_stored, parse_stored, StoredMessage, StoredRef, BLANK_MAGIC, FLAG_BORN_V6, MAGIC_V1,
-    MAGIC_V2,
+    MAGIC_V2, POS_STORE_TIMESTAMP_V4, POS_SYS_FLAG,
 };
 use super::{lock, StoreError};
 
@@ -685,22 +685,25 @@ impl CommitLog {
     /// The store time of the message at `offset`, read from its header alone (searches by
     /// time and stats need nothing else, and a body can be megabytes).
     pub fn read_store_timestamp(&self, offset: u64) -> Result<i64, StoreError> {
-        // Size, magic, body CRC, queue id, flag, queue offset, commit-log offset, sysFlag,
-        // born time: 48 bytes; then the born host (8 bytes, or 20 for IPv6) and the store time.
-        const BEFORE_HOST: usize = 48;
-        let head = self.read(offset, BEFORE_HOST)?;
+        let mut head = [0u8; POS_SYS_FLAG + 4];
+        self.read_into(offset, &mut head)?;
         let size = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-        let sys_flag = i32::from_be_bytes([head[36], head[37], head[38], head[39]]);
-        let at = BEFORE_HOST + if sys_flag & FLAG_BORN_V6 != 0 { 20 } else { 8 };
+        let sys_flag = i32::from_be_bytes([
+            head[POS_SYS_FLAG],
+            head[POS_SYS_FLAG + 1],
+            head[POS_SYS_FLAG + 2],
+            head[POS_SYS_FLAG + 3],
+        ]);
+        // An IPv6 born host takes 12 bytes more than an IPv4 one.
+        let at = POS_STORE_TIMESTAMP_V4 + if sys_flag & FLAG_BORN_V6 != 0 { 12 } else { 0 };
         if size <= 0 || (size as usize) < at + 8 {
             return Err(StoreError::Corrupt(format!(
                 "message at {offset}: size {size} leaves no room for its store time"
             )));
         }
-        let t = self.read(offset + at as u64, 8)?;
-        Ok(i64::from_be_bytes([
-            t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7],
-        ]))
+        let mut t = [0u8; 8];
+        self.read_into(offset + at as u64, &mut t)?;
+        Ok(i64::from_be_bytes(t))
     }
 
     /// Reads and decodes the message at `offset`.

@@ -24,7 +24,10 @@ pub const FLAG_MULTI_TAGS: i32 = 0x2;
 pub const POS_QUEUE_OFFSET: usize = 20;
 /// Offset of `physicalOffset` within a stored message.
 pub const POS_PHYSICAL_OFFSET: usize = 28;
-/// Offset of `storeTimestamp` within a stored message whose born host is IPv4.
+/// Offset of `sysFlag` within a stored message.
+pub const POS_SYS_FLAG: usize = 36;
+/// Offset of `storeTimestamp` within a stored message whose born host is IPv4 (12 bytes later
+/// when it is IPv6).
 pub const POS_STORE_TIMESTAMP_V4: usize = 56;
 
 /// Property key of the message tags.

@@ -310,8 +310,6 @@ pub struct MessageStore {
     write_lock: Mutex<BytesMut>,
     /// Commit-log offset below which every message is appended and dispatched to its queue.
     dispatched: AtomicU64,
-    /// The offset the latest checkpoint written records.
-    checkpointed: AtomicU64,
     /// Share of the store's file system in use, in millionths, as last measured.
     disk_used: AtomicU64,
     flush: Arc<FlushShared>,
@@ -473,7 +471,6 @@ impl MessageStore {
             queues,
             write_lock: Mutex::new(BytesMut::with_capacity(1 << 20)),
             dispatched: AtomicU64::new(end),
-            checkpointed: AtomicU64::new(0),
             disk_used: AtomicU64::new(0),
             flush: Arc::new(FlushShared {
                 waiters: Mutex::new(Vec::new()),
@@ -547,9 +544,7 @@ impl MessageStore {
                 consistent_offset: offset,
                 clean_shutdown: clean,
             },
-        )?;
-        self.checkpointed.store(offset, Ordering::Release);
-        Ok(())
+        )
     }
 
     /// Measures how full the store's file system is (statvfs), records it and returns it.
@@ -1031,7 +1026,7 @@ impl MessageStore {
         let mut last_checkpoint = Instant::now();
         // From the checkpoint written at open, not from what is dispatched when this thread
         // starts: messages appended in between would otherwise wait for the next append.
-        let mut checkpointed = self.checkpointed.load(Ordering::Acquire);
+        let mut checkpointed = self.recovery.end;
         let mut create_failed: Option<Instant> = None;
         let mut checkpoint_failed = false;
         loop {
