@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::command::Scalar;
+
 use crate::store::topics::{DataVersion, TopicConfig};
 
 /// One broker group as routes list it.
@@ -169,37 +171,28 @@ pub struct ConsumerListBody {
 }
 
 /// A JSON long as Java clients write it (a number), as the C++ and Go clients write it (a
-/// decimal string), or null.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum LongOrText {
-    Long(i64),
-    Text(String),
-    Null(()),
-}
-
-impl LongOrText {
-    fn value<E: serde::de::Error>(self) -> Result<i64, E> {
-        match self {
-            LongOrText::Long(n) => Ok(n),
-            LongOrText::Text(t) => t
-                .trim()
-                .parse()
-                .map_err(|_| E::custom(format!("expected a long, found {t:?}"))),
-            LongOrText::Null(()) => Ok(0),
-        }
+/// decimal string), or null (0), read through the header decoder's scalar.
+fn long_of<E: serde::de::Error>(v: Scalar<'_>) -> Result<i64, E> {
+    match v {
+        Scalar::Int(n) => Ok(n),
+        Scalar::Str(t) => t
+            .trim()
+            .parse()
+            .map_err(|_| E::custom(format!("expected a long, found {t:?}"))),
+        Scalar::Null => Ok(0),
+        _ => Err(E::custom("expected a long")),
     }
 }
 
 fn long_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-    LongOrText::deserialize(d)?.value()
+    long_of(Scalar::deserialize(d)?)
 }
 
 fn longs_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeSet<i64>, D::Error> {
-    Option::<Vec<LongOrText>>::deserialize(d)?
+    Option::<Vec<Scalar<'de>>>::deserialize(d)?
         .unwrap_or_default()
         .into_iter()
-        .map(LongOrText::value)
+        .map(long_of)
         .collect()
 }
 
@@ -244,10 +237,10 @@ pub struct LockBatchResponseBody {
 /// does.
 fn lenient_int<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
     use serde::de::Error;
-    match LongOrText::deserialize(d)? {
-        LongOrText::Null(()) => Err(D::Error::custom("null is not an integer")),
+    match Scalar::deserialize(d)? {
+        Scalar::Null => Err(D::Error::custom("null is not an integer")),
         v => {
-            let n = v.value()?;
+            let n = long_of::<D::Error>(v)?;
             i32::try_from(n).map_err(|_| D::Error::custom(format!("{n} is not a 32-bit integer")))
         }
     }

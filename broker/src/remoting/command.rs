@@ -422,7 +422,7 @@ fn encode_binary_header(cmd: &RemotingCommand, dst: &mut BytesMut) {
 }
 
 /// A JSON scalar accepted where Java accepts it: strings, numbers, booleans and null.
-enum Scalar<'de> {
+pub(crate) enum Scalar<'de> {
     /// Borrowed from the header when it holds no escapes (`"JAVA"`, numbers as text).
     Str(Cow<'de, str>),
     Int(i64),

@@ -896,10 +896,10 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     // Alive from here on, ready later: a recovery longer than the liveness probe's patience
     // must not get the broker killed and the recovery started over.
     let health = HealthState::starting();
-    let startup = CancellationToken::new();
-    let early_http = tokio::spawn(http::serve(http_listener, health.clone(), startup.clone()));
-    // A start that fails from here on stops it again.
-    let failed_start = startup.clone().drop_guard();
+    let shutdown = CancellationToken::new();
+    let http_task = tokio::spawn(http::serve(http_listener, health.clone(), shutdown.clone()));
+    // A start that fails from here on stops what it started (HTTP, the remoting server, ...).
+    let failed_start = shutdown.clone().drop_guard();
 
     let store_cfg = StoreConfig {
         root: cfg.store_root.clone(),
@@ -1071,9 +1071,6 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         )?;
     }
 
-    let shutdown = CancellationToken::new();
-    // A start that fails from here on stops what it started (the remoting server, say).
-    let stop_started = shutdown.clone().drop_guard();
     let loops =
         EventLoops::start("remoting", cfg.io_threads, spin, &shutdown).map_err(|source| {
             BrokerError::Threads {
@@ -1082,7 +1079,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             }
         })?;
     let first_loop = loops.first_loop();
-    let mut tasks = Vec::new();
+    let mut tasks = vec![http_task];
     tasks.push(tokio::spawn(serve(
         listener,
         broker.clone(),
@@ -1090,14 +1087,6 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         shutdown.clone(),
         loops,
     )));
-    // The HTTP server started before the store opened goes on until shutdown.
-    let stop_http = startup.clone();
-    let stopping = shutdown.clone();
-    tasks.push(tokio::spawn(async move {
-        stopping.cancelled().await;
-        stop_http.cancel();
-        let _ = early_http.await;
-    }));
 
     // Replication: masters serve their slaves, slaves follow their master.
     if let Some(state) = &broker.replication {
@@ -1151,13 +1140,13 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         let period = b.cfg.register_period();
-        let mut next = tokio::time::Instant::now();
         loop {
-            next += if unheard {
-                period.min(Duration::from_secs(1))
-            } else {
-                period
-            };
+            let next = tokio::time::Instant::now()
+                + if unheard {
+                    Duration::from_secs(1)
+                } else {
+                    period
+                };
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -1171,7 +1160,6 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
                 }
             }
             (took, unheard) = b.register_all().await;
-            next = tokio::time::Instant::now();
         }
     }));
 
@@ -1291,7 +1279,6 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     );
     failed_start.disarm();
     close_store.disarm();
-    stop_started.disarm();
     Ok(BrokerHandle {
         addr,
         http_addr,

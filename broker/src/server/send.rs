@@ -406,13 +406,16 @@ impl Broker {
                 && crate::store::message::property(props, PROP_TRANSACTION_PREPARED)
                     .is_some_and(|v| v.eq_ignore_ascii_case("true"))
         };
+        if !items.iter().any(|(_, _, p)| prepared(p)) {
+            return None;
+        }
         // Java lets a retry of a transactional message through (it is a plain message by
         // then): reconsumed and delayed.
         let retry = h.reconsume_times.unwrap_or(0) > 0
             && items
                 .iter()
                 .all(|(_, _, p)| schedule::requested_level(p) > 0);
-        (!retry && items.iter().any(|(_, _, p)| prepared(p))).then(|| {
+        (!retry).then(|| {
             req.error_to(
                 ResponseCode::NoPermission,
                 format!(

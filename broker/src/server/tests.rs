@@ -57,6 +57,11 @@ async fn wait_ready(http: SocketAddr) -> String {
     answer
 }
 
+/// A client connection for requests handed straight to the broker.
+fn test_peer() -> crate::remoting::connection::Peer {
+    crate::remoting::connection::Peer::detached("127.0.0.1:1".parse().unwrap())
+}
+
 fn message() -> NewMessage {
     NewMessage {
         topic: "T".into(),
@@ -537,7 +542,7 @@ async fn send_v2(
     };
     let req = RemotingCommand::request(RequestCode::SendMessageV2.code(), h.to_v2())
         .with_body(Bytes::from_static(b"body"));
-    let peer = crate::remoting::connection::Peer::detached("127.0.0.1:1".parse().unwrap());
+    let peer = test_peer();
     b.process(req, &peer).await.unwrap()
 }
 
@@ -621,7 +626,7 @@ async fn a_lite_pull_is_answered_as_a_pull() {
     // RocketMQ 5's DefaultLitePullConsumer: subscription, suspend and the lite-pull bit.
     let header = pull_header("G", 0, 0, PULL_SUSPEND | 0x10, 1000, "*");
     let req = RemotingCommand::request(RequestCode::LitePullMessage.code(), header.to_ext());
-    let peer = crate::remoting::connection::Peer::detached("127.0.0.1:1".parse().unwrap());
+    let peer = test_peer();
     let resp = h.broker.process(req, &peer).await.unwrap();
     assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
     let got = PullMessageResponseHeader::from_ext(&resp.ext_fields).unwrap();
@@ -634,7 +639,7 @@ async fn group_names_that_cannot_name_a_topic_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
     let b = &h.broker;
-    let peer = crate::remoting::connection::Peer::detached("127.0.0.1:1".parse().unwrap());
+    let peer = test_peer();
     let bad = "x/../../../escaped";
     let body = format!(
         r#"{{"clientID":"c","consumerDataSet":[{{"groupName":"{bad}","subscriptionDataSet":[]}}]}}"#
@@ -732,7 +737,7 @@ async fn a_slave_keeps_its_masters_delay_progress_and_groups() {
         ExtFields::default(),
     )
     .with_body(Bytes::from_static(br#"{"groupName":"H"}"#));
-    let peer = crate::remoting::connection::Peer::detached("127.0.0.1:1".parse().unwrap());
+    let peer = test_peer();
     let resp = slave.broker.process(update, &peer).await.unwrap();
     assert_eq!(resp.code, ResponseCode::NoPermission.code());
     let saved = std::fs::read_to_string(sdir.path().join("config").join("delayOffset.json"));
@@ -839,7 +844,7 @@ async fn javas_topic_status_and_consumer_progress_are_answered() {
     let name = b.cfg.broker_name.clone();
     b.store.append(&tagged(0, "A", 3)).unwrap();
     b.store.offsets.commit("G", "T", 0, 2);
-    let peer = crate::remoting::connection::Peer::detached("127.0.0.1:1".parse().unwrap());
+    let peer = test_peer();
 
     let ask = TopicStatsRequestHeader { topic: "T".into() };
     let req = RemotingCommand::request(RequestCode::GetTopicStatsInfo.code(), ask.to_ext());
@@ -980,11 +985,8 @@ async fn a_broker_recovering_its_store_is_alive_but_not_ready() {
     let http_port = spot.local_addr().unwrap().port();
     drop(spot);
     let cfg = BrokerConfig {
-        store_root: dir.path().to_path_buf(),
-        listen_port: 0,
         http_port,
-        ha_listen_port: 0,
-        ..BrokerConfig::default()
+        ..local_config(dir.path())
     };
     let starting = tokio::spawn(start(cfg));
     let http: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
@@ -1027,7 +1029,7 @@ async fn subscription_groups_an_operator_configures_are_kept_and_honoured() {
     let dir = tempfile::tempdir().unwrap();
     let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
     let b = &h.broker;
-    let peer = crate::remoting::connection::Peer::detached("127.0.0.1:1".parse().unwrap());
+    let peer = test_peer();
     let call = |code: RequestCode, ext: ExtFields, body: &'static str| {
         let req = RemotingCommand::request(code.code(), ext)
             .with_body(Bytes::from_static(body.as_bytes()));
