@@ -332,7 +332,7 @@ impl BrokerConfig {
             }
             let v = v.as_str();
             let k = key.as_str();
-            match k {
+            match setting(k) {
                 "brokerClusterName" => c.cluster_name = non_empty(k, v)?,
                 "brokerName" => c.broker_name = non_empty(k, v)?,
                 "brokerId" => c.broker_id = num(k, v, "a non-negative integer")?,
@@ -422,7 +422,7 @@ impl BrokerConfig {
                 }
                 "haMasterAddress" => c.ha_master_address = Some(non_empty(k, v)?),
                 "haAuthToken" => c.ha_auth_token = Some(v.to_string()).filter(|t| !t.is_empty()),
-                "haMaxGapNotInSync" | "haSlaveFallbehindMax" => {
+                "haMaxGapNotInSync" => {
                     c.ha_max_gap = num(k, v, "a size in bytes")?;
                 }
                 "slaveTimeout" => c.slave_timeout_ms = num(k, v, "milliseconds")?,

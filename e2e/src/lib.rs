@@ -126,32 +126,24 @@ impl Proc {
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) -> Result<(), Error> {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-            let start = Instant::now();
-            loop {
-                if let Some(status) = c.try_wait()? {
-                    if !status.success() {
-                        return Err(format!(
-                            "{} exited with {status}; log {}",
-                            self.name,
-                            self.log.display()
-                        )
-                        .into());
-                    }
-                    return Ok(());
-                }
-                if start.elapsed() > Duration::from_secs(20) {
-                    let _ = c.kill();
-                    return Err(format!("{} did not stop within 20 s", self.name).into());
-                }
-                std::thread::sleep(Duration::from_millis(20));
+        if self.child.is_none() {
+            return Ok(());
+        }
+        // A process that already exited is waited for all the same.
+        let _ = self.signal("TERM");
+        match self.wait_exit(Duration::from_secs(20)) {
+            Ok(status) if status.success() => Ok(()),
+            Ok(status) => Err(format!(
+                "{} exited with {status}; log {}",
+                self.name,
+                self.log.display()
+            )
+            .into()),
+            Err(_) => {
+                self.kill9();
+                Err(format!("{} did not stop within 20 s", self.name).into())
             }
         }
-        Ok(())
     }
 
     /// Waits up to `within` for the process to exit by itself; its exit status.

@@ -32,8 +32,8 @@ impl KvConfig {
         let Some(path) = path else {
             return Ok(KvConfig(JsonTable::in_memory()));
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        if let Some(dir) = path.parent() {
+            crate::store::commitlog::create_dir_durable(dir)?;
         }
         JsonTable::load(path).map(KvConfig)
     }

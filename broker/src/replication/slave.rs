@@ -116,10 +116,7 @@ async fn follow_once(
     addr: &str,
     pace: Pace,
 ) -> Result<(), ReplicationError> {
-    let e = |source| ReplicationError::Io {
-        peer: addr.to_string(),
-        source,
-    };
+    let e = io_error(addr);
     let socket = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
         .await
         .map_err(|_| ReplicationError::Io {
@@ -158,10 +155,7 @@ async fn session(
     mut overlap: Overlap,
     pace: Pace,
 ) -> Result<(), ReplicationError> {
-    let e = |source| ReplicationError::Io {
-        peer: addr.to_string(),
-        source,
-    };
+    let e = io_error(addr);
     let log = store.commitlog();
     // Buffered: a chunk header and its data usually arrive in one read, and several chunks
     // that arrived together are stored before one acknowledgement.
@@ -228,10 +222,7 @@ async fn read_chunk(
     buf: &mut [u8],
     addr: &str,
 ) -> Result<(u64, usize), ReplicationError> {
-    let e = |source| ReplicationError::Io {
-        peer: addr.to_string(),
-        source,
-    };
+    let e = io_error(addr);
     let start = rd.read_u64().await.map_err(e)?;
     let size = rd.read_u32().await.map_err(e)? as usize;
     if size > buf.len() {
@@ -386,6 +377,14 @@ impl Overlap {
         } else {
             log.max_offset()
         }
+    }
+}
+
+/// Turns an I/O error on the connection to `addr` into a replication error naming it.
+fn io_error(addr: &str) -> impl Fn(std::io::Error) -> ReplicationError + Copy + '_ {
+    move |source| ReplicationError::Io {
+        peer: addr.to_string(),
+        source,
     }
 }
 

@@ -204,6 +204,23 @@ impl Broker {
         }
     }
 
+    /// Handles DELETE_SUBSCRIPTIONGROUP: the group's settings go, and with `cleanOffset` its
+    /// committed offsets too.
+    fn delete_group(&self, req: &RemotingCommand) -> RemotingCommand {
+        let h = match DeleteSubscriptionGroupRequestHeader::from_ext(&req.ext_fields) {
+            Ok(h) => h,
+            Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
+        };
+        if let Err(e) = self.store.groups.remove(&h.group_name) {
+            return req.error_to(ResponseCode::SystemError, e.to_string());
+        }
+        if h.clean_offset {
+            let n = self.store.offsets.remove_group(&h.group_name);
+            tracing::info!(group = %h.group_name, topics = n, "consumer offsets of a deleted group removed");
+        }
+        req.response_to(ResponseCode::Success)
+    }
+
     /// The retry limit of a group for a client that sent none: its configured
     /// `retryMaxTimes`, or RocketMQ's 16.
     fn retry_max_times(&self, group: &str) -> i32 {
@@ -296,21 +313,7 @@ impl Broker {
                 )
             }
             RequestCode::UpdateAndCreateSubscriptionGroup => self.update_group(req),
-            RequestCode::DeleteSubscriptionGroup => {
-                match DeleteSubscriptionGroupRequestHeader::from_ext(&req.ext_fields) {
-                    Ok(h) => match self.store.groups.remove(&h.group_name) {
-                        Ok(_) => {
-                            if h.clean_offset {
-                                let n = self.store.offsets.remove_group(&h.group_name);
-                                tracing::info!(group = %h.group_name, topics = n, "consumer offsets of a deleted group removed");
-                            }
-                            req.response_to(ResponseCode::Success)
-                        }
-                        Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
-                    },
-                    Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
-                }
-            }
+            RequestCode::DeleteSubscriptionGroup => self.delete_group(req),
             RequestCode::GetAllSubscriptionGroupConfig => req
                 .response_to(ResponseCode::Success)
                 .with_body(to_json(&self.store.groups.snapshot())),

@@ -90,18 +90,14 @@ impl Scheduler {
         let theirs: DelayOffsets = crate::remoting::body::from_json(body).map_err(|e| {
             StoreError::Corrupt(format!("unreadable delay offsets from the master: {e}"))
         })?;
-        let snapshot = {
+        {
             let mut ours = self.offsets.lock().unwrap_or_else(|p| p.into_inner());
             if ours.offset_table == theirs.offset_table {
                 return Ok(false);
             }
             *ours = theirs;
-            ours.clone()
-        };
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || save_json(&path, &snapshot))
-            .await
-            .unwrap_or(Err(StoreError::Shutdown))?;
+        }
+        self.write_progress().await?;
         Ok(true)
     }
 
@@ -253,6 +249,11 @@ impl Scheduler {
     /// blocking thread, not the runtime's.
     async fn save(&self, store: &MessageStore) -> Result<(), StoreError> {
         store.wait_durable(store.commitlog().max_offset()).await?;
+        self.write_progress().await
+    }
+
+    /// Writes the progress in memory to its file, on a blocking thread.
+    async fn write_progress(&self) -> Result<(), StoreError> {
         let snapshot = self
             .offsets
             .lock()

@@ -42,6 +42,14 @@ pub struct CqEntry {
     pub tags_code: i64,
 }
 
+impl CqEntry {
+    /// Whether the entry holds no message: it stands for a replicated message a slave could
+    /// not read (its queue offset kept, nothing to serve).
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+}
+
 /// Every consume queue of a store, by topic and queue id, opened or created on first use.
 /// Looked up with a borrowed topic, so finding a queue allocates nothing (a send looks its
 /// queue up once per message).

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::persist::JsonTable;
-use super::topics::{now_ms, DataVersion};
+use super::topics::DataVersion;
 use super::StoreError;
 
 /// One group's settings, with Java's JSON names; fields ferromq does not act on are kept as
@@ -109,7 +109,7 @@ impl GroupTable {
             }
             t.subscription_group_table
                 .insert(cfg.group_name.clone(), cfg);
-            bump(&mut t.data_version);
+            t.data_version.bump();
             true
         })
     }
@@ -119,7 +119,7 @@ impl GroupTable {
         self.0.change(|t| {
             let removed = t.subscription_group_table.remove(group).is_some();
             if removed {
-                bump(&mut t.data_version);
+                t.data_version.bump();
             }
             removed
         })
@@ -135,11 +135,6 @@ impl GroupTable {
             true
         })
     }
-}
-
-fn bump(v: &mut DataVersion) {
-    v.counter += 1;
-    v.timestamp = now_ms();
 }
 
 #[cfg(test)]

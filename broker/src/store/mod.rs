@@ -696,14 +696,18 @@ impl MessageStore {
         let mut next_in_queue: Vec<(Arc<ConsumeQueue>, u64)> = Vec::new();
         let mut start = 0u64;
         for msgs in sends {
-            let total: u64 = msgs.iter().map(|m| m.stored_len(&store_host) as u64).sum();
+            let (mut total, mut longest_properties) = (0u64, 0usize);
+            for m in msgs.iter() {
+                total += m.stored_len(&store_host) as u64;
+                longest_properties = longest_properties.max(m.properties.len());
+            }
             if total > max {
                 out.push(Err(StoreError::MessageTooLarge { len: total, max }));
                 continue;
             }
-            if let Some(m) = msgs.iter().find(|m| m.properties.len() > i16::MAX as usize) {
+            if longest_properties > i16::MAX as usize {
                 out.push(Err(StoreError::PropertiesTooLong {
-                    len: m.properties.len(),
+                    len: longest_properties,
                 }));
                 continue;
             }
@@ -1240,7 +1244,7 @@ impl MessageStore {
             }
             next += 1;
             // An empty entry stands for a replicated message a slave could not read.
-            if e.size == 0 || e.offset < log_min || !filter(e.tags_code) {
+            if e.is_empty() || e.offset < log_min || !filter(e.tags_code) {
                 continue;
             }
             match ranges.last_mut() {
@@ -1295,7 +1299,7 @@ impl MessageStore {
             let mut probe = mid;
             let e = loop {
                 match cq.get(probe, 1)?.first().copied() {
-                    Some(e) if e.size == 0 && probe + 1 < hi => probe += 1,
+                    Some(e) if e.is_empty() && probe + 1 < hi => probe += 1,
                     other => break other,
                 }
             };
@@ -1304,7 +1308,7 @@ impl MessageStore {
             };
             // An entry whose segment retention deleted (before the queue's minimum moved)
             // counts as earlier than any time.
-            let stored = if e.size == 0 {
+            let stored = if e.is_empty() {
                 i64::MAX
             } else if e.offset < log_min {
                 i64::MIN
@@ -1343,7 +1347,7 @@ impl MessageStore {
         Ok(cq
             .get(index, 1)?
             .first()
-            .filter(|e| e.size > 0)
+            .filter(|e| !e.is_empty())
             .map(|e| end.saturating_sub(e.offset)))
     }
 
@@ -1368,7 +1372,7 @@ impl MessageStore {
     pub fn store_time_at(&self, cq: &ConsumeQueue, index: u64) -> Result<Option<i64>, StoreError> {
         match cq.get(index, 1)?.first() {
             // An empty entry (a replicated message a slave could not read) has no time.
-            Some(e) if e.size > 0 => Ok(Some(self.commitlog.read_store_timestamp(e.offset)?)),
+            Some(e) if !e.is_empty() => Ok(Some(self.commitlog.read_store_timestamp(e.offset)?)),
             _ => Ok(None),
         }
     }

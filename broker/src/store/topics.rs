@@ -85,6 +85,14 @@ pub struct DataVersion {
     pub counter: i64,
 }
 
+impl DataVersion {
+    /// Marks a change of the table it versions.
+    pub fn bump(&mut self) {
+        self.counter += 1;
+        self.timestamp = now_ms();
+    }
+}
+
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct TopicsFile {
@@ -121,8 +129,7 @@ impl TopicTable {
                 return false;
             }
             t.topic_config_table.insert(cfg.topic_name.clone(), cfg);
-            t.data_version.counter += 1;
-            t.data_version.timestamp = now_ms();
+            t.data_version.bump();
             true
         })
     }
@@ -149,8 +156,7 @@ impl TopicTable {
             for cfg in t.topic_config_table.values_mut() {
                 cfg.perm = perm;
             }
-            t.data_version.counter += 1;
-            t.data_version.timestamp = now_ms();
+            t.data_version.bump();
             true
         })
         .map(drop)
