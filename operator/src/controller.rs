@@ -36,6 +36,13 @@ pub const ANNOTATION_FORCE_DRAIN: &str = "ferromq.io/force-drain";
 pub const ANNOTATION_TOPICS_SHARED: &str = "ferromq.io/topics-shared";
 /// Annotation on a group's StatefulSet: when its drain started (RFC 3339).
 pub const ANNOTATION_DRAIN_STARTED: &str = "ferromq.io/drain-started";
+/// Annotation on a group's StatefulSet: since when its drain has failed without a break
+/// (RFC 3339); removed at the first pass that reaches the broker again.
+pub const ANNOTATION_DRAIN_FAILING_SINCE: &str = "ferromq.io/drain-failing-since";
+/// How long a drain must have failed without a break before `force-drain` removes the group:
+/// one failed call (a name server restarting, a timeout) must not make an annotation left on
+/// the cluster drop a group that still holds unconsumed messages.
+pub const FORCE_AFTER_FAILING_SECS: u64 = 60;
 /// Pod-template annotation of a group's StatefulSet: when a cancelled drain restarted its pods
 /// (RFC 3339), the only way to give a broker its write permission back.
 pub const ANNOTATION_WRITES_RESTORED: &str = "ferromq.io/writes-restored-at";
@@ -445,6 +452,33 @@ async fn drain_step(
     ctx.admin.drained(group).await.map_err(drain_error)
 }
 
+/// Seconds since the RFC 3339 time of an annotation; 0 when it is missing or unreadable.
+fn age_secs(annotation: Option<&str>) -> i64 {
+    annotation
+        .and_then(|s| s.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .map(|t| {
+            k8s_openapi::jiff::Timestamp::now()
+                .duration_since(t)
+                .as_secs()
+        })
+        .unwrap_or(0)
+}
+
+/// Marks a draining group's drain as failing since now (`failing`), or clears the mark.
+async fn mark_drain_failing(
+    sts_api: &Api<StatefulSet>,
+    group: &str,
+    failing: bool,
+) -> Result<(), Error> {
+    let since = failing.then(|| k8s_openapi::jiff::Timestamp::now().to_string());
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {ANNOTATION_DRAIN_FAILING_SINCE: since}}});
+    sts_api
+        .patch(group, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
 /// Gives write permission back to a group whose drain started but which the plan wants again
 /// (a scale-in reverted before it finished). The broker keeps the wipe in memory only and has
 /// no call to undo it, so the group's pods are rolled through a pod-template annotation: they
@@ -457,7 +491,7 @@ async fn cancel_drain(
 ) -> Result<(), Error> {
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let patch = serde_json::json!({
-        "metadata": {"annotations": {ANNOTATION_DRAIN_STARTED: null}},
+        "metadata": {"annotations": {ANNOTATION_DRAIN_STARTED: null, ANNOTATION_DRAIN_FAILING_SINCE: null}},
         "spec": {"template": {"metadata": {"annotations": {ANNOTATION_WRITES_RESTORED: now}}}},
     });
     sts_api
@@ -568,16 +602,8 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
             continue;
         }
         let started = sts.annotations().get(ANNOTATION_DRAIN_STARTED).cloned();
-        let elapsed = started
-            .as_deref()
-            .and_then(|s| s.parse::<k8s_openapi::jiff::Timestamp>().ok())
-            .map(|t| {
-                k8s_openapi::jiff::Timestamp::now()
-                    .duration_since(t)
-                    .as_secs()
-            })
-            .unwrap_or(0);
-        let timed_out = elapsed > bc.spec.broker.drain_timeout_seconds;
+        let timed_out = age_secs(started.as_deref()) > bc.spec.broker.drain_timeout_seconds;
+        let failing_since = sts.annotations().get(ANNOTATION_DRAIN_FAILING_SINCE);
         let failed =
             match drain_step(&ctx, &bc, &sts_api, &group_ref(&group), started.is_none()).await {
                 Ok(true) => {
@@ -591,14 +617,26 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
                     .await;
                     continue; // not kept: deleted below with the other unwanted objects
                 }
-                Ok(false) => None,
-                Err(e @ Error::Drain { .. }) => Some(e.to_string()),
+                Ok(false) => {
+                    if failing_since.is_some() {
+                        mark_drain_failing(&sts_api, &group, false).await?;
+                    }
+                    None
+                }
+                Err(e @ Error::Drain { .. }) => {
+                    if failing_since.is_none() {
+                        mark_drain_failing(&sts_api, &group, true).await?;
+                    }
+                    Some(e.to_string())
+                }
                 Err(e) => return Err(e),
             };
-        // Force applies only to a drain that cannot finish (its broker cannot be asked, or it
-        // has run past its timeout): an annotation left behind must not skip the drain of a
-        // group removed weeks later.
-        if force && (failed.is_some() || timed_out) {
+        // Force applies only to a drain that cannot finish (its broker has not answered for
+        // FORCE_AFTER_FAILING_SECS, or the drain has run past its timeout): an annotation left
+        // behind must not skip the drain of a group removed weeks later, nor one failed call.
+        let failing_long = failed.is_some()
+            && age_secs(failing_since.map(String::as_str)) >= FORCE_AFTER_FAILING_SECS as i64;
+        if force && (failing_long || timed_out) {
             let why = failed.unwrap_or_else(|| {
                 format!(
                     "not drained within drainTimeoutSeconds ({}s)",

@@ -117,7 +117,10 @@ pub struct Scheduling {
 pub struct NameServerSpec {
     /// Name-server pods (brokers register with every one).
     #[serde(default = "default_ns_replicas")]
-    #[x_kube(validation = Rule::new("self >= 1").message("nameServer.replicas must be at least 1"))]
+    #[x_kube(
+        validation = Rule::new("self >= 1").message("nameServer.replicas must be at least 1"),
+        validation = Rule::new("self <= 32").message("nameServer.replicas may be at most 32")
+    )]
     pub replicas: i32,
     /// Container resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,7 +183,10 @@ pub struct BrokerSpec {
     pub masters: i32,
     /// Slaves per master; 0 runs multi-master without replication.
     #[serde(default)]
-    #[x_kube(validation = Rule::new("self >= 0").message("broker.slavesPerMaster may not be negative"))]
+    #[x_kube(
+        validation = Rule::new("self >= 0").message("broker.slavesPerMaster may not be negative"),
+        validation = Rule::new("self <= 16").message("broker.slavesPerMaster may be at most 16")
+    )]
     pub slaves_per_master: i32,
     /// Replication mode between a master and its slaves.
     #[serde(default)]
@@ -202,6 +208,7 @@ pub struct BrokerSpec {
     pub config: BTreeMap<String, String>,
     /// How long scale-in waits for consumers to drain a group before reporting it stuck.
     #[serde(default = "default_drain_timeout")]
+    #[x_kube(validation = Rule::new("self >= 0").message("broker.drainTimeoutSeconds may not be negative"))]
     pub drain_timeout_seconds: i64,
 }
 

@@ -30,6 +30,12 @@ pub const MAX_CLUSTER_NAME_LEN: usize = 41;
 /// Most broker groups a cluster may have: group indices stay within three digits, which
 /// [`MAX_CLUSTER_NAME_LEN`] is computed for.
 pub const MAX_MASTERS: i32 = 1000;
+/// Most slaves a master may have: a typo of a few digits must be refused, not planned as
+/// millions of pods (which took the operator down for every cluster it serves).
+pub const MAX_SLAVES_PER_MASTER: i32 = 16;
+/// Most name servers a cluster may have, for the same reason (every broker registers with
+/// each of them).
+pub const MAX_NAME_SERVERS: i32 = 32;
 /// Longest StatefulSet name whose pods Kubernetes can create.
 pub const MAX_STATEFULSET_NAME_LEN: usize = 52;
 
@@ -248,6 +254,21 @@ pub fn plan(
             why: "may not be negative",
         });
     }
+    if b.slaves_per_master > MAX_SLAVES_PER_MASTER {
+        return Err(PlanError::Invalid {
+            field: "broker.slavesPerMaster",
+            value: b.slaves_per_master.to_string(),
+            why: "at most 16 slaves per master",
+        });
+    }
+    if b.drain_timeout_seconds < 0 {
+        return Err(PlanError::Invalid {
+            field: "broker.drainTimeoutSeconds",
+            value: b.drain_timeout_seconds.to_string(),
+            why:
+                "may not be negative (a negative timeout would count every drain as stuck at once)",
+        });
+    }
     if b.replication == Replication::Sync && b.slaves_per_master < 1 {
         return Err(PlanError::Invalid {
             field: "broker.slavesPerMaster",
@@ -260,6 +281,13 @@ pub fn plan(
             field: "nameServer.replicas",
             value: spec.name_server.replicas.to_string(),
             why: "at least 1 name server is needed",
+        });
+    }
+    if spec.name_server.replicas > MAX_NAME_SERVERS {
+        return Err(PlanError::Invalid {
+            field: "nameServer.replicas",
+            value: spec.name_server.replicas.to_string(),
+            why: "at most 32 name servers",
         });
     }
     if let Some(k) = b
@@ -466,6 +494,25 @@ mod tests {
         let many = spec(MAX_MASTERS + 1, 0, Replication::Async, Flush::Async);
         let e = plan("demo", "n", &many, "i").unwrap_err();
         assert!(e.to_string().contains("broker.masters"), "{e}");
+        // Refused before anything is planned per member (this one would need 64 GiB).
+        let slaves = spec(1, i32::MAX, Replication::Async, Flush::Async);
+        let e = plan("demo", "n", &slaves, "i").unwrap_err();
+        assert!(e.to_string().contains("broker.slavesPerMaster"), "{e}");
+        assert!(plan(
+            "demo",
+            "n",
+            &spec(1, MAX_SLAVES_PER_MASTER, Replication::Async, Flush::Async),
+            "i"
+        )
+        .is_ok());
+        let mut name_servers = spec(1, 0, Replication::Async, Flush::Async);
+        name_servers.name_server.replicas = i32::MAX;
+        let e = plan("demo", "n", &name_servers, "i").unwrap_err();
+        assert!(e.to_string().contains("nameServer.replicas"), "{e}");
+        let mut timeout = spec(1, 0, Replication::Async, Flush::Async);
+        timeout.broker.drain_timeout_seconds = -1;
+        let e = plan("demo", "n", &timeout, "i").unwrap_err();
+        assert!(e.to_string().contains("broker.drainTimeoutSeconds"), "{e}");
     }
 
     #[test]

@@ -97,6 +97,33 @@ fn more_masters_than_group_names_allow_are_refused() {
     );
 }
 
+#[test]
+fn counts_a_typo_could_blow_up_and_negative_timeouts_are_refused() {
+    for (spec, want) in [
+        (
+            serde_json::json!({"broker": {"slavesPerMaster": 17}}),
+            "broker.slavesPerMaster may be at most 16",
+        ),
+        (
+            serde_json::json!({"nameServer": {"replicas": 33}}),
+            "nameServer.replicas may be at most 32",
+        ),
+        (
+            serde_json::json!({"broker": {"drainTimeoutSeconds": -1}}),
+            "broker.drainTimeoutSeconds may not be negative",
+        ),
+    ] {
+        let e = errors(spec.clone());
+        assert_eq!(e, vec![want.to_string()], "{spec}");
+    }
+    assert_eq!(
+        errors(
+            serde_json::json!({"broker": {"slavesPerMaster": 16}, "nameServer": {"replicas": 32}})
+        ),
+        Vec::<String>::new()
+    );
+}
+
 fn errors(spec: serde_json::Value) -> Vec<String> {
     match cluster(spec).validate_cel() {
         Ok(()) => Vec::new(),

@@ -17,7 +17,8 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use operator::controller::{
-    reconcile, Context, GroupAdmin, GroupRef, ANNOTATION_DRAIN_STARTED, ANNOTATION_WRITES_RESTORED,
+    reconcile, Context, GroupAdmin, GroupRef, ANNOTATION_DRAIN_FAILING_SINCE,
+    ANNOTATION_DRAIN_STARTED, ANNOTATION_WRITES_RESTORED,
 };
 use operator::crd::BrokerCluster;
 use serde_json::json;
@@ -869,6 +870,21 @@ async fn force_drain_removes_a_group_whose_broker_is_unreachable() {
     h.edit_spec(json!({"masters": 1}));
     h.drain.broken.store(true, Ordering::Relaxed);
     force_drain(&h);
+    // The first failure only starts the count: one failed call is not "cannot finish".
+    let writes = h.reconcile().await;
+    assert!(
+        writes.iter().all(|w| !w.starts_with("DELETE")),
+        "{writes:?}"
+    );
+    let sts = h.api.get("statefulsets", NS, "demo-broker-1").unwrap();
+    assert!(sts["metadata"]["annotations"][ANNOTATION_DRAIN_FAILING_SINCE].is_string());
+    // Failing for longer than FORCE_AFTER_FAILING_SECS: removed.
+    h.api.edit(
+        "statefulsets",
+        NS,
+        "demo-broker-1",
+        json!({"metadata": {"annotations": {ANNOTATION_DRAIN_FAILING_SINCE: "2020-01-01T00:00:00Z"}}}),
+    );
     let writes = h.reconcile().await;
     assert!(
         writes.contains(&"DELETE statefulsets/demo-broker-1".to_string()),
@@ -876,6 +892,43 @@ async fn force_drain_removes_a_group_whose_broker_is_unreachable() {
     );
     assert!(h.api.get("statefulsets", NS, "demo-broker-1").is_none());
     assert_eq!(h.condition("Degraded").0, "False");
+}
+
+#[tokio::test]
+async fn force_drain_does_not_remove_a_group_after_a_failure_that_passed() {
+    // The annotation stays on the cluster; a drain fails once (a name server restarting) and
+    // then reaches its broker again: the failure count starts over.
+    let h = harness(json!({"broker": {"masters": 2}}));
+    h.reconcile().await;
+    force_drain(&h);
+    h.edit_spec(json!({"masters": 1}));
+    h.drain.broken.store(true, Ordering::Relaxed);
+    h.reconcile().await;
+    h.api.edit(
+        "statefulsets",
+        NS,
+        "demo-broker-1",
+        json!({"metadata": {"annotations": {ANNOTATION_DRAIN_FAILING_SINCE: "2020-01-01T00:00:00Z"}}}),
+    );
+    h.drain.broken.store(false, Ordering::Relaxed);
+    let writes = h.reconcile().await;
+    assert!(
+        writes.iter().all(|w| !w.starts_with("DELETE")),
+        "{writes:?}"
+    );
+    let sts = h.api.get("statefulsets", NS, "demo-broker-1").unwrap();
+    assert!(
+        sts["metadata"]["annotations"][ANNOTATION_DRAIN_FAILING_SINCE].is_null(),
+        "{sts}"
+    );
+    // It fails again: a new count, so not removed at once.
+    h.drain.broken.store(true, Ordering::Relaxed);
+    let writes = h.reconcile().await;
+    assert!(
+        writes.iter().all(|w| !w.starts_with("DELETE")),
+        "{writes:?}"
+    );
+    assert!(h.api.get("statefulsets", NS, "demo-broker-1").is_some());
 }
 
 #[tokio::test]
