@@ -171,7 +171,11 @@ pub enum Flush {
     validation = Rule::new("self.replication != 'Sync' || self.slavesPerMaster >= 1")
         .message("replication: Sync (sync double write) needs slavesPerMaster >= 1"),
     validation = Rule::new("!has(self.config) || self.config.all(k, !(k in ['brokerClusterName', 'brokerName', 'brokerId', 'brokerRole', 'flushDiskType', 'namesrvAddr', 'listenPort', 'haListenPort', 'httpPort', 'brokerIP1', 'storePathRootDir']))")
-        .message("broker.config may not set keys the operator owns: brokerClusterName, brokerName, brokerId, brokerRole, flushDiskType, namesrvAddr, listenPort, haListenPort, httpPort, brokerIP1, storePathRootDir")
+        .message("broker.config may not set keys the operator owns: brokerClusterName, brokerName, brokerId, brokerRole, flushDiskType, namesrvAddr, listenPort, haListenPort, httpPort, brokerIP1, storePathRootDir"),
+    // The brokers' stored segments have the size they were created with, and a broker given
+    // another refuses to start: the edit would crash-loop every group's pods in turn.
+    validation = Rule::new("(has(self.config) && 'mappedFileSizeCommitLog' in self.config ? self.config['mappedFileSizeCommitLog'] : '') == (has(oldSelf.config) && 'mappedFileSizeCommitLog' in oldSelf.config ? oldSelf.config['mappedFileSizeCommitLog'] : '')")
+        .message("broker.config.mappedFileSizeCommitLog cannot change (nor be set or removed) once the cluster exists: the brokers' commit-log segments keep the size they were created with")
 )]
 pub struct BrokerSpec {
     /// Broker groups (brokerNames), each with one master.

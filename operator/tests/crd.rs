@@ -205,6 +205,29 @@ fn update_errors(old: serde_json::Value, new: serde_json::Value) -> Vec<String> 
 }
 
 #[test]
+fn the_commit_log_segment_size_is_immutable() {
+    let sized =
+        serde_json::json!({"broker": {"config": {"mappedFileSizeCommitLog": "1073741824"}}});
+    let other = serde_json::json!({"broker": {"config": {"mappedFileSizeCommitLog": "104857600"}}});
+    let unset = serde_json::json!({"broker": {"config": {"fileReservedTime": "48"}}});
+    for (old, new) in [(&sized, &other), (&sized, &unset), (&unset, &other)] {
+        let e = update_errors(old.clone(), new.clone());
+        assert_eq!(e.len(), 1, "{old} -> {new}: {e:?}");
+        assert!(
+            e[0].starts_with("broker.config.mappedFileSizeCommitLog cannot change"),
+            "{e:?}"
+        );
+    }
+    // Other keys, and the same size, edit freely.
+    let more = serde_json::json!({"broker": {"config": {"mappedFileSizeCommitLog": "1073741824", "fileReservedTime": "48"}}});
+    assert_eq!(update_errors(sized.clone(), more), Vec::<String>::new());
+    assert_eq!(
+        update_errors(unset, serde_json::json!({"broker": {"masters": 2}})),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
 fn storage_size_is_immutable() {
     // The StatefulSet's volumeClaimTemplates cannot change: the apiserver would refuse every
     // reconcile after such an edit.
