@@ -290,11 +290,14 @@ fn force_drain_hint(why: &str) -> String {
     )
 }
 
+/// What keeps a BrokerCluster from being applied at all: the condition reason and message.
+type Blocked = Option<(&'static str, String)>;
+
 fn build_status(
     bc: &BrokerCluster,
     plan: &ClusterPlan,
     obs: &Observed,
-    invalid: Option<String>,
+    invalid: Blocked,
 ) -> BrokerClusterStatus {
     let old = bc
         .status
@@ -308,7 +311,7 @@ fn build_status(
         && obs.draining.is_empty();
     let progressing = !ready && invalid.is_none();
     let (degraded, degraded_reason, degraded_msg) = match (&invalid, obs.stuck.is_empty()) {
-        (Some(msg), _) => (true, "InvalidSpec", msg.clone()),
+        (Some((reason, msg)), _) => (true, *reason, msg.clone()),
         (None, _) if !obs.drain_failed.is_empty() => (
             true,
             "DrainFailed",
@@ -540,7 +543,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
             if patch_status(
                 &bcs,
                 &bc,
-                build_status(&bc, &empty, &obs, Some(e.to_string())),
+                build_status(&bc, &empty, &obs, Some(("InvalidSpec", e.to_string()))),
             )
             .await?
             {
@@ -687,42 +690,74 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         .retain(|s| !waiting.contains(&s.name_any()));
     let keep: HashSet<String> = keep.union(&waiting).cloned().collect();
 
-    let writes = sync_kind(
-        &Api::<Service>::namespaced(client.clone(), &ns),
-        &selector,
-        &owner.uid,
-        desired.services,
-        &keep,
-        keep_nothing,
-    )
-    .await?
-        + sync_kind(
-            &Api::<ConfigMap>::namespaced(client.clone(), &ns),
-            &selector,
-            &owner.uid,
-            desired.config_maps,
-            &keep,
-            keep_nothing,
+    let applied = async {
+        Ok::<usize, Error>(
+            sync_kind(
+                &Api::<Service>::namespaced(client.clone(), &ns),
+                &selector,
+                &owner.uid,
+                desired.services,
+                &keep,
+                keep_nothing,
+            )
+            .await?
+                + sync_kind(
+                    &Api::<ConfigMap>::namespaced(client.clone(), &ns),
+                    &selector,
+                    &owner.uid,
+                    desired.config_maps,
+                    &keep,
+                    keep_nothing,
+                )
+                .await?
+                + sync_kind(
+                    &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
+                    &selector,
+                    &owner.uid,
+                    desired.pdbs,
+                    &keep,
+                    keep_nothing,
+                )
+                .await?
+                + sync_kind(
+                    &sts_api,
+                    &selector,
+                    &owner.uid,
+                    desired.stateful_sets,
+                    &keep,
+                    keep_claim_templates,
+                )
+                .await?,
         )
-        .await?
-        + sync_kind(
-            &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
-            &selector,
-            &owner.uid,
-            desired.pdbs,
-            &keep,
-            keep_nothing,
-        )
-        .await?
-        + sync_kind(
-            &sts_api,
-            &selector,
-            &owner.uid,
-            desired.stateful_sets,
-            &keep,
-            keep_claim_templates,
-        )
-        .await?;
+    }
+    .await;
+    let writes = match applied {
+        Ok(w) => w,
+        Err(Error::Kube(kube::Error::Api(ae)))
+            if (400..500).contains(&ae.code) && ae.code != 409 =>
+        {
+            // The API server refused what the spec renders into (say requests above limits):
+            // the last generation's Ready must not stand. A conflict (409) is a race, retried.
+            let why = format!(
+                "the API server refused an object of this spec: {}",
+                ae.message
+            );
+            let old = bc.status.clone().unwrap_or_default();
+            let obs = Observed {
+                ns_ready: old.name_servers_ready,
+                groups: old.groups,
+                ..Default::default()
+            };
+            patch_status(
+                &bcs,
+                &bc,
+                build_status(&bc, &plan, &obs, Some(("ApplyFailed", why))),
+            )
+            .await?;
+            return Err(Error::Kube(kube::Error::Api(ae)));
+        }
+        Err(e) => return Err(e),
+    };
     if writes > 0 {
         tracing::info!(cluster = %name, namespace = %ns, writes, "applied changes");
         publish(

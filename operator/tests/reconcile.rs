@@ -1149,3 +1149,43 @@ async fn stateful_sets_created_by_an_older_operator_keep_their_claim_templates()
     assert_eq!(h.reconcile_pods().await, applied("demo-broker-0"));
     assert_eq!(claims(&h, "demo-broker-0"), before[0]);
 }
+
+#[tokio::test]
+async fn a_spec_the_api_server_refuses_turns_ready_false_and_degraded() {
+    // Requests above limits pass the CRD schema but not the StatefulSet's validation: the last
+    // generation's Ready=True must not stand while nothing of the new one can be applied.
+    let h = harness(json!({"broker": {"masters": 1}}));
+    h.reconcile().await;
+    h.mark_ready();
+    h.reconcile().await;
+    assert_eq!(h.condition("Ready").0, "True");
+    h.edit_spec(json!({"flush": "Sync"}));
+    h.api.refuse("PATCH statefulsets/demo-broker-0");
+    let bcs: Api<BrokerCluster> = Api::namespaced(h.ctx.client.clone(), NS);
+    let bc = Arc::new(bcs.get("demo").await.unwrap());
+    let err = reconcile(bc, h.ctx.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    assert_eq!(h.condition("Ready").0, "False");
+    assert_eq!(
+        h.condition("Degraded"),
+        ("True".to_string(), "ApplyFailed".to_string())
+    );
+    assert!(
+        h.message("Degraded").contains("demo-broker-0"),
+        "{}",
+        h.message("Degraded")
+    );
+    // The groups reported before stay reported.
+    assert_eq!(h.status()["groups"].as_array().unwrap().len(), 1);
+    // A transient failure (500) leaves the status as it is, for the retry.
+    h.api.heal();
+    h.reconcile().await;
+    h.mark_ready();
+    h.reconcile().await;
+    assert_eq!(h.condition("Degraded").0, "False");
+    h.edit_spec(json!({"flush": "Async"}));
+    h.api.fail("PATCH statefulsets/demo-broker-0");
+    let bc = Arc::new(bcs.get("demo").await.unwrap());
+    reconcile(bc, h.ctx.clone()).await.unwrap_err();
+    assert_eq!(h.condition("Degraded").0, "False");
+}

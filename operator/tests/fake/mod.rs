@@ -24,8 +24,8 @@ struct State {
     writes: Vec<String>,
     /// Every call as (api group, resource[/subresource], RBAC verb).
     calls: Vec<(String, String, String)>,
-    /// Writes ("METHOD plural/name[/status]") answered with a 500 until cleared.
-    failing: Vec<String>,
+    /// Writes ("METHOD plural/name[/status]") answered with an error code until cleared.
+    failing: Vec<(String, u16)>,
     version: u64,
 }
 
@@ -157,7 +157,21 @@ impl FakeApi {
     /// Makes a write ("METHOD plural/name[/status]", as recorded) fail with a 500 until
     /// [`FakeApi::heal`].
     pub fn fail(&self, write: &str) {
-        self.0.lock().unwrap().failing.push(write.to_string());
+        self.0
+            .lock()
+            .unwrap()
+            .failing
+            .push((write.to_string(), 500));
+    }
+
+    /// Makes a write refused as invalid (422, what the API server answers an object its
+    /// validation refuses) until [`FakeApi::heal`].
+    pub fn refuse(&self, write: &str) {
+        self.0
+            .lock()
+            .unwrap()
+            .failing
+            .push((write.to_string(), 422));
     }
 
     /// Ends every failure set by [`FakeApi::fail`].
@@ -258,8 +272,13 @@ impl FakeApi {
             );
             let write = format!("{method} {target}");
             st.writes.push(write.clone());
-            if st.failing.contains(&write) {
-                return status(500, "InternalError", format!("{write}: injected failure"));
+            if let Some((_, code)) = st.failing.iter().find(|(w, _)| *w == write) {
+                let reason = if *code == 422 {
+                    "Invalid"
+                } else {
+                    "InternalError"
+                };
+                return status(*code, reason, format!("{write}: injected failure"));
             }
         }
         let body: Value = if body.is_empty() {
