@@ -114,6 +114,23 @@ impl ReplicationMaster {
         id
     }
 
+    /// A slave that has reported holding the log up to `acked` (`reported`), or only asked
+    /// from there; returns its id for [`ReplicationMaster::set_slave`].
+    #[cfg(test)]
+    pub(crate) fn add_slave(&self, acked: u64, reported: bool) -> u64 {
+        let id = self.connected(SocketAddr::from(([127, 0, 0, 1], 1)), acked);
+        if reported {
+            self.update(id, acked);
+        }
+        id
+    }
+
+    /// A slave's report that it holds the log up to `acked`.
+    #[cfg(test)]
+    pub(crate) fn set_slave(&self, id: u64, acked: u64) {
+        self.update(id, acked);
+    }
+
     fn remove(&self, id: u64) {
         let mut s = self.slaves_lock();
         s.remove(&id);

@@ -97,17 +97,37 @@ pub struct Broker {
     master_ha: watch::Sender<Option<String>>,
     /// Slaves: the master's remoting address, for topic and offset sync.
     master_addr: std::sync::Mutex<Option<String>>,
+    /// Slaves: when the master last answered the topic sync (once a second while it lives).
+    master_seen: std::sync::Mutex<Option<std::time::Instant>>,
     /// Physical memory, for the "consumer reads from disk" test behind slave reads.
     total_memory: u64,
     /// Endpoint state: not ready while a name server refuses our registration.
     health: Arc<HealthState>,
 }
 
+/// How long a slave counts its master as reachable after the master last answered its
+/// once-a-second topic sync (whose calls time out after 3 s).
+const MASTER_SEEN_FRESH: Duration = Duration::from_secs(5);
+
 type ErrorResponder = Box<dyn FnOnce(&RemotingCommand) -> RemotingCommand + Send>;
 
 impl Broker {
     fn is_master(&self) -> bool {
         self.cfg.role != BrokerRole::Slave
+    }
+
+    /// Slaves: whether the master answered lately, so a consumer sent to it will be served.
+    fn master_reachable(&self) -> bool {
+        self.master_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < MASTER_SEEN_FRESH)
+    }
+
+    /// Slaves: records that the master answered just now.
+    fn saw_master(&self) {
+        *self.master_seen.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now());
     }
 
     fn write_wiped(&self) -> bool {
@@ -533,20 +553,22 @@ impl Broker {
             .call_ok(&master, req, Duration::from_secs(3))
             .await
         {
-            Ok(resp) => match from_json::<TopicConfigWrapper>(&resp.body) {
-                Ok(w) => match self
-                    .store
-                    .topics
-                    .replace_all(w.topic_config_table, w.data_version)
-                {
-                    Ok(true) => self.topics_changed.notify_one(),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "saving topics copied from the master failed")
-                    }
-                },
-                Err(e) => tracing::warn!(error = %e, "master sent unreadable topic configs"),
-            },
+            Ok(resp) => {
+                match from_json::<TopicConfigWrapper>(&resp.body).inspect(|_| self.saw_master()) {
+                    Ok(w) => match self
+                        .store
+                        .topics
+                        .replace_all(w.topic_config_table, w.data_version)
+                    {
+                        Ok(true) => self.topics_changed.notify_one(),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "saving topics copied from the master failed")
+                        }
+                    },
+                    Err(e) => tracing::warn!(error = %e, "master sent unreadable topic configs"),
+                }
+            }
             Err(e) => tracing::debug!(master = %master, error = %e, "topic sync failed"),
         }
         let req =
@@ -1063,6 +1085,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         }),
         master_ha: watch::channel(cfg.ha_master_address.clone()).0,
         master_addr: std::sync::Mutex::new(None),
+        master_seen: std::sync::Mutex::new(None),
         total_memory: total_memory(),
         health: health.clone(),
     });

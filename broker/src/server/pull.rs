@@ -136,9 +136,11 @@ impl Broker {
             // still held a short while, or every idle queue would be a busy loop.
             self.cfg.short_polling.min(MAX_SUSPEND)
         };
-        // A slave may be behind its master, so what it lacks may still come: it waits for it
-        // instead of moving the consumer (see `pull_response`).
-        let slave = !self.is_master();
+        // A slave may be behind its master. While the master answers, a consumer asking for
+        // what the slave lacks is sent there at once (as Java's slave does); with no master to
+        // send it to, the slave waits for what it lacks instead of moving the consumer, which
+        // would otherwise come straight back (see `pull_response`).
+        let slave = !self.is_master() && !self.master_reachable();
         let deadline = Instant::now() + suspend;
         let mut cq = self.store.queue(&h.topic, h.queue_id);
         loop {
@@ -238,6 +240,7 @@ impl Broker {
         // false): it may lack what its master holds, and a consumer told to move commits the
         // new offset and re-reads or skips messages. It sends the consumer to the master.
         let slave = !self.is_master();
+        let master_reachable = slave && self.master_reachable();
         let (code, next, to_master) = match got.status {
             GetStatus::Found => (ResponseCode::Success, got.next_offset, false),
             GetStatus::NoNewMessage => (ResponseCode::PullNotFound, got.next_offset, false),
@@ -245,6 +248,9 @@ impl Broker {
                 (ResponseCode::PullRetryImmediately, got.next_offset, false)
             }
             GetStatus::NoMessageInQueue if offset == 0 => (ResponseCode::PullNotFound, 0, false),
+            GetStatus::NoMessageInQueue | GetStatus::OffsetOverflow if master_reachable => {
+                (ResponseCode::PullRetryImmediately, offset, true)
+            }
             GetStatus::NoMessageInQueue | GetStatus::OffsetOverflow if slave => {
                 (ResponseCode::PullNotFound, offset, true)
             }
@@ -285,9 +291,21 @@ impl Broker {
             return 0;
         }
         match &self.replication {
-            // A master suggests its first slave, as Java's whichBrokerWhenConsumeSlowly = 1.
-            Some(r) if !r.slaves().is_empty() => 1,
-            Some(_) => 0,
+            // A master suggests its first slave, as Java's whichBrokerWhenConsumeSlowly = 1,
+            // but only when every connected slave has reported holding what the consumer reads
+            // next: a slave still copying the log (new, or back from an outage) would hold the
+            // pull and send the consumer back, one batch per round.
+            Some(r) => {
+                let next = self
+                    .store
+                    .commitlog()
+                    .max_offset()
+                    .saturating_sub(lag_bytes);
+                let slaves = r.slaves();
+                let hold =
+                    !slaves.is_empty() && slaves.iter().all(|s| s.reported && s.acked >= next);
+                i64::from(hold)
+            }
             // A slave keeps a lagging consumer.
             None => self.cfg.broker_id,
         }

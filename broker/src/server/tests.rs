@@ -240,6 +240,78 @@ async fn held_pull(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_consumer_is_sent_to_a_slave_only_once_the_slave_holds_what_it_reads_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = BrokerConfig {
+        // Nothing counts as in memory: every consumer with messages left behind it lags.
+        access_message_in_memory_max_ratio: 0,
+        ..local_config(dir.path())
+    };
+    let h = start(cfg).await.unwrap();
+    h.broker
+        .store
+        .topics
+        .put(TopicConfig::new("T", 4, PERM_READ | PERM_WRITE))
+        .unwrap();
+    h.broker.store.append(&tagged(0, "A", 100)).unwrap();
+    let end = h.broker.store.commitlog().max_offset();
+    async fn suggested(b: &Broker) -> i64 {
+        pull_at(b, 0, 0, 0, "*").await.1.suggest_which_broker_id
+    }
+    // No slave: the master.
+    assert_eq!(suggested(&h.broker).await, 0);
+    let repl = h.broker.replication.clone().unwrap();
+    // A slave copying the log from its start (asked from 0, reported nothing yet), then one
+    // that has reported holding only the first bytes: neither holds message 32.
+    let slave = repl.add_slave(0, false);
+    assert_eq!(suggested(&h.broker).await, 0, "slave has reported nothing");
+    repl.set_slave(slave, 100);
+    assert_eq!(suggested(&h.broker).await, 0, "slave is far behind");
+    // Once it holds the log to its end, the lagging consumer goes there.
+    repl.set_slave(slave, end);
+    assert_eq!(suggested(&h.broker).await, 1);
+    // A second slave, still copying: the consumer stays, whichever slave it would pick.
+    repl.add_slave(0, true);
+    assert_eq!(suggested(&h.broker).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slave_whose_master_answers_sends_a_consumer_past_its_end_there_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::Slave).await;
+    h.broker.store.append(&tagged(0, "A", 5)).unwrap();
+    h.broker.saw_master();
+    // Past the slave's end (it is behind its master), and a queue it does not hold yet: not
+    // held for the suspend time, but sent to the master at once with the offset kept.
+    let retry = ResponseCode::PullRetryImmediately.code();
+    for queue in [0, 1] {
+        let t = std::time::Instant::now();
+        let (code, got) = pull_at(&h.broker, queue, 8, 10_000, "*").await;
+        assert!(t.elapsed() < Duration::from_secs(5), "queue {queue}: held");
+        assert_eq!(
+            (code, got.next_begin_offset, got.suggest_which_broker_id),
+            (retry, 8, 0),
+            "queue {queue}"
+        );
+    }
+    // At its end, a pull is held as usual (what comes next comes by replication).
+    let (code, got) = held_pull(
+        &h,
+        5,
+        "*",
+        || {},
+        || {
+            h.broker.store.append(&tagged(0, "A", 1)).unwrap();
+        },
+    )
+    .await;
+    assert_eq!(
+        (code, got.next_begin_offset),
+        (ResponseCode::Success.code(), 6)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slave_never_moves_a_consumers_offset_and_waits_for_what_it_lacks() {
     let dir = tempfile::tempdir().unwrap();
     let h = lone_broker(dir.path(), BrokerRole::Slave).await;
