@@ -20,6 +20,10 @@ pub const ENTRY_SIZE: u64 = 20;
 /// Entries buffered in memory before one write to the file (about 200 messages' worth).
 const TAIL_BYTES: usize = 4096;
 
+/// Granule of the disk space given back below a queue's minimum; one more is kept below the
+/// minimum (see [`ConsumeQueue::release_before`]).
+const RELEASE_PAGE: u64 = 4096;
+
 /// Entries not yet written to the file: a send appends here instead of writing 20 bytes to
 /// the file each time. Readers see them; [`ConsumeQueue::flush`] (and a full buffer) writes
 /// them out. A crash may lose them, which recovery repairs from the commit log.
@@ -152,6 +156,9 @@ pub struct ConsumeQueue {
     count: AtomicU64,
     /// First entry still pointing at stored data.
     min: AtomicU64,
+    /// Bytes at the file's start whose disk space was given back (a hole reads as zeroes);
+    /// `u64::MAX` when the file system cannot make holes.
+    released: AtomicU64,
     dirty: AtomicBool,
     /// Directories holding entries made for this queue that may not be durable yet (its
     /// file's, its topic directory's): the next flush syncs them, off the send path, before
@@ -190,6 +197,7 @@ impl ConsumeQueue {
             path,
             count: AtomicU64::new(len / ENTRY_SIZE),
             min: AtomicU64::new(0),
+            released: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
             unsynced_dirs: Mutex::new(unsynced_dirs),
             tail: Mutex::new(Tail {
@@ -359,7 +367,44 @@ impl ConsumeQueue {
             }
         }
         self.min.store(lo, Ordering::Release);
+        self.release_before(lo);
         Ok(())
+    }
+
+    /// Gives back the disk space of entries below queue offset `min`, whose messages
+    /// retention deleted: the file keeps its size and offsets (a hole reads as zeroes, which
+    /// readers pass over as empty entries), but a queue no longer grows on disk for as long as
+    /// the broker runs. At least one page of entries below `min` stays whole, so recovery's
+    /// backward scan for the last entry before a cut finds one there rather than taking the
+    /// hole for a torn tail. Best effort: a file system without holes keeps the bytes.
+    fn release_before(&self, min: u64) {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let upto = (min * ENTRY_SIZE).saturating_sub(RELEASE_PAGE) / RELEASE_PAGE * RELEASE_PAGE;
+        let from = self.released.load(Ordering::Acquire);
+        if upto <= from {
+            return;
+        }
+        let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(upto - from)) else {
+            return;
+        };
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match fallocate(&self.file, flags, offset, len) {
+            Ok(()) => self.released.store(upto, Ordering::Release),
+            Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS) => {
+                tracing::debug!(path = %self.path.display(), "the file system cannot give back a consume queue's old entries");
+                self.released.store(u64::MAX, Ordering::Release);
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "giving back the disk space of a consume queue's old entries failed; tried again at the next retention");
+            }
+        }
+    }
+
+    /// Disk space the file takes (tests check entries below the minimum give theirs back).
+    #[cfg(test)]
+    fn disk_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map_or(0, |m| m.blocks() * 512)
     }
 
     /// Makes written entries durable if any changed since the last flush, and the queue's
@@ -472,6 +517,43 @@ mod tests {
         assert_eq!(reopened.all().len(), 3);
         assert_eq!(reopened.get("T", 3).unwrap().max_offset(), 1);
         assert!(reopened.get("U", 1).is_none());
+    }
+
+    #[test]
+    fn entries_below_the_minimum_give_their_disk_space_back_and_the_rest_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let cq = ConsumeQueue::open(dir.path(), "T", 0).unwrap();
+        for i in 0..50_000 {
+            cq.put(i, entry(i)).unwrap();
+        }
+        cq.flush().unwrap();
+        let before = cq.disk_bytes();
+        assert!(before >= 50_000 * ENTRY_SIZE, "{before}");
+        // Retention deleted the messages of the first 40,000 entries (entry i is at i * 100).
+        cq.correct_min_offset(40_000 * 100).unwrap();
+        assert_eq!(cq.min_offset(), 40_000);
+        let after = cq.disk_bytes();
+        assert!(
+            after <= before - 38_000 * ENTRY_SIZE,
+            "{before} bytes before, {after} after"
+        );
+        // The entries from the minimum on, and a page's worth below it, read as before.
+        let kept = 40_000 - RELEASE_PAGE / ENTRY_SIZE;
+        assert_eq!(cq.get(kept, 1).unwrap(), vec![entry(kept)]);
+        let got = cq.get(40_000, 10_000).unwrap();
+        assert_eq!(got, (40_000..50_000).map(entry).collect::<Vec<_>>());
+        // Reopened (a restart): the same minimum, the same entries.
+        drop(cq);
+        let cq = ConsumeQueue::open(dir.path(), "T", 0).unwrap();
+        cq.correct_min_offset(40_000 * 100).unwrap();
+        assert_eq!((cq.min_offset(), cq.max_offset()), (40_000, 50_000));
+        assert_eq!(cq.get(49_999, 1).unwrap(), vec![entry(49_999)]);
+        // A recovery that cuts the log before every entry left keeps the queue's offsets: it
+        // stops at the whole entries below the minimum, not in the hole.
+        cq.truncate_from_offset(45_000 * 100).unwrap();
+        assert_eq!(cq.max_offset(), 45_000);
+        cq.truncate_from_offset(40_000 * 100).unwrap();
+        assert!(cq.max_offset() >= kept, "{}", cq.max_offset());
     }
 
     fn entry(i: u64) -> CqEntry {
