@@ -24,8 +24,13 @@ pub enum RequestCode {
     GetMaxOffset = 30,
     /// Lowest queue offset still stored of a queue.
     GetMinOffset = 31,
+    /// Store time of a queue's oldest message (Java's `earliestMsgStoreTime`).
+    GetEarliestMsgStoretime = 32,
     /// Read one message by its offset message id.
     ViewMessageById = 33,
+    /// Whether the broker can filter by a subscription's expression type (Java consumers ask
+    /// at start; an SQL92 one then fails with the broker's remark).
+    CheckClientConfig = 46,
     /// Client liveness and subscriptions.
     HeartBeat = 34,
     /// A client leaves its groups.
@@ -100,6 +105,8 @@ impl RequestCode {
         Self::SearchOffsetByTimestamp,
         Self::GetMaxOffset,
         Self::GetMinOffset,
+        Self::GetEarliestMsgStoretime,
+        Self::CheckClientConfig,
         Self::ViewMessageById,
         Self::HeartBeat,
         Self::UnregisterClient,

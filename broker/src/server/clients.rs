@@ -55,26 +55,37 @@ impl ConsumerRegistry {
             // (clients stamp it with the time it was made), so during a rolling change of
             // tags an older client's heartbeat does not swing the group's filter back and
             // forth; and topics the heartbeat no longer names are dropped.
+            // A topic added or dropped changes which queues the group's clients share out, so
+            // the group is told, as for a client joining (Java's updateSubscription).
+            let mut topics_changed = false;
             for s in &data.subscription_data_set {
                 match g.subscriptions.get(&s.topic) {
                     Some(old) if old.sub_version > s.sub_version => {}
-                    _ => {
+                    old => {
+                        topics_changed |= old.is_none();
                         g.subscriptions.insert(s.topic.clone(), s.clone());
                     }
                 }
             }
+            let before = g.subscriptions.len();
             g.subscriptions
                 .retain(|topic, _| data.subscription_data_set.iter().any(|s| &s.topic == topic));
+            topics_changed |= g.subscriptions.len() != before;
             g.consume_from_where = Some(data.consume_from_where.clone());
             let entry = ClientEntry {
                 addr,
                 push: push.clone(),
                 last_seen: Instant::now(),
             };
-            g.clients.insert(client_id.to_string(), entry).is_none()
+            let joined = g.clients.insert(client_id.to_string(), entry).is_none();
+            if joined {
+                tracing::info!(group = %data.group_name, client = client_id, "consumer joined");
+            } else if topics_changed {
+                tracing::info!(group = %data.group_name, client = client_id, "consumer group's topics changed");
+            }
+            joined || topics_changed
         };
         if changed {
-            tracing::info!(group = %data.group_name, client = client_id, "consumer joined");
             self.notify(&data.group_name);
         }
     }
@@ -254,5 +265,48 @@ mod tests {
         // A topic no longer named is dropped.
         beat("new", &[("T", "C", 3)]);
         assert_eq!(expr("U"), None);
+    }
+
+    #[test]
+    fn the_group_is_told_when_a_client_joins_or_its_topics_change() {
+        let reg = ConsumerRegistry::default();
+        let (tx, mut rx) = mpsc::channel(16);
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let beat = |topics: &[&str], expr: &str| {
+            let data = ConsumerData {
+                group_name: "G".into(),
+                subscription_data_set: topics
+                    .iter()
+                    .map(|t| SubscriptionData {
+                        topic: t.to_string(),
+                        sub_string: expr.to_string(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            reg.heartbeat("c1", &data, addr, &tx);
+        };
+        let mut notified = || {
+            let mut n = 0;
+            while rx.try_recv().is_ok() {
+                n += 1;
+            }
+            n
+        };
+        beat(&["T"], "*");
+        assert_eq!(notified(), 1, "joined");
+        beat(&["T"], "*");
+        assert_eq!(notified(), 0, "nothing changed");
+        beat(&["T"], "A");
+        assert_eq!(
+            notified(),
+            0,
+            "a new expression shares no queues differently"
+        );
+        beat(&["T", "U"], "*");
+        assert_eq!(notified(), 1, "topic added");
+        beat(&["U"], "*");
+        assert_eq!(notified(), 1, "topic dropped");
     }
 }

@@ -783,6 +783,8 @@ impl Processor for Broker {
             RequestCode::UpdateConsumerOffset => self.update_consumer_offset(&req),
             RequestCode::GetMaxOffset => self.queue_bound(&req, true),
             RequestCode::GetMinOffset => self.queue_bound(&req, false),
+            RequestCode::GetEarliestMsgStoretime => self.earliest_store_time(&req),
+            RequestCode::CheckClientConfig => self.check_client_config(&req),
             RequestCode::SearchOffsetByTimestamp => self.search_offset(&req),
             RequestCode::GetTopicStatsInfo => self.topic_stats(&req),
             RequestCode::GetConsumeStats => self.consume_stats(&req),

@@ -98,18 +98,28 @@ impl Broker {
                 h.expression_type.clone(),
             )
         } else {
-            self.consumers
-                .subscription(&h.consumer_group, &h.topic)
-                .map(|s| (s.sub_string, s.expression_type))
-                .unwrap_or_default()
+            match self.consumers.subscription(&h.consumer_group, &h.topic) {
+                // The client changed its subscription and this broker has not had the
+                // heartbeat saying so: filtered by the old one, messages of the new tags would
+                // be passed over and the group's offset moved beyond them. The client asks
+                // again shortly (Java's broker answers the same).
+                Some(s) if h.sub_version.is_some_and(|v| s.sub_version < v) => {
+                    return req.error_to(
+                        ResponseCode::SubscriptionNotLatest,
+                        format!(
+                            "the consumer's subscription not latest, group: {} topic: {}",
+                            h.consumer_group, h.topic
+                        ),
+                    );
+                }
+                Some(s) => (s.sub_string, s.expression_type),
+                None => Default::default(),
+            }
         };
         // Only tag expressions are understood: read as tags, an SQL92 expression would match
         // nothing, and the consumer's offset would move past every message.
-        if let Some(t) = expr_type.filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("TAG")) {
-            return req.error_to(
-                ResponseCode::SystemError,
-                format!("The broker does not support consumer to filter message by {t}"),
-            );
+        if let Some(refused) = unsupported_filter(expr_type) {
+            return req.error_to(ResponseCode::SystemError, refused);
         }
         let filter = TagFilter::parse(&expr);
         if h.sys_flag & PULL_COMMIT_OFFSET != 0 && self.is_master() {
@@ -395,6 +405,41 @@ impl Broker {
         resp
     }
 
+    /// Handles GET_EARLIEST_MSG_STORETIME: -1 for a queue with no message, as Java answers.
+    pub(super) fn earliest_store_time(&self, req: &RemotingCommand) -> RemotingCommand {
+        let h = match QueueRequestHeader::from_ext(&req.ext_fields) {
+            Ok(h) => h,
+            Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
+        };
+        match self.store.earliest_time(&h.topic, h.queue_id) {
+            Ok(t) => req
+                .response_to(ResponseCode::Success)
+                .with_ext("timestamp", t.unwrap_or(-1)),
+            Err(e) => req.error_to(ResponseCode::SystemError, format!("read failed: {e}")),
+        }
+    }
+
+    /// Handles CHECK_CLIENT_CONFIG: tag subscriptions are served; any other expression type
+    /// is refused with the remark Java's broker gives without property filtering, so the
+    /// consumer fails at start rather than when it pulls.
+    pub(super) fn check_client_config(&self, req: &RemotingCommand) -> RemotingCommand {
+        #[derive(serde::Deserialize, Default)]
+        #[serde(rename_all = "camelCase", default)]
+        struct CheckClientRequestBody {
+            subscription_data: Option<crate::remoting::body::SubscriptionData>,
+        }
+        let body: CheckClientRequestBody = match crate::remoting::body::from_json(&req.body) {
+            Ok(b) => b,
+            Err(e) => {
+                return req.error_to(ResponseCode::SystemError, format!("bad request body: {e}"))
+            }
+        };
+        match unsupported_filter(body.subscription_data.and_then(|s| s.expression_type)) {
+            Some(refused) => req.error_to(ResponseCode::SystemError, refused),
+            None => req.response_to(ResponseCode::Success),
+        }
+    }
+
     /// Handles SEARCH_OFFSET_BY_TIMESTAMP.
     pub(super) fn search_offset(&self, req: &RemotingCommand) -> RemotingCommand {
         let h = match SearchOffsetRequestHeader::from_ext(&req.ext_fields) {
@@ -420,4 +465,12 @@ impl Broker {
             Err(e) => req.error_to(ResponseCode::SystemError, format!("search failed: {e}")),
         }
     }
+}
+
+/// Why a subscription of `expression_type` cannot be served (Java's remark), when it is not a
+/// tag expression: read as tags, an SQL92 expression would match nothing.
+fn unsupported_filter(expression_type: Option<String>) -> Option<String> {
+    expression_type
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("TAG"))
+        .map(|t| format!("The broker does not support consumer to filter message by {t}"))
 }

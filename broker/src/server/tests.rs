@@ -240,6 +240,86 @@ async fn held_pull(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn earliest_store_time_and_client_config_checks_are_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let results = h.broker.store.append(&tagged(0, "A", 2)).unwrap();
+    let ask = |queue: i32| {
+        let req = RemotingCommand::request(
+            RequestCode::GetEarliestMsgStoretime.code(),
+            Default::default(),
+        )
+        .with_ext("topic", "T")
+        .with_ext("queueId", queue);
+        let b = h.broker.clone();
+        async move { b.earliest_store_time(&req) }
+    };
+    let resp = ask(0).await;
+    assert_eq!(resp.code, ResponseCode::Success.code());
+    let stored = h.broker.store.earliest_time("T", 0).unwrap().unwrap();
+    assert!(stored > 0 && results.len() == 2);
+    assert_eq!(
+        resp.ext_fields.get("timestamp"),
+        Some(stored.to_string().as_str())
+    );
+    assert_eq!(ask(1).await.ext_fields.get("timestamp"), Some("-1"));
+
+    let check = |body: &str| {
+        RemotingCommand::request(RequestCode::CheckClientConfig.code(), Default::default())
+            .with_body(body.as_bytes().to_vec())
+    };
+    let tag = r#"{"clientId":"c","group":"G","subscriptionData":{"topic":"T","subString":"A","expressionType":"TAG"}}"#;
+    assert_eq!(
+        h.broker.check_client_config(&check(tag)).code,
+        ResponseCode::Success.code()
+    );
+    let sql = r#"{"clientId":"c","group":"G","subscriptionData":{"topic":"T","subString":"a > 1","expressionType":"SQL92"}}"#;
+    let resp = h.broker.check_client_config(&check(sql));
+    assert_eq!(resp.code, ResponseCode::SystemError.code());
+    assert!(resp.remark.unwrap().contains("SQL92"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_newer_than_the_subscription_the_broker_holds_is_refused_not_misfiltered() {
+    use crate::remoting::body::{ConsumerData, SubscriptionData};
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    h.broker.store.append(&tagged(0, "B", 3)).unwrap();
+    let data = ConsumerData {
+        group_name: "G".into(),
+        subscription_data_set: vec![SubscriptionData {
+            topic: "T".into(),
+            sub_string: "A".into(),
+            sub_version: 1,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    h.broker
+        .consumers
+        .heartbeat("c1", &data, "127.0.0.1:1".parse().unwrap(), &tx);
+    // Pulls without their subscription (Java's push consumer) are filtered by the one the
+    // heartbeat left, unless the client has a newer one: then it is told to ask again.
+    let pull = |version: i64| {
+        let mut h = pull_header("G", 0, 0, 0, 0, "");
+        h.sys_flag = 0;
+        h.subscription = None;
+        h.sub_version = Some(version);
+        RemotingCommand::request(RequestCode::PullMessage.code(), h.to_ext())
+    };
+    let resp = h.broker.pull(&pull(2)).await;
+    assert_eq!(resp.code, ResponseCode::SubscriptionNotLatest.code());
+    let resp = h.broker.pull(&pull(1)).await;
+    let got = PullMessageResponseHeader::from_ext(&resp.ext_fields).unwrap();
+    // Tag A selects none of the three B messages: passed over, as the group asked.
+    assert_eq!(
+        (resp.code, got.next_begin_offset),
+        (ResponseCode::PullRetryImmediately.code(), 3)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_consumer_is_sent_to_a_slave_only_once_the_slave_holds_what_it_reads_next() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = BrokerConfig {
