@@ -157,3 +157,75 @@ async fn local_runtime_runs_the_example_and_follows_scale_out_and_in() -> Result
     rt.shutdown().await;
     Ok(())
 }
+
+/// Processes whose command line has `arg` as one of its arguments.
+fn processes_with_arg(arg: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a.contains(arg)) {
+            found.push(args.join(" "));
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_runtime_stopped_while_starting_leaves_no_process_behind() -> Result<(), Error> {
+    let dir = e2e::test_dir("local-early-stop")?;
+    let file = dir.path().join("cluster.yaml");
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples/sync-double-write.yaml");
+    std::fs::write(&file, std::fs::read_to_string(&example)?)?;
+    let data = dir.path().join("data");
+    let ns_port = e2e::free_ports(4);
+    let broker_port = e2e::free_ports(80);
+    let mut cmd = Command::new(e2e::bin("operator")?);
+    cmd.arg("local")
+        .arg(&file)
+        .args([
+            "--namesrv-port",
+            &ns_port.to_string(),
+            "--broker-port",
+            &broker_port.to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("RUST_LOG", "info");
+    let mut local = Proc::spawn_logged("operator-local", cmd, dir.path().join("local.log"))?;
+    // Stopped while it starts the cluster: once its first broker runs, before every member is
+    // ready (the start waits for them in turn).
+    let data_arg = data.to_string_lossy().into_owned();
+    let start = Instant::now();
+    let brokers = || -> Vec<String> {
+        processes_with_arg(&data_arg)
+            .into_iter()
+            .filter(|p| p.contains("mqbroker"))
+            .collect()
+    };
+    while brokers().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no broker started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    local.signal("TERM")?;
+    let status = local.wait_exit(Duration::from_secs(60))?;
+    assert!(status.success(), "{status}");
+    let left: Vec<String> =
+        brokers()
+            .into_iter()
+            .chain(processes_with_arg("mqnamesrv").into_iter().filter(|p| {
+                p.contains(&format!(" {ns_port} ")) || p.ends_with(&format!(" {ns_port}"))
+            }))
+            .collect();
+    assert!(left.is_empty(), "left running: {left:?}");
+    Ok(())
+}

@@ -735,9 +735,31 @@ pub async fn run(
     admin: Arc<dyn GroupAdmin>,
     check: bool,
 ) -> Result<(), LocalError> {
+    // Listened for from the start: starting the cluster and the round trip take up to a
+    // minute, and a signal then must still stop what was started (the processes outlived
+    // an operator stopped during its start and held the ports of the next run).
+    let stop = crate::wait_for_signal();
+    tokio::pin!(stop);
     let mut plan = plan_file(&opts.file)?;
     let mut cluster = LocalCluster::new(opts.clone(), admin);
-    cluster.apply(&plan).await?;
+    let started = tokio::select! {
+        // First: its first poll installs the handlers, before the start spawns anything.
+        biased;
+        _ = &mut stop => None,
+        started = cluster.apply(&plan) => Some(started),
+    };
+    match started {
+        Some(Ok(())) => {}
+        Some(Err(e)) => {
+            cluster.stop().await;
+            return Err(e);
+        }
+        None => {
+            println!("stopping...");
+            cluster.stop().await;
+            return Ok(());
+        }
+    }
     println!(
         "ferromq cluster {:?} running locally: {}",
         plan.cluster, plan.mode
@@ -763,17 +785,26 @@ pub async fn run(
         opts.file.display()
     );
     if check {
-        match round_trip(cluster.namesrv_addr()).await {
-            Ok(n) => println!("round trip OK: sent and received {n} messages"),
-            Err(e) => println!("round trip failed: {e} (the cluster keeps running; see the logs)"),
+        let checked = tokio::select! {
+            _ = &mut stop => None,
+            checked = round_trip(cluster.namesrv_addr()) => Some(checked),
+        };
+        match checked {
+            Some(Ok(n)) => println!("round trip OK: sent and received {n} messages"),
+            Some(Err(e)) => {
+                println!("round trip failed: {e} (the cluster keeps running; see the logs)")
+            }
+            None => {
+                println!("stopping...");
+                cluster.stop().await;
+                return Ok(());
+            }
         }
     }
     let mut mtime = modified(&opts.file);
     // A rollout that stopped at a member not ready in time is taken up again next tick (other
     // errors wait for the next edit, so that a bad file is not reported twice a second).
     let mut retry = false;
-    let stop = crate::wait_for_signal();
-    tokio::pin!(stop);
     loop {
         tokio::select! {
             _ = &mut stop => break,
