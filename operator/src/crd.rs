@@ -26,6 +26,9 @@ pub const OWNED_CONFIG_KEYS: &[&str] = &[
     "httpPort",
     "brokerIP1",
     "storePathRootDir",
+    // Slaves learn their own group's master from the name servers; one address here would
+    // point the slaves of every group at one master.
+    "haMasterAddress",
 ];
 
 /// A ferromq cluster: name servers plus `masters` broker groups of `1 + slavesPerMaster`
@@ -170,8 +173,8 @@ pub enum Flush {
 #[x_kube(
     validation = Rule::new("self.replication != 'Sync' || self.slavesPerMaster >= 1")
         .message("replication: Sync (sync double write) needs slavesPerMaster >= 1"),
-    validation = Rule::new("!has(self.config) || self.config.all(k, !(k in ['brokerClusterName', 'brokerName', 'brokerId', 'brokerRole', 'flushDiskType', 'namesrvAddr', 'listenPort', 'haListenPort', 'httpPort', 'brokerIP1', 'storePathRootDir']))")
-        .message("broker.config may not set keys the operator owns: brokerClusterName, brokerName, brokerId, brokerRole, flushDiskType, namesrvAddr, listenPort, haListenPort, httpPort, brokerIP1, storePathRootDir"),
+    validation = Rule::new("!has(self.config) || self.config.all(k, !(k in ['brokerClusterName', 'brokerName', 'brokerId', 'brokerRole', 'flushDiskType', 'namesrvAddr', 'listenPort', 'haListenPort', 'httpPort', 'brokerIP1', 'storePathRootDir', 'haMasterAddress']))")
+        .message("broker.config may not set keys the operator owns: brokerClusterName, brokerName, brokerId, brokerRole, flushDiskType, namesrvAddr, listenPort, haListenPort, httpPort, brokerIP1, storePathRootDir, haMasterAddress"),
     // The brokers' stored segments have the size they were created with, and a broker given
     // another refuses to start: the edit would crash-loop every group's pods in turn.
     validation = Rule::new("(has(self.config) && 'mappedFileSizeCommitLog' in self.config ? self.config['mappedFileSizeCommitLog'] : '') == (has(oldSelf.config) && 'mappedFileSizeCommitLog' in oldSelf.config ? oldSelf.config['mappedFileSizeCommitLog'] : '')")

@@ -168,6 +168,7 @@ fn config_may_not_set_owned_keys() {
         "namesrvAddr",
         "listenPort",
         "storePathRootDir",
+        "haMasterAddress",
     ] {
         let e = errors(serde_json::json!({"broker": {"config": {key: "x"}}}));
         assert_eq!(e.len(), 1, "{key}: {e:?}");
