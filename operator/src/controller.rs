@@ -27,6 +27,9 @@ use crate::plan::{plan, ClusterPlan};
 use crate::resources::{managed_selector, render, FIELD_MANAGER, LABEL_COMPONENT, LABEL_GROUP};
 use crate::rollout::{rollout_gap, rollout_turns, stamp_template_hash};
 
+/// See [`Context::full_apply_every`]: the resync period of a cluster that is at rest.
+pub const FULL_APPLY_EVERY: Duration = Duration::from_secs(300);
+
 /// Annotation holding a hash of what the operator last applied to an object.
 pub const ANNOTATION_APPLIED: &str = "ferromq.io/applied-hash";
 /// Annotation on a BrokerCluster: delete draining groups whose drain cannot finish (broker
@@ -118,6 +121,12 @@ pub struct Context {
     pub admin: Arc<dyn GroupAdmin>,
     /// Consecutive failures per cluster, for the retry backoff.
     pub failures: std::sync::Mutex<BTreeMap<String, u32>>,
+    /// How often every object is applied again whatever its applied-hash says, so that a
+    /// hand edit of an object the operator owns (a StatefulSet scaled with kubectl, an edited
+    /// ConfigMap) is undone; between those passes only objects whose rendering changed are.
+    pub full_apply_every: Duration,
+    /// When each cluster last had every object applied.
+    full_applies: std::sync::Mutex<BTreeMap<String, std::time::Instant>>,
 }
 
 impl Context {
@@ -134,7 +143,30 @@ impl Context {
             default_image,
             admin,
             failures: std::sync::Mutex::new(BTreeMap::new()),
+            full_apply_every: FULL_APPLY_EVERY,
+            full_applies: std::sync::Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Whether this pass of `cluster` applies every object; counted from the first pass seen.
+    fn full_apply_due(&self, cluster: &str) -> bool {
+        let mut last = self.full_applies.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match last.get(cluster) {
+            Some(t) => now.duration_since(*t) >= self.full_apply_every,
+            None => {
+                last.insert(cluster.to_string(), now);
+                false
+            }
+        }
+    }
+
+    /// Records that every object of `cluster` was just applied.
+    fn full_apply_done(&self, cluster: &str) {
+        self.full_applies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cluster.to_string(), std::time::Instant::now());
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u32>> {
@@ -174,6 +206,7 @@ async fn sync_kind<K>(
     desired: Vec<K>,
     keep: &HashSet<String>,
     keep_live: fn(&K, &mut K),
+    all: bool,
 ) -> Result<usize, Error>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug,
@@ -196,21 +229,26 @@ where
         let name = obj.name_any();
         let hash = applied_hash(&obj);
         wanted.insert(name.clone());
-        if live_hashes.get(&name).and_then(|h| h.as_deref()) == Some(hash.as_str()) {
+        if !all && live_hashes.get(&name).and_then(|h| h.as_deref()) == Some(hash.as_str()) {
             continue;
         }
-        if let Some(live) = live.items.iter().find(|o| o.name_any() == name) {
+        let live = live.items.iter().find(|o| o.name_any() == name);
+        if let Some(live) = live {
             keep_live(live, &mut obj);
         }
         obj.annotations_mut()
             .insert(ANNOTATION_APPLIED.into(), hash);
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&obj),
-        )
-        .await?;
-        writes += 1;
+        let applied = api
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&obj),
+            )
+            .await?;
+        // An apply that changed nothing leaves the resource version as it was.
+        if live.and_then(|l| l.resource_version()) != applied.resource_version() {
+            writes += 1;
+        }
     }
     for obj in &live.items {
         let name = obj.name_any();
@@ -690,6 +728,8 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         .retain(|s| !waiting.contains(&s.name_any()));
     let keep: HashSet<String> = keep.union(&waiting).cloned().collect();
 
+    let cluster_key = format!("{ns}/{name}");
+    let all = ctx.full_apply_due(&cluster_key);
     let applied = async {
         Ok::<usize, Error>(
             sync_kind(
@@ -699,6 +739,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
                 desired.services,
                 &keep,
                 keep_nothing,
+                all,
             )
             .await?
                 + sync_kind(
@@ -708,6 +749,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
                     desired.config_maps,
                     &keep,
                     keep_nothing,
+                    all,
                 )
                 .await?
                 + sync_kind(
@@ -717,6 +759,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
                     desired.pdbs,
                     &keep,
                     keep_nothing,
+                    all,
                 )
                 .await?
                 + sync_kind(
@@ -726,13 +769,19 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
                     desired.stateful_sets,
                     &keep,
                     keep_claim_templates,
+                    all,
                 )
                 .await?,
         )
     }
     .await;
     let writes = match applied {
-        Ok(w) => w,
+        Ok(w) => {
+            if all {
+                ctx.full_apply_done(&cluster_key);
+            }
+            w
+        }
         Err(Error::Kube(kube::Error::Api(ae)))
             if (400..500).contains(&ae.code) && ae.code != 409 =>
         {

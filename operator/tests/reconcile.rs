@@ -1189,3 +1189,71 @@ async fn a_spec_the_api_server_refuses_turns_ready_false_and_degraded() {
     reconcile(bc, h.ctx.clone()).await.unwrap_err();
     assert_eq!(h.condition("Degraded").0, "False");
 }
+
+#[tokio::test]
+async fn hand_edits_of_owned_objects_are_undone_at_the_periodic_full_apply() {
+    let mut h = harness(json!({"broker": {"masters": 1, "slavesPerMaster": 1}}));
+    // Every pass after the first is due a full apply.
+    Arc::get_mut(&mut h.ctx).unwrap().full_apply_every = Duration::ZERO;
+    h.reconcile().await;
+    // Someone drops the slave by hand, and edits broker.conf.
+    h.api.edit(
+        "statefulsets",
+        NS,
+        "demo-broker-0",
+        json!({"spec": {"replicas": 1}}),
+    );
+    h.api.edit(
+        "configmaps",
+        NS,
+        "demo-broker-0",
+        json!({"data": {"broker.conf": "edited"}}),
+    );
+    let writes = h.reconcile().await;
+    assert!(
+        writes.contains(&"PATCH statefulsets/demo-broker-0".to_string()),
+        "{writes:?}"
+    );
+    let sts = h.api.get("statefulsets", NS, "demo-broker-0").unwrap();
+    assert_eq!(sts["spec"]["replicas"], 2);
+    let cm = h.api.get("configmaps", NS, "demo-broker-0").unwrap();
+    assert!(
+        cm["data"]["broker.conf"]
+            .as_str()
+            .unwrap()
+            .contains("brokerName=demo-broker-0"),
+        "{cm}"
+    );
+    // A full apply that finds nothing to undo changes nothing, and says nothing.
+    let applied_events = |h: &Harness| {
+        h.api
+            .names("events")
+            .iter()
+            .filter(|n| h.api.get("events", NS, n).unwrap()["reason"] == "Applied")
+            .count()
+    };
+    let versions = |h: &Harness| -> Vec<serde_json::Value> {
+        [
+            "statefulsets",
+            "configmaps",
+            "services",
+            "poddisruptionbudgets",
+        ]
+        .iter()
+        .flat_map(|kind| {
+            h.api
+                .names(kind)
+                .into_iter()
+                .map(|n| h.api.get(kind, NS, &n).unwrap()["metadata"]["resourceVersion"].clone())
+        })
+        .collect()
+    };
+    let (before, events) = (versions(&h), applied_events(&h));
+    let writes = h.reconcile().await;
+    assert!(
+        writes.contains(&"PATCH statefulsets/demo-broker-0".to_string()),
+        "the pass should have applied everything: {writes:?}"
+    );
+    assert_eq!(versions(&h), before);
+    assert_eq!(applied_events(&h), events);
+}

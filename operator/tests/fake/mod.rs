@@ -352,8 +352,15 @@ impl FakeApi {
                     }
                 }
                 let mut obj = obj;
-                obj["metadata"]["resourceVersion"] = json!(version.to_string());
                 obj["metadata"]["namespace"] = json!(ns);
+                if let Some(cur) = st.objects.get(&key) {
+                    // As the API server: a write that changes nothing keeps the version.
+                    obj["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
+                    if *cur == obj {
+                        return ok(cur);
+                    }
+                }
+                obj["metadata"]["resourceVersion"] = json!(version.to_string());
                 st.objects.insert(key, obj.clone());
                 ok(&obj)
             }
