@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -493,6 +493,48 @@ async fn drain_step(
     ctx.admin.drained(group).await.map_err(drain_error)
 }
 
+/// Broker groups with a pod whose container runs, asked only when some group has no ready
+/// pod: ready or not, such a group still holds its data and clients (see `rollout_turns`).
+async fn running_groups(
+    client: &kube::Client,
+    ns: &str,
+    cluster: &str,
+    live: &[StatefulSet],
+) -> Result<HashSet<String>, Error> {
+    let unready = live.iter().any(|s| {
+        s.labels().get(LABEL_COMPONENT).map(String::as_str) == Some("broker")
+            && s.status
+                .as_ref()
+                .and_then(|st| st.ready_replicas)
+                .unwrap_or(0)
+                == 0
+    });
+    if !unready {
+        return Ok(HashSet::new());
+    }
+    let selector = crate::resources::selector(cluster, "broker")
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pods = pods.list(&ListParams::default().labels(&selector)).await?;
+    Ok(pods
+        .items
+        .iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.state.as_ref().is_some_and(|st| st.running.is_some()))
+                })
+        })
+        .filter_map(|p| p.labels().get(LABEL_GROUP).cloned())
+        .collect())
+}
+
 /// Seconds since the RFC 3339 time of an annotation; 0 when it is missing or unreadable.
 fn age_secs(annotation: Option<&str>) -> i64 {
     annotation
@@ -710,11 +752,13 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
     // with its StatefulSet: pods read broker.conf only when they start, so a pod restarting
     // early for another reason (eviction, OOM) would otherwise run the new config out of turn.
     let group_names: Vec<&str> = plan.groups.iter().map(|g| g.name.as_str()).collect();
+    let running = running_groups(&client, &ns, &name, &live_sts.items).await?;
     let turns = rollout_turns(
         &group_names,
         &desired.stateful_sets,
         &live_sts.items,
         &restarting,
+        &running,
     );
     if !turns.waiting.is_empty() {
         tracing::info!(cluster = %name, rolling = ?turns.now, waiting = ?turns.waiting, "broker groups roll one at a time");

@@ -45,6 +45,11 @@ pub const RULES: &[Rule] = &[
         verbs: &["get", "list", "create", "patch", "delete"],
     },
     Rule {
+        api_group: "",
+        resource: "pods",
+        verbs: &["list"],
+    },
+    Rule {
         api_group: "policy",
         resource: "poddisruptionbudgets",
         verbs: &["get", "list", "create", "patch", "delete"],

@@ -84,9 +84,13 @@ pub struct RolloutTurns {
 /// - A group whose template is unchanged is not concerned: replicas alone (slavesPerMaster)
 ///   add or remove slaves, the highest ordinals, and never restart a master. New groups are
 ///   not concerned either: they do not exist yet.
-/// - A group with no ready pod serves nothing, so it loses nothing by rolling: it takes its
+/// - A group with no ready pod and none running (`running` lists the groups with a pod
+///   whose container runs) serves nothing, so it loses nothing by rolling: it takes its
 ///   template at once. Otherwise a cluster whose every group is down (a bad image) could
-///   never be fixed, each group waiting for the others.
+///   never be fixed, each group waiting for the others. A group whose pods run but are not
+///   ready (brokers are unready while no name server takes their registration) still holds
+///   its data and clients, and waits its turn: a name-server outage during a change must not
+///   restart every group at once.
 /// - Of the serving groups, the first by index rolls, and only once no other existing group
 ///   is rolling a template (`rolling_template`, or restarted in this pass); the rest wait.
 ///   Groups short of ready pods at a settled revision do not hold the others. Groups being
@@ -98,6 +102,7 @@ pub fn rollout_turns(
     desired: &[StatefulSet],
     live: &[StatefulSet],
     restarting: &HashSet<String>,
+    running: &HashSet<String>,
 ) -> RolloutTurns {
     fn find<'a>(list: &'a [StatefulSet], name: &str) -> Option<&'a StatefulSet> {
         list.iter().find(|s| s.name_any() == name)
@@ -127,8 +132,9 @@ pub fn rollout_turns(
             .and_then(|st| st.ready_replicas)
             .unwrap_or(0);
         let others_settled = rolling.iter().all(|u| u == g);
-        if ready == 0 || (!serving_rolls && others_settled) {
-            serving_rolls |= ready > 0;
+        let down = ready == 0 && !running.contains(*g);
+        if down || (!serving_rolls && others_settled) {
+            serving_rolls |= !down;
             turns.now.push(g.to_string());
         } else {
             turns.waiting.push(g.to_string());
@@ -199,7 +205,7 @@ mod tests {
     const GROUPS: &[&str] = &["b-0", "b-1", "b-2"];
 
     fn turns(desired: &[StatefulSet], live: &[StatefulSet]) -> (Vec<String>, Vec<String>) {
-        let t = rollout_turns(GROUPS, desired, live, &HashSet::new());
+        let t = rollout_turns(GROUPS, desired, live, &HashSet::new(), &HashSet::new());
         (t.now, t.waiting)
     }
 
@@ -263,13 +269,28 @@ mod tests {
     }
 
     #[test]
+    fn groups_running_but_unready_take_their_turn() {
+        // A name-server outage: every broker runs, none is ready (none registered). They hold
+        // their data and clients, so they roll one at a time; only b-2, whose pods do not run
+        // at all (crash-looping), takes the change at once.
+        let desired: Vec<_> = GROUPS.iter().map(|g| rendered(g, "v2", 2)).collect();
+        let live: Vec<_> = GROUPS.iter().map(|g| live(g, "v1", 2, 0)).collect();
+        let running = HashSet::from(["b-0".to_string(), "b-1".to_string()]);
+        let t = rollout_turns(GROUPS, &desired, &live, &HashSet::new(), &running);
+        assert_eq!(
+            (t.now, t.waiting),
+            (strings(&["b-0", "b-2"]), strings(&["b-1"]))
+        );
+    }
+
+    #[test]
     fn groups_short_of_ready_pods_at_a_settled_revision_do_not_block_a_rollout() {
         // After a slavesPerMaster increase the cluster has no room for, each group has a
         // Pending slave; the change that makes them fit (resources) must still roll.
         let groups = ["b-0", "b-1"];
         let desired: Vec<_> = groups.iter().map(|g| rendered(g, "v2", 2)).collect();
         let live: Vec<_> = groups.iter().map(|g| live(g, "v1", 2, 1)).collect();
-        let t = rollout_turns(&groups, &desired, &live, &HashSet::new());
+        let t = rollout_turns(&groups, &desired, &live, &HashSet::new(), &HashSet::new());
         assert_eq!((t.now, t.waiting), (strings(&["b-0"]), strings(&["b-1"])));
     }
 
@@ -287,7 +308,7 @@ mod tests {
         // Restarted in this very pass (a cancelled drain).
         let live: Vec<_> = GROUPS.iter().map(|g| self::live(g, "v1", 2, 2)).collect();
         let restarting = HashSet::from(["b-1".to_string()]);
-        let t = rollout_turns(GROUPS, &desired, &live, &restarting);
+        let t = rollout_turns(GROUPS, &desired, &live, &restarting, &HashSet::new());
         assert_eq!(
             (t.now, t.waiting),
             (strings(&["b-1"]), strings(&["b-0", "b-2"]))

@@ -1257,3 +1257,38 @@ async fn hand_edits_of_owned_objects_are_undone_at_the_periodic_full_apply() {
     assert_eq!(versions(&h), before);
     assert_eq!(applied_events(&h), events);
 }
+
+#[tokio::test]
+async fn a_name_server_outage_during_a_change_rolls_the_groups_one_at_a_time() {
+    let h = harness(json!({"broker": {"masters": 3}}));
+    h.reconcile().await;
+    h.mark_ready();
+    h.reconcile().await;
+    // No name server answers: every broker runs, none is ready (brokers are ready only once
+    // a name server took their registration).
+    for g in 0..3 {
+        h.mark_rolled_with_ready(&format!("demo-broker-{g}"), 0);
+        h.api.insert(
+            "pods",
+            NS,
+            json!({"metadata": {"name": format!("demo-broker-{g}-0"), "labels": {
+                    "app.kubernetes.io/name": "ferromq", "app.kubernetes.io/instance": "demo",
+                    "app.kubernetes.io/component": "broker", "ferromq.io/broker-group": format!("demo-broker-{g}")}},
+                "status": {"containerStatuses": [{"name": "broker", "ready": false, "restartCount": 0,
+                    "image": "i", "imageID": "", "state": {"running": {}}}]}}),
+        );
+    }
+    h.edit_spec(json!({"flush": "Sync"}));
+    let writes = h.reconcile().await;
+    assert!(
+        writes.contains(&"PATCH statefulsets/demo-broker-0".to_string()),
+        "{writes:?}"
+    );
+    for g in [1, 2] {
+        assert!(
+            !writes.contains(&format!("PATCH statefulsets/demo-broker-{g}")),
+            "group {g} rolled with the first: {writes:?}"
+        );
+    }
+    assert!(h.api.calls().iter().any(|c| c.1 == "pods" && c.2 == "list"));
+}
