@@ -79,6 +79,8 @@ pub enum RequestCode {
     GetTopicsByCluster = 224,
     /// Consumption progress of a consumer group on one broker.
     GetConsumeStats = 208,
+    /// A consumer group's clients and subscriptions (`mqadmin consumerConnection`).
+    GetConsumerConnectionList = 203,
     /// Offsets and last store time of each queue of a topic on one broker.
     GetTopicStatsInfo = 202,
     /// Runtime figures of a broker (`mqadmin brokerStatus`).
@@ -132,6 +134,7 @@ impl RequestCode {
         Self::WipeWritePermOfBroker,
         Self::GetTopicsByCluster,
         Self::GetConsumeStats,
+        Self::GetConsumerConnectionList,
         Self::GetTopicStatsInfo,
         Self::GetBrokerRuntimeInfo,
         Self::SendMessageV2,
@@ -190,6 +193,8 @@ pub enum ResponseCode {
     SubscriptionNotLatest = 25,
     /// The consumer group does not exist.
     SubscriptionGroupNotExist = 26,
+    /// No client of the consumer group is connected.
+    ConsumerNotOnline = 206,
 }
 
 impl ResponseCode {

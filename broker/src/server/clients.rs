@@ -14,10 +14,22 @@ use crate::remoting::{RemotingCommand, RequestCode};
 /// How long a client stays registered without a heartbeat (RocketMQ: 120 s).
 pub const CLIENT_EXPIRY: Duration = Duration::from_secs(120);
 
+/// Where a heartbeat came from: the client's connection, and what its requests say of it.
+#[derive(Debug, Clone)]
+pub struct ClientConn {
+    /// Remote address of the connection.
+    pub addr: SocketAddr,
+    /// Pushes to the client (NOTIFY_CONSUMER_IDS_CHANGED).
+    pub push: mpsc::Sender<RemotingCommand>,
+    /// The client's language (JAVA, GO, CPP, ...), from its request header.
+    pub language: &'static str,
+    /// The client's version, from its request header.
+    pub version: i32,
+}
+
 #[derive(Debug)]
 struct ClientEntry {
-    addr: SocketAddr,
-    push: mpsc::Sender<RemotingCommand>,
+    conn: ClientConn,
     last_seen: Instant,
 }
 
@@ -26,6 +38,39 @@ struct Group {
     clients: BTreeMap<String, ClientEntry>,
     subscriptions: HashMap<String, SubscriptionData>,
     consume_from_where: Option<serde_json::Value>,
+    consume_type: Option<serde_json::Value>,
+    message_model: Option<serde_json::Value>,
+}
+
+/// What GET_CONSUMER_CONNECTION_LIST answers: a group's clients and subscriptions (Java's
+/// `ConsumerConnection`, which `mqadmin consumerConnection` and dashboards read).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerConnection {
+    /// Each client of the group.
+    pub connection_set: Vec<Connection>,
+    /// Topic to subscription.
+    pub subscription_table: BTreeMap<String, SubscriptionData>,
+    /// As the clients' heartbeats say.
+    pub consume_type: serde_json::Value,
+    /// As the clients' heartbeats say.
+    pub message_model: serde_json::Value,
+    /// As the clients' heartbeats say.
+    pub consume_from_where: serde_json::Value,
+}
+
+/// One client of a group, as Java's `Connection` names its fields.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Connection {
+    /// The client's id.
+    pub client_id: String,
+    /// `host:port` of its connection.
+    pub client_addr: String,
+    /// Its language.
+    pub language: &'static str,
+    /// Its version.
+    pub version: i32,
 }
 
 /// Consumer groups known to this broker.
@@ -41,13 +86,7 @@ impl ConsumerRegistry {
 
     /// Records a heartbeat of `client_id` for one consumer group; tells the group if its
     /// membership changed.
-    pub fn heartbeat(
-        &self,
-        client_id: &str,
-        data: &ConsumerData,
-        addr: SocketAddr,
-        push: &mpsc::Sender<RemotingCommand>,
-    ) {
+    pub fn heartbeat(&self, client_id: &str, data: &ConsumerData, from: &ClientConn) {
         let changed = {
             let mut groups = self.lock();
             let g = groups.entry(data.group_name.clone()).or_default();
@@ -72,9 +111,10 @@ impl ConsumerRegistry {
                 .retain(|topic, _| data.subscription_data_set.iter().any(|s| &s.topic == topic));
             topics_changed |= g.subscriptions.len() != before;
             g.consume_from_where = Some(data.consume_from_where.clone());
+            g.consume_type = Some(data.consume_type.clone());
+            g.message_model = Some(data.message_model.clone());
             let entry = ClientEntry {
-                addr,
-                push: push.clone(),
+                conn: from.clone(),
                 last_seen: Instant::now(),
             };
             let joined = g.clients.insert(client_id.to_string(), entry).is_none();
@@ -107,7 +147,7 @@ impl ConsumerRegistry {
         let mut changed = Vec::new();
         for (name, g) in self.lock().iter_mut() {
             let before = g.clients.len();
-            g.clients.retain(|_, c| c.addr != addr);
+            g.clients.retain(|_, c| c.conn.addr != addr);
             if g.clients.len() != before {
                 changed.push(name.clone());
             }
@@ -142,6 +182,32 @@ impl ConsumerRegistry {
             .unwrap_or_default()
     }
 
+    /// A group's clients and subscriptions; `None` when no client of it is online.
+    pub fn connections(&self, group: &str) -> Option<ConsumerConnection> {
+        let groups = self.lock();
+        let g = groups.get(group).filter(|g| !g.clients.is_empty())?;
+        Some(ConsumerConnection {
+            connection_set: g
+                .clients
+                .iter()
+                .map(|(id, c)| Connection {
+                    client_id: id.clone(),
+                    client_addr: c.conn.addr.to_string(),
+                    language: c.conn.language,
+                    version: c.conn.version,
+                })
+                .collect(),
+            subscription_table: g
+                .subscriptions
+                .iter()
+                .map(|(t, s)| (t.clone(), s.clone()))
+                .collect(),
+            consume_type: g.consume_type.clone().unwrap_or_default(),
+            message_model: g.message_model.clone().unwrap_or_default(),
+            consume_from_where: g.consume_from_where.clone().unwrap_or_default(),
+        })
+    }
+
     /// A group's subscription of `topic`, from its heartbeats.
     pub fn subscription(&self, group: &str, topic: &str) -> Option<SubscriptionData> {
         self.lock()
@@ -168,7 +234,7 @@ impl ConsumerRegistry {
         let targets: Vec<mpsc::Sender<RemotingCommand>> = self
             .lock()
             .get(group)
-            .map(|g| g.clients.values().map(|c| c.push.clone()).collect())
+            .map(|g| g.clients.values().map(|c| c.conn.push.clone()).collect())
             .unwrap_or_default();
         for t in targets {
             let mut cmd = RemotingCommand::request(
@@ -231,6 +297,15 @@ mod tests {
         assert!(TagFilter::parse("").matches(0));
     }
 
+    fn conn(addr: SocketAddr, push: &mpsc::Sender<RemotingCommand>) -> ClientConn {
+        ClientConn {
+            addr,
+            push: push.clone(),
+            language: "JAVA",
+            version: 317,
+        }
+    }
+
     #[test]
     fn an_older_subscription_never_replaces_a_newer_one() {
         let reg = ConsumerRegistry::default();
@@ -250,7 +325,7 @@ mod tests {
                     .collect(),
                 ..Default::default()
             };
-            reg.heartbeat(client, &data, addr, &tx);
+            reg.heartbeat(client, &data, &conn(addr, &tx));
         };
         let expr = |topic: &str| reg.subscription("G", topic).map(|s| s.sub_string);
         beat("new", &[("T", "A || B", 2), ("U", "*", 1)]);
@@ -285,7 +360,7 @@ mod tests {
                     .collect(),
                 ..Default::default()
             };
-            reg.heartbeat("c1", &data, addr, &tx);
+            reg.heartbeat("c1", &data, &conn(addr, &tx));
         };
         let mut notified = || {
             let mut n = 0;

@@ -285,8 +285,13 @@ impl Broker {
                     tracing::warn!(error = %e, group = %c.group_name, "cannot create retry topic");
                 }
             }
-            self.consumers
-                .heartbeat(&hb.client_id, c, peer.addr, &peer.push);
+            let from = clients::ClientConn {
+                addr: peer.addr,
+                push: peer.push.clone(),
+                language: crate::remoting::command::language_name(req.language),
+                version: req.version,
+            };
+            self.consumers.heartbeat(&hb.client_id, c, &from);
         }
         req.response_to(ResponseCode::Success)
     }
@@ -301,6 +306,20 @@ impl Broker {
                         }
                         req.response_to(ResponseCode::Success)
                     }
+                    Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                }
+            }
+            RequestCode::GetConsumerConnectionList => {
+                match ConsumerGroupRequestHeader::from_ext(&req.ext_fields) {
+                    Ok(h) => match self.consumers.connections(&h.consumer_group) {
+                        Some(c) => req
+                            .response_to(ResponseCode::Success)
+                            .with_body(to_json(&c)),
+                        None => req.error_to(
+                            ResponseCode::ConsumerNotOnline,
+                            format!("the consumer group[{}] not online", h.consumer_group),
+                        ),
+                    },
                     Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
                 }
             }

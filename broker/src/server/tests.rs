@@ -240,6 +240,41 @@ async fn held_pull(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_connections_are_listed_as_java_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let peer = Peer::detached("10.0.0.7:40123".parse().unwrap());
+    let ask = |group: &str| {
+        RemotingCommand::request(
+            RequestCode::GetConsumerConnectionList.code(),
+            Default::default(),
+        )
+        .with_ext("consumerGroup", group)
+    };
+    let resp = h.broker.process(ask("G"), &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::ConsumerNotOnline.code());
+    // A Go client's heartbeat (language GO, version 400).
+    let body = r#"{"clientID":"10.0.0.7@1","producerDataSet":[],"consumerDataSet":[{"groupName":"G","consumeType":"CONSUME_PASSIVELY","messageModel":"CLUSTERING","consumeFromWhere":"CONSUME_FROM_LAST_OFFSET","subscriptionDataSet":[{"topic":"T","subString":"*","tagsSet":[],"codeSet":[],"subVersion":1}],"unitMode":false}]}"#;
+    let mut beat = RemotingCommand::request(RequestCode::HeartBeat.code(), Default::default())
+        .with_body(body.as_bytes().to_vec());
+    beat.language = crate::remoting::command::language_from_name("GO");
+    beat.version = 400;
+    let resp = h.broker.process(beat, &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{:?}", resp.remark);
+    let resp = h.broker.process(ask("G"), &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{:?}", resp.remark);
+    let got: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+    assert_eq!(
+        got["connectionSet"],
+        serde_json::json!([{"clientId": "10.0.0.7@1", "clientAddr": "10.0.0.7:40123", "language": "GO", "version": 400}])
+    );
+    assert_eq!(got["subscriptionTable"]["T"]["subString"], "*");
+    assert_eq!(got["consumeType"], "CONSUME_PASSIVELY");
+    assert_eq!(got["messageModel"], "CLUSTERING");
+    assert_eq!(got["consumeFromWhere"], "CONSUME_FROM_LAST_OFFSET");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn earliest_store_time_and_client_config_checks_are_answered() {
     let dir = tempfile::tempdir().unwrap();
     let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
@@ -295,10 +330,13 @@ async fn a_pull_newer_than_the_subscription_the_broker_holds_is_refused_not_misf
         }],
         ..Default::default()
     };
-    let (tx, _rx) = tokio::sync::mpsc::channel(1);
-    h.broker
-        .consumers
-        .heartbeat("c1", &data, "127.0.0.1:1".parse().unwrap(), &tx);
+    let from = clients::ClientConn {
+        addr: "127.0.0.1:1".parse().unwrap(),
+        push: tokio::sync::mpsc::channel(1).0,
+        language: "JAVA",
+        version: 0,
+    };
+    h.broker.consumers.heartbeat("c1", &data, &from);
     // Pulls without their subscription (Java's push consumer) are filtered by the one the
     // heartbeat left, unless the client has a newer one: then it is told to ask again.
     let pull = |version: i64| {
