@@ -62,31 +62,42 @@ fn update_topic(namesrv: &str, topic: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn local_runtime_runs_the_example_and_follows_scale_out_and_in() -> Result<(), Error> {
-    let dir = e2e::test_dir("local")?;
-    let file = dir.path().join("cluster.yaml");
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/examples/sync-double-write.yaml");
-    let text = std::fs::read_to_string(&example)?;
-    assert!(text.contains("masters: 2"));
-    std::fs::write(&file, &text)?;
+/// The sync-double-write example.
+fn example() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples/sync-double-write.yaml")
+}
+
+/// `operator local DIR/cluster.yaml` with its data in DIR/data and its log in DIR/local.log,
+/// on free ports; the process and its first name server's port.
+fn start_local(dir: &std::path::Path, extra: &[&str]) -> Result<(Proc, u16), Error> {
     let ns_port = e2e::free_ports(4);
     let broker_port = e2e::free_ports(80);
     let mut cmd = Command::new(e2e::bin("operator")?);
     cmd.arg("local")
-        .arg(&file)
+        .arg(dir.join("cluster.yaml"))
         .args([
             "--namesrv-port",
             &ns_port.to_string(),
             "--broker-port",
             &broker_port.to_string(),
-            "--no-check",
         ])
+        .args(extra)
         .arg("--data-dir")
-        .arg(dir.path().join("data"))
+        .arg(dir.join("data"))
         .env("RUST_LOG", "info");
-    let mut local = Proc::spawn_logged("operator-local", cmd, dir.path().join("local.log"))?;
+    let local = Proc::spawn_logged("operator-local", cmd, dir.join("local.log"))?;
+    Ok((local, ns_port))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_runtime_runs_the_example_and_follows_scale_out_and_in() -> Result<(), Error> {
+    let dir = e2e::test_dir("local")?;
+    let file = dir.path().join("cluster.yaml");
+    let text = std::fs::read_to_string(example())?;
+    assert!(text.contains("masters: 2"));
+    std::fs::write(&file, &text)?;
+    let (mut local, ns_port) = start_local(dir.path(), &["--no-check"])?;
     let namesrv = format!("127.0.0.1:{ns_port};127.0.0.1:{}", ns_port + 2);
     wait_members(&namesrv, 4, "start").await?;
     tokio::time::sleep(Duration::from_secs(6)).await; // slaves learn their masters
@@ -179,26 +190,12 @@ fn processes_with_arg(arg: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_runtime_stopped_while_starting_leaves_no_process_behind() -> Result<(), Error> {
     let dir = e2e::test_dir("local-early-stop")?;
-    let file = dir.path().join("cluster.yaml");
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/examples/sync-double-write.yaml");
-    std::fs::write(&file, std::fs::read_to_string(&example)?)?;
+    std::fs::write(
+        dir.path().join("cluster.yaml"),
+        std::fs::read_to_string(example())?,
+    )?;
     let data = dir.path().join("data");
-    let ns_port = e2e::free_ports(4);
-    let broker_port = e2e::free_ports(80);
-    let mut cmd = Command::new(e2e::bin("operator")?);
-    cmd.arg("local")
-        .arg(&file)
-        .args([
-            "--namesrv-port",
-            &ns_port.to_string(),
-            "--broker-port",
-            &broker_port.to_string(),
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .env("RUST_LOG", "info");
-    let mut local = Proc::spawn_logged("operator-local", cmd, dir.path().join("local.log"))?;
+    let (mut local, ns_port) = start_local(dir.path(), &[])?;
     // Stopped while it starts the cluster: once its first broker runs, before every member is
     // ready (the start waits for them in turn).
     let data_arg = data.to_string_lossy().into_owned();
