@@ -14,6 +14,11 @@ pub struct LeaseLock {
     name: String,
     identity: String,
     duration: Duration,
+    /// The other holder's lease as last seen, and when (this process's monotonic clock):
+    /// expiry is judged by how long it has gone unrenewed here, not by comparing its
+    /// `renewTime` with this host's clock, which may be skewed from the holder's (as
+    /// client-go's leader election does).
+    observed: std::sync::Mutex<Option<(String, std::time::Instant)>>,
 }
 
 impl LeaseLock {
@@ -30,6 +35,7 @@ impl LeaseLock {
             name: name.to_string(),
             identity: identity.to_string(),
             duration,
+            observed: std::sync::Mutex::new(None),
         }
     }
 
@@ -66,10 +72,28 @@ impl LeaseLock {
         };
         let spec = current.spec.clone().unwrap_or_default();
         let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
-        let expired = spec.renew_time.as_ref().is_none_or(|t| {
-            let ttl = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-            Timestamp::now().as_second() - t.0.as_second() > ttl
-        });
+        let record = format!(
+            "{:?} {:?} {:?}",
+            spec.holder_identity,
+            spec.renew_time.as_ref().map(|t| t.0),
+            spec.lease_transitions
+        );
+        let ttl = spec
+            .lease_duration_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or(self.duration, Duration::from_secs);
+        let expired = {
+            let mut observed = self.observed.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            match observed.as_ref() {
+                Some((seen, since)) if *seen == record => now.duration_since(*since) > ttl,
+                // Renewed (or first seen): counts from now.
+                _ => {
+                    *observed = Some((record, now));
+                    false
+                }
+            }
+        };
         if !mine && !expired {
             return Ok(false);
         }

@@ -18,14 +18,14 @@ async fn only_one_replica_leads_until_its_lease_expires() {
         "ops",
         "ferromq-operator",
         "replica-a",
-        Duration::from_secs(15),
+        Duration::from_secs(1),
     );
     let b = LeaseLock::new(
         api.client(),
         "ops",
         "ferromq-operator",
         "replica-b",
-        Duration::from_secs(15),
+        Duration::from_secs(1),
     );
     assert!(
         a.try_acquire_or_renew().await.unwrap(),
@@ -36,13 +36,21 @@ async fn only_one_replica_leads_until_its_lease_expires() {
         "second candidate must wait"
     );
     assert!(a.try_acquire_or_renew().await.unwrap(), "holder renews");
-    // The holder stops renewing: once the lease is older than its duration, b takes over.
+    // The holder's clock is years behind b's: its renewals still count, as b judges expiry
+    // by how long the lease goes unrenewed on its own clock.
     api.edit(
         "leases",
         "ops",
         "ferromq-operator",
         json!({"spec": {"renewTime": "2020-01-01T00:00:00.000000Z"}}),
     );
+    assert!(
+        !b.try_acquire_or_renew().await.unwrap(),
+        "a lease renewed just now was taken over because of its holder's clock"
+    );
+    // The holder stops renewing: once b has seen the lease unchanged for its duration, b
+    // takes over.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
     assert!(
         b.try_acquire_or_renew().await.unwrap(),
         "expired lease is taken over"
