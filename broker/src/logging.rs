@@ -8,7 +8,20 @@ pub fn init(default: &str) {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (the log's disk full, its reader gone) is lost,
+        // nothing more: by default the subscriber reports it with `eprintln!`, which panics
+        // when stderr fails, and took down whichever thread was logging (the flush thread,
+        // the disk watch, send handlers).
+        .log_internal_errors(false)
         .try_init();
+}
+
+/// Writes a line to stderr for the person who started the process (a start failure, the
+/// boot banner); a stderr that cannot be written loses the line instead of panicking as
+/// `eprintln!` does.
+pub fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Resolves when the process is asked to stop (SIGINT, SIGTERM, or SIGHUP: its terminal or

@@ -623,3 +623,31 @@ async fn a_process_started_under_nohup_ignores_a_hangup() -> Result<(), Error> {
     assert!(alive, "a process started under nohup stopped on SIGHUP");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_log_that_cannot_be_written_does_not_stop_the_process() -> Result<(), Error> {
+    // The log's disk is full (here /dev/full, which fails every write with ENOSPC): the log
+    // lines are lost, and the process serves on. Writing the log used to panic the thread
+    // that logged, here the main one at start.
+    let dir = e2e::test_dir("log-full")?;
+    let port = e2e::free_ports(2);
+    let mut child = Command::new(e2e::bin("mqnamesrv")?)
+        .args(["--bind", "127.0.0.1", "-p", &port.to_string()])
+        .args(["--http-port", &(port + 1).to_string()])
+        .env("RUST_LOG", "debug")
+        .current_dir(dir.path())
+        .stdout(std::fs::File::create("/dev/full")?)
+        .stderr(std::fs::File::create("/dev/full")?)
+        .spawn()?;
+    let listening = e2e::wait_tcp(port, Duration::from_secs(10));
+    let client = Client::new(vec![format!("127.0.0.1:{port}")]);
+    let answered = client.cluster_info().await.is_ok();
+    let alive = child.try_wait()?.is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        listening && answered && alive,
+        "listening {listening}, answered {answered}, alive {alive}"
+    );
+    Ok(())
+}

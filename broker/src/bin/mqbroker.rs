@@ -38,7 +38,7 @@ async fn main() -> ExitCode {
         Some(path) => match BrokerConfig::load(path) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("mqbroker: {}: {e}", path.display());
+                broker::logging::say(format_args!("mqbroker: {}: {e}", path.display()));
                 return ExitCode::FAILURE;
             }
         },
@@ -52,28 +52,30 @@ async fn main() -> ExitCode {
     }
     if let Some(pod) = &args.pod_name {
         if let Err(e) = cfg.apply_ordinal(pod) {
-            eprintln!("mqbroker: {e}");
+            broker::logging::say(format_args!("mqbroker: {e}"));
             return ExitCode::FAILURE;
         }
     }
     if cfg.namesrv_addrs.is_empty() {
-        eprintln!("mqbroker: no name server: set namesrvAddr in the config, -n, or NAMESRV_ADDR");
+        broker::logging::say(format_args!(
+            "mqbroker: no name server: set namesrvAddr in the config, -n, or NAMESRV_ADDR"
+        ));
         return ExitCode::FAILURE;
     }
     let handle = match broker::server::start(cfg.clone()).await {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(error = %e, "broker failed to start");
-            eprintln!("mqbroker: {e}");
+            broker::logging::say(format_args!("mqbroker: {e}"));
             return ExitCode::FAILURE;
         }
     };
-    eprintln!(
+    broker::logging::say(format_args!(
         "The broker[{}, {}] boot success. serializeType=JSON and name server is {}",
         cfg.broker_name,
         cfg.broker_addr(),
         cfg.namesrv_addrs.join(";")
-    );
+    ));
     broker::logging::shutdown_signal().await;
     handle.stop().await;
     ExitCode::SUCCESS

@@ -63,14 +63,14 @@ async fn main() -> ExitCode {
         Ok(h) => h,
         Err(e) => {
             tracing::error!(error = %e, "name server failed to start");
-            eprintln!("mqnamesrv: {e}");
+            broker::logging::say(format_args!("mqnamesrv: {e}"));
             return ExitCode::FAILURE;
         }
     };
-    eprintln!(
+    broker::logging::say(format_args!(
         "The Name Server boot success. serializeType=JSON, address {}",
         handle.addr
-    );
+    ));
     broker::logging::shutdown_signal().await;
     handle.stop().await;
     ExitCode::SUCCESS
