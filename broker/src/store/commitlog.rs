@@ -402,16 +402,35 @@ impl CommitLog {
                 blank[4..].copy_from_slice(&BLANK_MAGIC.to_be_bytes());
                 seg.file
                     .write_all_at(&blank, pos - seg.base)
-                    .map_err(|e| StoreError::io(&seg.path, e))?;
+                    .map_err(|e| self.write_failed(StoreError::io(&seg.path, e)))?;
             }
             pos += room;
         }
-        let seg = self.segment_or_create(pos)?;
+        let seg = self
+            .segment_or_create(pos)
+            .map_err(|e| self.write_failed(e))?;
         seg.file
             .write_all_at(data, pos - seg.base)
-            .map_err(|e| StoreError::io(&seg.path, e))?;
+            .map_err(|e| self.write_failed(StoreError::io(&seg.path, e)))?;
         self.written.store(pos + len, Ordering::Release);
         Ok(pos)
+    }
+
+    /// Sorts a failed write of the log: a file system gone read-only (ext4 remounts itself so
+    /// after a journal error) or an I/O error will not take the next write either, so it is
+    /// recorded as a failed write-back is: the broker turns unready, withdraws its write
+    /// permission and refuses sends until a restart, instead of failing each send alone while
+    /// it still looks writable. A full disk (ENOSPC) stays a failure of this write only: the
+    /// disk watch refuses sends before that, and space may come back.
+    fn write_failed(&self, e: StoreError) -> StoreError {
+        match &e {
+            StoreError::Io { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::EROFS | libc::EIO)) =>
+            {
+                self.write_back_lost(e)
+            }
+            _ => e,
+        }
     }
 
     /// Takes the zeroes' lock for a write of `[from, to)` as `range` gives it under the lock,
@@ -531,11 +550,13 @@ impl CommitLog {
         if data.is_empty() {
             return Ok(());
         }
-        let seg = self.segment_or_create(offset)?;
+        let seg = self
+            .segment_or_create(offset)
+            .map_err(|e| self.write_failed(e))?;
         let (_zeroes, _) = self.lock_for_data(|| (offset, offset + data.len() as u64));
         seg.file
             .write_all_at(data, offset - seg.base)
-            .map_err(|e| StoreError::io(&seg.path, e))?;
+            .map_err(|e| self.write_failed(StoreError::io(&seg.path, e)))?;
         self.written
             .store(offset + data.len() as u64, Ordering::Release);
         Ok(())
@@ -1002,6 +1023,33 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_read_only_or_failing_disk_stops_the_log_a_full_one_fails_the_write_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = CommitLog::open(dir.path(), 64 * 1024).unwrap();
+        let failed = |errno| StoreError::io(dir.path(), std::io::Error::from_raw_os_error(errno));
+        assert!(matches!(
+            log.write_failed(failed(libc::ENOSPC)),
+            StoreError::Io { .. }
+        ));
+        assert!(log.write_back_failure().is_none());
+        log.append(b"still taken").unwrap();
+        assert!(matches!(
+            log.write_failed(failed(libc::EROFS)),
+            StoreError::WriteBackFailed(_)
+        ));
+        assert!(log
+            .write_back_failure()
+            .is_some_and(|w| w.contains("Read-only")));
+        assert!(matches!(
+            log.append(b"refused"),
+            Err(StoreError::WriteBackFailed(_))
+        ));
+        let other = CommitLog::open(&dir.path().join("other"), 64 * 1024).unwrap();
+        other.write_failed(failed(libc::EIO));
+        assert!(other.write_back_failure().is_some());
+    }
 
     #[test]
     fn a_damaged_size_field_is_refused_before_anything_is_allocated() {
