@@ -218,7 +218,12 @@ async fn serve_connection<P: Processor>(
                     continue;
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(peer = %addr, error = %e, "closing connection after a bad frame");
+                    // A client that went away (reset) is routine; anything else is a bad frame.
+                    if matches!(&e, RemotingError::Io(io) if matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe)) {
+                        tracing::debug!(peer = %addr, error = %e, "connection reset by the client");
+                    } else {
+                        tracing::warn!(peer = %addr, error = %e, "closing connection after a bad frame");
+                    }
                     break;
                 }
             },

@@ -392,6 +392,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Takes the store's lock file (`<root>/lock`, as Java's broker locks it) for as long as the
 /// returned file is open; refuses a store another broker has open.
+/// The commit-log offset past the last message any queue indexes (0 when none does).
+fn indexed_end(queues: &Queues) -> Result<u64, StoreError> {
+    let mut end = 0;
+    for cq in queues.all() {
+        let last = cq.max_offset();
+        if last == 0 {
+            continue;
+        }
+        if let Some(e) = cq.get(last - 1, 1)?.first() {
+            end = end.max(e.offset + u64::from(e.size));
+        }
+    }
+    Ok(end)
+}
+
 fn lock_store(root: &Path) -> Result<std::fs::File, StoreError> {
     let path = root.join("lock");
     let file = std::fs::OpenOptions::new()
@@ -426,8 +441,20 @@ impl MessageStore {
 
         let queues = Queues::open(&cq_dir)?;
         // Consume-queue entries past the checkpoint may be torn or point at a torn tail:
-        // drop them and re-dispatch from the commit log.
-        let from = checkpoint.consistent_offset;
+        // drop them and re-dispatch from the commit log. Queues that end before the
+        // checkpoint (their directory deleted or restored from an older copy, to have them
+        // rebuilt) are re-dispatched from the furthest any queue reaches, as Java's broker
+        // does: otherwise their messages stayed invisible and their offsets were handed out
+        // again.
+        let indexed = indexed_end(&queues)?.max(commitlog.min_offset());
+        let from = checkpoint.consistent_offset.min(indexed);
+        if from < checkpoint.consistent_offset {
+            tracing::warn!(
+                checkpoint = checkpoint.consistent_offset,
+                from,
+                "the consume queues end before the checkpoint; rebuilding them from the commit log"
+            );
+        }
         for cq in queues.all() {
             cq.truncate_from_offset(from)?;
         }
@@ -445,7 +472,18 @@ impl MessageStore {
             };
             commitlog.recover(from, !checkpoint.clean_shutdown, open_queue)?
         };
-        if report.messages > 0 || report.truncated_bytes > 0 || !checkpoint.clean_shutdown {
+        if report.truncated_bytes > 0 {
+            // What lay past the first message recovery could not read is gone: a torn tail
+            // after a crash, or damage (Java's recovery cuts the log there too).
+            tracing::warn!(
+                from,
+                redispatched = report.messages,
+                cut_at = report.end,
+                torn_bytes = report.truncated_bytes,
+                later_segments_removed = report.segments_removed,
+                "commit log cut at the first message recovery could not read; everything after it was dropped"
+            );
+        } else if report.messages > 0 || !checkpoint.clean_shutdown {
             tracing::info!(
                 from,
                 redispatched = report.messages,

@@ -194,6 +194,30 @@ fn clean_restart_keeps_everything_without_a_scan() {
 }
 
 #[test]
+fn deleted_consume_queues_are_rebuilt_and_their_offsets_not_handed_out_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    fill(&store, 300);
+    store.shutdown();
+    drop(store);
+    // An operator deletes the queues to have them rebuilt, as with Java's broker.
+    std::fs::remove_dir_all(dir.path().join("consumequeue")).unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    assert_eq!(store.recovery.messages, 300);
+    for q in 0..2 {
+        assert_eq!(store.queue("T", q).unwrap().max_offset(), 150);
+    }
+    let next = store.append(&[msg("T", 0, 300, "A")]).unwrap();
+    assert_eq!(next[0].queue_offset, 150);
+    store.shutdown();
+    drop(store);
+    // A clean restart after that reads nothing again.
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    assert_eq!(store.recovery.messages, 0);
+    store.shutdown();
+}
+
+#[test]
 fn entries_rebuilt_by_recovery_survive_a_crash_right_after() {
     let dir = tempfile::tempdir().unwrap();
     let unclean = || {
