@@ -1044,6 +1044,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     let commitlog_max = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
     let commitlog_flushed = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
     let commitlog_indexed = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+    let checkpoint = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
     let consumers_gauge = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
     registry.register(
         "commitlog_max_offset",
@@ -1059,6 +1060,11 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         "commitlog_indexed_offset",
         "End of the commit log consumers can read (indexed into queues): on a slave, far behind commitlog_max_offset means its indexing stopped",
         commitlog_indexed.clone(),
+    );
+    registry.register(
+        "checkpoint_offset",
+        "End of the commit log the last checkpoint counts; a crash recovers by rescanning from here, so one falling behind commitlog_max_offset means checkpoints stopped (a failed sync: see the log)",
+        checkpoint.clone(),
     );
     registry.register(
         "consumer_clients",
@@ -1252,6 +1258,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             consumers_gauge.set(b.consumers.client_count() as i64);
             commitlog_max.set(b.store.commitlog().max_offset() as i64);
             commitlog_indexed.set(b.store.dispatched_offset() as i64);
+            checkpoint.set(b.store.checkpoint_offset() as i64);
             commitlog_flushed.set(b.store.commitlog().flushed_offset() as i64);
             // How full the disk is, every 10 s (a statvfs call): past diskMaxUsedSpaceRatio
             // expired segments go at once; past diskSpaceWarningLevelRatio the store refuses

@@ -1466,21 +1466,27 @@ async fn a_stopped_broker_frees_its_store_even_with_a_scraper_connected() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_show_how_far_the_log_is_indexed() {
+async fn metrics_show_how_far_the_log_is_indexed_and_checkpointed() {
     let dir = tempfile::tempdir().unwrap();
     let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
     h.broker.store.append(&tagged(0, "A", 3)).unwrap();
     let end = h.broker.store.commitlog().max_offset();
-    let want = format!("ferromq_broker_commitlog_indexed_offset {end}");
+    // The checkpoint follows within a second or two (the flush thread's).
+    let want = [
+        format!("ferromq_broker_commitlog_indexed_offset {end}"),
+        format!("ferromq_broker_checkpoint_offset {end}"),
+    ];
     let mut metrics = String::new();
-    for _ in 0..40 {
+    for _ in 0..60 {
         metrics = get(h.http_addr, "/metrics").await;
-        if metrics.contains(&want) {
+        if want.iter().all(|w| metrics.contains(w)) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(metrics.contains(&want), "{metrics}");
+    for w in &want {
+        assert!(metrics.contains(w), "{w} missing from {metrics}");
+    }
     h.stop().await;
 }
 

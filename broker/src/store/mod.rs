@@ -310,6 +310,8 @@ pub struct MessageStore {
     write_lock: Mutex<BytesMut>,
     /// Commit-log offset below which every message is appended and dispatched to its queue.
     dispatched: AtomicU64,
+    /// Commit-log offset the last checkpoint counts (a crash recovers from there).
+    checkpointed: AtomicU64,
     /// Share of the store's file system in use, in millionths, as last measured.
     disk_used: AtomicU64,
     flush: Arc<FlushShared>,
@@ -509,6 +511,7 @@ impl MessageStore {
             queues,
             write_lock: Mutex::new(BytesMut::with_capacity(1 << 20)),
             dispatched: AtomicU64::new(end),
+            checkpointed: AtomicU64::new(end),
             disk_used: AtomicU64::new(0),
             flush: Arc::new(FlushShared {
                 waiters: Mutex::new(Vec::new()),
@@ -969,6 +972,13 @@ impl MessageStore {
         self.dispatched.load(Ordering::Acquire)
     }
 
+    /// Commit-log offset the last checkpoint counts: after a crash recovery rescans the log
+    /// from here, so one far behind the log's end (checkpoints stopped after a failed sync)
+    /// means a long recovery.
+    pub fn checkpoint_offset(&self) -> u64 {
+        self.checkpointed.load(Ordering::Acquire)
+    }
+
     /// Total messages indexed across all queues (for replication lag in messages).
     pub fn total_messages(&self) -> u64 {
         self.all_queues().iter().map(|q| q.max_offset()).sum()
@@ -1155,6 +1165,7 @@ impl MessageStore {
                         tracing::warn!(error = %e, "writing the checkpoint failed; tried again in a second");
                     } else {
                         checkpointed = consistent;
+                        self.checkpointed.store(consistent, Ordering::Release);
                     }
                 }
                 if let Err(e) = self.offsets.persist() {
