@@ -435,11 +435,24 @@ impl MessageStore {
         let commitlog = CommitLog::open(&root.join("commitlog"), cfg.segment_size)?;
         let cq_dir = root.join("consumequeue");
         let checkpoint_path = root.join("checkpoint");
-        // No checkpoint means a new store: nothing to recover.
-        let checkpoint: Checkpoint = load_json(&checkpoint_path)?.unwrap_or(Checkpoint {
-            consistent_offset: 0,
-            clean_shutdown: true,
-        });
+        // No checkpoint means a new store: nothing to recover. One that cannot be read
+        // (damaged outside the broker: it is replaced atomically) is only a hint of where to
+        // start: the log is scanned from its start, as after a crash, instead of the broker
+        // refusing to start.
+        let checkpoint: Checkpoint = match load_json(&checkpoint_path) {
+            Ok(c) => c.unwrap_or(Checkpoint {
+                consistent_offset: 0,
+                clean_shutdown: true,
+            }),
+            Err(e @ StoreError::Json { .. }) => {
+                tracing::warn!(error = %e, "the checkpoint cannot be read; recovering the whole commit log");
+                Checkpoint {
+                    consistent_offset: 0,
+                    clean_shutdown: false,
+                }
+            }
+            Err(e) => return Err(e),
+        };
 
         let queues = Queues::open(&cq_dir)?;
         // Consume-queue entries past the checkpoint may be torn or point at a torn tail:

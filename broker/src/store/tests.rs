@@ -194,6 +194,22 @@ fn clean_restart_keeps_everything_without_a_scan() {
 }
 
 #[test]
+fn a_damaged_checkpoint_means_a_full_recovery_not_a_refusal_to_start() {
+    for damage in ["", "{\"consistentOff", "\u{0}\u{0}\u{0}"] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+        fill(&store, 100);
+        store.shutdown();
+        drop(store);
+        std::fs::write(dir.path().join("checkpoint"), damage).unwrap();
+        let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+        assert_eq!(store.recovery.messages, 100, "{damage:?}");
+        assert_eq!(store.queue("T", 0).unwrap().max_offset(), 50);
+        store.shutdown();
+    }
+}
+
+#[test]
 fn deleted_consume_queues_are_rebuilt_and_their_offsets_not_handed_out_again() {
     let dir = tempfile::tempdir().unwrap();
     let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
