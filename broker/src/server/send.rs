@@ -63,6 +63,14 @@ const NOT_ALLOWED_SEND_TOPICS: &[&str] = &[
 
 /// Longest consumer group name: its retry and dead-letter topics are directory names, which
 /// ext4 and most file systems cap at 255 bytes.
+/// Properties of RocketMQ 5's timer messages (`setDeliverTimeMs`, `setDelayTimeSec`,
+/// `setDelayTimeMs`), which ferromq refuses (see `send`).
+const PROP_TIMER_DELIVER_MS: &str = "TIMER_DELIVER_MS";
+/// See [`PROP_TIMER_DELIVER_MS`].
+const PROP_TIMER_DELAY_SEC: &str = "TIMER_DELAY_SEC";
+/// See [`PROP_TIMER_DELIVER_MS`].
+const PROP_TIMER_DELAY_MS: &str = "TIMER_DELAY_MS";
+
 const MAX_GROUP_LEN: usize = 255 - "%RETRY%".len();
 
 /// Checks a consumer group name before it becomes part of a topic (and so of a path): the
@@ -148,15 +156,19 @@ impl Broker {
             Ok(d) => d,
             Err(resp) => return resp(req),
         };
+        // Any queue below the larger of the two counts, as Java's msgCheck: a topic shrunk
+        // with `updateTopic -w 4 -r 8` still takes the sends of producers whose route is not
+        // yet refreshed (orderly ones do not retry elsewhere).
+        let queues = topic.write_queue_nums.max(topic.read_queue_nums);
         let queue_id = match h.queue_id {
             _ if dead_letter.is_some() => 0,
-            Some(q) if q >= 0 && q < topic.write_queue_nums => q,
-            Some(q) if q >= topic.write_queue_nums => {
+            Some(q) if q >= 0 && q < queues => q,
+            Some(q) if q >= queues => {
                 return req.error_to(
                     ResponseCode::SystemError,
                     format!(
-                        "queueId {q} is illegal: topic {} has {} write queues",
-                        h.topic, topic.write_queue_nums
+                        "queueId {q} is illegal: topic {} has {} write and {} read queues",
+                        h.topic, topic.write_queue_nums, topic.read_queue_nums
                     ),
                 )
             }
@@ -201,6 +213,24 @@ impl Broker {
         if let Some(refused) = self.refuse_transactions(req, &items, &h) {
             return refused;
         }
+        // RocketMQ 5's timer messages (any delivery time, not a delay level) need Java's
+        // timer wheel: refused as Java's broker refuses them with it off, rather than stored
+        // and delivered at once.
+        if items.iter().any(|(_, _, p)| {
+            p.contains("TIMER_")
+                && [
+                    PROP_TIMER_DELIVER_MS,
+                    PROP_TIMER_DELAY_SEC,
+                    PROP_TIMER_DELAY_MS,
+                ]
+                .iter()
+                .any(|k| crate::store::message::property(p, k).is_some())
+        }) {
+            return req.error_to(
+                ResponseCode::SystemError,
+                "accurate timer message is not enabled, timerWheelEnable is false",
+            );
+        }
         let born_ts = h.born_timestamp.unwrap_or_else(now_ms);
         let topic_name = dead_letter.unwrap_or_else(|| h.topic.clone());
         let to_schedule = |m: NewMessage| match schedule::requested_level(&m.properties) {
@@ -225,8 +255,18 @@ impl Broker {
             })
             .map(to_schedule)
             .collect();
-        self.put_and_respond(req, msgs, peer.others_in_flight())
-            .await
+        let delayed = msgs
+            .first()
+            .is_some_and(|m| m.topic == schedule::SCHEDULE_TOPIC);
+        let mut resp = self
+            .put_and_respond(req, msgs, peer.others_in_flight())
+            .await;
+        // The queue the producer sent to, as Java answers, not the delay level's queue of
+        // the schedule topic the message waits in.
+        if delayed && resp.ext_fields.get("queueId").is_some() {
+            resp.ext_fields.insert_int("queueId", queue_id);
+        }
+        resp
     }
 
     pub(super) async fn put_and_respond(

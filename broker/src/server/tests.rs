@@ -713,13 +713,24 @@ async fn send_v2(
     properties: String,
     reconsume: Option<(i32, i32)>,
 ) -> RemotingCommand {
+    send_v2_to(b, topic, 0, properties, reconsume).await
+}
+
+/// [`send_v2`] to queue `queue_id`.
+async fn send_v2_to(
+    b: &Broker,
+    topic: &str,
+    queue_id: i32,
+    properties: String,
+    reconsume: Option<(i32, i32)>,
+) -> RemotingCommand {
     use crate::remoting::header::SendMessageRequestHeader;
     let h = SendMessageRequestHeader {
         producer_group: "P".into(),
         topic: topic.into(),
         default_topic: Some("TBW102".into()),
         default_topic_queue_nums: Some(4),
-        queue_id: Some(0),
+        queue_id: Some(queue_id),
         sys_flag: Some(0),
         born_timestamp: Some(1),
         flag: Some(0),
@@ -777,6 +788,47 @@ async fn sends_no_reader_could_decode_and_transactional_halves_are_refused() {
     assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
     let (code, _) = pull_at(b, 0, 0, 0, "*").await;
     assert_eq!(code, ResponseCode::Success.code());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timer_messages_are_refused_and_queues_are_checked_against_both_counts() {
+    use crate::store::message::SCHEDULE_TOPIC;
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let b = &h.broker;
+    // RocketMQ 5 timer messages: refused, not delivered at once.
+    for timer in [
+        "TIMER_DELAY_SEC\u{1}60\u{2}",
+        "TIMER_DELIVER_MS\u{1}1999999999999\u{2}",
+        "TIMER_DELAY_MS\u{1}500\u{2}",
+    ] {
+        let resp = send_v2(b, "T", timer.into(), None).await;
+        assert_eq!(resp.code, ResponseCode::SystemError.code(), "{timer:?}");
+        assert!(
+            resp.remark.as_deref().unwrap_or("").contains("timer"),
+            "{resp:?}"
+        );
+    }
+    assert_eq!(stored_in(b, "T", 0), 0);
+    // A topic shrunk to 2 write queues of 4 read ones still takes sends to queue 3.
+    b.store
+        .topics
+        .put(TopicConfig {
+            write_queue_nums: 2,
+            ..TopicConfig::new("Shrunk", 4, PERM_READ | PERM_WRITE)
+        })
+        .unwrap();
+    let resp = send_v2_to(b, "Shrunk", 3, String::new(), None).await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(stored_in(b, "Shrunk", 3), 1);
+    let resp = send_v2_to(b, "Shrunk", 4, String::new(), None).await;
+    assert_eq!(resp.code, ResponseCode::SystemError.code(), "{resp:?}");
+    // A delayed message's answer names the queue it was sent to, not its level's.
+    let resp = send_v2_to(b, "T", 1, "DELAY\u{1}3\u{2}".into(), None).await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(stored_in(b, SCHEDULE_TOPIC, 2), 1);
+    assert_eq!(resp.ext_fields.get("queueId"), Some("1"));
     h.stop().await;
 }
 
