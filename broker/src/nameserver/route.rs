@@ -21,6 +21,8 @@ struct LiveBroker {
     cluster: String,
     broker_name: String,
     broker_id: i64,
+    /// Version of the topic table its last registration carried.
+    data_version: crate::store::topics::DataVersion,
 }
 
 /// What a registration tells the registering broker.
@@ -146,7 +148,15 @@ impl RouteTable {
             .retain(|id, addr| *id == r.broker_id || *addr != r.broker_addr);
         bd.broker_addrs.insert(r.broker_id, r.broker_addr.clone());
         bd.cluster = r.cluster.clone();
-        if r.broker_id == 0 {
+        // As Java's name server: a registration whose topic table has the version of the
+        // last one (the periodic re-registration) leaves the queues as they are, so a
+        // `wipeWritePerm` made on the name servers alone lasts until the broker's topics
+        // change, instead of being undone within 30 s.
+        let table_changed = self
+            .live
+            .get(&r.broker_addr)
+            .is_none_or(|l| l.data_version != r.topics.data_version);
+        if r.broker_id == 0 && table_changed {
             // Only the master's registration defines the topic's queues (as in RocketMQ).
             let mut present = BTreeSet::new();
             for (name, cfg) in &r.topics.topic_config_table {
@@ -180,6 +190,7 @@ impl RouteTable {
                 cluster: r.cluster.clone(),
                 broker_name: r.broker_name.clone(),
                 broker_id: r.broker_id,
+                data_version: r.topics.data_version.clone(),
             },
         );
         if r.broker_id == 0 {
@@ -340,8 +351,12 @@ mod tests {
     use super::*;
     use crate::store::topics::TopicConfig;
 
+    /// A registration whose topic table has a version of its own, as a broker whose topics
+    /// changed sends.
     fn reg(name: &str, addr: &str, id: i64, topics: &[&str]) -> Registration {
+        static VERSION: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
         let mut w = TopicConfigWrapper::default();
+        w.data_version.counter = VERSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for t in topics {
             w.topic_config_table
                 .insert(t.to_string(), TopicConfig::new(t, 4, 6));
@@ -499,11 +514,18 @@ mod tests {
     }
 
     #[test]
-    fn wipe_write_perm_leaves_read() {
+    fn wipe_write_perm_leaves_read_and_lasts_until_the_brokers_topics_change() {
         let mut t = RouteTable::default();
-        t.register(&reg("a", "h1:1", 0, &["T", "U"]), Instant::now())
-            .unwrap();
+        let first = reg("a", "h1:1", 0, &["T", "U"]);
+        t.register(&first, Instant::now()).unwrap();
         assert_eq!(t.wipe_write_perm("a"), 2);
         assert_eq!(t.route("T").unwrap().queue_datas[0].perm, 4);
+        // The periodic re-registration (same table version) does not undo the wipe.
+        t.register(&first, Instant::now()).unwrap();
+        assert_eq!(t.route("T").unwrap().queue_datas[0].perm, 4);
+        // A changed table is taken as the broker sends it.
+        t.register(&reg("a", "h1:1", 0, &["T", "U"]), Instant::now())
+            .unwrap();
+        assert_eq!(t.route("T").unwrap().queue_datas[0].perm, 6);
     }
 }
