@@ -24,7 +24,9 @@ use sha2::{Digest, Sha256};
 
 use crate::crd::{BrokerCluster, BrokerClusterStatus, GroupStatus};
 use crate::plan::{plan, ClusterPlan};
-use crate::resources::{managed_selector, render, FIELD_MANAGER, LABEL_COMPONENT, LABEL_GROUP};
+use crate::resources::{
+    managed_selector, render, BROKER_CONTAINER, FIELD_MANAGER, LABEL_COMPONENT, LABEL_GROUP,
+};
 use crate::rollout::{rollout_gap, rollout_turns, stamp_template_hash};
 
 /// See [`Context::full_apply_every`]: the resync period of a cluster that is at rest.
@@ -500,7 +502,7 @@ async fn running_groups(
     ns: &str,
     cluster: &str,
     live: &[StatefulSet],
-) -> Result<HashSet<String>, Error> {
+) -> HashSet<String> {
     let unready = live.iter().any(|s| {
         s.labels().get(LABEL_COMPONENT).map(String::as_str) == Some("broker")
             && s.status
@@ -510,7 +512,7 @@ async fn running_groups(
                 == 0
     });
     if !unready {
-        return Ok(HashSet::new());
+        return HashSet::new();
     }
     let selector = crate::resources::selector(cluster, "broker")
         .iter()
@@ -518,21 +520,33 @@ async fn running_groups(
         .collect::<Vec<_>>()
         .join(",");
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let pods = pods.list(&ListParams::default().labels(&selector)).await?;
-    Ok(pods
-        .items
+    let pods = match pods.list(&ListParams::default().labels(&selector)).await {
+        Ok(p) => p,
+        Err(e) => {
+            // An installation whose RBAC predates this (no `list pods`) must still apply a
+            // fixed spec to a group that is down: every unready group counts as down, as
+            // before.
+            tracing::warn!(error = %e, "listing broker pods failed; unready groups count as down");
+            return HashSet::new();
+        }
+    };
+    pods.items
         .iter()
         .filter(|p| {
+            // The broker's own container: a sidecar running beside a crash-looping broker
+            // does not make the group serve.
             p.status
                 .as_ref()
                 .and_then(|s| s.container_statuses.as_ref())
                 .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c.state.as_ref().is_some_and(|st| st.running.is_some()))
+                    cs.iter().any(|c| {
+                        c.name == BROKER_CONTAINER
+                            && c.state.as_ref().is_some_and(|st| st.running.is_some())
+                    })
                 })
         })
         .filter_map(|p| p.labels().get(LABEL_GROUP).cloned())
-        .collect())
+        .collect()
 }
 
 /// Seconds since the RFC 3339 time of an annotation; 0 when it is missing or unreadable.
@@ -752,7 +766,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
     // with its StatefulSet: pods read broker.conf only when they start, so a pod restarting
     // early for another reason (eviction, OOM) would otherwise run the new config out of turn.
     let group_names: Vec<&str> = plan.groups.iter().map(|g| g.name.as_str()).collect();
-    let running = running_groups(&client, &ns, &name, &live_sts.items).await?;
+    let running = running_groups(&client, &ns, &name, &live_sts.items).await;
     let turns = rollout_turns(
         &group_names,
         &desired.stateful_sets,
@@ -826,11 +840,10 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
             }
             w
         }
-        Err(Error::Kube(kube::Error::Api(ae)))
-            if (400..500).contains(&ae.code) && ae.code != 409 =>
-        {
+        Err(Error::Kube(kube::Error::Api(ae))) if ae.code == 422 || ae.code == 400 => {
             // The API server refused what the spec renders into (say requests above limits):
-            // the last generation's Ready must not stand. A conflict (409) is a race, retried.
+            // the last generation's Ready must not stand. Other refusals (a conflict, being
+            // throttled, RBAC) say nothing of the spec: retried with the backoff.
             let why = format!(
                 "the API server refused an object of this spec: {}",
                 ae.message

@@ -1274,7 +1274,7 @@ async fn a_name_server_outage_during_a_change_rolls_the_groups_one_at_a_time() {
             json!({"metadata": {"name": format!("demo-broker-{g}-0"), "labels": {
                     "app.kubernetes.io/name": "ferromq", "app.kubernetes.io/instance": "demo",
                     "app.kubernetes.io/component": "broker", "ferromq.io/broker-group": format!("demo-broker-{g}")}},
-                "status": {"containerStatuses": [{"name": "broker", "ready": false, "restartCount": 0,
+                "status": {"containerStatuses": [{"name": "mqbroker", "ready": false, "restartCount": 0,
                     "image": "i", "imageID": "", "state": {"running": {}}}]}}),
         );
     }

@@ -765,16 +765,30 @@ impl CommitLog {
     }
 
     /// Scans forward from `from` (a message boundary known to be valid) and returns every
-    /// valid message after it, stopping at the first torn or corrupt one. Sets the write
-    /// position to the end of the last valid message and zeroes everything after it, so a
-    /// torn tail never resurfaces. After a crash (`crashed`), what lies past `from` is read
-    /// from the disk, not from the page cache (see `read_from_disk`).
+    /// valid message after it, stopping at the first torn or corrupt one past `trusted`.
+    /// Sets the write position to the end of the last valid message and zeroes everything
+    /// after it, so a torn tail never resurfaces. After a crash (`crashed`), what lies past
+    /// `from` is read from the disk, not from the page cache (see `read_from_disk`).
+    ///
+    /// Below `trusted` the log was durable (a checkpoint counted it), so a message there that
+    /// cannot be read is damage, not a torn tail: it is passed over when its size can be
+    /// trusted, and otherwise recovery fails with nothing cut. Cutting there would delete
+    /// every later segment, acknowledged data included (a rebuild of the queues scans the
+    /// whole log).
     pub fn recover(
         &self,
         from: u64,
         crashed: bool,
+        trusted: u64,
         mut on_message: impl FnMut(&StoredRef<'_>) -> Result<(), StoreError>,
     ) -> Result<RecoveryReport, StoreError> {
+        let damaged = |pos: u64, what: &str| {
+            StoreError::Corrupt(format!(
+                "the commit log is damaged at offset {pos} ({what}), below the checkpoint's \
+                 {trusted}: nothing was cut; restore the store from a copy (or a slave), or \
+                 remove the damaged segment and everything after it by hand to accept the loss"
+            ))
+        };
         let mut pos = from.max(self.min_offset());
         let mut report = RecoveryReport::default();
         let segs: Vec<Arc<Segment>> = read(&self.segments).clone();
@@ -794,6 +808,9 @@ impl CommitLog {
             loop {
                 let in_seg = pos - seg.base;
                 if in_seg + 8 > self.segment_size {
+                    if pos < trusted {
+                        return Err(damaged(pos, "a segment ends without its filler"));
+                    }
                     break 'segments;
                 }
                 // Make sure the header, then the whole message, are in buf.
@@ -814,6 +831,9 @@ impl CommitLog {
                     || size <= 8
                     || in_seg + size as u64 + END_BLANK_MIN > self.segment_size
                 {
+                    if pos < trusted {
+                        return Err(damaged(pos, "no message starts there"));
+                    }
                     break 'segments;
                 }
                 let size = size as usize;
@@ -824,6 +844,13 @@ impl CommitLog {
                 let rel = (pos - buf_start) as usize;
                 let msg = match parse_stored(&buf[rel..rel + size]) {
                     Ok(m) if m.physical_offset as u64 == pos => m,
+                    _ if pos < trusted => {
+                        // Its header holds: the next message starts right after it.
+                        tracing::error!(offset = pos, size, "a damaged message below the checkpoint is passed over; its queue entry stays empty");
+                        report.skipped += 1;
+                        pos += size as u64;
+                        continue;
+                    }
                     _ => break 'segments,
                 };
                 on_message(&msg)?;
@@ -896,6 +923,8 @@ pub struct RecoveryReport {
     pub truncated_bytes: u64,
     /// Segment files removed past the valid end.
     pub segments_removed: u64,
+    /// Damaged messages below the checkpoint passed over (see [`CommitLog::recover`]).
+    pub skipped: u64,
     /// End of the valid log.
     pub end: u64,
 }

@@ -392,8 +392,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Takes the store's lock file (`<root>/lock`, as Java's broker locks it) for as long as the
-/// returned file is open; refuses a store another broker has open.
 /// The commit-log offset past the last message any queue indexes (0 when none does).
 fn indexed_end(queues: &Queues) -> Result<u64, StoreError> {
     let mut end = 0;
@@ -409,6 +407,8 @@ fn indexed_end(queues: &Queues) -> Result<u64, StoreError> {
     Ok(end)
 }
 
+/// Takes the store's lock file (`<root>/lock`, as Java's broker locks it) for as long as the
+/// returned file is open; refuses a store another broker has open.
 fn lock_store(root: &Path) -> Result<std::fs::File, StoreError> {
     let path = root.join("lock");
     let file = std::fs::OpenOptions::new()
@@ -439,29 +439,37 @@ impl MessageStore {
         // (damaged outside the broker: it is replaced atomically) is only a hint of where to
         // start: the log is scanned from its start, as after a crash, instead of the broker
         // refusing to start.
-        let checkpoint: Checkpoint = match load_json(&checkpoint_path) {
-            Ok(c) => c.unwrap_or(Checkpoint {
-                consistent_offset: 0,
-                clean_shutdown: true,
-            }),
+        let queues = Queues::open(&cq_dir)?;
+        let indexed = indexed_end(&queues)?.max(commitlog.min_offset());
+        let (checkpoint, trusted): (Checkpoint, u64) = match load_json(&checkpoint_path) {
+            Ok(c) => {
+                let c = c.unwrap_or(Checkpoint {
+                    consistent_offset: 0,
+                    clean_shutdown: true,
+                });
+                let trusted = c.consistent_offset;
+                (c, trusted)
+            }
             Err(e @ StoreError::Json { .. }) => {
                 tracing::warn!(error = %e, "the checkpoint cannot be read; recovering the whole commit log");
-                Checkpoint {
+                // What lies before the segment the queues reach into was flushed long ago;
+                // only the rest may hold a torn tail.
+                let trusted = indexed - indexed % cfg.segment_size;
+                let c = Checkpoint {
                     consistent_offset: 0,
                     clean_shutdown: false,
-                }
+                };
+                (c, trusted)
             }
             Err(e) => return Err(e),
         };
 
-        let queues = Queues::open(&cq_dir)?;
         // Consume-queue entries past the checkpoint may be torn or point at a torn tail:
         // drop them and re-dispatch from the commit log. Queues that end before the
         // checkpoint (their directory deleted or restored from an older copy, to have them
         // rebuilt) are re-dispatched from the furthest any queue reaches, as Java's broker
         // does: otherwise their messages stayed invisible and their offsets were handed out
         // again.
-        let indexed = indexed_end(&queues)?.max(commitlog.min_offset());
         let from = checkpoint.consistent_offset.min(indexed);
         if from < checkpoint.consistent_offset {
             tracing::warn!(
@@ -485,7 +493,7 @@ impl MessageStore {
                     },
                 )
             };
-            commitlog.recover(from, !checkpoint.clean_shutdown, open_queue)?
+            commitlog.recover(from, !checkpoint.clean_shutdown, trusted, open_queue)?
         };
         if report.truncated_bytes > 0 {
             // What lay past the first message recovery could not read is gone: a torn tail
@@ -497,6 +505,14 @@ impl MessageStore {
                 torn_bytes = report.truncated_bytes,
                 later_segments_removed = report.segments_removed,
                 "commit log cut at the first message recovery could not read; everything after it was dropped"
+            );
+        } else if report.skipped > 0 {
+            tracing::warn!(
+                from,
+                redispatched = report.messages,
+                damaged_messages_skipped = report.skipped,
+                end = report.end,
+                "commit log recovered past damaged messages (see the errors above)"
             );
         } else if report.messages > 0 || !checkpoint.clean_shutdown {
             tracing::info!(

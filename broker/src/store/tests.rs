@@ -193,6 +193,64 @@ fn clean_restart_keeps_everything_without_a_scan() {
     store.shutdown();
 }
 
+/// Flips a byte at commit-log offset `at` in the segment files under `root`.
+fn damage_log(root: &Path, segment: u64, at: u64) {
+    let base = at - at % segment;
+    let path = root.join("commitlog").join(format!("{base:020}"));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at - base).unwrap();
+    f.write_all_at(&[b[0] ^ 0xFF], at - base).unwrap();
+}
+
+#[test]
+fn a_rebuild_passes_over_old_damage_instead_of_cutting_the_log_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    let sent = fill(&store, 600);
+    let (end, segment) = (
+        store.commitlog().max_offset(),
+        store.commitlog().segment_size(),
+    );
+    assert!(end > 2 * segment, "the test wants several segments: {end}");
+    store.shutdown();
+    drop(store);
+    // Message 10's body is damaged (its CRC fails), in the first segment.
+    damage_log(
+        dir.path(),
+        segment,
+        sent[10].physical_offset + u64::from(sent[10].size) - 5,
+    );
+    std::fs::remove_dir_all(dir.path().join("consumequeue")).unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    assert_eq!(store.commitlog().max_offset(), end, "the log was cut");
+    assert_eq!((store.recovery.messages, store.recovery.skipped), (599, 1));
+    assert_eq!(store.queue("T", 0).unwrap().max_offset(), 300);
+    store.shutdown();
+    drop(store);
+    // A header damaged so that no message can be found after it: nothing is cut, the store
+    // refuses to open and says where.
+    damage_log(dir.path(), segment, sent[20].physical_offset);
+    std::fs::remove_dir_all(dir.path().join("consumequeue")).unwrap();
+    let err = MessageStore::open(cfg(dir.path(), FlushDiskType::Async))
+        .err()
+        .expect("opened over damage it would have cut at");
+    assert!(
+        err.to_string()
+            .contains(&sent[20].physical_offset.to_string()),
+        "{err}"
+    );
+    // The segments are all still there.
+    let segments = std::fs::read_dir(dir.path().join("commitlog"))
+        .unwrap()
+        .count() as u64;
+    assert!(segments >= end.div_ceil(segment), "{segments} segments");
+}
+
 #[test]
 fn a_damaged_checkpoint_means_a_full_recovery_not_a_refusal_to_start() {
     for damage in ["", "{\"consistentOff", "\u{0}\u{0}\u{0}"] {

@@ -84,7 +84,7 @@ pub(super) fn render(
     ));
 
     let b = &spec.broker;
-    let mut c = base_container("mqbroker", plan, spec);
+    let mut c = base_container(super::BROKER_CONTAINER, plan, spec);
     c.command = Some(vec!["/usr/local/bin/mqbroker".into()]);
     c.args = Some(vec!["-c".into(), format!("{CONFIG_DIR}/broker.conf")]);
     // Identity from the pod itself (no shell in the image): the ordinal is the brokerId,

@@ -28,6 +28,8 @@ pub const LABEL_NAME: &str = "app.kubernetes.io/name";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Label: which tier (nameserver or broker).
 pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+/// Name of the broker's container in its pods.
+pub const BROKER_CONTAINER: &str = "mqbroker";
 /// Label: the broker group (brokerName).
 pub const LABEL_GROUP: &str = "ferromq.io/broker-group";
 /// Pod-template annotation whose change rolls the pods.
