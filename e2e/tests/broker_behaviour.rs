@@ -575,6 +575,20 @@ async fn mqadmin_commands_work_against_a_cluster() -> Result<(), Error> {
         resp.ext_fields.get("offset"),
         Some(max.to_string().as_str())
     );
+    // Deleted from the broker and from both name servers' routes.
+    let out = mqadmin(&c, &["deleteTopic", "-t", "AdminT", "-c", "TestCluster"])?;
+    assert!(out.contains("success"), "{out}");
+    for ns in &c.ns {
+        let only = Client::new(vec![ns.addr.clone()]);
+        assert!(
+            only.refresh_route("AdminT").await.is_err(),
+            "{} still routes AdminT",
+            ns.addr
+        );
+    }
+    // The broker's next registration does not bring it back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!mqadmin(&c, &["topicList"])?.lines().any(|l| l == "AdminT"));
     let _ = BTreeMap::<i32, i32>::new();
     Ok(())
 }

@@ -72,6 +72,16 @@ enum Cmd {
         #[arg(short = 'p', long, default_value_t = 6)]
         perm: i32,
     },
+    /// Delete a topic from every master of a cluster and from the name servers' routes.
+    #[command(name = "deleteTopic")]
+    DeleteTopic {
+        /// Topic name.
+        #[arg(short = 't', long)]
+        topic: String,
+        /// Cluster whose masters hold the topic.
+        #[arg(short = 'c', long)]
+        cluster: String,
+    },
     /// List every topic.
     #[command(name = "topicList")]
     TopicList,
@@ -239,6 +249,20 @@ async fn run(args: Args) -> ExitCode {
             write,
             perm,
         } => update_topic(&client, &topic, cluster, broker, read, write, perm).await,
+        Cmd::DeleteTopic { topic, cluster } => match masters(&client, Some(&cluster)).await {
+            Ok(targets) if targets.is_empty() => Err(ClientError::BadResponse {
+                addr: client.namesrv().join(";"),
+                detail: format!("no master of cluster {cluster} is registered (check -n and -c)"),
+            }),
+            Ok(targets) => {
+                let addrs: Vec<String> = targets.into_iter().map(|(_, a)| a).collect();
+                client
+                    .delete_topic(&topic, &addrs, Some(&cluster))
+                    .await
+                    .map(|()| println!("delete topic [{topic}] from cluster [{cluster}] success."))
+            }
+            Err(e) => Err(e),
+        },
         Cmd::TopicList => client.topic_list().await.map(|l| {
             for t in l.topic_list {
                 println!("{t}");

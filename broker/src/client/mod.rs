@@ -221,6 +221,40 @@ impl Client {
         from_json(&resp.body).map_err(|e| bad("name server", format!("topic list: {e}")))
     }
 
+    /// Deletes `topic` as Java's `mqadmin deleteTopic` does: from each master in `brokers`,
+    /// then from every name server's routes (of `cluster`'s groups only, when given).
+    pub async fn delete_topic(
+        &self,
+        topic: &str,
+        brokers: &[String],
+        cluster: Option<&str>,
+    ) -> Result<(), ClientError> {
+        for broker in brokers {
+            let req = RemotingCommand::request(
+                RequestCode::DeleteTopicInBroker.code(),
+                Default::default(),
+            )
+            .with_ext("topic", topic);
+            self.call_ok(broker, req).await?;
+        }
+        for ns in &self.namesrv {
+            let mut req = RemotingCommand::request(
+                RequestCode::DeleteTopicInNamesrv.code(),
+                Default::default(),
+            )
+            .with_ext("topic", topic);
+            if let Some(c) = cluster {
+                req = req.with_ext("clusterName", c);
+            }
+            self.call_ok(ns, req).await?;
+        }
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(topic);
+        Ok(())
+    }
+
     /// Creates or updates a topic on one broker.
     pub async fn create_topic(&self, broker: &str, cfg: &TopicConfig) -> Result<(), ClientError> {
         let h = CreateTopicRequestHeader {

@@ -19,10 +19,10 @@ use crate::remoting::body::{from_json, to_json, RegisterBrokerBody, TopicList};
 use crate::remoting::connection::{serve, Peer, Processor};
 use crate::remoting::event_loop::EventLoops;
 use crate::remoting::header::{
-    KvConfigRequestHeader, KvConfigResponseHeader, KvNamespaceRequestHeader,
-    PutKvConfigRequestHeader, RegisterBrokerRequestHeader, RegisterBrokerResponseHeader,
-    TopicRequestHeader, TopicsByClusterRequestHeader, UnregisterBrokerRequestHeader,
-    WipeWritePermRequestHeader,
+    DeleteTopicFromNamesrvRequestHeader, KvConfigRequestHeader, KvConfigResponseHeader,
+    KvNamespaceRequestHeader, PutKvConfigRequestHeader, RegisterBrokerRequestHeader,
+    RegisterBrokerResponseHeader, TopicRequestHeader, TopicsByClusterRequestHeader,
+    UnregisterBrokerRequestHeader, WipeWritePermRequestHeader,
 };
 use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
 use route::{Registration, RouteTable};
@@ -272,6 +272,17 @@ impl NameServer {
                         };
                         req.response_to(ResponseCode::Success)
                             .with_body(to_json(&list))
+                    }
+                    Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
+                }
+            }
+            RequestCode::DeleteTopicInNamesrv => {
+                match DeleteTopicFromNamesrvRequestHeader::from_ext(&req.ext_fields) {
+                    Ok(h) => {
+                        let cluster = h.cluster_name.as_deref().filter(|c| !c.is_empty());
+                        let n = self.routes().delete_topic(&h.topic, cluster);
+                        tracing::info!(topic = %h.topic, ?cluster, groups = n, "topic deleted from the routes");
+                        req.response_to(ResponseCode::Success)
                     }
                     Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
                 }

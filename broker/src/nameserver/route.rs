@@ -326,6 +326,25 @@ impl RouteTable {
             .collect()
     }
 
+    /// Forgets a topic's queues (DELETE_TOPIC_IN_NAMESRV): those of `cluster`'s groups, or of
+    /// every group; returns how many groups lost it.
+    pub fn delete_topic(&mut self, topic: &str, cluster: Option<&str>) -> usize {
+        let Some(groups) = self.topics.get_mut(topic) else {
+            return 0;
+        };
+        let before = groups.len();
+        match cluster.and_then(|c| self.clusters.get(c)) {
+            Some(names) => groups.retain(|name, _| !names.contains(name)),
+            None if cluster.is_some() => {}
+            None => groups.clear(),
+        }
+        let removed = before - groups.len();
+        if groups.is_empty() {
+            self.topics.remove(topic);
+        }
+        removed
+    }
+
     /// Removes write permission from every topic of a group; returns how many topics changed.
     pub fn wipe_write_perm(&mut self, broker_name: &str) -> usize {
         let mut n = 0;
@@ -511,6 +530,27 @@ mod tests {
             t.route("T").unwrap().broker_datas[0].broker_addrs[&0],
             "h9:1"
         );
+    }
+
+    #[test]
+    fn a_deleted_topic_leaves_the_routes_of_the_named_cluster_or_of_all() {
+        let mut t = RouteTable::default();
+        t.register(&reg("a", "h1:1", 0, &["T", "U"]), Instant::now())
+            .unwrap();
+        let mut other = reg("b", "h2:1", 0, &["T"]);
+        other.cluster = "d".into();
+        t.register(&other, Instant::now()).unwrap();
+        // Only cluster d's group loses T.
+        assert_eq!(t.delete_topic("T", Some("d")), 1);
+        let route = t.route("T").unwrap();
+        assert_eq!(route.queue_datas.len(), 1);
+        assert_eq!(route.queue_datas[0].broker_name, "a");
+        // An unknown cluster: nothing. No cluster: every group.
+        assert_eq!(t.delete_topic("T", Some("nope")), 0);
+        assert_eq!(t.delete_topic("T", None), 1);
+        assert!(t.route("T").is_none());
+        assert!(t.route("U").is_some());
+        assert_eq!(t.delete_topic("T", None), 0);
     }
 
     #[test]

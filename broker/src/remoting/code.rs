@@ -81,6 +81,10 @@ pub enum RequestCode {
     GetConsumeStats = 208,
     /// A consumer group's clients and subscriptions (`mqadmin consumerConnection`).
     GetConsumerConnectionList = 203,
+    /// Deletes a topic from a broker (`mqadmin deleteTopic`, first step).
+    DeleteTopicInBroker = 215,
+    /// Deletes a topic's routes from a name server (`mqadmin deleteTopic`, second step).
+    DeleteTopicInNamesrv = 216,
     /// Offsets and last store time of each queue of a topic on one broker.
     GetTopicStatsInfo = 202,
     /// Runtime figures of a broker (`mqadmin brokerStatus`).
@@ -135,6 +139,8 @@ impl RequestCode {
         Self::GetTopicsByCluster,
         Self::GetConsumeStats,
         Self::GetConsumerConnectionList,
+        Self::DeleteTopicInBroker,
+        Self::DeleteTopicInNamesrv,
         Self::GetTopicStatsInfo,
         Self::GetBrokerRuntimeInfo,
         Self::SendMessageV2,

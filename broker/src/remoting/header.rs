@@ -494,6 +494,16 @@ ext_header! {
 }
 
 ext_header! {
+    /// DELETE_TOPIC_IN_NAMESRV request: RocketMQ 5 names the cluster whose routes go.
+    pub struct DeleteTopicFromNamesrvRequestHeader {
+        /// Topic.
+        pub topic: String => "topic",
+        /// Only this cluster's groups lose the topic; all of them when absent.
+        pub cluster_name: Option<String> => "clusterName",
+    }
+}
+
+ext_header! {
     /// GET_CONSUME_STATS request.
     pub struct ConsumeStatsRequestHeader {
         /// Consumer group.

@@ -241,6 +241,35 @@ impl Broker {
         req.response_to(ResponseCode::Success)
     }
 
+    /// Handles DELETE_TOPIC_IN_BROKER (`mqadmin deleteTopic`): the topic's config, queues
+    /// and offsets go, and the next registration takes it out of this group's routes.
+    fn delete_topic(&self, req: &RemotingCommand) -> RemotingCommand {
+        if !self.is_master() {
+            return req.error_to(
+                ResponseCode::NoPermission,
+                "this broker is a slave: delete topics on its master, slaves copy them",
+            );
+        }
+        let h = match crate::remoting::header::TopicRequestHeader::from_ext(&req.ext_fields) {
+            Ok(h) => h,
+            Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
+        };
+        // Retry and dead-letter topics may go (clearing a DLQ); the broker's own may not.
+        let consumer_topic = h.topic.starts_with("%RETRY%") || h.topic.starts_with("%DLQ%");
+        if crate::store::topics::is_system_topic(&h.topic) && !consumer_topic {
+            return req.error_to(
+                ResponseCode::SystemError,
+                format!("The topic[{}] is conflict with system topic.", h.topic),
+            );
+        }
+        if let Err(e) = self.store.delete_topic(&h.topic) {
+            return req.error_to(ResponseCode::SystemError, e.to_string());
+        }
+        tracing::info!(topic = %h.topic, "topic deleted");
+        self.topics_changed.notify_one();
+        req.response_to(ResponseCode::Success)
+    }
+
     /// The retry limit of a group for a client that sent none: its configured
     /// `retryMaxTimes`, or RocketMQ's 16.
     fn retry_max_times(&self, group: &str) -> i32 {
@@ -356,6 +385,7 @@ impl Broker {
             RequestCode::GetAllSubscriptionGroupConfig => req
                 .response_to(ResponseCode::Success)
                 .with_body(to_json(&self.store.groups.snapshot())),
+            RequestCode::DeleteTopicInBroker => self.delete_topic(req),
             RequestCode::UpdateAndCreateTopic if !self.is_master() => req.error_to(
                 ResponseCode::NoPermission,
                 "this broker is a slave: create topics on its master, slaves copy them",

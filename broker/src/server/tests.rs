@@ -792,6 +792,50 @@ async fn sends_no_reader_could_decode_and_transactional_halves_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_topic_loses_its_config_queues_and_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let b = &h.broker;
+    b.store.append(&tagged(0, "A", 3)).unwrap();
+    b.store.offsets.commit("G", "T", 0, 2);
+    // Another topic, written before (a store whose every queue is gone rebuilds them all).
+    b.store
+        .topics
+        .put(TopicConfig::new("Kept", 1, PERM_READ | PERM_WRITE))
+        .unwrap();
+    let mut kept = message();
+    kept.topic = "Kept".into();
+    b.store.append(&[kept]).unwrap();
+    b.store.append(&tagged(0, "A", 1)).unwrap();
+    let delete = |topic: &str| {
+        RemotingCommand::request(RequestCode::DeleteTopicInBroker.code(), Default::default())
+            .with_ext("topic", topic)
+    };
+    let peer = test_peer();
+    let resp = b.process(delete("T"), &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{:?}", resp.remark);
+    assert!(b.store.topics.get("T").is_none());
+    assert!(b.store.queue("T", 0).is_none());
+    assert_eq!(b.store.offsets.get("G", "T", 0), None);
+    assert!(!dir.path().join("consumequeue").join("T").exists());
+    // The broker's own topics stay; a dead-letter topic may go.
+    for system in ["TBW102", "SCHEDULE_TOPIC_XXXX"] {
+        let resp = b.process(delete(system), &peer).await.unwrap();
+        assert_eq!(resp.code, ResponseCode::SystemError.code(), "{system}");
+        assert!(b.store.topics.get(system).is_some() || system != "TBW102");
+    }
+    let resp = b.process(delete("%DLQ%G"), &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code());
+    h.stop().await;
+    // Gone for good: not back after a restart.
+    let h = start(local_config(dir.path())).await.unwrap();
+    assert!(h.broker.store.topics.get("T").is_none());
+    assert!(h.broker.store.queue("T", 0).is_none());
+    assert_eq!(h.broker.store.queue("Kept", 0).unwrap().max_offset(), 1);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timer_messages_are_refused_and_queues_are_checked_against_both_counts() {
     use crate::store::message::SCHEDULE_TOPIC;
     let dir = tempfile::tempdir().unwrap();

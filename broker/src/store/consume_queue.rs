@@ -127,6 +127,20 @@ impl Queues {
             .map_or(0, |q| q + 1)
     }
 
+    /// Forgets a topic's queues and deletes their files (a deleted topic; its messages stay
+    /// in the commit log until retention). Readers holding a queue keep reading it.
+    pub fn remove_topic(&self, topic: &str) -> Result<(), StoreError> {
+        if write(&self.by_topic).remove(topic).is_none() {
+            return Ok(());
+        }
+        let tdir = self.dir.join(topic);
+        match std::fs::remove_dir_all(&tdir) {
+            Ok(()) => sync_dir(&self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io(&tdir, e)),
+        }
+    }
+
     /// Every queue.
     pub fn all(&self) -> Vec<Arc<ConsumeQueue>> {
         read(&self.by_topic)

@@ -465,12 +465,19 @@ impl MessageStore {
         };
 
         // Consume-queue entries past the checkpoint may be torn or point at a torn tail:
-        // drop them and re-dispatch from the commit log. Queues that end before the
-        // checkpoint (their directory deleted or restored from an older copy, to have them
-        // rebuilt) are re-dispatched from the furthest any queue reaches, as Java's broker
-        // does: otherwise their messages stayed invisible and their offsets were handed out
-        // again.
-        let from = checkpoint.consistent_offset.min(indexed);
+        // drop them and re-dispatch from the commit log. With no queue at all while the log
+        // holds messages (the `consumequeue` directory deleted to have it rebuilt, as
+        // operators do with Java's broker), everything is re-dispatched: otherwise the
+        // messages stayed invisible and their queue offsets were handed out again. Queues
+        // that merely end early are not taken for that: a deleted topic's were the last to
+        // be written, and would come back.
+        let rebuild =
+            queues.all().is_empty() && checkpoint.consistent_offset > commitlog.min_offset();
+        let from = if rebuild {
+            commitlog.min_offset()
+        } else {
+            checkpoint.consistent_offset
+        };
         if from < checkpoint.consistent_offset {
             tracing::warn!(
                 checkpoint = checkpoint.consistent_offset,
@@ -646,6 +653,15 @@ impl MessageStore {
     /// The consume queue of `topic`/`queue_id`, if it exists.
     pub fn queue(&self, topic: &str, queue_id: i32) -> Option<Arc<ConsumeQueue>> {
         self.queues.get(topic, queue_id)
+    }
+
+    /// Deletes a topic: its config, its queues and every group's offsets of it. Its messages
+    /// stay in the commit log until retention deletes their segments (as in Java).
+    pub fn delete_topic(&self, topic: &str) -> Result<(), StoreError> {
+        self.topics.remove(topic)?;
+        self.queues.remove_topic(topic)?;
+        self.offsets.remove_topic(topic);
+        Ok(())
     }
 
     /// Queues a topic has locally (highest queue id + 1), 0 when it has none.

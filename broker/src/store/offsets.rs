@@ -84,6 +84,20 @@ impl ConsumerOffsets {
         removed
     }
 
+    /// Forgets every group's offsets of `topic` (a deleted topic); returns how many groups
+    /// had some.
+    pub fn remove_topic(&self, topic: &str) -> usize {
+        let mut t = lock(&self.table);
+        let before = t.offset_table.len();
+        t.offset_table
+            .retain(|k, _| k.rsplit_once('@').is_none_or(|(t, _)| t != topic));
+        let removed = before - t.offset_table.len();
+        if removed > 0 {
+            self.dirty.store(true, Ordering::Release);
+        }
+        removed
+    }
+
     /// Every `(topic, group)` pair with a committed offset.
     pub fn groups(&self) -> Vec<(String, String)> {
         lock(&self.table)

@@ -236,9 +236,9 @@ fn a_rebuild_passes_over_old_damage_instead_of_cutting_the_log_there() {
     // refuses to open and says where.
     damage_log(dir.path(), segment, sent[20].physical_offset);
     std::fs::remove_dir_all(dir.path().join("consumequeue")).unwrap();
-    let err = MessageStore::open(cfg(dir.path(), FlushDiskType::Async))
-        .err()
-        .expect("opened over damage it would have cut at");
+    let Err(err) = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)) else {
+        panic!("opened over damage it would have cut at");
+    };
     assert!(
         err.to_string()
             .contains(&sent[20].physical_offset.to_string()),

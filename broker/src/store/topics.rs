@@ -134,6 +134,17 @@ impl TopicTable {
         })
     }
 
+    /// Removes a topic and saves the table; false when there was none.
+    pub fn remove(&self, topic: &str) -> Result<bool, StoreError> {
+        self.change(|t| {
+            let removed = t.topic_config_table.remove(topic).is_some();
+            if removed {
+                t.data_version.bump();
+            }
+            removed
+        })
+    }
+
     /// Replaces the whole table with a master's (slaves); saves only when it differs.
     pub fn replace_all(
         &self,
