@@ -177,6 +177,9 @@ impl Broker {
                 GetStatus::NoNewMessage => true,
                 GetStatus::NoMessageInQueue => offset == 0 || slave,
                 GetStatus::OffsetOverflow => slave,
+                // Before what a slave holds, with no master to send the consumer to: it would
+                // only come straight back, in a busy loop; held like a pull at the end.
+                GetStatus::OffsetTooSmall => slave,
                 _ => false,
             };
             let now = Instant::now();

@@ -463,6 +463,15 @@ async fn a_slave_never_moves_a_consumers_offset_and_waits_for_what_it_lacks() {
         (code, got.next_begin_offset, got.suggest_which_broker_id),
         (retry, 0, 0)
     );
+    // With no master answering, a suspended pull there is held (the consumer, which has only
+    // the slave to ask, would otherwise ask again at once, in a loop) and then answered the
+    // same way.
+    let broker = h.broker.clone();
+    let held = tokio::spawn(async move { pull_at(&broker, 2, 0, 1_000, "*").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "answered at once");
+    let (code, got) = held.await.unwrap();
+    assert_eq!((code, got.next_begin_offset), (retry, 0));
 
     // A held pull past the end is answered when replication brings the message.
     let (code, got) = held_pull(

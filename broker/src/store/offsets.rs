@@ -73,24 +73,21 @@ impl ConsumerOffsets {
     /// Forgets every offset of `group` (DELETE_SUBSCRIPTIONGROUP with cleanOffset); returns
     /// how many topics it had offsets for.
     pub fn remove_group(&self, group: &str) -> usize {
-        let mut t = lock(&self.table);
-        let before = t.offset_table.len();
-        t.offset_table
-            .retain(|k, _| k.rsplit_once('@').is_none_or(|(_, g)| g != group));
-        let removed = before - t.offset_table.len();
-        if removed > 0 {
-            self.dirty.store(true, Ordering::Release);
-        }
-        removed
+        self.remove_where(|_, g| g == group)
     }
 
     /// Forgets every group's offsets of `topic` (a deleted topic); returns how many groups
     /// had some.
     pub fn remove_topic(&self, topic: &str) -> usize {
+        self.remove_where(|t, _| t == topic)
+    }
+
+    /// Forgets the offsets of every (topic, group) `gone` picks; returns how many.
+    fn remove_where(&self, gone: impl Fn(&str, &str) -> bool) -> usize {
         let mut t = lock(&self.table);
         let before = t.offset_table.len();
         t.offset_table
-            .retain(|k, _| k.rsplit_once('@').is_none_or(|(t, _)| t != topic));
+            .retain(|k, _| k.rsplit_once('@').is_none_or(|(t, g)| !gone(t, g)));
         let removed = before - t.offset_table.len();
         if removed > 0 {
             self.dirty.store(true, Ordering::Release);
