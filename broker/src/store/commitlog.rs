@@ -177,6 +177,10 @@ pub struct CommitLog {
     /// Times a writer waited for a fill (tests check their races ran).
     #[cfg(test)]
     waits: AtomicU64,
+    /// An error every write of data returns instead of writing (0: none), standing in for a
+    /// disk that fails (tests only).
+    #[cfg(test)]
+    fail_writes: std::sync::atomic::AtomicI32,
 }
 
 /// Where the zeroes ahead of the data stand.
@@ -299,6 +303,8 @@ impl CommitLog {
             filled: Condvar::new(),
             #[cfg(test)]
             waits: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_writes: std::sync::atomic::AtomicI32::new(0),
         })
     }
 
@@ -400,20 +406,31 @@ impl CommitLog {
                 let mut blank = [0u8; 8];
                 blank[..4].copy_from_slice(&(room as i32).to_be_bytes());
                 blank[4..].copy_from_slice(&BLANK_MAGIC.to_be_bytes());
-                seg.file
-                    .write_all_at(&blank, pos - seg.base)
-                    .map_err(|e| self.write_failed(StoreError::io(&seg.path, e)))?;
+                self.write_data(&seg, &blank, pos)?;
             }
             pos += room;
         }
         let seg = self
             .segment_or_create(pos)
             .map_err(|e| self.write_failed(e))?;
-        seg.file
-            .write_all_at(data, pos - seg.base)
-            .map_err(|e| self.write_failed(StoreError::io(&seg.path, e)))?;
+        self.write_data(&seg, data, pos)?;
         self.written.store(pos + len, Ordering::Release);
         Ok(pos)
+    }
+
+    /// Writes `data` at log offset `pos` of `seg`; a failure is sorted by `write_failed`.
+    fn write_data(&self, seg: &Segment, data: &[u8], pos: u64) -> Result<(), StoreError> {
+        #[cfg(test)]
+        {
+            let errno = self.fail_writes.load(Ordering::Relaxed);
+            if errno != 0 {
+                let e = std::io::Error::from_raw_os_error(errno);
+                return Err(self.write_failed(StoreError::io(&seg.path, e)));
+            }
+        }
+        seg.file
+            .write_all_at(data, pos - seg.base)
+            .map_err(|e| self.write_failed(StoreError::io(&seg.path, e)))
     }
 
     /// Sorts a failed write of the log: a file system gone read-only (ext4 remounts itself so
@@ -554,9 +571,7 @@ impl CommitLog {
             .segment_or_create(offset)
             .map_err(|e| self.write_failed(e))?;
         let (_zeroes, _) = self.lock_for_data(|| (offset, offset + data.len() as u64));
-        seg.file
-            .write_all_at(data, offset - seg.base)
-            .map_err(|e| self.write_failed(StoreError::io(&seg.path, e)))?;
+        self.write_data(&seg, data, offset)?;
         self.written
             .store(offset + data.len() as u64, Ordering::Release);
         Ok(())
@@ -1057,17 +1072,20 @@ mod tests {
     fn a_read_only_or_failing_disk_stops_the_log_a_full_one_fails_the_write_only() {
         let dir = tempfile::tempdir().unwrap();
         let log = CommitLog::open(dir.path(), 64 * 1024).unwrap();
-        let failed = |errno| StoreError::io(dir.path(), std::io::Error::from_raw_os_error(errno));
-        assert!(matches!(
-            log.write_failed(failed(libc::ENOSPC)),
-            StoreError::Io { .. }
-        ));
+        let fail = |log: &CommitLog, errno| log.fail_writes.store(errno, Ordering::Relaxed);
+        // A full disk fails the write, and only it.
+        fail(&log, libc::ENOSPC);
+        assert!(matches!(log.append(b"full"), Err(StoreError::Io { .. })));
         assert!(log.write_back_failure().is_none());
+        fail(&log, 0);
         log.append(b"still taken").unwrap();
+        // A file system gone read-only stops the log.
+        fail(&log, libc::EROFS);
         assert!(matches!(
-            log.write_failed(failed(libc::EROFS)),
-            StoreError::WriteBackFailed(_)
+            log.append(b"read-only"),
+            Err(StoreError::WriteBackFailed(_))
         ));
+        fail(&log, 0);
         assert!(log
             .write_back_failure()
             .is_some_and(|w| w.contains("Read-only")));
@@ -1075,8 +1093,10 @@ mod tests {
             log.append(b"refused"),
             Err(StoreError::WriteBackFailed(_))
         ));
+        // So does an I/O error, on a slave's replicated write too.
         let other = CommitLog::open(&dir.path().join("other"), 64 * 1024).unwrap();
-        other.write_failed(failed(libc::EIO));
+        fail(&other, libc::EIO);
+        assert!(other.append_at(0, b"replicated").is_err());
         assert!(other.write_back_failure().is_some());
     }
 
