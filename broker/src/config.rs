@@ -448,6 +448,117 @@ impl BrokerConfig {
         Ok(c)
     }
 
+    /// The settings in effect as broker.conf lines (what GET_BROKER_CONFIG answers, and what
+    /// `parse` reads back to the same settings). `haAuthToken` is left out: it is a secret.
+    pub fn to_properties(&self) -> String {
+        fn delay(ms: i64) -> String {
+            [
+                (86_400_000, 'd'),
+                (3_600_000, 'h'),
+                (60_000, 'm'),
+                (1_000, 's'),
+            ]
+            .iter()
+            .find(|(unit, _)| ms % unit == 0)
+            .map_or_else(
+                || format!("{}s", ms / 1000),
+                |(unit, c)| format!("{}{c}", ms / unit),
+            )
+        }
+        fn join<T: ToString>(items: &[T], sep: &str) -> String {
+            items.iter().map(T::to_string).collect::<Vec<_>>().join(sep)
+        }
+        let permille = self.disk_full_permille;
+        let disk_full = if permille.is_multiple_of(10) {
+            (permille / 10).to_string()
+        } else {
+            format!("0.{permille:03}")
+        };
+        let role = match self.role {
+            BrokerRole::AsyncMaster => "ASYNC_MASTER",
+            BrokerRole::SyncMaster => "SYNC_MASTER",
+            BrokerRole::Slave => "SLAVE",
+        };
+        let flush = match self.flush {
+            FlushDiskType::Async => "ASYNC_FLUSH",
+            FlushDiskType::Sync => "SYNC_FLUSH",
+        };
+        let delays: Vec<String> = self.delay_levels_ms.iter().map(|d| delay(*d)).collect();
+        let mut lines: Vec<(&str, String)> = vec![
+            ("brokerClusterName", self.cluster_name.clone()),
+            ("brokerName", self.broker_name.clone()),
+            ("brokerId", self.broker_id.to_string()),
+            ("brokerIP1", self.broker_ip.clone()),
+            ("listenPort", self.listen_port.to_string()),
+            ("haListenPort", self.ha_listen_port.to_string()),
+            ("httpPort", self.http_port.to_string()),
+            ("namesrvAddr", self.namesrv_addrs.join(";")),
+            ("storePathRootDir", self.store_root.display().to_string()),
+            ("brokerRole", role.into()),
+            ("flushDiskType", flush.into()),
+            ("flushIntervalCommitLog", self.flush_interval_ms.to_string()),
+            (
+                "flushCommitLogLeastPages",
+                self.flush_least_pages.to_string(),
+            ),
+            (
+                "flushCommitLogThoroughInterval",
+                self.flush_thorough_interval_ms.to_string(),
+            ),
+            ("syncFlushTimeout", self.sync_flush_timeout_ms.to_string()),
+            ("mappedFileSizeCommitLog", self.segment_size.to_string()),
+            ("fileReservedTime", self.file_reserved_hours.to_string()),
+            ("messageDelayLevel", delays.join(" ")),
+            (
+                "diskMaxUsedSpaceRatio",
+                self.disk_max_used_percent.to_string(),
+            ),
+            ("diskSpaceWarningLevelRatio", disk_full),
+            ("deleteWhen", join(&self.delete_when_hours, ";")),
+            ("maxMessageSize", self.max_message_size.to_string()),
+            ("autoCreateTopicEnable", self.auto_create_topic.to_string()),
+            (
+                "defaultTopicQueueNums",
+                self.default_topic_queue_nums.to_string(),
+            ),
+            ("brokerPermission", self.permission.to_string()),
+            (
+                "registerNameServerPeriod",
+                self.register_period_ms.to_string(),
+            ),
+            (
+                "brokerNotActiveTimeoutMillis",
+                self.heartbeat_timeout_ms.to_string(),
+            ),
+            ("longPollingEnable", self.long_polling.to_string()),
+            (
+                "shortPollingTimeMills",
+                self.short_polling.as_millis().to_string(),
+            ),
+            ("slaveReadEnable", self.slave_read_enable.to_string()),
+            ("serverMaxFrameBytes", self.max_frame_bytes.to_string()),
+            ("serverIoThreads", self.io_threads.to_string()),
+            ("syncWaitSpinMicros", self.sync_wait_spin_us.to_string()),
+            ("haMaxGapNotInSync", self.ha_max_gap.to_string()),
+            ("slaveTimeout", self.slave_timeout_ms.to_string()),
+            (
+                "accessMessageInMemoryMaxRatio",
+                self.access_message_in_memory_max_ratio.to_string(),
+            ),
+            (
+                "rebalanceLockMaxLiveTime",
+                self.rebalance_lock_max_live_ms.to_string(),
+            ),
+        ];
+        if let Some(ha) = &self.ha_master_address {
+            lines.push(("haMasterAddress", ha.clone()));
+        }
+        lines
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}\n"))
+            .collect()
+    }
+
     /// Reads and parses a broker.conf file.
     pub fn load(path: &std::path::Path) -> Result<BrokerConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
@@ -705,6 +816,31 @@ mod tests {
         ] {
             assert!(BrokerConfig::parse(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn settings_written_out_read_back_the_same() {
+        let mut c = BrokerConfig::parse(
+            "brokerName=b\nbrokerId=1\nbrokerRole=SLAVE\nflushDiskType=SYNC_FLUSH\n\
+             namesrvAddr=a:1;b:2\nmessageDelayLevel=1s 90s 5m 2h 1d\ndeleteWhen=04;16\n\
+             diskSpaceWarningLevelRatio=0.875\nhaMasterAddress=m:10912\nshortPollingTimeMills=250",
+        )
+        .unwrap();
+        let text = c.to_properties();
+        assert!(
+            text.contains("messageDelayLevel=1s 90s 5m 2h 1d\n"),
+            "{text}"
+        );
+        assert_eq!(BrokerConfig::parse(&text).unwrap(), c);
+        // Defaults too, and the secret is not written out.
+        c = BrokerConfig {
+            ha_auth_token: Some("s3cret".into()),
+            ..BrokerConfig::default()
+        };
+        let text = c.to_properties();
+        assert!(!text.contains("s3cret") && !text.contains("haAuthToken"));
+        c.ha_auth_token = None;
+        assert_eq!(BrokerConfig::parse(&text).unwrap(), c);
     }
 
     #[test]

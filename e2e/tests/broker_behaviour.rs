@@ -575,6 +575,8 @@ async fn mqadmin_commands_work_against_a_cluster() -> Result<(), Error> {
         resp.ext_fields.get("offset"),
         Some(max.to_string().as_str())
     );
+    let settings = mqadmin(&c, &["getBrokerConfig", "-b", &c.broker.addr])?;
+    assert!(settings.contains("brokerName=broker-a\n"), "{settings}");
     // Deleted from the broker and from both name servers' routes.
     let out = mqadmin(&c, &["deleteTopic", "-t", "AdminT", "-c", "TestCluster"])?;
     assert!(out.contains("success"), "{out}");

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use broker::client::{Client, Message, Producer, PullConsumer};
 use broker::config::split_namesrv;
 use broker::remoting::connection::ClientError;
-use broker::remoting::SerializeType;
+use broker::remoting::{RemotingCommand, RequestCode, SerializeType};
 use broker::store::topics::TopicConfig;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
@@ -81,6 +81,13 @@ enum Cmd {
         /// Cluster whose masters hold the topic.
         #[arg(short = 'c', long)]
         cluster: String,
+    },
+    /// Print a broker's settings in effect, as broker.conf lines.
+    #[command(name = "getBrokerConfig")]
+    GetBrokerConfig {
+        /// Broker address.
+        #[arg(short = 'b', long)]
+        broker: String,
     },
     /// List every topic.
     #[command(name = "topicList")]
@@ -263,6 +270,14 @@ async fn run(args: Args) -> ExitCode {
             }
             Err(e) => Err(e),
         },
+        Cmd::GetBrokerConfig { broker } => {
+            let req =
+                RemotingCommand::request(RequestCode::GetBrokerConfig.code(), Default::default());
+            client
+                .call_ok(&broker, req)
+                .await
+                .map(|resp| print!("{}", String::from_utf8_lossy(&resp.body)))
+        }
         Cmd::TopicList => client.topic_list().await.map(|l| {
             for t in l.topic_list {
                 println!("{t}");

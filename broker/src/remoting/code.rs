@@ -24,6 +24,8 @@ pub enum RequestCode {
     GetMaxOffset = 30,
     /// Lowest queue offset still stored of a queue.
     GetMinOffset = 31,
+    /// The broker's settings as properties text (`mqadmin getBrokerConfig`).
+    GetBrokerConfig = 26,
     /// Store time of a queue's oldest message (Java's `earliestMsgStoreTime`).
     GetEarliestMsgStoretime = 32,
     /// Read one message by its offset message id.
@@ -111,6 +113,7 @@ impl RequestCode {
         Self::SearchOffsetByTimestamp,
         Self::GetMaxOffset,
         Self::GetMinOffset,
+        Self::GetBrokerConfig,
         Self::GetEarliestMsgStoretime,
         Self::CheckClientConfig,
         Self::ViewMessageById,

@@ -386,6 +386,9 @@ impl Broker {
                 .response_to(ResponseCode::Success)
                 .with_body(to_json(&self.store.groups.snapshot())),
             RequestCode::DeleteTopicInBroker => self.delete_topic(req),
+            RequestCode::GetBrokerConfig => req
+                .response_to(ResponseCode::Success)
+                .with_body(self.cfg.to_properties().into_bytes()),
             RequestCode::UpdateAndCreateTopic if !self.is_master() => req.error_to(
                 ResponseCode::NoPermission,
                 "this broker is a slave: create topics on its master, slaves copy them",

@@ -801,6 +801,19 @@ async fn sends_no_reader_could_decode_and_transactional_halves_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_config_is_answered_as_properties_that_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let req = RemotingCommand::request(RequestCode::GetBrokerConfig.code(), Default::default());
+    let resp = h.broker.process(req, &test_peer()).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code());
+    let text = String::from_utf8(resp.body.to_vec()).unwrap();
+    assert!(text.contains("brokerRole=ASYNC_MASTER\n"), "{text}");
+    assert_eq!(BrokerConfig::parse(&text).unwrap(), h.broker.cfg);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_topic_loses_its_config_queues_and_offsets() {
     let dir = tempfile::tempdir().unwrap();
     let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
