@@ -27,7 +27,7 @@ use crate::plan::{plan, ClusterPlan};
 use crate::resources::{
     managed_selector, render, BROKER_CONTAINER, FIELD_MANAGER, LABEL_COMPONENT, LABEL_GROUP,
 };
-use crate::rollout::{rollout_gap, rollout_turns, stamp_template_hash};
+use crate::rollout::{rollout_gap, rollout_turns, stamp_template_hash, takes_new_template};
 
 /// See [`Context::full_apply_every`]: the resync period of a cluster that is at rest.
 pub const FULL_APPLY_EVERY: Duration = Duration::from_secs(300);
@@ -47,7 +47,7 @@ pub const ANNOTATION_DRAIN_FAILING_SINCE: &str = "ferromq.io/drain-failing-since
 /// How long a drain must have failed without a break before `force-drain` removes the group:
 /// one failed call (a name server restarting, a timeout) must not make an annotation left on
 /// the cluster drop a group that still holds unconsumed messages.
-pub const FORCE_AFTER_FAILING_SECS: u64 = 60;
+pub const FORCE_AFTER_FAILING_SECS: i64 = 60;
 /// Pod-template annotation of a group's StatefulSet: when a cancelled drain restarted its pods
 /// (RFC 3339), the only way to give a broker its write permission back.
 pub const ANNOTATION_WRITES_RESTORED: &str = "ferromq.io/writes-restored-at";
@@ -495,23 +495,29 @@ async fn drain_step(
     ctx.admin.drained(group).await.map_err(drain_error)
 }
 
-/// Broker groups with a pod whose container runs, asked only when some group has no ready
-/// pod: ready or not, such a group still holds its data and clients (see `rollout_turns`).
+/// Broker groups with a pod whose broker container runs, asked only when a group about to
+/// take a new pod template has no ready pod: ready or not, such a group still holds its data
+/// and clients (see `rollout_turns`).
 async fn running_groups(
     client: &kube::Client,
     ns: &str,
     cluster: &str,
     live: &[StatefulSet],
+    desired: &[StatefulSet],
 ) -> HashSet<String> {
-    let unready = live.iter().any(|s| {
-        s.labels().get(LABEL_COMPONENT).map(String::as_str) == Some("broker")
-            && s.status
-                .as_ref()
-                .and_then(|st| st.ready_replicas)
-                .unwrap_or(0)
-                == 0
+    let unready_and_changing = live.iter().any(|s| {
+        let ready = s
+            .status
+            .as_ref()
+            .and_then(|st| st.ready_replicas)
+            .unwrap_or(0);
+        ready == 0
+            && desired
+                .iter()
+                .find(|d| d.name_any() == s.name_any())
+                .is_some_and(|d| takes_new_template(s, d))
     });
-    if !unready {
+    if !unready_and_changing {
         return HashSet::new();
     }
     let selector = crate::resources::selector(cluster, "broker")
@@ -732,7 +738,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         // FORCE_AFTER_FAILING_SECS, or the drain has run past its timeout): an annotation left
         // behind must not skip the drain of a group removed weeks later, nor one failed call.
         let failing_long = failed.is_some()
-            && age_secs(failing_since.map(String::as_str)) >= FORCE_AFTER_FAILING_SECS as i64;
+            && age_secs(failing_since.map(String::as_str)) >= FORCE_AFTER_FAILING_SECS;
         if force && (failing_long || timed_out) {
             let why = failed.unwrap_or_else(|| {
                 format!(
@@ -766,7 +772,8 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
     // with its StatefulSet: pods read broker.conf only when they start, so a pod restarting
     // early for another reason (eviction, OOM) would otherwise run the new config out of turn.
     let group_names: Vec<&str> = plan.groups.iter().map(|g| g.name.as_str()).collect();
-    let running = running_groups(&client, &ns, &name, &live_sts.items).await;
+    let running =
+        running_groups(&client, &ns, &name, &live_sts.items, &desired.stateful_sets).await;
     let turns = rollout_turns(
         &group_names,
         &desired.stateful_sets,
@@ -786,7 +793,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         .retain(|s| !waiting.contains(&s.name_any()));
     let keep: HashSet<String> = keep.union(&waiting).cloned().collect();
 
-    let cluster_key = format!("{ns}/{name}");
+    let cluster_key = failure_key(&bc);
     let all = ctx.full_apply_due(&cluster_key);
     let applied = async {
         Ok::<usize, Error>(
@@ -984,7 +991,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         .await;
     }
     if obs.draining.is_empty() && now_ready && !topics_pending {
-        Ok(Action::requeue(Duration::from_secs(300)))
+        Ok(Action::requeue(FULL_APPLY_EVERY))
     } else {
         Ok(Action::requeue(Duration::from_secs(10)))
     }

@@ -66,6 +66,13 @@ fn seen(sts: &StatefulSet) -> bool {
     observed.unwrap_or(0) >= sts.metadata.generation.unwrap_or(0)
 }
 
+/// Whether the live StatefulSet `live` has a pod template other than `desired`'s (stamped):
+/// applying it restarts the group's pods.
+pub fn takes_new_template(live: &StatefulSet, desired: &StatefulSet) -> bool {
+    let applied = live.annotations().get(ANNOTATION_TEMPLATE_HASH);
+    applied.is_none() || applied != desired.annotations().get(ANNOTATION_TEMPLATE_HASH)
+}
+
 /// Which existing broker groups' pod-template changes one reconcile pass applies, and which
 /// wait their turn (their StatefulSet and ConfigMap are left as they are, applied-hash
 /// included, so a later pass applies them).
@@ -122,8 +129,7 @@ pub fn rollout_turns(
         let Some(new) = find(desired, g) else {
             continue;
         };
-        let applied = s.annotations().get(ANNOTATION_TEMPLATE_HASH);
-        if applied.is_some() && applied == new.annotations().get(ANNOTATION_TEMPLATE_HASH) {
+        if !takes_new_template(s, new) {
             continue;
         }
         let ready = s

@@ -221,6 +221,14 @@ impl Client {
         from_json(&resp.body).map_err(|e| bad("name server", format!("topic list: {e}")))
     }
 
+    /// Drops the cached route of `topic`, which the next send fetches again.
+    fn forget_route(&self, topic: &str) {
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(topic);
+    }
+
     /// Deletes `topic` as Java's `mqadmin deleteTopic` does: from each master in `brokers`,
     /// then from every name server's routes (of `cluster`'s groups only, when given).
     pub async fn delete_topic(
@@ -248,10 +256,7 @@ impl Client {
             }
             self.call_ok(ns, req).await?;
         }
-        self.routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(topic);
+        self.forget_route(topic);
         Ok(())
     }
 
@@ -269,10 +274,7 @@ impl Client {
         };
         let req = RemotingCommand::request(RequestCode::UpdateAndCreateTopic.code(), h.to_ext());
         self.call_ok(broker, req).await?;
-        self.routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&cfg.topic_name);
+        self.forget_route(&cfg.topic_name);
         Ok(())
     }
 

@@ -84,6 +84,13 @@ impl ReplicationMaster {
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether at least one slave is connected and every connected one has reported holding
+    /// the log up to `offset` (where a consumer sent to a slave would read next).
+    pub fn all_slaves_hold(&self, offset: u64) -> bool {
+        let slaves = self.slaves_lock();
+        !slaves.is_empty() && slaves.values().all(|s| s.reported && s.acked >= offset)
+    }
+
     /// Connected slaves.
     pub fn slaves(&self) -> Vec<SlaveStatus> {
         self.slaves_lock().values().cloned().collect()

@@ -282,12 +282,17 @@ impl Broker {
     /// Creates a group's retry topic unless it exists, with the group's configured
     /// `retryQueueNums`.
     fn ensure_retry_topic(&self, group: &str) -> Result<TopicConfig, StoreError> {
+        let topic = format!("%RETRY%{group}");
+        // Every heartbeat asks: the group's settings are read only when the topic is new.
+        if let Some(t) = self.store.topics.get(&topic) {
+            return Ok(t);
+        }
         let queues = self
             .store
             .groups
             .get(group)
             .map_or(1, |g| g.retry_queue_nums.max(1));
-        self.ensure_topic(&format!("%RETRY%{group}"), queues, PERM_READ | PERM_WRITE)
+        self.ensure_topic(&topic, queues, PERM_READ | PERM_WRITE)
     }
 
     fn heartbeat(&self, req: &RemotingCommand, peer: &Peer) -> RemotingCommand {
@@ -299,6 +304,12 @@ impl Broker {
                     format!("bad heartbeat body: {e}"),
                 )
             }
+        };
+        let from = clients::ClientConn {
+            addr: peer.addr,
+            push: peer.push.clone(),
+            language: crate::remoting::command::language_name(req.language),
+            version: req.version,
         };
         for c in &hb.consumer_data_set {
             // A group whose name cannot name its retry topic (a directory) is left out; the
@@ -314,12 +325,6 @@ impl Broker {
                     tracing::warn!(error = %e, group = %c.group_name, "cannot create retry topic");
                 }
             }
-            let from = clients::ClientConn {
-                addr: peer.addr,
-                push: peer.push.clone(),
-                language: crate::remoting::command::language_name(req.language),
-                version: req.version,
-            };
             self.consumers.heartbeat(&hb.client_id, c, &from);
         }
         req.response_to(ResponseCode::Success)

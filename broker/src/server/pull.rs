@@ -150,7 +150,9 @@ impl Broker {
         // what the slave lacks is sent there at once (as Java's slave does); with no master to
         // send it to, the slave waits for what it lacks instead of moving the consumer, which
         // would otherwise come straight back (see `pull_response`).
-        let slave = !self.is_master() && !self.master_reachable();
+        // Judged once per pull: the hold and the answer agree.
+        let master_reachable = !self.is_master() && self.master_reachable();
+        let slave = !self.is_master() && !master_reachable;
         let deadline = Instant::now() + suspend;
         let mut cq = self.store.queue(&h.topic, h.queue_id);
         loop {
@@ -195,10 +197,10 @@ impl Broker {
                         tokio::task::yield_now().await;
                         continue;
                     }
-                    return self.pull_response(req, offset, got);
+                    return self.pull_response(req, offset, got, master_reachable);
                 }
             } else if !waiting || now >= deadline {
-                return self.pull_response(req, offset, got);
+                return self.pull_response(req, offset, got, master_reachable);
             }
             match notified.as_mut().as_pin_mut() {
                 Some(n) => {
@@ -248,12 +250,17 @@ impl Broker {
         .unwrap_or(Err(StoreError::Shutdown))
     }
 
-    fn pull_response(&self, req: &RemotingCommand, offset: u64, got: GetResult) -> RemotingCommand {
+    fn pull_response(
+        &self,
+        req: &RemotingCommand,
+        offset: u64,
+        got: GetResult,
+        master_reachable: bool,
+    ) -> RemotingCommand {
         // A slave never moves a consumer's offset (Java's default, `offsetCheckInSlave`
         // false): it may lack what its master holds, and a consumer told to move commits the
         // new offset and re-reads or skips messages. It sends the consumer to the master.
         let slave = !self.is_master();
-        let master_reachable = slave && self.master_reachable();
         let (code, next, to_master) = match got.status {
             GetStatus::Found => (ResponseCode::Success, got.next_offset, false),
             GetStatus::NoNewMessage => (ResponseCode::PullNotFound, got.next_offset, false),
@@ -314,10 +321,7 @@ impl Broker {
                     .commitlog()
                     .max_offset()
                     .saturating_sub(lag_bytes);
-                let slaves = r.slaves();
-                let hold =
-                    !slaves.is_empty() && slaves.iter().all(|s| s.reported && s.acked >= next);
-                i64::from(hold)
+                i64::from(r.all_slaves_hold(next))
             }
             // A slave keeps a lagging consumer.
             None => self.cfg.broker_id,

@@ -255,24 +255,18 @@ impl Broker {
             })
             .map(to_schedule)
             .collect();
-        let delayed = msgs
-            .first()
-            .is_some_and(|m| m.topic == schedule::SCHEDULE_TOPIC);
-        let mut resp = self
-            .put_and_respond(req, msgs, peer.others_in_flight())
-            .await;
-        // The queue the producer sent to, as Java answers, not the delay level's queue of
-        // the schedule topic the message waits in.
-        if delayed && resp.ext_fields.get("queueId").is_some() {
-            resp.ext_fields.insert_int("queueId", queue_id);
-        }
-        resp
+        self.put_and_respond(req, msgs, queue_id, peer.others_in_flight())
+            .await
     }
 
+    /// Stores a send's messages and answers it; `queue_id` is the queue the producer sent to,
+    /// which the answer names (as Java's does) even when the message waits in a delay level's
+    /// queue of the schedule topic.
     pub(super) async fn put_and_respond(
         &self,
         req: &RemotingCommand,
         msgs: Vec<NewMessage>,
+        queue_id: i32,
         company: bool,
     ) -> RemotingCommand {
         let started = std::time::Instant::now();
@@ -281,7 +275,7 @@ impl Broker {
             .send_latency
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok((results, status)) => self.send_response(req, &results, status),
+            Ok((results, status)) => self.send_response(req, &results, queue_id, status),
             Err(e) => {
                 // A failed write-back refuses every send: the store logged it once.
                 if !matches!(e, StoreError::WriteBackFailed(_)) {
@@ -356,6 +350,7 @@ impl Broker {
         &self,
         req: &RemotingCommand,
         results: &[PutResult],
+        queue_id: i32,
         status: ResponseCode,
     ) -> RemotingCommand {
         let Some(first) = results.first() else {
@@ -376,7 +371,7 @@ impl Broker {
         }
         resp.ext_fields = SendMessageResponseHeader {
             msg_id,
-            queue_id: first.queue_id,
+            queue_id,
             queue_offset: first.queue_offset as i64,
             transaction_id: None,
         }

@@ -393,9 +393,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The commit-log offset past the last message any queue indexes (0 when none does).
-fn indexed_end(queues: &Queues) -> Result<u64, StoreError> {
+fn indexed_end(queues: &[Arc<ConsumeQueue>]) -> Result<u64, StoreError> {
     let mut end = 0;
-    for cq in queues.all() {
+    for cq in queues {
         let last = cq.max_offset();
         if last == 0 {
             continue;
@@ -440,7 +440,7 @@ impl MessageStore {
         // start: the log is scanned from its start, as after a crash, instead of the broker
         // refusing to start.
         let queues = Queues::open(&cq_dir)?;
-        let indexed = indexed_end(&queues)?.max(commitlog.min_offset());
+        let all_queues = queues.all();
         let (checkpoint, trusted): (Checkpoint, u64) = match load_json(&checkpoint_path) {
             Ok(c) => {
                 let c = c.unwrap_or(Checkpoint {
@@ -454,6 +454,7 @@ impl MessageStore {
                 tracing::warn!(error = %e, "the checkpoint cannot be read; recovering the whole commit log");
                 // What lies before the segment the queues reach into was flushed long ago;
                 // only the rest may hold a torn tail.
+                let indexed = indexed_end(&all_queues)?.max(commitlog.min_offset());
                 let trusted = indexed - indexed % cfg.segment_size;
                 let c = Checkpoint {
                     consistent_offset: 0,
@@ -472,7 +473,7 @@ impl MessageStore {
         // that merely end early are not taken for that: a deleted topic's were the last to
         // be written, and would come back.
         let rebuild =
-            queues.all().is_empty() && checkpoint.consistent_offset > commitlog.min_offset();
+            all_queues.is_empty() && checkpoint.consistent_offset > commitlog.min_offset();
         let from = if rebuild {
             commitlog.min_offset()
         } else {
@@ -485,7 +486,7 @@ impl MessageStore {
                 "the consume queues end before the checkpoint; rebuilding them from the commit log"
             );
         }
-        for cq in queues.all() {
+        for cq in &all_queues {
             cq.truncate_from_offset(from)?;
         }
         let report = {
@@ -1121,9 +1122,6 @@ impl MessageStore {
         let checkpoint_every = Duration::from_secs(1);
         let mut last_thorough = Instant::now();
         let mut last_checkpoint = Instant::now();
-        // From the checkpoint written at open, not from what is dispatched when this thread
-        // starts: messages appended in between would otherwise wait for the next append.
-        let mut checkpointed = self.recovery.end;
         let mut create_failed: Option<Instant> = None;
         let mut checkpoint_failed = false;
         loop {
@@ -1202,6 +1200,10 @@ impl MessageStore {
                 // there. Failing to write the checkpoint file itself (a full disk) is only
                 // tried again: the data it would count is on disk.
                 let failed = checkpoint_failed || self.commitlog.write_back_failure().is_some();
+                // `checkpointed` starts at the checkpoint written at open, not at what is
+                // dispatched when this thread starts: messages appended in between would
+                // otherwise wait for the next append.
+                let checkpointed = self.checkpointed.load(Ordering::Acquire);
                 if (consistent != checkpointed || stopping) && !failed {
                     if let Err(e) = self.sync_for_checkpoint(consistent) {
                         tracing::error!(error = %e, "checkpoint failed; no more checkpoints until a restart, which recovers from the last one");
@@ -1209,7 +1211,6 @@ impl MessageStore {
                     } else if let Err(e) = self.write_checkpoint(consistent, stopping) {
                         tracing::warn!(error = %e, "writing the checkpoint failed; tried again in a second");
                     } else {
-                        checkpointed = consistent;
                         self.checkpointed.store(consistent, Ordering::Release);
                     }
                 }
