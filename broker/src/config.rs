@@ -203,6 +203,14 @@ pub struct BrokerConfig {
     /// without renewal before another client may take it (Java's
     /// `rocketmq.broker.rebalance.lockMaxLiveTime`).
     pub rebalance_lock_max_live_ms: u64,
+    /// `transactionTimeOut` (ms): how old a transactional half message must be before the
+    /// broker asks its producer whether to commit it.
+    pub transaction_timeout_ms: u64,
+    /// `transactionCheckMax`: how often a half message is asked about before it is given up
+    /// (moved to `TRANS_CHECK_MAX_TIME_TOPIC`).
+    pub transaction_check_max: u32,
+    /// `transactionCheckInterval` (ms): how often undecided half messages are looked for.
+    pub transaction_check_interval_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -248,6 +256,9 @@ impl Default for BrokerConfig {
             slave_timeout_ms: 3_000,
             access_message_in_memory_max_ratio: 40,
             rebalance_lock_max_live_ms: 60_000,
+            transaction_timeout_ms: 6_000,
+            transaction_check_max: 15,
+            transaction_check_interval_ms: 60_000,
         }
     }
 }
@@ -435,6 +446,14 @@ impl BrokerConfig {
                 "rebalanceLockMaxLiveTime" => {
                     c.rebalance_lock_max_live_ms = num(k, v, "milliseconds")?;
                 }
+                "transactionTimeOut" => c.transaction_timeout_ms = num(k, v, "milliseconds")?,
+                "transactionCheckMax" => c.transaction_check_max = num(k, v, "a count")?,
+                "transactionCheckInterval" => {
+                    c.transaction_check_interval_ms = num(k, v, "milliseconds, at least 1")?;
+                    if c.transaction_check_interval_ms == 0 {
+                        return Err(bad(k, v, "milliseconds, at least 1"));
+                    }
+                }
                 _ => return Err(ConfigError::UnknownKey { key, line }),
             }
         }
@@ -548,6 +567,18 @@ impl BrokerConfig {
             (
                 "rebalanceLockMaxLiveTime",
                 self.rebalance_lock_max_live_ms.to_string(),
+            ),
+            (
+                "transactionTimeOut",
+                self.transaction_timeout_ms.to_string(),
+            ),
+            (
+                "transactionCheckMax",
+                self.transaction_check_max.to_string(),
+            ),
+            (
+                "transactionCheckInterval",
+                self.transaction_check_interval_ms.to_string(),
             ),
         ];
         if let Some(ha) = &self.ha_master_address {
@@ -823,7 +854,8 @@ mod tests {
         let mut c = BrokerConfig::parse(
             "brokerName=b\nbrokerId=1\nbrokerRole=SLAVE\nflushDiskType=SYNC_FLUSH\n\
              namesrvAddr=a:1;b:2\nmessageDelayLevel=1s 90s 5m 2h 1d\ndeleteWhen=04;16\n\
-             diskSpaceWarningLevelRatio=0.875\nhaMasterAddress=m:10912\nshortPollingTimeMills=250",
+             diskSpaceWarningLevelRatio=0.875\nhaMasterAddress=m:10912\nshortPollingTimeMills=250\n\
+             transactionTimeOut=2000\ntransactionCheckMax=3\ntransactionCheckInterval=500",
         )
         .unwrap();
         let text = c.to_properties();
@@ -832,6 +864,21 @@ mod tests {
             "{text}"
         );
         assert_eq!(BrokerConfig::parse(&text).unwrap(), c);
+        assert_eq!(
+            (
+                c.transaction_timeout_ms,
+                c.transaction_check_max,
+                c.transaction_check_interval_ms
+            ),
+            (2000, 3, 500)
+        );
+        for bad in [
+            "transactionCheckInterval=0",
+            "transactionCheckMax=-1",
+            "transactionTimeOut=x",
+        ] {
+            assert!(BrokerConfig::parse(bad).is_err(), "{bad} accepted");
+        }
         // Defaults too, and the secret is not written out.
         c = BrokerConfig {
             ha_auth_token: Some("s3cret".into()),

@@ -86,3 +86,109 @@ async fn rocketmq_client_rust_produces_and_push_consumes_through_ferromq() -> Re
     rt.shutdown().await;
     Ok(())
 }
+
+/// Decides each transaction by its message's sequence number: multiples of 3 commit at once,
+/// the next ones roll back, the rest say "unknown" and commit when the broker asks.
+#[derive(Default)]
+struct ThirdsListener {
+    asked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+fn seq_of(value: Option<impl ToString>) -> u64 {
+    value
+        .and_then(|v| v.to_string().parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+impl rocketmq_client_rust::TransactionListener for ThirdsListener {
+    fn execute_local_transaction(
+        &self,
+        msg: &dyn rocketmq_model::common::message::MessageTrait,
+        _arg: Option<&(dyn std::any::Any + Send + Sync)>,
+    ) -> rocketmq_client_rust::LocalTransactionState {
+        use rocketmq_client_rust::LocalTransactionState as S;
+        match seq_of(msg.property(&"seq".into())) % 3 {
+            0 => S::CommitMessage,
+            1 => S::RollbackMessage,
+            _ => S::Unknown,
+        }
+    }
+
+    fn check_local_transaction(
+        &self,
+        msg: &rocketmq_model::common::message::message_ext::MessageExt,
+    ) -> rocketmq_client_rust::LocalTransactionState {
+        use rocketmq_client_rust::LocalTransactionState as S;
+        self.asked
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match seq_of(msg.message_inner().property("seq")) % 3 {
+            2 => S::CommitMessage,
+            _ => S::RollbackMessage,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rocketmq_client_rust_transactions_commit_roll_back_and_answer_checks() -> Result<(), Error>
+{
+    const SENT: u64 = 30;
+    let dir = e2e::test_dir("compat-tx")?;
+    let ns = NameServer::start(dir.path(), 120_000)?;
+    // Undecided transactions are looked for every second once a second old.
+    let spec = BrokerSpec::master("broker-a", "SYNC_FLUSH")
+        .with(&["transactionTimeOut=1000", "transactionCheckInterval=1000"]);
+    let broker = Broker::start(dir.path(), &spec, &[&ns.addr])?;
+    let topic = "TxTopic";
+    let rt = common::Runtime::new()?;
+    let listener = ThirdsListener::default();
+    let asked = listener.asked.clone();
+    let mut producer = rocketmq_client_rust::TransactionMQProducer::builder(rt.client.clone())
+        .client_config(common::client_config(&ns.addr))
+        .producer_group("tx_producer")
+        .topics(vec![topic])
+        .transaction_listener(listener)
+        .build();
+    producer.start().await?;
+    for seq in 0..SENT {
+        producer
+            .send_message_in_transaction::<(), _>(common::message(topic, seq)?, None)
+            .await?;
+    }
+
+    // Committed at once, and the "unknown" ones once checked: every seq but the rolled back.
+    let (mut consumer, got) = common::push_consumer(&rt, &ns.addr, "tx_group", topic).await?;
+    let wanted = (0..SENT).filter(|s| s % 3 != 1).count();
+    common::wait_for(&got, wanted, Duration::from_secs(30)).await;
+    // Anything rolled back or delivered twice would show by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    consumer.shutdown().await;
+    producer.shutdown().await;
+    let seen: Vec<u64> = {
+        let mut s: Vec<u64> = got.got.lock().unwrap().keys().copied().collect();
+        s.sort_unstable();
+        s
+    };
+    let expected: Vec<u64> = (0..SENT).filter(|s| s % 3 != 1).collect();
+    assert_eq!(seen, expected, "delivered transactional messages");
+    for seq in &seen {
+        assert_eq!(
+            got.got.lock().unwrap()[seq],
+            common::expected(*seq),
+            "message {seq}"
+        );
+    }
+    let deliveries = got.deliveries.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(deliveries, wanted, "a message was delivered twice");
+    let asked = asked.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        asked >= (SENT / 3) as usize,
+        "the producer was asked {asked} times"
+    );
+    println!(
+        "{wanted} of {SENT} transactional messages delivered; the producer answered {asked} checks"
+    );
+
+    drop(broker);
+    rt.shutdown().await;
+    Ok(())
+}

@@ -39,8 +39,12 @@ pub enum RequestCode {
     UnregisterClient = 35,
     /// A consumer gives a message back for a later retry.
     ConsumerSendMsgBack = 36,
+    /// A producer commits or rolls back a transactional half message (oneway).
+    EndTransaction = 37,
     /// Client ids of a consumer group, for rebalancing.
     GetConsumerListByGroup = 38,
+    /// Broker asks a producer how a half message's transaction ended (oneway).
+    CheckTransactionState = 39,
     /// Broker tells consumers that their group changed (oneway).
     NotifyConsumerIdsChanged = 40,
     /// Lock queues for orderly consumption.
@@ -120,7 +124,9 @@ impl RequestCode {
         Self::HeartBeat,
         Self::UnregisterClient,
         Self::ConsumerSendMsgBack,
+        Self::EndTransaction,
         Self::GetConsumerListByGroup,
+        Self::CheckTransactionState,
         Self::NotifyConsumerIdsChanged,
         Self::LockBatchMq,
         Self::UnlockBatchMq,

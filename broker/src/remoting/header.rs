@@ -444,6 +444,42 @@ ext_header! {
 }
 
 ext_header! {
+    /// END_TRANSACTION request: a producer's decision on one half message.
+    pub struct EndTransactionRequestHeader {
+        /// The producer's group, which must be the half message's.
+        pub producer_group: String => "producerGroup",
+        /// Queue offset of the half message.
+        pub tran_state_table_offset: i64 => "tranStateTableOffset",
+        /// Commit-log offset of the half message.
+        pub commit_log_offset: i64 => "commitLogOffset",
+        /// 8 commit, 12 roll back, 0 not decided yet.
+        pub commit_or_rollback: i32 => "commitOrRollback",
+        /// Whether this answers a CHECK_TRANSACTION_STATE.
+        pub from_transaction_check: Option<bool> => "fromTransactionCheck",
+        /// The message's client id (`UNIQ_KEY`).
+        pub msg_id: Option<String> => "msgId",
+        /// The transaction's id.
+        pub transaction_id: Option<String> => "transactionId",
+    }
+}
+
+ext_header! {
+    /// CHECK_TRANSACTION_STATE request, to a producer: which half message it is asked about.
+    pub struct CheckTransactionStateRequestHeader {
+        /// Queue offset of the half message (its latest copy).
+        pub tran_state_table_offset: i64 => "tranStateTableOffset",
+        /// Commit-log offset of the half message (its latest copy).
+        pub commit_log_offset: i64 => "commitLogOffset",
+        /// The message's client id (`UNIQ_KEY`).
+        pub msg_id: Option<String> => "msgId",
+        /// The transaction's id (the same `UNIQ_KEY`, as Java's broker sends it).
+        pub transaction_id: Option<String> => "transactionId",
+        /// Offset message id of the half message's copy.
+        pub offset_msg_id: Option<String> => "offsetMsgId",
+    }
+}
+
+ext_header! {
     /// CONSUMER_SEND_MSG_BACK request.
     pub struct ConsumerSendMsgBackRequestHeader {
         /// Commit-log offset of the message given back.

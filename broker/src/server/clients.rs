@@ -249,6 +249,79 @@ impl ConsumerRegistry {
     }
 }
 
+/// Producer groups known to this broker, from heartbeats: whom to ask how a transaction
+/// ended (CHECK_TRANSACTION_STATE).
+#[derive(Debug, Default)]
+pub struct ProducerRegistry {
+    groups: Mutex<HashMap<String, BTreeMap<String, ClientEntry>>>,
+    /// Spreads the checks over a group's producers.
+    turn: std::sync::atomic::AtomicUsize,
+}
+
+impl ProducerRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeMap<String, ClientEntry>>> {
+        self.groups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a heartbeat of `client_id` for one producer group.
+    pub fn heartbeat(&self, client_id: &str, group: &str, from: &ClientConn) {
+        let entry = ClientEntry {
+            conn: from.clone(),
+            last_seen: Instant::now(),
+        };
+        let mut groups = self.lock();
+        let clients = groups.entry(group.to_string()).or_default();
+        if clients.insert(client_id.to_string(), entry).is_none() {
+            tracing::info!(group, client = client_id, "producer joined");
+        }
+    }
+
+    /// Removes a client from a group (UNREGISTER_CLIENT).
+    pub fn unregister(&self, client_id: &str, group: &str) {
+        let mut groups = self.lock();
+        if let Some(clients) = groups.get_mut(group) {
+            clients.remove(client_id);
+            if clients.is_empty() {
+                groups.remove(group);
+            }
+        }
+    }
+
+    /// Removes every client that was on a closed connection.
+    pub fn disconnected(&self, addr: SocketAddr) {
+        self.retain(|c| c.conn.addr != addr);
+    }
+
+    /// Drops clients silent for longer than [`CLIENT_EXPIRY`].
+    pub fn expire(&self) {
+        self.retain(|c| c.last_seen.elapsed() < CLIENT_EXPIRY);
+    }
+
+    fn retain(&self, keep: impl Fn(&ClientEntry) -> bool) {
+        let mut groups = self.lock();
+        for clients in groups.values_mut() {
+            clients.retain(|_, c| keep(c));
+        }
+        groups.retain(|_, clients| !clients.is_empty());
+    }
+
+    /// A connection to one of the group's producers, in turn (Java's getAvailableChannel);
+    /// `None` when none is online.
+    pub fn channel(&self, group: &str) -> Option<ClientConn> {
+        let groups = self.lock();
+        let clients = groups.get(group)?;
+        let open: Vec<&ClientEntry> = clients
+            .values()
+            .filter(|c| !c.conn.push.is_closed())
+            .collect();
+        if open.is_empty() {
+            return None;
+        }
+        let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(open[turn % open.len()].conn.clone())
+    }
+}
+
 /// A parsed tag expression: `None` matches everything.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TagFilter(Option<Vec<i64>>);

@@ -10,6 +10,7 @@ mod send;
 mod stats;
 #[cfg(test)]
 mod tests;
+mod transaction;
 
 pub use send::validate_topic;
 
@@ -79,6 +80,8 @@ pub struct Broker {
     cfg: BrokerConfig,
     store: Arc<MessageStore>,
     consumers: clients::ConsumerRegistry,
+    /// Producers by group, asked how their transactions ended.
+    producers: clients::ProducerRegistry,
     /// Orderly consumers' queue locks.
     locks: locks::QueueLocks,
     /// Put and get rates and daily totals for the runtime info.
@@ -327,6 +330,10 @@ impl Broker {
             }
             self.consumers.heartbeat(&hb.client_id, c, &from);
         }
+        for p in &hb.producer_data_set {
+            self.producers
+                .heartbeat(&hb.client_id, &p.group_name, &from);
+        }
         req.response_to(ResponseCode::Success)
     }
 
@@ -337,6 +344,9 @@ impl Broker {
                     Ok(h) => {
                         if let Some(g) = h.consumer_group.filter(|g| !g.is_empty()) {
                             self.consumers.unregister(&h.client_id, &g);
+                        }
+                        if let Some(g) = h.producer_group.filter(|g| !g.is_empty()) {
+                            self.producers.unregister(&h.client_id, &g);
                         }
                         req.response_to(ResponseCode::Success)
                     }
@@ -849,6 +859,7 @@ impl Processor for Broker {
             RequestCode::LockBatchMq => self.lock_batch(&req, std::time::Instant::now()),
             RequestCode::UnlockBatchMq => self.unlock_batch(&req),
             RequestCode::ConsumerSendMsgBack => self.send_back(&req, peer.addr).await,
+            RequestCode::EndTransaction => return self.end_transaction(&req),
             RequestCode::GetAllTopicConfig
             | RequestCode::GetAllConsumerOffset
             | RequestCode::GetAllDelayOffset => {
@@ -866,6 +877,7 @@ impl Processor for Broker {
 
     fn disconnected(&self, peer: &Peer) {
         self.consumers.disconnected(peer.addr);
+        self.producers.disconnected(peer.addr);
     }
 }
 
@@ -1137,6 +1149,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         cfg: cfg.clone(),
         store,
         consumers: clients::ConsumerRegistry::default(),
+        producers: clients::ProducerRegistry::default(),
         locks: locks::QueueLocks::new(Duration::from_millis(cfg.rebalance_lock_max_live_ms)),
         rates: rates::Rates::default(),
         metrics,
@@ -1274,6 +1287,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
                 b.topics_changed.notify_one();
             }
             b.consumers.expire();
+            b.producers.expire();
             b.locks.expire(std::time::Instant::now());
             b.rates.sample(
                 std::time::Instant::now(),
@@ -1334,6 +1348,30 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
                     Err(e) => tracing::error!(error = %e, "retention task failed"),
                     Ok(Ok(())) => {}
                 }
+            }
+        }
+    }));
+    // Transaction checks (masters only, as Java's; slaves have the progress from their
+    // master's consumer offsets).
+    let b = broker.clone();
+    let stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        if !b.is_master() {
+            return;
+        }
+        let every = Duration::from_millis(b.cfg.transaction_check_interval_ms);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if b.store.commitlog().write_back_failure().is_some() || b.store.disk_full().is_some() {
+                continue;
+            }
+            match b.check_transactions().await {
+                Ok(0) => {}
+                Ok(asked) => tracing::info!(asked, "producers asked about undecided transactions"),
+                Err(e) => tracing::error!(error = %e, "transaction check failed"),
             }
         }
     }));

@@ -12,12 +12,12 @@ use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
 use crate::replication::SyncWaitError;
 use crate::store::message::{
     decode_batch, format_properties, offset_msg_id, parse_properties, NewMessage,
-    PROP_MAX_RECONSUME_TIMES, PROP_ORIGIN_MESSAGE_ID, PROP_RETRY_TOPIC, PROP_TRANSACTION_PREPARED,
+    PROP_MAX_RECONSUME_TIMES, PROP_ORIGIN_MESSAGE_ID, PROP_RETRY_TOPIC,
 };
 use crate::store::topics::{now_ms, PERM_WRITE};
 use crate::store::{FlushDiskType, PutResult, StoreError};
 
-use super::{schedule, Broker};
+use super::{schedule, transaction, Broker};
 
 /// Retry attempts before a message goes to the dead-letter queue (RocketMQ default).
 pub(super) const DEFAULT_MAX_RECONSUME_TIMES: i32 = 16;
@@ -210,9 +210,10 @@ impl Broker {
                 ),
             );
         }
-        if let Some(refused) = self.refuse_transactions(req, &items, &h) {
-            return refused;
-        }
+        let half = match self.transactional(&items, &h) {
+            Ok(half) => half,
+            Err(remark) => return req.error_to(ResponseCode::MessageIllegal, remark),
+        };
         // RocketMQ 5's timer messages (any delivery time, not a delay level) need Java's
         // timer wheel: refused as Java's broker refuses them with it off, rather than stored
         // and delivered at once.
@@ -234,6 +235,9 @@ impl Broker {
         let born_ts = h.born_timestamp.unwrap_or_else(now_ms);
         let topic_name = dead_letter.unwrap_or_else(|| h.topic.clone());
         let to_schedule = |m: NewMessage| match schedule::requested_level(&m.properties) {
+            // A transaction's message is delayed by nothing but its transaction (Java's
+            // producer clears the delay; the broker ignores one).
+            _ if half => transaction::half(m),
             level if level > 0 && !m.topic.starts_with("%DLQ%") => {
                 schedule::delay(&m, level, &self.store.config().delay_levels_ms)
             }
@@ -426,40 +430,30 @@ impl Broker {
         Ok(topic)
     }
 
-    /// Transactional half messages are refused as Java's broker refuses them with
-    /// `rejectTransactionMessage`: ferromq has no half-message store, and storing one as a
-    /// plain message would deliver it before its commit and despite its rollback.
-    fn refuse_transactions(
+    /// Whether a send carries a transaction's half message (stored where no consumer sees
+    /// it until its producer commits: see `transaction`). A batch cannot: Java's producers
+    /// send transactional messages one by one.
+    pub(super) fn transactional(
         &self,
-        req: &RemotingCommand,
         items: &[(i32, bytes::Bytes, String)],
         h: &SendMessageRequestHeader,
-    ) -> Option<RemotingCommand> {
-        let prepared = |props: &str| {
-            // The cheap test first: this runs for every message sent.
-            props.contains("TRAN_MSG\u{1}")
-                && crate::store::message::property(props, PROP_TRANSACTION_PREPARED)
-                    .is_some_and(|v| v.eq_ignore_ascii_case("true"))
-        };
-        if !items.iter().any(|(_, _, p)| prepared(p)) {
-            return None;
+    ) -> Result<bool, String> {
+        if !items.iter().any(|(_, _, p)| transaction::is_half(p)) {
+            return Ok(false);
         }
-        // Java lets a retry of a transactional message through (it is a plain message by
-        // then): reconsumed and delayed.
+        // Java lets a retry of a transactional message through as a plain message (it is one
+        // by then): reconsumed and delayed.
         let retry = h.reconsume_times.unwrap_or(0) > 0
             && items
                 .iter()
                 .all(|(_, _, p)| schedule::requested_level(p) > 0);
-        (!retry).then(|| {
-            req.error_to(
-                ResponseCode::NoPermission,
-                format!(
-                    "the broker[{}] sending transaction message is forbidden: ferromq does not \
-                     implement transactional messages",
-                    self.cfg.broker_addr()
-                ),
-            )
-        })
+        if retry {
+            return Ok(false);
+        }
+        if items.len() > 1 {
+            return Err("a batch cannot carry transactional messages".into());
+        }
+        Ok(true)
     }
 
     /// Handles CONSUMER_SEND_MSG_BACK: the message goes to the group's retry topic, or to its

@@ -772,7 +772,7 @@ fn stored_in(b: &Broker, topic: &str, queue_id: i32) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sends_no_reader_could_decode_and_transactional_halves_are_refused() {
+async fn sends_no_reader_could_decode_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
     let b = &h.broker;
@@ -785,13 +785,6 @@ async fn sends_no_reader_could_decode_and_transactional_halves_are_refused() {
     let near = format!("K\u{1}{}\u{2}DELAY\u{1}1\u{2}", "v".repeat(32_750));
     let resp = send_v2(b, "T", near, None).await;
     assert_eq!(resp.code, ResponseCode::MessageIllegal.code(), "{resp:?}");
-    let half = "TRAN_MSG\u{1}true\u{2}PGROUP\u{1}P\u{2}".to_string();
-    let resp = send_v2(b, "T", half, None).await;
-    assert_eq!(resp.code, ResponseCode::NoPermission.code(), "{resp:?}");
-    assert!(
-        resp.remark.as_deref().unwrap_or("").contains("transaction"),
-        "{resp:?}"
-    );
     let resp = send_v2(
         b,
         "SCHEDULE_TOPIC_XXXX",
@@ -1655,4 +1648,255 @@ async fn a_refused_broker_tries_again_at_its_period_not_every_second() {
     second.stop().await;
     first.stop().await;
     ns.stop().await;
+}
+
+/// END_TRANSACTION as a producer sends it (oneway) for the half message `sent` answered.
+fn end_transaction(
+    group: &str,
+    sent: &RemotingCommand,
+    commit_or_rollback: i32,
+) -> RemotingCommand {
+    let h = crate::remoting::header::EndTransactionRequestHeader {
+        producer_group: group.into(),
+        tran_state_table_offset: sent.ext_fields.get("queueOffset").unwrap().parse().unwrap(),
+        commit_log_offset: crate::store::message::parse_offset_msg_id(
+            sent.ext_fields.get("msgId").unwrap(),
+        )
+        .unwrap(),
+        commit_or_rollback,
+        from_transaction_check: Some(false),
+        msg_id: Some("UNIQ".into()),
+        transaction_id: None,
+    };
+    let mut req = RemotingCommand::request(RequestCode::EndTransaction.code(), h.to_ext());
+    req.flag |= crate::remoting::command::FLAG_ONEWAY;
+    req
+}
+
+/// The same request, asking for an answer (to see what the broker made of it).
+fn answered(mut req: RemotingCommand) -> RemotingCommand {
+    req.flag &= !crate::remoting::command::FLAG_ONEWAY;
+    req
+}
+
+/// Properties of a transactional message of producer group `P`.
+fn half_properties(uniq: &str) -> String {
+    format!("TRAN_MSG\u{1}true\u{2}PGROUP\u{1}P\u{2}UNIQ_KEY\u{1}{uniq}\u{2}TAGS\u{1}A\u{2}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_message_is_delivered_only_once_its_producer_commits() {
+    use super::transaction::{HALF_TOPIC, OP_TOPIC};
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let b = &h.broker;
+    let peer = test_peer();
+
+    let sent = send_v2_to(b, "T", 2, half_properties("U1"), None).await;
+    assert_eq!(sent.code, ResponseCode::Success.code(), "{sent:?}");
+    // Answered for the queue it was sent to, at the half message's place.
+    assert_eq!(sent.ext_fields.get("queueId"), Some("2"));
+    assert_eq!(sent.ext_fields.get("queueOffset"), Some("0"));
+    assert_eq!(stored_in(b, "T", 2), 0, "a half message reached its topic");
+    assert_eq!(stored_in(b, HALF_TOPIC, 0), 1);
+
+    // Refused: another group's, or the wrong queue offset; the message stays undecided.
+    let wrong = answered(end_transaction("Q", &sent, 8));
+    let resp = b.process(wrong, &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::SystemError.code(), "{resp:?}");
+    assert_eq!(resp.remark.as_deref(), Some("The producer group wrong"));
+    let mut moved = answered(end_transaction("P", &sent, 8));
+    moved.ext_fields.insert("tranStateTableOffset", "5");
+    let resp = b.process(moved, &peer).await.unwrap();
+    assert_eq!(
+        resp.remark.as_deref(),
+        Some("The transaction state table offset wrong")
+    );
+    // Not decided yet: nothing happens, nothing is answered.
+    assert!(b
+        .process(answered(end_transaction("P", &sent, 0)), &peer)
+        .await
+        .is_none());
+    assert_eq!(stored_in(b, "T", 2), 0);
+    assert_eq!(stored_in(b, OP_TOPIC, 0), 0);
+
+    // Committed: the message is in its queue, as sent.
+    let resp = b
+        .process(end_transaction("P", &sent, 8), &peer)
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(stored_in(b, "T", 2), 1);
+    let q = b.store.queue("T", 2).unwrap();
+    let m = b
+        .store
+        .commitlog()
+        .read_message(q.get(0, 1).unwrap()[0].offset)
+        .unwrap();
+    assert_eq!(&m.body[..], b"body");
+    let props = m.properties_map();
+    assert_eq!(props.get("UNIQ_KEY").map(String::as_str), Some("U1"));
+    assert_eq!(props.get("TRAN_MSG").map(String::as_str), Some("true"));
+    assert!(
+        !props.contains_key("REAL_TOPIC") && !props.contains_key("REAL_QID"),
+        "{props:?}"
+    );
+    assert_eq!(m.sys_flag & 0xC, 0x8, "not marked committed");
+    assert_eq!(
+        q.get(0, 1).unwrap()[0].tags_code,
+        NewMessage::tags_code_of(&m.properties)
+    );
+    assert_eq!(stored_in(b, OP_TOPIC, 0), 1, "the decision is not recorded");
+
+    // Rolled back: never delivered, the decision recorded.
+    let sent = send_v2_to(b, "T", 2, half_properties("U2"), None).await;
+    assert_eq!(sent.ext_fields.get("queueOffset"), Some("1"));
+    let resp = b
+        .process(end_transaction("P", &sent, 12), &peer)
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(stored_in(b, "T", 2), 1);
+    assert_eq!(stored_in(b, OP_TOPIC, 0), 2);
+
+    // A batch cannot carry one; a slave takes no decision.
+    assert!(b
+        .transactional(
+            &[
+                (0, Bytes::new(), half_properties("a")),
+                (0, Bytes::new(), String::new())
+            ],
+            &Default::default()
+        )
+        .is_err());
+    h.stop().await;
+    let dir = tempfile::tempdir().unwrap();
+    let slave = lone_broker(dir.path(), BrokerRole::Slave).await;
+    let resp = slave
+        .broker
+        .process(answered(end_transaction("P", &sent, 8)), &peer)
+        .await;
+    assert_eq!(resp.unwrap().code, ResponseCode::SlaveNotAvailable.code());
+    slave.stop().await;
+}
+
+/// A producer of group `P` registered with `b` by heartbeat; what the broker pushes to it.
+async fn producer_of_p(b: &Broker, addr: &str) -> tokio::sync::mpsc::Receiver<RemotingCommand> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut peer = Peer::detached(addr.parse().unwrap());
+    peer.push = tx;
+    let body = format!(
+        r#"{{"clientID":"{addr}@1","producerDataSet":[{{"groupName":"P"}}],"consumerDataSet":[]}}"#
+    );
+    let beat = RemotingCommand::request(RequestCode::HeartBeat.code(), Default::default())
+        .with_body(body.into_bytes());
+    let resp = b.process(beat, &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code());
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecided_half_message_is_asked_about_until_its_producer_answers() {
+    use super::transaction::{CHECK_GROUP, CHECK_MAX_TOPIC, HALF_TOPIC};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = BrokerConfig {
+        transaction_timeout_ms: 0,
+        transaction_check_max: 2,
+        // The rounds are run by the test.
+        transaction_check_interval_ms: 3_600_000,
+        ..local_config(dir.path())
+    };
+    let h = start(cfg).await.unwrap();
+    let b = &h.broker;
+    b.store
+        .topics
+        .put(TopicConfig::new("T", 4, PERM_READ | PERM_WRITE))
+        .unwrap();
+    let decided = send_v2_to(b, "T", 1, half_properties("D"), None).await;
+    let sent = send_v2_to(b, "T", 3, half_properties("U"), None).await;
+    assert_eq!(sent.code, ResponseCode::Success.code(), "{sent:?}");
+    let peer = test_peer();
+    let resp = b
+        .process(end_transaction("P", &decided, 8), &peer)
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    // Rounds only look at what was stored before they began.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+
+    // No producer online: the message is copied all the same, and asked about later.
+    assert_eq!(b.check_transactions().await.unwrap(), 1);
+    assert_eq!(stored_in(b, HALF_TOPIC, 0), 3);
+    let mut pushed = producer_of_p(b, "10.0.0.9:5000").await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(b.check_transactions().await.unwrap(), 1);
+    let check = pushed.try_recv().expect("the producer was not asked");
+    assert_eq!(check.code, RequestCode::CheckTransactionState.code());
+    assert!(check.is_oneway());
+    let ask =
+        crate::remoting::header::CheckTransactionStateRequestHeader::from_ext(&check.ext_fields)
+            .unwrap();
+    // About the latest copy, the fourth message of the half queue.
+    assert_eq!(ask.tran_state_table_offset, 3);
+    assert_eq!(ask.msg_id.as_deref(), Some("U"));
+    assert_eq!(ask.transaction_id.as_deref(), Some("U"));
+    let copy = b
+        .store
+        .commitlog()
+        .read_message(ask.commit_log_offset as u64)
+        .unwrap();
+    assert_eq!(copy.topic, HALF_TOPIC);
+    assert_eq!(copy.queue_offset, 3);
+    assert_eq!(
+        ask.offset_msg_id.as_deref(),
+        Some(copy.offset_msg_id().as_str())
+    );
+    // The body is the message as sent, in its own topic and queue, as Java clients decode it.
+    let m = crate::store::message::decode_stored(&check.body).unwrap();
+    assert_eq!(
+        (m.topic.as_str(), m.queue_id, &m.body[..]),
+        ("T", 3, &b"body"[..])
+    );
+    assert_eq!(
+        m.properties_map()
+            .get("TRANSACTION_CHECK_TIMES")
+            .map(String::as_str),
+        Some("2")
+    );
+    assert_eq!(m.physical_offset, ask.commit_log_offset);
+
+    // Asked too often: set aside, never asked about again.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(b.check_transactions().await.unwrap(), 0);
+    assert_eq!(stored_in(b, CHECK_MAX_TOPIC, 0), 1);
+    assert!(pushed.try_recv().is_err());
+    assert_eq!(b.check_transactions().await.unwrap(), 0);
+    assert_eq!(b.store.offsets.get(CHECK_GROUP, HALF_TOPIC, 0), Some(4));
+
+    // A producer's answer to a question ends the checks; its commit delivers the message.
+    let sent = send_v2_to(b, "T", 0, half_properties("V"), None).await;
+    assert_eq!(sent.code, ResponseCode::Success.code());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(b.check_transactions().await.unwrap(), 1);
+    let check = pushed.try_recv().unwrap();
+    let ask =
+        crate::remoting::header::CheckTransactionStateRequestHeader::from_ext(&check.ext_fields)
+            .unwrap();
+    let answer = crate::remoting::header::EndTransactionRequestHeader {
+        producer_group: "P".into(),
+        tran_state_table_offset: ask.tran_state_table_offset,
+        commit_log_offset: ask.commit_log_offset,
+        commit_or_rollback: 8,
+        from_transaction_check: Some(true),
+        msg_id: ask.msg_id.clone(),
+        transaction_id: ask.transaction_id.clone(),
+    };
+    let end = RemotingCommand::request(RequestCode::EndTransaction.code(), answer.to_ext());
+    let resp = b.process(end, &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(stored_in(b, "T", 0), 1);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(b.check_transactions().await.unwrap(), 0);
+    assert!(pushed.try_recv().is_err(), "asked again after its answer");
+    h.stop().await;
 }
