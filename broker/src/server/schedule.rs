@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::message::{format_properties, parse_properties, NewMessage, PROP_DELAY};
+use crate::store::message::{
+    format_properties, parse_properties, NewMessage, Properties, PROP_DELAY,
+};
 use crate::store::persist::{load_json, save_json};
 use crate::store::topics::now_ms;
 use crate::store::{MessageStore, StoreError};
@@ -20,6 +22,14 @@ pub use crate::store::message::SCHEDULE_TOPIC;
 pub const PROP_REAL_TOPIC: &str = "REAL_TOPIC";
 /// Property: the queue a delayed message goes to when due.
 pub const PROP_REAL_QID: &str = "REAL_QID";
+
+/// Takes the real topic and queue a message of the broker's own topics is meant for out of
+/// its properties (a delayed message's, a transaction's half message's).
+pub fn take_route(props: &mut Properties) -> Option<(String, i32)> {
+    let topic = props.remove(PROP_REAL_TOPIC);
+    let queue_id = props.remove(PROP_REAL_QID).and_then(|q| q.parse().ok());
+    topic.zip(queue_id)
+}
 
 /// Level to use for a requested level (clamped to the broker's table).
 pub fn clamp_level(level: i32, levels_ms: &[i64]) -> i32 {
@@ -212,25 +222,9 @@ impl Scheduler {
                 Err(err) => return Err(err),
             };
             let mut props = parse_properties(&m.properties);
-            let topic = props.remove(PROP_REAL_TOPIC);
-            let qid = props.remove(PROP_REAL_QID).and_then(|q| q.parse().ok());
             props.remove(PROP_DELAY);
-            if let (Some(topic), Some(queue_id)) = (topic, qid) {
-                let properties = format_properties(&props);
-                let real = NewMessage {
-                    topic,
-                    queue_id,
-                    flag: m.flag,
-                    body: m.body.clone(),
-                    tags_code: NewMessage::tags_code_of(&properties),
-                    properties,
-                    sys_flag: m.sys_flag
-                        & !(crate::store::message::FLAG_BORN_V6
-                            | crate::store::message::FLAG_STORE_V6),
-                    born_timestamp: m.born_timestamp,
-                    born_host: m.born_host,
-                    reconsume_times: m.reconsume_times,
-                };
+            if let Some((topic, queue_id)) = take_route(&mut props) {
+                let real = NewMessage::restored(&m, topic, queue_id, format_properties(&props));
                 // Appended without waiting for its own sync: the progress counting it is saved
                 // only once the log is durable past it (`save`), so under SYNC_FLUSH one group
                 // commit serves the whole pass instead of one per message (about 500 a second).

@@ -540,17 +540,9 @@ impl Broker {
         props.insert(PROP_MAX_RECONSUME_TIMES.into(), max.to_string());
         let properties = format_properties(&props);
         let msg = NewMessage {
-            topic,
-            queue_id,
-            flag: orig.flag,
-            tags_code: NewMessage::tags_code_of(&properties),
-            body: orig.body.clone(),
-            properties,
-            sys_flag: orig.sys_flag
-                & !(crate::store::message::FLAG_BORN_V6 | crate::store::message::FLAG_STORE_V6),
-            born_timestamp: orig.born_timestamp,
             born_host: born,
             reconsume_times: times,
+            ..NewMessage::restored(&orig, topic, queue_id, properties)
         };
         // Retries wait 10 s, 30 s, 1 min, ... (delay level 3 + attempts) unless the consumer
         // asked for a level.

@@ -1795,23 +1795,39 @@ async fn producer_of_p(b: &Broker, addr: &str) -> tokio::sync::mpsc::Receiver<Re
     rx
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_undecided_half_message_is_asked_about_until_its_producer_answers() {
-    use super::transaction::{CHECK_GROUP, CHECK_MAX_TOPIC, HALF_TOPIC};
-    let dir = tempfile::tempdir().unwrap();
+/// A master whose transaction checks the test runs itself: half messages due after
+/// `timeout_ms`, asked about at most `check_max` times.
+async fn tx_broker(dir: &std::path::Path, timeout_ms: u64, check_max: u32) -> BrokerHandle {
     let cfg = BrokerConfig {
-        transaction_timeout_ms: 0,
-        transaction_check_max: 2,
-        // The rounds are run by the test.
+        transaction_timeout_ms: timeout_ms,
+        transaction_check_max: check_max,
         transaction_check_interval_ms: 3_600_000,
-        ..local_config(dir.path())
+        ..local_config(dir)
     };
     let h = start(cfg).await.unwrap();
-    let b = &h.broker;
-    b.store
+    h.broker
+        .store
         .topics
         .put(TopicConfig::new("T", 4, PERM_READ | PERM_WRITE))
         .unwrap();
+    h
+}
+
+/// The CHECK_TRANSACTION_STATE header of a pushed request.
+fn check_header(
+    cmd: &RemotingCommand,
+) -> crate::remoting::header::CheckTransactionStateRequestHeader {
+    assert_eq!(cmd.code, RequestCode::CheckTransactionState.code());
+    assert!(cmd.is_oneway());
+    crate::remoting::header::CheckTransactionStateRequestHeader::from_ext(&cmd.ext_fields).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecided_half_message_is_asked_about_until_its_producer_answers() {
+    use super::transaction::{CHECK_GROUP, CHECK_MAX_TOPIC, HALF_TOPIC, OP_TOPIC};
+    let dir = tempfile::tempdir().unwrap();
+    let h = tx_broker(dir.path(), 0, 2).await;
+    let b = &h.broker;
     let decided = send_v2_to(b, "T", 1, half_properties("D"), None).await;
     let sent = send_v2_to(b, "T", 3, half_properties("U"), None).await;
     assert_eq!(sent.code, ResponseCode::Success.code(), "{sent:?}");
@@ -1821,21 +1837,17 @@ async fn an_undecided_half_message_is_asked_about_until_its_producer_answers() {
         .await
         .unwrap();
     assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
-    // Rounds only look at what was stored before they began.
-    tokio::time::sleep(Duration::from_millis(5)).await;
 
-    // No producer online: the message is copied all the same, and asked about later.
-    assert_eq!(b.check_transactions().await.unwrap(), 1);
+    // No producer online: the message is copied all the same (one question counted), and
+    // asked about in a later round; the decided one is passed over.
+    assert_eq!(b.check_transactions().await.unwrap(), 0);
     assert_eq!(stored_in(b, HALF_TOPIC, 0), 3);
+    assert_eq!(b.store.offsets.get(CHECK_GROUP, HALF_TOPIC, 0), Some(2));
+    assert_eq!(b.store.offsets.get(CHECK_GROUP, OP_TOPIC, 0), Some(1));
     let mut pushed = producer_of_p(b, "10.0.0.9:5000").await;
-    tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(b.check_transactions().await.unwrap(), 1);
     let check = pushed.try_recv().expect("the producer was not asked");
-    assert_eq!(check.code, RequestCode::CheckTransactionState.code());
-    assert!(check.is_oneway());
-    let ask =
-        crate::remoting::header::CheckTransactionStateRequestHeader::from_ext(&check.ext_fields)
-            .unwrap();
+    let ask = check_header(&check);
     // About the latest copy, the fourth message of the half queue.
     assert_eq!(ask.tran_state_table_offset, 3);
     assert_eq!(ask.msg_id.as_deref(), Some("U"));
@@ -1852,6 +1864,7 @@ async fn an_undecided_half_message_is_asked_about_until_its_producer_answers() {
         Some(copy.offset_msg_id().as_str())
     );
     // The body is the message as sent, in its own topic and queue, as Java clients decode it.
+    // (The first copy had no one to ask: this is its second question.)
     let m = crate::store::message::decode_stored(&check.body).unwrap();
     assert_eq!(
         (m.topic.as_str(), m.queue_id, &m.body[..]),
@@ -1863,10 +1876,12 @@ async fn an_undecided_half_message_is_asked_about_until_its_producer_answers() {
             .map(String::as_str),
         Some("2")
     );
-    assert_eq!(m.physical_offset, ask.commit_log_offset);
+    assert_eq!(
+        (m.physical_offset, m.queue_offset),
+        (ask.commit_log_offset, 3)
+    );
 
     // Asked too often: set aside, never asked about again.
-    tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(b.check_transactions().await.unwrap(), 0);
     assert_eq!(stored_in(b, CHECK_MAX_TOPIC, 0), 1);
     assert!(pushed.try_recv().is_err());
@@ -1876,12 +1891,8 @@ async fn an_undecided_half_message_is_asked_about_until_its_producer_answers() {
     // A producer's answer to a question ends the checks; its commit delivers the message.
     let sent = send_v2_to(b, "T", 0, half_properties("V"), None).await;
     assert_eq!(sent.code, ResponseCode::Success.code());
-    tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(b.check_transactions().await.unwrap(), 1);
-    let check = pushed.try_recv().unwrap();
-    let ask =
-        crate::remoting::header::CheckTransactionStateRequestHeader::from_ext(&check.ext_fields)
-            .unwrap();
+    let ask = check_header(&pushed.try_recv().unwrap());
     let answer = crate::remoting::header::EndTransactionRequestHeader {
         producer_group: "P".into(),
         tran_state_table_offset: ask.tran_state_table_offset,
@@ -1895,8 +1906,190 @@ async fn an_undecided_half_message_is_asked_about_until_its_producer_answers() {
     let resp = b.process(end, &peer).await.unwrap();
     assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
     assert_eq!(stored_in(b, "T", 0), 1);
-    tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(b.check_transactions().await.unwrap(), 0);
     assert!(pushed.try_recv().is_err(), "asked again after its answer");
+    // Every decision passed over: the op queue's progress is at its end.
+    assert_eq!(
+        b.store.offsets.get(CHECK_GROUP, OP_TOPIC, 0),
+        Some(stored_in(b, OP_TOPIC, 0) as i64)
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_messages_wait_their_timeout_or_immunity_and_checks_survive_a_restart() {
+    use super::transaction::{CHECK_GROUP, HALF_TOPIC};
+    let dir = tempfile::tempdir().unwrap();
+    let h = tx_broker(dir.path(), 3_600_000, 15).await;
+    let b = &h.broker;
+    let decided = send_v2_to(b, "T", 0, half_properties("D"), None).await;
+    send_v2_to(b, "T", 0, half_properties("U"), None).await;
+    let resp = b
+        .process(end_transaction("P", &decided, 12), &test_peer())
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    let mut pushed = producer_of_p(b, "10.0.0.9:5000").await;
+    // Too young to ask about: the round stops there, nothing copied.
+    assert_eq!(b.check_transactions().await.unwrap(), 0);
+    assert_eq!(stored_in(b, HALF_TOPIC, 0), 2);
+    assert_eq!(b.store.offsets.get(CHECK_GROUP, HALF_TOPIC, 0), Some(1));
+    h.stop().await;
+
+    // After a restart with a short timeout: the decided one is not asked about, the other is.
+    let h = tx_broker(dir.path(), 0, 15).await;
+    let b = &h.broker;
+    let mut pushed_again = producer_of_p(b, "10.0.0.9:5001").await;
+    // A producer's immunity holds its message back (and, the checks going in order, those
+    // behind it).
+    let immune = format!(
+        "{}CHECK_IMMUNITY_TIME_IN_SECONDS\u{1}60\u{2}",
+        half_properties("I")
+    );
+    send_v2_to(b, "T", 0, immune, None).await;
+    send_v2_to(b, "T", 0, half_properties("W"), None).await;
+    assert_eq!(b.check_transactions().await.unwrap(), 1);
+    let ask = check_header(&pushed_again.try_recv().unwrap());
+    assert_eq!(ask.msg_id.as_deref(), Some("U"));
+    assert!(
+        pushed_again.try_recv().is_err(),
+        "the immune message was asked about"
+    );
+    assert!(pushed.try_recv().is_err());
+    assert_eq!(b.store.offsets.get(CHECK_GROUP, HALF_TOPIC, 0), Some(2));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_stops_at_a_producer_too_busy_to_be_asked() {
+    use super::transaction::{CHECK_GROUP, HALF_TOPIC};
+    let dir = tempfile::tempdir().unwrap();
+    let h = tx_broker(dir.path(), 0, 15).await;
+    let b = &h.broker;
+    send_v2_to(b, "T", 0, half_properties("A"), None).await;
+    send_v2_to(b, "T", 0, half_properties("B"), None).await;
+    // A connection whose queue holds one request, not read.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let mut peer = Peer::detached("10.0.0.9:5000".parse().unwrap());
+    peer.push = tx;
+    let beat = RemotingCommand::request(RequestCode::HeartBeat.code(), Default::default())
+        .with_body(&br#"{"clientID":"c","producerDataSet":[{"groupName":"P"}]}"#[..]);
+    b.process(beat, &peer).await.unwrap();
+    // The second question finds no room: the round ends before copying it.
+    assert_eq!(b.check_transactions().await.unwrap(), 1);
+    assert_eq!(stored_in(b, HALF_TOPIC, 0), 3);
+    assert_eq!(b.store.offsets.get(CHECK_GROUP, HALF_TOPIC, 0), Some(1));
+    assert_eq!(
+        check_header(&rx.try_recv().unwrap()).msg_id.as_deref(),
+        Some("A")
+    );
+    // Room again: the next round goes on from there.
+    assert_eq!(b.check_transactions().await.unwrap(), 1);
+    assert_eq!(
+        check_header(&rx.try_recv().unwrap()).msg_id.as_deref(),
+        Some("B")
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_transaction_takes_only_a_half_message_at_the_quoted_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = tx_broker(dir.path(), 3_600_000, 15).await;
+    let b = &h.broker;
+    let peer = test_peer();
+    let sent = send_v2_to(b, "T", 0, half_properties("H"), None).await;
+    let plain = send_v2_to(b, "T", 1, String::new(), None).await;
+    let plain_offset =
+        crate::store::message::parse_offset_msg_id(plain.ext_fields.get("msgId").unwrap()).unwrap();
+    // A message whose body is a stored half message of group P at queue offset 0, as a
+    // producer could send it: at its body's offset it decodes as that half message.
+    let log = b.store.commitlog();
+    let at = log.max_offset();
+    let body_at = at + 88; // the fixed fields of an IPv4 message before its body
+    let mut forged = bytes::BytesMut::new();
+    super::transaction::half(NewMessage {
+        properties: half_properties("F"),
+        ..message()
+    })
+    .encode(
+        &mut forged,
+        0,
+        body_at as i64,
+        0,
+        &b.store.config().store_host,
+    );
+    b.store
+        .append(&[NewMessage {
+            queue_id: 3,
+            body: forged.freeze(),
+            ..message()
+        }])
+        .unwrap();
+    assert_eq!(
+        log.read_message(body_at).unwrap().topic,
+        "RMQ_SYS_TRANS_HALF_TOPIC"
+    );
+    let change = |key: &str, value: &str| {
+        let mut req = answered(end_transaction("P", &sent, 8));
+        req.ext_fields.insert(key, value);
+        req
+    };
+    for (req, remark) in [
+        (
+            change("commitLogOffset", &plain_offset.to_string()),
+            "Find prepared transaction message failed",
+        ),
+        (
+            change("commitLogOffset", &body_at.to_string()),
+            "The commit log offset wrong",
+        ),
+        (
+            change("commitLogOffset", "-1"),
+            "Find prepared transaction message failed",
+        ),
+        (
+            change("tranStateTableOffset", "9"),
+            "The transaction state table offset wrong",
+        ),
+        (
+            change("commitOrRollback", "5"),
+            "commitOrRollback field wrong",
+        ),
+    ] {
+        let resp = b.process(req, &peer).await.unwrap();
+        assert_eq!(resp.code, ResponseCode::SystemError.code(), "{resp:?}");
+        assert_eq!(resp.remark.as_deref(), Some(remark));
+    }
+    assert_eq!(stored_in(b, "T", 0), 0);
+
+    // A delay asked of a transactional message is dropped: committed, it is delivered at
+    // once, not scheduled.
+    let delayed = send_v2_to(
+        b,
+        "T",
+        2,
+        format!("{}DELAY\u{1}3\u{2}", half_properties("L")),
+        None,
+    )
+    .await;
+    assert_eq!(stored_in(b, schedule::SCHEDULE_TOPIC, 2), 0);
+    let resp = b
+        .process(answered(end_transaction("P", &delayed, 8)), &peer)
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(stored_in(b, "T", 2), 1);
+    let q = b.store.queue("T", 2).unwrap();
+    let m = b
+        .store
+        .commitlog()
+        .read_message(q.get(0, 1).unwrap()[0].offset)
+        .unwrap();
+    assert!(
+        !m.properties_map().contains_key("DELAY"),
+        "{:?}",
+        m.properties
+    );
     h.stop().await;
 }

@@ -10,6 +10,7 @@
 //! slave has it from its master.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
@@ -18,12 +19,12 @@ use crate::remoting::header::{CheckTransactionStateRequestHeader, EndTransaction
 use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
 use crate::store::message::{
     format_properties, offset_msg_id, parse_properties, property, NewMessage, StoredMessage,
-    PROP_TAGS, PROP_TRANSACTION_PREPARED, PROP_UNIQ_KEY,
+    PROP_DELAY, PROP_TAGS, PROP_TRANSACTION_PREPARED, PROP_UNIQ_KEY,
 };
 use crate::store::topics::{now_ms, PERM_READ, PERM_WRITE};
-use crate::store::{PutResult, StoreError};
+use crate::store::StoreError;
 
-use super::schedule::{PROP_REAL_QID, PROP_REAL_TOPIC};
+use super::schedule::{take_route, PROP_REAL_QID, PROP_REAL_TOPIC};
 use super::Broker;
 
 /// Where half messages wait for their producer's decision.
@@ -48,7 +49,7 @@ const TX_ROLLBACK: i32 = 0xC;
 /// Tag of an op message that records a decision.
 const REMOVE_TAG: &str = "d";
 /// Half and op messages read per batch.
-const BATCH: u64 = 64;
+const BATCH: usize = 64;
 
 /// Whether a message's properties make it a transaction's half message.
 pub fn is_half(properties: &str) -> bool {
@@ -60,56 +61,32 @@ pub fn is_half(properties: &str) -> bool {
 
 /// The half message to store for a transactional message: in the half queue, its real topic
 /// and queue in its properties, its transaction type cleared (so it is indexed like any
-/// message).
+/// message). A delay it asks for is dropped (Java's producers clear it): its transaction is
+/// all it waits for.
 pub fn half(msg: NewMessage) -> NewMessage {
     let mut props = parse_properties(&msg.properties);
+    props.remove(PROP_DELAY);
     props.insert(PROP_REAL_TOPIC.into(), msg.topic.clone());
     props.insert(PROP_REAL_QID.into(), msg.queue_id.to_string());
+    let properties = format_properties(&props);
     NewMessage {
         topic: HALF_TOPIC.into(),
         queue_id: 0,
-        properties: format_properties(&props),
+        tags_code: NewMessage::tags_code_of(&properties),
+        properties,
         sys_flag: msg.sys_flag & !TX_MASK,
         ..msg
     }
 }
 
-/// The message a half message (or a copy of one) stands for, in its real topic and queue,
-/// with transaction type `tx_type`; `None` when its properties do not name them.
-/// `keep_route` leaves REAL_TOPIC/REAL_QID in its properties.
-fn real(half: NewMessage, tx_type: i32, keep_route: bool) -> Option<NewMessage> {
+/// The message a half message stands for, in its real topic and queue, with transaction
+/// type `tx_type`; `None` when its properties do not name them.
+fn real(half: &StoredMessage, tx_type: i32) -> Option<NewMessage> {
     let mut props = parse_properties(&half.properties);
-    let topic = props.get(PROP_REAL_TOPIC)?.clone();
-    let queue_id = props.get(PROP_REAL_QID)?.parse().ok()?;
-    if !keep_route {
-        props.remove(PROP_REAL_TOPIC);
-        props.remove(PROP_REAL_QID);
-    }
-    let properties = format_properties(&props);
-    Some(NewMessage {
-        topic,
-        queue_id,
-        tags_code: NewMessage::tags_code_of(&properties),
-        properties,
-        sys_flag: (half.sys_flag & !TX_MASK) | tx_type,
-        ..half
-    })
-}
-
-/// A copy of a stored message for another queue of the broker's own topics.
-fn copy(m: &StoredMessage, topic: &str, properties: String) -> NewMessage {
-    NewMessage {
-        topic: topic.into(),
-        queue_id: 0,
-        flag: m.flag,
-        body: m.body.clone(),
-        tags_code: NewMessage::tags_code_of(&properties),
-        properties,
-        sys_flag: m.sys_flag,
-        born_timestamp: m.born_timestamp,
-        born_host: m.born_host,
-        reconsume_times: m.reconsume_times,
-    }
+    let (topic, queue_id) = take_route(&mut props)?;
+    let mut msg = NewMessage::restored(half, topic, queue_id, format_properties(&props));
+    msg.sys_flag = (msg.sys_flag & !TX_MASK) | tx_type;
+    Some(msg)
 }
 
 /// The op message recording that the half message at `half_offset` was decided.
@@ -142,6 +119,41 @@ fn decided(op: &StoredMessage) -> impl Iterator<Item = u64> + '_ {
         .filter_map(|o| o.trim().parse().ok())
 }
 
+/// Why an END_TRANSACTION is refused; the texts are Java's broker's remarks.
+#[derive(Debug, thiserror::Error)]
+pub enum EndError {
+    /// No half message at the quoted offsets.
+    #[error("Find prepared transaction message failed")]
+    NotFound,
+    /// The half message is another producer group's.
+    #[error("The producer group wrong")]
+    Group,
+    /// The quoted queue offset is not the half message's.
+    #[error("The transaction state table offset wrong")]
+    QueueOffset,
+    /// The quoted commit-log offset is not the half message's.
+    #[error("The commit log offset wrong")]
+    LogOffset,
+    /// Neither commit (8), roll back (12) nor "not decided" (0).
+    #[error("commitOrRollback field wrong")]
+    Decision,
+    /// The half message names no real topic and queue.
+    #[error("the half message names no REAL_TOPIC/REAL_QID")]
+    NoRoute,
+    /// The store refused the write.
+    #[error("store failed: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Longest a producer's `CHECK_IMMUNITY_TIME_IN_SECONDS` holds its half message back: the
+/// checks go in queue order, so it holds back every later one too.
+const MAX_IMMUNITY_MS: i64 = 3_600_000;
+/// Longest one round of checks runs (Java's MAX_PROCESS_TIME_LIMIT).
+const ROUND_LIMIT: Duration = Duration::from_secs(60);
+/// Longest a round waits for room in a producer connection's queue before it stops (and the
+/// next round goes on from there).
+const PUSH_WAIT: Duration = Duration::from_secs(3);
+
 impl Broker {
     /// Handles END_TRANSACTION: commits or rolls back one half message. Producers send it
     /// oneway; what the broker answers matters only to a caller that waits.
@@ -157,68 +169,79 @@ impl Broker {
             Err(e) => return Some(req.error_to(ResponseCode::SystemError, e.to_string())),
         };
         let commit = match h.commit_or_rollback {
-            TX_COMMIT => true,
-            TX_ROLLBACK => false,
-            // Not decided yet (or not a value at all): the checks will ask again.
-            other => {
+            TX_COMMIT => Ok(true),
+            TX_ROLLBACK => Ok(false),
+            // Not decided yet: the checks will ask again.
+            0 => {
                 tracing::debug!(
                     group = %h.producer_group,
-                    value = other,
                     from_check = h.from_transaction_check.unwrap_or(false),
                     "transaction not decided by its producer"
                 );
                 return None;
             }
+            _ => Err(EndError::Decision),
         };
-        Some(match self.decide(&h, commit) {
+        Some(match commit.and_then(|commit| self.decide(&h, commit)) {
             Ok(()) => req.response_to(ResponseCode::Success),
-            Err(remark) => {
+            Err(e) => {
                 tracing::warn!(
                     group = %h.producer_group,
                     offset = h.commit_log_offset,
+                    queue_offset = h.tran_state_table_offset,
                     msg_id = h.msg_id.as_deref().unwrap_or(""),
-                    commit,
-                    error = %remark,
+                    decision = h.commit_or_rollback,
+                    error = %e,
                     "END_TRANSACTION refused"
                 );
-                req.error_to(ResponseCode::SystemError, remark)
+                req.error_to(ResponseCode::SystemError, e.to_string())
             }
         })
     }
 
     /// Stores a half message's real message (commit) and the op message that records the
     /// decision, in that order in one append: a crash never keeps the op without the message.
-    fn decide(&self, h: &EndTransactionRequestHeader, commit: bool) -> Result<(), String> {
-        let half = u64::try_from(h.commit_log_offset)
+    fn decide(&self, h: &EndTransactionRequestHeader, commit: bool) -> Result<(), EndError> {
+        let at = u64::try_from(h.commit_log_offset).map_err(|_| EndError::NotFound)?;
+        let half = self
+            .store
+            .commitlog()
+            .read_message(at)
             .ok()
-            .and_then(|o| self.store.commitlog().read_message(o).ok())
             .filter(|m| m.topic == HALF_TOPIC)
-            .ok_or("Find prepared transaction message failed")?;
+            .ok_or(EndError::NotFound)?;
         if property(&half.properties, PROP_PRODUCER_GROUP) != Some(h.producer_group.as_str()) {
-            return Err("The producer group wrong".into());
+            return Err(EndError::Group);
         }
         if half.queue_offset != h.tran_state_table_offset {
-            return Err("The transaction state table offset wrong".into());
+            return Err(EndError::QueueOffset);
         }
-        let host = self.store.config().store_host;
-        let done = op(half.queue_offset as u64, host);
-        let msgs = if commit {
+        // The half queue must say so too: an offset that merely decodes as a half message
+        // (one written inside another message's body) is not one.
+        let indexed = self
+            .store
+            .queue(HALF_TOPIC, 0)
+            .and_then(|q| q.get(half.queue_offset as u64, 1).ok())
+            .and_then(|e| e.first().map(|e| e.offset));
+        if indexed != Some(at) {
+            return Err(EndError::LogOffset);
+        }
+        let done = op(half.queue_offset as u64, self.store.config().store_host);
+        let mut msgs = Vec::with_capacity(2);
+        if commit {
             // TRAN_MSG stays, as Java's broker leaves it: Java consumers read it to fill in a
             // delivered message's transaction id.
-            let msg = real(
-                copy(&half, HALF_TOPIC, half.properties.clone()),
-                TX_COMMIT,
-                false,
-            )
-            .ok_or("the half message names no REAL_TOPIC/REAL_QID")?;
-            vec![msg, done]
-        } else {
-            vec![done]
-        };
-        self.store
-            .append(&msgs)
-            .map(drop)
-            .map_err(|e| format!("store failed: {e}"))
+            let msg = real(&half, TX_COMMIT).ok_or(EndError::NoRoute)?;
+            if self.store.topics.get(&msg.topic).is_some() {
+                msgs.push(msg);
+            } else {
+                // Deleted since: storing it would bring back queues no topic owns.
+                tracing::warn!(topic = %msg.topic, "a committed transaction's topic is gone: message dropped");
+            }
+        }
+        msgs.push(done);
+        self.store.append(&msgs)?;
+        Ok(())
     }
 
     /// One round of checks: asks the producers of half messages older than
@@ -227,49 +250,47 @@ impl Broker {
     ///
     /// Each one asked about is first copied to the end of the half queue, with its count of
     /// questions, and the question names the copy: an answer that never comes leaves the
-    /// copy to be asked about again. The progress is saved only once the copies are durable.
+    /// copy to be asked about again. The progress is saved only once what it passes over
+    /// (copies, decisions) is durable.
     pub(super) async fn check_transactions(&self) -> Result<usize, StoreError> {
         let Some(halves) = self.store.queue(HALF_TOPIC, 0) else {
             return Ok(0);
         };
         let started = now_ms();
+        let deadline = Instant::now() + ROUND_LIMIT;
+        // Copies made in this round lie past it: they wait for the next.
+        let end = halves.max_offset();
         let offsets = &self.store.offsets;
         let progress = |topic: &str, min: u64, max: u64| {
             let saved = offsets.get(CHECK_GROUP, topic, 0).unwrap_or(0).max(0) as u64;
-            saved.clamp(min, max)
+            saved.max(min).min(max)
         };
-        let first = progress(HALF_TOPIC, halves.min_offset(), halves.max_offset());
-        // Decisions not yet passed by the checks: half offset to op offset.
-        let mut done: BTreeMap<u64, u64> = BTreeMap::new();
+        let first = progress(HALF_TOPIC, halves.min_offset(), end);
+        // Decisions on half messages not yet passed: half offset to op offset.
         let ops = self.store.queue(OP_TOPIC, 0);
-        let mut op_end = 0;
-        if let Some(ops) = &ops {
-            let mut at = progress(OP_TOPIC, ops.min_offset(), ops.max_offset());
-            loop {
-                let entries = ops.get(at, BATCH as usize)?;
-                if entries.is_empty() {
-                    break;
-                }
-                for e in entries {
-                    if let Ok(m) = self.store.commitlog().read_message(e.offset) {
-                        done.extend(decided(&m).filter(|&h| h >= first).map(|h| (h, at)));
-                    }
-                    at += 1;
-                }
+        let (mut done, op_end) = match &ops {
+            Some(ops) => {
+                let from = progress(OP_TOPIC, ops.min_offset(), ops.max_offset());
+                self.decisions(ops, from, first)?
             }
-            op_end = at;
-        }
-        let cfg = &self.cfg;
+            None => (BTreeMap::new(), 0),
+        };
         let mut next = first;
         let mut asked = 0;
-        let mut appended = false;
+        let mut unasked: BTreeMap<String, usize> = BTreeMap::new();
         let result = 'scan: loop {
-            let entries = match halves.get(next, BATCH as usize) {
+            if next >= end || Instant::now() >= deadline {
+                break Ok(());
+            }
+            let entries = match halves.get(next, BATCH) {
                 Ok(e) if e.is_empty() => break Ok(()),
                 Ok(e) => e,
                 Err(e) => break Err(e),
             };
             for e in entries {
+                if next >= end {
+                    break 'scan Ok(());
+                }
                 if done.remove(&next).is_some() {
                     next += 1;
                     continue;
@@ -284,123 +305,161 @@ impl Broker {
                     }
                     Err(err) => break 'scan Err(err),
                 };
-                // A copy made in this round (or a half message newer than the round).
-                if m.store_timestamp >= started {
-                    break 'scan Ok(());
-                }
                 let times: u32 = property(&m.properties, PROP_CHECK_TIMES)
                     .and_then(|t| t.parse().ok())
                     .unwrap_or(0);
-                if times >= cfg.transaction_check_max {
+                if times >= self.cfg.transaction_check_max {
                     if let Err(err) = self.set_aside(&m) {
                         break 'scan Err(err);
                     }
-                    appended = true;
                     next += 1;
                     continue;
                 }
-                // A producer's immunity only lengthens the wait (as Java 5 floors it).
-                let wait = property(&m.properties, PROP_CHECK_IMMUNITY_SECS)
-                    .and_then(|s| s.parse::<i64>().ok())
-                    .map_or(0, |s| s.saturating_mul(1000))
-                    .max(cfg.transaction_timeout_ms as i64);
-                let age = started - m.born_timestamp;
-                if (0..wait).contains(&age) {
-                    // Later half messages are younger still (copies keep their birth time,
-                    // but are asked about at most once per round).
-                    break 'scan Ok(());
+                // A copy was asked about in an earlier round: it is due in any later one. A
+                // half message is due by its store time (the producer's clock may be off), at
+                // the latest after the longest immunity allowed.
+                if times == 0 {
+                    let wait = property(&m.properties, PROP_CHECK_IMMUNITY_SECS)
+                        .and_then(|s| s.parse::<i64>().ok())
+                        .map_or(0, |s| s.saturating_mul(1000).min(MAX_IMMUNITY_MS))
+                        .max(self.cfg.transaction_timeout_ms as i64);
+                    if (0..wait).contains(&(started - m.store_timestamp)) {
+                        // Later half messages were stored later still.
+                        break 'scan Ok(());
+                    }
                 }
+                let group = property(&m.properties, PROP_PRODUCER_GROUP).unwrap_or("");
+                // Room in the producer's queue first: a question that cannot be sent must not
+                // be counted as asked.
+                let permit = match self.producers.channel(group) {
+                    Some(p) => {
+                        match tokio::time::timeout(PUSH_WAIT, p.push.reserve_owned()).await {
+                            Ok(Ok(permit)) => Some(permit),
+                            // Gone meanwhile: asked in a later round, like any producer offline.
+                            Ok(Err(_)) => None,
+                            // Too busy to take questions now: the next round goes on from here.
+                            Err(_) => break 'scan Ok(()),
+                        }
+                    }
+                    None => None,
+                };
                 let mut props = parse_properties(&m.properties);
                 props.insert(PROP_CHECK_TIMES.into(), (times + 1).to_string());
-                let again = copy(&m, HALF_TOPIC, format_properties(&props));
+                let again =
+                    NewMessage::restored(&m, HALF_TOPIC.into(), 0, format_properties(&props));
                 let placed = match self.store.append(std::slice::from_ref(&again)) {
                     Ok(r) => r,
                     Err(err) => break 'scan Err(err),
                 };
-                appended = true;
-                if let Some(r) = placed.first() {
-                    self.ask_producer(&again, r);
-                    asked += 1;
-                }
                 next += 1;
+                match (permit, placed.first()) {
+                    (Some(permit), Some(r)) => {
+                        permit.send(self.check_request(&again, r.queue_offset, r.physical_offset));
+                        asked += 1;
+                    }
+                    _ => *unasked.entry(group.to_string()).or_default() += 1,
+                }
             }
+            // Other tasks of the runtime run between batches.
+            tokio::task::yield_now().await;
         };
-        if appended {
+        for (group, n) in unasked {
+            tracing::info!(
+                group,
+                half_messages = n,
+                "no producer of the group online to ask about its transactions"
+            );
+        }
+        if next != first {
+            // Whatever this round passed over (copies, decisions, set-aside messages) must
+            // outlive a crash before the progress that passes it is saved.
             self.store
                 .wait_durable(self.store.commitlog().max_offset())
                 .await?;
-        }
-        offsets.commit(CHECK_GROUP, HALF_TOPIC, 0, next as i64);
-        if ops.is_some() {
-            // Op messages of halves not yet passed stay ahead of the progress.
-            let op_next = done.values().min().copied().unwrap_or(op_end);
-            offsets.commit(CHECK_GROUP, OP_TOPIC, 0, op_next as i64);
+            offsets.commit(CHECK_GROUP, HALF_TOPIC, 0, next as i64);
+            if ops.is_some() {
+                // Op messages of halves not yet passed stay ahead of the progress.
+                let op_next = done.values().min().copied().unwrap_or(op_end);
+                offsets.commit(CHECK_GROUP, OP_TOPIC, 0, op_next as i64);
+            }
         }
         result.map(|()| asked)
     }
 
-    /// Sends CHECK_TRANSACTION_STATE about a half message's copy `again`, stored as `placed`,
-    /// to one producer of its group (oneway, as Java's broker). No producer online: the copy
-    /// is asked about in a later round.
-    fn ask_producer(&self, again: &NewMessage, placed: &PutResult) {
-        let Some(group) = property(&again.properties, PROP_PRODUCER_GROUP) else {
-            tracing::warn!(
-                offset = placed.physical_offset,
-                "a half message names no producer group (PGROUP)"
-            );
-            return;
-        };
-        let Some(producer) = self.producers.channel(group) else {
-            tracing::info!(
-                group,
-                "no producer of the group online to ask about its transaction"
-            );
-            return;
-        };
+    /// The decisions recorded in the op queue from `from` on for half messages at or past
+    /// `first` (half offset to op offset), and where the op queue ends. An op message that
+    /// cannot be read for any other reason than damage stops the reading there.
+    fn decisions(
+        &self,
+        ops: &crate::store::consume_queue::ConsumeQueue,
+        from: u64,
+        first: u64,
+    ) -> Result<(BTreeMap<u64, u64>, u64), StoreError> {
+        let mut done = BTreeMap::new();
+        let mut at = from;
+        loop {
+            let entries = ops.get(at, BATCH)?;
+            if entries.is_empty() {
+                return Ok((done, at));
+            }
+            for e in entries {
+                match self.store.commitlog().read_message(e.offset) {
+                    Ok(m) => done.extend(decided(&m).filter(|&h| h >= first).map(|h| (h, at))),
+                    Err(err @ (StoreError::Corrupt(_) | StoreError::OutOfRange { .. })) => {
+                        tracing::error!(op_offset = at, error = %err, "an op message cannot be read and is passed over");
+                    }
+                    Err(err) => return Err(err),
+                }
+                at += 1;
+            }
+        }
+    }
+
+    /// CHECK_TRANSACTION_STATE about a half message's copy `again`, stored at `queue_offset`
+    /// and `offset` (oneway, as Java's broker sends it); the body is the message as the
+    /// producer sent it, in its real topic and queue.
+    fn check_request(&self, again: &NewMessage, queue_offset: u64, offset: u64) -> RemotingCommand {
         let host = self.store.config().store_host;
-        // The body is the message as the producer sent it: its real topic and queue.
-        let Some(msg) = real(again.clone(), again.sys_flag & TX_MASK, true) else {
-            tracing::warn!(group, "a half message names no REAL_TOPIC/REAL_QID");
-            return;
-        };
         let mut body = BytesMut::new();
+        let mut msg = again.clone();
+        if let Some((topic, queue_id)) = take_route(&mut parse_properties(&again.properties)) {
+            (msg.topic, msg.queue_id) = (topic, queue_id);
+        }
         msg.encode(
             &mut body,
-            placed.queue_offset as i64,
-            placed.physical_offset as i64,
+            queue_offset as i64,
+            offset as i64,
             now_ms(),
             &host,
         );
         let uniq = property(&again.properties, PROP_UNIQ_KEY).map(str::to_string);
         let header = CheckTransactionStateRequestHeader {
-            tran_state_table_offset: placed.queue_offset as i64,
-            commit_log_offset: placed.physical_offset as i64,
+            tran_state_table_offset: queue_offset as i64,
+            commit_log_offset: offset as i64,
             msg_id: uniq.clone(),
             transaction_id: uniq,
-            offset_msg_id: Some(offset_msg_id(&host, placed.physical_offset as i64)),
+            offset_msg_id: Some(offset_msg_id(&host, offset as i64)),
         };
         let mut cmd =
             RemotingCommand::request(RequestCode::CheckTransactionState.code(), header.to_ext())
                 .with_body(body.freeze());
         cmd.flag |= FLAG_ONEWAY;
-        if producer.push.try_send(cmd).is_err() {
-            tracing::info!(group, producer = %producer.addr, "producer busy or gone: asked again later");
-        }
+        cmd
     }
 
     /// Stores a half message asked about too often in `TRANS_CHECK_MAX_TIME_TOPIC`, where it
     /// is never delivered or asked about again (an operator can read it there).
     fn set_aside(&self, m: &StoredMessage) -> Result<(), StoreError> {
         if let Err(e) = self.ensure_topic(CHECK_MAX_TOPIC, 1, PERM_READ | PERM_WRITE) {
-            tracing::warn!(error = %e, "cannot create {CHECK_MAX_TOPIC}");
+            tracing::warn!(topic = CHECK_MAX_TOPIC, error = %e, "cannot create the topic");
         }
         tracing::warn!(
             group = property(&m.properties, PROP_PRODUCER_GROUP).unwrap_or(""),
             msg_id = property(&m.properties, PROP_UNIQ_KEY).unwrap_or(""),
-            "transaction never decided by its producer: half message set aside in {CHECK_MAX_TOPIC}"
+            topic = CHECK_MAX_TOPIC,
+            "transaction never decided by its producer: half message set aside"
         );
-        self.store
-            .append(&[copy(m, CHECK_MAX_TOPIC, m.properties.clone())])
-            .map(drop)
+        let aside = NewMessage::restored(m, CHECK_MAX_TOPIC.into(), 0, m.properties.clone());
+        self.store.append(&[aside]).map(drop)
     }
 }

@@ -150,6 +150,28 @@ pub struct NewMessage {
 }
 
 impl NewMessage {
+    /// A stored message stored again by the broker itself (moved when due, retried, copied),
+    /// in `topic`/`queue_id` with `properties`; its host-address flags are the encoder's to set.
+    pub fn restored(
+        m: &StoredMessage,
+        topic: String,
+        queue_id: i32,
+        properties: String,
+    ) -> NewMessage {
+        NewMessage {
+            topic,
+            queue_id,
+            flag: m.flag,
+            body: m.body.clone(),
+            tags_code: NewMessage::tags_code_of(&properties),
+            properties,
+            sys_flag: m.sys_flag & !(FLAG_BORN_V6 | FLAG_STORE_V6),
+            born_timestamp: m.born_timestamp,
+            born_host: m.born_host,
+            reconsume_times: m.reconsume_times,
+        }
+    }
+
     /// Tag code of an encoded properties string (0 when untagged).
     pub fn tags_code_of(properties: &str) -> i64 {
         property(properties, PROP_TAGS).map_or(0, tag_hash)
