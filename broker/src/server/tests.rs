@@ -2093,3 +2093,29 @@ async fn end_transaction_takes_only_a_half_message_at_the_quoted_offsets() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_decision_on_a_passed_half_message_does_not_hold_the_op_progress() {
+    use super::transaction::{CHECK_GROUP, CHECK_MAX_TOPIC, HALF_TOPIC, OP_TOPIC};
+    let dir = tempfile::tempdir().unwrap();
+    let h = tx_broker(dir.path(), 0, 1).await;
+    let b = &h.broker;
+    let sent = send_v2_to(b, "T", 0, half_properties("A"), None).await;
+    // Copied once with no one to ask, then set aside.
+    b.check_transactions().await.unwrap();
+    b.check_transactions().await.unwrap();
+    assert_eq!(stored_in(b, CHECK_MAX_TOPIC, 0), 1);
+    assert_eq!(b.store.offsets.get(CHECK_GROUP, HALF_TOPIC, 0), Some(2));
+    // The producer's own commit arrives at last: delivered (Java's rule), and its op passed
+    // over although no half message is left to pass (a drain waits for this offset).
+    let resp = b
+        .process(answered(end_transaction("P", &sent, 8)), &test_peer())
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(stored_in(b, "T", 0), 1);
+    b.check_transactions().await.unwrap();
+    assert_eq!(b.store.offsets.get(CHECK_GROUP, OP_TOPIC, 0), Some(1));
+    assert_eq!(stored_in(b, OP_TOPIC, 0), 1);
+    h.stop().await;
+}

@@ -268,11 +268,11 @@ impl Broker {
         let first = progress(HALF_TOPIC, halves.min_offset(), end);
         // Decisions on half messages not yet passed: half offset to op offset.
         let ops = self.store.queue(OP_TOPIC, 0);
+        let op_from = ops
+            .as_ref()
+            .map_or(0, |q| progress(OP_TOPIC, q.min_offset(), q.max_offset()));
         let (mut done, op_end) = match &ops {
-            Some(ops) => {
-                let from = progress(OP_TOPIC, ops.min_offset(), ops.max_offset());
-                self.decisions(ops, from, first)?
-            }
+            Some(ops) => self.decisions(ops, op_from, first)?,
             None => (BTreeMap::new(), 0),
         };
         let mut next = first;
@@ -370,7 +370,9 @@ impl Broker {
                 "no producer of the group online to ask about its transactions"
             );
         }
-        if next != first {
+        // Op messages of halves not yet passed stay ahead of the progress.
+        let op_next = done.values().min().copied().unwrap_or(op_end);
+        if next != first || (ops.is_some() && op_next != op_from) {
             // Whatever this round passed over (copies, decisions, set-aside messages) must
             // outlive a crash before the progress that passes it is saved.
             self.store
@@ -378,8 +380,6 @@ impl Broker {
                 .await?;
             offsets.commit(CHECK_GROUP, HALF_TOPIC, 0, next as i64);
             if ops.is_some() {
-                // Op messages of halves not yet passed stay ahead of the progress.
-                let op_next = done.values().min().copied().unwrap_or(op_end);
                 offsets.commit(CHECK_GROUP, OP_TOPIC, 0, op_next as i64);
             }
         }
