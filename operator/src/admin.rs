@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use broker::client::Client;
 use broker::remoting::body::ClusterInfo;
+use broker::server::transaction::{CHECK_GROUP, HALF_TOPIC};
 use broker::server::SCHEDULE_OFFSET_PREFIX;
 use broker::store::message::{DELAY_LEVELS_MS, SCHEDULE_TOPIC};
 use broker::store::topics::{is_system_topic, TopicConfig};
@@ -52,6 +53,21 @@ impl GroupAdmin for BrokerAdmin {
                 .consumer_offsets(&master)
                 .await
                 .map_err(|e| e.to_string())?;
+            // Transactions not yet decided wait in the half queue, whose checks' progress is
+            // group CID_RMQ_SYS_TRANS's offset; before the first round there is none (0).
+            let checked = offsets
+                .get(&(HALF_TOPIC.to_string(), CHECK_GROUP.to_string()))
+                .and_then(|q| q.get(&0))
+                .copied()
+                .unwrap_or(0);
+            let halves = client
+                .max_offset(&master, HALF_TOPIC, 0)
+                .await
+                .map_err(|e| e.to_string())?;
+            if checked < halves {
+                tracing::info!(broker_group = %g.group, waiting = halves - checked, "transactions still undecided");
+                return Ok(false);
+            }
             for ((topic, group), queues) in offsets {
                 for (queue, committed) in queues {
                     let max = client

@@ -1,5 +1,7 @@
 //! The operator's group actions against a real broker and name server, in-process.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -10,9 +12,17 @@ use broker::store::topics::TopicConfig;
 use operator::admin::BrokerAdmin;
 use operator::controller::{GroupAdmin, GroupRef};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_group_with_delayed_messages_waiting_is_not_drained() {
-    let dir = tempfile::tempdir().unwrap();
+/// A name server and one broker (`cfg` adjusted by `tune`) in this process, the broker's
+/// group registered with the name server, and its topic `T`.
+async fn one_group(
+    dir: &std::path::Path,
+    tune: impl FnOnce(&mut BrokerConfig),
+) -> (
+    broker::nameserver::NameServerHandle,
+    broker::server::BrokerHandle,
+    GroupRef,
+    std::sync::Arc<Client>,
+) {
     let ns = broker::nameserver::start(NameServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         http: "127.0.0.1:0".parse().unwrap(),
@@ -20,20 +30,20 @@ async fn a_group_with_delayed_messages_waiting_is_not_drained() {
     })
     .await
     .unwrap();
-    let cfg = BrokerConfig {
-        store_root: dir.path().to_path_buf(),
+    let mut cfg = BrokerConfig {
+        store_root: dir.to_path_buf(),
         listen_port: 0,
         http_port: 0,
         ha_listen_port: 0,
         namesrv_addrs: vec![ns.addr.to_string()],
         ..BrokerConfig::default()
     };
+    tune(&mut cfg);
     let group = cfg.broker_name.clone();
     let b = broker::server::start(cfg).await.unwrap();
     let client = Client::new(vec![ns.addr.to_string()]);
-    let broker_addr = b.addr.to_string();
     client
-        .create_topic(&broker_addr, &TopicConfig::new("T", 1, 6))
+        .create_topic(&b.addr.to_string(), &TopicConfig::new("T", 1, 6))
         .await
         .unwrap();
     let g = GroupRef {
@@ -42,17 +52,32 @@ async fn a_group_with_delayed_messages_waiting_is_not_drained() {
         group,
         namesrv_addr: ns.addr.to_string(),
     };
-    let admin = BrokerAdmin;
-    // Registered with the name server (the admin finds the master there).
+    (ns, b, g, client)
+}
+
+/// Asks whether `g` is drained until it answers as `want` (up to 5 s); the last answer.
+async fn drained_within(g: &GroupRef, want: bool) -> Result<bool, String> {
     let mut drained = Err(String::new());
     for _ in 0..200 {
-        drained = admin.drained(&g).await;
-        if drained.is_ok() {
+        drained = BrokerAdmin.drained(g).await;
+        if drained == Ok(want) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert_eq!(drained, Ok(true), "an empty group is drained");
+    drained
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_with_delayed_messages_waiting_is_not_drained() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ns, b, g, client) = one_group(dir.path(), |_| {}).await;
+    // Registered with the name server (the admin finds the master there).
+    assert_eq!(
+        drained_within(&g, true).await,
+        Ok(true),
+        "an empty group is drained"
+    );
 
     // A message delayed by two hours waits in the schedule topic, consumed by nobody yet.
     let producer = Producer::new(client.clone(), "P");
@@ -64,7 +89,41 @@ async fn a_group_with_delayed_messages_waiting_is_not_drained() {
         body: "later".into(),
     };
     producer.send(&msg).await.unwrap();
-    assert_eq!(admin.drained(&g).await, Ok(false));
+    assert_eq!(BrokerAdmin.drained(&g).await, Ok(false));
+    b.stop().await;
+    ns.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_with_undecided_transactions_is_not_drained() {
+    let dir = tempfile::tempdir().unwrap();
+    // Checks every 100 ms, of half messages an hour old: this one stays undecided.
+    let (ns, b, g, client) = one_group(dir.path(), |c| {
+        c.transaction_timeout_ms = 3_600_000;
+        c.transaction_check_interval_ms = 100;
+    })
+    .await;
+    assert_eq!(
+        drained_within(&g, true).await,
+        Ok(true),
+        "an empty group is drained"
+    );
+    let producer = Producer::new(client.clone(), "P");
+    let half = Message {
+        topic: "T".into(),
+        tags: None,
+        keys: Vec::new(),
+        properties: BTreeMap::from([
+            ("TRAN_MSG".to_string(), "true".to_string()),
+            ("PGROUP".to_string(), "P".to_string()),
+        ]),
+        body: "maybe".into(),
+    };
+    producer.send(&half).await.unwrap();
+    // Before any round of checks has saved a progress, and after rounds have.
+    assert_eq!(BrokerAdmin.drained(&g).await, Ok(false));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(BrokerAdmin.drained(&g).await, Ok(false));
     b.stop().await;
     ns.stop().await;
 }

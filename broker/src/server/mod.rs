@@ -10,7 +10,7 @@ mod send;
 mod stats;
 #[cfg(test)]
 mod tests;
-mod transaction;
+pub mod transaction;
 
 pub use send::validate_topic;
 
@@ -94,6 +94,9 @@ pub struct Broker {
     topics_changed: Notify,
     pool: ConnectionPool,
     scheduler: schedule::Scheduler,
+    /// How far the transaction checks have come (half queue, op queue) in this process,
+    /// ahead of the saved offsets until what it passed is durable.
+    tx_progress: std::sync::Mutex<Option<(u64, u64)>>,
     /// Masters: the slaves following this broker.
     replication: Option<Arc<ReplicationMaster>>,
     /// Slaves: the master's HA address, from config or the name servers.
@@ -1158,6 +1161,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         topics_changed: Notify::new(),
         pool: ConnectionPool::default(),
         scheduler,
+        tx_progress: std::sync::Mutex::default(),
         replication: (cfg.role != BrokerRole::Slave).then(|| {
             ReplicationMaster::new(&cfg.broker_name, cfg.ha_auth_token.clone(), cfg.ha_max_gap)
         }),

@@ -1936,9 +1936,11 @@ async fn half_messages_wait_their_timeout_or_immunity_and_checks_survive_a_resta
     assert_eq!(b.store.offsets.get(CHECK_GROUP, HALF_TOPIC, 0), Some(1));
     h.stop().await;
 
-    // After a restart with a short timeout: the decided one is not asked about, the other is.
+    // After a restart with a short timeout: the decided one is not asked about (the progress
+    // past it was kept), the other is.
     let h = tx_broker(dir.path(), 0, 15).await;
     let b = &h.broker;
+    assert_eq!(b.store.offsets.get(CHECK_GROUP, HALF_TOPIC, 0), Some(1));
     let mut pushed_again = producer_of_p(b, "10.0.0.9:5001").await;
     // A producer's immunity holds its message back (and, the checks going in order, those
     // behind it).
@@ -2063,6 +2065,23 @@ async fn end_transaction_takes_only_a_half_message_at_the_quoted_offsets() {
     }
     assert_eq!(stored_in(b, "T", 0), 0);
 
+    // A commit after its topic was deleted records the decision only.
+    b.store
+        .topics
+        .put(TopicConfig::new("Gone", 1, PERM_READ | PERM_WRITE))
+        .unwrap();
+    let gone = send_v2_to(b, "Gone", 0, half_properties("G"), None).await;
+    assert_eq!(gone.code, ResponseCode::Success.code(), "{gone:?}");
+    b.store.topics.remove("Gone").unwrap();
+    let ops = stored_in(b, super::transaction::OP_TOPIC, 0);
+    let resp = b
+        .process(answered(end_transaction("P", &gone, 8)), &peer)
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(stored_in(b, "Gone", 0), 0);
+    assert_eq!(stored_in(b, super::transaction::OP_TOPIC, 0), ops + 1);
+
     // A delay asked of a transactional message is dropped: committed, it is delivered at
     // once, not scheduled.
     let delayed = send_v2_to(
@@ -2117,5 +2136,43 @@ async fn a_late_decision_on_a_passed_half_message_does_not_hold_the_op_progress(
     b.check_transactions().await.unwrap();
     assert_eq!(b.store.offsets.get(CHECK_GROUP, OP_TOPIC, 0), Some(1));
     assert_eq!(stored_in(b, OP_TOPIC, 0), 1);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_message_too_large_to_count_another_question_is_set_aside() {
+    use super::transaction::{CHECK_MAX_TOPIC, HALF_TOPIC};
+    let dir = tempfile::tempdir().unwrap();
+    let h = tx_broker(dir.path(), 0, 15).await;
+    let b = &h.broker;
+    // A count of questions sent by the producer is not the broker's: dropped.
+    let counted = format!(
+        "{}TRANSACTION_CHECK_TIMES\u{1}99\u{2}",
+        half_properties("C")
+    );
+    send_v2_to(b, "T", 0, counted, None).await;
+    let q = b.store.queue(HALF_TOPIC, 0).unwrap();
+    let m = b
+        .store
+        .commitlog()
+        .read_message(q.get(0, 1).unwrap()[0].offset)
+        .unwrap();
+    assert!(!m.properties_map().contains_key("TRANSACTION_CHECK_TIMES"));
+    // Properties a few bytes short of the limit once REAL_TOPIC/REAL_QID are added: stored,
+    // but a copy with its count of questions would not fit.
+    let base = half_properties("Big");
+    let room = 32_767 - base.len() - "REAL_TOPIC\u{1}T\u{2}REAL_QID\u{1}0\u{2}".len();
+    let big = format!("{base}K\u{1}{}\u{2}", "v".repeat(room - 8));
+    let resp = send_v2_to(b, "T", 0, big, None).await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    send_v2_to(b, "T", 0, half_properties("After"), None).await;
+    let mut pushed = producer_of_p(b, "10.0.0.9:5000").await;
+    // C is asked about; the large one is set aside; the one behind it is asked about.
+    assert_eq!(b.check_transactions().await.unwrap(), 2);
+    assert_eq!(stored_in(b, CHECK_MAX_TOPIC, 0), 1);
+    let asked: Vec<_> = std::iter::from_fn(|| pushed.try_recv().ok())
+        .map(|c| check_header(&c).msg_id.unwrap())
+        .collect();
+    assert_eq!(asked, ["C", "After"]);
     h.stop().await;
 }

@@ -66,6 +66,8 @@ pub fn is_half(properties: &str) -> bool {
 pub fn half(msg: NewMessage) -> NewMessage {
     let mut props = parse_properties(&msg.properties);
     props.remove(PROP_DELAY);
+    // The count of questions is the broker's to keep.
+    props.remove(PROP_CHECK_TIMES);
     props.insert(PROP_REAL_TOPIC.into(), msg.topic.clone());
     props.insert(PROP_REAL_QID.into(), msg.queue_id.to_string());
     let properties = format_properties(&props);
@@ -213,20 +215,21 @@ impl Broker {
         if property(&half.properties, PROP_PRODUCER_GROUP) != Some(h.producer_group.as_str()) {
             return Err(EndError::Group);
         }
-        if half.queue_offset != h.tran_state_table_offset {
-            return Err(EndError::QueueOffset);
-        }
+        let queue_offset = u64::try_from(half.queue_offset)
+            .ok()
+            .filter(|_| half.queue_offset == h.tran_state_table_offset)
+            .ok_or(EndError::QueueOffset)?;
         // The half queue must say so too: an offset that merely decodes as a half message
         // (one written inside another message's body) is not one.
         let indexed = self
             .store
             .queue(HALF_TOPIC, 0)
-            .and_then(|q| q.get(half.queue_offset as u64, 1).ok())
+            .and_then(|q| q.get(queue_offset, 1).ok())
             .and_then(|e| e.first().map(|e| e.offset));
         if indexed != Some(at) {
             return Err(EndError::LogOffset);
         }
-        let done = op(half.queue_offset as u64, self.store.config().store_host);
+        let done = op(queue_offset, self.store.config().store_host);
         let mut msgs = Vec::with_capacity(2);
         if commit {
             // TRAN_MSG stays, as Java's broker leaves it: Java consumers read it to fill in a
@@ -261,20 +264,25 @@ impl Broker {
         // Copies made in this round lie past it: they wait for the next.
         let end = halves.max_offset();
         let offsets = &self.store.offsets;
-        let progress = |topic: &str, min: u64, max: u64| {
-            let saved = offsets.get(CHECK_GROUP, topic, 0).unwrap_or(0).max(0) as u64;
+        // This process's own progress first: saved offsets lag it when a round could not make
+        // what it passed durable, and starting from them would ask the same questions again.
+        let held = *self.tx_progress.lock().unwrap_or_else(|p| p.into_inner());
+        let progress = |topic: &str, mine: Option<u64>, min: u64, max: u64| {
+            let saved = mine
+                .unwrap_or_else(|| offsets.get(CHECK_GROUP, topic, 0).unwrap_or(0).max(0) as u64);
             saved.max(min).min(max)
         };
-        let first = progress(HALF_TOPIC, halves.min_offset(), end);
+        let first = progress(HALF_TOPIC, held.map(|p| p.0), halves.min_offset(), end);
         // Decisions on half messages not yet passed: half offset to op offset.
         let ops = self.store.queue(OP_TOPIC, 0);
-        let op_from = ops
-            .as_ref()
-            .map_or(0, |q| progress(OP_TOPIC, q.min_offset(), q.max_offset()));
-        let (mut done, op_end) = match &ops {
-            Some(ops) => self.decisions(ops, op_from, first)?,
-            None => (BTreeMap::new(), 0),
-        };
+        let op_from = ops.as_ref().map_or(0, |q| {
+            progress(OP_TOPIC, held.map(|p| p.1), q.min_offset(), q.max_offset())
+        });
+        let mut done = BTreeMap::new();
+        let mut op_end = op_from;
+        if let Some(ops) = &ops {
+            op_end = self.decisions(ops, op_from, first, &mut done)?;
+        }
         let mut next = first;
         let mut asked = 0;
         let mut unasked: BTreeMap<String, usize> = BTreeMap::new();
@@ -328,6 +336,18 @@ impl Broker {
                         break 'scan Ok(());
                     }
                 }
+                // A decision may have come in since the round began (a slow local
+                // transaction): asking now would get the message committed twice.
+                if let Some(ops) = ops.as_ref().filter(|q| q.max_offset() > op_end) {
+                    match self.decisions(ops, op_end, first, &mut done) {
+                        Ok(at) => op_end = at,
+                        Err(err) => break 'scan Err(err),
+                    }
+                    if done.remove(&next).is_some() {
+                        next += 1;
+                        continue;
+                    }
+                }
                 let group = property(&m.properties, PROP_PRODUCER_GROUP).unwrap_or("");
                 // Room in the producer's queue first: a question that cannot be sent must not
                 // be counted as asked.
@@ -349,6 +369,17 @@ impl Broker {
                     NewMessage::restored(&m, HALF_TOPIC.into(), 0, format_properties(&props));
                 let placed = match self.store.append(std::slice::from_ref(&again)) {
                     Ok(r) => r,
+                    // One more question's count does not fit (a message at the properties'
+                    // limit): it could never be asked about, and would stop every round here.
+                    Err(
+                        StoreError::PropertiesTooLong { .. } | StoreError::MessageTooLarge { .. },
+                    ) => {
+                        if let Err(err) = self.set_aside(&m) {
+                            break 'scan Err(err);
+                        }
+                        next += 1;
+                        continue;
+                    }
                     Err(err) => break 'scan Err(err),
                 };
                 next += 1;
@@ -372,7 +403,11 @@ impl Broker {
         }
         // Op messages of halves not yet passed stay ahead of the progress.
         let op_next = done.values().min().copied().unwrap_or(op_end);
-        if next != first || (ops.is_some() && op_next != op_from) {
+        *self.tx_progress.lock().unwrap_or_else(|p| p.into_inner()) = Some((next, op_next));
+        let saved = |topic| offsets.get(CHECK_GROUP, topic, 0);
+        if saved(HALF_TOPIC) != Some(next as i64)
+            || (ops.is_some() && saved(OP_TOPIC) != Some(op_next as i64))
+        {
             // Whatever this round passed over (copies, decisions, set-aside messages) must
             // outlive a crash before the progress that passes it is saved.
             self.store
@@ -386,21 +421,21 @@ impl Broker {
         result.map(|()| asked)
     }
 
-    /// The decisions recorded in the op queue from `from` on for half messages at or past
-    /// `first` (half offset to op offset), and where the op queue ends. An op message that
-    /// cannot be read for any other reason than damage stops the reading there.
+    /// Adds to `done` the decisions recorded in the op queue from `from` on for half messages
+    /// at or past `first` (half offset to op offset); returns where the op queue ends. An op
+    /// message that cannot be read for any other reason than damage stops the reading there.
     fn decisions(
         &self,
         ops: &crate::store::consume_queue::ConsumeQueue,
         from: u64,
         first: u64,
-    ) -> Result<(BTreeMap<u64, u64>, u64), StoreError> {
-        let mut done = BTreeMap::new();
+        done: &mut BTreeMap<u64, u64>,
+    ) -> Result<u64, StoreError> {
         let mut at = from;
         loop {
             let entries = ops.get(at, BATCH)?;
             if entries.is_empty() {
-                return Ok((done, at));
+                return Ok(at);
             }
             for e in entries {
                 match self.store.commitlog().read_message(e.offset) {

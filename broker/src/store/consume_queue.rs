@@ -290,7 +290,7 @@ impl ConsumeQueue {
 
     /// Reads up to `max` entries starting at queue offset `from`.
     pub fn get(&self, from: u64, max: usize) -> Result<Vec<CqEntry>, StoreError> {
-        let end = self.max_offset().min(from + max as u64);
+        let end = self.max_offset().min(from.saturating_add(max as u64));
         if from >= end {
             return Ok(Vec::new());
         }
