@@ -766,6 +766,13 @@ async fn send_v2_to(
     b.process(req, &peer).await.unwrap()
 }
 
+/// The first message stored in `topic`/`queue_id`.
+fn first_in(b: &Broker, topic: &str, queue_id: i32) -> crate::store::message::StoredMessage {
+    let q = b.store.queue(topic, queue_id).unwrap();
+    let at = q.get(q.min_offset(), 1).unwrap()[0].offset;
+    b.store.commitlog().read_message(at).unwrap()
+}
+
 /// Messages stored so far in `topic`/`queue_id`.
 fn stored_in(b: &Broker, topic: &str, queue_id: i32) -> u64 {
     b.store.queue(topic, queue_id).map_or(0, |q| q.max_offset())
@@ -1727,12 +1734,7 @@ async fn a_half_message_is_delivered_only_once_its_producer_commits() {
         .unwrap();
     assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
     assert_eq!(stored_in(b, "T", 2), 1);
-    let q = b.store.queue("T", 2).unwrap();
-    let m = b
-        .store
-        .commitlog()
-        .read_message(q.get(0, 1).unwrap()[0].offset)
-        .unwrap();
+    let m = first_in(b, "T", 2);
     assert_eq!(&m.body[..], b"body");
     let props = m.properties_map();
     assert_eq!(props.get("UNIQ_KEY").map(String::as_str), Some("U1"));
@@ -1743,7 +1745,7 @@ async fn a_half_message_is_delivered_only_once_its_producer_commits() {
     );
     assert_eq!(m.sys_flag & 0xC, 0x8, "not marked committed");
     assert_eq!(
-        q.get(0, 1).unwrap()[0].tags_code,
+        b.store.queue("T", 2).unwrap().get(0, 1).unwrap()[0].tags_code,
         NewMessage::tags_code_of(&m.properties)
     );
     assert_eq!(stored_in(b, OP_TOPIC, 0), 1, "the decision is not recorded");
@@ -2099,12 +2101,7 @@ async fn end_transaction_takes_only_a_half_message_at_the_quoted_offsets() {
         .unwrap();
     assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
     assert_eq!(stored_in(b, "T", 2), 1);
-    let q = b.store.queue("T", 2).unwrap();
-    let m = b
-        .store
-        .commitlog()
-        .read_message(q.get(0, 1).unwrap()[0].offset)
-        .unwrap();
+    let m = first_in(b, "T", 2);
     assert!(
         !m.properties_map().contains_key("DELAY"),
         "{:?}",
@@ -2151,12 +2148,7 @@ async fn a_half_message_too_large_to_count_another_question_is_set_aside() {
         half_properties("C")
     );
     send_v2_to(b, "T", 0, counted, None).await;
-    let q = b.store.queue(HALF_TOPIC, 0).unwrap();
-    let m = b
-        .store
-        .commitlog()
-        .read_message(q.get(0, 1).unwrap()[0].offset)
-        .unwrap();
+    let m = first_in(b, HALF_TOPIC, 0);
     assert!(!m.properties_map().contains_key("TRANSACTION_CHECK_TIMES"));
     // Properties a few bytes short of the limit once REAL_TOPIC/REAL_QID are added: stored,
     // but a copy with its count of questions would not fit.
