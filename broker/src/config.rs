@@ -450,9 +450,6 @@ impl BrokerConfig {
                 "transactionCheckMax" => c.transaction_check_max = num(k, v, "a count")?,
                 "transactionCheckInterval" => {
                     c.transaction_check_interval_ms = num(k, v, "milliseconds, at least 1")?;
-                    if c.transaction_check_interval_ms == 0 {
-                        return Err(bad(k, v, "milliseconds, at least 1"));
-                    }
                 }
                 _ => return Err(ConfigError::UnknownKey { key, line }),
             }
@@ -662,6 +659,9 @@ impl BrokerConfig {
         }
         if self.flush_interval_ms == 0 {
             return Err(bad("flushIntervalCommitLog", "0", "at least 1 ms"));
+        }
+        if self.transaction_check_interval_ms == 0 {
+            return Err(bad("transactionCheckInterval", "0", "at least 1 ms"));
         }
         if !(1..=MAX_IO_THREADS).contains(&self.io_threads) {
             return Err(bad(

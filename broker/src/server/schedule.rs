@@ -23,6 +23,13 @@ pub const PROP_REAL_TOPIC: &str = "REAL_TOPIC";
 /// Property: the queue a delayed message goes to when due.
 pub const PROP_REAL_QID: &str = "REAL_QID";
 
+/// Records in its properties the real topic and queue of a message the broker stores first
+/// in one of its own topics (see [`take_route`]).
+pub fn put_route(props: &mut Properties, msg: &NewMessage) {
+    props.insert(PROP_REAL_TOPIC.into(), msg.topic.clone());
+    props.insert(PROP_REAL_QID.into(), msg.queue_id.to_string());
+}
+
 /// Takes the real topic and queue a message of the broker's own topics is meant for out of
 /// its properties (a delayed message's, a transaction's half message's).
 pub fn take_route(props: &mut Properties) -> Option<(String, i32)> {
@@ -40,8 +47,7 @@ pub fn clamp_level(level: i32, levels_ms: &[i64]) -> i32 {
 pub fn delay(msg: &NewMessage, level: i32, levels_ms: &[i64]) -> NewMessage {
     let level = clamp_level(level, levels_ms);
     let mut props = parse_properties(&msg.properties);
-    props.insert(PROP_REAL_TOPIC.into(), msg.topic.clone());
-    props.insert(PROP_REAL_QID.into(), msg.queue_id.to_string());
+    put_route(&mut props, msg);
     props.insert(PROP_DELAY.into(), level.to_string());
     NewMessage {
         topic: SCHEDULE_TOPIC.into(),

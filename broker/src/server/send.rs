@@ -54,9 +54,9 @@ fn validate_name(kind: &str, name: &str, max: usize) -> Result<(), String> {
 /// NOT_ALLOWED_SEND_TOPIC_SET).
 const NOT_ALLOWED_SEND_TOPICS: &[&str] = &[
     schedule::SCHEDULE_TOPIC,
-    "RMQ_SYS_TRANS_HALF_TOPIC",
-    "RMQ_SYS_TRANS_OP_HALF_TOPIC",
-    "TRANS_CHECK_MAX_TIME_TOPIC",
+    transaction::HALF_TOPIC,
+    transaction::OP_TOPIC,
+    transaction::CHECK_MAX_TOPIC,
     "SELF_TEST_TOPIC",
     "OFFSET_MOVED_EVENT",
 ];
@@ -234,14 +234,18 @@ impl Broker {
         }
         let born_ts = h.born_timestamp.unwrap_or_else(now_ms);
         let topic_name = dead_letter.unwrap_or_else(|| h.topic.clone());
-        let to_schedule = |m: NewMessage| match schedule::requested_level(&m.properties) {
-            // A transaction's message is delayed by nothing but its transaction (Java's
-            // producer clears the delay; the broker ignores one).
-            _ if half => transaction::half(m),
-            level if level > 0 && !m.topic.starts_with("%DLQ%") => {
-                schedule::delay(&m, level, &self.store.config().delay_levels_ms)
+        let to_schedule = |m: NewMessage| {
+            if half {
+                // A transaction's message is delayed by nothing but its transaction (Java's
+                // producer clears the delay; the broker ignores one).
+                return transaction::half(m);
             }
-            _ => m,
+            match schedule::requested_level(&m.properties) {
+                level if level > 0 && !m.topic.starts_with("%DLQ%") => {
+                    schedule::delay(&m, level, &self.store.config().delay_levels_ms)
+                }
+                _ => m,
+            }
         };
         let msgs: Vec<NewMessage> = items
             .into_iter()

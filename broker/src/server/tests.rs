@@ -1784,7 +1784,16 @@ async fn a_half_message_is_delivered_only_once_its_producer_commits() {
 
 /// A producer of group `P` registered with `b` by heartbeat; what the broker pushes to it.
 async fn producer_of_p(b: &Broker, addr: &str) -> tokio::sync::mpsc::Receiver<RemotingCommand> {
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    producer_of_p_holding(b, addr, 16).await
+}
+
+/// [`producer_of_p`] whose connection queues at most `room` requests.
+async fn producer_of_p_holding(
+    b: &Broker,
+    addr: &str,
+    room: usize,
+) -> tokio::sync::mpsc::Receiver<RemotingCommand> {
+    let (tx, rx) = tokio::sync::mpsc::channel(room);
     let mut peer = Peer::detached(addr.parse().unwrap());
     peer.push = tx;
     let body = format!(
@@ -1973,12 +1982,7 @@ async fn a_round_stops_at_a_producer_too_busy_to_be_asked() {
     send_v2_to(b, "T", 0, half_properties("A"), None).await;
     send_v2_to(b, "T", 0, half_properties("B"), None).await;
     // A connection whose queue holds one request, not read.
-    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-    let mut peer = Peer::detached("10.0.0.9:5000".parse().unwrap());
-    peer.push = tx;
-    let beat = RemotingCommand::request(RequestCode::HeartBeat.code(), Default::default())
-        .with_body(&br#"{"clientID":"c","producerDataSet":[{"groupName":"P"}]}"#[..]);
-    b.process(beat, &peer).await.unwrap();
+    let mut rx = producer_of_p_holding(b, "10.0.0.9:5000", 1).await;
     // The second question finds no room: the round ends before copying it.
     assert_eq!(b.check_transactions().await.unwrap(), 1);
     assert_eq!(stored_in(b, HALF_TOPIC, 0), 3);

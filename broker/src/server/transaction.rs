@@ -24,7 +24,7 @@ use crate::store::message::{
 use crate::store::topics::{now_ms, PERM_READ, PERM_WRITE};
 use crate::store::StoreError;
 
-use super::schedule::{take_route, PROP_REAL_QID, PROP_REAL_TOPIC};
+use super::schedule::{put_route, take_route};
 use super::Broker;
 
 /// Where half messages wait for their producer's decision.
@@ -68,8 +68,7 @@ pub fn half(msg: NewMessage) -> NewMessage {
     props.remove(PROP_DELAY);
     // The count of questions is the broker's to keep.
     props.remove(PROP_CHECK_TIMES);
-    props.insert(PROP_REAL_TOPIC.into(), msg.topic.clone());
-    props.insert(PROP_REAL_QID.into(), msg.queue_id.to_string());
+    put_route(&mut props, &msg);
     let properties = format_properties(&props);
     NewMessage {
         topic: HALF_TOPIC.into(),
@@ -81,21 +80,20 @@ pub fn half(msg: NewMessage) -> NewMessage {
     }
 }
 
-/// The message a half message stands for, in its real topic and queue, with transaction
-/// type `tx_type`; `None` when its properties do not name them.
-fn real(half: &StoredMessage, tx_type: i32) -> Option<NewMessage> {
+/// The message a committed half message stands for, in its real topic and queue (its
+/// transaction type, cleared when the half message was stored, now COMMIT); `None` when its
+/// properties do not name them.
+fn committed(half: &StoredMessage) -> Option<NewMessage> {
     let mut props = parse_properties(&half.properties);
     let (topic, queue_id) = take_route(&mut props)?;
     let mut msg = NewMessage::restored(half, topic, queue_id, format_properties(&props));
-    msg.sys_flag = (msg.sys_flag & !TX_MASK) | tx_type;
+    msg.sys_flag |= TX_COMMIT;
     Some(msg)
 }
 
 /// The op message recording that the half message at `half_offset` was decided.
 fn op(half_offset: u64, host: std::net::SocketAddr) -> NewMessage {
-    let mut props = crate::store::message::Properties::new();
-    props.insert(PROP_TAGS.into(), REMOVE_TAG.into());
-    let properties = format_properties(&props);
+    let properties = format!("{PROP_TAGS}\u{1}{REMOVE_TAG}\u{2}");
     NewMessage {
         topic: OP_TOPIC.into(),
         queue_id: 0,
@@ -234,7 +232,7 @@ impl Broker {
         if commit {
             // TRAN_MSG stays, as Java's broker leaves it: Java consumers read it to fill in a
             // delivered message's transaction id.
-            let msg = real(&half, TX_COMMIT).ok_or(EndError::NoRoute)?;
+            let msg = committed(&half).ok_or(EndError::NoRoute)?;
             if self.store.topics.get(&msg.topic).is_some() {
                 msgs.push(msg);
             } else {
@@ -274,7 +272,7 @@ impl Broker {
         };
         let first = progress(HALF_TOPIC, held.map(|p| p.0), halves.min_offset(), end);
         // Decisions on half messages not yet passed: half offset to op offset.
-        let ops = self.store.queue(OP_TOPIC, 0);
+        let mut ops = self.store.queue(OP_TOPIC, 0);
         let op_from = ops.as_ref().map_or(0, |q| {
             progress(OP_TOPIC, held.map(|p| p.1), q.min_offset(), q.max_offset())
         });
@@ -290,14 +288,23 @@ impl Broker {
             if next >= end || Instant::now() >= deadline {
                 break Ok(());
             }
-            let entries = match halves.get(next, BATCH) {
+            let entries = match halves.get(next, BATCH.min((end - next) as usize)) {
                 Ok(e) if e.is_empty() => break Ok(()),
                 Ok(e) => e,
                 Err(e) => break Err(e),
             };
             for e in entries {
-                if next >= end {
-                    break 'scan Ok(());
+                // Decisions that came in since the round began (a slow local transaction)
+                // count too: asking now would get the message committed twice.
+                // (Also the first decision ever, when there was no op queue yet.)
+                if ops.is_none() {
+                    ops = self.store.queue(OP_TOPIC, 0);
+                }
+                if let Some(ops) = ops.as_ref().filter(|q| q.max_offset() > op_end) {
+                    match self.decisions(ops, op_end, first, &mut done) {
+                        Ok(at) => op_end = at,
+                        Err(err) => break 'scan Err(err),
+                    }
                 }
                 if done.remove(&next).is_some() {
                     next += 1;
@@ -334,18 +341,6 @@ impl Broker {
                     if (0..wait).contains(&(started - m.store_timestamp)) {
                         // Later half messages were stored later still.
                         break 'scan Ok(());
-                    }
-                }
-                // A decision may have come in since the round began (a slow local
-                // transaction): asking now would get the message committed twice.
-                if let Some(ops) = ops.as_ref().filter(|q| q.max_offset() > op_end) {
-                    match self.decisions(ops, op_end, first, &mut done) {
-                        Ok(at) => op_end = at,
-                        Err(err) => break 'scan Err(err),
-                    }
-                    if done.remove(&next).is_some() {
-                        next += 1;
-                        continue;
                     }
                 }
                 let group = property(&m.properties, PROP_PRODUCER_GROUP).unwrap_or("");
