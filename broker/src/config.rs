@@ -14,6 +14,12 @@ const MAX_IO_THREADS: usize = 256;
 /// the disk or the network, not waking up, is what the send waits for.
 const MAX_SYNC_WAIT_SPIN_US: u64 = 10_000;
 
+/// Most key-index slots per file: the table of the file being written is kept in memory (4
+/// bytes a slot), so this caps it at 200 MB.
+const MAX_INDEX_SLOTS: u32 = 50_000_000;
+/// Most key-index entries per file (24 bytes each: a 2.4 GB file).
+const MAX_INDEX_ENTRIES: u32 = 100_000_000;
+
 /// Shortest queue-lock live time accepted. It refuses only the absurd (0 would let a lock
 /// lapse a millisecond after it was taken): values under the clients' own lock lifetime (Java's
 /// 30 s) stay allowed for clients set to renew faster; the README warns about them.
@@ -211,6 +217,10 @@ pub struct BrokerConfig {
     pub transaction_check_max: u32,
     /// `transactionCheckInterval` (ms): how often undecided half messages are looked for.
     pub transaction_check_interval_ms: u64,
+    /// `messageIndexEnable`: whether messages can be found by key (QUERY_MESSAGE).
+    pub message_index: bool,
+    /// `maxHashSlotNum`, `maxIndexNum`: the key index's slots and entries per file.
+    pub index_size: crate::store::index::IndexSize,
 }
 
 impl Default for BrokerConfig {
@@ -259,6 +269,8 @@ impl Default for BrokerConfig {
             transaction_timeout_ms: 6_000,
             transaction_check_max: 15,
             transaction_check_interval_ms: 60_000,
+            message_index: true,
+            index_size: Default::default(),
         }
     }
 }
@@ -448,6 +460,9 @@ impl BrokerConfig {
                 }
                 "transactionTimeOut" => c.transaction_timeout_ms = num(k, v, "milliseconds")?,
                 "transactionCheckMax" => c.transaction_check_max = num(k, v, "a count")?,
+                "messageIndexEnable" => c.message_index = boolean(k, v)?,
+                "maxHashSlotNum" => c.index_size.slots = num(k, v, "a slot count")?,
+                "maxIndexNum" => c.index_size.entries = num(k, v, "an entry count")?,
                 "transactionCheckInterval" => {
                     c.transaction_check_interval_ms = num(k, v, "milliseconds, at least 1")?;
                 }
@@ -577,6 +592,9 @@ impl BrokerConfig {
                 "transactionCheckInterval",
                 self.transaction_check_interval_ms.to_string(),
             ),
+            ("messageIndexEnable", self.message_index.to_string()),
+            ("maxHashSlotNum", self.index_size.slots.to_string()),
+            ("maxIndexNum", self.index_size.entries.to_string()),
         ];
         if let Some(ha) = &self.ha_master_address {
             lines.push(("haMasterAddress", ha.clone()));
@@ -662,6 +680,22 @@ impl BrokerConfig {
         }
         if self.transaction_check_interval_ms == 0 {
             return Err(bad("transactionCheckInterval", "0", "at least 1 ms"));
+        }
+        // An entry per slot at least; and a file's entries addressed by 32 bits, well within.
+        let crate::store::index::IndexSize { slots, entries } = self.index_size;
+        if !(1..=MAX_INDEX_SLOTS).contains(&slots) {
+            return Err(bad(
+                "maxHashSlotNum",
+                &slots.to_string(),
+                &format!("1 to {MAX_INDEX_SLOTS}"),
+            ));
+        }
+        if !(1..=MAX_INDEX_ENTRIES).contains(&entries) {
+            return Err(bad(
+                "maxIndexNum",
+                &entries.to_string(),
+                &format!("1 to {MAX_INDEX_ENTRIES}"),
+            ));
         }
         if !(1..=MAX_IO_THREADS).contains(&self.io_threads) {
             return Err(bad(

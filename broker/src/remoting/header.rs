@@ -604,6 +604,36 @@ ext_header! {
 }
 
 ext_header! {
+    /// QUERY_MESSAGE request: messages of a topic by key, stored within a time range.
+    pub struct QueryMessageRequestHeader {
+        /// Topic of the messages.
+        pub topic: String => "topic",
+        /// A key (`KEYS`) or, with `_UNIQUE_KEY_QUERY`, a client message id (`UNIQ_KEY`).
+        pub key: String => "key",
+        /// Most messages wanted.
+        pub max_num: i32 => "maxNum",
+        /// Earliest store time (ms).
+        pub begin_timestamp: i64 => "beginTimestamp",
+        /// Latest store time (ms).
+        pub end_timestamp: i64 => "endTimestamp",
+        /// RocketMQ 5's kind of key: "K" (a key), "U" (a client message id), "T" (a tag).
+        pub index_type: Option<String> => "indexType",
+        /// "true" when `key` is a client message id (Java's `_UNIQUE_KEY_QUERY`).
+        pub unique_key_query: Option<String> => "_UNIQUE_KEY_QUERY",
+    }
+}
+
+ext_header! {
+    /// QUERY_MESSAGE response: how far the broker's key index reaches.
+    pub struct QueryMessageResponseHeader {
+        /// Store time of the newest indexed key (ms).
+        pub index_last_update_timestamp: i64 => "indexLastUpdateTimestamp",
+        /// Commit-log offset before which every message is indexed.
+        pub index_last_update_phyoffset: i64 => "indexLastUpdatePhyoffset",
+    }
+}
+
+ext_header! {
     /// VIEW_MESSAGE_BY_ID request.
     pub struct ViewMessageRequestHeader {
         /// Commit-log offset of the message.

@@ -856,6 +856,7 @@ impl Processor for Broker {
             RequestCode::GetEarliestMsgStoretime => self.earliest_store_time(&req),
             RequestCode::CheckClientConfig => self.check_client_config(&req),
             RequestCode::SearchOffsetByTimestamp => self.search_offset(&req),
+            RequestCode::QueryMessage => self.query_message(&req).await,
             RequestCode::GetTopicStatsInfo => self.topic_stats(&req),
             RequestCode::GetConsumeStats => self.consume_stats(&req),
             RequestCode::HeartBeat => self.heartbeat(&req, peer),
@@ -1013,6 +1014,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         prepare_ahead: cfg.prepares_ahead(),
         delay_levels_ms: cfg.delay_levels_ms.clone().into(),
         disk_full_ratio: f64::from(cfg.disk_full_permille) / 1000.0,
+        index: cfg.message_index.then_some(cfg.index_size),
     };
     let store = tokio::task::spawn_blocking(move || MessageStore::open(store_cfg))
         .await

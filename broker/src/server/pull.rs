@@ -1,11 +1,13 @@
-//! PULL_MESSAGE with long polling, and the offset queries consumers make.
+//! PULL_MESSAGE with long polling, the offset queries consumers make, and QUERY_MESSAGE.
 
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+
 use crate::remoting::header::{
     OffsetResponseHeader, PullMessageRequestHeader, PullMessageResponseHeader,
-    QueryConsumerOffsetRequestHeader, QueueRequestHeader, SearchOffsetRequestHeader,
-    UpdateConsumerOffsetRequestHeader,
+    QueryConsumerOffsetRequestHeader, QueryMessageRequestHeader, QueryMessageResponseHeader,
+    QueueRequestHeader, SearchOffsetRequestHeader, UpdateConsumerOffsetRequestHeader,
 };
 use crate::remoting::{RemotingCommand, ResponseCode};
 use crate::store::topics::{TopicConfig, PERM_READ};
@@ -26,6 +28,11 @@ const MAX_PULL_MESSAGES: usize = 1024;
 /// least (Java's `maxFilterMessageCount`, 16,000 bytes of 20-byte entries; more when the pull
 /// asks for more messages).
 const MAX_FILTERED: u64 = 800;
+/// Most messages one QUERY_MESSAGE answers (Java's `maxMsgsNumBatch`).
+const MAX_QUERY_MESSAGES: i32 = 64;
+/// Messages a query by client message id answers (Java's `defaultQueryMaxNum`): ids repeat
+/// only when a message was sent again.
+const UNIQUE_QUERY_MESSAGES: usize = 32;
 
 impl Broker {
     /// Handles PULL_MESSAGE.
@@ -445,6 +452,60 @@ impl Broker {
             Some(refused) => req.error_to(ResponseCode::SystemError, refused),
             None => req.response_to(ResponseCode::Success),
         }
+    }
+
+    /// Handles QUERY_MESSAGE: the messages of a topic filed under a key or client message id
+    /// in the key index, stored within the asked time range, in commit-log order. The index
+    /// is read on a blocking thread (a query may read many messages from the disk).
+    pub(super) async fn query_message(&self, req: &RemotingCommand) -> RemotingCommand {
+        let h = match QueryMessageRequestHeader::from_ext(&req.ext_fields) {
+            Ok(h) => h,
+            Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
+        };
+        if h.index_type.as_deref() == Some("T") {
+            return req.error_to(
+                ResponseCode::SystemError,
+                "this broker finds messages by key and by client message id, not by tag \
+                 (indexType T)",
+            );
+        }
+        let max = if h.unique_key_query.as_deref() == Some("true") {
+            UNIQUE_QUERY_MESSAGES
+        } else {
+            h.max_num.clamp(0, MAX_QUERY_MESSAGES) as usize
+        };
+        let store = self.store.clone();
+        let (begin, end) = (h.begin_timestamp, h.end_timestamp);
+        let found = tokio::task::spawn_blocking(move || {
+            store.query_by_key(&h.topic, &h.key, max, begin, end)
+        })
+        .await;
+        let q = match found {
+            Ok(Ok(q)) => q,
+            Ok(Err(e)) => {
+                return req.error_to(ResponseCode::SystemError, format!("query failed: {e}"))
+            }
+            Err(e) => return req.error_to(ResponseCode::SystemError, format!("query failed: {e}")),
+        };
+        let mut resp = if q.messages.is_empty() {
+            req.error_to(
+                ResponseCode::QueryNotFound,
+                "can not find message, maybe time range not correct",
+            )
+        } else {
+            let mut body = BytesMut::with_capacity(q.messages.iter().map(|m| m.len()).sum());
+            for m in &q.messages {
+                body.extend_from_slice(m);
+            }
+            req.response_to(ResponseCode::Success)
+                .with_body(body.freeze())
+        };
+        resp.ext_fields = QueryMessageResponseHeader {
+            index_last_update_timestamp: q.last_time.max(0),
+            index_last_update_phyoffset: q.indexed_through as i64,
+        }
+        .to_ext();
+        resp
     }
 
     /// Handles SEARCH_OFFSET_BY_TIMESTAMP.

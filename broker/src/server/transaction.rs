@@ -19,7 +19,8 @@ use crate::remoting::header::{CheckTransactionStateRequestHeader, EndTransaction
 use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
 use crate::store::message::{
     format_properties, offset_msg_id, parse_properties, property, NewMessage, StoredMessage,
-    PROP_DELAY, PROP_TAGS, PROP_TRANSACTION_PREPARED, PROP_UNIQ_KEY,
+    PROP_DELAY, PROP_TAGS, PROP_TRANSACTION_PREPARED, PROP_UNIQ_KEY, TX_COMMIT, TX_MASK,
+    TX_ROLLBACK,
 };
 use crate::store::topics::{now_ms, PERM_READ, PERM_WRITE};
 use crate::store::StoreError;
@@ -42,10 +43,6 @@ pub const PROP_CHECK_TIMES: &str = "TRANSACTION_CHECK_TIMES";
 /// Property: seconds a producer asks the broker not to check its half message.
 pub const PROP_CHECK_IMMUNITY_SECS: &str = "CHECK_IMMUNITY_TIME_IN_SECONDS";
 
-/// sysFlag bits of the transaction type, and its values (Java's MessageSysFlag).
-const TX_MASK: i32 = 0xC;
-const TX_COMMIT: i32 = 0x8;
-const TX_ROLLBACK: i32 = 0xC;
 /// Tag of an op message that records a decision.
 const REMOVE_TAG: &str = "d";
 /// Half and op messages read per batch.

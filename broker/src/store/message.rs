@@ -48,6 +48,12 @@ pub const PROP_RECONSUME_TIME: &str = "RECONSUME_TIME";
 pub const PROP_MAX_RECONSUME_TIMES: &str = "MAX_RECONSUME_TIMES";
 /// Property: "true" on the half message of a transactional send.
 pub const PROP_TRANSACTION_PREPARED: &str = "TRAN_MSG";
+/// sysFlag bits of a message's transaction type, and the types (Java's MessageSysFlag).
+pub const TX_MASK: i32 = 0xC;
+/// A committed transactional message.
+pub const TX_COMMIT: i32 = 0x8;
+/// A rolled-back transactional message.
+pub const TX_ROLLBACK: i32 = 0xC;
 
 /// The internal topic holding delayed messages until they are due.
 pub const SCHEDULE_TOPIC: &str = "SCHEDULE_TOPIC_XXXX";

@@ -4,6 +4,7 @@
 pub mod commitlog;
 pub mod consume_queue;
 pub mod groups;
+pub mod index;
 pub mod message;
 pub mod offsets;
 pub mod persist;
@@ -24,6 +25,7 @@ use tokio::sync::oneshot;
 
 use commitlog::CommitLog;
 use consume_queue::{ConsumeQueue, CqEntry, Queues};
+use index::{IndexEntry, IndexSize, KeyIndex};
 use message::{NewMessage, StoredRef};
 use persist::{load_json, save_json};
 
@@ -175,6 +177,8 @@ pub struct StoreConfig {
     /// Share of the store's file system in use at which appends are refused
     /// (`diskSpaceWarningLevelRatio`): a write that fails half-way on a full disk is worse.
     pub disk_full_ratio: f64,
+    /// The key index's file size, or none without one (`messageIndexEnable=false`).
+    pub index: Option<IndexSize>,
 }
 
 #[cfg(test)]
@@ -195,6 +199,10 @@ impl StoreConfig {
             prepare_ahead: true,
             delay_levels_ms: message::DELAY_LEVELS_MS.into(),
             disk_full_ratio: 0.90,
+            index: Some(IndexSize {
+                slots: 64,
+                entries: 256,
+            }),
         }
     }
 }
@@ -333,6 +341,30 @@ pub struct MessageStore {
     partial: Mutex<Unindexed>,
     /// Sends waiting to share the next commit-log write.
     group: Mutex<SendGroup>,
+    /// Finds messages by key; built behind the log by the `key-index` thread.
+    index: Option<KeyIndex>,
+}
+
+/// Messages found by key (QUERY_MESSAGE).
+#[derive(Debug, Clone, Default)]
+pub struct KeyQuery {
+    /// The stored messages, in commit-log order.
+    pub messages: Vec<Bytes>,
+    /// Store time of the newest indexed key (0 when none is).
+    pub last_time: i64,
+    /// Commit-log offset before which every message is indexed.
+    pub indexed_through: u64,
+}
+
+/// Log bytes read per step of the key index's thread.
+const INDEX_CHUNK: u64 = 1 << 20;
+
+/// Where [`MessageStore::walk_log`] stopped.
+struct Walked {
+    /// Bytes of whole messages and fillers walked.
+    used: usize,
+    /// Why the data after them cannot be walked, if it is not merely incomplete.
+    untrusted: Option<String>,
 }
 
 /// Groups of sends a leader writes in a row before it lets its event loop's other tasks run
@@ -541,6 +573,15 @@ impl MessageStore {
         let topics = topics::TopicTable::load(config_dir.join("topics.json"))?;
         let groups = groups::GroupTable::load(config_dir.join("subscriptionGroup.json"))?;
         let end = report.end;
+        // The index is derived from the log: one that cannot be opened costs its queries, not
+        // the broker.
+        let index = cfg.index.and_then(|size| {
+            KeyIndex::open(&root.join("index"), size, min_phys, end)
+                .inspect_err(|e| {
+                    tracing::error!(error = %e, "the key index cannot be opened; messages cannot be queried by key until a restart")
+                })
+                .ok()
+        });
         let store = Arc::new(MessageStore {
             _lock: lock,
             cfg,
@@ -565,6 +606,7 @@ impl MessageStore {
             queues_min: AtomicU64::new(min_phys),
             partial: Mutex::new(Unindexed::default()),
             group: Mutex::new(SendGroup::default()),
+            index,
         });
         // Mark the store as running: a crash from now on must recover. The entries recovery
         // rebuilt may still be in the queues' buffers: on disk first, or a crash before the
@@ -581,6 +623,9 @@ impl MessageStore {
         let mut started = store.start_thread("commitlog-flush", Self::flush_loop);
         if started.is_ok() && store.cfg.prepare_ahead {
             started = store.start_thread("commitlog-prepare", Self::prepare_loop);
+        }
+        if started.is_ok() && store.index.is_some() {
+            started = store.start_thread("key-index", Self::index_loop);
         }
         if let Err(e) = started {
             // Stop what did start: it holds the store.
@@ -934,63 +979,31 @@ impl MessageStore {
             return Ok(());
         }
         // `partial` starts at the dispatched offset, always a message (or filler) boundary.
-        let mut pos = self.dispatched.load(Ordering::Acquire);
-        let mut used = 0usize;
-        let seg = self.commitlog.segment_size();
-        let mut untrusted = None;
-        loop {
-            let rest = &partial.bytes[used..];
-            if rest.len() < 8 {
-                break;
-            }
-            let size = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
-            let magic = i32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
-            if magic == message::BLANK_MAGIC {
-                // The rest of the segment is filler; wait until all of it has arrived.
-                let skip = (seg - pos % seg) as usize;
-                if rest.len() < skip {
-                    break;
-                }
-                used += skip;
-                pos += skip as u64;
-                continue;
-            }
-            // A size is trusted as the appender guarantees it: a message magic, and room in
-            // the segment for the message and a filler header after it.
-            if (magic != message::MAGIC_V1 && magic != message::MAGIC_V2)
-                || size <= 8
-                || pos % seg + size as u64 > self.commitlog.max_message_len()
-            {
-                untrusted = Some(format!(
-                    "replicated data at {pos} is not a message (size {size}, magic {magic:#x})"
-                ));
-                break;
-            }
-            if rest.len() < size as usize {
-                break;
-            }
-            match message::parse_stored_for_index(&rest[..size as usize]) {
+        let from = self.dispatched.load(Ordering::Acquire);
+        let walked = self.walk_log(&partial.bytes, from, |pos, msg| {
+            match message::parse_stored_for_index(msg) {
                 Ok(m) => {
                     let cq = self.queue_or_create(m.topic, m.queue_id)?;
                     cq.put(
                         m.queue_offset as u64,
                         CqEntry {
                             offset: pos,
-                            size: size as u32,
+                            size: msg.len() as u32,
                             tags_code: m.queue_tags_code(&self.cfg.delay_levels_ms),
                         },
                     )?;
                 }
                 Err(e) => tracing::error!(
                     offset = pos,
-                    size,
+                    size = msg.len(),
                     error = %e,
                     "a replicated message cannot be read; it is skipped and not indexed"
                 ),
             }
-            used += size as usize;
-            pos += size as u64;
-        }
+            Ok(())
+        })?;
+        let (used, untrusted) = (walked.used, walked.untrusted);
+        let pos = from + used as u64;
         partial.bytes.drain(..used);
         self.dispatched.store(pos, Ordering::Release);
         if untrusted.is_some() {
@@ -1011,6 +1024,236 @@ impl MessageStore {
     #[cfg(test)]
     pub(crate) fn unindexed_bytes(&self) -> usize {
         lock(&self.partial).bytes.len()
+    }
+
+    /// Calls `each(offset, message)` for every whole message in `bytes`, log data from `pos`
+    /// (a message or filler boundary) on; fillers are passed over whole. Stops at an
+    /// incomplete message, or at data whose size cannot be trusted, as the appender
+    /// guarantees it: a message magic, and room in the segment for the message and a filler
+    /// header after it.
+    fn walk_log(
+        &self,
+        bytes: &[u8],
+        mut pos: u64,
+        mut each: impl FnMut(u64, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<Walked, StoreError> {
+        let seg = self.commitlog.segment_size();
+        let mut used = 0usize;
+        let mut untrusted = None;
+        loop {
+            let rest = &bytes[used..];
+            if rest.len() < 8 {
+                break;
+            }
+            let size = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+            let magic = i32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
+            if magic == message::BLANK_MAGIC {
+                // The rest of the segment is filler; wait until all of it has arrived.
+                let skip = (seg - pos % seg) as usize;
+                if rest.len() < skip {
+                    break;
+                }
+                used += skip;
+                pos += skip as u64;
+                continue;
+            }
+            if (magic != message::MAGIC_V1 && magic != message::MAGIC_V2)
+                || size <= 8
+                || pos % seg + size as u64 > self.commitlog.max_message_len()
+            {
+                untrusted = Some(format!(
+                    "log data at {pos} is not a message (size {size}, magic {magic:#x})"
+                ));
+                break;
+            }
+            if rest.len() < size as usize {
+                break;
+            }
+            each(pos, &rest[..size as usize])?;
+            used += size as usize;
+            pos += size as u64;
+        }
+        Ok(Walked { used, untrusted })
+    }
+
+    /// Builds the key index behind the log (see [`index`]): a step at a time, with a pause
+    /// once it has caught up, and a checkpoint every second.
+    fn index_loop(&self) {
+        let Some(index) = &self.index else {
+            return;
+        };
+        let (mut buf, mut entries) = (Vec::new(), Vec::new());
+        let mut last_checkpoint = Instant::now();
+        let mut idle = Duration::from_millis(1);
+        let mut failing = false;
+        let (mut last_report, mut reported_from) = (Instant::now(), index.indexed_through());
+        loop {
+            if self.flush.abandon.load(Ordering::Acquire) {
+                return;
+            }
+            let stopping = self.flush.stop.load(Ordering::Acquire);
+            let progressed = match self.index_step(index, &mut buf, &mut entries) {
+                Ok(p) => {
+                    if failing {
+                        tracing::info!("the key index is being built again");
+                        failing = false;
+                    }
+                    p
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::error!(error = %e, "building the key index failed; retried every second");
+                        failing = true;
+                    }
+                    false
+                }
+            };
+            if stopping || last_checkpoint.elapsed() >= Duration::from_secs(1) {
+                last_checkpoint = Instant::now();
+                if let Err(e) = index.checkpoint() {
+                    tracing::warn!(error = %e, "saving the key index's progress failed; tried again in a second");
+                }
+            }
+            if stopping {
+                return;
+            }
+            // A long catch-up (an index built anew over a large log) reports its progress.
+            if last_report.elapsed() >= Duration::from_secs(10) {
+                let (at, end) = (index.indexed_through(), self.dispatched_offset());
+                if at < end && at - reported_from.min(at) > INDEX_CHUNK {
+                    tracing::info!(
+                        indexed_through = at,
+                        log_end = end,
+                        "building the key index"
+                    );
+                }
+                (last_report, reported_from) = (Instant::now(), at);
+            }
+            if failing {
+                self.pause(Duration::from_secs(1));
+            } else if progressed {
+                idle = Duration::from_millis(1);
+            } else {
+                self.pause(idle);
+                // Under load each pause lets a millisecond of sends gather; a quiet broker
+                // looks twenty times a second.
+                idle = (idle * 2).min(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Indexes the keys of the messages in the next chunk of the log; whether there was one.
+    fn index_step(
+        &self,
+        index: &KeyIndex,
+        buf: &mut Vec<u8>,
+        entries: &mut Vec<IndexEntry>,
+    ) -> Result<bool, StoreError> {
+        index.skip_to(self.commitlog.min_offset());
+        let from = index.indexed_through();
+        let end = self.dispatched.load(Ordering::Acquire);
+        if from >= end {
+            return Ok(false);
+        }
+        let mut len = self.commitlog.chunk_len(from, INDEX_CHUNK).min(end - from);
+        loop {
+            buf.resize(len as usize, 0);
+            self.commitlog.read_into(from, buf)?;
+            entries.clear();
+            let walked = self.walk_log(buf, from, |pos, msg| {
+                match message::parse_stored_for_index(msg) {
+                    Ok(m) if m.sys_flag & message::TX_MASK != message::TX_ROLLBACK => {
+                        entries.extend(index::keys(m.properties).map(|k| IndexEntry {
+                            hash: index::key_hash(m.topic, k),
+                            offset: pos,
+                            store_time: m.store_timestamp,
+                        }));
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(offset = pos, error = %e, "a message cannot be read; it is not indexed by key"),
+                }
+                Ok(())
+            })?;
+            if walked.used > 0 {
+                index.add(entries, from + walked.used as u64)?;
+                return Ok(true);
+            }
+            if let Some(why) = walked.untrusted {
+                // Below the dispatched offset every message was read once already: this is
+                // damage since. Indexing goes on at the next segment.
+                let seg = self.commitlog.segment_size();
+                let next = from - from % seg + seg;
+                tracing::error!(
+                    offset = from,
+                    next,
+                    "{why}; the key index skips to the next segment"
+                );
+                index.add(&[], next)?;
+                return Ok(true);
+            }
+            // The message at `from` is longer than a chunk: read it whole.
+            let size = u64::from(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]));
+            if size <= len || len == 0 {
+                return Err(StoreError::Corrupt(format!(
+                    "the key index cannot read the message at {from}"
+                )));
+            }
+            len = self.commitlog.chunk_len(from, size).min(end - from);
+        }
+    }
+
+    /// Messages of `topic` filed under `key` and stored within `[begin, end]` (ms), at most
+    /// `max`, newest first (QUERY_MESSAGE): each is read and checked, so a hash collision or
+    /// an entry of a message the log no longer holds is passed over.
+    pub fn query_by_key(
+        &self,
+        topic: &str,
+        key: &str,
+        max: usize,
+        begin: i64,
+        end: i64,
+    ) -> Result<KeyQuery, StoreError> {
+        let Some(index) = &self.index else {
+            return Ok(KeyQuery::default());
+        };
+        let mut found: Vec<(u64, Bytes)> = Vec::new();
+        let mut visit = |offset: u64| -> Result<bool, StoreError> {
+            if found.iter().any(|(o, _)| *o == offset) {
+                return Ok(true);
+            }
+            let bytes = match self.read_stored(offset) {
+                Ok(b) => b,
+                // Gone with retention or a cut tail: not this query's failure.
+                Err(StoreError::OutOfRange { .. }) => return Ok(true),
+                Err(e) => return Err(e),
+            };
+            if let Ok(m) = message::parse_stored(&bytes) {
+                if m.topic == topic && index::has_key(m.properties, key) {
+                    found.push((offset, bytes.clone()));
+                }
+            }
+            Ok(found.len() < max)
+        };
+        if max > 0 {
+            index.query(topic, key, begin, end, &mut visit)?;
+        }
+        found.sort_by_key(|(o, _)| *o);
+        Ok(KeyQuery {
+            messages: found.into_iter().map(|(_, b)| b).collect(),
+            last_time: index.last_time(),
+            indexed_through: index.indexed_through(),
+        })
+    }
+
+    /// The stored bytes of the message at `offset`, whole.
+    fn read_stored(&self, offset: u64) -> Result<Bytes, StoreError> {
+        let mut head = [0u8; 4];
+        self.commitlog.read_into(offset, &mut head)?;
+        let size = i32::from_be_bytes(head);
+        if size <= 8 || size as u64 > self.commitlog.max_message_len() {
+            return Err(StoreError::OutOfRange { offset });
+        }
+        self.commitlog.read(offset, size as usize)
     }
 
     /// Commit-log offset up to which every message is indexed.
@@ -1239,7 +1482,11 @@ impl MessageStore {
     pub fn delete_expired(&self) -> Result<(), StoreError> {
         let age = Duration::from_secs(self.cfg.file_reserved_hours * 3600);
         self.commitlog.delete_expired(age)?;
-        self.correct_queue_minimums()
+        self.correct_queue_minimums()?;
+        match &self.index {
+            Some(index) => index.delete_before(self.commitlog.min_offset()),
+            None => Ok(()),
+        }
     }
 
     /// Whether some queue's minimum still points before the commit log's first offset (a

@@ -1261,3 +1261,173 @@ fn replicated_data_of_untrusted_size_stops_indexing_once_and_is_no_longer_held()
     assert_eq!(slave.commitlog().max_offset(), bytes.len() as u64);
     slave.shutdown();
 }
+
+/// A message of topic `topic` with a client id `id-<seq>` and the keys `keys`.
+fn keyed(topic: &str, seq: u64, keys: &str) -> NewMessage {
+    let mut m = msg(topic, (seq % 2) as i32, seq, "A");
+    m.properties = format!(
+        "{}KEYS\u{1}{keys}\u{2}UNIQ_KEY\u{1}id-{seq}\u{2}",
+        m.properties
+    );
+    m
+}
+
+/// Waits until the key index has caught up with the log.
+fn wait_indexed(store: &MessageStore) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store
+        .query_by_key("T", "-", 1, 0, 0)
+        .unwrap()
+        .indexed_through
+        < store.dispatched_offset()
+    {
+        assert!(Instant::now() < deadline, "the key index never caught up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The sequence numbers (body prefixes) of the messages `key` finds in topic T.
+fn found(store: &MessageStore, key: &str, max: usize) -> Vec<u64> {
+    let q = store.query_by_key("T", key, max, 0, i64::MAX).unwrap();
+    q.messages
+        .iter()
+        .map(|b| {
+            let m = message::decode_stored(b).unwrap();
+            std::str::from_utf8(&m.body[..8]).unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn messages_are_found_by_key_and_client_id_once_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    for i in 0..400 {
+        store
+            .append(&[keyed("T", i, &format!("k{i} {}", i % 3))])
+            .unwrap();
+    }
+    // The same key in another topic, and a rolled-back message: neither is found in T.
+    store.append(&[keyed("U", 1_000, "k7")]).unwrap();
+    let mut rolled = keyed("T", 1_001, "k7");
+    rolled.sys_flag = message::TX_ROLLBACK;
+    store.append(&[rolled]).unwrap();
+    assert!(
+        store.commitlog().max_offset() > 2 * 64 * 1024,
+        "several segments"
+    );
+    wait_indexed(&store);
+    assert_eq!(found(&store, "k7", 64), [7]);
+    assert_eq!(found(&store, "id-399", 64), [399]);
+    assert_eq!(found(&store, "nothing", 64), Vec::<u64>::new());
+    // The newest `max` of a key, in log order; more than a file of entries back.
+    let zero: Vec<u64> = (0..400).filter(|i| i % 3 == 0).collect();
+    assert_eq!(found(&store, "0", 10), zero[zero.len() - 10..]);
+    assert_eq!(found(&store, "0", 1_000), zero);
+    // Only what was stored within the time range.
+    let q = store.query_by_key("T", "k7", 64, 0, 1).unwrap();
+    assert!(q.messages.is_empty());
+    assert!(q.last_time > 0);
+    store.shutdown();
+}
+
+#[test]
+fn a_crash_keeps_the_index_and_what_came_after_its_checkpoint_is_indexed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    for i in 0..300 {
+        store.append(&[keyed("T", i, "all")]).unwrap();
+    }
+    wait_indexed(&store);
+    // Once the index's checkpoint counts them, more come, and the broker dies at once.
+    let path = dir.path().join("index").join("checkpoint.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while load_json::<serde_json::Value>(&path)
+        .unwrap()
+        .is_none_or(|c| c["through"].as_u64() != Some(store.dispatched_offset()))
+    {
+        assert!(Instant::now() < deadline, "no index checkpoint");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for i in 300..320 {
+        store.append(&[keyed("T", i, "all")]).unwrap();
+    }
+    store.crash();
+    drop(store);
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    wait_indexed(&store);
+    assert_eq!(found(&store, "all", 1_000), (0..320).collect::<Vec<_>>());
+    assert_eq!(found(&store, "id-310", 64), [310]);
+    store.shutdown();
+}
+
+#[test]
+fn a_deleted_index_is_built_again_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    for i in 0..100 {
+        store.append(&[keyed("T", i, "all")]).unwrap();
+    }
+    store.shutdown();
+    drop(store);
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    wait_indexed(&store);
+    assert_eq!(found(&store, "all", 1_000), (0..100).collect::<Vec<_>>());
+    store.shutdown();
+}
+
+#[test]
+fn without_an_index_nothing_is_found_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path(), FlushDiskType::Async);
+    c.index = None;
+    let store = MessageStore::open(c).unwrap();
+    store.append(&[keyed("T", 1, "k")]).unwrap();
+    let q = store.query_by_key("T", "k", 64, 0, i64::MAX).unwrap();
+    assert!(q.messages.is_empty());
+    assert!(!dir.path().join("index").exists());
+    store.shutdown();
+}
+
+#[test]
+fn a_slave_indexes_its_replicated_messages_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = MessageStore::open(cfg(&dir.path().join("m"), FlushDiskType::Async)).unwrap();
+    for i in 0..50 {
+        master.append(&[keyed("T", i, "all")]).unwrap();
+    }
+    let end = master.commitlog().max_offset();
+    let bytes = master.commitlog().read(0, end as usize).unwrap();
+    master.shutdown();
+    let slave = MessageStore::open(cfg(&dir.path().join("s"), FlushDiskType::Async)).unwrap();
+    slave.replicate(0, &bytes).unwrap();
+    slave.dispatch_replicated().unwrap();
+    wait_indexed(&slave);
+    assert_eq!(found(&slave, "all", 1_000), (0..50).collect::<Vec<_>>());
+    assert_eq!(found(&slave, "id-20", 64), [20]);
+    slave.shutdown();
+}
+
+#[test]
+fn retention_deletes_index_files_with_the_log_they_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path(), FlushDiskType::Async);
+    c.file_reserved_hours = 0;
+    let store = MessageStore::open(c).unwrap();
+    // Two keys a message: 128 messages fill a file of 256 entries.
+    for i in 0..700 {
+        store.append(&[keyed("T", i, "all")]).unwrap();
+    }
+    wait_indexed(&store);
+    let files = || std::fs::read_dir(dir.path().join("index")).unwrap().count();
+    let before = files();
+    store.delete_expired().unwrap();
+    assert!(store.commitlog().min_offset() > 0, "segments deleted");
+    assert!(files() < before, "{} index files, {before} before", files());
+    // What the log still holds is still found.
+    let left = found(&store, "all", 1_000);
+    assert_eq!(left.last(), Some(&699));
+    assert!(left.len() < 700);
+    store.shutdown();
+}

@@ -1,0 +1,858 @@
+//! The key index: finds stored messages by their keys (`KEYS`) and client message ids
+//! (`UNIQ_KEY`) for QUERY_MESSAGE (`queryMsgByKey`, `queryMsgByUniqueKey`, and the message
+//! tabs of consoles), as Java's IndexService does.
+//!
+//! It is derived from the commit log and built behind it by a thread of the store's own, so
+//! sends never wait for it, and it can always be rebuilt from the log: deleting the `index`
+//! directory has the whole log indexed again. Files (`index/<sequence>`) hold a header, a
+//! table of hash slots and entries. Each entry (key hash, commit-log offset, store time, the
+//! previous entry of its slot) chains back through the keys of the same slot, newest first.
+//! The file being written keeps its slots in memory and writes its entries as it goes; its
+//! progress is recorded in `index/checkpoint.json` after the entries are on disk, and a
+//! restart replays the slots from the entries the checkpoint counts. A full file gets its slot
+//! table and a sealed header written and synced, and the next file starts. Files whose last
+//! message the log no longer holds are deleted with it.
+//!
+//! Hash collisions and entries left from a torn tail are harmless: the store reads each
+//! message found and keeps only those whose topic and key match.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use super::commitlog::create_dir_durable;
+use super::message::{property, PROP_KEYS, PROP_UNIQ_KEY};
+use super::persist::{load_json, save_json};
+use super::StoreError;
+
+/// Marks an index file ("FMQI").
+const MAGIC: u32 = 0x464D_5149;
+/// Format of the files this code writes.
+const VERSION: u32 = 1;
+/// Header bytes before the slot table.
+const HEADER_LEN: u64 = 64;
+/// Bytes per entry: key hash (4), previous entry of the slot (4), commit-log offset (8), store
+/// time (8).
+const ENTRY_LEN: u64 = 24;
+/// Separator of the keys in `KEYS` (Java's `MessageConst.KEY_SEPARATOR`).
+const KEY_SEPARATOR: char = ' ';
+
+/// How large index files are: `maxHashSlotNum` slots, `maxIndexNum` entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexSize {
+    /// Hash slots per file (4 bytes each, kept in memory for the file being written).
+    pub slots: u32,
+    /// Entries per file (24 bytes each).
+    pub entries: u32,
+}
+
+impl Default for IndexSize {
+    /// 1M slots and 4M entries: a 100 MB file and 4 MiB of memory (Java's 5M and 20M would
+    /// keep 20 MiB resident, more than the rest of an idle broker).
+    fn default() -> Self {
+        IndexSize {
+            slots: 1_000_000,
+            entries: 4_000_000,
+        }
+    }
+}
+
+/// One key of one message, as the index stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// [`key_hash`] of the topic and key.
+    pub hash: u32,
+    /// Commit-log offset of the message.
+    pub offset: u64,
+    /// Its store time (ms).
+    pub store_time: i64,
+}
+
+/// The keys a message is found by: its client message id, then each of its `KEYS`.
+pub fn keys(properties: &str) -> impl Iterator<Item = &str> {
+    property(properties, PROP_UNIQ_KEY)
+        .into_iter()
+        .chain(
+            property(properties, PROP_KEYS)
+                .into_iter()
+                .flat_map(|k| k.split(KEY_SEPARATOR)),
+        )
+        .filter(|k| !k.is_empty())
+}
+
+/// Whether `key` is one of the keys [`keys`] gives for `properties`.
+pub fn has_key(properties: &str, key: &str) -> bool {
+    keys(properties).any(|k| k == key)
+}
+
+/// The hash a key is filed under: FNV-1a of `topic#key` (stable across restarts and builds,
+/// unlike std's hasher).
+pub fn key_hash(topic: &str, key: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in topic.bytes().chain([b'#']).chain(key.bytes()) {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// A file's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    slots: u32,
+    capacity: u32,
+    entries: u32,
+    sealed: bool,
+    /// Earliest and latest store time among the entries (a query skips files outside its
+    /// time range).
+    begin_time: i64,
+    end_time: i64,
+    /// Commit-log offset before which every message was indexed when the file was sealed.
+    through: u64,
+    /// Commit-log offset of the last entry's message: the file goes once the log starts past it.
+    last_offset: u64,
+}
+
+impl Header {
+    fn new(size: IndexSize) -> Header {
+        Header {
+            slots: size.slots,
+            capacity: size.entries,
+            entries: 0,
+            sealed: false,
+            begin_time: i64::MAX,
+            end_time: i64::MIN,
+            through: 0,
+            last_offset: 0,
+        }
+    }
+
+    fn encode(&self) -> [u8; HEADER_LEN as usize] {
+        let mut b = [0u8; HEADER_LEN as usize];
+        let fields32 = [
+            MAGIC,
+            VERSION,
+            self.slots,
+            self.capacity,
+            self.entries,
+            u32::from(self.sealed),
+        ];
+        for (i, v) in fields32.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&v.to_be_bytes());
+        }
+        let fields64 = [
+            self.begin_time as u64,
+            self.end_time as u64,
+            self.through,
+            self.last_offset,
+        ];
+        for (i, v) in fields64.iter().enumerate() {
+            b[24 + i * 8..32 + i * 8].copy_from_slice(&v.to_be_bytes());
+        }
+        b
+    }
+
+    fn decode(b: &[u8; HEADER_LEN as usize]) -> Option<Header> {
+        let u32_at = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[i..i + 8]);
+            u64::from_be_bytes(x)
+        };
+        if u32_at(0) != MAGIC || u32_at(4) != VERSION || u32_at(8) == 0 || u32_at(12) == 0 {
+            return None;
+        }
+        Some(Header {
+            slots: u32_at(8),
+            capacity: u32_at(12),
+            entries: u32_at(16).min(u32_at(12)),
+            sealed: u32_at(20) != 0,
+            begin_time: u64_at(24) as i64,
+            end_time: u64_at(32) as i64,
+            through: u64_at(40),
+            last_offset: u64_at(48),
+        })
+    }
+}
+
+/// One index file.
+struct IndexFile {
+    seq: u64,
+    path: PathBuf,
+    file: File,
+    header: Header,
+    /// The slot table of the file being written (each slot: the 1-based number of its newest
+    /// entry, 0 for none); read from the file once it is sealed.
+    slots: Option<Vec<u32>>,
+}
+
+impl IndexFile {
+    fn slot_of(&self, hash: u32) -> u32 {
+        hash % self.header.slots
+    }
+
+    fn entry_pos(&self, number: u32) -> u64 {
+        HEADER_LEN + 4 * u64::from(self.header.slots) + ENTRY_LEN * u64::from(number - 1)
+    }
+
+    fn io(&self, e: std::io::Error) -> StoreError {
+        StoreError::io(&self.path, e)
+    }
+
+    /// The newest entry of `hash`'s slot (1-based; 0 for none).
+    fn head(&self, hash: u32) -> Result<u32, StoreError> {
+        let slot = self.slot_of(hash);
+        if let Some(slots) = &self.slots {
+            return Ok(slots[slot as usize]);
+        }
+        let mut b = [0u8; 4];
+        self.file
+            .read_exact_at(&mut b, HEADER_LEN + 4 * u64::from(slot))
+            .map_err(|e| self.io(e))?;
+        Ok(u32::from_be_bytes(b))
+    }
+
+    /// Entry `number` (1-based) and the number of the entry before it in its slot.
+    fn entry(&self, number: u32) -> Result<(IndexEntry, u32), StoreError> {
+        let mut b = [0u8; ENTRY_LEN as usize];
+        self.file
+            .read_exact_at(&mut b, self.entry_pos(number))
+            .map_err(|e| self.io(e))?;
+        Ok(decode_entry(&b))
+    }
+
+    /// Calls `visit` with the offset of each entry of `hash` stored within `[begin, end]`,
+    /// newest first, until it returns false; returns false if it did.
+    fn walk(
+        &self,
+        hash: u32,
+        begin: i64,
+        end: i64,
+        visit: &mut dyn FnMut(u64) -> Result<bool, StoreError>,
+    ) -> Result<bool, StoreError> {
+        let mut number = self.head(hash)?;
+        // Each step goes to an earlier entry; anything else is damage, and ends the walk.
+        while number != 0 && number <= self.header.entries {
+            let (e, prev) = self.entry(number)?;
+            if e.hash == hash && e.store_time >= begin && e.store_time <= end && !visit(e.offset)? {
+                return Ok(false);
+            }
+            if e.store_time < begin || prev >= number {
+                break;
+            }
+            number = prev;
+        }
+        Ok(true)
+    }
+
+    /// Writes the header (at the start of the file).
+    fn write_header(&self) -> Result<(), StoreError> {
+        self.file
+            .write_all_at(&self.header.encode(), 0)
+            .map_err(|e| self.io(e))
+    }
+}
+
+fn encode_entry(e: &IndexEntry, prev: u32, out: &mut Vec<u8>) {
+    out.extend_from_slice(&e.hash.to_be_bytes());
+    out.extend_from_slice(&prev.to_be_bytes());
+    out.extend_from_slice(&e.offset.to_be_bytes());
+    out.extend_from_slice(&e.store_time.to_be_bytes());
+}
+
+fn decode_entry(b: &[u8]) -> (IndexEntry, u32) {
+    let mut x = [0u8; 8];
+    let hash = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let prev = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+    x.copy_from_slice(&b[8..16]);
+    let offset = u64::from_be_bytes(x);
+    x.copy_from_slice(&b[16..24]);
+    let store_time = i64::from_be_bytes(x);
+    (
+        IndexEntry {
+            hash,
+            offset,
+            store_time,
+        },
+        prev,
+    )
+}
+
+/// How far the file being written had got when it was last on disk.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexCheckpoint {
+    /// Sequence number of the file being written.
+    file: u64,
+    /// Its entries on disk.
+    entries: u32,
+    /// Commit-log offset before which every message is indexed.
+    through: u64,
+}
+
+/// The files, and how far the log is indexed.
+struct Files {
+    /// Sealed files, oldest first.
+    sealed: Vec<IndexFile>,
+    /// The file being written.
+    active: IndexFile,
+    /// Commit-log offset before which every message is indexed.
+    through: u64,
+    /// Whether entries were added since the last checkpoint.
+    dirty: bool,
+}
+
+/// The key index of a store.
+pub struct KeyIndex {
+    dir: PathBuf,
+    size: IndexSize,
+    files: Mutex<Files>,
+}
+
+impl std::fmt::Debug for KeyIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyIndex").field("dir", &self.dir).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn file_name(seq: u64) -> String {
+    format!("{seq:020}")
+}
+
+/// Opens an index file and reads its header; `None` if it is not one (a file created but
+/// never given its header, or damaged).
+fn open_file(seq: u64, path: PathBuf) -> Result<Option<IndexFile>, StoreError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::io(&path, e))?;
+    let mut b = [0u8; HEADER_LEN as usize];
+    match file.read_exact_at(&mut b, 0) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(StoreError::io(&path, e)),
+    }
+    Ok(Header::decode(&b).map(|header| IndexFile {
+        seq,
+        path,
+        file,
+        header,
+        slots: None,
+    }))
+}
+
+impl KeyIndex {
+    /// Opens the index in `dir`, checked against the commit log that now spans
+    /// `[log_min, log_end)`: what the log no longer holds past its end (a torn tail cut by
+    /// recovery) is dropped, and indexing resumes from [`KeyIndex::indexed_through`].
+    pub fn open(
+        dir: &Path,
+        size: IndexSize,
+        log_min: u64,
+        log_end: u64,
+    ) -> Result<KeyIndex, StoreError> {
+        create_dir_durable(dir)?;
+        let mut found: Vec<(u64, PathBuf)> = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
+            let entry = entry.map_err(|e| StoreError::io(dir, e))?;
+            let name = entry.file_name();
+            let Some(seq) = name.to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            found.push((seq, entry.path()));
+        }
+        found.sort();
+        let checkpoint: Option<IndexCheckpoint> = match load_json(&dir.join("checkpoint.json")) {
+            Ok(c) => c,
+            Err(e @ StoreError::Json { .. }) => {
+                tracing::warn!(error = %e, "the key index's checkpoint cannot be read; the file it counted is built again");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let last_seq = found.last().map(|(s, _)| *s);
+        let mut sealed = Vec::new();
+        let mut active = None;
+        for (seq, path) in found {
+            let is_last = Some(seq) == last_seq;
+            match open_file(seq, path.clone())? {
+                Some(f) if f.header.sealed => sealed.push(f),
+                Some(f) if is_last && checkpoint.as_ref().is_some_and(|c| c.file == seq) => {
+                    active = Some(f)
+                }
+                // Not sealed and not the file the checkpoint counts: a file whose first
+                // checkpoint never came, or one left behind by damage. What it held is
+                // indexed again.
+                _ => {
+                    tracing::info!(file = %path.display(), "dropping an unfinished key index file");
+                    std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+                }
+            }
+        }
+        let next_seq = last_seq.map_or(1, |s| s + 1);
+        let (mut active, mut through) = match (active, checkpoint) {
+            (Some(mut f), Some(c)) => {
+                f.header.entries = c.entries.min(f.header.capacity);
+                (f, c.through)
+            }
+            _ => {
+                let through = sealed.last().map_or(log_min, |f| f.header.through);
+                (Self::create_file(dir, next_seq, size)?, through)
+            }
+        };
+        // Entries of messages past the log's end are gone with them.
+        let keep_before = if through > log_end { log_end } else { u64::MAX };
+        let kept = Self::replay(&mut active, keep_before)?;
+        if let Some(offset) = kept {
+            through = through.min(offset);
+        }
+        through = through.min(log_end).max(log_min);
+        let files = Files {
+            sealed,
+            active,
+            through,
+            dirty: true,
+        };
+        Ok(KeyIndex {
+            dir: dir.to_path_buf(),
+            size,
+            files: Mutex::new(files),
+        })
+    }
+
+    /// Creates file `seq`, empty, with its header.
+    fn create_file(dir: &Path, seq: u64, size: IndexSize) -> Result<IndexFile, StoreError> {
+        let path = dir.join(file_name(seq));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| StoreError::io(&path, e))?;
+        let f = IndexFile {
+            seq,
+            path,
+            file,
+            header: Header::new(size),
+            slots: Some(vec![0; size.slots as usize]),
+        };
+        f.write_header()?;
+        Ok(f)
+    }
+
+    /// Rebuilds the slots of the file being written from its entries, keeping those of
+    /// messages before `keep_before` and stopping at the first damaged one. Returns the
+    /// offset of the first entry dropped, if any.
+    fn replay(f: &mut IndexFile, keep_before: u64) -> Result<Option<u64>, StoreError> {
+        let mut slots = vec![0u32; f.header.slots as usize];
+        let (mut begin_time, mut end_time, mut last_offset) = (i64::MAX, i64::MIN, 0);
+        // No more than the file holds (a checkpoint counts only entries written before it,
+        // but the file system may have lost their length in a power cut).
+        let len = f
+            .file
+            .metadata()
+            .map_err(|e| StoreError::io(&f.path, e))?
+            .len();
+        let on_disk = len.saturating_sub(f.entry_pos(1)) / ENTRY_LEN;
+        let total = f
+            .header
+            .entries
+            .min(u32::try_from(on_disk).unwrap_or(u32::MAX));
+        let mut cut = (total < f.header.entries).then_some(f.header.last_offset);
+        let mut buf = vec![0u8; (ENTRY_LEN as usize) * 4096];
+        let mut number = 1u32;
+        'read: while number <= total {
+            let n = (total - number + 1).min(4096);
+            let b = &mut buf[..(n as usize) * ENTRY_LEN as usize];
+            f.file
+                .read_exact_at(b, f.entry_pos(number))
+                .map_err(|e| StoreError::io(&f.path, e))?;
+            for chunk in b.chunks_exact(ENTRY_LEN as usize) {
+                let (e, prev) = decode_entry(chunk);
+                let slot = (e.hash % f.header.slots) as usize;
+                // A valid entry chains to the slot's newest entry before it.
+                if e.offset >= keep_before || prev != slots[slot] {
+                    cut = Some(e.offset);
+                    break 'read;
+                }
+                slots[slot] = number;
+                begin_time = begin_time.min(e.store_time);
+                end_time = end_time.max(e.store_time);
+                last_offset = e.offset;
+                number += 1;
+            }
+        }
+        f.header.entries = number - 1;
+        f.header.begin_time = begin_time;
+        f.header.end_time = end_time;
+        f.header.last_offset = last_offset;
+        f.slots = Some(slots);
+        Ok(cut)
+    }
+
+    /// Commit-log offset before which every message is indexed: where indexing resumes.
+    pub fn indexed_through(&self) -> u64 {
+        lock(&self.files).through
+    }
+
+    /// Moves the start of indexing up to `offset` when the log no longer holds what lies
+    /// before it (retention, or a slave's log started at its master's first segment).
+    pub fn skip_to(&self, offset: u64) {
+        let mut f = lock(&self.files);
+        if f.through < offset {
+            f.through = offset;
+            f.dirty = true;
+        }
+    }
+
+    /// Adds the keys of the messages before `through` that the last call had not indexed.
+    pub fn add(&self, entries: &[IndexEntry], through: u64) -> Result<(), StoreError> {
+        let mut f = lock(&self.files);
+        let mut rest = entries;
+        while !rest.is_empty() {
+            if f.active.header.entries == f.active.header.capacity {
+                // Every message before this key's was indexed (its other keys may sit in
+                // the sealed file: a query sees the message once either way).
+                self.seal(&mut f, rest[0].offset)?;
+            }
+            let h = f.active.header;
+            let take = ((h.capacity - h.entries) as usize).min(rest.len());
+            Self::append(&mut f.active, &rest[..take])?;
+            rest = &rest[take..];
+        }
+        f.through = f.through.max(through);
+        f.dirty = true;
+        Ok(())
+    }
+
+    /// Writes `entries` to the file being written and links them into its slots; on a
+    /// failed write the slots are left as they were.
+    fn append(f: &mut IndexFile, entries: &[IndexEntry]) -> Result<(), StoreError> {
+        let header = f.header;
+        let Some(slots) = f.slots.as_mut() else {
+            return Err(StoreError::Corrupt(format!(
+                "{}: the key index file being written has no slot table",
+                f.path.display()
+            )));
+        };
+        let mut undo = Vec::with_capacity(entries.len());
+        let mut bytes = Vec::with_capacity(entries.len() * ENTRY_LEN as usize);
+        let mut number = header.entries;
+        for e in entries {
+            number += 1;
+            let slot = (e.hash % header.slots) as usize;
+            undo.push((slot, slots[slot]));
+            encode_entry(e, slots[slot], &mut bytes);
+            slots[slot] = number;
+        }
+        let at = HEADER_LEN + 4 * u64::from(header.slots) + ENTRY_LEN * u64::from(header.entries);
+        if let Err(e) = f.file.write_all_at(&bytes, at) {
+            for (slot, old) in undo.into_iter().rev() {
+                slots[slot] = old;
+            }
+            return Err(StoreError::io(&f.path, e));
+        }
+        let h = &mut f.header;
+        h.entries = number;
+        for e in entries {
+            h.begin_time = h.begin_time.min(e.store_time);
+            h.end_time = h.end_time.max(e.store_time);
+        }
+        if let Some(last) = entries.last() {
+            h.last_offset = last.offset;
+        }
+        Ok(())
+    }
+
+    /// Seals the full file being written (slot table and header written and synced) and
+    /// starts the next one.
+    fn seal(&self, f: &mut Files, through: u64) -> Result<(), StoreError> {
+        let next = Self::create_file(&self.dir, f.active.seq + 1, self.size)?;
+        let a = &mut f.active;
+        let slots = a.slots.as_deref().unwrap_or_default();
+        let mut table = Vec::with_capacity(slots.len() * 4);
+        for s in slots {
+            table.extend_from_slice(&s.to_be_bytes());
+        }
+        a.file
+            .write_all_at(&table, HEADER_LEN)
+            .map_err(|e| StoreError::io(&a.path, e))?;
+        a.header.sealed = true;
+        a.header.through = through;
+        let written = a
+            .write_header()
+            .and_then(|()| a.file.sync_data().map_err(|e| StoreError::io(&a.path, e)));
+        if let Err(e) = written {
+            a.header.sealed = false;
+            let _ = std::fs::remove_file(&next.path);
+            return Err(e);
+        }
+        a.slots = None;
+        tracing::debug!(file = %a.path.display(), entries = a.header.entries, "key index file sealed");
+        let done = std::mem::replace(&mut f.active, next);
+        f.sealed.push(done);
+        Ok(())
+    }
+
+    /// Makes what was added durable and records it, so a restart resumes from here.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let mut f = lock(&self.files);
+        if !f.dirty {
+            return Ok(());
+        }
+        let a = &f.active;
+        a.file.sync_data().map_err(|e| StoreError::io(&a.path, e))?;
+        let c = IndexCheckpoint {
+            file: a.seq,
+            entries: a.header.entries,
+            through: f.through,
+        };
+        save_json(&self.dir.join("checkpoint.json"), &c)?;
+        f.dirty = false;
+        Ok(())
+    }
+
+    /// Calls `visit` with the commit-log offset of each message filed under `topic`'s `key`
+    /// and stored within `[begin, end]` (ms), newest first, until it returns false. An
+    /// offset may come twice, and a hash collision may bring a message of another key.
+    pub fn query(
+        &self,
+        topic: &str,
+        key: &str,
+        begin: i64,
+        end: i64,
+        visit: &mut dyn FnMut(u64) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        let hash = key_hash(topic, key);
+        let f = lock(&self.files);
+        for file in std::iter::once(&f.active).chain(f.sealed.iter().rev()) {
+            let h = &file.header;
+            if h.entries == 0 || h.end_time < begin || h.begin_time > end {
+                continue;
+            }
+            if !file.walk(hash, begin, end, visit)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Store time of the newest indexed key (0 when there is none), for the answer's
+    /// `indexLastUpdateTimestamp`.
+    pub fn last_time(&self) -> i64 {
+        let f = lock(&self.files);
+        std::iter::once(&f.active)
+            .chain(f.sealed.iter().rev())
+            .find(|file| file.header.entries > 0)
+            .map_or(0, |file| file.header.end_time)
+    }
+
+    /// Deletes the sealed files whose every message lies before `log_min` (gone from the log).
+    pub fn delete_before(&self, log_min: u64) -> Result<(), StoreError> {
+        let mut f = lock(&self.files);
+        while f
+            .sealed
+            .first()
+            .is_some_and(|s| s.header.last_offset < log_min)
+        {
+            let old = f.sealed.remove(0);
+            std::fs::remove_file(&old.path).map_err(|e| StoreError::io(&old.path, e))?;
+            tracing::info!(file = %old.path.display(), "key index file deleted with the log it indexed");
+        }
+        Ok(())
+    }
+
+    /// Index files on disk (sealed and being written).
+    pub fn file_count(&self) -> usize {
+        lock(&self.files).sealed.len() + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    const SMALL: IndexSize = IndexSize {
+        slots: 4,
+        entries: 8,
+    };
+
+    fn entry(key: &str, offset: u64) -> IndexEntry {
+        IndexEntry {
+            hash: key_hash("T", key),
+            offset,
+            store_time: 1_000 + offset as i64,
+        }
+    }
+
+    /// Every offset filed under `key` within `[begin, end]`, as a query visits them.
+    fn find(index: &KeyIndex, key: &str, begin: i64, end: i64) -> Vec<u64> {
+        let mut out = Vec::new();
+        index
+            .query("T", key, begin, end, &mut |o| {
+                out.push(o);
+                Ok(true)
+            })
+            .unwrap();
+        out
+    }
+
+    fn all(index: &KeyIndex, key: &str) -> Vec<u64> {
+        find(index, key, i64::MIN, i64::MAX)
+    }
+
+    /// Keys `a` and `b` in turn, one message every 100 bytes from 0 to `n * 100`.
+    fn fill(index: &KeyIndex, n: u64) {
+        for i in 0..n {
+            let key = if i % 2 == 0 { "a" } else { "b" };
+            index.add(&[entry(key, i * 100)], (i + 1) * 100).unwrap();
+        }
+    }
+
+    #[test]
+    fn keys_are_the_client_id_then_each_key_of_keys() {
+        let p = "KEYS\u{1}k1 k2  k3\u{2}UNIQ_KEY\u{1}ID\u{2}TAGS\u{1}t\u{2}";
+        assert_eq!(keys(p).collect::<Vec<_>>(), ["ID", "k1", "k2", "k3"]);
+        assert!(has_key(p, "k2") && !has_key(p, "t") && !has_key(p, ""));
+        assert_eq!(keys("TAGS\u{1}t\u{2}").count(), 0);
+        assert_ne!(key_hash("T", "k"), key_hash("U", "k"));
+        // The hash is part of the file format: it must not change between builds.
+        assert_eq!(key_hash("", ""), 0x260c_9112);
+    }
+
+    #[test]
+    fn keys_are_found_newest_first_across_sealed_files_and_by_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = KeyIndex::open(dir.path(), SMALL, 0, u64::MAX).unwrap();
+        fill(&index, 20);
+        assert_eq!(index.file_count(), 3, "8 entries a file");
+        let a: Vec<u64> = (0..20)
+            .filter(|i| i % 2 == 0)
+            .rev()
+            .map(|i| i * 100)
+            .collect();
+        assert_eq!(all(&index, "a"), a);
+        assert_eq!(all(&index, "c"), Vec::<u64>::new());
+        // Store times are 1000 + offset: both bounds count.
+        assert_eq!(find(&index, "b", 1_300, 1_700), [700, 500, 300]);
+        assert_eq!(index.indexed_through(), 2_000);
+        assert_eq!(index.last_time(), 1_000 + 1_900);
+        // A visitor that has enough stops the walk.
+        let mut seen = 0;
+        index
+            .query("T", "a", i64::MIN, i64::MAX, &mut |_| {
+                seen += 1;
+                Ok(seen < 3)
+            })
+            .unwrap();
+        assert_eq!(seen, 3);
+    }
+
+    #[test]
+    fn a_restart_resumes_from_the_checkpoint_and_forgets_what_came_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = KeyIndex::open(dir.path(), SMALL, 0, u64::MAX).unwrap();
+        fill(&index, 11);
+        index.checkpoint().unwrap();
+        // Written but never counted by a checkpoint: a crash forgets them.
+        index
+            .add(&[entry("a", 1_100), entry("z", 1_100)], 1_200)
+            .unwrap();
+        drop(index);
+        let index = KeyIndex::open(dir.path(), SMALL, 0, u64::MAX).unwrap();
+        assert_eq!(index.indexed_through(), 1_100);
+        assert_eq!(all(&index, "z"), Vec::<u64>::new());
+        assert_eq!(all(&index, "a"), [1_000, 800, 600, 400, 200, 0]);
+        // Added again, the keys chain on from the checkpointed entries.
+        index.add(&[entry("a", 1_100)], 1_200).unwrap();
+        assert_eq!(all(&index, "a")[..2], [1_100, 1_000]);
+    }
+
+    #[test]
+    fn entries_of_messages_past_a_cut_log_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = KeyIndex::open(dir.path(), SMALL, 0, u64::MAX).unwrap();
+        fill(&index, 12);
+        index.checkpoint().unwrap();
+        drop(index);
+        // Recovery cut the log at 1,000: the messages at 1,000 and 1,100 are gone.
+        let index = KeyIndex::open(dir.path(), SMALL, 0, 1_000).unwrap();
+        assert_eq!(index.indexed_through(), 1_000);
+        assert_eq!(all(&index, "a"), [800, 600, 400, 200, 0]);
+        assert_eq!(all(&index, "b"), [900, 700, 500, 300, 100]);
+        // New messages at the same offsets are indexed afresh.
+        index.add(&[entry("c", 1_000)], 1_100).unwrap();
+        assert_eq!(all(&index, "c"), [1_000]);
+    }
+
+    #[test]
+    fn a_file_never_checkpointed_is_dropped_and_built_again_from_the_sealed_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = KeyIndex::open(dir.path(), SMALL, 0, u64::MAX).unwrap();
+        index.checkpoint().unwrap();
+        // Fills the first file (sealed when the ninth key comes) and starts the second: the
+        // checkpoint still names the first.
+        fill(&index, 10);
+        drop(index);
+        let index = KeyIndex::open(dir.path(), SMALL, 0, u64::MAX).unwrap();
+        assert_eq!(index.file_count(), 2, "the sealed file and a new one");
+        assert_eq!(index.indexed_through(), 800, "where the sealed file ended");
+        assert_eq!(all(&index, "a"), [600, 400, 200, 0]);
+    }
+
+    #[test]
+    fn a_damaged_entry_ends_the_replay_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = KeyIndex::open(dir.path(), SMALL, 0, u64::MAX).unwrap();
+        fill(&index, 6);
+        index.checkpoint().unwrap();
+        drop(index);
+        // The fourth entry's link to the entry before it in its slot is broken.
+        let path = dir.path().join(file_name(1));
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        let at = HEADER_LEN + 4 * u64::from(SMALL.slots) + ENTRY_LEN * 3 + 4;
+        file.write_all_at(&7u32.to_be_bytes(), at).unwrap();
+        let index = KeyIndex::open(dir.path(), SMALL, 0, u64::MAX).unwrap();
+        assert_eq!(
+            index.indexed_through(),
+            300,
+            "indexed again from the damaged entry"
+        );
+        assert_eq!(all(&index, "b"), [100]);
+    }
+
+    #[test]
+    fn sealed_files_go_once_the_log_no_longer_holds_their_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = KeyIndex::open(dir.path(), SMALL, 0, u64::MAX).unwrap();
+        fill(&index, 20);
+        index.delete_before(700).unwrap();
+        assert_eq!(
+            index.file_count(),
+            3,
+            "the first file's last message is at 700"
+        );
+        index.delete_before(701).unwrap();
+        assert_eq!(index.file_count(), 2);
+        assert_eq!(
+            all(&index, "a")[..],
+            [1_800, 1_600, 1_400, 1_200, 1_000, 800]
+        );
+        // Indexing resumes past what the log lost.
+        index.skip_to(5_000);
+        assert_eq!(index.indexed_through(), 5_000);
+        index.skip_to(10);
+        assert_eq!(index.indexed_through(), 5_000);
+    }
+}
