@@ -1,5 +1,6 @@
 //! Compatibility: the published `rocketmq-client-rust` 1.0 producer and push consumer against
-//! mqnamesrv (a pair) + mqbroker, unchanged. Plus our own mqadmin round trip on the same cluster.
+//! mqnamesrv (a pair) + mqbroker, unchanged, including its queries by key and message id. Plus
+//! our own mqadmin round trip and queries on the same cluster.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -29,6 +30,42 @@ async fn rocketmq_client_rust_produces_and_push_consumes_through_ferromq() -> Re
     let mut producer = common::producer(&rt, &namesrv, "compat_producer").await?;
     let per_broker = common::send_range(&producer, topic, 0..MESSAGES).await?;
     println!("sent {MESSAGES} messages: {per_broker:?}");
+
+    // The client's own queries (QUERY_MESSAGE): by key, and by the id a send returned.
+    let by_key = producer
+        .query_message(topic, "order-42", 32, 0, i64::MAX as u64)
+        .await?;
+    let mut seqs: Vec<u64> = by_key
+        .message_list()
+        .iter()
+        .map(|m| seq_of(m.message_inner().property("seq")))
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (420..430).collect::<Vec<_>>(),
+        "found by key order-42"
+    );
+    let sent = producer
+        .send_with_timeout(common::message("CompatQueryTopic", 7)?, 5_000)
+        .await?
+        .ok_or("send returned no result")?;
+    let id = sent.msg_id.clone().ok_or("no message id")?;
+    // The key index is built behind the log: a moment after the send.
+    let mut viewed = producer.view_message("CompatQueryTopic", id.as_str()).await;
+    for _ in 0..50 {
+        if viewed.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        viewed = producer.view_message("CompatQueryTopic", id.as_str()).await;
+    }
+    let viewed = viewed?;
+    assert_eq!(seq_of(viewed.message_inner().property("seq")), 7);
+    assert_eq!(
+        viewed.message_inner().property("UNIQ_KEY").as_deref(),
+        Some(id.as_str())
+    );
     producer.shutdown().await;
 
     for group in ["compat_group_1", "compat_group_2"] {
@@ -81,6 +118,44 @@ async fn rocketmq_client_rust_produces_and_push_consumes_through_ferromq() -> Re
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("consumed 200 messages"), "{stdout}");
+    let query = |args: &[&str]| {
+        std::process::Command::new(&admin)
+            .args(["-n", &namesrv])
+            .args(args)
+            .output()
+    };
+    let out = query(&["queryMsgByKey", "-t", topic, "-k", "key-9999"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.lines().count(),
+        2,
+        "a heading and one message: {stdout}"
+    );
+    let out = query(&[
+        "queryMsgByUniqueKey",
+        "-t",
+        "CompatQueryTopic",
+        "-i",
+        id.as_str(),
+    ])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("Message ID:        {id}")),
+        "{stdout}"
+    );
+    let out = query(&["queryMsgByKey", "-t", topic, "-k", "no-such-key"])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no message found by key no-such-key"));
 
     drop(broker);
     rt.shutdown().await;

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use broker::client::{Client, Message, Producer, PullConsumer};
 use broker::config::split_namesrv;
 use broker::remoting::connection::ClientError;
+use broker::remoting::header::QueryMessageRequestHeader;
 use broker::remoting::{RemotingCommand, RequestCode, SerializeType};
+use broker::store::index::has_key;
+use broker::store::message::{property, PROP_UNIQ_KEY};
 use broker::store::topics::TopicConfig;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
@@ -111,6 +114,35 @@ enum Cmd {
         /// Topic.
         #[arg(short = 't', long)]
         topic: String,
+    },
+    /// Find a topic's messages by key (`KEYS`) on every broker group that has the topic.
+    #[command(name = "queryMsgByKey")]
+    QueryMsgByKey {
+        /// Topic.
+        #[arg(short = 't', long)]
+        topic: String,
+        /// Key.
+        #[arg(short = 'k', long = "msgKey")]
+        key: String,
+        /// Earliest store time, ms since the epoch.
+        #[arg(short = 'b', long = "beginTimestamp", default_value_t = 0)]
+        begin: i64,
+        /// Latest store time, ms since the epoch.
+        #[arg(short = 'e', long = "endTimestamp", default_value_t = i64::MAX)]
+        end: i64,
+        /// Most messages per broker group (a broker answers 64 at most).
+        #[arg(short = 'm', long = "maxNum", default_value_t = 64)]
+        max: i32,
+    },
+    /// Show a message of a topic by the message id its producer was given (`UNIQ_KEY`).
+    #[command(name = "queryMsgByUniqueKey")]
+    QueryMsgByUniqueKey {
+        /// Topic.
+        #[arg(short = 't', long)]
+        topic: String,
+        /// Message id.
+        #[arg(short = 'i', long = "msgId")]
+        id: String,
     },
     /// Send messages.
     #[command(name = "produce")]
@@ -217,6 +249,15 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// A query's exit: finding nothing is a failure, as for Java's tools.
+fn queried(found: Result<usize, ClientError>, what: &str) -> ExitCode {
+    match found {
+        Ok(0) => fail(format!("no message found by {what}")),
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
 fn main() -> ExitCode {
     broker::logging::init("warn");
     let args = Args::parse();
@@ -288,6 +329,38 @@ async fn run(args: Args) -> ExitCode {
         }),
         Cmd::ClusterList => cluster_list(&client).await,
         Cmd::ConsumerProgress { group, topic } => consumer_progress(&client, &group, &topic).await,
+        Cmd::QueryMsgByKey {
+            topic,
+            key,
+            begin,
+            end,
+            max,
+        } => {
+            let q = QueryMessageRequestHeader {
+                topic,
+                key,
+                max_num: max,
+                begin_timestamp: begin,
+                end_timestamp: end,
+                index_type: Some("K".into()),
+                unique_key_query: None,
+            };
+            let what = format!("key {} in topic {}", q.key, q.topic);
+            return queried(query_messages(&client, q).await, &what);
+        }
+        Cmd::QueryMsgByUniqueKey { topic, id } => {
+            let q = QueryMessageRequestHeader {
+                topic,
+                key: id,
+                max_num: 32,
+                begin_timestamp: 0,
+                end_timestamp: i64::MAX,
+                index_type: Some("U".into()),
+                unique_key_query: Some("true".into()),
+            };
+            let what = format!("message id {} in topic {}", q.key, q.topic);
+            return queried(query_messages(&client, q).await, &what);
+        }
         Cmd::Produce {
             topic,
             count,
@@ -448,6 +521,74 @@ async fn consumer_progress(client: &Client, group: &str, topic: &str) -> Result<
     }
     println!("Total lag: {total}");
     Ok(())
+}
+
+/// Asks each broker group that has the topic (its master, or a slave while the master is
+/// away) for the messages `q` finds, and prints them: one line each by key, in full by id.
+/// Returns how many there were.
+async fn query_messages(
+    client: &Client,
+    q: QueryMessageRequestHeader,
+) -> Result<usize, ClientError> {
+    let route = client.refresh_route(&q.topic).await?;
+    let unique = q.unique_key_query.is_some();
+    let mut found = Vec::new();
+    for bd in &route.broker_datas {
+        let Some(addr) = bd
+            .master_addr()
+            .or(bd.broker_addrs.values().next().map(String::as_str))
+        else {
+            continue;
+        };
+        // The index files keys by hash: keep only what carries the key itself.
+        let matching = client
+            .query_message(addr, &q)
+            .await?
+            .into_iter()
+            .filter(|m| m.topic == q.topic && has_key(&m.properties, &q.key));
+        found.extend(matching.map(|m| (bd.broker_name.clone(), m)));
+    }
+    if !unique {
+        println!(
+            "{:<34} {:<16} {:>6} {:>12} {:<24}",
+            "#Message ID", "#Broker", "#Queue", "#Offset", "#Stored"
+        );
+    }
+    for (broker, m) in &found {
+        let id = property(&m.properties, PROP_UNIQ_KEY)
+            .map_or_else(|| m.offset_msg_id(), str::to_string);
+        let stored = ms_to_utc(m.store_timestamp);
+        if unique {
+            println!("Message ID:        {id}");
+            println!("Offset message ID: {}", m.offset_msg_id());
+            println!("Topic:             {}", m.topic);
+            println!(
+                "Broker:            {broker} (queue {}, offset {})",
+                m.queue_id, m.queue_offset
+            );
+            println!(
+                "Born:              {} from {}",
+                ms_to_utc(m.born_timestamp),
+                m.born_host
+            );
+            println!("Stored:            {stored} on {}", m.store_host);
+            println!("Reconsumed:        {} times", m.reconsume_times);
+            println!("Properties:        {:?}", m.properties_map());
+            println!("Body:              {}", String::from_utf8_lossy(&m.body));
+            println!();
+        } else {
+            println!(
+                "{id:<34} {broker:<16} {:>6} {:>12} {stored:<24}",
+                m.queue_id, m.queue_offset
+            );
+        }
+    }
+    Ok(found.len())
+}
+
+/// A time in ms since the epoch, as RFC 3339 in UTC (the number itself if out of range).
+fn ms_to_utc(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms).map_or_else(|_| ms.to_string(), |t| t.to_string())
 }
 
 fn body_of(seq: u64, size: usize) -> Bytes {

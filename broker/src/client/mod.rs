@@ -20,9 +20,9 @@ use crate::remoting::body::{
 use crate::remoting::connection::{ClientError, ConnectionPool};
 use crate::remoting::header::{
     CreateTopicRequestHeader, OffsetResponseHeader, PullMessageRequestHeader,
-    PullMessageResponseHeader, QueryConsumerOffsetRequestHeader, QueueRequestHeader,
-    TopicRequestHeader, UpdateConsumerOffsetRequestHeader, WipeWritePermRequestHeader,
-    PULL_SUBSCRIPTION, PULL_SUSPEND,
+    PullMessageResponseHeader, QueryConsumerOffsetRequestHeader, QueryMessageRequestHeader,
+    QueueRequestHeader, TopicRequestHeader, UpdateConsumerOffsetRequestHeader,
+    WipeWritePermRequestHeader, PULL_SUBSCRIPTION, PULL_SUSPEND,
 };
 use crate::remoting::{ExtFields, RemotingCommand, RequestCode, ResponseCode, SerializeType};
 use crate::store::message::{decode_stored, StoredMessage};
@@ -466,6 +466,29 @@ impl Client {
         )
         .await
         .map(|_| ())
+    }
+
+    /// Messages of `topic` a broker finds by `key` (a client message id with `unique`) among
+    /// those stored within `[begin, end]` (ms), at most `max`: QUERY_MESSAGE. None found is
+    /// an empty list, not an error.
+    pub async fn query_message(
+        &self,
+        broker: &str,
+        query: &QueryMessageRequestHeader,
+    ) -> Result<Vec<StoredMessage>, ClientError> {
+        let req = RemotingCommand::request(RequestCode::QueryMessage.code(), query.to_ext());
+        let resp = self.call(broker, req).await?;
+        if resp.code == ResponseCode::QueryNotFound.code() {
+            return Ok(Vec::new());
+        }
+        if resp.code != ResponseCode::Success.code() {
+            return Err(ClientError::Response {
+                addr: broker.to_string(),
+                code: resp.code,
+                remark: resp.remark.unwrap_or_default(),
+            });
+        }
+        decode_messages(&resp.body).map_err(|e| bad(broker, format!("queried messages: {e}")))
     }
 
     /// Pulls from a queue (no long polling unless `spec.suspend` is non-zero).

@@ -8,7 +8,9 @@ use tokio::net::TcpStream;
 
 use super::*;
 use crate::remoting::ext::ExtFields;
-use crate::remoting::header::{PullMessageRequestHeader, PullMessageResponseHeader};
+use crate::remoting::header::{
+    PullMessageRequestHeader, PullMessageResponseHeader, QueryMessageResponseHeader,
+};
 use crate::store::message::NewMessage;
 
 /// One HTTP/1.1 GET; the whole answer, status line first.
@@ -2171,4 +2173,86 @@ async fn a_half_message_too_large_to_count_another_question_is_set_aside() {
         .collect();
     assert_eq!(asked, ["C", "After"]);
     h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_message_answers_messages_by_key_and_client_id_as_java_clients_read_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let sent: Vec<NewMessage> = (0..40)
+        .map(|i| NewMessage {
+            properties: format!("KEYS\u{1}order-{} all\u{2}UNIQ_KEY\u{1}ID{i}\u{2}", i % 4),
+            body: Bytes::from(format!("m{i}")),
+            ..message()
+        })
+        .collect();
+    let results = h.broker.store.append(&sent).unwrap();
+    let ask = |key: &str, max: i32, unique: bool, index_type: Option<&str>| {
+        let mut req =
+            RemotingCommand::request(RequestCode::QueryMessage.code(), Default::default())
+                .with_ext("topic", "T")
+                .with_ext("key", key)
+                .with_ext("maxNum", max)
+                .with_ext("beginTimestamp", 0)
+                .with_ext("endTimestamp", i64::MAX);
+        if unique {
+            req = req.with_ext("_UNIQUE_KEY_QUERY", "true");
+        }
+        if let Some(t) = index_type {
+            req = req.with_ext("indexType", t);
+        }
+        let b = h.broker.clone();
+        async move { b.process(req, &test_peer()).await.unwrap() }
+    };
+    // The index is built behind the log.
+    let mut resp = ask("order-1", 64, false, None).await;
+    for _ in 0..200 {
+        if resp.code == ResponseCode::Success.code() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        resp = ask("order-1", 64, false, None).await;
+    }
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{:?}", resp.remark);
+    let header = QueryMessageResponseHeader::from_ext(&resp.ext_fields).unwrap();
+    assert_eq!(
+        header.index_last_update_phyoffset as u64,
+        results.last().unwrap().end
+    );
+    assert!(header.index_last_update_timestamp > 0);
+    let bodies: Vec<String> = crate::client::decode_messages(&resp.body)
+        .unwrap()
+        .iter()
+        .map(|m| String::from_utf8(m.body.to_vec()).unwrap())
+        .collect();
+    let expected: Vec<String> = (0..40)
+        .filter(|i| i % 4 == 1)
+        .map(|i| format!("m{i}"))
+        .collect();
+    assert_eq!(bodies, expected, "in log order");
+    // maxNum counts: the newest ones.
+    let resp = ask("all", 3, false, None).await;
+    let got = crate::client::decode_messages(&resp.body).unwrap();
+    assert_eq!(got.len(), 3);
+    assert_eq!(&got[0].body[..], b"m37");
+    // A client id: one message, whatever maxNum says.
+    let resp = ask("ID5", 0, true, Some("U")).await;
+    let got = crate::client::decode_messages(&resp.body).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].body[..], b"m5");
+    // Nothing found: Java's code and remark, with the index's reach still in the header.
+    let resp = ask("order-9", 64, false, Some("K")).await;
+    assert_eq!(resp.code, ResponseCode::QueryNotFound.code());
+    assert!(resp.remark.unwrap().contains("can not find message"));
+    assert!(QueryMessageResponseHeader::from_ext(&resp.ext_fields).is_ok());
+    // Tags are not indexed: refused rather than answered empty.
+    let resp = ask("order-1", 64, false, Some("T")).await;
+    assert_eq!(resp.code, ResponseCode::SystemError.code());
+    assert!(resp.remark.unwrap().contains("tag"));
+    // A request without its required fields says which.
+    let bad = RemotingCommand::request(RequestCode::QueryMessage.code(), Default::default())
+        .with_ext("topic", "T");
+    let resp = h.broker.process(bad, &test_peer()).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::SystemError.code());
+    assert!(resp.remark.unwrap().contains("key"));
 }
