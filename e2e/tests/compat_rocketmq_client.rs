@@ -63,7 +63,7 @@ async fn rocketmq_client_rust_produces_and_push_consumes_through_ferromq() -> Re
     let viewed = viewed?;
     assert_eq!(seq_of(viewed.message_inner().property("seq")), 7);
     assert_eq!(
-        viewed.message_inner().property("UNIQ_KEY").as_deref(),
+        viewed.message_inner().property("UNIQ_KEY"),
         Some(id.as_str())
     );
     producer.shutdown().await;
