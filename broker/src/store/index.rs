@@ -7,6 +7,11 @@
 //! directory has the whole log indexed again. Files (`index/<sequence>`) hold a header, a
 //! table of hash slots and entries. Each entry (key hash, commit-log offset, store time, the
 //! previous entry of its slot) chains back through the keys of the same slot, newest first.
+//! Whatever writes the log (a master's appends, a slave's indexing of what it received) hands
+//! the keys of what it wrote to the thread, which then need not read the messages back; the
+//! thread reads the log itself only for what it was not handed (at start, after a crash, or
+//! when it fell too far behind).
+//!
 //! The file being written keeps its slots in memory and writes its entries as it goes; its
 //! progress is recorded in `index/checkpoint.json` after the entries are on disk, and a
 //! restart replays the slots from the entries the checkpoint counts. A full file gets its slot
@@ -24,7 +29,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::commitlog::create_dir_durable;
-use super::message::{property, PROP_KEYS, PROP_UNIQ_KEY};
+use super::message::{TX_MASK, TX_ROLLBACK};
 use super::persist::{load_json, save_json};
 use super::StoreError;
 
@@ -39,6 +44,13 @@ const HEADER_LEN: u64 = 64;
 const ENTRY_LEN: u64 = 24;
 /// Separator of the keys in `KEYS` (Java's `MessageConst.KEY_SEPARATOR`).
 const KEY_SEPARATOR: char = ' ';
+/// Most entries handed over and not yet taken by the index's thread (6 MiB): past that the
+/// hand-over starts again, and the thread reads what it missed from the log.
+#[cfg(not(test))]
+const FEED_CAP: usize = 1 << 18;
+/// Few in tests, whose stores then index both ways.
+#[cfg(test)]
+const FEED_CAP: usize = 100;
 
 /// How large index files are: `maxHashSlotNum` slots, `maxIndexNum` entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,16 +83,41 @@ pub struct IndexEntry {
     pub store_time: i64,
 }
 
-/// The keys a message is found by: its client message id, then each of its `KEYS`.
+/// The keys a message is found by: its client message id (`UNIQ_KEY`), then each of its
+/// `KEYS`. One pass over the properties (this runs for every message stored); as everywhere,
+/// a repeated property's last value counts.
 pub fn keys(properties: &str) -> impl Iterator<Item = &str> {
-    property(properties, PROP_UNIQ_KEY)
-        .into_iter()
-        .chain(
-            property(properties, PROP_KEYS)
-                .into_iter()
-                .flat_map(|k| k.split(KEY_SEPARATOR)),
-        )
+    let (mut uniq, mut keys) = (None, None);
+    for kv in properties.split('\u{2}') {
+        if let Some(v) = kv.strip_prefix("UNIQ_KEY\u{1}") {
+            uniq = Some(v);
+        } else if let Some(v) = kv.strip_prefix("KEYS\u{1}") {
+            keys = Some(v);
+        }
+    }
+    uniq.into_iter()
+        .chain(keys.into_iter().flat_map(|k| k.split(KEY_SEPARATOR)))
         .filter(|k| !k.is_empty())
+}
+
+/// Adds the entries of one stored message to `out`: one per key, none for a rolled-back
+/// transaction's message (as Java's index skips them).
+pub fn entries_of(
+    out: &mut Vec<IndexEntry>,
+    topic: &str,
+    properties: &str,
+    sys_flag: i32,
+    offset: u64,
+    store_time: i64,
+) {
+    if sys_flag & TX_MASK == TX_ROLLBACK {
+        return;
+    }
+    out.extend(keys(properties).map(|k| IndexEntry {
+        hash: key_hash(topic, k),
+        offset,
+        store_time,
+    }));
 }
 
 /// Whether `key` is one of the keys [`keys`] gives for `properties`.
@@ -305,11 +342,31 @@ struct Files {
     dirty: bool,
 }
 
+/// Keys of messages just written, handed to the index's thread.
+#[derive(Debug, Default)]
+pub struct Feed {
+    /// The log range covered: the keys of every message in `[from, to)` are in `entries`.
+    pub from: u64,
+    /// End of the range covered.
+    pub to: u64,
+    /// The keys, in log order.
+    pub entries: Vec<IndexEntry>,
+}
+
+impl Feed {
+    /// The keys of the messages at or after `offset`.
+    pub fn from_offset(&self, offset: u64) -> &[IndexEntry] {
+        &self.entries[self.entries.partition_point(|e| e.offset < offset)..]
+    }
+}
+
 /// The key index of a store.
 pub struct KeyIndex {
     dir: PathBuf,
     size: IndexSize,
     files: Mutex<Files>,
+    /// Keys handed over by the log's writer, not yet taken.
+    feed: Mutex<Feed>,
 }
 
 impl std::fmt::Debug for KeyIndex {
@@ -425,6 +482,7 @@ impl KeyIndex {
             dir: dir.to_path_buf(),
             size,
             files: Mutex::new(files),
+            feed: Mutex::new(Feed::default()),
         })
     }
 
@@ -497,6 +555,37 @@ impl KeyIndex {
         f.header.last_offset = last_offset;
         f.slots = Some(slots);
         Ok(cut)
+    }
+
+    /// Hands over `entries`, the keys of the messages just written in `[from, to)` of the
+    /// log (and empties it). Called in log order; a range that does not follow the last one,
+    /// or a hand-over grown too long, starts it anew, and the thread reads what lies between
+    /// from the log.
+    pub fn hand_over(&self, from: u64, to: u64, entries: &mut Vec<IndexEntry>) {
+        let mut f = lock(&self.feed);
+        if f.to != from || f.entries.len() + entries.len() > FEED_CAP {
+            f.entries.clear();
+            f.from = from;
+        }
+        f.entries.append(entries);
+        f.to = to;
+    }
+
+    /// Takes what was handed over, if it covers any of the log.
+    pub fn take_handed(&self) -> Option<Feed> {
+        let mut f = lock(&self.feed);
+        if f.to <= f.from {
+            return None;
+        }
+        let to = f.to;
+        Some(std::mem::replace(
+            &mut *f,
+            Feed {
+                from: to,
+                to,
+                entries: Vec::new(),
+            },
+        ))
     }
 
     /// Commit-log offset before which every message is indexed: where indexing resumes.
@@ -830,6 +919,38 @@ mod tests {
             "indexed again from the damaged entry"
         );
         assert_eq!(all(&index, "b"), [100]);
+    }
+
+    #[test]
+    fn keys_handed_over_in_log_order_are_taken_at_once_and_a_gap_starts_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = KeyIndex::open(dir.path(), SMALL, 0, u64::MAX).unwrap();
+        assert!(index.take_handed().is_none());
+        index.hand_over(0, 100, &mut vec![entry("a", 0)]);
+        let mut two = vec![entry("b", 100), entry("c", 150)];
+        index.hand_over(100, 200, &mut two);
+        assert!(two.is_empty(), "taken");
+        let h = index.take_handed().unwrap();
+        assert_eq!((h.from, h.to, h.entries.len()), (0, 200, 3));
+        assert_eq!(h.from_offset(120), &[entry("c", 150)]);
+        assert!(index.take_handed().is_none(), "taken once");
+        // A range that does not follow (a write that failed in between) drops what was not
+        // taken: the thread reads the log up to the new range instead.
+        index.hand_over(200, 300, &mut vec![entry("d", 200)]);
+        index.hand_over(400, 500, &mut vec![entry("e", 400)]);
+        let h = index.take_handed().unwrap();
+        assert_eq!((h.from, h.to), (400, 500));
+        assert_eq!(h.entries, [entry("e", 400)]);
+        // So does one grown past its limit.
+        let mut many: Vec<IndexEntry> = (0..FEED_CAP as u64).map(|i| entry("f", 500 + i)).collect();
+        index.hand_over(500, 600, &mut many);
+        index.hand_over(600, 700, &mut vec![entry("g", 600)]);
+        let h = index.take_handed().unwrap();
+        assert_eq!((h.from, h.entries.len()), (600, 1));
+        // A range of messages without keys still moves the index on.
+        index.hand_over(700, 800, &mut Vec::new());
+        let h = index.take_handed().unwrap();
+        assert_eq!((h.from, h.to), (700, 800));
     }
 
     #[test]

@@ -315,7 +315,7 @@ pub struct MessageStore {
     commitlog: CommitLog,
     queues: Queues,
     /// Serializes appends so commit-log order and queue offsets agree; holds the encode buffer.
-    write_lock: Mutex<BytesMut>,
+    write_lock: Mutex<Encoded>,
     /// Commit-log offset below which every message is appended and dispatched to its queue.
     dispatched: AtomicU64,
     /// Commit-log offset the last checkpoint counts (a crash recovers from there).
@@ -356,8 +356,27 @@ pub struct KeyQuery {
     pub indexed_through: u64,
 }
 
-/// Log bytes read per step of the key index's thread.
+/// Messages encoded for one commit-log write, and their keys for the key index.
+struct Encoded {
+    bytes: BytesMut,
+    keys: Vec<IndexEntry>,
+}
+
+/// Log bytes read per step of the key index's thread, where it reads the log.
 const INDEX_CHUNK: u64 = 1 << 20;
+/// The key index's thread's pause once it has caught up (at most): keys gather meanwhile,
+/// and it wakes a couple of hundred times a second under load rather than for every write.
+const INDEX_PAUSE: Duration = Duration::from_millis(5);
+
+/// What the key index's thread keeps between steps.
+#[derive(Default)]
+struct IndexStep {
+    /// Keys handed over, kept while the log before them is read.
+    handed: Option<index::Feed>,
+    /// Log read buffer, and the keys found in it.
+    buf: Vec<u8>,
+    entries: Vec<IndexEntry>,
+}
 
 /// Where [`MessageStore::walk_log`] stopped.
 struct Walked {
@@ -587,7 +606,10 @@ impl MessageStore {
             cfg,
             commitlog,
             queues,
-            write_lock: Mutex::new(BytesMut::with_capacity(1 << 20)),
+            write_lock: Mutex::new(Encoded {
+                bytes: BytesMut::with_capacity(1 << 20),
+                keys: Vec::new(),
+            }),
             dispatched: AtomicU64::new(end),
             checkpointed: AtomicU64::new(end),
             disk_used: AtomicU64::new(0),
@@ -819,8 +841,10 @@ impl MessageStore {
         }
         let store_host = self.cfg.store_host;
         let max = self.commitlog.max_message_len();
-        let mut buf = lock(&self.write_lock);
+        let mut encoded = lock(&self.write_lock);
+        let Encoded { bytes: buf, keys } = &mut *encoded;
         buf.clear();
+        keys.clear();
         let now = topics::now_ms();
         let mut out: Vec<Result<Vec<PutResult>, StoreError>> = Vec::with_capacity(sends.len());
         // The sends encoded into `buf` but not yet written: (index in `out`, their entries).
@@ -847,7 +871,7 @@ impl MessageStore {
                 let pos = start + buf.len() as u64;
                 if self.commitlog.start_after(pos, total) != pos {
                     // Crossing into the next segment: write what is staged first.
-                    self.write_staged(&mut buf, start, &mut staged, &mut out);
+                    self.write_staged(buf, keys, start, &mut staged, &mut out);
                     next_in_queue.clear();
                 }
             }
@@ -880,8 +904,11 @@ impl MessageStore {
                 };
                 let phys = start + buf.len() as u64;
                 let before = buf.len();
-                m.encode(&mut buf, qoff as i64, phys as i64, now, &store_host);
+                m.encode(buf, qoff as i64, phys as i64, now, &store_host);
                 let size = (buf.len() - before) as u32;
+                if self.index.is_some() {
+                    index::entries_of(keys, &m.topic, &m.properties, m.sys_flag, phys, now);
+                }
                 let r = PutResult {
                     physical_offset: phys,
                     queue_offset: qoff,
@@ -894,17 +921,18 @@ impl MessageStore {
             staged.push((out.len(), entries));
             out.push(Ok(Vec::new()));
         }
-        self.write_staged(&mut buf, start, &mut staged, &mut out);
-        drop(buf);
+        self.write_staged(buf, keys, start, &mut staged, &mut out);
+        drop(encoded);
         self.appended.notify_waiters();
         out
     }
 
     /// Writes the encoded `buf` (starting at commit-log offset `start`), indexes its messages
-    /// and fills in the results of the sends it carried.
+    /// (their `keys` go to the key index) and fills in the results of the sends it carried.
     fn write_staged(
         &self,
         buf: &mut BytesMut,
+        keys: &mut Vec<IndexEntry>,
         start: u64,
         staged: &mut Staged,
         out: &mut [Result<Vec<PutResult>, StoreError>],
@@ -932,10 +960,14 @@ impl MessageStore {
                     )?;
                 }
             }
-            self.dispatched
-                .store(at + buf.len() as u64, Ordering::Release);
+            let end = at + buf.len() as u64;
+            if let Some(index) = &self.index {
+                index.hand_over(at, end, keys);
+            }
+            self.dispatched.store(end, Ordering::Release);
             Ok(())
         });
+        keys.clear();
         for (i, entries) in staged.drain(..) {
             out[i] = match &written {
                 Ok(()) => Ok(entries.into_iter().map(|(_, r, _)| r).collect()),
@@ -980,9 +1012,20 @@ impl MessageStore {
         }
         // `partial` starts at the dispatched offset, always a message (or filler) boundary.
         let from = self.dispatched.load(Ordering::Acquire);
+        let mut keys = Vec::new();
         let walked = self.walk_log(&partial.bytes, from, |pos, msg| {
             match message::parse_stored_for_index(msg) {
                 Ok(m) => {
+                    if self.index.is_some() {
+                        index::entries_of(
+                            &mut keys,
+                            m.topic,
+                            m.properties,
+                            m.sys_flag,
+                            pos,
+                            m.store_timestamp,
+                        );
+                    }
                     let cq = self.queue_or_create(m.topic, m.queue_id)?;
                     cq.put(
                         m.queue_offset as u64,
@@ -1004,6 +1047,9 @@ impl MessageStore {
         })?;
         let (used, untrusted) = (walked.used, walked.untrusted);
         let pos = from + used as u64;
+        if let Some(index) = &self.index {
+            index.hand_over(from, pos, &mut keys);
+        }
         partial.bytes.drain(..used);
         self.dispatched.store(pos, Ordering::Release);
         if untrusted.is_some() {
@@ -1082,9 +1128,9 @@ impl MessageStore {
         let Some(index) = &self.index else {
             return;
         };
-        let (mut buf, mut entries) = (Vec::new(), Vec::new());
+        let mut step = IndexStep::default();
         let mut last_checkpoint = Instant::now();
-        let mut idle = Duration::from_millis(1);
+        let mut idle = INDEX_PAUSE;
         let mut failing = false;
         let (mut last_report, mut reported_from) = (Instant::now(), index.indexed_through());
         loop {
@@ -1092,7 +1138,7 @@ impl MessageStore {
                 return;
             }
             let stopping = self.flush.stop.load(Ordering::Acquire);
-            let progressed = match self.index_step(index, &mut buf, &mut entries) {
+            let progressed = match self.index_step(index, &mut step) {
                 Ok(p) => {
                     if failing {
                         tracing::info!("the key index is being built again");
@@ -1132,44 +1178,59 @@ impl MessageStore {
             if failing {
                 self.pause(Duration::from_secs(1));
             } else if progressed {
-                idle = Duration::from_millis(1);
+                idle = INDEX_PAUSE;
             } else {
                 self.pause(idle);
-                // Under load each pause lets a millisecond of sends gather; a quiet broker
+                // Under load each pause lets a few milliseconds of keys gather; a quiet broker
                 // looks twenty times a second.
                 idle = (idle * 2).min(Duration::from_millis(50));
             }
         }
     }
 
-    /// Indexes the keys of the messages in the next chunk of the log; whether there was one.
-    fn index_step(
-        &self,
-        index: &KeyIndex,
-        buf: &mut Vec<u8>,
-        entries: &mut Vec<IndexEntry>,
-    ) -> Result<bool, StoreError> {
+    /// Indexes what was handed over, or the next chunk of the log where nothing was (what
+    /// lies before the hand-over's range); whether there was anything to index.
+    fn index_step(&self, index: &KeyIndex, step: &mut IndexStep) -> Result<bool, StoreError> {
         index.skip_to(self.commitlog.min_offset());
         let from = index.indexed_through();
-        let end = self.dispatched.load(Ordering::Acquire);
-        if from >= end {
+        if step.handed.is_none() {
+            step.handed = index.take_handed();
+        }
+        let until = match &step.handed {
+            Some(h) if h.to <= from => {
+                step.handed = None;
+                return Ok(true);
+            }
+            Some(h) if h.from <= from => {
+                index.add(h.from_offset(from), h.to)?;
+                step.handed = None;
+                return Ok(true);
+            }
+            Some(h) => h.from,
+            None => self.dispatched.load(Ordering::Acquire),
+        };
+        if from >= until {
             return Ok(false);
         }
-        let mut len = self.commitlog.chunk_len(from, INDEX_CHUNK).min(end - from);
+        let (buf, entries) = (&mut step.buf, &mut step.entries);
+        let mut len = self
+            .commitlog
+            .chunk_len(from, INDEX_CHUNK)
+            .min(until - from);
         loop {
             buf.resize(len as usize, 0);
             self.commitlog.read_into(from, buf)?;
             entries.clear();
             let walked = self.walk_log(buf, from, |pos, msg| {
                 match message::parse_stored_for_index(msg) {
-                    Ok(m) if m.sys_flag & message::TX_MASK != message::TX_ROLLBACK => {
-                        entries.extend(index::keys(m.properties).map(|k| IndexEntry {
-                            hash: index::key_hash(m.topic, k),
-                            offset: pos,
-                            store_time: m.store_timestamp,
-                        }));
-                    }
-                    Ok(_) => {}
+                    Ok(m) => index::entries_of(
+                        entries,
+                        m.topic,
+                        m.properties,
+                        m.sys_flag,
+                        pos,
+                        m.store_timestamp,
+                    ),
                     Err(e) => tracing::warn!(offset = pos, error = %e, "a message cannot be read; it is not indexed by key"),
                 }
                 Ok(())
@@ -1198,7 +1259,7 @@ impl MessageStore {
                     "the key index cannot read the message at {from}"
                 )));
             }
-            len = self.commitlog.chunk_len(from, size).min(end - from);
+            len = self.commitlog.chunk_len(from, size).min(until - from);
         }
     }
 
