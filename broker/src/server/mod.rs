@@ -1100,6 +1100,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     let commitlog_flushed = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
     let commitlog_indexed = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
     let checkpoint = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+    let key_index = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
     let consumers_gauge = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
     registry.register(
         "commitlog_max_offset",
@@ -1120,6 +1121,11 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         "checkpoint_offset",
         "End of the commit log the last checkpoint counts; a crash recovers by rescanning from here, so one falling behind commitlog_max_offset means checkpoints stopped (a failed sync: see the log)",
         checkpoint.clone(),
+    );
+    registry.register(
+        "key_index_offset",
+        "End of the commit log the key index covers (QUERY_MESSAGE; -1 with messageIndexEnable=false): far behind commitlog_indexed_offset means it is being rebuilt or cannot be written (see the log)",
+        key_index.clone(),
     );
     registry.register(
         "consumer_clients",
@@ -1317,6 +1323,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             commitlog_max.set(b.store.commitlog().max_offset() as i64);
             commitlog_indexed.set(b.store.dispatched_offset() as i64);
             checkpoint.set(b.store.checkpoint_offset() as i64);
+            key_index.set(b.store.key_index_offset().map_or(-1, |o| o as i64));
             commitlog_flushed.set(b.store.commitlog().flushed_offset() as i64);
             // How full the disk is, every 10 s (a statvfs call): past diskMaxUsedSpaceRatio
             // expired segments go at once; past diskSpaceWarningLevelRatio the store refuses

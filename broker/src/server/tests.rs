@@ -1605,6 +1605,7 @@ async fn metrics_show_how_far_the_log_is_indexed_and_checkpointed() {
     let want = [
         format!("ferromq_broker_commitlog_indexed_offset {end}"),
         format!("ferromq_broker_checkpoint_offset {end}"),
+        format!("ferromq_broker_key_index_offset {end}"),
     ];
     let mut metrics = String::new();
     for _ in 0..60 {

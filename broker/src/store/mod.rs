@@ -1306,6 +1306,11 @@ impl MessageStore {
         })
     }
 
+    /// Commit-log offset before which every message is in the key index; none without one.
+    pub fn key_index_offset(&self) -> Option<u64> {
+        self.index.as_ref().map(KeyIndex::indexed_through)
+    }
+
     /// The stored bytes of the message at `offset`, whole.
     fn read_stored(&self, offset: u64) -> Result<Bytes, StoreError> {
         let mut head = [0u8; 4];
