@@ -14,11 +14,9 @@ const MAX_IO_THREADS: usize = 256;
 /// the disk or the network, not waking up, is what the send waits for.
 const MAX_SYNC_WAIT_SPIN_US: u64 = 10_000;
 
-/// Most key-index slots per file: the table of the file being written is kept in memory (4
-/// bytes a slot), so this caps it at 200 MB.
-const MAX_INDEX_SLOTS: u32 = 50_000_000;
-/// Most key-index entries per file (24 bytes each: a 2.4 GB file).
-const MAX_INDEX_ENTRIES: u32 = 100_000_000;
+/// Fewest key-index entries per file accepted: files of a few entries would seal (a slot table
+/// written and synced) every few keys.
+const MIN_INDEX_ENTRIES: u32 = 1_000;
 
 /// Shortest queue-lock live time accepted. It refuses only the absurd (0 would let a lock
 /// lapse a millisecond after it was taken): values under the clients' own lock lifetime (Java's
@@ -681,20 +679,20 @@ impl BrokerConfig {
         if self.transaction_check_interval_ms == 0 {
             return Err(bad("transactionCheckInterval", "0", "at least 1 ms"));
         }
-        // An entry per slot at least; and a file's entries addressed by 32 bits, well within.
-        let crate::store::index::IndexSize { slots, entries } = self.index_size;
-        if !(1..=MAX_INDEX_SLOTS).contains(&slots) {
+        use crate::store::index::{IndexSize, MAX_ENTRIES, MAX_SLOTS};
+        let IndexSize { slots, entries } = self.index_size;
+        if !(1..=MAX_SLOTS).contains(&slots) {
             return Err(bad(
                 "maxHashSlotNum",
                 &slots.to_string(),
-                &format!("1 to {MAX_INDEX_SLOTS}"),
+                &format!("1 to {MAX_SLOTS}"),
             ));
         }
-        if !(1..=MAX_INDEX_ENTRIES).contains(&entries) {
+        if !(MIN_INDEX_ENTRIES..=MAX_ENTRIES).contains(&entries) {
             return Err(bad(
                 "maxIndexNum",
                 &entries.to_string(),
-                &format!("1 to {MAX_INDEX_ENTRIES}"),
+                &format!("{MIN_INDEX_ENTRIES} to {MAX_ENTRIES}"),
             ));
         }
         if !(1..=MAX_IO_THREADS).contains(&self.io_threads) {
@@ -889,7 +887,8 @@ mod tests {
             "brokerName=b\nbrokerId=1\nbrokerRole=SLAVE\nflushDiskType=SYNC_FLUSH\n\
              namesrvAddr=a:1;b:2\nmessageDelayLevel=1s 90s 5m 2h 1d\ndeleteWhen=04;16\n\
              diskSpaceWarningLevelRatio=0.875\nhaMasterAddress=m:10912\nshortPollingTimeMills=250\n\
-             transactionTimeOut=2000\ntransactionCheckMax=3\ntransactionCheckInterval=500",
+             transactionTimeOut=2000\ntransactionCheckMax=3\ntransactionCheckInterval=500\n\
+             messageIndexEnable=false\nmaxHashSlotNum=1000\nmaxIndexNum=5000",
         )
         .unwrap();
         let text = c.to_properties();
@@ -906,7 +905,13 @@ mod tests {
             ),
             (2000, 3, 500)
         );
+        assert!(!c.message_index);
+        assert_eq!((c.index_size.slots, c.index_size.entries), (1000, 5000));
         for bad in [
+            "maxHashSlotNum=0",
+            "maxHashSlotNum=60000000",
+            "maxIndexNum=10",
+            "messageIndexEnable=yes",
             "transactionCheckInterval=0",
             "transactionCheckMax=-1",
             "transactionTimeOut=x",

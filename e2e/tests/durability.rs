@@ -1,5 +1,6 @@
 //! Crash and restart behaviour of a single-master broker, driven through ferromq's own client:
-//! SIGKILL during a send loop, clean restarts, consumer offsets across restarts.
+//! SIGKILL during a send loop (and the key index after it), clean restarts, consumer offsets
+//! across restarts.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use broker::client::{Client, Message, Producer, PullConsumer};
+use broker::remoting::header::QueryMessageRequestHeader;
 use broker::store::topics::TopicConfig;
 use bytes::Bytes;
 use e2e::{Broker, BrokerSpec, Error, NameServer};
@@ -81,6 +83,9 @@ fn check_order_and_duplicates(read: &[(u64, i32, i64)]) -> HashSet<u64> {
     seen
 }
 
+/// Acknowledged sends by seq: where each was stored, and its message id.
+type Acked = HashMap<u64, (i32, i64, String)>;
+
 /// Sends from several tasks until the broker is killed; returns the acknowledged seqs.
 async fn crash_during_sends(flush: &str) -> Result<(usize, usize), Error> {
     let dir = e2e::test_dir("crash")?;
@@ -89,7 +94,7 @@ async fn crash_during_sends(flush: &str) -> Result<(usize, usize), Error> {
     let client = Client::new(vec![ns.addr.clone()]);
     setup(&client, &broker).await?;
 
-    let acked: Arc<Mutex<HashMap<u64, (i32, i64)>>> = Arc::default();
+    let acked: Arc<Mutex<Acked>> = Arc::default();
     let mut tasks = Vec::new();
     for t in 0..8u64 {
         let producer = Producer::new(client.clone(), "crash_producer").with_attempts(1);
@@ -108,7 +113,7 @@ async fn crash_during_sends(flush: &str) -> Result<(usize, usize), Error> {
                     Ok(r) if r.is_ok() => {
                         acked
                             .lock()
-                            .map(|mut a| a.insert(seq, (r.queue_id, r.queue_offset)))
+                            .map(|mut a| a.insert(seq, (r.queue_id, r.queue_offset, r.msg_id)))
                             .ok();
                     }
                     _ => failures += 1,
@@ -140,9 +145,49 @@ async fn crash_during_sends(flush: &str) -> Result<(usize, usize), Error> {
         .collect();
     // Where a message is found, it must be where the broker said it stored it.
     let by_seq: HashMap<u64, (i32, i64)> = read.iter().map(|(s, q, o)| (*s, (*q, *o))).collect();
-    for (seq, at) in &acked {
+    for (seq, (queue, offset, _)) in &acked {
         if let Some(found) = by_seq.get(seq) {
-            assert_eq!(found, at, "message {seq} moved after recovery");
+            assert_eq!(
+                *found,
+                (*queue, *offset),
+                "message {seq} moved after recovery"
+            );
+        }
+    }
+    // The key index, caught up with the recovered log, finds them by message id: the newest
+    // (indexed after its last checkpoint, so indexed again) and every hundredth of the rest.
+    let mut recovered: Vec<(u64, &str)> = acked
+        .iter()
+        .filter(|(s, _)| seen.contains(s))
+        .map(|(s, (_, _, id))| (*s, id.as_str()))
+        .collect();
+    recovered.sort_unstable();
+    let newest = recovered.len().saturating_sub(50);
+    for (i, (seq, id)) in recovered.iter().enumerate() {
+        if i < newest && i % 100 != 0 {
+            continue;
+        }
+        let query = QueryMessageRequestHeader {
+            topic: TOPIC.into(),
+            key: id.to_string(),
+            max_num: 32,
+            begin_timestamp: 0,
+            end_timestamp: i64::MAX,
+            index_type: None,
+            unique_key_query: Some("true".into()),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !client
+            .query_message(&broker.addr, &query)
+            .await?
+            .iter()
+            .any(|m| seq_of(&m.body) == Some(*seq))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "message {seq} (id {id}) not found by its id after recovery"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
     println!(

@@ -540,10 +540,16 @@ async fn query_messages(
         else {
             continue;
         };
+        // One group that cannot answer does not hide what the others hold (as Java's tools).
+        let messages = match client.query_message(addr, &q).await {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("mqadmin: {} ({addr}): {e}", bd.broker_name);
+                continue;
+            }
+        };
         // The index files keys by hash: keep only what carries the key itself.
-        let matching = client
-            .query_message(addr, &q)
-            .await?
+        let matching = messages
             .into_iter()
             .filter(|m| m.topic == q.topic && has_key(&m.properties, &q.key));
         found.extend(matching.map(|m| (bd.broker_name.clone(), m)));

@@ -1431,3 +1431,31 @@ fn retention_deletes_index_files_with_the_log_they_indexed() {
     assert!(left.len() < 700);
     store.shutdown();
 }
+
+#[test]
+fn an_index_entry_pointing_inside_other_data_is_passed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    // A body whose first bytes read as a size that runs past the segment's end, but not
+    // past the log's.
+    let mut decoy = keyed("T", 0, "k");
+    decoy.body = Bytes::from([&65_400i32.to_be_bytes()[..], &[b'x'; 600][..]].concat());
+    store.append(&[keyed("T", 1, "k")]).unwrap();
+    let at = store.append(&[decoy]).unwrap()[0].physical_offset;
+    for i in 2..300 {
+        store.append(&[keyed("T", i, "other")]).unwrap();
+    }
+    wait_indexed(&store);
+    // An entry left by a message a power cut took, whose offset now lies inside the decoy's
+    // body (88 bytes of header before it).
+    let index = store.index.as_ref().unwrap();
+    let stale = IndexEntry {
+        hash: index::key_hash("T", "k"),
+        offset: at + 88,
+        store_time: topics::now_ms(),
+    };
+    index.add(&[stale], store.dispatched_offset()).unwrap();
+    let q = store.query_by_key("T", "k", 64, 0, i64::MAX).unwrap();
+    assert_eq!(q.messages.len(), 2, "the two messages, not an error");
+    store.shutdown();
+}
