@@ -217,6 +217,9 @@ pub struct BrokerConfig {
     pub transaction_check_interval_ms: u64,
     /// `messageIndexEnable`: whether messages can be found by key (QUERY_MESSAGE).
     pub message_index: bool,
+    /// `enablePropertyFilter`: whether consumers may select messages by SQL92 expressions
+    /// over their properties (off by default, as in Java).
+    pub property_filter: bool,
     /// `maxHashSlotNum`, `maxIndexNum`: the key index's slots and entries per file.
     pub index_size: crate::store::index::IndexSize,
 }
@@ -269,6 +272,7 @@ impl Default for BrokerConfig {
             transaction_check_interval_ms: 60_000,
             message_index: true,
             index_size: Default::default(),
+            property_filter: false,
         }
     }
 }
@@ -459,6 +463,7 @@ impl BrokerConfig {
                 "transactionTimeOut" => c.transaction_timeout_ms = num(k, v, "milliseconds")?,
                 "transactionCheckMax" => c.transaction_check_max = num(k, v, "a count")?,
                 "messageIndexEnable" => c.message_index = boolean(k, v)?,
+                "enablePropertyFilter" => c.property_filter = boolean(k, v)?,
                 "maxHashSlotNum" => c.index_size.slots = num(k, v, "a slot count")?,
                 "maxIndexNum" => c.index_size.entries = num(k, v, "an entry count")?,
                 "transactionCheckInterval" => {
@@ -591,6 +596,7 @@ impl BrokerConfig {
                 self.transaction_check_interval_ms.to_string(),
             ),
             ("messageIndexEnable", self.message_index.to_string()),
+            ("enablePropertyFilter", self.property_filter.to_string()),
             ("maxHashSlotNum", self.index_size.slots.to_string()),
             ("maxIndexNum", self.index_size.entries.to_string()),
         ];
@@ -888,7 +894,8 @@ mod tests {
              namesrvAddr=a:1;b:2\nmessageDelayLevel=1s 90s 5m 2h 1d\ndeleteWhen=04;16\n\
              diskSpaceWarningLevelRatio=0.875\nhaMasterAddress=m:10912\nshortPollingTimeMills=250\n\
              transactionTimeOut=2000\ntransactionCheckMax=3\ntransactionCheckInterval=500\n\
-             messageIndexEnable=false\nmaxHashSlotNum=1000\nmaxIndexNum=5000",
+             messageIndexEnable=false\nmaxHashSlotNum=1000\nmaxIndexNum=5000\n\
+             enablePropertyFilter=true",
         )
         .unwrap();
         let text = c.to_properties();
@@ -905,7 +912,7 @@ mod tests {
             ),
             (2000, 3, 500)
         );
-        assert!(!c.message_index);
+        assert!(!c.message_index && c.property_filter);
         assert_eq!((c.index_size.slots, c.index_size.entries), (1000, 5000));
         for bad in [
             "maxHashSlotNum=0",

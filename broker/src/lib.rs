@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod config;
+pub mod filter;
 pub mod http;
 pub mod logging;
 pub mod nameserver;

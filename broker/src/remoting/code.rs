@@ -202,12 +202,17 @@ pub enum ResponseCode {
     PullOffsetMoved = 21,
     /// A query found nothing.
     QueryNotFound = 22,
+    /// A subscription's expression cannot be parsed.
+    SubscriptionParseFailed = 23,
     /// The consumer's subscription is unknown to the broker.
     SubscriptionNotExist = 24,
     /// The consumer's subscription is older than the broker's.
     SubscriptionNotLatest = 25,
     /// The consumer group does not exist.
     SubscriptionGroupNotExist = 26,
+    /// The broker holds no usable filter for the consumer's SQL92 subscription (its heartbeat
+    /// carried an expression that does not parse).
+    FilterDataNotExist = 27,
     /// No client of the consumer group is connected.
     ConsumerNotOnline = 206,
 }

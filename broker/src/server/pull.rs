@@ -15,6 +15,8 @@ use crate::store::{Boundary, GetResult, GetStatus, StoreError};
 
 use super::clients::TagFilter;
 use super::Broker;
+use crate::filter::Selector;
+use crate::store::message::parse_stored_for_index;
 
 use crate::remoting::header::{PULL_COMMIT_OFFSET, PULL_SUBSCRIPTION, PULL_SUSPEND};
 
@@ -123,12 +125,30 @@ impl Broker {
                 None => Default::default(),
             }
         };
-        // Only tag expressions are understood: read as tags, an SQL92 expression would match
-        // nothing, and the consumer's offset would move past every message.
-        if let Some(refused) = unsupported_filter(expr_type) {
-            return req.error_to(ResponseCode::SystemError, refused);
-        }
-        let filter = TagFilter::parse(&expr);
+        let filter = match self.subscription_filter(&expr, expr_type.as_deref()) {
+            Ok(f) => f,
+            Err((code, why)) => {
+                // Java's remarks: an expression sent with the pull, or one the heartbeat
+                // registered (which Java's broker would not have kept).
+                let remark = match code {
+                    ResponseCode::SubscriptionParseFailed
+                        if h.sys_flag & PULL_SUBSCRIPTION != 0 =>
+                    {
+                        format!("parse the consumer's subscription failed: {why}")
+                    }
+                    ResponseCode::SubscriptionParseFailed => {
+                        return req.error_to(
+                            ResponseCode::FilterDataNotExist,
+                            format!(
+                                "The broker's consumer filter data is not exist!Your expression may be wrong! ({why})"
+                            ),
+                        );
+                    }
+                    _ => why,
+                };
+                return req.error_to(code, remark);
+            }
+        };
         if h.sys_flag & PULL_COMMIT_OFFSET != 0 && self.is_master() {
             if let Some(off) = h.commit_offset.filter(|o| *o >= 0) {
                 self.store
@@ -174,10 +194,15 @@ impl Broker {
                 n.enable();
             }
             let got = match self
-                .read(&h.topic, h.queue_id, offset, max, max_bytes, &filter)
+                .read(&h.topic, h.queue_id, offset, max, max_bytes, &filter.tags)
                 .await
             {
-                Ok(g) => g,
+                Ok(mut g) => {
+                    if let Some(selector) = &filter.sql {
+                        select(&mut g, selector);
+                    }
+                    g
+                }
                 Err(e) => {
                     return req.error_to(ResponseCode::SystemError, format!("read failed: {e}"))
                 }
@@ -448,9 +473,12 @@ impl Broker {
                 return req.error_to(ResponseCode::SystemError, format!("bad request body: {e}"))
             }
         };
-        match unsupported_filter(body.subscription_data.and_then(|s| s.expression_type)) {
-            Some(refused) => req.error_to(ResponseCode::SystemError, refused),
-            None => req.response_to(ResponseCode::Success),
+        let Some(sub) = body.subscription_data else {
+            return req.response_to(ResponseCode::Success);
+        };
+        match self.subscription_filter(&sub.sub_string, sub.expression_type.as_deref()) {
+            Ok(_) => req.response_to(ResponseCode::Success),
+            Err((code, why)) => req.error_to(code, why),
         }
     }
 
@@ -535,10 +563,70 @@ impl Broker {
     }
 }
 
-/// Why a subscription of `expression_type` cannot be served (Java's remark), when it is not a
-/// tag expression: read as tags, an SQL92 expression would match nothing.
-fn unsupported_filter(expression_type: Option<String>) -> Option<String> {
-    expression_type
-        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("TAG"))
-        .map(|t| format!("The broker does not support consumer to filter message by {t}"))
+/// How a pull selects messages: by tag code in the consume queue, then, for an SQL92
+/// subscription, by its selector over each message's properties.
+struct MessageFilter {
+    tags: TagFilter,
+    sql: Option<Selector>,
+}
+
+impl Broker {
+    /// The filter of a subscription of `expression_type`, or the code and remark refusing it:
+    /// SQL92 only with `enablePropertyFilter` (Java's remark otherwise) and only if it parses.
+    fn subscription_filter(
+        &self,
+        expression: &str,
+        expression_type: Option<&str>,
+    ) -> Result<MessageFilter, (ResponseCode, String)> {
+        match expression_type.filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("TAG")) {
+            None => Ok(MessageFilter {
+                tags: TagFilter::parse(expression),
+                sql: None,
+            }),
+            Some(t) if !self.cfg.property_filter || !t.eq_ignore_ascii_case("SQL92") => Err((
+                ResponseCode::SystemError,
+                format!("The broker does not support consumer to filter message by {t}"),
+            )),
+            Some(_) => match Selector::parse(expression) {
+                Ok(selector) => Ok(MessageFilter {
+                    tags: TagFilter::parse("*"),
+                    sql: Some(selector),
+                }),
+                Err(e) => Err((ResponseCode::SubscriptionParseFailed, e.to_string())),
+            },
+        }
+    }
+}
+
+/// Keeps the messages of a read that `selector` selects, their properties read in place; a
+/// read left with none says so, and the pull reads on.
+fn select(got: &mut GetResult, selector: &Selector) {
+    if got.count == 0 {
+        return;
+    }
+    let mut kept = BytesMut::with_capacity(got.body.len());
+    let mut count = 0;
+    let mut rest = &got.body[..];
+    while let Some(size) = rest
+        .get(..4)
+        .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    {
+        let Some((msg, tail)) = usize::try_from(size)
+            .ok()
+            .filter(|s| *s > 0)
+            .and_then(|s| (s <= rest.len()).then(|| rest.split_at(s)))
+        else {
+            break;
+        };
+        if parse_stored_for_index(msg).is_ok_and(|m| selector.matches(m.properties)) {
+            kept.extend_from_slice(msg);
+            count += 1;
+        }
+        rest = tail;
+    }
+    got.body = kept.freeze();
+    got.count = count;
+    if count == 0 && got.status == GetStatus::Found {
+        got.status = GetStatus::NoMatchedMessage;
+    }
 }

@@ -10,6 +10,7 @@ use super::*;
 use crate::remoting::ext::ExtFields;
 use crate::remoting::header::{
     PullMessageRequestHeader, PullMessageResponseHeader, QueryMessageResponseHeader,
+    PULL_SUBSCRIPTION,
 };
 use crate::store::message::NewMessage;
 
@@ -2256,4 +2257,113 @@ async fn query_message_answers_messages_by_key_and_client_id_as_java_clients_rea
     let resp = h.broker.process(bad, &test_peer()).await.unwrap();
     assert_eq!(resp.code, ResponseCode::SystemError.code());
     assert!(resp.remark.unwrap().contains("key"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql92_subscriptions_select_by_properties_with_enable_property_filter() {
+    use crate::remoting::body::{ConsumerData, SubscriptionData};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = BrokerConfig {
+        property_filter: true,
+        ..local_config(dir.path())
+    };
+    let h = start(cfg).await.unwrap();
+    h.broker
+        .store
+        .topics
+        .put(TopicConfig::new("T", 4, PERM_READ | PERM_WRITE))
+        .unwrap();
+    let sent: Vec<NewMessage> = (0..10)
+        .map(|i| NewMessage {
+            properties: format!("TAGS\u{1}t{}\u{2}a\u{1}{i}\u{2}", i % 2),
+            body: Bytes::from(format!("m{i}")),
+            ..message()
+        })
+        .collect();
+    h.broker.store.append(&sent).unwrap();
+    let bodies = |resp: &RemotingCommand| -> Vec<String> {
+        crate::client::decode_messages(&resp.body)
+            .unwrap()
+            .iter()
+            .map(|m| String::from_utf8(m.body.to_vec()).unwrap())
+            .collect()
+    };
+    // With the pull (a lite-pull consumer's way).
+    let pull = |sql: &str, flags: i32| {
+        let mut p = pull_header("G", 0, 0, 0, 0, sql);
+        p.expression_type = Some("SQL92".into());
+        p.sys_flag = flags;
+        RemotingCommand::request(RequestCode::PullMessage.code(), p.to_ext())
+    };
+    let resp = h
+        .broker
+        .pull(&pull("a > 5 AND TAGS = 't1'", PULL_SUBSCRIPTION))
+        .await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{:?}", resp.remark);
+    assert_eq!(bodies(&resp), ["m7", "m9"]);
+    let header = PullMessageResponseHeader::from_ext(&resp.ext_fields).unwrap();
+    assert_eq!(
+        header.next_begin_offset, 10,
+        "past what the selector passed over"
+    );
+    // None selected: read on, then told to pull again from past them.
+    let resp = h.broker.pull(&pull("a > 100", PULL_SUBSCRIPTION)).await;
+    let header = PullMessageResponseHeader::from_ext(&resp.ext_fields).unwrap();
+    assert_eq!(
+        (resp.code, header.next_begin_offset),
+        (ResponseCode::PullRetryImmediately.code(), 10)
+    );
+    let resp = h.broker.pull(&pull("a >", PULL_SUBSCRIPTION)).await;
+    assert_eq!(resp.code, ResponseCode::SubscriptionParseFailed.code());
+    assert!(resp
+        .remark
+        .unwrap()
+        .contains("parse the consumer's subscription failed"));
+
+    // From the heartbeat (a push consumer's way): its expression, or Java's answer when it
+    // does not parse.
+    let from = clients::ClientConn {
+        addr: "127.0.0.1:1".parse().unwrap(),
+        push: tokio::sync::mpsc::channel(1).0,
+        language: "JAVA",
+        version: 0,
+    };
+    for (group, sql) in [("G", "a BETWEEN 2 AND 3"), ("Bad", "a >")] {
+        let data = ConsumerData {
+            group_name: group.into(),
+            subscription_data_set: vec![SubscriptionData {
+                topic: "T".into(),
+                sub_string: sql.into(),
+                expression_type: Some("SQL92".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        h.broker.consumers.heartbeat("c1", &data, &from);
+    }
+    let resp = h.broker.pull(&pull("", 0)).await;
+    assert_eq!(bodies(&resp), ["m2", "m3"]);
+    let mut bad = pull_header("Bad", 0, 0, 0, 0, "");
+    bad.sys_flag = 0;
+    bad.expression_type = Some("SQL92".into());
+    let req = RemotingCommand::request(RequestCode::PullMessage.code(), bad.to_ext());
+    let resp = h.broker.pull(&req).await;
+    assert_eq!(resp.code, ResponseCode::FilterDataNotExist.code());
+
+    // A consumer's check at start: refused with where the expression went wrong.
+    let check = |sql: &str| {
+        let body = format!(
+            r#"{{"clientId":"c","group":"G","subscriptionData":{{"topic":"T","subString":"{sql}","expressionType":"SQL92"}}}}"#
+        );
+        RemotingCommand::request(RequestCode::CheckClientConfig.code(), Default::default())
+            .with_body(body.into_bytes())
+    };
+    assert_eq!(
+        h.broker.check_client_config(&check("a > 5")).code,
+        ResponseCode::Success.code()
+    );
+    let resp = h.broker.check_client_config(&check("a > 'x'"));
+    assert_eq!(resp.code, ResponseCode::SubscriptionParseFailed.code());
+    assert!(resp.remark.unwrap().contains("character 4"));
+    h.stop().await;
 }
