@@ -12,7 +12,7 @@ use e2e::Error;
 use rocketmq_client_rust::{
     ClientConfig, ClientResult, ClientRuntime, ClientRuntimeConfig, ConsumeConcurrentlyContext,
     ConsumeConcurrentlyStatus, DefaultMQProducer, DefaultMQPushConsumer, MQPushConsumer,
-    MessageListenerConcurrently,
+    MessageListenerConcurrently, MessageSelector,
 };
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
 use rocketmq_model::common::message::message_ext::MessageExt;
@@ -215,6 +215,18 @@ pub async fn push_consumer(
     group: &str,
     topic: &str,
 ) -> Result<(DefaultMQPushConsumer, Arc<Collector>), Error> {
+    push_consumer_selecting(rt, namesrv, group, topic, None).await
+}
+
+/// A started push consumer of the messages of `topic` that `selector` selects (all without
+/// one), in `group`, from the first offset.
+pub async fn push_consumer_selecting(
+    rt: &Runtime,
+    namesrv: &str,
+    group: &str,
+    topic: &str,
+    selector: Option<MessageSelector>,
+) -> Result<(DefaultMQPushConsumer, Arc<Collector>), Error> {
     let collector = Arc::new(Collector::default());
     let mut consumer = DefaultMQPushConsumer::builder(rt.client.clone())
         .client_config(client_config(namesrv))
@@ -230,7 +242,7 @@ pub async fn push_consumer(
         .consume_message_batch_max_size(32)
         .pull_threshold_for_queue(16)
         .build();
-    consumer.subscribe(topic, "*").await?;
+    consumer.subscribe_with_selector(topic, selector).await?;
     consumer.register_message_listener_concurrently(Listener(collector.clone()));
     consumer.start().await?;
     Ok((consumer, collector))
