@@ -67,8 +67,9 @@ enum Expr {
     Property(String),
     Negate(Box<Expr>),
     Not(Box<Expr>),
-    And(Box<Expr>, Box<Expr>),
-    Or(Box<Expr>, Box<Expr>),
+    /// Operands in order (a chain of ANDs is one node, so a long chain nests nothing).
+    And(Vec<Expr>),
+    Or(Vec<Expr>),
     Compare(Cmp, Box<Expr>, Box<Expr>),
     In {
         property: String,
@@ -292,7 +293,13 @@ fn number(chars: &[char], mut i: usize) -> Option<(Value, usize)> {
 struct Parser {
     tokens: Vec<(usize, Token)>,
     pos: usize,
+    /// Levels of nesting so far (see [`Parser::nest`]).
+    depth: usize,
 }
+
+/// Deepest nesting accepted: far more than any selector written by hand, far less than would
+/// exhaust a thread's stack.
+const MAX_NESTING: usize = 100;
 
 impl Parser {
     fn peek(&self) -> &Token {
@@ -339,22 +346,41 @@ impl Parser {
     }
 
     fn or(&mut self) -> Result<Expr, SelectorError> {
-        let mut left = self.and()?;
+        let mut terms = vec![self.and()?];
         while self.keyword("OR") {
-            left = Expr::Or(Box::new(left), Box::new(self.and()?));
+            terms.push(self.and()?);
         }
-        Ok(left)
+        Ok(match terms.len() {
+            1 => terms.remove(0),
+            _ => Expr::Or(terms),
+        })
     }
 
     fn and(&mut self) -> Result<Expr, SelectorError> {
-        let mut left = self.equality()?;
+        let mut terms = vec![self.equality()?];
         while self.keyword("AND") {
-            left = Expr::And(Box::new(left), Box::new(self.equality()?));
+            terms.push(self.equality()?);
         }
-        Ok(left)
+        Ok(match terms.len() {
+            1 => terms.remove(0),
+            _ => Expr::And(terms),
+        })
+    }
+
+    /// Counts one more level of nesting (a parenthesis, a unary operator, an operator
+    /// applied to what came before), refusing more than [`MAX_NESTING`]: the parser and the
+    /// evaluation recurse once per level, and an expression comes from a client.
+    fn nest(&mut self) -> Result<(), SelectorError> {
+        self.depth += 1;
+        if self.depth > MAX_NESTING {
+            return self.fail(format!("the expression nests more than {MAX_NESTING} deep"));
+        }
+        Ok(())
     }
 
     fn equality(&mut self) -> Result<Expr, SelectorError> {
+        // Each operator applied to what came before nests it one level deeper.
+        let entry = self.depth;
         let mut left = self.comparison()?;
         loop {
             let cmp = match self.peek().clone() {
@@ -365,15 +391,20 @@ impl Parser {
                     if !self.keyword("NULL") {
                         return self.fail("expected NULL after IS");
                     }
+                    self.nest()?;
                     left = Expr::IsNull {
                         value: Box::new(left),
                         negated,
                     };
                     continue;
                 }
-                _ => return Ok(left),
+                _ => {
+                    self.depth = entry;
+                    return Ok(left);
+                }
             };
             self.pos += 1;
+            self.nest()?;
             let right = self.comparison()?;
             if [&left, &right]
                 .iter()
@@ -391,6 +422,7 @@ impl Parser {
     }
 
     fn comparison(&mut self) -> Result<Expr, SelectorError> {
+        let entry = self.depth;
         let mut left_at = self.at();
         let mut left = self.unary()?;
         loop {
@@ -403,6 +435,7 @@ impl Parser {
             };
             if let Some(cmp) = cmp {
                 self.pos += 1;
+                self.nest()?;
                 let right_at = self.at();
                 let right = self.unary()?;
                 orderable(&left, left_at)?;
@@ -419,6 +452,7 @@ impl Parser {
                 self.pos += 1;
             }
             if self.keyword("BETWEEN") {
+                self.nest()?;
                 let low_at = self.at();
                 let low = self.unary()?;
                 if !self.keyword("AND") {
@@ -437,19 +471,20 @@ impl Parser {
                 // [NOT] BETWEEN is `>= low AND <= high`, or `< low OR > high`.
                 let (lo, hi) = (Box::new(left.clone()), Box::new(left));
                 left = if negated {
-                    Expr::Or(
-                        Box::new(Expr::Compare(Cmp::Lt, lo, Box::new(low))),
-                        Box::new(Expr::Compare(Cmp::Gt, hi, Box::new(high))),
-                    )
+                    Expr::Or(vec![
+                        Expr::Compare(Cmp::Lt, lo, Box::new(low)),
+                        Expr::Compare(Cmp::Gt, hi, Box::new(high)),
+                    ])
                 } else {
-                    Expr::And(
-                        Box::new(Expr::Compare(Cmp::Ge, lo, Box::new(low))),
-                        Box::new(Expr::Compare(Cmp::Le, hi, Box::new(high))),
-                    )
+                    Expr::And(vec![
+                        Expr::Compare(Cmp::Ge, lo, Box::new(low)),
+                        Expr::Compare(Cmp::Le, hi, Box::new(high)),
+                    ])
                 };
                 continue;
             }
             if self.keyword("IN") {
+                self.nest()?;
                 let Expr::Property(property) = left else {
                     return self.fail("IN needs a property on its left");
                 };
@@ -486,6 +521,7 @@ impl Parser {
                 ("ENDSWITH", StrTest::EndsWith),
             ] {
                 if self.keyword(kw) {
+                    self.nest()?;
                     let Token::Str(pattern) = self.next() else {
                         self.pos -= 1;
                         return self.fail(format!("{kw} takes a string"));
@@ -501,6 +537,7 @@ impl Parser {
                 }
             }
             if !tested {
+                self.depth = entry;
                 if negated {
                     return self.fail("unexpected NOT");
                 }
@@ -510,18 +547,17 @@ impl Parser {
     }
 
     fn unary(&mut self) -> Result<Expr, SelectorError> {
-        match self.peek().clone() {
-            Token::Op("-") => {
-                self.pos += 1;
-                Ok(Expr::Negate(Box::new(self.unary()?)))
-            }
-            Token::Op("+") => {
-                self.pos += 1;
-                self.unary()
-            }
-            _ if self.keyword("NOT") => Ok(Expr::Not(Box::new(self.unary()?))),
-            _ => self.primary(),
-        }
+        let wrap: fn(Expr) -> Expr = match self.peek().clone() {
+            Token::Op("-") => |e| Expr::Negate(Box::new(e)),
+            Token::Op("+") => |e| e,
+            _ if self.is_keyword(0, "NOT") => |e| Expr::Not(Box::new(e)),
+            _ => return self.primary(),
+        };
+        self.pos += 1;
+        self.nest()?;
+        let e = wrap(self.unary()?);
+        self.depth -= 1;
+        Ok(e)
     }
 
     /// A literal, a property or a parenthesized expression.
@@ -530,8 +566,10 @@ impl Parser {
             Token::Str(s) => Ok(Expr::Const(Value::Str(s))),
             Token::Number(v) => Ok(Expr::Const(v)),
             Token::LParen => {
+                self.nest()?;
                 let e = self.or()?;
                 self.expect(Token::RParen, "')'")?;
+                self.depth -= 1;
                 Ok(e)
             }
             Token::Ident(name) => {
@@ -710,29 +748,29 @@ fn eval(e: &Expr, properties: &str) -> Result<Value, Abort> {
             Value::Bool(b) => Value::Bool(!b),
             other => other,
         },
-        // Three-valued, and the right side is not evaluated once the left decides (so what
-        // would abort there does not).
-        Expr::And(a, b) => {
-            let l = truth(eval(a, properties)?);
-            if l == Value::Bool(false) {
-                return Ok(l);
+        // Three-valued, left to right as Java's left-nested operators, and what follows is
+        // not evaluated once the result is decided (so what would abort there does not).
+        Expr::And(terms) => {
+            let mut acc = Value::Bool(true);
+            for t in terms {
+                acc = match (acc, truth(eval(t, properties)?)) {
+                    (_, Value::Bool(false)) => return Ok(Value::Bool(false)),
+                    (Value::Bool(true), Value::Bool(true)) => Value::Bool(true),
+                    _ => Value::Null,
+                };
             }
-            match (l, truth(eval(b, properties)?)) {
-                (_, Value::Bool(false)) => Value::Bool(false),
-                (Value::Bool(true), Value::Bool(true)) => Value::Bool(true),
-                _ => Value::Null,
-            }
+            acc
         }
-        Expr::Or(a, b) => {
-            let l = truth(eval(a, properties)?);
-            if l == Value::Bool(true) {
-                return Ok(l);
+        Expr::Or(terms) => {
+            let mut acc = Value::Bool(false);
+            for t in terms {
+                acc = match (acc, truth(eval(t, properties)?)) {
+                    (_, Value::Bool(true)) => return Ok(Value::Bool(true)),
+                    (Value::Bool(false), Value::Bool(false)) => Value::Bool(false),
+                    _ => Value::Null,
+                };
             }
-            match (l, truth(eval(b, properties)?)) {
-                (_, Value::Bool(true)) => Value::Bool(true),
-                (Value::Bool(false), Value::Bool(false)) => Value::Bool(false),
-                _ => Value::Null,
-            }
+            acc
         }
         Expr::Compare(cmp, a, b) => eval_compare(*cmp, eval(a, properties)?, eval(b, properties)?)?,
         Expr::In {
@@ -772,6 +810,7 @@ impl Selector {
         let mut p = Parser {
             tokens: tokenize(text)?,
             pos: 0,
+            depth: 0,
         };
         let e = p.or()?;
         if *p.peek() != Token::End {
@@ -920,6 +959,25 @@ mod tests {
         ] {
             assert!(Selector::parse(bad).is_err(), "{bad:?} accepted");
         }
+        // Nesting a client could use to exhaust the stack is refused; long flat chains are not.
+        for deep in [
+            format!("{}a = 1{}", "(".repeat(100_000), ")".repeat(100_000)),
+            format!("{}a", "NOT ".repeat(100_000)),
+            format!("a = {}1", "- ".repeat(100_000)),
+            format!("a{}", " = TRUE".repeat(100_000)),
+            format!("a{}", " IS NULL".repeat(100_000)),
+            format!("s{}", " CONTAINS 'x'".repeat(100_000)),
+        ] {
+            assert!(Selector::parse(&deep).is_err());
+        }
+        let chain = vec!["a = 1"; 100_000].join(" OR ");
+        assert!(Selector::parse(&chain)
+            .unwrap()
+            .matches(&props(&[("a", "1")])));
+        let chain = vec!["a = 1"; 100_000].join(" AND ");
+        assert!(!Selector::parse(&chain)
+            .unwrap()
+            .matches(&props(&[("a", "2")])));
         let e = Selector::parse("a = 1 AND b >").unwrap_err();
         assert_eq!(
             e,
