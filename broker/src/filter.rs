@@ -93,11 +93,16 @@ impl Expr {
     fn is_boolean(&self) -> bool {
         !matches!(
             self,
-            Expr::Const(
-                Value::Null | Value::Int(_) | Value::Long(_) | Value::Double(_) | Value::Str(_)
-            ) | Expr::Property(_)
+            Expr::Const(Value::Int(_) | Value::Long(_) | Value::Double(_) | Value::Str(_))
+                | Expr::Property(_)
                 | Expr::Negate(_)
         )
+    }
+
+    /// Whether it can be a condition (of NOT, AND, OR, or the whole selector): a boolean, or
+    /// a property read as one, as Java's parser allows.
+    fn is_condition(&self) -> bool {
+        self.is_boolean() || matches!(self, Expr::Property(_))
     }
 }
 
@@ -277,14 +282,11 @@ fn number(chars: &[char], mut i: usize) -> Option<(Value, usize)> {
         return None;
     }
     let v: i64 = text.parse().ok()?;
-    let long = matches!(chars.get(i), Some('l' | 'L'));
-    if long {
+    // As Java: the suffix is dropped, and a value that fits 32 bits is an Integer anyway.
+    if matches!(chars.get(i), Some('l' | 'L')) {
         i += 1;
     }
-    let value = match i32::try_from(v) {
-        Ok(int) if !long => Value::Int(int),
-        _ => Value::Long(v),
-    };
+    let value = i32::try_from(v).map_or(Value::Long(v), Value::Int);
     Some((value, i))
 }
 
@@ -296,6 +298,10 @@ struct Parser {
     /// Levels of nesting so far (see [`Parser::nest`]).
     depth: usize,
 }
+
+/// Longest selector accepted (characters): far more than any written by hand; a client could
+/// otherwise have a pull or heartbeat allocate gigabytes of tokens.
+const MAX_LEN: usize = 64 * 1024;
 
 /// Deepest nesting accepted: far more than any selector written by hand, far less than would
 /// exhaust a thread's stack.
@@ -346,9 +352,9 @@ impl Parser {
     }
 
     fn or(&mut self) -> Result<Expr, SelectorError> {
-        let mut terms = vec![self.and()?];
+        let mut terms = vec![self.condition(Self::and)?];
         while self.keyword("OR") {
-            terms.push(self.and()?);
+            terms.push(self.condition(Self::and)?);
         }
         Ok(match terms.len() {
             1 => terms.remove(0),
@@ -357,14 +363,32 @@ impl Parser {
     }
 
     fn and(&mut self) -> Result<Expr, SelectorError> {
-        let mut terms = vec![self.equality()?];
+        let mut terms = vec![self.condition(Self::equality)?];
         while self.keyword("AND") {
-            terms.push(self.equality()?);
+            terms.push(self.condition(Self::equality)?);
         }
         Ok(match terms.len() {
             1 => terms.remove(0),
             _ => Expr::And(terms),
         })
+    }
+
+    /// An operand of AND, OR or NOT by `parse`; refused unless it can be a condition (so
+    /// `NOT 5` fails at the consumer's start rather than select everything).
+    fn condition(
+        &mut self,
+        parse: fn(&mut Self) -> Result<Expr, SelectorError>,
+    ) -> Result<Expr, SelectorError> {
+        let at = self.at();
+        let e = parse(self)?;
+        if e.is_condition() {
+            Ok(e)
+        } else {
+            Err(SelectorError::Syntax {
+                at,
+                why: "not a condition (a comparison, a boolean or a property)".into(),
+            })
+        }
     }
 
     /// Counts one more level of nesting (a parenthesis, a unary operator, an operator
@@ -463,7 +487,7 @@ impl Parser {
                 for (e, at) in [(&left, left_at), (&low, low_at), (&high, high_at)] {
                     orderable(e, at)?;
                 }
-                if let (Expr::Const(l), Expr::Const(h)) = (&low, &high) {
+                if let (false, Expr::Const(l), Expr::Const(h)) = (negated, &low, &high) {
                     if compare(l, h) == Ok(Some(Ordering::Greater)) {
                         return self.fail("BETWEEN's lower bound is greater than its upper bound");
                     }
@@ -547,17 +571,22 @@ impl Parser {
     }
 
     fn unary(&mut self) -> Result<Expr, SelectorError> {
+        let not = self.is_keyword(0, "NOT");
         let wrap: fn(Expr) -> Expr = match self.peek().clone() {
             Token::Op("-") => |e| Expr::Negate(Box::new(e)),
             Token::Op("+") => |e| e,
-            _ if self.is_keyword(0, "NOT") => |e| Expr::Not(Box::new(e)),
+            _ if not => |e| Expr::Not(Box::new(e)),
             _ => return self.primary(),
         };
         self.pos += 1;
         self.nest()?;
-        let e = wrap(self.unary()?);
+        let e = if not {
+            self.condition(Self::unary)?
+        } else {
+            self.unary()?
+        };
         self.depth -= 1;
-        Ok(e)
+        Ok(wrap(e))
     }
 
     /// A literal, a property or a parenthesized expression.
@@ -643,7 +672,19 @@ fn convert(text: &str, like: &Value) -> Option<Value> {
 /// Java's `Double.valueOf`: surrounding blanks ignored, an `f` or `d` suffix allowed.
 fn java_double(text: &str) -> Option<f64> {
     let t = text.trim();
+    match t.strip_prefix('+').unwrap_or(t) {
+        "NaN" => return Some(f64::NAN),
+        "Infinity" => return Some(f64::INFINITY),
+        "-Infinity" => return Some(f64::NEG_INFINITY),
+        _ => {}
+    }
     let t = t.strip_suffix(['d', 'D', 'f', 'F']).unwrap_or(t);
+    // Rust also reads "inf" and "nan" in any case, which Java does not.
+    if t.bytes()
+        .any(|b| b.is_ascii_alphabetic() && !matches!(b, b'e' | b'E'))
+    {
+        return None;
+    }
     t.parse().ok()
 }
 
@@ -669,8 +710,9 @@ fn compare(l: &Value, r: &Value) -> Result<Option<Ordering>, Abort> {
         _ => match (numeric(l), numeric(r)) {
             (Some(Ok(a)), Some(Ok(b))) => Ok(Some(a.cmp(&b))),
             (Some(a), Some(b)) => {
+                // Java's Double.compareTo: NaN above everything, -0.0 below 0.0.
                 let wide = |x: Result<i64, f64>| x.map_or_else(|d| d, |i| i as f64);
-                Ok(wide(a).partial_cmp(&wide(b)))
+                Ok(Some(wide(a).total_cmp(&wide(b))))
             }
             _ => Err(Abort),
         },
@@ -683,8 +725,11 @@ fn equal(l: &Value, r: &Value) -> Result<bool, Abort> {
         return Ok(true);
     }
     match (l, r) {
-        // Java casts the other side to Boolean and fails.
-        (Value::Bool(_), other) if !matches!(other, Value::Bool(_)) => Err(Abort),
+        // Java casts text on the right of a boolean to Boolean and fails; a number and a
+        // boolean are merely not equal.
+        (Value::Bool(_), Value::Str(_)) => Err(Abort),
+        (Value::Bool(_), Value::Int(_) | Value::Long(_) | Value::Double(_))
+        | (Value::Int(_) | Value::Long(_) | Value::Double(_), Value::Bool(_)) => Ok(false),
         (Value::Str(_), Value::Str(_)) => Ok(false),
         _ => compare(l, r).map(|o| o == Some(Ordering::Equal)),
     }
@@ -709,7 +754,7 @@ fn eval_compare(cmp: Cmp, l: Value, r: Value) -> Result<Value, Abort> {
         // Two strings are ordered as numbers, or not at all.
         (Value::Str(a), Value::Str(b)) => {
             let (a, b) = (java_double(a).ok_or(Abort)?, java_double(b).ok_or(Abort)?);
-            a.partial_cmp(&b)
+            Some(a.total_cmp(&b))
         }
         _ => compare(&l, &r)?,
     };
@@ -807,6 +852,12 @@ impl Selector {
     /// Parses an SQL92 selector; refuses what Java's broker refuses (and trailing text, which
     /// Java ignores).
     pub fn parse(text: &str) -> Result<Selector, SelectorError> {
+        if text.len() > MAX_LEN {
+            return Err(SelectorError::Syntax {
+                at: MAX_LEN,
+                why: format!("the expression is longer than {MAX_LEN} bytes"),
+            });
+        }
         let mut p = Parser {
             tokens: tokenize(text)?,
             pos: 0,
@@ -816,9 +867,7 @@ impl Selector {
         if *p.peek() != Token::End {
             return p.fail("unexpected text after the expression");
         }
-        if matches!(e, Expr::Const(ref v) if !matches!(v, Value::Bool(_)))
-            || matches!(e, Expr::Negate(_))
-        {
+        if !e.is_condition() {
             return Err(SelectorError::Syntax {
                 at: 0,
                 why: "the expression does not give a boolean".into(),
@@ -873,7 +922,14 @@ mod tests {
         assert!(!check("b > f", &p));
         // An integer literal reads the property as a 32-bit integer, a long one as 64 bits.
         assert!(!check("big > 5", &[("big", "10000000000")]));
-        assert!(check("big > 5L", &[("big", "10000000000")]));
+        assert!(
+            !check("big > 5L", &[("big", "10000000000")]),
+            "5L is an Integer too"
+        );
+        assert!(check("big > 5000000000", &[("big", "10000000000")]));
+        // Java's Double.valueOf: NaN orders above everything; Rust's "inf" is not a number.
+        assert!(check("a > 5.0", &[("a", "NaN")]) && check("a > 5.0", &[("a", " 7d ")]));
+        assert!(!check("a > 5.0", &[("a", "inf")]) && check("a > 5.0", &[("a", "Infinity")]));
     }
 
     #[test]
@@ -890,6 +946,18 @@ mod tests {
         // A bare property is never true; NOT of a present one is.
         assert!(!check("a", &p) && check("NOT a", &p) && !check("NOT z", &p));
         assert!(check("TRUE", &p) && !check("FALSE", &p));
+    }
+
+    #[test]
+    fn a_boolean_and_a_number_are_not_equal_rather_than_an_abort() {
+        let p = [("a", "1"), ("b", "x")];
+        assert!(check("NOT a = 1 OR b = 'x'", &p));
+        assert!(check("NOT a <> 1", &p));
+        assert!(
+            check("a NOT BETWEEN 5 AND 1", &p),
+            "no bound check when negated"
+        );
+        assert!(!check("NULL", &p));
     }
 
     #[test]
@@ -956,28 +1024,35 @@ mod tests {
             "NOT a > 1",
             "a LIKE 'x%'",
             "AND = 1",
+            "NOT 'x'",
+            "NOT 5",
+            "a = 1 OR 5",
+            "NOT -a",
+            "-a",
         ] {
             assert!(Selector::parse(bad).is_err(), "{bad:?} accepted");
         }
         // Nesting a client could use to exhaust the stack is refused; long flat chains are not.
         for deep in [
-            format!("{}a = 1{}", "(".repeat(100_000), ")".repeat(100_000)),
-            format!("{}a", "NOT ".repeat(100_000)),
-            format!("a = {}1", "- ".repeat(100_000)),
-            format!("a{}", " = TRUE".repeat(100_000)),
-            format!("a{}", " IS NULL".repeat(100_000)),
-            format!("s{}", " CONTAINS 'x'".repeat(100_000)),
+            format!("{}a = 1{}", "(".repeat(1_000), ")".repeat(1_000)),
+            format!("{}a", "NOT ".repeat(1_000)),
+            format!("a = {}1", "- ".repeat(1_000)),
+            format!("a{}", " = TRUE".repeat(1_000)),
+            format!("a{}", " IS NULL".repeat(1_000)),
+            format!("s{}", " CONTAINS 'x'".repeat(1_000)),
         ] {
-            assert!(Selector::parse(&deep).is_err());
+            let e = Selector::parse(&deep).unwrap_err();
+            assert!(e.to_string().contains("nests more than"), "{e}");
         }
-        let chain = vec!["a = 1"; 100_000].join(" OR ");
-        assert!(Selector::parse(&chain)
+        // Long flat chains evaluate to their last term (within the length limit).
+        let or = format!("{} OR a = 1", vec!["a = 2"; 6_000].join(" OR "));
+        assert!(Selector::parse(&or).unwrap().matches(&props(&[("a", "1")])));
+        let and = format!("{} AND a = 2", vec!["a = 1"; 6_000].join(" AND "));
+        assert!(!Selector::parse(&and)
             .unwrap()
             .matches(&props(&[("a", "1")])));
-        let chain = vec!["a = 1"; 100_000].join(" AND ");
-        assert!(!Selector::parse(&chain)
-            .unwrap()
-            .matches(&props(&[("a", "2")])));
+        let long = format!("a = '{}'", "x".repeat(70_000));
+        assert!(Selector::parse(&long).is_err());
         let e = Selector::parse("a = 1 AND b >").unwrap_err();
         assert_eq!(
             e,

@@ -286,13 +286,14 @@ async fn rocketmq_client_rust_consumes_by_sql92_selector() -> Result<(), Error> 
     common::send_range(&producer, topic, 0..SENT).await?;
     producer.shutdown().await;
 
-    // Every message carries `seq` and `color` (red, green, blue by seq % 3) properties.
+    // Every message carries `seq` and `color` (red, green, blue by seq % 3) properties, and
+    // tag TagA when seq is even.
     let selector = rocketmq_client_rust::MessageSelector::by_sql(
-        "color = 'red' AND seq >= 30 AND TAGS IN ('TagA', 'TagB')",
+        "color = 'red' AND seq >= 30 AND TAGS IN ('TagA', 'TagC')",
     );
     let (mut consumer, got) =
         common::push_consumer_selecting(&rt, &ns.addr, "sql_group", topic, Some(selector)).await?;
-    let wanted: Vec<u64> = (30..SENT).filter(|s| s % 3 == 0).collect();
+    let wanted: Vec<u64> = (30..SENT).filter(|s| s % 6 == 0).collect();
     common::wait_for(&got, wanted.len(), Duration::from_secs(30)).await;
     // Anything the selector should have passed over would show by now.
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -2319,6 +2319,32 @@ async fn sql92_subscriptions_select_by_properties_with_enable_property_filter() 
         .remark
         .unwrap()
         .contains("parse the consumer's subscription failed"));
+    // A held pull passes over arrivals the selector does not select and answers with the
+    // first it does.
+    let mut held = pull_header("G", 0, 10, 0, 10_000, "a >= 100");
+    held.expression_type = Some("SQL92".into());
+    held.sys_flag = PULL_SUBSCRIPTION | crate::remoting::header::PULL_SUSPEND;
+    let req = RemotingCommand::request(RequestCode::PullMessage.code(), held.to_ext());
+    let broker = h.broker.clone();
+    let waiting = tokio::spawn(async move { broker.pull(&req).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let arrive = |a: u32| NewMessage {
+        properties: format!("a\u{1}{a}\u{2}"),
+        body: Bytes::from(format!("m{a}")),
+        ..message()
+    };
+    h.broker.store.append(&[arrive(5)]).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "answered with a message not selected"
+    );
+    h.broker.store.append(&[arrive(200)]).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bodies(&resp), ["m200"]);
 
     // From the heartbeat (a push consumer's way): its expression, or Java's answer when it
     // does not parse.
