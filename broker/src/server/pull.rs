@@ -30,6 +30,9 @@ const MAX_PULL_MESSAGES: usize = 1024;
 /// least (Java's `maxFilterMessageCount`, 16,000 bytes of 20-byte entries; more when the pull
 /// asks for more messages).
 const MAX_FILTERED: u64 = 800;
+/// How many times a pull's `maxMsgNums` an SQL92 pull reads at once, keeping at most
+/// `maxMsgNums` of them (Java reads on until it has that many).
+const SQL_READ_FACTOR: usize = 8;
 /// Most messages one QUERY_MESSAGE answers (Java's `maxMsgsNumBatch`).
 const MAX_QUERY_MESSAGES: i32 = 64;
 /// Messages a query by client message id answers (Java's `defaultQueryMaxNum`): ids repeat
@@ -193,13 +196,25 @@ impl Broker {
             if let Some(n) = notified.as_mut().as_pin_mut() {
                 n.enable();
             }
+            // A selector keeps some of what is read: read more, keep at most `max`.
+            let read_max = match filter.sql {
+                Some(_) => (max * SQL_READ_FACTOR).min(MAX_PULL_MESSAGES),
+                None => max,
+            };
             let got = match self
-                .read(&h.topic, h.queue_id, offset, max, max_bytes, &filter.tags)
+                .read(
+                    &h.topic,
+                    h.queue_id,
+                    offset,
+                    read_max,
+                    max_bytes,
+                    &filter.tags,
+                )
                 .await
             {
                 Ok(mut g) => {
                     if let Some(selector) = &filter.sql {
-                        select(&mut g, selector);
+                        select(&mut g, selector, max);
                     }
                     g
                 }
@@ -598,9 +613,10 @@ impl Broker {
     }
 }
 
-/// Keeps the messages of a read that `selector` selects, their properties read in place; a
-/// read left with none says so, and the pull reads on.
-fn select(got: &mut GetResult, selector: &Selector) {
+/// Keeps the messages of a read that `selector` selects, at most `max` (the next read then
+/// starts after the last one kept), their properties read in place; a read left with none
+/// says so, and the pull reads on.
+fn select(got: &mut GetResult, selector: &Selector, max: usize) {
     if got.count == 0 {
         return;
     }
@@ -618,7 +634,14 @@ fn select(got: &mut GetResult, selector: &Selector) {
         else {
             break;
         };
-        if parse_stored_for_index(msg).is_ok_and(|m| selector.matches(m.properties)) {
+        let parsed = parse_stored_for_index(msg);
+        if count == max {
+            if let Ok(m) = parsed {
+                got.next_offset = m.queue_offset as u64;
+            }
+            break;
+        }
+        if parsed.is_ok_and(|m| selector.matches(m.properties)) {
             kept.extend_from_slice(msg);
             count += 1;
         }

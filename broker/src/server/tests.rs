@@ -2306,6 +2306,15 @@ async fn sql92_subscriptions_select_by_properties_with_enable_property_filter() 
         header.next_begin_offset, 10,
         "past what the selector passed over"
     );
+    // maxMsgNums counts the messages selected: the next pull starts after the last one.
+    let mut two = pull_header("G", 0, 0, 0, 0, "a >= 3");
+    two.expression_type = Some("SQL92".into());
+    two.max_msg_nums = 2;
+    let req = RemotingCommand::request(RequestCode::PullMessage.code(), two.to_ext());
+    let resp = h.broker.pull(&req).await;
+    assert_eq!(bodies(&resp), ["m3", "m4"]);
+    let header = PullMessageResponseHeader::from_ext(&resp.ext_fields).unwrap();
+    assert_eq!(header.next_begin_offset, 5);
     // None selected: read on, then told to pull again from past them.
     let resp = h.broker.pull(&pull("a > 100", PULL_SUBSCRIPTION)).await;
     let header = PullMessageResponseHeader::from_ext(&resp.ext_fields).unwrap();
