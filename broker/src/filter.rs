@@ -775,6 +775,21 @@ fn truth(v: Value) -> Value {
     }
 }
 
+/// An AND (`decisive` false) or OR (`decisive` true) of `terms`: three-valued, left to right as
+/// Java's left-nested operators, and what follows is not evaluated once a term decides (so what
+/// would abort there does not).
+fn chain(terms: &[Expr], decisive: bool, properties: &str) -> Result<Value, Abort> {
+    let mut acc = Value::Bool(!decisive);
+    for t in terms {
+        acc = match (acc, truth(eval(t, properties)?)) {
+            (_, Value::Bool(b)) if b == decisive => return Ok(Value::Bool(decisive)),
+            (Value::Bool(a), Value::Bool(_)) if a != decisive => Value::Bool(!decisive),
+            _ => Value::Null,
+        };
+    }
+    Ok(acc)
+}
+
 fn eval(e: &Expr, properties: &str) -> Result<Value, Abort> {
     Ok(match e {
         Expr::Const(v) => v.clone(),
@@ -793,30 +808,8 @@ fn eval(e: &Expr, properties: &str) -> Result<Value, Abort> {
             Value::Bool(b) => Value::Bool(!b),
             other => other,
         },
-        // Three-valued, left to right as Java's left-nested operators, and what follows is
-        // not evaluated once the result is decided (so what would abort there does not).
-        Expr::And(terms) => {
-            let mut acc = Value::Bool(true);
-            for t in terms {
-                acc = match (acc, truth(eval(t, properties)?)) {
-                    (_, Value::Bool(false)) => return Ok(Value::Bool(false)),
-                    (Value::Bool(true), Value::Bool(true)) => Value::Bool(true),
-                    _ => Value::Null,
-                };
-            }
-            acc
-        }
-        Expr::Or(terms) => {
-            let mut acc = Value::Bool(false);
-            for t in terms {
-                acc = match (acc, truth(eval(t, properties)?)) {
-                    (_, Value::Bool(true)) => return Ok(Value::Bool(true)),
-                    (Value::Bool(false), Value::Bool(false)) => Value::Bool(false),
-                    _ => Value::Null,
-                };
-            }
-            acc
-        }
+        Expr::And(terms) => chain(terms, false, properties)?,
+        Expr::Or(terms) => chain(terms, true, properties)?,
         Expr::Compare(cmp, a, b) => eval_compare(*cmp, eval(a, properties)?, eval(b, properties)?)?,
         Expr::In {
             property: name,

@@ -158,6 +158,11 @@ async fn lone_broker(dir: &std::path::Path, role: BrokerRole) -> BrokerHandle {
         role,
         ..local_config(dir)
     };
+    broker_with_t(cfg).await
+}
+
+/// A broker started with `cfg`, holding topic `T` (4 queues).
+async fn broker_with_t(cfg: BrokerConfig) -> BrokerHandle {
     let h = start(cfg).await.unwrap();
     h.broker
         .store
@@ -644,16 +649,11 @@ async fn a_new_group_reads_from_the_start_only_while_the_start_is_in_memory() {
 async fn pulls_of_data_no_longer_in_memory_are_read_off_the_event_loop() {
     for (ratio, cold) in [(40, 0), (0, 1)] {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = BrokerConfig {
+        let h = broker_with_t(BrokerConfig {
             access_message_in_memory_max_ratio: ratio,
             ..local_config(dir.path())
-        };
-        let h = start(cfg).await.unwrap();
-        h.broker
-            .store
-            .topics
-            .put(TopicConfig::new("T", 4, PERM_READ | PERM_WRITE))
-            .unwrap();
+        })
+        .await;
         h.broker.store.append(&tagged(0, "A", 3)).unwrap();
         let (code, got) = pull_at(&h.broker, 0, 0, 0, "*").await;
         assert_eq!(
@@ -2263,16 +2263,11 @@ async fn query_message_answers_messages_by_key_and_client_id_as_java_clients_rea
 async fn sql92_subscriptions_select_by_properties_with_enable_property_filter() {
     use crate::remoting::body::{ConsumerData, SubscriptionData};
     let dir = tempfile::tempdir().unwrap();
-    let cfg = BrokerConfig {
+    let h = broker_with_t(BrokerConfig {
         property_filter: true,
         ..local_config(dir.path())
-    };
-    let h = start(cfg).await.unwrap();
-    h.broker
-        .store
-        .topics
-        .put(TopicConfig::new("T", 4, PERM_READ | PERM_WRITE))
-        .unwrap();
+    })
+    .await;
     let sent: Vec<NewMessage> = (0..10)
         .map(|i| NewMessage {
             properties: format!("TAGS\u{1}t{}\u{2}a\u{1}{i}\u{2}", i % 2),
