@@ -8,6 +8,8 @@
 //! true selects a message.
 
 use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use crate::store::message::property;
 
@@ -109,6 +111,30 @@ impl Expr {
 /// An SQL92 selector, parsed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Selector(Expr);
+
+/// Selectors by their text, parsed once for all the pulls of a subscription (Java keeps 100
+/// too); a text that does not parse is remembered as such.
+#[derive(Debug, Default)]
+pub struct SelectorCache(Mutex<HashMap<String, Result<Arc<Selector>, SelectorError>>>);
+
+/// Selectors a [`SelectorCache`] keeps; past that it starts afresh.
+const CACHED: usize = 100;
+
+impl SelectorCache {
+    /// The selector `text` parses to.
+    pub fn get(&self, text: &str) -> Result<Arc<Selector>, SelectorError> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = m.get(text) {
+            return found.clone();
+        }
+        let parsed = Selector::parse(text).map(Arc::new);
+        if m.len() >= CACHED {
+            m.clear();
+        }
+        m.insert(text.to_string(), parsed.clone());
+        parsed
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 enum Token {
@@ -1055,5 +1081,17 @@ mod tests {
             }
         );
         assert!(e.to_string().contains("character 13"));
+    }
+
+    #[test]
+    fn a_cache_parses_each_text_once_and_keeps_refusals() {
+        let cache = SelectorCache::default();
+        let a = cache.get("a = 1").unwrap();
+        assert!(Arc::ptr_eq(&a, &cache.get("a = 1").unwrap()));
+        assert!(cache.get("a >").is_err() && cache.get("a >").is_err());
+        for i in 0..CACHED {
+            cache.get(&format!("a = {i}")).unwrap();
+        }
+        assert!(cache.0.lock().unwrap().len() <= CACHED);
     }
 }

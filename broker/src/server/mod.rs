@@ -80,6 +80,8 @@ pub struct Broker {
     cfg: BrokerConfig,
     store: Arc<MessageStore>,
     consumers: clients::ConsumerRegistry,
+    /// SQL92 subscriptions' selectors, parsed once.
+    selectors: crate::filter::SelectorCache,
     /// Producers by group, asked how their transactions ended.
     producers: clients::ProducerRegistry,
     /// Orderly consumers' queue locks.
@@ -1160,6 +1162,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         cfg: cfg.clone(),
         store,
         consumers: clients::ConsumerRegistry::default(),
+        selectors: Default::default(),
         producers: clients::ProducerRegistry::default(),
         locks: locks::QueueLocks::new(Duration::from_millis(cfg.rebalance_lock_max_live_ms)),
         rates: rates::Rates::default(),

@@ -1,5 +1,6 @@
 //! PULL_MESSAGE with long polling, the offset queries consumers make, and QUERY_MESSAGE.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -582,7 +583,7 @@ impl Broker {
 /// subscription, by its selector over each message's properties.
 struct MessageFilter {
     tags: TagFilter,
-    sql: Option<Selector>,
+    sql: Option<Arc<Selector>>,
 }
 
 impl Broker {
@@ -602,7 +603,7 @@ impl Broker {
                 ResponseCode::SystemError,
                 format!("The broker does not support consumer to filter message by {t}"),
             )),
-            Some(_) => match Selector::parse(expression) {
+            Some(_) => match self.selectors.get(expression) {
                 Ok(selector) => Ok(MessageFilter {
                     tags: TagFilter::parse("*"),
                     sql: Some(selector),
