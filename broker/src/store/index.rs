@@ -480,21 +480,25 @@ impl KeyIndex {
             }
         }
         let next_seq = last_seq.map_or(1, |s| s + 1);
-        let (mut active, mut through) = match (active, checkpoint) {
+        let (active, mut through) = match (active, checkpoint) {
             (Some(mut f), Some(c)) => {
                 f.header.entries = c.entries.min(f.header.capacity);
-                (f, c.through)
+                // Entries of messages past the log's end are gone with them.
+                let keep_before = if c.through > log_end {
+                    log_end
+                } else {
+                    u64::MAX
+                };
+                let resume = Self::replay(&mut f, keep_before)?;
+                (f, resume.map_or(c.through, |r| c.through.min(r)))
             }
+            // A new file has nothing to replay (and its empty slot table stays untouched
+            // memory until keys come).
             _ => {
                 let through = sealed.last().map_or(log_min, |f| f.header.through);
                 (Self::create_file(dir, next_seq, size, through)?, through)
             }
         };
-        // Entries of messages past the log's end are gone with them.
-        let keep_before = if through > log_end { log_end } else { u64::MAX };
-        if let Some(resume) = Self::replay(&mut active, keep_before)? {
-            through = through.min(resume);
-        }
         through = through.min(log_end).max(log_min);
         let files = Files {
             sealed,
