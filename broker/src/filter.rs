@@ -378,24 +378,27 @@ impl Parser {
     }
 
     fn or(&mut self) -> Result<Expr, SelectorError> {
-        let mut terms = vec![self.condition(Self::and)?];
-        while self.keyword("OR") {
-            terms.push(self.condition(Self::and)?);
-        }
-        Ok(match terms.len() {
-            1 => terms.remove(0),
-            _ => Expr::Or(terms),
-        })
+        self.chain("OR", Self::and, Expr::Or)
     }
 
     fn and(&mut self) -> Result<Expr, SelectorError> {
-        let mut terms = vec![self.condition(Self::equality)?];
-        while self.keyword("AND") {
-            terms.push(self.condition(Self::equality)?);
+        self.chain("AND", Self::equality, Expr::And)
+    }
+
+    /// Conditions `operand` parses, separated by `keyword`: one node for the whole chain.
+    fn chain(
+        &mut self,
+        keyword: &str,
+        operand: fn(&mut Self) -> Result<Expr, SelectorError>,
+        node: fn(Vec<Expr>) -> Expr,
+    ) -> Result<Expr, SelectorError> {
+        let mut terms = vec![self.condition(operand)?];
+        while self.keyword(keyword) {
+            terms.push(self.condition(operand)?);
         }
         Ok(match terms.len() {
             1 => terms.remove(0),
-            _ => Expr::And(terms),
+            _ => node(terms),
         })
     }
 

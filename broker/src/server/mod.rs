@@ -468,20 +468,26 @@ impl Broker {
             }
             RequestCode::ViewMessageById => {
                 match ViewMessageRequestHeader::from_ext(&req.ext_fields) {
-                    Ok(h) => match self.store.commitlog().read_message(h.offset as u64) {
-                        Ok(m) => match self
+                    // Read once, checked as a message, answered as stored.
+                    Ok(h) => {
+                        match self
                             .store
                             .commitlog()
-                            .read(h.offset as u64, m.total_size as usize)
-                        {
+                            .read_raw(h.offset as u64)
+                            .and_then(|raw| match crate::store::message::parse_stored(&raw) {
+                                Ok(_) => Ok(raw),
+                                Err(e) => Err(StoreError::Corrupt(format!(
+                                    "message at {}: {e}",
+                                    h.offset
+                                ))),
+                            }) {
                             Ok(raw) => req.response_to(ResponseCode::Success).with_body(raw),
-                            Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
-                        },
-                        Err(e) => req.error_to(
-                            ResponseCode::SystemError,
-                            format!("no message at offset {}: {e}", h.offset),
-                        ),
-                    },
+                            Err(e) => req.error_to(
+                                ResponseCode::SystemError,
+                                format!("no message at offset {}: {e}", h.offset),
+                            ),
+                        }
+                    }
                     Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
                 }
             }

@@ -742,8 +742,9 @@ impl CommitLog {
         Ok(i64::from_be_bytes(t))
     }
 
-    /// Reads and decodes the message at `offset`.
-    pub fn read_message(&self, offset: u64) -> Result<StoredMessage, StoreError> {
+    /// The stored bytes of the message at `offset`, as its size field gives them (undecoded:
+    /// answers that carry the message as stored).
+    pub fn read_raw(&self, offset: u64) -> Result<Bytes, StoreError> {
         let head = self.read(offset, 4)?;
         let size = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
         if size <= 0 {
@@ -754,7 +755,12 @@ impl CommitLog {
                 "message at {offset}: size {size} exceeds the largest a segment holds"
             )));
         }
-        let bytes = self.read(offset, size as usize)?;
+        self.read(offset, size as usize)
+    }
+
+    /// Reads and decodes the message at `offset`.
+    pub fn read_message(&self, offset: u64) -> Result<StoredMessage, StoreError> {
+        let bytes = self.read_raw(offset)?;
         decode_stored(&bytes).map_err(|e| StoreError::Corrupt(format!("message at {offset}: {e}")))
     }
 

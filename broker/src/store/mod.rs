@@ -1293,7 +1293,7 @@ impl MessageStore {
             if found.iter().any(|(o, _)| *o == offset) {
                 return Ok(true);
             }
-            let bytes = match self.read_stored(offset) {
+            let bytes = match self.commitlog.read_raw(offset) {
                 Ok(b) => b,
                 // Gone with retention, or an entry of a message a power cut took, whose
                 // offset now lies inside another: not this query's failure.
@@ -1323,17 +1323,6 @@ impl MessageStore {
     /// Commit-log offset before which every message is in the key index; none without one.
     pub fn key_index_offset(&self) -> Option<u64> {
         self.index.as_ref().map(KeyIndex::indexed_through)
-    }
-
-    /// The stored bytes of the message at `offset`, whole.
-    fn read_stored(&self, offset: u64) -> Result<Bytes, StoreError> {
-        let mut head = [0u8; 4];
-        self.commitlog.read_into(offset, &mut head)?;
-        let size = i32::from_be_bytes(head);
-        if size <= 8 || size as u64 > self.commitlog.max_message_len() {
-            return Err(StoreError::OutOfRange { offset });
-        }
-        self.commitlog.read(offset, size as usize)
     }
 
     /// Commit-log offset up to which every message is indexed.
