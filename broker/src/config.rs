@@ -222,6 +222,9 @@ pub struct BrokerConfig {
     pub property_filter: bool,
     /// `maxHashSlotNum`, `maxIndexNum`: the key index's slots and entries per file.
     pub index_size: crate::store::index::IndexSize,
+    /// `storeReplyMessageEnable`: whether replies to request messages are also stored in the
+    /// cluster's reply topic, beside being pushed to the requester (Java: true).
+    pub store_reply_message: bool,
 }
 
 impl Default for BrokerConfig {
@@ -271,6 +274,7 @@ impl Default for BrokerConfig {
             transaction_check_max: 15,
             transaction_check_interval_ms: 60_000,
             message_index: true,
+            store_reply_message: true,
             index_size: Default::default(),
             property_filter: false,
         }
@@ -463,6 +467,7 @@ impl BrokerConfig {
                 "transactionTimeOut" => c.transaction_timeout_ms = num(k, v, "milliseconds")?,
                 "transactionCheckMax" => c.transaction_check_max = num(k, v, "a count")?,
                 "messageIndexEnable" => c.message_index = boolean(k, v)?,
+                "storeReplyMessageEnable" => c.store_reply_message = boolean(k, v)?,
                 "enablePropertyFilter" => c.property_filter = boolean(k, v)?,
                 "maxHashSlotNum" => c.index_size.slots = num(k, v, "a slot count")?,
                 "maxIndexNum" => c.index_size.entries = num(k, v, "an entry count")?,
@@ -596,6 +601,10 @@ impl BrokerConfig {
                 self.transaction_check_interval_ms.to_string(),
             ),
             ("messageIndexEnable", self.message_index.to_string()),
+            (
+                "storeReplyMessageEnable",
+                self.store_reply_message.to_string(),
+            ),
             ("enablePropertyFilter", self.property_filter.to_string()),
             ("maxHashSlotNum", self.index_size.slots.to_string()),
             ("maxIndexNum", self.index_size.entries.to_string()),

@@ -99,6 +99,19 @@ pub enum RequestCode {
     SendMessageV2 = 310,
     /// Send several messages in one request.
     SendBatchMessage = 320,
+    /// An admin tool asks a consumer client, through its broker, for its internal state
+    /// (`mqadmin consumerStatus`); the broker relays it.
+    GetConsumerRunningInfo = 307,
+    /// An admin tool has a consumer client consume one stored message, through the broker
+    /// (`mqadmin queryMsgById -g -d`); the broker relays it with the message.
+    ConsumeMessageDirectly = 309,
+    /// A consumer's reply to a request message (long header keys): stored, and pushed to the
+    /// requester.
+    SendReplyMessage = 324,
+    /// A consumer's reply to a request message (one-letter header keys).
+    SendReplyMessageV2 = 325,
+    /// The broker hands a reply to the producer that sent the request.
+    PushReplyMessageToClient = 326,
     /// A pull from a lite-pull consumer (RocketMQ 5's DefaultLitePullConsumer): a pull like
     /// any other.
     LitePullMessage = 361,
@@ -154,6 +167,11 @@ impl RequestCode {
         Self::GetBrokerRuntimeInfo,
         Self::SendMessageV2,
         Self::SendBatchMessage,
+        Self::GetConsumerRunningInfo,
+        Self::ConsumeMessageDirectly,
+        Self::SendReplyMessage,
+        Self::SendReplyMessageV2,
+        Self::PushReplyMessageToClient,
         Self::LitePullMessage,
     ];
 
@@ -215,6 +233,8 @@ pub enum ResponseCode {
     FilterDataNotExist = 27,
     /// No client of the consumer group is connected.
     ConsumerNotOnline = 206,
+    /// A consumer client did not answer a relayed request in time.
+    ConsumeMsgTimeout = 207,
 }
 
 impl ResponseCode {

@@ -53,6 +53,8 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// Pushes a command (e.g. a oneway notification) to this client.
     pub push: mpsc::Sender<RemotingCommand>,
+    /// Requests this server sent the client and waits to have answered.
+    calls: Arc<Calls>,
     /// Requests being handled by this server, across all connections.
     busy: Arc<AtomicUsize>,
     /// The connection's share of its event loop's count.
@@ -72,6 +74,108 @@ impl Peer {
     pub fn not_a_client(&self) {
         self.placement.release();
     }
+
+    /// A handle to reach this client later, from any task: pushes, and calls that wait for
+    /// the client's answer.
+    pub fn link(&self) -> ClientLink {
+        ClientLink {
+            push: self.push.clone(),
+            calls: self.calls.clone(),
+        }
+    }
+
+    /// Hands a client's answer to the call waiting for it (tests stand in for a connection).
+    #[cfg(test)]
+    pub(crate) fn answered(&self, response: RemotingCommand) {
+        self.calls.answer(response);
+    }
+}
+
+/// Why a call from this server to a client got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The client's connection closed before it answered.
+    #[error("the client's connection closed")]
+    Closed,
+    /// The connection's queue of commands to write stayed full.
+    #[error("the client's connection is too busy to take the request")]
+    Busy,
+    /// No answer within the time allowed.
+    #[error("the client did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Calls made to one client, matched to its answers by opaque (as the client matches ours).
+#[derive(Debug, Default)]
+struct Calls {
+    next: AtomicI32,
+    waiting: Mutex<HashMap<i32, oneshot::Sender<RemotingCommand>>>,
+}
+
+impl Calls {
+    /// Delivers an answer read from the connection; answers nobody waits for (oneway pushes,
+    /// calls given up) are dropped.
+    fn answer(&self, response: RemotingCommand) {
+        if let Some(w) = lock(&self.waiting).remove(&response.opaque) {
+            let _ = w.send(response);
+        }
+    }
+
+    /// Fails every waiting call: the connection is gone.
+    fn close(&self) {
+        lock(&self.waiting).clear();
+    }
+}
+
+/// Reaches one client from anywhere in the server, as long as its connection lives.
+#[derive(Clone, Debug)]
+pub struct ClientLink {
+    /// Queues a command (a oneway notification) for the connection to write.
+    pub push: mpsc::Sender<RemotingCommand>,
+    calls: Arc<Calls>,
+}
+
+impl ClientLink {
+    /// Whether the client's connection has closed.
+    pub fn is_closed(&self) -> bool {
+        self.push.is_closed()
+    }
+
+    /// Sends `request` to the client and waits up to `timeout`, in all, for its answer
+    /// (whatever its code), as Java's broker calls a client (`invokeSync`).
+    pub async fn call(
+        &self,
+        mut request: RemotingCommand,
+        timeout: Duration,
+    ) -> Result<RemotingCommand, CallError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let opaque = self.calls.next.fetch_add(1, Ordering::Relaxed);
+        request.opaque = opaque;
+        request.flag &= !(super::command::FLAG_ONEWAY | super::command::FLAG_RESPONSE);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.calls.waiting).insert(opaque, tx);
+        // However the call ends, its registration goes.
+        let _forget = Forget(&self.calls, opaque);
+        match tokio::time::timeout_at(deadline, self.push.send(request)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(CallError::Closed),
+            Err(_) => return Err(CallError::Busy),
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(_)) => Err(CallError::Closed),
+            Err(_) => Err(CallError::Timeout(timeout)),
+        }
+    }
+}
+
+/// Removes a call's registration when the call ends.
+struct Forget<'a>(&'a Calls, i32);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.waiting).remove(&self.1);
+    }
 }
 
 #[cfg(test)]
@@ -82,6 +186,7 @@ impl Peer {
         Peer {
             addr,
             push: mpsc::channel(1).0,
+            calls: Arc::default(),
             busy: Arc::default(),
             placement: Placement::default(),
         }
@@ -150,6 +255,7 @@ async fn serve_connection<P: Processor>(
     let peer = Peer {
         addr,
         push: tx,
+        calls: Arc::default(),
         busy,
         placement,
     };
@@ -195,7 +301,10 @@ async fn serve_connection<P: Processor>(
                 Some(Ok(request)) => {
                     read_since_write += 1;
                     if request.is_response() {
-                        continue; // answers to our oneway pushes carry nothing we need
+                        // An answer to one of our calls; answers to oneway pushes carry
+                        // nothing we need and are dropped.
+                        peer.calls.answer(request);
+                        continue;
                     }
                     let handling = Counted::new(&peer.busy);
                     let (processor, peer) = (&*processor, &peer);
@@ -258,6 +367,7 @@ async fn serve_connection<P: Processor>(
     // Requests still running are dropped with the connection: their answers have nowhere to
     // go, and the store's operations complete or roll back on cancellation.
     drop(requests);
+    peer.calls.close();
     processor.disconnected(&peer);
 }
 

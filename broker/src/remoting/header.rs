@@ -641,6 +641,52 @@ ext_header! {
     }
 }
 
+ext_header! {
+    /// PUSH_REPLY_MESSAGE_TO_CLIENT request: a reply as the requesting producer reads it
+    /// (Java's ReplyMessageRequestHeader).
+    pub struct ReplyMessageRequestHeader {
+        /// Producer group of the replier.
+        pub producer_group: String => "producerGroup",
+        /// The reply topic.
+        pub topic: String => "topic",
+        /// The replier's template topic.
+        pub default_topic: String => "defaultTopic",
+        /// The replier's queue count for auto-created topics.
+        pub default_topic_queue_nums: i32 => "defaultTopicQueueNums",
+        /// Queue the replier sent to.
+        pub queue_id: i32 => "queueId",
+        /// The reply's sysFlag (compression).
+        pub sys_flag: i32 => "sysFlag",
+        /// When the replier made the reply (ms).
+        pub born_timestamp: i64 => "bornTimestamp",
+        /// User flag.
+        pub flag: i32 => "flag",
+        /// The reply's encoded properties, with the push time.
+        pub properties: Option<String> => "properties",
+        /// As the replier sent it.
+        pub reconsume_times: Option<i32> => "reconsumeTimes",
+        /// As the replier sent it.
+        pub unit_mode: bool => "unitMode",
+        /// The replier's address, `ip:port`.
+        pub born_host: String => "bornHost",
+        /// This broker's address, `ip:port`.
+        pub store_host: String => "storeHost",
+        /// When the broker pushed the reply (ms).
+        pub store_timestamp: i64 => "storeTimestamp",
+    }
+}
+
+ext_header! {
+    /// GET_CONSUMER_RUNNING_INFO and CONSUME_MESSAGE_DIRECTLY: the consumer client an admin
+    /// tool's request is for (the rest of the header goes to the client as it came).
+    pub struct ConsumerClientRequestHeader {
+        /// The client's consumer group.
+        pub consumer_group: String => "consumerGroup",
+        /// The client's id.
+        pub client_id: String => "clientId",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

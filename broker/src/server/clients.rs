@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::remoting::body::{ConsumerData, SubscriptionData};
+use crate::remoting::connection::ClientLink;
 use crate::remoting::{RemotingCommand, RequestCode};
 
 /// How long a client stays registered without a heartbeat (RocketMQ: 120 s).
@@ -19,8 +20,9 @@ pub const CLIENT_EXPIRY: Duration = Duration::from_secs(120);
 pub struct ClientConn {
     /// Remote address of the connection.
     pub addr: SocketAddr,
-    /// Pushes to the client (NOTIFY_CONSUMER_IDS_CHANGED).
-    pub push: mpsc::Sender<RemotingCommand>,
+    /// Pushes and calls to the client (NOTIFY_CONSUMER_IDS_CHANGED, CHECK_TRANSACTION_STATE,
+    /// relayed admin requests, replies).
+    pub link: ClientLink,
     /// The client's language (JAVA, GO, CPP, ...), from its request header.
     pub language: &'static str,
     /// The client's version, from its request header.
@@ -174,6 +176,15 @@ impl ConsumerRegistry {
         }
     }
 
+    /// One client of a group, to relay an admin tool's request to (Java's `findChannel`).
+    pub fn client(&self, group: &str, client_id: &str) -> Option<ClientConn> {
+        self.lock()
+            .get(group)?
+            .clients
+            .get(client_id)
+            .map(|c| c.conn.clone())
+    }
+
     /// Client ids of a group.
     pub fn client_ids(&self, group: &str) -> Vec<String> {
         self.lock()
@@ -234,7 +245,12 @@ impl ConsumerRegistry {
         let targets: Vec<mpsc::Sender<RemotingCommand>> = self
             .lock()
             .get(group)
-            .map(|g| g.clients.values().map(|c| c.conn.push.clone()).collect())
+            .map(|g| {
+                g.clients
+                    .values()
+                    .map(|c| c.conn.link.push.clone())
+                    .collect()
+            })
             .unwrap_or_default();
         for t in targets {
             let mut cmd = RemotingCommand::request(
@@ -305,6 +321,16 @@ impl ProducerRegistry {
         groups.retain(|_, clients| !clients.is_empty());
     }
 
+    /// The connection of the producer client `client_id`, whatever its group: where a reply
+    /// to its request goes (Java keys this by client id alone).
+    pub fn client(&self, client_id: &str) -> Option<ClientConn> {
+        self.lock()
+            .values()
+            .filter_map(|clients| clients.get(client_id))
+            .find(|c| !c.conn.link.is_closed())
+            .map(|c| c.conn.clone())
+    }
+
     /// A connection to one of the group's producers, in turn (Java's getAvailableChannel);
     /// `None` when none is online.
     pub fn channel(&self, group: &str) -> Option<ClientConn> {
@@ -312,7 +338,7 @@ impl ProducerRegistry {
         let clients = groups.get(group)?;
         let open: Vec<&ClientEntry> = clients
             .values()
-            .filter(|c| !c.conn.push.is_closed())
+            .filter(|c| !c.conn.link.is_closed())
             .collect();
         if open.is_empty() {
             return None;
@@ -371,9 +397,11 @@ mod tests {
     }
 
     fn conn(addr: SocketAddr, push: &mpsc::Sender<RemotingCommand>) -> ClientConn {
+        let mut peer = crate::remoting::connection::Peer::detached(addr);
+        peer.push = push.clone();
         ClientConn {
             addr,
-            push: push.clone(),
+            link: peer.link(),
             language: "JAVA",
             version: 317,
         }

@@ -5,6 +5,7 @@ pub mod clients;
 mod locks;
 mod pull;
 mod rates;
+pub mod relay;
 pub mod schedule;
 mod send;
 mod stats;
@@ -315,7 +316,7 @@ impl Broker {
         };
         let from = clients::ClientConn {
             addr: peer.addr,
-            push: peer.push.clone(),
+            link: peer.link(),
             language: crate::remoting::command::language_name(req.language),
             version: req.version,
         };
@@ -425,6 +426,12 @@ impl Broker {
                                 "TBW102 is a system topic and cannot be changed",
                             );
                         }
+                        if h.topic == relay::reply_topic(&self.cfg.cluster_name) {
+                            return req.error_to(
+                                ResponseCode::SystemError,
+                                format!("The topic[{}] is conflict with system topic.", h.topic),
+                            );
+                        }
                         if !(1..=1024).contains(&h.read_queue_nums)
                             || !(1..=1024).contains(&h.write_queue_nums)
                         {
@@ -469,25 +476,13 @@ impl Broker {
             RequestCode::ViewMessageById => {
                 match ViewMessageRequestHeader::from_ext(&req.ext_fields) {
                     // Read once, checked as a message, answered as stored.
-                    Ok(h) => {
-                        match self
-                            .store
-                            .commitlog()
-                            .read_raw(h.offset as u64)
-                            .and_then(|raw| match crate::store::message::parse_stored(&raw) {
-                                Ok(_) => Ok(raw),
-                                Err(e) => Err(StoreError::Corrupt(format!(
-                                    "message at {}: {e}",
-                                    h.offset
-                                ))),
-                            }) {
-                            Ok(raw) => req.response_to(ResponseCode::Success).with_body(raw),
-                            Err(e) => req.error_to(
-                                ResponseCode::SystemError,
-                                format!("no message at offset {}: {e}", h.offset),
-                            ),
-                        }
-                    }
+                    Ok(h) => match self.read_stored(h.offset as u64) {
+                        Ok(raw) => req.response_to(ResponseCode::Success).with_body(raw),
+                        Err(e) => req.error_to(
+                            ResponseCode::SystemError,
+                            format!("no message at offset {}: {e}", h.offset),
+                        ),
+                    },
                     Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
                 }
             }
@@ -511,6 +506,15 @@ impl Broker {
                 format!("{other:?} ({}) is not supported by this broker", req.code),
             ),
         }
+    }
+
+    /// The message stored at `offset`, as stored, once checked to be one (admin tools and
+    /// clients decode that form).
+    fn read_stored(&self, offset: u64) -> Result<bytes::Bytes, StoreError> {
+        let raw = self.store.commitlog().read_raw(offset)?;
+        crate::store::message::parse_stored(&raw)
+            .map_err(|e| StoreError::Corrupt(format!("message at {offset}: {e}")))?;
+        Ok(raw)
     }
 
     /// The registration body and header for the name servers.
@@ -856,6 +860,12 @@ impl Processor for Broker {
             RequestCode::SendMessage
             | RequestCode::SendMessageV2
             | RequestCode::SendBatchMessage => self.send(&req, peer).await,
+            RequestCode::SendReplyMessage | RequestCode::SendReplyMessageV2 => {
+                self.reply(&req, peer).await
+            }
+            RequestCode::GetConsumerRunningInfo | RequestCode::ConsumeMessageDirectly => {
+                self.relay_to_consumer(&req).await
+            }
             RequestCode::PullMessage | RequestCode::LitePullMessage => self.pull(&req).await,
             RequestCode::QueryConsumerOffset => self.query_consumer_offset(&req),
             RequestCode::UpdateConsumerOffset => self.update_consumer_offset(&req),
@@ -1193,6 +1203,15 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             AUTO_CREATE_TOPIC,
             cfg.default_topic_queue_nums,
             PERM_INHERIT | PERM_READ | PERM_WRITE,
+        )?;
+    }
+    if cfg.role != BrokerRole::Slave {
+        // Where consumers send replies to request messages this cluster stored (Java creates
+        // it on every broker; slaves copy it).
+        broker.ensure_topic(
+            &relay::reply_topic(&cfg.cluster_name),
+            1,
+            PERM_READ | PERM_WRITE,
         )?;
     }
 

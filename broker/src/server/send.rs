@@ -11,13 +11,23 @@ use crate::remoting::header::{
 use crate::remoting::{RemotingCommand, RequestCode, ResponseCode};
 use crate::replication::SyncWaitError;
 use crate::store::message::{
-    decode_batch, format_properties, offset_msg_id, parse_properties, NewMessage,
-    PROP_MAX_RECONSUME_TIMES, PROP_ORIGIN_MESSAGE_ID, PROP_RETRY_TOPIC,
+    decode_batch, format_properties, offset_msg_id, parse_properties, set_property, NewMessage,
+    PROP_CLUSTER, PROP_MAX_RECONSUME_TIMES, PROP_ORIGIN_MESSAGE_ID, PROP_RETRY_TOPIC,
 };
 use crate::store::topics::{now_ms, PERM_WRITE};
 use crate::store::{FlushDiskType, PutResult, StoreError};
 
 use super::{schedule, transaction, Broker};
+
+/// A send's header once its checks passed: where its messages go.
+pub(super) struct Admitted {
+    /// The request's header.
+    pub(super) h: SendMessageRequestHeader,
+    /// The dead-letter topic a retry send goes to instead, once the group's retries are spent.
+    pub(super) dead_letter: Option<String>,
+    /// The queue the messages go to.
+    pub(super) queue_id: i32,
+}
 
 /// Retry attempts before a message goes to the dead-letter queue (RocketMQ default).
 pub(super) const DEFAULT_MAX_RECONSUME_TIMES: i32 = 16;
@@ -106,73 +116,13 @@ impl Broker {
     /// Handles the three send requests.
     pub(super) async fn send(&self, req: &RemotingCommand, peer: &Peer) -> RemotingCommand {
         let born = peer.addr;
-        // SEND_MESSAGE_V2 and (from Java clients) SEND_BATCH_MESSAGE carry one-letter keys.
-        let short_keys = req.code == RequestCode::SendMessageV2.code()
-            || (req.code == RequestCode::SendBatchMessage.code()
-                && req.ext_fields.contains_key("b"));
-        let h = if short_keys {
-            SendMessageRequestHeader::from_v2(&req.ext_fields)
-        } else {
-            SendMessageRequestHeader::from_ext(&req.ext_fields)
-        };
-        let mut h = match h {
-            Ok(h) => h,
-            Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
-        };
-        if !self.is_master() {
-            return req.error_to(
-                ResponseCode::ServiceNotAvailable,
-                format!(
-                    "the broker {} is a slave and cannot accept messages",
-                    self.cfg.broker_addr()
-                ),
-            );
-        }
-        if let Some(refused) = self.refuse_writes(req) {
-            return refused;
-        }
-        if let Err(e) = validate_topic(&h.topic) {
-            return req.error_to(ResponseCode::SystemError, e);
-        }
-        if NOT_ALLOWED_SEND_TOPICS.contains(&h.topic.as_str()) {
-            // A message sent straight to the schedule topic carries a tag hash where its
-            // delivery time belongs: it would be moved at once, to any REAL_TOPIC it names.
-            return req.error_to(
-                ResponseCode::NoPermission,
-                format!("Sending message to topic[{}] is forbidden.", h.topic),
-            );
-        }
-        let topic = match self.topic_for_send(&h) {
-            Ok(t) => t,
-            Err(resp) => return resp(req),
-        };
-        if topic.perm & PERM_WRITE == 0 {
-            return req.error_to(
-                ResponseCode::NoPermission,
-                format!("the topic[{}] sending message is forbidden", h.topic),
-            );
-        }
-        let dead_letter = match self.dead_letter_of_retry(&h) {
-            Ok(d) => d,
-            Err(resp) => return resp(req),
-        };
-        // Any queue below the larger of the two counts, as Java's msgCheck: a topic shrunk
-        // with `updateTopic -w 4 -r 8` still takes the sends of producers whose route is not
-        // yet refreshed (orderly ones do not retry elsewhere).
-        let queues = topic.write_queue_nums.max(topic.read_queue_nums);
-        let queue_id = match h.queue_id {
-            _ if dead_letter.is_some() => 0,
-            Some(q) if q >= 0 && q < queues => q,
-            Some(q) if q >= queues => {
-                return req.error_to(
-                    ResponseCode::SystemError,
-                    format!(
-                        "queueId {q} is illegal: topic {} has {} write and {} read queues",
-                        h.topic, topic.write_queue_nums, topic.read_queue_nums
-                    ),
-                )
-            }
-            _ => self.pick_queue(topic.write_queue_nums),
+        let Admitted {
+            mut h,
+            dead_letter,
+            queue_id,
+        } = match self.admit_send(req) {
+            Ok(a) => a,
+            Err(refused) => return *refused,
         };
         let is_batch = req.code == RequestCode::SendBatchMessage.code() || h.batch;
         let items: Vec<(i32, bytes::Bytes, String)> = if is_batch {
@@ -197,18 +147,11 @@ impl Broker {
                 h.properties.take().unwrap_or_default(),
             )]
         };
-        if let Some((_, b, _)) = items
+        if let Some(refused) = items
             .iter()
-            .find(|(_, b, _)| b.len() as u64 > self.cfg.max_message_size)
+            .find_map(|(_, b, _)| self.refuse_body(req, b.len()))
         {
-            return req.error_to(
-                ResponseCode::MessageIllegal,
-                format!(
-                    "message body of {} bytes exceeds maxMessageSize {}",
-                    b.len(),
-                    self.cfg.max_message_size
-                ),
-            );
+            return refused;
         }
         let half = match self.transactional(&items, &h) {
             Ok(half) => half,
@@ -249,6 +192,12 @@ impl Broker {
         };
         let msgs: Vec<NewMessage> = items
             .into_iter()
+            .map(|(flag, body, mut properties)| {
+                // Every message sent names the cluster that stored it, as Java's broker does:
+                // a consumer replying to a request message sends to that cluster's reply topic.
+                set_property(&mut properties, PROP_CLUSTER, &self.cfg.cluster_name);
+                (flag, body, properties)
+            })
             .map(|(flag, body, properties)| NewMessage {
                 topic: topic_name.clone(),
                 queue_id,
@@ -265,6 +214,93 @@ impl Broker {
             .collect();
         self.put_and_respond(req, msgs, queue_id, peer.others_in_flight())
             .await
+    }
+
+    /// Reads a send's header (sends and replies alike) and runs the checks every write
+    /// passes: role, permissions, topic, queue.
+    pub(super) fn admit_send(
+        &self,
+        req: &RemotingCommand,
+    ) -> Result<Admitted, Box<RemotingCommand>> {
+        // SEND_MESSAGE_V2, SEND_REPLY_MESSAGE_V2 and (from Java clients) SEND_BATCH_MESSAGE
+        // carry one-letter keys.
+        let short_keys = req.code == RequestCode::SendMessageV2.code()
+            || req.code == RequestCode::SendReplyMessageV2.code()
+            || (req.code == RequestCode::SendBatchMessage.code()
+                && req.ext_fields.contains_key("b"));
+        let h = if short_keys {
+            SendMessageRequestHeader::from_v2(&req.ext_fields)
+        } else {
+            SendMessageRequestHeader::from_ext(&req.ext_fields)
+        };
+        let h = match h {
+            Ok(h) => h,
+            Err(e) => {
+                return Err(Box::new(
+                    req.error_to(ResponseCode::SystemError, e.to_string()),
+                ))
+            }
+        };
+        if !self.is_master() {
+            return Err(Box::new(req.error_to(
+                ResponseCode::ServiceNotAvailable,
+                format!(
+                    "the broker {} is a slave and cannot accept messages",
+                    self.cfg.broker_addr()
+                ),
+            )));
+        }
+        if let Some(refused) = self.refuse_writes(req) {
+            return Err(Box::new(refused));
+        }
+        if let Err(e) = validate_topic(&h.topic) {
+            return Err(Box::new(req.error_to(ResponseCode::SystemError, e)));
+        }
+        if NOT_ALLOWED_SEND_TOPICS.contains(&h.topic.as_str()) {
+            // A message sent straight to the schedule topic carries a tag hash where its
+            // delivery time belongs: it would be moved at once, to any REAL_TOPIC it names.
+            return Err(Box::new(req.error_to(
+                ResponseCode::NoPermission,
+                format!("Sending message to topic[{}] is forbidden.", h.topic),
+            )));
+        }
+        let topic = match self.topic_for_send(&h) {
+            Ok(t) => t,
+            Err(resp) => return Err(Box::new(resp(req))),
+        };
+        if topic.perm & PERM_WRITE == 0 {
+            return Err(Box::new(req.error_to(
+                ResponseCode::NoPermission,
+                format!("the topic[{}] sending message is forbidden", h.topic),
+            )));
+        }
+        let dead_letter = match self.dead_letter_of_retry(&h) {
+            Ok(d) => d,
+            Err(resp) => return Err(Box::new(resp(req))),
+        };
+        // Any queue below the larger of the two counts, as Java's msgCheck: a topic shrunk
+        // with `updateTopic -w 4 -r 8` still takes the sends of producers whose route is not
+        // yet refreshed (orderly ones do not retry elsewhere).
+        let queues = topic.write_queue_nums.max(topic.read_queue_nums);
+        let queue_id = match h.queue_id {
+            _ if dead_letter.is_some() => 0,
+            Some(q) if q >= 0 && q < queues => q,
+            Some(q) if q >= queues => {
+                return Err(Box::new(req.error_to(
+                    ResponseCode::SystemError,
+                    format!(
+                        "queueId {q} is illegal: topic {} has {} write and {} read queues",
+                        h.topic, topic.write_queue_nums, topic.read_queue_nums
+                    ),
+                )))
+            }
+            _ => self.pick_queue(topic.write_queue_nums),
+        };
+        Ok(Admitted {
+            h,
+            dead_letter,
+            queue_id,
+        })
     }
 
     /// Stores a send's messages and answers it; `queue_id` is the queue the producer sent to,
@@ -387,6 +423,19 @@ impl Broker {
         resp.ext_fields.insert("MSG_REGION", "DefaultRegion");
         resp.ext_fields.insert("TRACE_ON", "true");
         resp
+    }
+
+    /// The answer to a message whose body is larger than `maxMessageSize`.
+    pub(super) fn refuse_body(&self, req: &RemotingCommand, len: usize) -> Option<RemotingCommand> {
+        (len as u64 > self.cfg.max_message_size).then(|| {
+            req.error_to(
+                ResponseCode::MessageIllegal,
+                format!(
+                    "message body of {len} bytes exceeds maxMessageSize {}",
+                    self.cfg.max_message_size
+                ),
+            )
+        })
     }
 
     /// The answer to a request that would write, when this broker takes no writes: its

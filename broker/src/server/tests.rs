@@ -350,7 +350,7 @@ async fn a_pull_newer_than_the_subscription_the_broker_holds_is_refused_not_misf
     };
     let from = clients::ClientConn {
         addr: "127.0.0.1:1".parse().unwrap(),
-        push: tokio::sync::mpsc::channel(1).0,
+        link: test_peer().link(),
         language: "JAVA",
         version: 0,
     };
@@ -2158,10 +2158,12 @@ async fn a_half_message_too_large_to_count_another_question_is_set_aside() {
     send_v2_to(b, "T", 0, counted, None).await;
     let m = first_in(b, HALF_TOPIC, 0);
     assert!(!m.properties_map().contains_key("TRANSACTION_CHECK_TIMES"));
-    // Properties a few bytes short of the limit once REAL_TOPIC/REAL_QID are added: stored,
-    // but a copy with its count of questions would not fit.
+    // Properties a few bytes short of the limit once CLUSTER, REAL_TOPIC and REAL_QID are
+    // added: stored, but a copy with its count of questions would not fit.
     let base = half_properties("Big");
-    let room = 32_767 - base.len() - "REAL_TOPIC\u{1}T\u{2}REAL_QID\u{1}0\u{2}".len();
+    let room = 32_767
+        - base.len()
+        - "CLUSTER\u{1}DefaultCluster\u{2}REAL_TOPIC\u{1}T\u{2}REAL_QID\u{1}0\u{2}".len();
     let big = format!("{base}K\u{1}{}\u{2}", "v".repeat(room - 8));
     let resp = send_v2_to(b, "T", 0, big, None).await;
     assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
@@ -2354,7 +2356,7 @@ async fn sql92_subscriptions_select_by_properties_with_enable_property_filter() 
     // does not parse.
     let from = clients::ClientConn {
         addr: "127.0.0.1:1".parse().unwrap(),
-        push: tokio::sync::mpsc::channel(1).0,
+        link: test_peer().link(),
         language: "JAVA",
         version: 0,
     };
@@ -2395,5 +2397,275 @@ async fn sql92_subscriptions_select_by_properties_with_enable_property_filter() 
     let resp = h.broker.check_client_config(&check("a > 'x'"));
     assert_eq!(resp.code, ResponseCode::SubscriptionParseFailed.code());
     assert!(resp.remark.unwrap().contains("character 4"));
+    h.stop().await;
+}
+
+/// A client on `addr` that said in a heartbeat it is producer `P` and consumer of group `G`
+/// (client id `<addr>@1`, version `version`): its peer, and what the broker sends it.
+async fn client_of(
+    b: &Broker,
+    addr: &str,
+    version: i32,
+) -> (Peer, tokio::sync::mpsc::Receiver<RemotingCommand>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let mut peer = Peer::detached(addr.parse().unwrap());
+    peer.push = tx;
+    let body = format!(
+        r#"{{"clientID":"{addr}@1","producerDataSet":[{{"groupName":"P"}}],"consumerDataSet":[{{"groupName":"G","consumeType":"CONSUME_PASSIVELY","messageModel":"CLUSTERING","consumeFromWhere":"CONSUME_FROM_LAST_OFFSET","subscriptionDataSet":[],"unitMode":false}}]}}"#
+    );
+    let mut beat = RemotingCommand::request(RequestCode::HeartBeat.code(), Default::default())
+        .with_body(body.into_bytes());
+    beat.version = version;
+    let resp = b.process(beat, &peer).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{:?}", resp.remark);
+    // The group is told of its new member (NOTIFY_CONSUMER_IDS_CHANGED).
+    while rx.try_recv().is_ok() {}
+    (peer, rx)
+}
+
+/// SEND_REPLY_MESSAGE_V2 of a reply with `properties` to the cluster's reply topic.
+fn reply_request(properties: &str) -> RemotingCommand {
+    use crate::remoting::header::SendMessageRequestHeader;
+    let h = SendMessageRequestHeader {
+        producer_group: "R".into(),
+        topic: "DefaultCluster_REPLY_TOPIC".into(),
+        default_topic: Some("TBW102".into()),
+        default_topic_queue_nums: Some(4),
+        queue_id: Some(0),
+        sys_flag: Some(0),
+        born_timestamp: Some(7),
+        flag: Some(3),
+        properties: Some(properties.into()),
+        ..Default::default()
+    };
+    RemotingCommand::request(RequestCode::SendReplyMessageV2.code(), h.to_v2())
+        .with_body(Bytes::from_static(b"the answer"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_sent_names_the_cluster_that_stored_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let b = &h.broker;
+    send_v2(b, "T", "a\u{1}1\u{2}".into(), None).await;
+    let m = first_in(b, "T", 0);
+    assert_eq!(m.properties, "a\u{1}1\u{2}CLUSTER\u{1}DefaultCluster\u{2}");
+    // Another cluster's name (a message sent on from elsewhere) is overridden.
+    send_v2_to(b, "T", 1, "CLUSTER\u{1}Other\u{2}".into(), None).await;
+    let m = first_in(b, "T", 1);
+    assert_eq!(m.properties_map()["CLUSTER"], "DefaultCluster");
+    // Every message of a batch.
+    let items: Vec<crate::store::message::BatchItem> = (0..2)
+        .map(|i| crate::store::message::BatchItem {
+            flag: 0,
+            body: Bytes::from_static(b"b"),
+            properties: format!("i\u{1}{i}\u{2}"),
+        })
+        .collect();
+    let body = crate::store::message::encode_batch(&items);
+    use crate::remoting::header::SendMessageRequestHeader;
+    let hdr = SendMessageRequestHeader {
+        producer_group: "P".into(),
+        topic: "T".into(),
+        queue_id: Some(2),
+        batch: true,
+        ..Default::default()
+    };
+    let req = RemotingCommand::request(RequestCode::SendBatchMessage.code(), hdr.to_ext())
+        .with_body(body);
+    let resp = b.process(req, &test_peer()).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{:?}", resp.remark);
+    let q = b.store.queue("T", 2).unwrap();
+    for e in q.get(0, 2).unwrap() {
+        let m = b.store.commitlog().read_message(e.offset).unwrap();
+        assert_eq!(m.properties_map()["CLUSTER"], "DefaultCluster");
+    }
+    // Replies go to the cluster's reply topic, which every master has and no one may change.
+    let reply_topic = b.store.topics.get("DefaultCluster_REPLY_TOPIC").unwrap();
+    assert_eq!(
+        (reply_topic.read_queue_nums, reply_topic.write_queue_nums),
+        (1, 1)
+    );
+    let change = RemotingCommand::request(
+        RequestCode::UpdateAndCreateTopic.code(),
+        crate::remoting::header::CreateTopicRequestHeader {
+            topic: "DefaultCluster_REPLY_TOPIC".into(),
+            read_queue_nums: 8,
+            write_queue_nums: 8,
+            perm: 6,
+            ..Default::default()
+        }
+        .to_ext(),
+    );
+    let resp = b.process(change, &test_peer()).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::SystemError.code());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_is_pushed_to_the_producer_that_asked_and_stored() {
+    use crate::remoting::header::{ReplyMessageRequestHeader, SendMessageResponseHeader};
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let b = &h.broker;
+    let (requester, mut pushed) = client_of(b, "10.0.0.9:5000", 400).await;
+    let props = "CORRELATION_ID\u{1}c-1\u{2}REPLY_TO_CLIENT\u{1}10.0.0.9:5000@1\u{2}MSG_TYPE\u{1}reply\u{2}";
+    let replier = Peer::detached("10.0.0.8:6000".parse().unwrap());
+    let client = async {
+        let push = pushed.recv().await.unwrap();
+        assert_eq!(push.code, RequestCode::PushReplyMessageToClient.code());
+        assert!(!push.is_oneway(), "a push the broker waits on");
+        let hdr = ReplyMessageRequestHeader::from_ext(&push.ext_fields).unwrap();
+        assert_eq!(hdr.topic, "DefaultCluster_REPLY_TOPIC");
+        assert_eq!(hdr.producer_group, "R");
+        assert_eq!((hdr.queue_id, hdr.flag, hdr.born_timestamp), (0, 3, 7));
+        assert_eq!(hdr.born_host, "10.0.0.8:6000");
+        let p = crate::store::message::parse_properties(hdr.properties.as_deref().unwrap());
+        assert_eq!(p["CORRELATION_ID"], "c-1");
+        assert!(p.contains_key("PUSH_REPLY_TIME"), "{p:?}");
+        assert_eq!(&push.body[..], b"the answer");
+        requester.answered(push.response_to(ResponseCode::Success));
+    };
+    let (resp, ()) = tokio::join!(b.process(reply_request(props), &replier), client);
+    let resp = resp.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{:?}", resp.remark);
+    // Stored too, and the answer says where.
+    let stored = first_in(b, "DefaultCluster_REPLY_TOPIC", 0);
+    assert_eq!(&stored.body[..], b"the answer");
+    assert_eq!(stored.properties, props, "stored as the replier sent it");
+    let hdr = SendMessageResponseHeader::from_ext(&resp.ext_fields).unwrap();
+    assert_eq!(hdr.msg_id, stored.offset_msg_id());
+
+    // A requester that does not take it, one that is gone, and a reply naming no one: not
+    // delivered, said so, stored all the same.
+    let client = async {
+        let push = pushed.recv().await.unwrap();
+        requester.answered(push.error_to(ResponseCode::SystemError, "process reply message fail"));
+    };
+    let (resp, ()) = tokio::join!(b.process(reply_request(props), &replier), client);
+    let resp = resp.unwrap();
+    assert_eq!(resp.code, ResponseCode::SystemError.code());
+    assert!(
+        resp.remark
+            .as_deref()
+            .unwrap()
+            .contains("process reply message fail"),
+        "{:?}",
+        resp.remark
+    );
+    let gone = props.replace("10.0.0.9:5000@1", "10.0.0.1:1@1");
+    let resp = b.process(reply_request(&gone), &replier).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::SystemError.code());
+    assert_eq!(
+        resp.remark.as_deref(),
+        Some("push reply message fail, channel of <10.0.0.1:1@1> not found.")
+    );
+    let resp = b
+        .process(reply_request("CORRELATION_ID\u{1}c-2\u{2}"), &replier)
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.remark.as_deref(),
+        Some("reply message properties[REPLY_TO_CLIENT] is null")
+    );
+    assert_eq!(stored_in(b, "DefaultCluster_REPLY_TOPIC", 0), 4);
+    // The requester's connection closing ends a push waiting for it.
+    drop(pushed);
+    let resp = b.process(reply_request(props), &replier).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::SystemError.code());
+    h.stop().await;
+
+    // storeReplyMessageEnable=false: pushed only.
+    let dir = tempfile::tempdir().unwrap();
+    let h = broker_with_t(BrokerConfig {
+        store_reply_message: false,
+        ..local_config(dir.path())
+    })
+    .await;
+    let b = &h.broker;
+    let (requester, mut pushed) = client_of(b, "10.0.0.9:5000", 400).await;
+    let client = async {
+        let push = pushed.recv().await.unwrap();
+        requester.answered(push.response_to(ResponseCode::Success));
+    };
+    let (resp, ()) = tokio::join!(b.process(reply_request(props), &replier), client);
+    let resp = resp.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{:?}", resp.remark);
+    assert_eq!(resp.ext_fields.get("msgId"), Some("0"));
+    assert_eq!(stored_in(b, "DefaultCluster_REPLY_TOPIC", 0), 0);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_requests_for_a_consumer_are_relayed_to_it_and_its_answer_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let b = &h.broker;
+    let (consumer, mut pushed) = client_of(b, "10.0.0.9:5000", 400).await;
+    let admin = Peer::detached("10.0.0.2:7000".parse().unwrap());
+    let ask = |group: &str, client: &str| {
+        let mut r = RemotingCommand::request(
+            RequestCode::GetConsumerRunningInfo.code(),
+            Default::default(),
+        )
+        .with_ext("consumerGroup", group)
+        .with_ext("clientId", client)
+        .with_ext("jstackEnable", "false");
+        r.opaque = 77;
+        r
+    };
+    let client = async {
+        let call = pushed.recv().await.unwrap();
+        assert_eq!(call.code, RequestCode::GetConsumerRunningInfo.code());
+        assert_eq!(call.ext_fields.get("jstackEnable"), Some("false"));
+        consumer.answered(
+            call.response_to(ResponseCode::Success)
+                .with_body(&b"{\"properties\":{}}"[..]),
+        );
+    };
+    let (resp, ()) = tokio::join!(b.process(ask("G", "10.0.0.9:5000@1"), &admin), client);
+    let resp = resp.unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{:?}", resp.remark);
+    assert_eq!((resp.opaque, resp.is_response()), (77, true));
+    assert_eq!(&resp.body[..], b"{\"properties\":{}}");
+
+    let resp = b.process(ask("G", "nobody@1"), &admin).await.unwrap();
+    assert_eq!(
+        resp.remark.as_deref(),
+        Some("The Consumer <G> <nobody@1> not online")
+    );
+    // A client too old to answer (before 3.1.8) is not asked.
+    let (_old, _old_rx) = client_of(b, "10.0.0.10:5000", 61).await;
+    while pushed.try_recv().is_ok() {} // told of the newcomer
+    let resp = b
+        .process(ask("G", "10.0.0.10:5000@1"), &admin)
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::SystemError.code());
+    assert!(resp.remark.unwrap().contains("too low"));
+
+    // CONSUME_MESSAGE_DIRECTLY: the client gets the message as stored and this broker's name.
+    send_v2(b, "T", String::new(), None).await;
+    let stored = first_in(b, "T", 0);
+    let direct = RemotingCommand::request(
+        RequestCode::ConsumeMessageDirectly.code(),
+        Default::default(),
+    )
+    .with_ext("consumerGroup", "G")
+    .with_ext("clientId", "10.0.0.9:5000@1")
+    .with_ext("msgId", stored.offset_msg_id());
+    let client = async {
+        let call = pushed.recv().await.unwrap();
+        assert_eq!(call.ext_fields.get("brokerName"), Some("broker-a"));
+        let m = crate::store::message::parse_stored(&call.body).unwrap();
+        assert_eq!(m.physical_offset, stored.physical_offset);
+        consumer.answered(call.response_to(ResponseCode::Success));
+    };
+    let (resp, ()) = tokio::join!(b.process(direct.clone(), &admin), client);
+    assert_eq!(resp.unwrap().code, ResponseCode::Success.code());
+    let unknown = direct.with_ext("msgId", "nonsense");
+    let resp = b.process(unknown, &admin).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::SystemError.code());
+    assert!(resp.remark.unwrap().contains("nonsense"));
     h.stop().await;
 }

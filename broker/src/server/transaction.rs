@@ -345,7 +345,7 @@ impl Broker {
                 // be counted as asked.
                 let permit = match self.producers.channel(group) {
                     Some(p) => {
-                        match tokio::time::timeout(PUSH_WAIT, p.push.reserve_owned()).await {
+                        match tokio::time::timeout(PUSH_WAIT, p.link.push.reserve_owned()).await {
                             Ok(Ok(permit)) => Some(permit),
                             // Gone meanwhile: asked in a later round, like any producer offline.
                             Ok(Err(_)) => None,

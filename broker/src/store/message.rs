@@ -38,6 +38,8 @@ pub const PROP_KEYS: &str = "KEYS";
 pub const PROP_UNIQ_KEY: &str = "UNIQ_KEY";
 /// Property key of the topic a retried message came from.
 pub const PROP_RETRY_TOPIC: &str = "RETRY_TOPIC";
+/// The cluster of the broker that stored a message sent to it (a reply names its topic).
+pub const PROP_CLUSTER: &str = "CLUSTER";
 /// Property key of the original message id of a retried message.
 pub const PROP_ORIGIN_MESSAGE_ID: &str = "ORIGIN_MESSAGE_ID";
 /// Property key of the delay level requested.
@@ -107,6 +109,23 @@ pub fn property<'a>(s: &'a str, key: &str) -> Option<&'a str> {
     s.split(PROP_SEP)
         .filter_map(|kv| kv.strip_prefix(key)?.strip_prefix(NAME_SEP))
         .next_back()
+}
+
+/// Sets one property of an encoded properties string. Unless it already holds that value, the
+/// pair is appended: readers (ours, Java's, other clients') take a repeated key's last value,
+/// so this overrides an earlier one without parsing and re-encoding the rest.
+pub fn set_property(s: &mut String, key: &str, value: &str) {
+    if property(s, key) == Some(value) {
+        return;
+    }
+    if !s.is_empty() && !s.ends_with(PROP_SEP) {
+        s.push(PROP_SEP);
+    }
+    s.reserve(key.len() + value.len() + 2);
+    s.push_str(key);
+    s.push(NAME_SEP);
+    s.push_str(value);
+    s.push(PROP_SEP);
 }
 
 /// Encodes properties as `key\u0001value\u0002...`.
