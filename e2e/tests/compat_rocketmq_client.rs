@@ -9,6 +9,9 @@ mod common;
 use std::time::Duration;
 
 use e2e::{Broker, BrokerSpec, Error, NameServer};
+use rocketmq_client_rust::MQPushConsumer;
+use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
+use rocketmq_model::common::message::message_single::Message;
 
 const MESSAGES: u64 = 10_000;
 
@@ -317,6 +320,101 @@ async fn rocketmq_client_rust_consumes_by_sql92_selector() -> Result<(), Error> 
         "a consumer with an unparsable selector started"
     );
 
+    drop(broker);
+    rt.shutdown().await;
+    Ok(())
+}
+
+/// Hands each request message a consumer receives to the task that replies to it.
+struct Forward(tokio::sync::mpsc::UnboundedSender<Message>);
+
+impl rocketmq_client_rust::MessageListenerConcurrently for Forward {
+    fn consume_message(
+        &self,
+        msgs: &[&rocketmq_model::common::message::message_ext::MessageExt],
+        _ctx: &rocketmq_client_rust::ConsumeConcurrentlyContext,
+    ) -> rocketmq_client_rust::ClientResult<rocketmq_client_rust::ConsumeConcurrentlyStatus> {
+        for m in msgs {
+            let _ = self.0.send(m.message_inner().clone());
+        }
+        Ok(rocketmq_client_rust::ConsumeConcurrentlyStatus::ConsumeSuccess)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rocketmq_client_rust_requests_get_their_consumers_replies() -> Result<(), Error> {
+    use rocketmq_model::common::message::MessageTrait;
+    let dir = e2e::test_dir("compat-reply")?;
+    let ns = NameServer::start(dir.path(), 120_000)?;
+    let broker = Broker::start(
+        dir.path(),
+        &BrokerSpec::master("broker-a", "ASYNC_FLUSH"),
+        &[&ns.addr],
+    )?;
+    let topic = "RequestTopic";
+    let rt = common::Runtime::new()?;
+    let mut requester = common::producer(&rt, &ns.addr, "request_producer").await?;
+    // The topic exists before the consumer looks up its route.
+    common::send_range(&requester, topic, 0..1).await?;
+
+    // The responder: a push consumer whose requests a task answers with a producer of its own.
+    let (tx, mut requests) = tokio::sync::mpsc::unbounded_channel();
+    let mut consumer = rocketmq_client_rust::DefaultMQPushConsumer::builder(rt.client.clone())
+        .client_config(common::client_config(&ns.addr))
+        .consumer_group("responder".to_string())
+        .consume_from_where(ConsumeFromWhere::ConsumeFromFirstOffset)
+        .build();
+    consumer.subscribe(topic, "*").await?;
+    consumer.register_message_listener_concurrently(Forward(tx));
+    consumer.start().await?;
+    let mut replier = common::producer(&rt, &ns.addr, "reply_producer").await?;
+    let responder = tokio::spawn(async move {
+        let mut replied = 0;
+        while replied < 3 {
+            let Some(req) = requests.recv().await else {
+                break;
+            };
+            let cluster = req.property("CLUSTER").map(|c| c.to_string());
+            if req.property("CORRELATION_ID").is_none() {
+                // The plain message that made the topic: it names the cluster all the same.
+                assert_eq!(cluster.as_deref(), Some("TestCluster"));
+                continue;
+            }
+            let body = req.get_body().map(|b| b.to_vec()).unwrap_or_default();
+            let answer = [b"re:".as_slice(), &body].concat();
+            let reply = rocketmq_client_rust::MessageUtil::create_reply_message(&req, &answer)
+                .expect("the request names its cluster");
+            replier.send(reply).await.expect("reply accepted");
+            replied += 1;
+        }
+        replier.shutdown().await;
+        replied
+    });
+
+    for i in 0..3 {
+        let ask = Message::builder()
+            .topic(topic)
+            .body(format!("ask-{i}").into_bytes())
+            .build()?;
+        let reply = match requester.request(ask, 30_000).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("broker log:\n{}", broker.log_text());
+                return Err(e.into());
+            }
+        };
+        let body = reply.get_body().map(|b| b.to_vec()).unwrap_or_default();
+        assert_eq!(body, format!("re:ask-{i}").into_bytes(), "reply {i}");
+        assert_eq!(
+            reply.property(&"MSG_TYPE".into()).as_deref(),
+            Some("reply"),
+            "reply {i}"
+        );
+    }
+    requester.shutdown().await;
+    consumer.shutdown().await;
+    let replied = responder.await?;
+    assert_eq!(replied, 3);
     drop(broker);
     rt.shutdown().await;
     Ok(())

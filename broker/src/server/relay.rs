@@ -134,6 +134,7 @@ impl Broker {
             }
         };
         let (pushed, stored) = tokio::join!(pushing, storing);
+        tracing::debug!(topic = %h.topic, ?pushed, stored = stored.is_some(), "reply handled");
         let mut resp = match &pushed {
             Ok(()) => req.response_to(ResponseCode::Success),
             Err(remark) => {
