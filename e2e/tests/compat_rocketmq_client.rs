@@ -342,7 +342,8 @@ impl rocketmq_client_rust::MessageListenerConcurrently for Forward {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn rocketmq_client_rust_requests_get_their_consumers_replies() -> Result<(), Error> {
+async fn rocketmq_client_rust_requests_get_replies_and_consumers_answer_for_themselves(
+) -> Result<(), Error> {
     use rocketmq_model::common::message::MessageTrait;
     let dir = e2e::test_dir("compat-reply")?;
     let ns = NameServer::start(dir.path(), 120_000)?;
@@ -411,6 +412,35 @@ async fn rocketmq_client_rust_requests_get_their_consumers_replies() -> Result<(
             "reply {i}"
         );
     }
+    // The responder as it sees itself, asked through the broker (GET_CONSUMER_RUNNING_INFO).
+    let out = std::process::Command::new(e2e::bin("mqadmin")?)
+        .args(["-n", &ns.addr, "consumerStatus", "-g", "responder"])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "mqadmin consumerStatus failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("#ClientId: "), "{stdout}");
+    assert!(stdout.contains(topic), "its subscription: {stdout}");
+    let out = std::process::Command::new(e2e::bin("mqadmin")?)
+        .args([
+            "-n",
+            &ns.addr,
+            "consumerStatus",
+            "-g",
+            "responder",
+            "-i",
+            "nobody@1",
+        ])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not online"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     requester.shutdown().await;
     consumer.shutdown().await;
     let replied = responder.await?;

@@ -144,6 +144,20 @@ enum Cmd {
         #[arg(short = 'i', long = "msgId")]
         id: String,
     },
+    /// A consumer group's clients as they see themselves (subscriptions, queues held, offsets
+    /// and rates), asked through a broker of the group.
+    #[command(name = "consumerStatus")]
+    ConsumerStatus {
+        /// Consumer group.
+        #[arg(short = 'g', long = "consumerGroup")]
+        group: String,
+        /// One client id (default: every client of the group).
+        #[arg(short = 'i', long = "clientId")]
+        client_id: Option<String>,
+        /// Include the client's thread stacks.
+        #[arg(short = 's', long = "jstack")]
+        jstack: bool,
+    },
     /// Send messages.
     #[command(name = "produce")]
     Produce {
@@ -361,6 +375,11 @@ async fn run(args: Args) -> ExitCode {
             let what = format!("message id {} in topic {}", q.key, q.topic);
             return queried(query_messages(&client, q).await, &what);
         }
+        Cmd::ConsumerStatus {
+            group,
+            client_id,
+            jstack,
+        } => consumer_status(&client, &group, client_id, jstack).await,
         Cmd::Produce {
             topic,
             count,
@@ -520,6 +539,76 @@ async fn consumer_progress(client: &Client, group: &str, topic: &str) -> Result<
         total += p.lag();
     }
     println!("Total lag: {total}");
+    Ok(())
+}
+
+/// Asks a broker of `group` (one its clients heartbeat to) for each client's running info,
+/// which the broker relays to the client, and prints it.
+async fn consumer_status(
+    client: &Client,
+    group: &str,
+    client_id: Option<String>,
+    jstack: bool,
+) -> Result<(), ClientError> {
+    let route = client.refresh_route(&format!("%RETRY%{group}")).await?;
+    let Some(addr) = route.broker_datas.iter().find_map(|bd| {
+        bd.master_addr()
+            .or(bd.broker_addrs.values().next().map(String::as_str))
+    }) else {
+        return Err(ClientError::BadResponse {
+            addr: client.namesrv().join(";"),
+            detail: format!("no broker serves consumer group {group}"),
+        });
+    };
+    let ids = match client_id {
+        Some(id) => vec![id],
+        None => {
+            let req = RemotingCommand::request(
+                RequestCode::GetConsumerConnectionList.code(),
+                Default::default(),
+            )
+            .with_ext("consumerGroup", group);
+            let resp = client.call_ok(addr, req).await?;
+            let list: serde_json::Value =
+                serde_json::from_slice(&resp.body).map_err(|e| ClientError::BadResponse {
+                    addr: addr.to_string(),
+                    detail: format!("consumer connection list: {e}"),
+                })?;
+            list["connectionSet"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["clientId"].as_str().map(str::to_string))
+                .collect()
+        }
+    };
+    for id in ids {
+        let req = RemotingCommand::request(
+            RequestCode::GetConsumerRunningInfo.code(),
+            Default::default(),
+        )
+        .with_ext("consumerGroup", group)
+        .with_ext("clientId", &id)
+        .with_ext("jstackEnable", jstack);
+        // The broker waits up to 10 s for the client (Java's tools allow 15 s).
+        let resp = client
+            .call_with_timeout(addr, req, Duration::from_secs(15))
+            .await?;
+        if resp.code != 0 {
+            return Err(ClientError::Response {
+                addr: addr.to_string(),
+                code: resp.code,
+                remark: resp.remark.unwrap_or_default(),
+            });
+        }
+        println!("#ClientId: {id}");
+        // Clients answer with fastjson's text, which is not always JSON (maps keyed by
+        // objects): shown as sent when it does not parse.
+        match serde_json::from_slice::<serde_json::Value>(&resp.body) {
+            Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+            Err(_) => println!("{}", String::from_utf8_lossy(&resp.body)),
+        }
+    }
     Ok(())
 }
 

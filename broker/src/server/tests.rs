@@ -2499,6 +2499,12 @@ async fn every_message_sent_names_the_cluster_that_stored_it() {
     );
     let resp = b.process(change, &test_peer()).await.unwrap();
     assert_eq!(resp.code, ResponseCode::SystemError.code());
+    let delete =
+        RemotingCommand::request(RequestCode::DeleteTopicInBroker.code(), Default::default())
+            .with_ext("topic", "DefaultCluster_REPLY_TOPIC");
+    let resp = b.process(delete, &test_peer()).await.unwrap();
+    assert_eq!(resp.code, ResponseCode::SystemError.code());
+    assert!(b.store.topics.get("DefaultCluster_REPLY_TOPIC").is_some());
     h.stop().await;
 }
 
