@@ -904,7 +904,7 @@ mod tests {
              diskSpaceWarningLevelRatio=0.875\nhaMasterAddress=m:10912\nshortPollingTimeMills=250\n\
              transactionTimeOut=2000\ntransactionCheckMax=3\ntransactionCheckInterval=500\n\
              messageIndexEnable=false\nmaxHashSlotNum=1000\nmaxIndexNum=5000\n\
-             enablePropertyFilter=true",
+             enablePropertyFilter=true\nstoreReplyMessageEnable=false",
         )
         .unwrap();
         let text = c.to_properties();
@@ -921,7 +921,7 @@ mod tests {
             ),
             (2000, 3, 500)
         );
-        assert!(!c.message_index && c.property_filter);
+        assert!(!c.message_index && c.property_filter && !c.store_reply_message);
         assert_eq!((c.index_size.slots, c.index_size.entries), (1000, 5000));
         for bad in [
             "maxHashSlotNum=0",

@@ -582,6 +582,9 @@ async fn consumer_status(
                 .collect()
         }
     };
+    // One client that cannot answer does not hide the others; the first failure is returned
+    // once all were asked.
+    let mut failed = None;
     for id in ids {
         let req = RemotingCommand::request(
             RequestCode::GetConsumerRunningInfo.code(),
@@ -591,16 +594,27 @@ async fn consumer_status(
         .with_ext("clientId", &id)
         .with_ext("jstackEnable", jstack);
         // The broker waits up to 10 s for the client (Java's tools allow 15 s).
-        let resp = client
+        let resp = match client
             .call_with_timeout(addr, req, Duration::from_secs(15))
-            .await?;
-        if resp.code != 0 {
-            return Err(ClientError::Response {
-                addr: addr.to_string(),
-                code: resp.code,
-                remark: resp.remark.unwrap_or_default(),
-            });
-        }
+            .await
+        {
+            Ok(r) if r.code == 0 => r,
+            Ok(r) => {
+                let e = ClientError::Response {
+                    addr: addr.to_string(),
+                    code: r.code,
+                    remark: r.remark.unwrap_or_default(),
+                };
+                eprintln!("mqadmin: client {id}: {e}");
+                failed.get_or_insert(e);
+                continue;
+            }
+            Err(e) => {
+                eprintln!("mqadmin: client {id}: {e}");
+                failed.get_or_insert(e);
+                continue;
+            }
+        };
         println!("#ClientId: {id}");
         // Clients answer with fastjson's text, which is not always JSON (maps keyed by
         // objects): shown as sent when it does not parse.
@@ -609,7 +623,7 @@ async fn consumer_status(
             Err(_) => println!("{}", String::from_utf8_lossy(&resp.body)),
         }
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// Asks each broker group that has the topic (its master, or a slave while the master is

@@ -108,22 +108,56 @@ pub enum CallError {
 /// Calls made to one client, matched to its answers by opaque (as the client matches ours).
 #[derive(Debug, Default)]
 struct Calls {
-    next: AtomicI32,
-    waiting: Mutex<HashMap<i32, oneshot::Sender<RemotingCommand>>>,
+    /// The last opaque given; calls use 1 and up (pushes that expect no answer carry 0).
+    last: AtomicI32,
+    waiting: Mutex<Waiting>,
+}
+
+/// Calls waiting for their answers, until the connection can no longer bring any.
+#[derive(Debug, Default)]
+struct Waiting {
+    closed: bool,
+    calls: HashMap<i32, oneshot::Sender<RemotingCommand>>,
 }
 
 impl Calls {
+    /// Registers a call; `None` once the connection can bring no answer.
+    fn register(&self) -> Option<(i32, oneshot::Receiver<RemotingCommand>)> {
+        let opaque = match self.last.fetch_add(1, Ordering::Relaxed).wrapping_add(1) {
+            0 => 1, // after wrapping around: 0 is the pushes'
+            n => n,
+        };
+        let (tx, rx) = oneshot::channel();
+        let mut w = lock(&self.waiting);
+        if w.closed {
+            return None;
+        }
+        w.calls.insert(opaque, tx);
+        Some((opaque, rx))
+    }
+
     /// Delivers an answer read from the connection; answers nobody waits for (oneway pushes,
     /// calls given up) are dropped.
     fn answer(&self, response: RemotingCommand) {
-        if let Some(w) = lock(&self.waiting).remove(&response.opaque) {
+        if let Some(w) = lock(&self.waiting).calls.remove(&response.opaque) {
             let _ = w.send(response);
         }
     }
 
-    /// Fails every waiting call: the connection is gone.
+    /// Fails every waiting call and any later one: the connection can bring no answer.
     fn close(&self) {
-        lock(&self.waiting).clear();
+        let mut w = lock(&self.waiting);
+        w.closed = true;
+        w.calls.clear();
+    }
+}
+
+/// Closes a connection's calls when its task ends, however it ends.
+struct CloseOnDrop(Arc<Calls>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
@@ -149,11 +183,11 @@ impl ClientLink {
         timeout: Duration,
     ) -> Result<RemotingCommand, CallError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let opaque = self.calls.next.fetch_add(1, Ordering::Relaxed);
+        let Some((opaque, rx)) = self.calls.register() else {
+            return Err(CallError::Closed);
+        };
         request.opaque = opaque;
         request.flag &= !(super::command::FLAG_ONEWAY | super::command::FLAG_RESPONSE);
-        let (tx, rx) = oneshot::channel();
-        lock(&self.calls.waiting).insert(opaque, tx);
         // However the call ends, its registration goes.
         let _forget = Forget(&self.calls, opaque);
         match tokio::time::timeout_at(deadline, self.push.send(request)).await {
@@ -174,7 +208,7 @@ struct Forget<'a>(&'a Calls, i32);
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        lock(&self.0.waiting).remove(&self.1);
+        lock(&self.0.waiting).calls.remove(&self.1);
     }
 }
 
@@ -252,10 +286,13 @@ async fn serve_connection<P: Processor>(
     let (rd, mut wr) = socket.into_split();
     let mut reader = FramedRead::with_capacity(rd, FrameCodec::new(max_frame), READ_BUFFER);
     let (tx, mut pushes) = mpsc::channel::<RemotingCommand>(WRITE_QUEUE);
+    let calls = Arc::<Calls>::default();
+    // However the connection ends (even cancelled), calls waiting on it fail at once.
+    let _fail_calls = CloseOnDrop(calls.clone());
     let peer = Peer {
         addr,
         push: tx,
-        calls: Arc::default(),
+        calls,
         busy,
         placement,
     };
@@ -296,16 +333,18 @@ async fn serve_connection<P: Processor>(
             next = reader.next(), if reading => match next {
                 None => {
                     closing = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+                    // A client that stopped sending will not answer our calls either.
+                    peer.calls.close();
                     continue;
                 }
                 Some(Ok(request)) => {
-                    read_since_write += 1;
                     if request.is_response() {
                         // An answer to one of our calls; answers to oneway pushes carry
-                        // nothing we need and are dropped.
+                        // nothing we need and are dropped. No answer of ours is owed.
                         peer.calls.answer(request);
                         continue;
                     }
+                    read_since_write += 1;
                     let handling = Counted::new(&peer.busy);
                     let (processor, peer) = (&*processor, &peer);
                     let code = request.code;
@@ -337,7 +376,9 @@ async fn serve_connection<P: Processor>(
                 }
             },
             Some(answer) = requests.next(), if !requests.is_empty() => answer,
-            Some(push) = pushes.recv() => Some(push),
+            // Pushes wait while the client reads too slowly, like answers: a client that stops
+            // reading must not grow the broker's memory with what is pushed to it.
+            Some(push) = pushes.recv(), if out.len() < MAX_UNWRITTEN => Some(push),
             written = wr.write_buf(&mut out), if !out.is_empty() => {
                 read_since_write = 0;
                 stalled = None;
@@ -367,7 +408,6 @@ async fn serve_connection<P: Processor>(
     // Requests still running are dropped with the connection: their answers have nowhere to
     // go, and the store's operations complete or roll back on cancellation.
     drop(requests);
-    peer.calls.close();
     processor.disconnected(&peer);
 }
 
@@ -659,12 +699,37 @@ mod tests {
     use super::*;
     use crate::remoting::command::FLAG_ONEWAY;
 
-    /// Answers every request with its own code; a request with code 99 panics.
+    /// Answers every request with its own code; a request with code 99 panics. Code 30 calls
+    /// the client twice at once (codes 31 and 32) and answers with what each answer's `from`
+    /// said; code 40 calls it once (41) and keeps how that call ended in [`CALL_40`].
     struct Echo;
 
+    /// How the call made for a request with code 40 ended.
+    static CALL_40: Mutex<Option<String>> = Mutex::new(None);
+
     impl Processor for Echo {
-        async fn process(&self, request: RemotingCommand, _: &Peer) -> Option<RemotingCommand> {
+        async fn process(&self, request: RemotingCommand, peer: &Peer) -> Option<RemotingCommand> {
             assert_ne!(request.code, 99, "a handler bug");
+            let ask = |code| RemotingCommand::request(code, crate::remoting::ExtFields::default());
+            if request.code == 30 {
+                let link = peer.link();
+                let wait = Duration::from_secs(10);
+                let (x, y) = tokio::join!(link.call(ask(31), wait), link.call(ask(32), wait));
+                let got = [x, y].map(|r| match r {
+                    Ok(a) => a.ext_fields.get("from").unwrap_or("?").to_string(),
+                    Err(e) => e.to_string(),
+                });
+                return Some(
+                    request
+                        .response_to(ResponseCode::Success)
+                        .with_ext("got", got.join(",")),
+                );
+            }
+            if request.code == 40 {
+                let ended = peer.link().call(ask(41), Duration::from_secs(60)).await;
+                *lock(&CALL_40) = Some(format!("{:?}", ended.map(|r| r.code)));
+                return None;
+            }
             if request.code == 20 {
                 // Like a long-polling pull with nothing to return.
                 tokio::time::sleep(Duration::from_secs(30)).await;
@@ -714,6 +779,64 @@ mod tests {
             r.flag |= FLAG_ONEWAY;
         }
         r
+    }
+
+    async fn next_frame(
+        r: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>,
+    ) -> RemotingCommand {
+        tokio::time::timeout(Duration::from_secs(10), r.next())
+            .await
+            .expect("a frame within 10 s")
+            .expect("the connection is open")
+            .expect("a good frame")
+    }
+
+    #[tokio::test]
+    async fn calls_to_a_client_get_its_answers_in_any_order_and_fail_when_it_goes() {
+        let (addr, stop) = server().await;
+        let (mut w, mut r) = client(addr).await;
+        w.send(request(30, 7, false)).await.unwrap();
+        let a = next_frame(&mut r).await;
+        let b = next_frame(&mut r).await;
+        assert!(!a.is_response() && !a.is_oneway() && !b.is_response());
+        assert_ne!(a.opaque, b.opaque);
+        assert!(a.opaque != 0 && b.opaque != 0, "0 is the pushes' opaque");
+        // An answer nobody waits for is dropped; the two answers come in reverse order.
+        let mut stray = a
+            .response_to(ResponseCode::Success)
+            .with_ext("from", "stray");
+        stray.opaque = a.opaque.wrapping_add(b.opaque).wrapping_add(1000);
+        w.feed(stray).await.unwrap();
+        for call in [&b, &a] {
+            let answer = call
+                .response_to(ResponseCode::Success)
+                .with_ext("from", call.code);
+            w.feed(answer).await.unwrap();
+        }
+        w.flush().await.unwrap();
+        let answer = next_frame(&mut r).await;
+        assert_eq!(answer.opaque, 7);
+        let mut got: Vec<&str> = answer.ext_fields.get("got").unwrap().split(',').collect();
+        got.sort_unstable();
+        assert_eq!(got, ["31", "32"]);
+
+        // A call waiting when the client goes away ends at once, not at its 60 s timeout.
+        w.send(request(40, 8, false)).await.unwrap();
+        let call = next_frame(&mut r).await;
+        assert_eq!(call.code, 41);
+        drop((w, r));
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(e) = lock(&CALL_40).take() {
+                    return e;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the call ended with its connection");
+        assert!(ended.contains("Closed"), "{ended}");
+        stop.cancel();
     }
 
     #[tokio::test]

@@ -182,6 +182,7 @@ impl ConsumerRegistry {
             .get(group)?
             .clients
             .get(client_id)
+            .filter(|c| !c.conn.link.is_closed())
             .map(|c| c.conn.clone())
     }
 

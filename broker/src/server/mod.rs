@@ -265,7 +265,9 @@ impl Broker {
         };
         // Retry and dead-letter topics may go (clearing a DLQ); the broker's own may not.
         let consumer_topic = h.topic.starts_with("%RETRY%") || h.topic.starts_with("%DLQ%");
-        if crate::store::topics::is_system_topic(&h.topic) && !consumer_topic {
+        let system = crate::store::topics::is_system_topic(&h.topic)
+            || h.topic == relay::reply_topic(&self.cfg.cluster_name);
+        if system && !consumer_topic {
             return req.error_to(
                 ResponseCode::SystemError,
                 format!("The topic[{}] is conflict with system topic.", h.topic),

@@ -18,8 +18,13 @@ use crate::store::topics::now_ms;
 use super::send::Admitted;
 use super::Broker;
 
-/// How long the broker waits for a client to answer a request it carries (Java: 10 s).
-const CLIENT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the broker waits for a client to answer a request it carries (Java: 10 s; tests
+/// do not wait that long for a client that stays silent).
+const CLIENT_CALL_TIMEOUT: Duration = if cfg!(test) {
+    Duration::from_millis(300)
+} else {
+    Duration::from_secs(10)
+};
 
 /// What a cluster's reply topic is named after (Java's `MixAll.REPLY_TOPIC_POSTFIX`).
 pub const REPLY_TOPIC_SUFFIX: &str = "_REPLY_TOPIC";
@@ -162,6 +167,8 @@ impl Broker {
         if let Some(header) = header {
             resp.ext_fields = header.to_ext();
         }
+        resp.ext_fields.insert("MSG_REGION", "DefaultRegion");
+        resp.ext_fields.insert("TRACE_ON", "true");
         resp
     }
 

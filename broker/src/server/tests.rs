@@ -2673,5 +2673,37 @@ async fn admin_requests_for_a_consumer_are_relayed_to_it_and_its_answer_back() {
     let resp = b.process(unknown, &admin).await.unwrap();
     assert_eq!(resp.code, ResponseCode::SystemError.code());
     assert!(resp.remark.unwrap().contains("nonsense"));
+    // A client that does not answer: CONSUME_MSG_TIMEOUT once the wait is over.
+    let resp = b
+        .process(ask("G", "10.0.0.9:5000@1"), &admin)
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::ConsumeMsgTimeout.code());
+    assert!(
+        resp.remark
+            .as_deref()
+            .unwrap()
+            .starts_with("consumer <G> <10.0.0.9:5000@1> Timeout"),
+        "{:?}",
+        resp.remark
+    );
+    // Nor is one whose connection is gone asked.
+    drop(pushed);
+    let resp = b
+        .process(ask("G", "10.0.0.9:5000@1"), &admin)
+        .await
+        .unwrap();
+    assert!(resp.remark.unwrap().contains("not online"));
+    h.stop().await;
+
+    // A slave takes no reply (clients send them to masters).
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::Slave).await;
+    let resp = h
+        .broker
+        .process(reply_request("REPLY_TO_CLIENT\u{1}x@1\u{2}"), &admin)
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::ServiceNotAvailable.code());
     h.stop().await;
 }

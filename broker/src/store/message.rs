@@ -111,12 +111,25 @@ pub fn property<'a>(s: &'a str, key: &str) -> Option<&'a str> {
         .next_back()
 }
 
-/// Sets one property of an encoded properties string. Unless it already holds that value, the
-/// pair is appended: readers (ours, Java's, other clients') take a repeated key's last value,
-/// so this overrides an earlier one without parsing and re-encoding the rest.
+/// Sets one property of an encoded properties string (the broker's own, such as `CLUSTER`)
+/// without parsing and re-encoding the others, which it keeps as they are.
 pub fn set_property(s: &mut String, key: &str, value: &str) {
-    if property(s, key) == Some(value) {
-        return;
+    // Most messages do not carry the key yet: one substring search tells.
+    if s.contains(key) {
+        if property(s, key) == Some(value) {
+            return;
+        }
+        // Earlier values of the key go: a message passed on keeps one.
+        let kept: Vec<&str> = s
+            .split(PROP_SEP)
+            .filter(|kv| !kv.is_empty() && kv.split_once(NAME_SEP).is_none_or(|(k, _)| k != key))
+            .collect();
+        let mut rest = String::with_capacity(s.len() + value.len() + 2);
+        for kv in kept {
+            rest.push_str(kv);
+            rest.push(PROP_SEP);
+        }
+        *s = rest;
     }
     if !s.is_empty() && !s.ends_with(PROP_SEP) {
         s.push(PROP_SEP);
@@ -413,7 +426,7 @@ pub fn hex_upper(bytes: &[u8]) -> String {
 
 /// Commit-log offset inside an offset message id, if it parses as one.
 pub fn parse_offset_msg_id(id: &str) -> Option<i64> {
-    if id.len() != 32 && id.len() != 56 {
+    if (id.len() != 32 && id.len() != 56) || !id.is_ascii() {
         return None;
     }
     let tail = &id[id.len() - 16..];
@@ -634,6 +647,22 @@ mod tests {
     }
 
     #[test]
+    fn a_set_property_keeps_the_others_and_leaves_one_value() {
+        let mut s = String::from("a\u{1}1\u{2}");
+        set_property(&mut s, "CLUSTER", "C");
+        assert_eq!(s, "a\u{1}1\u{2}CLUSTER\u{1}C\u{2}");
+        set_property(&mut s, "CLUSTER", "C");
+        assert_eq!(s, "a\u{1}1\u{2}CLUSTER\u{1}C\u{2}", "already so");
+        let mut s = String::from("CLUSTER\u{1}Old\u{2}b\u{1}CLUSTERS\u{2}CLUSTER\u{1}X");
+        set_property(&mut s, "CLUSTER", "C");
+        assert_eq!(s, "b\u{1}CLUSTERS\u{2}CLUSTER\u{1}C\u{2}");
+        let mut s = String::from("no-separator-at-end\u{1}v");
+        set_property(&mut s, "k", "v");
+        assert_eq!(parse_properties(&s)["k"], "v");
+        assert_eq!(parse_properties(&s)["no-separator-at-end"], "v");
+    }
+
+    #[test]
     fn property_reads_one_key_like_the_parsed_map() {
         let s = "TAGS\u{1}A\u{2}KEYS\u{1}k1 k2\u{2}junk\u{2}TAGS\u{1}B\u{2}";
         assert_eq!(property(s, PROP_TAGS), Some("B"));
@@ -743,6 +772,9 @@ mod tests {
             format!("{}00002A9F0000000000001234", "0".repeat(30) + "01")
         );
         assert_eq!(parse_offset_msg_id(&id), Some(0x1234));
+        // What a user types is not trusted to be hex, or even ASCII.
+        assert_eq!(parse_offset_msg_id(&"é".repeat(16)), None);
+        assert_eq!(parse_offset_msg_id(&"x".repeat(32)), None);
     }
 
     #[test]

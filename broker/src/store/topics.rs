@@ -19,8 +19,8 @@ pub const PERM_INHERIT: i32 = 1;
 pub const AUTO_CREATE_TOPIC: &str = "TBW102";
 
 /// Whether `name` is one of RocketMQ's internal topics (the auto-creation template, the delay
-/// queue, retry and dead-letter topics, clusters' reply topics, and the `rmq_sys_`/`RMQ_SYS_`
-/// families), as opposed
+/// queue, retry and dead-letter topics, and the `rmq_sys_`/`RMQ_SYS_` families; a cluster's
+/// reply topic depends on the cluster's name, see `server::relay::reply_topic`), as opposed
 /// to a topic a user created.
 pub fn is_system_topic(name: &str) -> bool {
     const NAMES: &[&str] = &[
@@ -31,9 +31,7 @@ pub fn is_system_topic(name: &str) -> bool {
         "TRANS_CHECK_MAX_TIME_TOPIC",
     ];
     const PREFIXES: &[&str] = &["%RETRY%", "%DLQ%", "rmq_sys_", "RMQ_SYS_"];
-    NAMES.contains(&name)
-        || PREFIXES.iter().any(|p| name.starts_with(p))
-        || name.ends_with(crate::server::relay::REPLY_TOPIC_SUFFIX)
+    NAMES.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
 /// How a topic is laid out on this broker (RocketMQ's TopicConfig, same JSON names).
