@@ -222,6 +222,8 @@ pub struct BrokerConfig {
     pub property_filter: bool,
     /// `maxHashSlotNum`, `maxIndexNum`: the key index's slots and entries per file.
     pub index_size: crate::store::index::IndexSize,
+    /// `timerWheelEnable`, `timerPrecisionMs`, `timerMaxDelaySec`: timer messages.
+    pub timer: crate::server::timer::TimerConfig,
     /// `storeReplyMessageEnable`: whether replies to request messages are also stored in the
     /// cluster's reply topic, beside being pushed to the requester (Java: true).
     pub store_reply_message: bool,
@@ -275,6 +277,7 @@ impl Default for BrokerConfig {
             transaction_check_interval_ms: 60_000,
             message_index: true,
             store_reply_message: true,
+            timer: Default::default(),
             index_size: Default::default(),
             property_filter: false,
         }
@@ -468,6 +471,19 @@ impl BrokerConfig {
                 "transactionCheckMax" => c.transaction_check_max = num(k, v, "a count")?,
                 "messageIndexEnable" => c.message_index = boolean(k, v)?,
                 "storeReplyMessageEnable" => c.store_reply_message = boolean(k, v)?,
+                "timerWheelEnable" => c.timer.enabled = boolean(k, v)?,
+                "timerPrecisionMs" => {
+                    c.timer.precision_ms = num(k, v, "milliseconds, 1 to 60000")?;
+                    if !(1..=60_000).contains(&c.timer.precision_ms) {
+                        return Err(bad(k, v, "milliseconds, 1 to 60000"));
+                    }
+                }
+                "timerMaxDelaySec" => {
+                    c.timer.max_delay_sec = num(k, v, "seconds, at least 1")?;
+                    if c.timer.max_delay_sec < 1 {
+                        return Err(bad(k, v, "seconds, at least 1"));
+                    }
+                }
                 "enablePropertyFilter" => c.property_filter = boolean(k, v)?,
                 "maxHashSlotNum" => c.index_size.slots = num(k, v, "a slot count")?,
                 "maxIndexNum" => c.index_size.entries = num(k, v, "an entry count")?,
@@ -605,6 +621,9 @@ impl BrokerConfig {
                 "storeReplyMessageEnable",
                 self.store_reply_message.to_string(),
             ),
+            ("timerWheelEnable", self.timer.enabled.to_string()),
+            ("timerPrecisionMs", self.timer.precision_ms.to_string()),
+            ("timerMaxDelaySec", self.timer.max_delay_sec.to_string()),
             ("enablePropertyFilter", self.property_filter.to_string()),
             ("maxHashSlotNum", self.index_size.slots.to_string()),
             ("maxIndexNum", self.index_size.entries.to_string()),
@@ -904,7 +923,8 @@ mod tests {
              diskSpaceWarningLevelRatio=0.875\nhaMasterAddress=m:10912\nshortPollingTimeMills=250\n\
              transactionTimeOut=2000\ntransactionCheckMax=3\ntransactionCheckInterval=500\n\
              messageIndexEnable=false\nmaxHashSlotNum=1000\nmaxIndexNum=5000\n\
-             enablePropertyFilter=true\nstoreReplyMessageEnable=false",
+             enablePropertyFilter=true\nstoreReplyMessageEnable=false\n\
+             timerWheelEnable=false\ntimerPrecisionMs=100\ntimerMaxDelaySec=60",
         )
         .unwrap();
         let text = c.to_properties();
@@ -922,6 +942,14 @@ mod tests {
             (2000, 3, 500)
         );
         assert!(!c.message_index && c.property_filter && !c.store_reply_message);
+        assert_eq!(
+            c.timer,
+            crate::server::timer::TimerConfig {
+                enabled: false,
+                precision_ms: 100,
+                max_delay_sec: 60
+            }
+        );
         assert_eq!((c.index_size.slots, c.index_size.entries), (1000, 5000));
         for bad in [
             "maxHashSlotNum=0",
@@ -931,6 +959,9 @@ mod tests {
             "transactionCheckInterval=0",
             "transactionCheckMax=-1",
             "transactionTimeOut=x",
+            "timerPrecisionMs=0",
+            "timerMaxDelaySec=0",
+            "timerWheelEnable=maybe",
         ] {
             assert!(BrokerConfig::parse(bad).is_err(), "{bad} accepted");
         }

@@ -449,3 +449,62 @@ async fn rocketmq_client_rust_requests_get_replies_and_consumers_answer_for_them
     rt.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rocketmq_client_rust_timer_messages_arrive_when_due() -> Result<(), Error> {
+    use rocketmq_model::common::message::MessageTrait;
+    let dir = e2e::test_dir("compat-timer")?;
+    let ns = NameServer::start(dir.path(), 120_000)?;
+    let broker = Broker::start(
+        dir.path(),
+        &BrokerSpec::master("broker-a", "ASYNC_FLUSH"),
+        &[&ns.addr],
+    )?;
+    let topic = "TimerTopic";
+    let rt = common::Runtime::new()?;
+    let mut producer = common::producer(&rt, &ns.addr, "timer_producer").await?;
+    // One plain message makes the topic, and tells when the consumer is reading.
+    common::send_range(&producer, topic, 0..1).await?;
+    let (mut consumer, got) = common::push_consumer(&rt, &ns.addr, "timer_group", topic).await?;
+    common::wait_for(&got, 1, Duration::from_secs(30)).await;
+    assert_eq!(got.got.lock().unwrap().len(), 1);
+
+    // Each of RocketMQ 5's three ways to time a message.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let mut by_ms = common::message(topic, 1)?;
+    by_ms.set_delay_time_ms(2_500);
+    let mut by_sec = common::message(topic, 2)?;
+    by_sec.set_delay_time_sec(2);
+    let mut at = common::message(topic, 3)?;
+    at.set_deliver_time_ms(now_ms + 2_000);
+    for m in [by_ms, by_sec, at] {
+        producer.send_with_timeout(m, 5_000).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(
+        got.got.lock().unwrap().len(),
+        1,
+        "a timer message came early"
+    );
+    common::wait_for(&got, 4, Duration::from_secs(10)).await;
+    consumer.shutdown().await;
+    producer.shutdown().await;
+    let seen = got.got.lock().unwrap().clone();
+    for seq in 0..4 {
+        assert_eq!(
+            seen.get(&seq),
+            Some(&common::expected(seq)),
+            "message {seq}"
+        );
+    }
+    assert_eq!(
+        got.deliveries.load(std::sync::atomic::Ordering::Relaxed),
+        4,
+        "each delivered once"
+    );
+    drop(broker);
+    rt.shutdown().await;
+    Ok(())
+}

@@ -11,6 +11,7 @@ mod send;
 mod stats;
 #[cfg(test)]
 mod tests;
+pub mod timer;
 pub mod transaction;
 
 pub use send::validate_topic;
@@ -97,6 +98,8 @@ pub struct Broker {
     topics_changed: Notify,
     pool: ConnectionPool,
     scheduler: schedule::Scheduler,
+    /// Timer messages waiting for their time.
+    timers: timer::Timers,
     /// How far the transaction checks have come (half queue, op queue) in this process,
     /// ahead of the saved offsets until what it passed is durable.
     tx_progress: std::sync::Mutex<Option<(u64, u64)>>,
@@ -1043,6 +1046,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     let close_store = StoreCloser(Some(store.clone()));
 
     let scheduler = schedule::Scheduler::load(&cfg.store_root)?;
+    let timers = timer::Timers::load(&cfg.store_root)?;
     let mut registry = Registry::with_prefix("ferromq_broker");
     let requests = Family::<CodeLabel, Counter>::default();
     let hot_requests = [
@@ -1121,6 +1125,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     let commitlog_indexed = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
     let checkpoint = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
     let key_index = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+    let timers_pending = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
     let consumers_gauge = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
     registry.register(
         "commitlog_max_offset",
@@ -1146,6 +1151,11 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         "key_index_offset",
         "End of the commit log the key index covers (QUERY_MESSAGE; -1 with messageIndexEnable=false): far behind commitlog_indexed_offset means it is being rebuilt or cannot be written (see the log)",
         key_index.clone(),
+    );
+    registry.register(
+        "timer_messages_pending",
+        "Timer messages read from the timer topic and not yet due (held in memory, about 40 bytes each; reading stops at 2,000,000)",
+        timers_pending.clone(),
     );
     registry.register(
         "consumer_clients",
@@ -1190,6 +1200,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         topics_changed: Notify::new(),
         pool: ConnectionPool::default(),
         scheduler,
+        timers,
         tx_progress: std::sync::Mutex::default(),
         replication: (cfg.role != BrokerRole::Slave).then(|| {
             ReplicationMaster::new(&cfg.broker_name, cfg.ha_auth_token.clone(), cfg.ha_max_gap)
@@ -1354,6 +1365,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             commitlog_indexed.set(b.store.dispatched_offset() as i64);
             checkpoint.set(b.store.checkpoint_offset() as i64);
             key_index.set(b.store.key_index_offset().map_or(-1, |o| o as i64));
+            timers_pending.set(b.timers.pending() as i64);
             commitlog_flushed.set(b.store.commitlog().flushed_offset() as i64);
             // How full the disk is, every 10 s (a statvfs call): past diskMaxUsedSpaceRatio
             // expired segments go at once; past diskSpaceWarningLevelRatio the store refuses
@@ -1438,6 +1450,15 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             }
             if let Err(e) = b.scheduler.deliver_due(&b.store).await {
                 tracing::error!(error = %e, "delayed delivery failed");
+            }
+            if b.cfg.timer.enabled {
+                if let Err(e) = b
+                    .timers
+                    .deliver_due(&b.store, b.cfg.timer.precision_ms)
+                    .await
+                {
+                    tracing::error!(error = %e, "timer delivery failed");
+                }
             }
         }
     }));

@@ -17,6 +17,7 @@ use crate::store::message::{
 use crate::store::topics::{now_ms, PERM_WRITE};
 use crate::store::{FlushDiskType, PutResult, StoreError};
 
+use super::timer::{self, TimerError, Timing};
 use super::{schedule, transaction, Broker};
 
 /// A send's header once its checks passed: where its messages go.
@@ -69,18 +70,12 @@ const NOT_ALLOWED_SEND_TOPICS: &[&str] = &[
     transaction::CHECK_MAX_TOPIC,
     "SELF_TEST_TOPIC",
     "OFFSET_MOVED_EVENT",
+    // Not in Java's list; a message sent there would be delivered to any REAL_TOPIC it names.
+    crate::store::message::TIMER_TOPIC,
 ];
 
 /// Longest consumer group name: its retry and dead-letter topics are directory names, which
 /// ext4 and most file systems cap at 255 bytes.
-/// Properties of RocketMQ 5's timer messages (`setDeliverTimeMs`, `setDelayTimeSec`,
-/// `setDelayTimeMs`), which ferromq refuses (see `send`).
-const PROP_TIMER_DELIVER_MS: &str = "TIMER_DELIVER_MS";
-/// See [`PROP_TIMER_DELIVER_MS`].
-const PROP_TIMER_DELAY_SEC: &str = "TIMER_DELAY_SEC";
-/// See [`PROP_TIMER_DELIVER_MS`].
-const PROP_TIMER_DELAY_MS: &str = "TIMER_DELAY_MS";
-
 const MAX_GROUP_LEN: usize = 255 - "%RETRY%".len();
 
 /// Checks a consumer group name before it becomes part of a topic (and so of a path): the
@@ -157,40 +152,36 @@ impl Broker {
             Ok(half) => half,
             Err(remark) => return req.error_to(ResponseCode::MessageIllegal, remark),
         };
-        // RocketMQ 5's timer messages (any delivery time, not a delay level) need Java's
-        // timer wheel: refused as Java's broker refuses them with it off, rather than stored
-        // and delivered at once.
-        if items.iter().any(|(_, _, p)| {
-            p.contains("TIMER_")
-                && [
-                    PROP_TIMER_DELIVER_MS,
-                    PROP_TIMER_DELAY_SEC,
-                    PROP_TIMER_DELAY_MS,
-                ]
-                .iter()
-                .any(|k| crate::store::message::property(p, k).is_some())
-        }) {
-            return req.error_to(
-                ResponseCode::SystemError,
-                "accurate timer message is not enabled, timerWheelEnable is false",
-            );
-        }
-        let born_ts = h.born_timestamp.unwrap_or_else(now_ms);
+        let now = now_ms();
+        let born_ts = h.born_timestamp.unwrap_or(now);
         let topic_name = dead_letter.unwrap_or_else(|| h.topic.clone());
-        let to_schedule = |m: NewMessage| {
+        let to_schedule = |mut m: NewMessage| -> Result<NewMessage, TimerError> {
             if half {
                 // A transaction's message is delayed by nothing but its transaction (Java's
-                // producer clears the delay; the broker ignores one).
-                return transaction::half(m);
+                // producer clears the delay; the broker ignores one). A timer runs from the
+                // commit; it is checked now.
+                timer::timing(&m.properties, &self.cfg.timer, now)?;
+                return Ok(transaction::half(m));
             }
             match schedule::requested_level(&m.properties) {
                 level if level > 0 && !m.topic.starts_with("%DLQ%") => {
-                    schedule::delay(&m, level, &self.store.config().delay_levels_ms)
+                    // A delay level wins over a timer (as in Java).
+                    if let Some(p) = timer::strip_timer(&m.properties) {
+                        m.properties = p;
+                    }
+                    Ok(schedule::delay(
+                        &m,
+                        level,
+                        &self.store.config().delay_levels_ms,
+                    ))
                 }
-                _ => m,
+                _ => match timer::timing(&m.properties, &self.cfg.timer, now)? {
+                    Timing::At(at) => Ok(timer::wrap(m, at)),
+                    Timing::Now | Timing::None => Ok(m),
+                },
             }
         };
-        let msgs: Vec<NewMessage> = items
+        let msgs: Result<Vec<NewMessage>, TimerError> = items
             .into_iter()
             .map(|(flag, body, mut properties)| {
                 // Every message sent names the cluster that stored it, as Java's broker does:
@@ -212,6 +203,13 @@ impl Broker {
             })
             .map(to_schedule)
             .collect();
+        let msgs = match msgs {
+            Ok(m) => m,
+            Err(e @ TimerError::Disabled) => {
+                return req.error_to(ResponseCode::SystemError, e.to_string())
+            }
+            Err(e) => return req.error_to(ResponseCode::MessageIllegal, e.to_string()),
+        };
         self.put_and_respond(req, msgs, queue_id, peer.others_in_flight())
             .await
     }

@@ -871,25 +871,77 @@ async fn a_deleted_topic_loses_its_config_queues_and_offsets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timer_messages_are_refused_and_queues_are_checked_against_both_counts() {
-    use crate::store::message::SCHEDULE_TOPIC;
+async fn timer_messages_wait_for_their_time_and_queues_are_checked_against_both_counts() {
+    use crate::store::message::{SCHEDULE_TOPIC, TIMER_TOPIC};
     let dir = tempfile::tempdir().unwrap();
-    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let mut cfg = local_config(dir.path());
+    cfg.timer.precision_ms = 100;
+    let h = broker_with_t(cfg).await;
     let b = &h.broker;
-    // RocketMQ 5 timer messages: refused, not delivered at once.
-    for timer in [
-        "TIMER_DELAY_SEC\u{1}60\u{2}",
-        "TIMER_DELIVER_MS\u{1}1999999999999\u{2}",
-        "TIMER_DELAY_MS\u{1}500\u{2}",
+    // RocketMQ 5 timer messages wait in the timer topic, then reach their queue.
+    let resp = send_v2(
+        b,
+        "T",
+        "TIMER_DELAY_MS\u{1}700\u{2}UNIQ_KEY\u{1}U1\u{2}".into(),
+        None,
+    )
+    .await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(resp.ext_fields.get("queueId"), Some("0"));
+    assert_eq!(stored_in(b, TIMER_TOPIC, 0), 1);
+    assert_eq!(stored_in(b, "T", 0), 0, "delivered at once");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stored_in(b, "T", 0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = first_in(b, "T", 0);
+    assert!(
+        m.store_timestamp >= first_in(b, TIMER_TOPIC, 0).store_timestamp + 600,
+        "delivered early"
+    );
+    let props = m.properties_map();
+    assert_eq!(props["UNIQ_KEY"], "U1", "the same message id");
+    assert!(props.contains_key("TIMER_OUT_MS") && !props.contains_key("REAL_TOPIC"));
+    // Too far ahead, unreadable, or a cancellation: refused. Due already: stored at once.
+    for (timer, code) in [
+        (
+            "TIMER_DELAY_SEC\u{1}999999\u{2}",
+            ResponseCode::MessageIllegal,
+        ),
+        ("TIMER_DELAY_MS\u{1}soon\u{2}", ResponseCode::MessageIllegal),
+        (
+            "TIMER_DELAY_SEC\u{1}5\u{2}TIMER_DEL_UNIQKEY\u{1}x\u{2}",
+            ResponseCode::MessageIllegal,
+        ),
     ] {
-        let resp = send_v2(b, "T", timer.into(), None).await;
-        assert_eq!(resp.code, ResponseCode::SystemError.code(), "{timer:?}");
+        let resp = send_v2_to(b, "T", 1, timer.into(), None).await;
+        assert_eq!(resp.code, code.code(), "{timer:?}: {resp:?}");
         assert!(
             resp.remark.as_deref().unwrap_or("").contains("timer"),
             "{resp:?}"
         );
     }
-    assert_eq!(stored_in(b, "T", 0), 0);
+    let resp = send_v2_to(b, "T", 1, "TIMER_DELIVER_MS\u{1}1000\u{2}".into(), None).await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(stored_in(b, "T", 1), 1, "a time past is due now");
+    // A delay level wins over a timer, whose properties go.
+    let resp = send_v2_to(
+        b,
+        "T",
+        2,
+        "DELAY\u{1}2\u{2}TIMER_DELAY_SEC\u{1}60\u{2}".into(),
+        None,
+    )
+    .await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(stored_in(b, SCHEDULE_TOPIC, 1), 1);
+    assert!(!first_in(b, SCHEDULE_TOPIC, 1)
+        .properties_map()
+        .contains_key("TIMER_DELAY_SEC"));
+    // Nobody sends to the timer topic itself.
+    let resp = send_v2(b, TIMER_TOPIC, String::new(), None).await;
+    assert_eq!(resp.code, ResponseCode::NoPermission.code());
     // A topic shrunk to 2 write queues of 4 read ones still takes sends to queue 3.
     b.store
         .topics

@@ -59,6 +59,11 @@ pub const TX_ROLLBACK: i32 = 0xC;
 
 /// The internal topic holding delayed messages until they are due.
 pub const SCHEDULE_TOPIC: &str = "SCHEDULE_TOPIC_XXXX";
+/// Topic where timer messages (RocketMQ 5's delivery at any time) wait, queue 0, with their
+/// delivery time as the consume-queue tag code.
+pub const TIMER_TOPIC: &str = "rmq_sys_wheel_timer";
+/// Property: when a timer message is due (ms since the epoch), set by the broker.
+pub const PROP_TIMER_OUT_MS: &str = "TIMER_OUT_MS";
 
 /// Delay of each level, 1-based: `messageDelayLevel`'s default (1s 5s 10s 30s 1m ... 2h).
 pub const DELAY_LEVELS_MS: [i64; 18] = [
@@ -343,10 +348,16 @@ pub type StoredRef<'a> = Stored<&'a [u8], &'a str>;
 impl<B, S: AsRef<str>> Stored<B, S> {
     /// The consume-queue tag code, by which consumers filter and the scheduler waits.
     ///
-    /// The tag hash, or for a delayed message its delivery time by the broker's delay levels
-    /// (so the scheduler never reads messages that are not due).
+    /// The tag hash, or for a delayed message its delivery time by the broker's delay levels,
+    /// and for a timer message the time it is due (so the schedulers never read messages that
+    /// are not due).
     pub fn queue_tags_code(&self, delay_levels_ms: &[i64]) -> i64 {
         let properties = self.properties.as_ref();
+        if self.topic.as_ref() == TIMER_TOPIC {
+            return property(properties, PROP_TIMER_OUT_MS)
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+        }
         if self.topic.as_ref() == SCHEDULE_TOPIC {
             let level: usize = property(properties, PROP_DELAY)
                 .and_then(|l| l.parse().ok())

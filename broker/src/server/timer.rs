@@ -1,0 +1,501 @@
+//! Timer messages (RocketMQ 5's `setDeliverTimeMs`, `setDelayTimeSec`, `setDelayTimeMs`):
+//! delivery at any time up to `timerMaxDelaySec` ahead, not one of the delay levels. A timer
+//! message is stored first in [`TIMER_TOPIC`], queue 0, with its delivery time as the
+//! consume-queue tag code (and in `TIMER_OUT_MS`); the master keeps the entries not yet due
+//! in memory, ordered by time, and appends each to its real topic once due.
+//!
+//! What is saved (`config/timerProgress.json`, once the copies it counts are durable): the
+//! timer queue's offset from which entries may still be pending, the offset up to which
+//! entries were read, and a time up to which everything due was delivered. A restart reads the
+//! queue again from the first and skips, among the entries read before, those due by that
+//! time: a crash repeats at most what was delivered since the last save (about a second).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use super::schedule::{put_route, take_route};
+use crate::store::message::{
+    format_properties, parse_properties, property, NewMessage, PROP_DELAY, PROP_TIMER_OUT_MS,
+    TIMER_TOPIC,
+};
+use crate::store::persist::{load_json, save_json};
+use crate::store::topics::now_ms;
+use crate::store::{MessageStore, StoreError};
+
+/// Property: deliver at this time (ms since the epoch).
+pub const PROP_TIMER_DELIVER_MS: &str = "TIMER_DELIVER_MS";
+/// Property: deliver this many seconds after the broker takes the message.
+pub const PROP_TIMER_DELAY_SEC: &str = "TIMER_DELAY_SEC";
+/// Property: deliver this many milliseconds after the broker takes the message.
+pub const PROP_TIMER_DELAY_MS: &str = "TIMER_DELAY_MS";
+/// Property: cancel the timer message with this key (not supported).
+const PROP_TIMER_DEL_UNIQKEY: &str = "TIMER_DEL_UNIQKEY";
+/// Property set on delivery: when the message left the timer topic (ms).
+const PROP_TIMER_DEQUEUE_MS: &str = "TIMER_DEQUEUE_MS";
+
+/// Entries held in memory at most (about 40 bytes each); beyond, the timer queue is read on
+/// as they are delivered.
+const MAX_PENDING: usize = 2_000_000;
+
+/// What a message's timer properties ask of the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Timing {
+    /// No timer, or one already handled (delivered, or in the timer topic): stored as it is.
+    None,
+    /// Due now or already past: stored in its topic at once (as Java does).
+    Now,
+    /// Due at this time (ms since the epoch, rounded to the precision): wait in the timer topic.
+    At(i64),
+}
+
+/// Why a timer message is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimerError {
+    /// `timerWheelEnable=false`.
+    #[error("accurate timer message is not enabled, timerWheelEnable is false")]
+    Disabled,
+    /// The delay is beyond `timerMaxDelaySec`, or a value does not parse.
+    #[error(
+        "timer message illegal, the delay time should not be bigger than the max delay {0}ms; \
+         or if set del msg, the delay time should be bigger than the current time"
+    )]
+    Illegal(i64),
+    /// A request to cancel a timer message.
+    #[error("cancelling a timer message (TIMER_DEL_UNIQKEY) is not supported by this broker")]
+    CancelUnsupported,
+}
+
+/// The broker's timer settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimerConfig {
+    /// `timerWheelEnable`.
+    pub enabled: bool,
+    /// `timerPrecisionMs`: delivery times are rounded down to a multiple of it.
+    pub precision_ms: i64,
+    /// `timerMaxDelaySec`: the furthest ahead a message may be timed.
+    pub max_delay_sec: i64,
+}
+
+impl Default for TimerConfig {
+    fn default() -> Self {
+        TimerConfig {
+            enabled: true,
+            precision_ms: 1000,
+            max_delay_sec: 3 * 24 * 3600,
+        }
+    }
+}
+
+/// What `properties` ask for at `now`, by Java's rules: `TIMER_DELAY_SEC`, else
+/// `TIMER_DELAY_MS` (both from now), else `TIMER_DELIVER_MS`; a delay level wins over all
+/// three (see [`strip_timer`]).
+pub fn timing(properties: &str, cfg: &TimerConfig, now: i64) -> Result<Timing, TimerError> {
+    if !properties.contains("TIMER_") || property(properties, PROP_TIMER_OUT_MS).is_some() {
+        return Ok(Timing::None);
+    }
+    let num = |key| property(properties, key).map(str::parse::<i64>);
+    let illegal = || TimerError::Illegal(cfg.max_delay_sec.saturating_mul(1000));
+    let deliver = match (
+        num(PROP_TIMER_DELAY_SEC),
+        num(PROP_TIMER_DELAY_MS),
+        num(PROP_TIMER_DELIVER_MS),
+    ) {
+        (Some(s), _, _) => now.saturating_add(s.map_err(|_| illegal())?.saturating_mul(1000)),
+        (None, Some(ms), _) => now.saturating_add(ms.map_err(|_| illegal())?),
+        (None, None, Some(at)) => at.map_err(|_| illegal())?,
+        (None, None, None) => return Ok(Timing::None),
+    };
+    if !cfg.enabled {
+        return Err(TimerError::Disabled);
+    }
+    if property(properties, PROP_TIMER_DEL_UNIQKEY).is_some() {
+        return Err(TimerError::CancelUnsupported);
+    }
+    if deliver <= now {
+        return Ok(Timing::Now);
+    }
+    if deliver - now > cfg.max_delay_sec.saturating_mul(1000) {
+        return Err(illegal());
+    }
+    // Java's rounding: down to the precision, and an exact multiple one step earlier (its
+    // wheel fires a slot one step after the slot's time).
+    let p = cfg.precision_ms.max(1);
+    Ok(Timing::At(if deliver % p == 0 {
+        deliver - p
+    } else {
+        deliver / p * p
+    }))
+}
+
+/// Removes the timer properties of a message that also asks for a delay level, which wins
+/// (as in Java).
+pub fn strip_timer(properties: &str) -> Option<String> {
+    if !properties.contains("TIMER_") || property(properties, PROP_DELAY).is_none() {
+        return None;
+    }
+    let mut props = parse_properties(properties);
+    for k in [
+        PROP_TIMER_DELIVER_MS,
+        PROP_TIMER_DELAY_SEC,
+        PROP_TIMER_DELAY_MS,
+    ] {
+        props.remove(k);
+    }
+    Some(format_properties(&props))
+}
+
+/// Wraps a message to wait in the timer topic until `at`.
+pub fn wrap(msg: NewMessage, at: i64) -> NewMessage {
+    let mut props = parse_properties(&msg.properties);
+    put_route(&mut props, &msg);
+    props.insert(PROP_TIMER_OUT_MS.into(), at.to_string());
+    NewMessage {
+        topic: TIMER_TOPIC.into(),
+        queue_id: 0,
+        properties: format_properties(&props),
+        tags_code: at,
+        ..msg
+    }
+}
+
+/// What a restart needs to go on without losing a timer message.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Progress {
+    /// Timer-queue offset from which entries may still be pending.
+    oldest_pending: u64,
+    /// Timer-queue offset up to which entries were read into memory.
+    loaded: u64,
+    /// Every entry read before `loaded` and due by this time (ms) was delivered.
+    delivered_until: i64,
+}
+
+/// Timer entries not yet due, and how far the timer queue was read.
+#[derive(Debug, Default)]
+struct State {
+    /// (due time, queue offset, commit-log offset).
+    pending: BTreeSet<(i64, u64, u64)>,
+    /// Next queue offset to read.
+    loaded: u64,
+    /// The progress this run started from: entries before its `loaded` due by its time were
+    /// delivered before the restart.
+    restart: Progress,
+    /// The progress last saved.
+    saved: Progress,
+}
+
+/// Delivers timer messages when due (masters only).
+pub struct Timers {
+    path: PathBuf,
+    state: Mutex<State>,
+}
+
+impl Timers {
+    /// Loads the saved progress.
+    pub fn load(root: &std::path::Path) -> Result<Timers, StoreError> {
+        let path = root.join("config").join("timerProgress.json");
+        let restart: Progress = load_json(&path)?.unwrap_or_default();
+        Ok(Timers {
+            path,
+            state: Mutex::new(State {
+                loaded: restart.oldest_pending,
+                saved: restart.clone(),
+                restart,
+                ..State::default()
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Timer messages waiting in memory.
+    pub fn pending(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    /// Reads new timer entries, delivers every one due, and saves the progress once the
+    /// copies are durable; returns how many were delivered. An entry timed at `t` (rounded
+    /// down to `precision_ms`, see [`timing`]) is due at `t + precision_ms`: never before the
+    /// time asked, at most one step after, as Java's wheel delivers.
+    ///
+    /// A message that can no longer be read (damaged, or deleted by retention before it was
+    /// due) is logged and dropped; any other error stops the pass, and the message is tried
+    /// again at the next.
+    pub async fn deliver_due(
+        &self,
+        store: &MessageStore,
+        precision_ms: i64,
+    ) -> Result<usize, StoreError> {
+        let now = now_ms();
+        // Entries timed up to `due_by` are due.
+        let due_by = now.saturating_sub(precision_ms.max(1));
+        self.read_new(store)?;
+        let mut moved = 0;
+        let result = loop {
+            let Some(&(at, queue_offset, offset)) = self.lock().pending.first() else {
+                break Ok(());
+            };
+            if at > due_by {
+                break Ok(());
+            }
+            match self.deliver_one(store, offset, now) {
+                Ok(delivered) => moved += usize::from(delivered),
+                Err(e) => break Err(e),
+            }
+            self.lock().pending.remove(&(at, queue_offset, offset));
+        };
+        // Saved after a pass that delivered or read anything; an older "delivered up to" time
+        // is never wrong, only costlier (more is delivered again after a crash).
+        let progress = self.progress(due_by);
+        let saved = self.lock().saved.clone();
+        if moved > 0
+            || (progress.oldest_pending, progress.loaded) != (saved.oldest_pending, saved.loaded)
+        {
+            // The copies the progress counts as delivered, and the timer entries it counts as
+            // read, are in the log before it is saved.
+            store.wait_durable(store.commitlog().max_offset()).await?;
+            let path = self.path.clone();
+            let snapshot = progress.clone();
+            tokio::task::spawn_blocking(move || save_json(&path, &snapshot))
+                .await
+                .unwrap_or(Err(StoreError::Shutdown))?;
+            self.lock().saved = progress;
+        }
+        result.map(|()| moved)
+    }
+
+    /// Reads the timer queue's new entries into memory, up to [`MAX_PENDING`].
+    fn read_new(&self, store: &MessageStore) -> Result<(), StoreError> {
+        let Some(q) = store.queue(TIMER_TOPIC, 0) else {
+            return Ok(());
+        };
+        let mut st = self.lock();
+        // Entries a power loss took after they were counted: read again from the end.
+        st.loaded = st.loaded.max(q.min_offset()).min(q.max_offset());
+        while st.pending.len() < MAX_PENDING {
+            let entries = q.get(st.loaded, 1024)?;
+            if entries.is_empty() {
+                break;
+            }
+            for e in entries {
+                let at_offset = st.loaded;
+                st.loaded += 1;
+                if e.is_empty() {
+                    continue;
+                }
+                let before_restart = at_offset < st.restart.loaded;
+                if before_restart && e.tags_code <= st.restart.delivered_until {
+                    continue; // delivered before the restart
+                }
+                st.pending.insert((e.tags_code, at_offset, e.offset));
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the message at `offset` to its real topic; `Ok(false)` when it was dropped.
+    fn deliver_one(&self, store: &MessageStore, offset: u64, now: i64) -> Result<bool, StoreError> {
+        let m = match store.commitlog().read_message(offset) {
+            Ok(m) => m,
+            Err(err @ (StoreError::Corrupt(_) | StoreError::OutOfRange { .. })) => {
+                tracing::error!(offset, error = %err, "a timer message cannot be read and is dropped");
+                return Ok(false);
+            }
+            Err(err) => return Err(err),
+        };
+        let mut props = parse_properties(&m.properties);
+        let Some((topic, queue_id)) = take_route(&mut props) else {
+            tracing::warn!(offset, "timer message without REAL_TOPIC/REAL_QID dropped");
+            return Ok(false);
+        };
+        // TIMER_OUT_MS stays, as in Java: the delivered message is not timed again.
+        props.insert(PROP_TIMER_DEQUEUE_MS.into(), now.to_string());
+        let real = NewMessage::restored(&m, topic, queue_id, format_properties(&props));
+        // Not waiting for its own sync: the progress counting it is saved only once the log
+        // is durable past it.
+        store.append(std::slice::from_ref(&real))?;
+        Ok(true)
+    }
+
+    /// The progress to save: pending entries start at the smallest queue offset among them,
+    /// and every entry read so far that is timed before the next pending one (and by
+    /// `due_by`) was delivered (entries not read yet are never skipped: they lie at `loaded`
+    /// or after).
+    fn progress(&self, due_by: i64) -> Progress {
+        let st = self.lock();
+        let oldest_pending = st
+            .pending
+            .iter()
+            .map(|&(_, q, _)| q)
+            .min()
+            .unwrap_or(st.loaded);
+        let next_due = st.pending.first().map_or(i64::MAX, |&(at, _, _)| at);
+        let delivered_until = due_by.min(next_due.saturating_sub(1));
+        Progress {
+            oldest_pending,
+            loaded: st.loaded,
+            delivered_until,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{FlushDiskType, StoreConfig};
+    use std::time::Duration;
+
+    const P: TimerConfig = TimerConfig {
+        enabled: true,
+        precision_ms: 1000,
+        max_delay_sec: 3600,
+    };
+
+    #[test]
+    fn timers_read_as_java_reads_them() {
+        let now = 1_000_500;
+        let t = |p: &str| timing(p, &P, now);
+        assert_eq!(t(""), Ok(Timing::None));
+        assert_eq!(t("TAGS\u{1}a\u{2}"), Ok(Timing::None));
+        // Seconds first, then milliseconds, then a time; rounded down to the precision.
+        assert_eq!(
+            t("TIMER_DELIVER_MS\u{1}5\u{2}TIMER_DELAY_SEC\u{1}10\u{2}"),
+            Ok(Timing::At(1_010_000))
+        );
+        assert_eq!(
+            t("TIMER_DELIVER_MS\u{1}5\u{2}TIMER_DELAY_MS\u{1}2600\u{2}"),
+            Ok(Timing::At(1_003_000))
+        );
+        // An exact multiple goes one step earlier (Java's wheel fires a step late).
+        assert_eq!(
+            t("TIMER_DELIVER_MS\u{1}1005000\u{2}"),
+            Ok(Timing::At(1_004_000))
+        );
+        // Past or now: due at once; already timed (delivered): nothing to do.
+        assert_eq!(t("TIMER_DELIVER_MS\u{1}1000500\u{2}"), Ok(Timing::Now));
+        assert_eq!(t("TIMER_DELAY_SEC\u{1}-5\u{2}"), Ok(Timing::Now));
+        assert_eq!(
+            t("TIMER_DELAY_SEC\u{1}10\u{2}TIMER_OUT_MS\u{1}9\u{2}"),
+            Ok(Timing::None)
+        );
+        // Too far, unreadable, overflowing, a cancellation, or timers off.
+        assert_eq!(
+            t("TIMER_DELAY_SEC\u{1}3601\u{2}"),
+            Err(TimerError::Illegal(3_600_000))
+        );
+        assert_eq!(
+            t("TIMER_DELAY_SEC\u{1}3600\u{2}"),
+            Ok(Timing::At(4_600_000))
+        );
+        assert!(t("TIMER_DELAY_MS\u{1}x\u{2}").is_err());
+        assert!(t(&format!("TIMER_DELAY_SEC\u{1}{}\u{2}", i64::MAX)).is_err());
+        assert_eq!(
+            t("TIMER_DELAY_SEC\u{1}5\u{2}TIMER_DEL_UNIQKEY\u{1}k\u{2}"),
+            Err(TimerError::CancelUnsupported)
+        );
+        let off = TimerConfig {
+            enabled: false,
+            ..P
+        };
+        assert_eq!(
+            timing("TIMER_DELAY_SEC\u{1}5\u{2}", &off, now),
+            Err(TimerError::Disabled)
+        );
+        assert_eq!(
+            TimerError::Disabled.to_string(),
+            "accurate timer message is not enabled, timerWheelEnable is false"
+        );
+        // A delay level wins: the timer's properties go.
+        let kept = strip_timer("DELAY\u{1}3\u{2}TIMER_DELAY_SEC\u{1}5\u{2}a\u{1}b\u{2}").unwrap();
+        assert_eq!(parse_properties(&kept).len(), 2);
+        assert_eq!(strip_timer("TIMER_DELAY_SEC\u{1}5\u{2}"), None);
+    }
+
+    fn timed(i: u8, at: i64) -> NewMessage {
+        wrap(
+            NewMessage {
+                topic: "T".into(),
+                queue_id: 1,
+                flag: 0,
+                body: bytes::Bytes::from(vec![i; 8]),
+                properties: format!("UNIQ_KEY\u{1}m{i}\u{2}"),
+                sys_flag: 0,
+                born_timestamp: 0,
+                born_host: "127.0.0.1:2".parse().unwrap(),
+                reconsume_times: 0,
+                tags_code: 0,
+            },
+            at,
+        )
+    }
+
+    fn delivered(store: &MessageStore) -> Vec<String> {
+        let Some(q) = store.queue("T", 1) else {
+            return Vec::new();
+        };
+        q.get(0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                let m = store.commitlog().read_message(e.offset).unwrap();
+                m.properties_map()["UNIQ_KEY"].clone()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn timer_messages_are_delivered_in_time_order_once_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MessageStore::open(StoreConfig {
+            segment_size: 1 << 20,
+            ..StoreConfig::for_tests(dir.path(), FlushDiskType::Async)
+        })
+        .unwrap();
+        let timers = Timers::load(dir.path()).unwrap();
+        let now = now_ms();
+        // Stored out of time order; the last one is far off.
+        for (i, at) in [
+            (0, now + 400),
+            (1, now + 200),
+            (2, now + 600),
+            (3, now + 3_600_000),
+        ] {
+            store.put(&[timed(i, at)]).await.unwrap();
+        }
+        assert_eq!(timers.deliver_due(&store, 1).await.unwrap(), 0);
+        assert_eq!(timers.pending(), 4);
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert_eq!(timers.deliver_due(&store, 1).await.unwrap(), 2);
+        assert_eq!(delivered(&store), ["m1", "m0"]);
+        let m = store
+            .commitlog()
+            .read_message(store.queue("T", 1).unwrap().get(0, 1).unwrap()[0].offset)
+            .unwrap();
+        let props = m.properties_map();
+        assert!(!props.contains_key("REAL_TOPIC") && !props.contains_key("REAL_QID"));
+        assert!(props.contains_key("TIMER_OUT_MS") && props.contains_key("TIMER_DEQUEUE_MS"));
+
+        // A restart delivers neither of them again, and still knows the two left.
+        let again = Timers::load(dir.path()).unwrap();
+        assert_eq!(again.deliver_due(&store, 1).await.unwrap(), 0);
+        assert_eq!(again.pending(), 2);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(again.deliver_due(&store, 1).await.unwrap(), 1);
+        assert_eq!(delivered(&store), ["m1", "m0", "m2"]);
+        // One stored after a restart, due before the far one.
+        store.put(&[timed(4, now_ms() + 100)]).await.unwrap();
+        let third = Timers::load(dir.path()).unwrap();
+        assert_eq!(third.deliver_due(&store, 1).await.unwrap(), 0);
+        assert_eq!(third.pending(), 2);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(third.deliver_due(&store, 1).await.unwrap(), 1);
+        assert_eq!(delivered(&store), ["m1", "m0", "m2", "m4"]);
+        assert_eq!(third.pending(), 1, "the far one still waits");
+        store.shutdown();
+    }
+}
