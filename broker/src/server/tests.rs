@@ -2759,3 +2759,37 @@ async fn admin_requests_for_a_consumer_are_relayed_to_it_and_its_answer_back() {
     assert_eq!(resp.code, ResponseCode::ServiceNotAvailable.code());
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_transactions_timer_runs_from_the_commit() {
+    use crate::store::message::TIMER_TOPIC;
+    let dir = tempfile::tempdir().unwrap();
+    let h = tx_broker(dir.path(), 3_600_000, 15).await;
+    let b = &h.broker;
+    // Checked when sent: one too far ahead is refused at once.
+    let far = format!("{}TIMER_DELAY_SEC\u{1}999999\u{2}", half_properties("F"));
+    let resp = send_v2_to(b, "T", 0, far, None).await;
+    assert_eq!(resp.code, ResponseCode::MessageIllegal.code(), "{resp:?}");
+    let timed = format!("{}TIMER_DELAY_SEC\u{1}60\u{2}", half_properties("A"));
+    let sent = send_v2_to(b, "T", 0, timed, None).await;
+    assert_eq!(sent.code, ResponseCode::Success.code(), "{sent:?}");
+    assert_eq!(stored_in(b, TIMER_TOPIC, 0), 0, "timed before its commit");
+    // Committed 1.5 s later: timed from the send, it would be due 1.5 s earlier.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let before = crate::store::topics::now_ms();
+    let resp = b
+        .process(answered(end_transaction("P", &sent, 8)), &test_peer())
+        .await
+        .unwrap();
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(stored_in(b, "T", 0), 0, "delivered before its time");
+    let m = first_in(b, TIMER_TOPIC, 0);
+    let props = m.properties_map();
+    let out: i64 = props["TIMER_OUT_MS"].parse().unwrap();
+    assert!(
+        out >= before + 59_000,
+        "timed from the send, not the commit: {out} {before}"
+    );
+    assert_eq!(props["REAL_TOPIC"], "T");
+    h.stop().await;
+}
