@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use broker::client::Client;
 use broker::remoting::body::ClusterInfo;
 use broker::server::transaction::{CHECK_GROUP, HALF_TOPIC};
-use broker::server::SCHEDULE_OFFSET_PREFIX;
+use broker::server::{SCHEDULE_OFFSET_PREFIX, TIMER_OFFSET_KEY};
 use broker::store::message::{DELAY_LEVELS_MS, SCHEDULE_TOPIC};
 use broker::store::topics::{is_system_topic, TopicConfig};
 
@@ -106,6 +106,13 @@ impl GroupAdmin for BrokerAdmin {
                     return Ok(false);
                 }
             }
+            // Timer messages (up to timerMaxDelaySec ahead) the same way, when reported.
+            if let Some((done, max)) = timer_progress(&info)? {
+                if done < max {
+                    tracing::info!(broker_group = %g.group, waiting = max - done, "timer messages still waiting");
+                    return Ok(false);
+                }
+            }
             Ok(true)
         })
     }
@@ -195,17 +202,28 @@ fn delay_progress(
         let Some(level) = key.strip_prefix(SCHEDULE_OFFSET_PREFIX) else {
             continue;
         };
-        let parsed = value
-            .split_once(',')
-            .and_then(|(d, m)| Some((d.parse::<u64>().ok()?, m.parse::<u64>().ok()?)));
-        let Some((done, max)) = parsed else {
-            return Err(format!(
-                "the broker reported {key}={value:?}, not \"delivered,max\""
-            ));
-        };
+        let (done, max) = delivered_max(key, value)?;
         levels.push((level.to_string(), done, max));
     }
     Ok((!levels.is_empty()).then_some(levels))
+}
+
+/// The timer queue's (delivered, end) offsets from a broker's runtime info
+/// (`timerMessageOffset` = "delivered,max"); none when the broker reports none.
+fn timer_progress(
+    info: &std::collections::BTreeMap<String, String>,
+) -> Result<Option<(u64, u64)>, String> {
+    info.get(TIMER_OFFSET_KEY)
+        .map(|value| delivered_max(TIMER_OFFSET_KEY, value))
+        .transpose()
+}
+
+/// A runtime-info value of the form "delivered,max".
+fn delivered_max(key: &str, value: &str) -> Result<(u64, u64), String> {
+    value
+        .split_once(',')
+        .and_then(|(d, m)| Some((d.parse::<u64>().ok()?, m.parse::<u64>().ok()?)))
+        .ok_or_else(|| format!("the broker reported {key}={value:?}, not \"delivered,max\""))
 }
 
 #[cfg(test)]
@@ -237,5 +255,11 @@ mod tests {
         );
         info.insert("scheduleMessageOffset_4".to_string(), "x".to_string());
         assert!(delay_progress(&info).is_err());
+        // Timer messages: absent from an older broker, read like a level.
+        assert_eq!(timer_progress(&info).unwrap(), None);
+        info.insert("timerMessageOffset".to_string(), "7,12".to_string());
+        assert_eq!(timer_progress(&info).unwrap(), Some((7, 12)));
+        info.insert("timerMessageOffset".to_string(), "7".to_string());
+        assert!(timer_progress(&info).is_err());
     }
 }

@@ -781,6 +781,15 @@ impl Broker {
                 format!("{delivered},{max}"),
             );
         }
+        // Timer messages likewise: every one before the first offset was delivered.
+        let max = self
+            .store
+            .queue(crate::store::message::TIMER_TOPIC, 0)
+            .map_or(0, |q| q.max_offset());
+        t.insert(
+            TIMER_OFFSET_KEY.to_string(),
+            format!("{},{max}", self.timers.delivered_before().min(max)),
+        );
         RuntimeInfo { table: t }
     }
 
@@ -910,6 +919,10 @@ impl Processor for Broker {
 
 /// Runtime-info key prefix of each delay level's progress (`scheduleMessageOffset_3`).
 pub const SCHEDULE_OFFSET_PREFIX: &str = "scheduleMessageOffset_";
+
+/// Runtime-info key of the timer messages' progress ("delivered,max" offsets of the timer
+/// queue): what a drain waits on besides the delay levels.
+pub const TIMER_OFFSET_KEY: &str = "timerMessageOffset";
 
 /// Shuts a store down when dropped, unless disarmed: for starts that fail after opening it.
 struct StoreCloser(Option<Arc<MessageStore>>);
@@ -1452,11 +1465,14 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
                 tracing::error!(error = %e, "delayed delivery failed");
             }
             if b.cfg.timer.enabled {
-                if let Err(e) = b
-                    .timers
-                    .deliver_due(&b.store, b.cfg.timer.precision_ms)
-                    .await
-                {
+                let pass = timer::Pass {
+                    cfg: b.cfg.timer,
+                    // Half the retention (at least 10 minutes): a waiting message's copy is
+                    // never older than that, so retention never takes it first.
+                    roll_after_ms: (b.cfg.file_reserved_hours.saturating_mul(1_800_000) as i64)
+                        .max(600_000),
+                };
+                if let Err(e) = b.timers.deliver_due(&b.store, pass).await {
                     tracing::error!(error = %e, "timer delivery failed");
                 }
             }

@@ -152,6 +152,17 @@ impl Broker {
             Ok(half) => half,
             Err(remark) => return req.error_to(ResponseCode::MessageIllegal, remark),
         };
+        // A timer message stands alone: a batch's messages share one queue and one answer.
+        if is_batch
+            && items
+                .iter()
+                .any(|(_, _, p)| timer::timing(p, &self.cfg.timer, 0) != Ok(Timing::None))
+        {
+            return req.error_to(
+                ResponseCode::MessageIllegal,
+                "timer messages cannot be sent in a batch",
+            );
+        }
         let now = now_ms();
         let born_ts = h.born_timestamp.unwrap_or(now);
         let topic_name = dead_letter.unwrap_or_else(|| h.topic.clone());

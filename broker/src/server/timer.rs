@@ -10,7 +10,7 @@
 //! queue again from the first and skips, among the entries read before, those due by that
 //! time: a crash repeats at most what was delivered since the last save (about a second).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -35,6 +35,8 @@ pub const PROP_TIMER_DELAY_MS: &str = "TIMER_DELAY_MS";
 const PROP_TIMER_DEL_UNIQKEY: &str = "TIMER_DEL_UNIQKEY";
 /// Property set on delivery: when the message left the timer topic (ms).
 const PROP_TIMER_DEQUEUE_MS: &str = "TIMER_DEQUEUE_MS";
+/// Property: how often a waiting timer message was stored anew (see [`Timers`]).
+const PROP_TIMER_ROLL_TIMES: &str = "TIMER_ROLL_TIMES";
 
 /// Entries held in memory at most (about 40 bytes each); beyond, the timer queue is read on
 /// as they are delivered.
@@ -98,6 +100,14 @@ pub fn timing(properties: &str, cfg: &TimerConfig, now: i64) -> Result<Timing, T
     }
     let num = |key| property(properties, key).map(str::parse::<i64>);
     let illegal = || TimerError::Illegal(cfg.max_delay_sec.saturating_mul(1000));
+    let keys = [
+        PROP_TIMER_DELAY_SEC,
+        PROP_TIMER_DELAY_MS,
+        PROP_TIMER_DELIVER_MS,
+    ];
+    if !cfg.enabled && keys.iter().any(|k| property(properties, k).is_some()) {
+        return Err(TimerError::Disabled);
+    }
     let deliver = match (
         num(PROP_TIMER_DELAY_SEC),
         num(PROP_TIMER_DELAY_MS),
@@ -108,9 +118,6 @@ pub fn timing(properties: &str, cfg: &TimerConfig, now: i64) -> Result<Timing, T
         (None, None, Some(at)) => at.map_err(|_| illegal())?,
         (None, None, None) => return Ok(Timing::None),
     };
-    if !cfg.enabled {
-        return Err(TimerError::Disabled);
-    }
     if property(properties, PROP_TIMER_DEL_UNIQKEY).is_some() {
         return Err(TimerError::CancelUnsupported);
     }
@@ -176,15 +183,54 @@ struct Progress {
 /// Timer entries not yet due, and how far the timer queue was read.
 #[derive(Debug, Default)]
 struct State {
-    /// (due time, queue offset, commit-log offset).
-    pending: BTreeSet<(i64, u64, u64)>,
+    /// (time, queue offset, commit-log offset), in time order: what is due next.
+    by_time: BTreeSet<(i64, u64, u64)>,
+    /// queue offset to (time, commit-log offset), in queue order: the oldest pending entry.
+    by_offset: BTreeMap<u64, (i64, u64)>,
     /// Next queue offset to read.
     loaded: u64,
     /// The progress this run started from: entries before its `loaded` due by its time were
     /// delivered before the restart.
     restart: Progress,
-    /// The progress last saved.
-    saved: Progress,
+    /// Whether anything changed since the last save.
+    dirty: bool,
+    /// Failed attempts to deliver the entry due next (queue offset, attempts).
+    failing: Option<(u64, u32)>,
+    /// Store time of the oldest pending entry's message (queue offset, ms), read once.
+    oldest_stored: Option<(u64, i64)>,
+}
+
+impl State {
+    fn insert(&mut self, at: i64, queue_offset: u64, offset: u64) {
+        self.by_time.insert((at, queue_offset, offset));
+        self.by_offset.insert(queue_offset, (at, offset));
+    }
+
+    fn remove(&mut self, at: i64, queue_offset: u64, offset: u64) {
+        self.by_time.remove(&(at, queue_offset, offset));
+        self.by_offset.remove(&queue_offset);
+        self.dirty = true;
+    }
+}
+
+/// Timer-queue entries read per pass at most, so a pass (a restart's catching up among them)
+/// stays short.
+const READ_PER_PASS: usize = 65_536;
+
+/// Attempts to deliver one message before it is dropped (Java's put service tries 3 times).
+const ATTEMPTS: u32 = 3;
+
+/// Deliveries between two saves of the progress within one pass.
+const SAVE_EVERY: usize = 1024;
+
+/// What a pass is allowed: the broker's timer settings and how old a waiting message may
+/// get before it is copied anew (so retention never takes it first).
+#[derive(Debug, Clone, Copy)]
+pub struct Pass {
+    /// The broker's timer settings.
+    pub cfg: TimerConfig,
+    /// A message waiting longer than this (ms) is stored again, as Java rolls its timers.
+    pub roll_after_ms: i64,
 }
 
 /// Delivers timer messages when due (masters only).
@@ -202,7 +248,6 @@ impl Timers {
             path,
             state: Mutex::new(State {
                 loaded: restart.oldest_pending,
-                saved: restart.clone(),
                 restart,
                 ..State::default()
             }),
@@ -215,84 +260,123 @@ impl Timers {
 
     /// Timer messages waiting in memory.
     pub fn pending(&self) -> usize {
-        self.lock().pending.len()
+        self.lock().by_time.len()
     }
 
-    /// Reads new timer entries, delivers every one due, and saves the progress once the
-    /// copies are durable; returns how many were delivered. An entry timed at `t` (rounded
-    /// down to `precision_ms`, see [`timing`]) is due at `t + precision_ms`: never before the
-    /// time asked, at most one step after, as Java's wheel delivers.
+    /// The timer-queue offset before which every message was delivered (or stored anew
+    /// further on): with the queue's end, what a drain waits on.
+    pub fn delivered_before(&self) -> u64 {
+        let st = self.lock();
+        st.by_offset
+            .first_key_value()
+            .map_or(st.loaded, |(&q, _)| q)
+    }
+
+    /// Reads new timer entries, delivers every one due, stores anew those waiting too long,
+    /// and saves the progress once the copies are durable; returns how many were delivered.
+    /// An entry timed at `t` (rounded down to the precision, see [`timing`]) is due at
+    /// `t + precision`: never before the time asked, at most one step after, as Java's wheel
+    /// delivers. One further ahead than the longest delay allows is due at once: the clock
+    /// went back.
     ///
-    /// A message that can no longer be read (damaged, or deleted by retention before it was
-    /// due) is logged and dropped; any other error stops the pass, and the message is tried
-    /// again at the next.
-    pub async fn deliver_due(
-        &self,
-        store: &MessageStore,
-        precision_ms: i64,
-    ) -> Result<usize, StoreError> {
+    /// A message that can no longer be read (damaged) is logged and dropped; one that fails
+    /// to be stored [`ATTEMPTS`] times in a row too, after which the others go on.
+    pub async fn deliver_due(&self, store: &MessageStore, pass: Pass) -> Result<usize, StoreError> {
         let now = now_ms();
-        // Entries timed up to `due_by` are due.
-        let due_by = now.saturating_sub(precision_ms.max(1));
+        let due_by = now.saturating_sub(pass.cfg.precision_ms.max(1));
+        let too_far = now.saturating_add(
+            pass.cfg
+                .max_delay_sec
+                .saturating_mul(1000)
+                .saturating_add(pass.cfg.precision_ms),
+        );
         self.read_new(store)?;
         let mut moved = 0;
+        let mut since_save = 0;
         let result = loop {
-            let Some(&(at, queue_offset, offset)) = self.lock().pending.first() else {
+            let next = {
+                let st = self.lock();
+                match (st.by_time.first(), st.by_time.last()) {
+                    (Some(&first), _) if first.0 <= due_by => Some(first),
+                    (_, Some(&last)) if last.0 > too_far => Some(last),
+                    _ => None,
+                }
+            };
+            let Some((at, queue_offset, offset)) = next else {
                 break Ok(());
             };
-            if at > due_by {
-                break Ok(());
-            }
             match self.deliver_one(store, offset, now) {
-                Ok(delivered) => moved += usize::from(delivered),
-                Err(e) => break Err(e),
+                Ok(delivered) => {
+                    moved += usize::from(delivered);
+                    since_save += 1;
+                    let mut st = self.lock();
+                    st.failing = None;
+                    st.remove(at, queue_offset, offset);
+                }
+                Err(e) => {
+                    let mut st = self.lock();
+                    let tries = match st.failing {
+                        Some((q, n)) if q == queue_offset => n + 1,
+                        _ => 1,
+                    };
+                    if tries < ATTEMPTS {
+                        st.failing = Some((queue_offset, tries));
+                        break Err(e);
+                    }
+                    tracing::error!(offset, error = %e, attempts = tries, "a timer message could not be delivered and is dropped");
+                    st.failing = None;
+                    st.remove(at, queue_offset, offset);
+                }
             }
-            self.lock().pending.remove(&(at, queue_offset, offset));
+            if since_save >= SAVE_EVERY {
+                self.save(store, due_by).await?;
+                since_save = 0;
+                tokio::task::yield_now().await;
+            }
         };
-        // Saved after a pass that delivered or read anything; an older "delivered up to" time
-        // is never wrong, only costlier (more is delivered again after a crash).
-        let progress = self.progress(due_by);
-        let saved = self.lock().saved.clone();
-        if moved > 0
-            || (progress.oldest_pending, progress.loaded) != (saved.oldest_pending, saved.loaded)
-        {
-            // The copies the progress counts as delivered, and the timer entries it counts as
-            // read, are in the log before it is saved.
-            store.wait_durable(store.commitlog().max_offset()).await?;
-            let path = self.path.clone();
-            let snapshot = progress.clone();
-            tokio::task::spawn_blocking(move || save_json(&path, &snapshot))
-                .await
-                .unwrap_or(Err(StoreError::Shutdown))?;
-            self.lock().saved = progress;
-        }
-        result.map(|()| moved)
+        let rolled = self.roll(store, now, pass.roll_after_ms);
+        self.save(store, due_by).await?;
+        result.and(rolled).map(|()| moved)
     }
 
-    /// Reads the timer queue's new entries into memory, up to [`MAX_PENDING`].
+    /// Reads the timer queue's new entries into memory, up to [`MAX_PENDING`] held and
+    /// [`READ_PER_PASS`] read.
     fn read_new(&self, store: &MessageStore) -> Result<(), StoreError> {
         let Some(q) = store.queue(TIMER_TOPIC, 0) else {
             return Ok(());
         };
-        let mut st = self.lock();
-        // Entries a power loss took after they were counted: read again from the end.
-        st.loaded = st.loaded.max(q.min_offset()).min(q.max_offset());
-        while st.pending.len() < MAX_PENDING {
-            let entries = q.get(st.loaded, 1024)?;
+        let mut read = 0;
+        while read < READ_PER_PASS {
+            let from = {
+                let mut st = self.lock();
+                if st.by_time.len() >= MAX_PENDING {
+                    break;
+                }
+                // Entries a power loss took after they were read: read again from the end.
+                // Entries retention took: from the first left.
+                st.loaded = st.loaded.max(q.min_offset()).min(q.max_offset());
+                st.restart.loaded = st.restart.loaded.min(q.max_offset());
+                st.loaded
+            };
+            // The consume queue is read without the lock (a file read).
+            let entries = q.get(from, 1024)?;
             if entries.is_empty() {
                 break;
             }
-            for e in entries {
-                let at_offset = st.loaded;
-                st.loaded += 1;
+            read += entries.len();
+            let mut st = self.lock();
+            for (i, e) in entries.into_iter().enumerate() {
+                let queue_offset = from + i as u64;
+                st.loaded = queue_offset + 1;
+                st.dirty = true;
                 if e.is_empty() {
                     continue;
                 }
-                let before_restart = at_offset < st.restart.loaded;
+                let before_restart = queue_offset < st.restart.loaded;
                 if before_restart && e.tags_code <= st.restart.delivered_until {
                     continue; // delivered before the restart
                 }
-                st.pending.insert((e.tags_code, at_offset, e.offset));
+                st.insert(e.tags_code, queue_offset, e.offset);
             }
         }
         Ok(())
@@ -313,6 +397,11 @@ impl Timers {
             tracing::warn!(offset, "timer message without REAL_TOPIC/REAL_QID dropped");
             return Ok(false);
         };
+        if store.topics.get(&topic).is_none() {
+            // Deleted since: storing it would bring back queues no topic owns.
+            tracing::warn!(%topic, "a timer message's topic is gone: message dropped");
+            return Ok(false);
+        }
         // TIMER_OUT_MS stays, as in Java: the delivered message is not timed again.
         props.insert(PROP_TIMER_DEQUEUE_MS.into(), now.to_string());
         let real = NewMessage::restored(&m, topic, queue_id, format_properties(&props));
@@ -322,24 +411,88 @@ impl Timers {
         Ok(true)
     }
 
+    /// Stores anew, at the timer queue's end, the waiting messages stored longer than
+    /// `roll_after_ms` ago, oldest first: retention deletes segments by age, and a message
+    /// may wait longer than that.
+    fn roll(&self, store: &MessageStore, now: i64, roll_after_ms: i64) -> Result<(), StoreError> {
+        for _ in 0..SAVE_EVERY {
+            let Some((queue_offset, (at, offset))) = self
+                .lock()
+                .by_offset
+                .first_key_value()
+                .map(|(&q, &v)| (q, v))
+            else {
+                return Ok(());
+            };
+            let known = self
+                .lock()
+                .oldest_stored
+                .filter(|&(q, _)| q == queue_offset);
+            let stored_at = match known {
+                Some((_, t)) => t,
+                None => match store.commitlog().read_message(offset) {
+                    Ok(m) => {
+                        self.lock().oldest_stored = Some((queue_offset, m.store_timestamp));
+                        m.store_timestamp
+                    }
+                    // Delivery drops it when due.
+                    Err(_) => return Ok(()),
+                },
+            };
+            if now.saturating_sub(stored_at) < roll_after_ms {
+                return Ok(());
+            }
+            let m = store.commitlog().read_message(offset)?;
+            let mut props = parse_properties(&m.properties);
+            let times: u32 = props
+                .get(PROP_TIMER_ROLL_TIMES)
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            props.insert(PROP_TIMER_ROLL_TIMES.into(), (times + 1).to_string());
+            let mut again =
+                NewMessage::restored(&m, TIMER_TOPIC.into(), 0, format_properties(&props));
+            again.tags_code = at;
+            store.append(std::slice::from_ref(&again))?;
+            self.lock().remove(at, queue_offset, offset);
+        }
+        Ok(())
+    }
+
+    /// Saves the progress if anything changed, once the copies it counts and the entries it
+    /// counts as read are durable in the log.
+    async fn save(&self, store: &MessageStore, due_by: i64) -> Result<(), StoreError> {
+        let progress = {
+            let st = self.lock();
+            if !st.dirty {
+                return Ok(());
+            }
+            Self::progress(&st, due_by)
+        };
+        store.wait_durable(store.commitlog().max_offset()).await?;
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || save_json(&path, &progress))
+            .await
+            .unwrap_or(Err(StoreError::Shutdown))?;
+        // Changes made meanwhile are saved by the next pass.
+        self.lock().dirty = false;
+        Ok(())
+    }
+
     /// The progress to save: pending entries start at the smallest queue offset among them,
     /// and every entry read so far that is timed before the next pending one (and by
     /// `due_by`) was delivered (entries not read yet are never skipped: they lie at `loaded`
-    /// or after).
-    fn progress(&self, due_by: i64) -> Progress {
-        let st = self.lock();
+    /// or after). A clock gone back lowers that time: more is delivered again after a
+    /// crash, nothing is lost.
+    fn progress(st: &State, due_by: i64) -> Progress {
         let oldest_pending = st
-            .pending
-            .iter()
-            .map(|&(_, q, _)| q)
-            .min()
-            .unwrap_or(st.loaded);
-        let next_due = st.pending.first().map_or(i64::MAX, |&(at, _, _)| at);
-        let delivered_until = due_by.min(next_due.saturating_sub(1));
+            .by_offset
+            .first_key_value()
+            .map_or(st.loaded, |(&q, _)| q);
+        let next_due = st.by_time.first().map_or(i64::MAX, |&(at, _, _)| at);
         Progress {
             oldest_pending,
             loaded: st.loaded,
-            delivered_until,
+            delivered_until: due_by.min(next_due.saturating_sub(1)),
         }
     }
 }
@@ -354,6 +507,16 @@ mod tests {
         enabled: true,
         precision_ms: 1000,
         max_delay_sec: 3600,
+    };
+
+    /// Due at the time stored (precision 1 ms), stored anew after an hour.
+    const PASS: Pass = Pass {
+        cfg: TimerConfig {
+            enabled: true,
+            precision_ms: 1,
+            max_delay_sec: 7200,
+        },
+        roll_after_ms: 3_600_000,
     };
 
     #[test]
@@ -456,6 +619,10 @@ mod tests {
             ..StoreConfig::for_tests(dir.path(), FlushDiskType::Async)
         })
         .unwrap();
+        store
+            .topics
+            .put(crate::store::topics::TopicConfig::new("T", 4, 6))
+            .unwrap();
         let timers = Timers::load(dir.path()).unwrap();
         let now = now_ms();
         // Stored out of time order; the last one is far off.
@@ -467,10 +634,10 @@ mod tests {
         ] {
             store.put(&[timed(i, at)]).await.unwrap();
         }
-        assert_eq!(timers.deliver_due(&store, 1).await.unwrap(), 0);
+        assert_eq!(timers.deliver_due(&store, PASS).await.unwrap(), 0);
         assert_eq!(timers.pending(), 4);
         tokio::time::sleep(Duration::from_millis(450)).await;
-        assert_eq!(timers.deliver_due(&store, 1).await.unwrap(), 2);
+        assert_eq!(timers.deliver_due(&store, PASS).await.unwrap(), 2);
         assert_eq!(delivered(&store), ["m1", "m0"]);
         let m = store
             .commitlog()
@@ -482,20 +649,104 @@ mod tests {
 
         // A restart delivers neither of them again, and still knows the two left.
         let again = Timers::load(dir.path()).unwrap();
-        assert_eq!(again.deliver_due(&store, 1).await.unwrap(), 0);
+        assert_eq!(again.deliver_due(&store, PASS).await.unwrap(), 0);
         assert_eq!(again.pending(), 2);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(again.deliver_due(&store, 1).await.unwrap(), 1);
+        assert_eq!(again.deliver_due(&store, PASS).await.unwrap(), 1);
         assert_eq!(delivered(&store), ["m1", "m0", "m2"]);
         // One stored after a restart, due before the far one.
         store.put(&[timed(4, now_ms() + 100)]).await.unwrap();
         let third = Timers::load(dir.path()).unwrap();
-        assert_eq!(third.deliver_due(&store, 1).await.unwrap(), 0);
+        assert_eq!(third.deliver_due(&store, PASS).await.unwrap(), 0);
         assert_eq!(third.pending(), 2);
         tokio::time::sleep(Duration::from_millis(150)).await;
-        assert_eq!(third.deliver_due(&store, 1).await.unwrap(), 1);
+        assert_eq!(third.deliver_due(&store, PASS).await.unwrap(), 1);
         assert_eq!(delivered(&store), ["m1", "m0", "m2", "m4"]);
         assert_eq!(third.pending(), 1, "the far one still waits");
+        store.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_message_waiting_long_is_stored_anew_and_still_delivered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MessageStore::open(StoreConfig {
+            segment_size: 1 << 20,
+            ..StoreConfig::for_tests(dir.path(), FlushDiskType::Async)
+        })
+        .unwrap();
+        store
+            .topics
+            .put(crate::store::topics::TopicConfig::new("T", 4, 6))
+            .unwrap();
+        let pass = Pass {
+            roll_after_ms: 100,
+            ..PASS
+        };
+        let timers = Timers::load(dir.path()).unwrap();
+        store.put(&[timed(0, now_ms() + 700)]).await.unwrap();
+        // A message for a topic deleted meanwhile is dropped when due.
+        let mut gone = timed(1, now_ms() + 50);
+        gone.properties = gone
+            .properties
+            .replace("REAL_TOPIC\u{1}T", "REAL_TOPIC\u{1}Gone");
+        store.put(&[gone]).await.unwrap();
+        assert_eq!(timers.deliver_due(&store, pass).await.unwrap(), 0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(timers.deliver_due(&store, pass).await.unwrap(), 0);
+        assert!(store.queue("Gone", 1).is_none());
+        // Older than 100 ms: stored again at the timer queue's end, once (the copy is new).
+        let q = store.queue(TIMER_TOPIC, 0).unwrap();
+        assert_eq!(q.max_offset(), 3);
+        assert_eq!(timers.deliver_due(&store, pass).await.unwrap(), 0);
+        assert_eq!(q.max_offset(), 3);
+        let copy = store
+            .commitlog()
+            .read_message(q.get(2, 1).unwrap()[0].offset)
+            .unwrap();
+        assert_eq!(copy.properties_map()["TIMER_ROLL_TIMES"], "1");
+        // A restart knows the copy, not the original.
+        let again = Timers::load(dir.path()).unwrap();
+        assert_eq!(again.deliver_due(&store, pass).await.unwrap(), 0);
+        assert_eq!(again.pending(), 1);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(again.deliver_due(&store, pass).await.unwrap(), 1);
+        assert_eq!(delivered(&store), ["m0"]);
+        assert_eq!(again.pending(), 0);
+        store.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_message_that_cannot_be_stored_is_tried_three_times_then_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MessageStore::open(StoreConfig {
+            segment_size: 1 << 20,
+            ..StoreConfig::for_tests(dir.path(), FlushDiskType::Async)
+        })
+        .unwrap();
+        for t in ["T", "Blocked"] {
+            store
+                .topics
+                .put(crate::store::topics::TopicConfig::new(t, 4, 6))
+                .unwrap();
+        }
+        // Its queue directory cannot be made: a file stands in the way.
+        let blocker = dir.path().join("consumequeue").join("Blocked");
+        std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+        std::fs::write(&blocker, b"in the way").unwrap();
+        let timers = Timers::load(dir.path()).unwrap();
+        let now = now_ms();
+        let mut blocked = timed(0, now);
+        blocked.properties = blocked
+            .properties
+            .replace("REAL_TOPIC\u{1}T", "REAL_TOPIC\u{1}Blocked");
+        store.put(&[blocked, timed(1, now + 1)]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(timers.deliver_due(&store, PASS).await.is_err());
+        assert!(timers.deliver_due(&store, PASS).await.is_err());
+        assert!(delivered(&store).is_empty(), "the later one waits its turn");
+        assert_eq!(timers.deliver_due(&store, PASS).await.unwrap(), 1);
+        assert_eq!(delivered(&store), ["m1"]);
+        assert_eq!(timers.pending(), 0);
         store.shutdown();
     }
 }

@@ -230,19 +230,18 @@ impl Broker {
             // TRAN_MSG stays, as Java's broker leaves it: Java consumers read it to fill in a
             // delivered message's transaction id.
             let msg = committed(&half).ok_or(EndError::NoRoute)?;
-            // A timer (checked when the half message was sent) runs from the commit, as in
-            // Java; one no longer acceptable now is delivered at once.
-            let msg = match super::timer::timing(&msg.properties, &self.cfg.timer, now_ms()) {
-                Ok(super::timer::Timing::At(at)) => super::timer::wrap(msg, at),
-                Ok(_) => msg,
-                Err(e) => {
-                    tracing::warn!(topic = %msg.topic, error = %e, "a committed message's timer is ignored");
-                    msg
-                }
-            };
-            if self.store.topics.get(&msg.topic).is_some()
-                || msg.topic == crate::store::message::TIMER_TOPIC
-            {
+            if self.store.topics.get(&msg.topic).is_some() {
+                // A timer (checked when the half message was sent) runs from the commit, as
+                // in Java; one no longer acceptable now (timers turned off) is delivered at
+                // once.
+                let msg = match super::timer::timing(&msg.properties, &self.cfg.timer, now_ms()) {
+                    Ok(super::timer::Timing::At(at)) => super::timer::wrap(msg, at),
+                    Ok(_) => msg,
+                    Err(e) => {
+                        tracing::warn!(topic = %msg.topic, error = %e, "a committed message's timer is ignored");
+                        msg
+                    }
+                };
                 msgs.push(msg);
             } else {
                 // Deleted since: storing it would bring back queues no topic owns.
