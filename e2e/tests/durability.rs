@@ -1,6 +1,6 @@
 //! Crash and restart behaviour of a single-master broker, driven through ferromq's own client:
 //! SIGKILL during a send loop (and the key index after it), clean restarts, consumer offsets
-//! across restarts.
+//! across restarts, timer messages across a SIGKILL.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -289,4 +289,67 @@ async fn clean_restart_loses_nothing_under_sync_flush() -> Result<(), Error> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clean_restart_loses_nothing_under_async_flush() -> Result<(), Error> {
     clean_restart_keeps_messages_and_offsets("ASYNC_FLUSH").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn timer_messages_survive_a_kill_and_are_delivered_once() -> Result<(), Error> {
+    let dir = e2e::test_dir("timer-crash")?;
+    let ns = NameServer::start(dir.path(), 120_000)?;
+    let mut broker = Broker::start(dir.path(), &spec("ASYNC_FLUSH"), &[&ns.addr])?;
+    let client = Client::new(vec![ns.addr.clone()]);
+    setup(&client, &broker).await?;
+    let producer = Producer::new(client.clone(), "timer_producer");
+    // The odd ones are due before the kill, the even ones after the restart: stored
+    // interleaved, so the restart reads back delivered ones among those still waiting.
+    for seq in 0..40u64 {
+        let delay_ms = if seq % 2 == 1 { 300 } else { 5_000 };
+        let msg = Message {
+            topic: TOPIC.into(),
+            tags: None,
+            keys: Vec::new(),
+            properties: BTreeMap::from([("TIMER_DELAY_MS".to_string(), delay_ms.to_string())]),
+            body: body(seq),
+        };
+        producer.send(&msg).await?;
+    }
+    let seqs = |read: &[(u64, i32, i64)]| {
+        let mut s: Vec<u64> = read.iter().map(|r| r.0).collect();
+        s.sort_unstable();
+        s
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while seqs(&read_all(&client, "early").await?).len() < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the early ones never came"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        seqs(&read_all(&client, "early2").await?),
+        (0..40).filter(|s| s % 2 == 1).collect::<Vec<_>>(),
+        "a late one came early"
+    );
+    // The pass that delivered them saved its progress right after.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker.kill9();
+    broker.restart()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let read = seqs(&read_all(&client, "all").await?);
+        if read.len() >= 40 {
+            assert_eq!(read, (0..40).collect::<Vec<_>>(), "each once");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after the restart only {read:?} came"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Nothing more comes later either.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(seqs(&read_all(&client, "later").await?).len(), 40);
+    drop(broker);
+    Ok(())
 }
