@@ -325,6 +325,15 @@ async fn rocketmq_client_rust_consumes_by_sql92_selector() -> Result<(), Error> 
     Ok(())
 }
 
+/// A name server and one ASYNC_FLUSH master, in a directory of their own.
+fn lone_master(name: &str) -> Result<(tempfile::TempDir, NameServer, Broker), Error> {
+    let dir = e2e::test_dir(name)?;
+    let ns = NameServer::start(dir.path(), 120_000)?;
+    let spec = BrokerSpec::master("broker-a", "ASYNC_FLUSH");
+    let broker = Broker::start(dir.path(), &spec, &[&ns.addr])?;
+    Ok((dir, ns, broker))
+}
+
 /// Hands each request message a consumer receives to the task that replies to it.
 struct Forward(tokio::sync::mpsc::UnboundedSender<Message>);
 
@@ -345,13 +354,7 @@ impl rocketmq_client_rust::MessageListenerConcurrently for Forward {
 async fn rocketmq_client_rust_requests_get_replies_and_consumers_answer_for_themselves(
 ) -> Result<(), Error> {
     use rocketmq_model::common::message::MessageTrait;
-    let dir = e2e::test_dir("compat-reply")?;
-    let ns = NameServer::start(dir.path(), 120_000)?;
-    let broker = Broker::start(
-        dir.path(),
-        &BrokerSpec::master("broker-a", "ASYNC_FLUSH"),
-        &[&ns.addr],
-    )?;
+    let (_dir, ns, broker) = lone_master("compat-reply")?;
     let topic = "RequestTopic";
     let rt = common::Runtime::new()?;
     let mut requester = common::producer(&rt, &ns.addr, "request_producer").await?;
@@ -453,13 +456,7 @@ async fn rocketmq_client_rust_requests_get_replies_and_consumers_answer_for_them
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rocketmq_client_rust_timer_messages_arrive_when_due() -> Result<(), Error> {
     use rocketmq_model::common::message::MessageTrait;
-    let dir = e2e::test_dir("compat-timer")?;
-    let ns = NameServer::start(dir.path(), 120_000)?;
-    let broker = Broker::start(
-        dir.path(),
-        &BrokerSpec::master("broker-a", "ASYNC_FLUSH"),
-        &[&ns.addr],
-    )?;
+    let (_dir, ns, broker) = lone_master("compat-timer")?;
     let topic = "TimerTopic";
     let rt = common::Runtime::new()?;
     let mut producer = common::producer(&rt, &ns.addr, "timer_producer").await?;

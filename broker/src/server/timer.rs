@@ -597,6 +597,20 @@ mod tests {
         )
     }
 
+    /// A store with room for the tests' messages in one segment, holding topic `T`.
+    fn store_with_t(dir: &std::path::Path) -> std::sync::Arc<MessageStore> {
+        let store = MessageStore::open(StoreConfig {
+            segment_size: 1 << 20,
+            ..StoreConfig::for_tests(dir, FlushDiskType::Async)
+        })
+        .unwrap();
+        store
+            .topics
+            .put(crate::store::topics::TopicConfig::new("T", 4, 6))
+            .unwrap();
+        store
+    }
+
     fn delivered(store: &MessageStore) -> Vec<String> {
         let Some(q) = store.queue("T", 1) else {
             return Vec::new();
@@ -614,15 +628,7 @@ mod tests {
     #[tokio::test]
     async fn timer_messages_are_delivered_in_time_order_once_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let store = MessageStore::open(StoreConfig {
-            segment_size: 1 << 20,
-            ..StoreConfig::for_tests(dir.path(), FlushDiskType::Async)
-        })
-        .unwrap();
-        store
-            .topics
-            .put(crate::store::topics::TopicConfig::new("T", 4, 6))
-            .unwrap();
+        let store = store_with_t(dir.path());
         let timers = Timers::load(dir.path()).unwrap();
         let now = now_ms();
         // Stored out of time order; the last one is far off.
@@ -669,15 +675,7 @@ mod tests {
     #[tokio::test]
     async fn a_message_waiting_long_is_stored_anew_and_still_delivered_once() {
         let dir = tempfile::tempdir().unwrap();
-        let store = MessageStore::open(StoreConfig {
-            segment_size: 1 << 20,
-            ..StoreConfig::for_tests(dir.path(), FlushDiskType::Async)
-        })
-        .unwrap();
-        store
-            .topics
-            .put(crate::store::topics::TopicConfig::new("T", 4, 6))
-            .unwrap();
+        let store = store_with_t(dir.path());
         let pass = Pass {
             roll_after_ms: 100,
             ..PASS
@@ -718,17 +716,11 @@ mod tests {
     #[tokio::test]
     async fn a_message_that_cannot_be_stored_is_tried_three_times_then_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let store = MessageStore::open(StoreConfig {
-            segment_size: 1 << 20,
-            ..StoreConfig::for_tests(dir.path(), FlushDiskType::Async)
-        })
-        .unwrap();
-        for t in ["T", "Blocked"] {
-            store
-                .topics
-                .put(crate::store::topics::TopicConfig::new(t, 4, 6))
-                .unwrap();
-        }
+        let store = store_with_t(dir.path());
+        store
+            .topics
+            .put(crate::store::topics::TopicConfig::new("Blocked", 4, 6))
+            .unwrap();
         // Its queue directory cannot be made: a file stands in the way.
         let blocker = dir.path().join("consumequeue").join("Blocked");
         std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
