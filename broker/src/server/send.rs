@@ -163,15 +163,14 @@ impl Broker {
                 "timer messages cannot be sent in a batch",
             );
         }
-        let now = now_ms();
-        let born_ts = h.born_timestamp.unwrap_or(now);
+        let born_ts = h.born_timestamp.unwrap_or_else(now_ms);
         let topic_name = dead_letter.unwrap_or_else(|| h.topic.clone());
         let to_schedule = |mut m: NewMessage| -> Result<NewMessage, TimerError> {
             if half {
                 // A transaction's message is delayed by nothing but its transaction (Java's
                 // producer clears the delay; the broker ignores one). A timer runs from the
                 // commit; it is checked now.
-                timer::timing(&m.properties, &self.cfg.timer, now)?;
+                timer::timing_now(&m.properties, &self.cfg.timer)?;
                 return Ok(transaction::half(m));
             }
             match schedule::requested_level(&m.properties) {
@@ -186,7 +185,7 @@ impl Broker {
                         &self.store.config().delay_levels_ms,
                     ))
                 }
-                _ => match timer::timing(&m.properties, &self.cfg.timer, now)? {
+                _ => match timer::timing_now(&m.properties, &self.cfg.timer)? {
                     Timing::At(at) => Ok(timer::wrap(m, at)),
                     Timing::Now | Timing::None => Ok(m),
                 },
@@ -227,6 +226,8 @@ impl Broker {
 
     /// Reads a send's header (sends and replies alike) and runs the checks every write
     /// passes: role, permissions, topic, queue.
+    // Inlined: the header it returns is large, and moving it out cost a copy per send.
+    #[inline(always)]
     pub(super) fn admit_send(
         &self,
         req: &RemotingCommand,

@@ -137,6 +137,15 @@ pub fn timing(properties: &str, cfg: &TimerConfig, now: i64) -> Result<Timing, T
     }))
 }
 
+/// [`timing`] as of now; the clock is read only for a message that names a timer (sends
+/// check every message).
+pub fn timing_now(properties: &str, cfg: &TimerConfig) -> Result<Timing, TimerError> {
+    if !properties.contains("TIMER_") {
+        return Ok(Timing::None);
+    }
+    timing(properties, cfg, now_ms())
+}
+
 /// Removes the timer properties of a message that also asks for a delay level, which wins
 /// (as in Java).
 pub fn strip_timer(properties: &str) -> Option<String> {

@@ -234,7 +234,7 @@ impl Broker {
                 // A timer (checked when the half message was sent) runs from the commit, as
                 // in Java; one no longer acceptable now (timers turned off) is delivered at
                 // once.
-                let msg = match super::timer::timing(&msg.properties, &self.cfg.timer, now_ms()) {
+                let msg = match super::timer::timing_now(&msg.properties, &self.cfg.timer) {
                     Ok(super::timer::Timing::At(at)) => super::timer::wrap(msg, at),
                     Ok(_) => msg,
                     Err(e) => {
