@@ -1167,7 +1167,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     );
     registry.register(
         "timer_messages_pending",
-        "Timer messages read from the timer topic and not yet due (held in memory, about 40 bytes each; reading stops at 2,000,000)",
+        "Timer messages read from the timer topic and not yet due (held in memory, about 80 bytes each; reading stops at 2,000,000)",
         timers_pending.clone(),
     );
     registry.register(

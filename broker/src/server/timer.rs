@@ -38,8 +38,8 @@ const PROP_TIMER_DEQUEUE_MS: &str = "TIMER_DEQUEUE_MS";
 /// Property: how often a waiting timer message was stored anew (see [`Timers`]).
 const PROP_TIMER_ROLL_TIMES: &str = "TIMER_ROLL_TIMES";
 
-/// Entries held in memory at most (about 40 bytes each); beyond, the timer queue is read on
-/// as they are delivered.
+/// Entries held in memory at most (about 80 bytes each, in two orders); beyond, the timer
+/// queue is read on as they are delivered.
 const MAX_PENDING: usize = 2_000_000;
 
 /// What a message's timer properties ask of the broker.
