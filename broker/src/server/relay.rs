@@ -167,8 +167,7 @@ impl Broker {
         if let Some(header) = header {
             resp.ext_fields = header.to_ext();
         }
-        resp.ext_fields.insert("MSG_REGION", "DefaultRegion");
-        resp.ext_fields.insert("TRACE_ON", "true");
+        super::send::add_region_fields(&mut resp);
         resp
     }
 

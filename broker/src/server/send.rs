@@ -20,6 +20,12 @@ use crate::store::{FlushDiskType, PutResult, StoreError};
 use super::timer::{self, TimerError, Timing};
 use super::{schedule, transaction, Broker};
 
+/// The fields Java's broker adds to every answer to a send (its region, whether it traces).
+pub(super) fn add_region_fields(resp: &mut RemotingCommand) {
+    resp.ext_fields.insert("MSG_REGION", "DefaultRegion");
+    resp.ext_fields.insert("TRACE_ON", "true");
+}
+
 /// A send's header once its checks passed: where its messages go.
 pub(super) struct Admitted {
     /// The request's header.
@@ -153,11 +159,7 @@ impl Broker {
             Err(remark) => return req.error_to(ResponseCode::MessageIllegal, remark),
         };
         // A timer message stands alone: a batch's messages share one queue and one answer.
-        if is_batch
-            && items
-                .iter()
-                .any(|(_, _, p)| timer::timing(p, &self.cfg.timer, 0) != Ok(Timing::None))
-        {
+        if is_batch && items.iter().any(|(_, _, p)| timer::names_timer(p)) {
             return req.error_to(
                 ResponseCode::MessageIllegal,
                 "timer messages cannot be sent in a batch",
@@ -430,8 +432,7 @@ impl Broker {
             transaction_id: None,
         }
         .to_ext();
-        resp.ext_fields.insert("MSG_REGION", "DefaultRegion");
-        resp.ext_fields.insert("TRACE_ON", "true");
+        add_region_fields(&mut resp);
         resp
     }
 

@@ -95,19 +95,14 @@ impl Default for TimerConfig {
 /// `TIMER_DELAY_MS` (both from now), else `TIMER_DELIVER_MS`; a delay level wins over all
 /// three (see [`strip_timer`]).
 pub fn timing(properties: &str, cfg: &TimerConfig, now: i64) -> Result<Timing, TimerError> {
-    if !properties.contains("TIMER_") || property(properties, PROP_TIMER_OUT_MS).is_some() {
+    if !names_timer(properties) {
         return Ok(Timing::None);
+    }
+    if !cfg.enabled {
+        return Err(TimerError::Disabled);
     }
     let num = |key| property(properties, key).map(str::parse::<i64>);
     let illegal = || TimerError::Illegal(cfg.max_delay_sec.saturating_mul(1000));
-    let keys = [
-        PROP_TIMER_DELAY_SEC,
-        PROP_TIMER_DELAY_MS,
-        PROP_TIMER_DELIVER_MS,
-    ];
-    if !cfg.enabled && keys.iter().any(|k| property(properties, k).is_some()) {
-        return Err(TimerError::Disabled);
-    }
     let deliver = match (
         num(PROP_TIMER_DELAY_SEC),
         num(PROP_TIMER_DELAY_MS),
@@ -116,7 +111,7 @@ pub fn timing(properties: &str, cfg: &TimerConfig, now: i64) -> Result<Timing, T
         (Some(s), _, _) => now.saturating_add(s.map_err(|_| illegal())?.saturating_mul(1000)),
         (None, Some(ms), _) => now.saturating_add(ms.map_err(|_| illegal())?),
         (None, None, Some(at)) => at.map_err(|_| illegal())?,
-        (None, None, None) => return Ok(Timing::None),
+        (None, None, None) => return Ok(Timing::None), // not reached: names_timer
     };
     if property(properties, PROP_TIMER_DEL_UNIQKEY).is_some() {
         return Err(TimerError::CancelUnsupported);
@@ -135,6 +130,20 @@ pub fn timing(properties: &str, cfg: &TimerConfig, now: i64) -> Result<Timing, T
     } else {
         deliver / p * p
     }))
+}
+
+/// Whether a message asks for a timer the broker has not handled yet (one delivered or
+/// waiting in the timer topic carries `TIMER_OUT_MS`).
+pub fn names_timer(properties: &str) -> bool {
+    properties.contains("TIMER_")
+        && property(properties, PROP_TIMER_OUT_MS).is_none()
+        && [
+            PROP_TIMER_DELAY_SEC,
+            PROP_TIMER_DELAY_MS,
+            PROP_TIMER_DELIVER_MS,
+        ]
+        .iter()
+        .any(|k| property(properties, k).is_some())
 }
 
 /// [`timing`] as of now; the clock is read only for a message that names a timer (sends
@@ -215,6 +224,13 @@ impl State {
         self.by_offset.insert(queue_offset, (at, offset));
     }
 
+    /// The queue offset before which no entry is pending.
+    fn oldest_pending(&self) -> u64 {
+        self.by_offset
+            .first_key_value()
+            .map_or(self.loaded, |(&q, _)| q)
+    }
+
     fn remove(&mut self, at: i64, queue_offset: u64, offset: u64) {
         self.by_time.remove(&(at, queue_offset, offset));
         self.by_offset.remove(&queue_offset);
@@ -275,10 +291,7 @@ impl Timers {
     /// The timer-queue offset before which every message was delivered (or stored anew
     /// further on): with the queue's end, what a drain waits on.
     pub fn delivered_before(&self) -> u64 {
-        let st = self.lock();
-        st.by_offset
-            .first_key_value()
-            .map_or(st.loaded, |(&q, _)| q)
+        self.lock().oldest_pending()
     }
 
     /// Reads new timer entries, delivers every one due, stores anew those waiting too long,
@@ -437,12 +450,13 @@ impl Timers {
                 .lock()
                 .oldest_stored
                 .filter(|&(q, _)| q == queue_offset);
-            let stored_at = match known {
-                Some((_, t)) => t,
+            // The store time of the oldest is read once, and the message only again to roll.
+            let (stored_at, read) = match known {
+                Some((_, t)) => (t, None),
                 None => match store.commitlog().read_message(offset) {
                     Ok(m) => {
                         self.lock().oldest_stored = Some((queue_offset, m.store_timestamp));
-                        m.store_timestamp
+                        (m.store_timestamp, Some(m))
                     }
                     // Delivery drops it when due.
                     Err(_) => return Ok(()),
@@ -451,7 +465,10 @@ impl Timers {
             if now.saturating_sub(stored_at) < roll_after_ms {
                 return Ok(());
             }
-            let m = store.commitlog().read_message(offset)?;
+            let m = match read {
+                Some(m) => m,
+                None => store.commitlog().read_message(offset)?,
+            };
             let mut props = parse_properties(&m.properties);
             let times: u32 = props
                 .get(PROP_TIMER_ROLL_TIMES)
@@ -493,13 +510,9 @@ impl Timers {
     /// or after). A clock gone back lowers that time: more is delivered again after a
     /// crash, nothing is lost.
     fn progress(st: &State, due_by: i64) -> Progress {
-        let oldest_pending = st
-            .by_offset
-            .first_key_value()
-            .map_or(st.loaded, |(&q, _)| q);
         let next_due = st.by_time.first().map_or(i64::MAX, |&(at, _, _)| at);
         Progress {
-            oldest_pending,
+            oldest_pending: st.oldest_pending(),
             loaded: st.loaded,
             delivered_until: due_by.min(next_due.saturating_sub(1)),
         }
