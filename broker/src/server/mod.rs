@@ -1191,11 +1191,13 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         Some(Box::new(move || {
             let fault_store = fault_store.upgrade()?;
             if let Some(e) = fault_store.commitlog().write_back_failure() {
-                return Some(format!("the commit log could not be written to disk ({e}); restart the broker to recover it"));
+                return Some(format!(
+                    "{e}; the store takes no more messages: restart the broker to recover its log"
+                ));
             }
-            fault_store.disk_full().map(|used| {
-                StoreError::DiskFull(used).to_string()
-            })
+            fault_store
+                .disk_full()
+                .map(|used| StoreError::DiskFull(used).to_string())
         })),
     );
 

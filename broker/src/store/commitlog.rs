@@ -521,12 +521,18 @@ impl CommitLog {
         .map_err(|e| self.write_back_lost(e))
     }
 
-    /// Records that writing the log to disk failed (the first failure is logged) and returns
-    /// the error every caller gets from now on.
+    /// Records that writing the log to disk failed and returns the error every caller gets
+    /// from now on.
     fn write_back_lost(&self, e: StoreError) -> StoreError {
-        let why = e.to_string();
+        self.stop_writes(format!("writing the commit log to disk failed ({e})"))
+    }
+
+    /// Makes the store take no more data until a restart recovers its log, for a failure
+    /// after which log and queues may disagree (the first reason is logged, and is what
+    /// every caller gets from now on).
+    pub(crate) fn stop_writes(&self, why: String) -> StoreError {
         if self.write_back_failed.set(why.clone()).is_ok() {
-            tracing::error!(error = %e, "writing the commit log to disk failed; the store takes no more messages until a restart recovers its log");
+            tracing::error!(reason = %why, "the store takes no more messages until a restart recovers its log");
         }
         StoreError::WriteBackFailed(why)
     }

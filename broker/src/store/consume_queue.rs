@@ -183,6 +183,20 @@ pub struct ConsumeQueue {
     pub arrived: Notify,
 }
 
+#[cfg(test)]
+impl ConsumeQueue {
+    /// Points the queue's descriptor at a read-only one of the same file: a disk that
+    /// refuses the queue's writes (EBADF), through the real calls.
+    #[allow(unsafe_code)]
+    pub(crate) fn break_writes(&self) {
+        use std::os::fd::AsRawFd;
+        let read_only = File::open(&self.path).unwrap();
+        // SAFETY: both descriptors are open and owned; dup2 only replaces what the second
+        // refers to.
+        assert!(unsafe { libc::dup2(read_only.as_raw_fd(), self.file.as_raw_fd()) } >= 0);
+    }
+}
+
 impl ConsumeQueue {
     /// Opens or creates the queue file `dir/<topic>/<queue_id>`.
     pub fn open(dir: &Path, topic: &str, queue_id: i32) -> Result<ConsumeQueue, StoreError> {

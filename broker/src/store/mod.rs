@@ -95,8 +95,7 @@ pub enum StoreError {
     /// Writing the commit log to disk failed and pages may be lost, so nothing more is taken
     /// or acknowledged as durable until a restart recovers the log from the disk.
     #[error(
-        "writing the commit log to disk failed ({0}); the store takes no more messages until \
-         the broker restarts and recovers its log"
+        "{0}; the store takes no more messages until the broker restarts and recovers its log"
     )]
     WriteBackFailed(String),
 }
@@ -953,14 +952,21 @@ impl MessageStore {
             }
             for (_, entries) in staged.iter() {
                 for (cq, r, tags_code) in entries {
-                    cq.put(
-                        r.queue_offset,
-                        CqEntry {
-                            offset: r.physical_offset,
-                            size: r.size,
-                            tags_code: *tags_code,
-                        },
-                    )?;
+                    let entry = CqEntry {
+                        offset: r.physical_offset,
+                        size: r.size,
+                        tags_code: *tags_code,
+                    };
+                    // The log holds the messages now, with their queue offsets: going on would
+                    // hand those offsets out again. Recovery from the last checkpoint, which
+                    // counts none of this, rebuilds the queues from the log.
+                    cq.put(r.queue_offset, entry).map_err(|e| {
+                        self.commitlog.stop_writes(format!(
+                            "writing consume queue {}/{} failed after the commit log took its \
+                             message ({e})",
+                            cq.topic, cq.queue_id
+                        ))
+                    })?;
                 }
             }
             let end = at + buf.len() as u64;

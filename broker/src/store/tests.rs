@@ -176,6 +176,59 @@ fn a_full_disk_refuses_appends_until_space_is_freed() {
 }
 
 #[test]
+fn a_queue_write_failing_after_the_log_took_the_message_stops_the_store_until_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    fill(&store, 10);
+    store.queue("T", 0).unwrap().break_writes();
+    // Queue entries are written out in blocks: sends go on until one fills.
+    let mut sent = 10;
+    let why = loop {
+        let end = store.commitlog().max_offset();
+        match store.append(&[msg("T", 0, sent, "A")]) {
+            Ok(_) => sent += 1,
+            Err(StoreError::WriteBackFailed(why)) => {
+                assert!(
+                    store.commitlog().max_offset() > end,
+                    "the failing send's message should be in the log"
+                );
+                break why;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert!(sent < 1_000, "the broken queue was never written");
+    };
+    assert!(why.contains("consume queue T/0"), "{why}");
+    // No other queue takes a message either: the log and the queues would drift apart.
+    let end = store.commitlog().max_offset();
+    assert!(matches!(
+        store.append(&[msg("T", 1, 0, "A")]),
+        Err(StoreError::WriteBackFailed(_))
+    ));
+    assert_eq!(store.commitlog().max_offset(), end);
+    store.shutdown();
+    drop(store);
+    // The restart recovers from the last checkpoint: every message the log holds is in its
+    // queue once, the unacknowledged one too, and no queue offset is handed out twice.
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
+    let q0 = (0..10).filter(|i| i % 2 == 0).count() as u64 + (sent + 1 - 10);
+    assert_eq!(store.queue("T", 0).unwrap().max_offset(), q0);
+    let got = store.get("T", 0, 0, 10_000, usize::MAX, |_| true).unwrap();
+    let msgs = crate::client::decode_messages(&got.body).unwrap();
+    assert_eq!(msgs.len() as u64, q0);
+    for (i, m) in msgs.iter().enumerate() {
+        assert_eq!(m.queue_offset, i as i64);
+    }
+    assert_eq!(
+        &msgs.last().unwrap().body[..8],
+        format!("{sent:08}").as_bytes()
+    );
+    let next = store.append(&[msg("T", 0, 0, "A")]).unwrap();
+    assert_eq!(next[0].queue_offset, q0);
+    store.shutdown();
+}
+
+#[test]
 fn clean_restart_keeps_everything_without_a_scan() {
     let dir = tempfile::tempdir().unwrap();
     let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
