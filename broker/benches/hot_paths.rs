@@ -116,7 +116,6 @@ fn store_config(root: &std::path::Path) -> StoreConfig {
         flush_least_pages: 4,
         flush_thorough_interval_ms: 10_000,
         sync_flush_timeout_ms: 5_000,
-        file_reserved_hours: 72,
         store_host: SocketAddr::from(([127, 0, 0, 1], 10_911)),
         prepare_ahead: true,
         delay_levels_ms: broker::store::message::DELAY_LEVELS_MS.into(),

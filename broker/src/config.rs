@@ -227,6 +227,9 @@ pub struct BrokerConfig {
     /// `storeReplyMessageEnable`: whether replies to request messages are also stored in the
     /// cluster's reply topic, beside being pushed to the requester (Java: true).
     pub store_reply_message: bool,
+    /// The broker.conf these settings were read from (not a setting): changes made while the
+    /// broker runs are saved there, so a restart keeps them.
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -277,6 +280,7 @@ impl Default for BrokerConfig {
             transaction_check_interval_ms: 60_000,
             message_index: true,
             store_reply_message: true,
+            config_file: None,
             timer: Default::default(),
             index_size: Default::default(),
             property_filter: false,
@@ -304,6 +308,31 @@ fn boolean(key: &str, v: &str) -> Result<bool, ConfigError> {
     }
 }
 
+/// The settings UPDATE_BROKER_CONFIG (`mqadmin updateBrokerConfig`) may change while the
+/// broker runs: each is read where it is used. The others are read once, at start.
+pub const LIVE_SETTINGS: &[&str] = &[
+    "brokerPermission",
+    "namesrvAddr",
+    "maxMessageSize",
+    "autoCreateTopicEnable",
+    "defaultTopicQueueNums",
+    "fileReservedTime",
+    "deleteWhen",
+    "diskMaxUsedSpaceRatio",
+    "longPollingEnable",
+    "shortPollingTimeMills",
+    "slaveReadEnable",
+    "accessMessageInMemoryMaxRatio",
+    "transactionTimeOut",
+    "transactionCheckMax",
+    "transactionCheckInterval",
+    "enablePropertyFilter",
+    "storeReplyMessageEnable",
+    "timerWheelEnable",
+    "timerPrecisionMs",
+    "timerMaxDelaySec",
+];
+
 /// Splits a `namesrvAddr` value (`host:port;host:port`).
 pub fn split_namesrv(v: &str) -> Vec<String> {
     v.split(';')
@@ -315,7 +344,7 @@ pub fn split_namesrv(v: &str) -> Vec<String> {
 
 /// The setting a broker.conf key names, so a setting given under two of its names is refused
 /// like one given twice: RocketMQ 4.x calls `haMaxGapNotInSync` `haSlaveFallbehindMax`.
-fn setting(key: &str) -> &str {
+pub(crate) fn setting(key: &str) -> &str {
     match key {
         "haSlaveFallbehindMax" => "haMaxGapNotInSync",
         other => other,
@@ -643,7 +672,70 @@ impl BrokerConfig {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        BrokerConfig::parse(&text)
+        let mut c = BrokerConfig::parse(&text)?;
+        c.config_file = Some(path.to_path_buf());
+        Ok(c)
+    }
+
+    /// These settings with `updates` (broker.conf lines, as UPDATE_BROKER_CONFIG carries them)
+    /// applied and checked as broker.conf is, with the settings that changed (each under its
+    /// broker.conf key, with its new value). A change to a setting read only at start is
+    /// refused: it would seem to take and do nothing.
+    pub fn updated(
+        &self,
+        updates: &str,
+    ) -> Result<(BrokerConfig, Vec<(String, String)>), ConfigError> {
+        let updates = parse_properties(updates)?;
+        if updates.is_empty() {
+            return Err(ConfigError::Inconsistent("no setting to change".into()));
+        }
+        let mut lines: Vec<(String, String)> = parse_properties(&self.to_properties())?
+            .into_iter()
+            .map(|(k, v, _)| (k, v))
+            .collect();
+        let restart_only = |key: &str| {
+            ConfigError::Inconsistent(format!(
+                "`{key}` is read only when the broker starts: change it in broker.conf and \
+                 restart the broker (settings that can change while it runs: {})",
+                LIVE_SETTINGS.join(", ")
+            ))
+        };
+        for (key, value, line) in &updates {
+            let name = setting(key);
+            match lines.iter_mut().find(|(k, _)| k == name) {
+                // Said first: checking the whole would often fail on it another way.
+                Some(l) if l.1 != *value && !LIVE_SETTINGS.contains(&name) => {
+                    return Err(restart_only(name))
+                }
+                Some(l) => l.1.clone_from(value),
+                // Settings without a default value (haMasterAddress) are not listed.
+                None if name == "haMasterAddress" => lines.push((name.into(), value.clone())),
+                None => {
+                    return Err(ConfigError::UnknownKey {
+                        key: key.clone(),
+                        line: *line,
+                    })
+                }
+            }
+        }
+        let text: String = lines.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        let mut next = BrokerConfig::parse(&text)?;
+        // What broker.conf lines do not carry.
+        next.ha_auth_token.clone_from(&self.ha_auth_token);
+        next.config_file.clone_from(&self.config_file);
+        let before = parse_properties(&self.to_properties())?;
+        let changed: Vec<(String, String)> = parse_properties(&next.to_properties())?
+            .into_iter()
+            .filter(|(k, v, _)| !before.iter().any(|(bk, bv, _)| bk == k && bv == v))
+            .map(|(k, v, _)| (k, v))
+            .collect();
+        if let Some((key, _)) = changed
+            .iter()
+            .find(|(k, _)| !LIVE_SETTINGS.contains(&k.as_str()))
+        {
+            return Err(restart_only(key));
+        }
+        Ok((next, changed))
     }
 
     /// The time between registrations: `registerNameServerPeriod`, but at least a second.
@@ -1118,6 +1210,60 @@ mod tests {
         assert!(matches!(
             BrokerConfig::parse("just words"),
             Err(ConfigError::Syntax { line: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn the_readme_marks_the_settings_that_change_while_the_broker_runs() {
+        let readme = include_str!("../../README.md");
+        let mut marked: Vec<&str> = readme
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `")?.split_once("` ✎ |"))
+            .map(|(k, _)| k)
+            .collect();
+        marked.sort_unstable();
+        let mut live = LIVE_SETTINGS.to_vec();
+        live.sort_unstable();
+        assert_eq!(marked, live);
+    }
+
+    #[test]
+    fn an_update_changes_live_settings_and_refuses_the_others() {
+        let c = BrokerConfig {
+            ha_auth_token: Some("secret".into()),
+            ..BrokerConfig::default()
+        };
+        let (next, changed) = c
+            .updated("fileReservedTime = 24\ndeleteWhen=01;13\n")
+            .unwrap();
+        assert_eq!(next.file_reserved_hours, 24);
+        assert_eq!(next.delete_when_hours, vec![1, 13]);
+        assert_eq!(
+            next.ha_auth_token.as_deref(),
+            Some("secret"),
+            "kept, though not listed"
+        );
+        assert_eq!(
+            changed,
+            vec![
+                ("fileReservedTime".to_string(), "24".to_string()),
+                ("deleteWhen".to_string(), "1;13".to_string())
+            ]
+        );
+        // The same value again changes nothing; a start-only setting given as it is passes.
+        let (_, changed) = next
+            .updated("fileReservedTime=24\nbrokerRole=ASYNC_MASTER")
+            .unwrap();
+        assert!(changed.is_empty());
+        // A start-only setting under its other name is still that setting.
+        let refused = c.updated("haSlaveFallbehindMax=1").unwrap_err().to_string();
+        assert!(
+            refused.contains("`haMaxGapNotInSync` is read only when the broker starts"),
+            "{refused}"
+        );
+        assert!(matches!(
+            c.updated("fileReservedTime=1\nbogus=2"),
+            Err(ConfigError::UnknownKey { line: 2, .. })
         ));
     }
 }

@@ -596,6 +596,57 @@ async fn mqadmin_commands_work_against_a_cluster() -> Result<(), Error> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn settings_changed_with_mqadmin_take_effect_and_outlive_a_restart() -> Result<(), Error> {
+    let mut c = cluster(1, &[], 120_000)?;
+    topic(&c, "LiveT", 1).await?;
+    mqadmin(&c, &["produce", "-t", "LiveT", "-c", "1"])?;
+    let out = mqadmin(
+        &c,
+        &[
+            "updateBrokerConfig",
+            "-c",
+            "TestCluster",
+            "-k",
+            "maxMessageSize",
+            "-v",
+            "16",
+        ],
+    )?;
+    assert!(
+        out.contains(&format!("update broker config success, {}", c.broker.addr)),
+        "{out}"
+    );
+    // Bodies larger than 16 bytes are refused now (the produce command's are 128).
+    assert!(mqadmin(&c, &["produce", "-t", "LiveT", "-c", "1"]).is_err());
+    let refused = mqadmin(
+        &c,
+        &[
+            "updateBrokerConfig",
+            "-b",
+            &c.broker.addr,
+            "-k",
+            "brokerRole",
+            "-v",
+            "SLAVE",
+        ],
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(
+        refused.contains("read only when the broker starts"),
+        "{refused}"
+    );
+    // Saved: the restarted process reads it from its broker.conf.
+    c.broker.stop()?;
+    c.broker.restart()?;
+    let settings = mqadmin(&c, &["getBrokerConfig", "-b", &c.broker.addr])?;
+    assert!(settings.contains("maxMessageSize=16\n"), "{settings}");
+    assert!(settings.contains("brokerRole=ASYNC_MASTER\n"), "{settings}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_bench_whose_every_send_fails_exits_with_an_error() -> Result<(), Error> {
     let c = cluster(1, &[], 120_000)?;
     // Readable, not writable: every send is refused.

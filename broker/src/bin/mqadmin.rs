@@ -92,6 +92,31 @@ enum Cmd {
         #[arg(short = 'b', long)]
         broker: String,
     },
+    /// Change a setting of running brokers (one of those README's broker.conf table marks as
+    /// changeable while the broker runs); each saves it to its broker.conf.
+    #[command(name = "updateBrokerConfig")]
+    UpdateBrokerConfig {
+        /// Broker address.
+        #[arg(
+            short = 'b',
+            long,
+            required_unless_present = "cluster",
+            conflicts_with = "cluster"
+        )]
+        broker: Option<String>,
+        /// Every master of this cluster (with -a, its slaves too).
+        #[arg(short = 'c', long)]
+        cluster: Option<String>,
+        /// With -c: slaves as well.
+        #[arg(short = 'a', long = "all", requires = "cluster")]
+        all: bool,
+        /// Setting, as broker.conf names it.
+        #[arg(short = 'k', long)]
+        key: String,
+        /// New value.
+        #[arg(short = 'v', long)]
+        value: String,
+    },
     /// List every topic.
     #[command(name = "topicList")]
     TopicList,
@@ -333,6 +358,13 @@ async fn run(args: Args) -> ExitCode {
                 .await
                 .map(|resp| print!("{}", String::from_utf8_lossy(&resp.body)))
         }
+        Cmd::UpdateBrokerConfig {
+            broker,
+            cluster,
+            all,
+            key,
+            value,
+        } => update_broker_config(&client, broker, cluster, all, &key, &value).await,
         Cmd::TopicList => client.topic_list().await.map(|l| {
             for t in l.topic_list {
                 println!("{t}");
@@ -427,6 +459,74 @@ async fn masters(
         }
     }
     Ok(out)
+}
+
+/// Sends one setting to a broker, or to each broker of a cluster (masters; with `all`,
+/// slaves too), going on past a broker that refuses it; any refusal fails the command.
+async fn update_broker_config(
+    client: &Client,
+    broker: Option<String>,
+    cluster: Option<String>,
+    all: bool,
+    key: &str,
+    value: &str,
+) -> Result<(), ClientError> {
+    if key.trim().is_empty() || key.contains(['=', ':', '\n']) || value.contains('\n') {
+        return Err(ClientError::BadResponse {
+            addr: "input".into(),
+            detail: "-k names one setting (no '=', ':' or line break) and -v is one line".into(),
+        });
+    }
+    let targets: Vec<String> = match (broker, cluster) {
+        (Some(b), _) => vec![b],
+        (None, Some(c)) => {
+            let info = client.cluster_info().await?;
+            let targets: Vec<String> = info
+                .broker_addr_table
+                .values()
+                .filter(|bd| bd.cluster == c)
+                .flat_map(|bd| {
+                    bd.broker_addrs
+                        .iter()
+                        .filter(|(id, _)| all || **id == 0)
+                        .map(|(_, a)| a.clone())
+                })
+                .collect();
+            if targets.is_empty() {
+                return Err(ClientError::BadResponse {
+                    addr: client.namesrv().join(";"),
+                    detail: format!("no broker of cluster {c} is registered (check -n and -c)"),
+                });
+            }
+            targets
+        }
+        (None, None) => {
+            return Err(ClientError::BadResponse {
+                addr: "input".into(),
+                detail: "give a broker (-b ADDR) or a cluster (-c NAME)".into(),
+            })
+        }
+    };
+    let body = format!("{key}={value}\n");
+    let mut failed = None;
+    for addr in &targets {
+        let req =
+            RemotingCommand::request(RequestCode::UpdateBrokerConfig.code(), Default::default())
+                .with_body(body.clone().into_bytes());
+        match client.call_ok(addr, req).await {
+            Ok(resp) => {
+                println!("update broker config success, {addr}");
+                if let Some(warning) = resp.remark.filter(|r| !r.is_empty()) {
+                    eprintln!("warning: {addr}: {warning}");
+                }
+            }
+            Err(e) => {
+                eprintln!("update broker config failed, {addr}: {e}");
+                failed = Some(e);
+            }
+        }
+    }
+    failed.map_or(Ok(()), Err)
 }
 
 async fn update_topic(

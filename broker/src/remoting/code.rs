@@ -24,6 +24,9 @@ pub enum RequestCode {
     GetMaxOffset = 30,
     /// Lowest queue offset still stored of a queue.
     GetMinOffset = 31,
+    /// Changes settings of a running broker, sent as properties text (`mqadmin
+    /// updateBrokerConfig`).
+    UpdateBrokerConfig = 25,
     /// The broker's settings as properties text (`mqadmin getBrokerConfig`).
     GetBrokerConfig = 26,
     /// Store time of a queue's oldest message (Java's `earliestMsgStoreTime`).
@@ -130,6 +133,7 @@ impl RequestCode {
         Self::SearchOffsetByTimestamp,
         Self::GetMaxOffset,
         Self::GetMinOffset,
+        Self::UpdateBrokerConfig,
         Self::GetBrokerConfig,
         Self::GetEarliestMsgStoretime,
         Self::CheckClientConfig,

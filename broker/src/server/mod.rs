@@ -8,6 +8,7 @@ mod rates;
 pub mod relay;
 pub mod schedule;
 mod send;
+mod settings;
 mod stats;
 #[cfg(test)]
 mod tests;
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -79,7 +81,11 @@ struct SlaveLabel {
 
 /// A broker: its configuration, store and client registry.
 pub struct Broker {
-    cfg: BrokerConfig,
+    /// The settings in effect: those read at start, and the live ones as UPDATE_BROKER_CONFIG
+    /// last set them (see [`crate::config::LIVE_SETTINGS`]).
+    cfg: ArcSwap<BrokerConfig>,
+    /// Held while a settings update is made and saved, so two do not lose each other's.
+    updating_cfg: tokio::sync::Mutex<()>,
     store: Arc<MessageStore>,
     consumers: clients::ConsumerRegistry,
     /// SQL92 subscriptions' selectors, parsed once.
@@ -124,8 +130,13 @@ const MASTER_SEEN_FRESH: Duration = Duration::from_secs(5);
 type ErrorResponder = Box<dyn FnOnce(&RemotingCommand) -> RemotingCommand + Send>;
 
 impl Broker {
+    /// The settings in effect now. Cheap; a caller that reads several takes it once.
+    fn cfg(&self) -> arc_swap::Guard<Arc<BrokerConfig>> {
+        self.cfg.load()
+    }
+
     fn is_master(&self) -> bool {
-        self.cfg.role != BrokerRole::Slave
+        self.cfg().role != BrokerRole::Slave
     }
 
     /// Slaves: whether the master answered lately, so a consumer sent to it will be served.
@@ -169,19 +180,20 @@ impl Broker {
             .topics
             .get(&template)
             .filter(|t| t.perm & PERM_INHERIT != 0);
-        let Some(tmpl) = tmpl.filter(|_| self.cfg.auto_create_topic) else {
+        let Some(tmpl) = tmpl.filter(|_| self.cfg().auto_create_topic) else {
             return Err(err_responder(
                 ResponseCode::TopicNotExist,
                 format!(
                     "topic[{}] not exist, apply first please! (autoCreateTopicEnable={})",
-                    h.topic, self.cfg.auto_create_topic
+                    h.topic,
+                    self.cfg().auto_create_topic
                 ),
             ));
         };
         let queues = h
             .default_topic_queue_nums
             .filter(|n| *n > 0)
-            .unwrap_or(self.cfg.default_topic_queue_nums)
+            .unwrap_or(self.cfg().default_topic_queue_nums)
             .min(tmpl.write_queue_nums);
         self.ensure_topic(&h.topic, queues, PERM_READ | PERM_WRITE)
             .map_err(|e| err_responder(ResponseCode::SystemError, e.to_string()))
@@ -269,7 +281,7 @@ impl Broker {
         // Retry and dead-letter topics may go (clearing a DLQ); the broker's own may not.
         let consumer_topic = h.topic.starts_with("%RETRY%") || h.topic.starts_with("%DLQ%");
         let system = crate::store::topics::is_system_topic(&h.topic)
-            || h.topic == relay::reply_topic(&self.cfg.cluster_name);
+            || h.topic == relay::reply_topic(&self.cfg().cluster_name);
         if system && !consumer_topic {
             return req.error_to(
                 ResponseCode::SystemError,
@@ -414,7 +426,7 @@ impl Broker {
             RequestCode::DeleteTopicInBroker => self.delete_topic(req),
             RequestCode::GetBrokerConfig => req
                 .response_to(ResponseCode::Success)
-                .with_body(self.cfg.to_properties().into_bytes()),
+                .with_body(self.cfg().to_properties().into_bytes()),
             RequestCode::UpdateAndCreateTopic if !self.is_master() => req.error_to(
                 ResponseCode::NoPermission,
                 "this broker is a slave: create topics on its master, slaves copy them",
@@ -431,7 +443,7 @@ impl Broker {
                                 "TBW102 is a system topic and cannot be changed",
                             );
                         }
-                        if h.topic == relay::reply_topic(&self.cfg.cluster_name) {
+                        if h.topic == relay::reply_topic(&self.cfg().cluster_name) {
                             return req.error_to(
                                 ResponseCode::SystemError,
                                 format!("The topic[{}] is conflict with system topic.", h.topic),
@@ -529,9 +541,15 @@ impl Broker {
         // send elsewhere, whatever way they send (a refused send is retried elsewhere only by
         // synchronous sends).
         let unwritable = self.store.commitlog().write_back_failure().is_some();
-        if self.write_wiped() || self.cfg.permission & PERM_WRITE == 0 || unwritable {
+        let mut perm = self.cfg().permission;
+        if self.write_wiped() || unwritable {
+            perm &= !PERM_WRITE;
+        }
+        // As Java's: a broker that is not both readable and writable lends its topics only
+        // what it allows.
+        if perm & (PERM_READ | PERM_WRITE) != PERM_READ | PERM_WRITE {
             for t in table.values_mut() {
-                t.perm &= !PERM_WRITE;
+                t.perm &= perm;
             }
             // A name server takes a broker's topics again only when their data version
             // changes (Java's does so): the same table without write permission is another.
@@ -546,12 +564,12 @@ impl Broker {
         };
         let body = to_json(&body);
         let h = RegisterBrokerRequestHeader {
-            broker_name: self.cfg.broker_name.clone(),
-            broker_addr: self.cfg.broker_addr(),
-            cluster_name: self.cfg.cluster_name.clone(),
-            ha_server_addr: Some(self.cfg.ha_addr()),
-            broker_id: self.cfg.broker_id,
-            heartbeat_timeout_millis: Some(self.cfg.heartbeat_timeout_ms as i64),
+            broker_name: self.cfg().broker_name.clone(),
+            broker_addr: self.cfg().broker_addr(),
+            cluster_name: self.cfg().cluster_name.clone(),
+            ha_server_addr: Some(self.cfg().ha_addr()),
+            broker_id: self.cfg().broker_id,
+            heartbeat_timeout_millis: Some(self.cfg().heartbeat_timeout_ms as i64),
             compressed: false,
             body_crc32: Some(crate::store::message::body_crc(&body)),
         };
@@ -566,7 +584,7 @@ impl Broker {
     /// period).
     async fn register_all(&self) -> (Vec<String>, bool) {
         let req = self.registration();
-        let addrs = resolve_all(&self.cfg.namesrv_addrs).await;
+        let addrs = resolve_all(&self.cfg().namesrv_addrs).await;
         let calls = addrs
             .iter()
             .map(|addr| self.pool.call_ok(addr, req.clone(), Duration::from_secs(6)));
@@ -577,7 +595,7 @@ impl Broker {
                 Ok(resp) => {
                     tracing::debug!(namesrv = %addr, "registered");
                     accepted.push(addr.clone());
-                    if self.cfg.role == BrokerRole::Slave {
+                    if self.cfg().role == BrokerRole::Slave {
                         self.learn_master(&resp);
                     }
                 }
@@ -590,7 +608,7 @@ impl Broker {
                 Err(e) => tracing::warn!(namesrv = %addr, error = %e, "registration failed"),
             }
         }
-        let unheard = accepted.is_empty() && !refused && !self.cfg.namesrv_addrs.is_empty();
+        let unheard = accepted.is_empty() && !refused && !self.cfg().namesrv_addrs.is_empty();
         self.health
             .ready
             .store(!refused && !unheard, Ordering::Release);
@@ -606,7 +624,7 @@ impl Broker {
         if master.is_some() {
             *self.master_addr.lock().unwrap_or_else(|p| p.into_inner()) = master;
         }
-        if self.cfg.ha_master_address.is_none() {
+        if self.cfg().ha_master_address.is_none() {
             let ha = h.ha_server_addr.filter(|a| !a.is_empty());
             // A master that vanished from the name servers keeps its last known address:
             // the follower keeps retrying it until another one is announced.
@@ -721,10 +739,16 @@ impl Broker {
     pub fn runtime_info(&self) -> RuntimeInfo {
         let mut t = BTreeMap::new();
         let log = self.store.commitlog();
-        t.insert("brokerName".to_string(), self.cfg.broker_name.clone());
-        t.insert("brokerId".to_string(), self.cfg.broker_id.to_string());
-        t.insert("brokerRole".to_string(), self.cfg.role.as_str().to_string());
-        t.insert("flushDiskType".to_string(), format!("{:?}", self.cfg.flush));
+        t.insert("brokerName".to_string(), self.cfg().broker_name.clone());
+        t.insert("brokerId".to_string(), self.cfg().broker_id.to_string());
+        t.insert(
+            "brokerRole".to_string(),
+            self.cfg().role.as_str().to_string(),
+        );
+        t.insert(
+            "flushDiskType".to_string(),
+            format!("{:?}", self.cfg().flush),
+        );
         t.insert(
             "commitLogMinOffset".to_string(),
             log.min_offset().to_string(),
@@ -795,13 +819,13 @@ impl Broker {
 
     async fn unregister_all(&self) {
         let h = UnregisterBrokerRequestHeader {
-            broker_name: self.cfg.broker_name.clone(),
-            broker_addr: self.cfg.broker_addr(),
-            cluster_name: self.cfg.cluster_name.clone(),
-            broker_id: self.cfg.broker_id,
+            broker_name: self.cfg().broker_name.clone(),
+            broker_addr: self.cfg().broker_addr(),
+            cluster_name: self.cfg().cluster_name.clone(),
+            broker_id: self.cfg().broker_id,
         };
         let req = RemotingCommand::request(RequestCode::UnregisterBroker.code(), h.to_ext());
-        for addr in resolve_all(&self.cfg.namesrv_addrs).await {
+        for addr in resolve_all(&self.cfg().namesrv_addrs).await {
             if let Err(e) = self
                 .pool
                 .call_ok(&addr, req.clone(), Duration::from_secs(3))
@@ -889,6 +913,7 @@ impl Processor for Broker {
             RequestCode::CheckClientConfig => self.check_client_config(&req),
             RequestCode::SearchOffsetByTimestamp => self.search_offset(&req),
             RequestCode::QueryMessage => self.query_message(&req).await,
+            RequestCode::UpdateBrokerConfig => self.update_config(&req).await,
             RequestCode::GetTopicStatsInfo => self.topic_stats(&req),
             RequestCode::GetConsumeStats => self.consume_stats(&req),
             RequestCode::HeartBeat => self.heartbeat(&req, peer),
@@ -1045,7 +1070,6 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         flush_least_pages: cfg.flush_least_pages,
         flush_thorough_interval_ms: cfg.flush_thorough_interval_ms,
         sync_flush_timeout_ms: cfg.sync_flush_timeout_ms,
-        file_reserved_hours: cfg.file_reserved_hours,
         store_host: SocketAddr::new(ip, cfg.listen_port),
         prepare_ahead: cfg.prepares_ahead(),
         delay_levels_ms: cfg.delay_levels_ms.clone().into(),
@@ -1202,7 +1226,8 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     );
 
     let broker = Arc::new(Broker {
-        cfg: cfg.clone(),
+        cfg: ArcSwap::from_pointee(cfg.clone()),
+        updating_cfg: tokio::sync::Mutex::new(()),
         store,
         consumers: clients::ConsumerRegistry::default(),
         selectors: Default::default(),
@@ -1311,7 +1336,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     let b = broker.clone();
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
-        let period = b.cfg.register_period();
+        let period = b.cfg().register_period();
         loop {
             let next = tokio::time::Instant::now()
                 + if unheard {
@@ -1389,7 +1414,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
                 let was_full = b.store.disk_full().is_some();
                 match b.store.measure_disk() {
                     Ok(used) => {
-                        disk_over = used * 100.0 > f64::from(b.cfg.disk_max_used_percent);
+                        disk_over = used * 100.0 > f64::from(b.cfg().disk_max_used_percent);
                         match (was_full, b.store.disk_full()) {
                             (false, Some(_)) => tracing::error!(used = format!("{:.1}%", used * 100.0), "the store's disk is full: messages are refused until space is freed"),
                             (true, None) => tracing::warn!(used = format!("{:.1}%", used * 100.0), "the store's disk has room again: messages are taken"),
@@ -1403,14 +1428,15 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             // Segments are deleted in the deleteWhen hour, or whenever the disk is fuller
             // than diskMaxUsedSpaceRatio; a queue-minimum correction that failed then is
             // tried again every minute.
-            let deleting = retention_hour(&b.cfg.delete_when_hours) || disk_over;
+            let deleting = retention_hour(&b.cfg().delete_when_hours) || disk_over;
             if last_retention.elapsed() >= Duration::from_secs(60)
                 && (deleting || b.store.queue_minimums_behind())
             {
                 last_retention = std::time::Instant::now();
                 let s = b.store.clone();
+                let reserved = Duration::from_secs(b.cfg().file_reserved_hours.saturating_mul(3600));
                 let run = move || match deleting {
-                    true => s.delete_expired(),
+                    true => s.delete_expired(reserved),
                     false => s.correct_queue_minimums(),
                 };
                 match tokio::task::spawn_blocking(run).await {
@@ -1429,8 +1455,9 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         if !b.is_master() {
             return;
         }
-        let every = Duration::from_millis(b.cfg.transaction_check_interval_ms);
         loop {
+            // Read each time: it may change while the broker runs.
+            let every = Duration::from_millis(b.cfg().transaction_check_interval_ms);
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
@@ -1466,12 +1493,12 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             if let Err(e) = b.scheduler.deliver_due(&b.store).await {
                 tracing::error!(error = %e, "delayed delivery failed");
             }
-            if b.cfg.timer.enabled {
+            if b.cfg().timer.enabled {
                 let pass = timer::Pass {
-                    cfg: b.cfg.timer,
+                    cfg: b.cfg().timer,
                     // Half the retention (at least 10 minutes): a waiting message's copy is
                     // never older than that, so retention never takes it first.
-                    roll_after_ms: (b.cfg.file_reserved_hours.saturating_mul(1_800_000) as i64)
+                    roll_after_ms: (b.cfg().file_reserved_hours.saturating_mul(1_800_000) as i64)
                         .max(600_000),
                 };
                 if let Err(e) = b.timers.deliver_due(&b.store, pass).await {

@@ -47,12 +47,12 @@ impl Broker {
             Ok(h) => h,
             Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
         };
-        if self.cfg.permission & PERM_READ == 0 {
+        if self.cfg().permission & PERM_READ == 0 {
             return req.error_to(
                 ResponseCode::NoPermission,
                 format!(
                     "the broker[{}] pulling message is forbidden",
-                    self.cfg.broker_addr()
+                    self.cfg().broker_addr()
                 ),
             );
         }
@@ -63,7 +63,7 @@ impl Broker {
                 format!("subscription group no permission, {}", h.consumer_group),
             );
         }
-        if !self.is_master() && !self.cfg.slave_read_enable {
+        if !self.is_master() && !self.cfg().slave_read_enable {
             // Reads from slaves are off: send the consumer back to the master.
             let mut resp = req.response_to(ResponseCode::PullRetryImmediately);
             resp.ext_fields = PullMessageResponseHeader {
@@ -169,13 +169,13 @@ impl Broker {
         let first = offset;
         let suspend = if h.sys_flag & PULL_SUSPEND == 0 {
             Duration::ZERO
-        } else if self.cfg.long_polling {
+        } else if self.cfg().long_polling {
             Duration::from_millis(h.suspend_timeout_millis.unwrap_or(15_000).max(0) as u64)
                 .min(MAX_SUSPEND)
         } else {
             // Clients pull again at once after "nothing new": without long polling they are
             // still held a short while, or every idle queue would be a busy loop.
-            self.cfg.short_polling.min(MAX_SUSPEND)
+            self.cfg().short_polling.min(MAX_SUSPEND)
         };
         // A slave may be behind its master. While the master answers, a consumer asking for
         // what the slave lacks is sent there at once (as Java's slave does); with no master to
@@ -352,7 +352,7 @@ impl Broker {
     /// is probably no longer in memory is sent to a slave (RocketMQ's slave reads), everyone
     /// else to the master.
     fn suggest_broker(&self, lag_bytes: u64) -> i64 {
-        if !self.cfg.slave_read_enable {
+        if !self.cfg().slave_read_enable {
             return 0;
         }
         if self.in_memory(lag_bytes) {
@@ -372,14 +372,14 @@ impl Broker {
                 i64::from(r.all_slaves_hold(next))
             }
             // A slave keeps a lagging consumer.
-            None => self.cfg.broker_id,
+            None => self.cfg().broker_id,
         }
     }
 
     /// Whether data `lag_bytes` behind the commit log's end is probably still in memory
     /// (`accessMessageInMemoryMaxRatio` of the machine's memory, as Java reckons it).
     fn in_memory(&self, lag_bytes: u64) -> bool {
-        lag_bytes <= self.total_memory / 100 * self.cfg.access_message_in_memory_max_ratio
+        lag_bytes <= self.total_memory / 100 * self.cfg().access_message_in_memory_max_ratio
     }
 
     /// Handles QUERY_CONSUMER_OFFSET.
@@ -599,7 +599,7 @@ impl Broker {
                 tags: TagFilter::parse(expression),
                 sql: None,
             }),
-            Some(t) if !self.cfg.property_filter || !t.eq_ignore_ascii_case("SQL92") => Err((
+            Some(t) if !self.cfg().property_filter || !t.eq_ignore_ascii_case("SQL92") => Err((
                 ResponseCode::SystemError,
                 format!("The broker does not support consumer to filter message by {t}"),
             )),

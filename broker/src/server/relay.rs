@@ -49,13 +49,20 @@ impl Broker {
     /// once. The answer's code is the push's, as Java's: SUCCESS once the requester took the
     /// reply; a failed store is logged only.
     pub(super) async fn reply(&self, req: &RemotingCommand, peer: &Peer) -> RemotingCommand {
+        let (admitted, too_large) = {
+            let cfg = self.cfg();
+            (
+                self.admit_send(req, &cfg),
+                super::send::refuse_body(req, req.body.len(), &cfg),
+            )
+        };
         let Admitted {
             mut h, queue_id, ..
-        } = match self.admit_send(req) {
+        } = match admitted {
             Ok(a) => a,
             Err(refused) => return *refused,
         };
-        if let Some(refused) = self.refuse_body(req, req.body.len()) {
+        if let Some(refused) = too_large {
             return refused;
         }
         let properties = h.properties.take().unwrap_or_default();
@@ -127,7 +134,7 @@ impl Broker {
             }
         };
         let storing = async {
-            if !self.cfg.store_reply_message {
+            if !self.cfg().store_reply_message {
                 return None;
             }
             match self.put(vec![msg], peer.others_in_flight()).await {
@@ -202,7 +209,8 @@ impl Broker {
                 Ok(raw) => call.body = raw,
                 Err(remark) => return req.error_to(ResponseCode::SystemError, remark),
             }
-            call.ext_fields.insert("brokerName", &self.cfg.broker_name);
+            call.ext_fields
+                .insert("brokerName", &self.cfg().broker_name);
         }
         relay(req, &client.link, call, group, id).await
     }

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use crate::config::BrokerRole;
+use crate::config::{BrokerConfig, BrokerRole};
 use crate::remoting::connection::Peer;
 use crate::remoting::event_loop::StayAwake;
 use crate::remoting::header::{
@@ -99,6 +99,23 @@ fn msgs_wait(msgs: &[NewMessage]) -> bool {
     })
 }
 
+/// The answer to a message whose body is larger than `maxMessageSize`.
+pub(super) fn refuse_body(
+    req: &RemotingCommand,
+    len: usize,
+    cfg: &BrokerConfig,
+) -> Option<RemotingCommand> {
+    (len as u64 > cfg.max_message_size).then(|| {
+        req.error_to(
+            ResponseCode::MessageIllegal,
+            format!(
+                "message body of {len} bytes exceeds maxMessageSize {}",
+                cfg.max_message_size
+            ),
+        )
+    })
+}
+
 fn store_error_response(req: &RemotingCommand, e: &StoreError) -> RemotingCommand {
     match e {
         StoreError::MessageTooLarge { .. } | StoreError::PropertiesTooLong { .. } => {
@@ -117,11 +134,13 @@ impl Broker {
     /// Handles the three send requests.
     pub(super) async fn send(&self, req: &RemotingCommand, peer: &Peer) -> RemotingCommand {
         let born = peer.addr;
+        // One read of the settings for the whole send (they may change while it runs).
+        let cfg = self.cfg();
         let Admitted {
             mut h,
             dead_letter,
             queue_id,
-        } = match self.admit_send(req) {
+        } = match self.admit_send(req, &cfg) {
             Ok(a) => a,
             Err(refused) => return *refused,
         };
@@ -150,7 +169,7 @@ impl Broker {
         };
         if let Some(refused) = items
             .iter()
-            .find_map(|(_, b, _)| self.refuse_body(req, b.len()))
+            .find_map(|(_, b, _)| refuse_body(req, b.len(), &cfg))
         {
             return refused;
         }
@@ -172,7 +191,7 @@ impl Broker {
                 // A transaction's message is delayed by nothing but its transaction (Java's
                 // producer clears the delay; the broker ignores one). A timer runs from the
                 // commit; it is checked now.
-                timer::timing_now(&m.properties, &self.cfg.timer)?;
+                timer::timing_now(&m.properties, &cfg.timer)?;
                 return Ok(transaction::half(m));
             }
             match schedule::requested_level(&m.properties) {
@@ -187,7 +206,7 @@ impl Broker {
                         &self.store.config().delay_levels_ms,
                     ))
                 }
-                _ => match timer::timing_now(&m.properties, &self.cfg.timer)? {
+                _ => match timer::timing_now(&m.properties, &cfg.timer)? {
                     Timing::At(at) => Ok(timer::wrap(m, at)),
                     Timing::Now | Timing::None => Ok(m),
                 },
@@ -198,7 +217,7 @@ impl Broker {
             .map(|(flag, body, mut properties)| {
                 // Every message sent names the cluster that stored it, as Java's broker does:
                 // a consumer replying to a request message sends to that cluster's reply topic.
-                set_property(&mut properties, PROP_CLUSTER, &self.cfg.cluster_name);
+                set_property(&mut properties, PROP_CLUSTER, &cfg.cluster_name);
                 (flag, body, properties)
             })
             .map(|(flag, body, properties)| NewMessage {
@@ -222,6 +241,7 @@ impl Broker {
             }
             Err(e) => return req.error_to(ResponseCode::MessageIllegal, e.to_string()),
         };
+        drop(cfg);
         self.put_and_respond(req, msgs, queue_id, peer.others_in_flight())
             .await
     }
@@ -233,6 +253,7 @@ impl Broker {
     pub(super) fn admit_send(
         &self,
         req: &RemotingCommand,
+        cfg: &BrokerConfig,
     ) -> Result<Admitted, Box<RemotingCommand>> {
         // SEND_MESSAGE_V2, SEND_REPLY_MESSAGE_V2 and (from Java clients) SEND_BATCH_MESSAGE
         // carry one-letter keys.
@@ -253,16 +274,16 @@ impl Broker {
                 ))
             }
         };
-        if !self.is_master() {
+        if cfg.role == BrokerRole::Slave {
             return Err(Box::new(req.error_to(
                 ResponseCode::ServiceNotAvailable,
                 format!(
                     "the broker {} is a slave and cannot accept messages",
-                    self.cfg.broker_addr()
+                    cfg.broker_addr()
                 ),
             )));
         }
-        if let Some(refused) = self.refuse_writes(req) {
+        if let Some(refused) = self.refuse_writes(req, cfg) {
             return Err(Box::new(refused));
         }
         if let Err(e) = validate_topic(&h.topic) {
@@ -352,10 +373,15 @@ impl Broker {
         msgs: Vec<NewMessage>,
         company: bool,
     ) -> Result<(Vec<PutResult>, ResponseCode), StoreError> {
-        let sync_master = self.replication.is_some() && self.cfg.role == BrokerRole::SyncMaster;
+        // Settings read only at start: taken once, not held across the waits.
+        let (role, flush_type, slave_timeout_ms) = {
+            let cfg = self.cfg();
+            (cfg.role, cfg.flush, cfg.slave_timeout_ms)
+        };
+        let sync_master = self.replication.is_some() && role == BrokerRole::SyncMaster;
         // A producer may not want to wait (Java's Message.setWaitStoreMsgOK(false), the WAIT
         // property): answered once stored, as Java's broker answers it.
-        let wait = (self.cfg.flush == FlushDiskType::Sync || sync_master) && msgs_wait(&msgs);
+        let wait = (flush_type == FlushDiskType::Sync || sync_master) && msgs_wait(&msgs);
         let results = self.store.append_grouped(msgs, company).await?;
         self.metrics.messages_in.inc_by(results.len() as u64);
         self.metrics
@@ -363,7 +389,7 @@ impl Broker {
             .inc_by(results.iter().map(|r| u64::from(r.size)).sum());
         let end = results.iter().map(|r| r.end).max().unwrap_or(0);
         let flush = async {
-            if wait && self.cfg.flush == FlushDiskType::Sync {
+            if wait && flush_type == FlushDiskType::Sync {
                 // The flush thread answers within about a disk write: the loop should be
                 // running to take the answer up, not waking from sleep.
                 let _awake = StayAwake::begin();
@@ -373,13 +399,13 @@ impl Broker {
             }
         };
         let replica = async {
-            match (&self.replication, self.cfg.role) {
+            match (&self.replication, role) {
                 (Some(r), BrokerRole::SyncMaster) if wait => {
                     // The slave answers within a round trip: the loop should be running to
                     // read its acknowledgement, not waking from sleep.
                     let _awake = StayAwake::begin();
                     let started = std::time::Instant::now();
-                    let timeout = std::time::Duration::from_millis(self.cfg.slave_timeout_ms);
+                    let timeout = std::time::Duration::from_millis(slave_timeout_ms);
                     let res = r
                         .wait(end, self.store.commitlog().max_offset(), timeout)
                         .await;
@@ -436,28 +462,15 @@ impl Broker {
         resp
     }
 
-    /// The answer to a message whose body is larger than `maxMessageSize`.
-    pub(super) fn refuse_body(&self, req: &RemotingCommand, len: usize) -> Option<RemotingCommand> {
-        (len as u64 > self.cfg.max_message_size).then(|| {
-            req.error_to(
-                ResponseCode::MessageIllegal,
-                format!(
-                    "message body of {len} bytes exceeds maxMessageSize {}",
-                    self.cfg.max_message_size
-                ),
-            )
-        })
-    }
-
     /// The answer to a request that would write, when this broker takes no writes: its
     /// permission lacks write, or it was made read-only to be drained (Java's NO_PERMISSION).
-    fn refuse_writes(&self, req: &RemotingCommand) -> Option<RemotingCommand> {
-        (self.cfg.permission & PERM_WRITE == 0 || self.write_wiped()).then(|| {
+    fn refuse_writes(&self, req: &RemotingCommand, cfg: &BrokerConfig) -> Option<RemotingCommand> {
+        (cfg.permission & PERM_WRITE == 0 || self.write_wiped()).then(|| {
             req.error_to(
                 ResponseCode::NoPermission,
                 format!(
                     "the broker[{}] sending message is forbidden",
-                    self.cfg.broker_addr()
+                    cfg.broker_addr()
                 ),
             )
         })
@@ -540,7 +553,7 @@ impl Broker {
         // A read-only broker (draining before it is removed) takes nothing back either: the
         // consumer then sends the retry through its producer to a writable broker, as it does
         // against Java's.
-        if let Some(refused) = self.refuse_writes(req) {
+        if let Some(refused) = self.refuse_writes(req, &self.cfg()) {
             return refused;
         }
         if let Err(e) = validate_group(&h.group) {

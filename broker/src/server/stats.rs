@@ -49,7 +49,7 @@ impl Broker {
     fn queue_of(&self, topic: &str, queue_id: i32) -> MessageQueue {
         MessageQueue {
             topic: topic.to_string(),
-            broker_name: self.cfg.broker_name.clone(),
+            broker_name: self.cfg().broker_name.clone(),
             queue_id,
         }
     }

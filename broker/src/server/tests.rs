@@ -822,7 +822,7 @@ async fn the_broker_config_is_answered_as_properties_that_read_back() {
     assert_eq!(resp.code, ResponseCode::Success.code());
     let text = String::from_utf8(resp.body.to_vec()).unwrap();
     assert!(text.contains("brokerRole=ASYNC_MASTER\n"), "{text}");
-    assert_eq!(BrokerConfig::parse(&text).unwrap(), h.broker.cfg);
+    assert_eq!(BrokerConfig::parse(&text).unwrap(), **h.broker.cfg());
     h.stop().await;
 }
 
@@ -1219,7 +1219,7 @@ async fn javas_topic_status_and_consumer_progress_are_answered() {
     let dir = tempfile::tempdir().unwrap();
     let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
     let b = &h.broker;
-    let name = b.cfg.broker_name.clone();
+    let name = b.cfg().broker_name.clone();
     b.store.append(&tagged(0, "A", 3)).unwrap();
     b.store.offsets.commit("G", "T", 0, 2);
     let peer = test_peer();
@@ -2796,5 +2796,146 @@ async fn a_committed_transactions_timer_runs_from_the_commit() {
         "timed from the send, not the commit: {out} {before}"
     );
     assert_eq!(props["REAL_TOPIC"], "T");
+    h.stop().await;
+}
+
+/// UPDATE_BROKER_CONFIG carrying `body`.
+async fn update_config(b: &Broker, body: &str) -> RemotingCommand {
+    let req = RemotingCommand::request(RequestCode::UpdateBrokerConfig.code(), Default::default())
+        .with_body(Bytes::from(body.to_string()));
+    b.process(req, &test_peer()).await.unwrap()
+}
+
+/// The union of the permissions a name server's route for `topic` gives, once it is `want`
+/// (or what it last was after 5 s).
+async fn route_perm(client: &crate::client::Client, topic: &str, want: i32) -> i32 {
+    let mut perm = -1;
+    for _ in 0..200 {
+        // Not routed yet: the broker registers it at its next round.
+        if let Ok(route) = client.refresh_route(topic).await {
+            perm = route.queue_datas.iter().fold(0, |p, q| p | q.perm);
+        }
+        if perm == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    perm
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_change_while_the_broker_runs_and_are_saved_to_its_broker_conf() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = name_server_at("127.0.0.1:0".parse().unwrap()).await;
+    let conf = dir.path().join("broker.conf");
+    std::fs::write(&conf, "# kept\nmaxMessageSize = 4194304\n").unwrap();
+    let cfg = BrokerConfig {
+        namesrv_addrs: vec![ns.addr.to_string()],
+        config_file: Some(conf.clone()),
+        ..local_config(dir.path())
+    };
+    let h = broker_with_t(cfg).await;
+    let b = &h.broker;
+    let ok = send_v2(b, "T", String::new(), None).await;
+    assert_eq!(ok.code, ResponseCode::Success.code(), "{ok:?}");
+
+    // A smaller maxMessageSize refuses the body it took a moment ago.
+    let resp = update_config(b, "maxMessageSize=3\nfileReservedTime=24\n").await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(resp.remark, None);
+    let refused = send_v2(b, "T", String::new(), None).await;
+    assert_eq!(
+        refused.code,
+        ResponseCode::MessageIllegal.code(),
+        "{refused:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&conf).unwrap(),
+        "# kept\nmaxMessageSize=3\nfileReservedTime=24\n"
+    );
+    let req = RemotingCommand::request(RequestCode::GetBrokerConfig.code(), Default::default());
+    let shown = b.process(req, &test_peer()).await.unwrap();
+    let shown = String::from_utf8(shown.body.to_vec()).unwrap();
+    assert!(shown.contains("maxMessageSize=3\n") && shown.contains("fileReservedTime=24\n"));
+
+    // Refused whole, nothing changed: a setting read only at start, an unknown key, a bad
+    // value, settings that contradict each other.
+    for (body, says) in [
+        (
+            "maxMessageSize=1000\nbrokerRole=SLAVE\n",
+            "`brokerRole` is read only when the broker starts",
+        ),
+        (
+            "maxMessageSize=1000\nnoSuchKey=1\n",
+            "unknown key `noSuchKey`",
+        ),
+        (
+            "maxMessageSize=1000\nfileReservedTime=soon\n",
+            "fileReservedTime",
+        ),
+        ("maxMessageSize=2000000000\n", "mappedFileSizeCommitLog"),
+        ("", "no setting"),
+    ] {
+        let resp = update_config(b, body).await;
+        assert_eq!(
+            resp.code,
+            ResponseCode::SystemError.code(),
+            "{body}: {resp:?}"
+        );
+        let remark = resp.remark.unwrap_or_default();
+        assert!(remark.contains(says), "{body}: {remark}");
+    }
+    assert_eq!(b.cfg().max_message_size, 3);
+    assert!(std::fs::read_to_string(&conf)
+        .unwrap()
+        .contains("maxMessageSize=3\n"));
+    update_config(b, "maxMessageSize=4194304").await;
+
+    // brokerPermission: routes stop offering the broker for sends at once, sends are
+    // refused, and both come back.
+    let client = crate::client::Client::new(vec![ns.addr.to_string()]);
+    b.topics_changed.notify_one();
+    let rw = PERM_READ | PERM_WRITE;
+    assert_eq!(route_perm(&client, "T", rw).await, rw);
+    let resp = update_config(b, "brokerPermission=4").await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    assert_eq!(route_perm(&client, "T", PERM_READ).await, PERM_READ);
+    let refused = send_v2(b, "T", String::new(), None).await;
+    assert_eq!(
+        refused.code,
+        ResponseCode::NoPermission.code(),
+        "{refused:?}"
+    );
+    // Each change reaches the name server, not only the first away from read-write.
+    update_config(b, "brokerPermission=2").await;
+    assert_eq!(route_perm(&client, "T", PERM_WRITE).await, PERM_WRITE);
+    update_config(b, "brokerPermission=6").await;
+    assert_eq!(route_perm(&client, "T", rw).await, rw);
+    let ok = send_v2(b, "T", String::new(), None).await;
+    assert_eq!(ok.code, ResponseCode::Success.code(), "{ok:?}");
+    h.stop().await;
+    ns.stop().await;
+
+    // A restart reads what was saved.
+    let again = BrokerConfig::load(&conf).unwrap();
+    assert_eq!(again.file_reserved_hours, 24);
+    assert_eq!(again.permission, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_that_cannot_be_saved_is_applied_and_the_answer_says_it_will_not_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = lone_broker(dir.path(), BrokerRole::AsyncMaster).await;
+    let resp = update_config(&h.broker, "timerWheelEnable=false").await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    let remark = resp.remark.unwrap_or_default();
+    assert!(
+        remark.contains("only until the broker restarts"),
+        "{remark}"
+    );
+    assert!(!h.broker.cfg().timer.enabled);
+    // The unchanged settings are not touched, and not saved.
+    let resp = update_config(&h.broker, "timerWheelEnable=false").await;
+    assert_eq!(resp.remark, None, "{resp:?}");
     h.stop().await;
 }

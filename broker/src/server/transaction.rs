@@ -234,7 +234,7 @@ impl Broker {
                 // A timer (checked when the half message was sent) runs from the commit, as
                 // in Java; one no longer acceptable now (timers turned off) is delivered at
                 // once.
-                let msg = match super::timer::timing_now(&msg.properties, &self.cfg.timer) {
+                let msg = match super::timer::timing_now(&msg.properties, &self.cfg().timer) {
                     Ok(super::timer::Timing::At(at)) => super::timer::wrap(msg, at),
                     Ok(_) => msg,
                     Err(e) => {
@@ -331,7 +331,7 @@ impl Broker {
                 let times: u32 = property(&m.properties, PROP_CHECK_TIMES)
                     .and_then(|t| t.parse().ok())
                     .unwrap_or(0);
-                if times >= self.cfg.transaction_check_max {
+                if times >= self.cfg().transaction_check_max {
                     if let Err(err) = self.set_aside(&m) {
                         break 'scan Err(err);
                     }
@@ -345,7 +345,7 @@ impl Broker {
                     let wait = property(&m.properties, PROP_CHECK_IMMUNITY_SECS)
                         .and_then(|s| s.parse::<i64>().ok())
                         .map_or(0, |s| s.saturating_mul(1000).min(MAX_IMMUNITY_MS))
-                        .max(self.cfg.transaction_timeout_ms as i64);
+                        .max(self.cfg().transaction_timeout_ms as i64);
                     if (0..wait).contains(&(started - m.store_timestamp)) {
                         // Later half messages were stored later still.
                         break 'scan Ok(());

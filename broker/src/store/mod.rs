@@ -161,8 +161,6 @@ pub struct StoreConfig {
     pub flush_thorough_interval_ms: u64,
     /// `syncFlushTimeout` (ms).
     pub sync_flush_timeout_ms: u64,
-    /// `fileReservedTime` (hours).
-    pub file_reserved_hours: u64,
     /// Address written into stored messages and message ids.
     pub store_host: SocketAddr,
     /// Whether a thread keeps zeroes written ahead of the commit log's end, so appends (and a
@@ -193,7 +191,6 @@ impl StoreConfig {
             flush_least_pages: 4,
             flush_thorough_interval_ms: 100,
             sync_flush_timeout_ms: 5_000,
-            file_reserved_hours: 72,
             store_host: "127.0.0.1:10911".parse().unwrap(),
             prepare_ahead: true,
             delay_levels_ms: message::DELAY_LEVELS_MS.into(),
@@ -1553,10 +1550,10 @@ impl MessageStore {
         Ok(())
     }
 
-    /// Deletes commit-log segments older than `fileReservedTime` and moves queue minimums.
-    pub fn delete_expired(&self) -> Result<(), StoreError> {
-        let age = Duration::from_secs(self.cfg.file_reserved_hours * 3600);
-        self.commitlog.delete_expired(age)?;
+    /// Deletes commit-log segments older than `reserved` (`fileReservedTime`, which may change
+    /// while the broker runs) and moves queue minimums.
+    pub fn delete_expired(&self, reserved: Duration) -> Result<(), StoreError> {
+        self.commitlog.delete_expired(reserved)?;
         self.correct_queue_minimums()?;
         match &self.index {
             Some(index) => index.delete_before(self.commitlog.min_offset()),

@@ -1133,9 +1133,7 @@ fn sends_queued_while_a_group_is_written_let_the_loop_run_first() {
 #[test]
 fn retention_moves_queue_minimums_and_reads_never_fail_on_deleted_segments() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = cfg(dir.path(), FlushDiskType::Async);
-    c.file_reserved_hours = 0;
-    let store = MessageStore::open(c).unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
     fill(&store, 1000);
     // The log drops its old segments before the queues learn of it: a pull in between passes
     // over the entries whose data is gone (it used to fail with a read error).
@@ -1170,7 +1168,7 @@ fn retention_moves_queue_minimums_and_reads_never_fail_on_deleted_segments() {
     assert!(store.queue_minimums_behind());
     store.correct_queue_minimums().unwrap();
     assert!(!store.queue_minimums_behind());
-    store.delete_expired().unwrap();
+    store.delete_expired(Duration::ZERO).unwrap();
     assert_eq!(q0.min_offset(), first_left);
     let got = store.get("T", 0, 0, 32, usize::MAX, |_| true).unwrap();
     assert_eq!(
@@ -1465,9 +1463,7 @@ fn a_slave_indexes_its_replicated_messages_by_key() {
 #[test]
 fn retention_deletes_index_files_with_the_log_they_indexed() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = cfg(dir.path(), FlushDiskType::Async);
-    c.file_reserved_hours = 0;
-    let store = MessageStore::open(c).unwrap();
+    let store = MessageStore::open(cfg(dir.path(), FlushDiskType::Async)).unwrap();
     // Two keys a message: 128 messages fill a file of 256 entries.
     for i in 0..700 {
         store.append(&[keyed("T", i, "all")]).unwrap();
@@ -1475,7 +1471,7 @@ fn retention_deletes_index_files_with_the_log_they_indexed() {
     wait_indexed(&store);
     let files = || std::fs::read_dir(dir.path().join("index")).unwrap().count();
     let before = files();
-    store.delete_expired().unwrap();
+    store.delete_expired(Duration::ZERO).unwrap();
     assert!(store.commitlog().min_offset() > 0, "segments deleted");
     assert!(files() < before, "{} index files, {before} before", files());
     // What the log still holds is still found.
