@@ -720,6 +720,12 @@ impl BrokerConfig {
         }
         let text: String = lines.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
         let mut next = BrokerConfig::parse(&text)?;
+        if next.namesrv_addrs.is_empty() && !self.namesrv_addrs.is_empty() {
+            return Err(ConfigError::Inconsistent(
+                "namesrvAddr may not be empty: the broker would register with no name server"
+                    .into(),
+            ));
+        }
         // What broker.conf lines do not carry.
         next.ha_auth_token.clone_from(&self.ha_auth_token);
         next.config_file.clone_from(&self.config_file);
@@ -874,12 +880,12 @@ impl BrokerConfig {
 
     /// The address clients use for this broker.
     pub fn broker_addr(&self) -> String {
-        format!("{}:{}", self.broker_ip, self.listen_port)
+        crate::net::host_port(&self.broker_ip, self.listen_port)
     }
 
     /// The address slaves replicate from.
     pub fn ha_addr(&self) -> String {
-        format!("{}:{}", self.broker_ip, self.ha_listen_port)
+        crate::net::host_port(&self.broker_ip, self.ha_listen_port)
     }
 }
 
@@ -1259,6 +1265,15 @@ mod tests {
         let refused = c.updated("haSlaveFallbehindMax=1").unwrap_err().to_string();
         assert!(
             refused.contains("`haMaxGapNotInSync` is read only when the broker starts"),
+            "{refused}"
+        );
+        let with_ns = BrokerConfig {
+            namesrv_addrs: vec!["ns:9876".into()],
+            ..BrokerConfig::default()
+        };
+        let refused = with_ns.updated("namesrvAddr=;").unwrap_err().to_string();
+        assert!(
+            refused.contains("namesrvAddr may not be empty"),
             "{refused}"
         );
         assert!(matches!(

@@ -108,7 +108,7 @@ fn respond(state: &HealthState, path: &str) -> Response<Full<Bytes>> {
 
 /// Binds the HTTP port; fails early (at start-up) if it is taken.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    crate::net::bind(addr).await
 }
 
 /// Serves the endpoints until `shutdown` fires.

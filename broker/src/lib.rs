@@ -7,6 +7,7 @@ pub mod filter;
 pub mod http;
 pub mod logging;
 pub mod nameserver;
+pub mod net;
 pub mod remoting;
 pub mod replication;
 pub mod server;

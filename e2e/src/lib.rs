@@ -72,9 +72,14 @@ pub fn free_ports(n: u16) -> u16 {
 
 /// Whether something accepts connections on 127.0.0.1:`port` within `timeout`.
 pub fn wait_tcp(port: u16, timeout: Duration) -> bool {
+    wait_tcp_at(&format!("127.0.0.1:{port}"), timeout)
+}
+
+/// Whether something accepts connections on `addr` (`host:port`) within `timeout`.
+pub fn wait_tcp_at(addr: &str, timeout: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < timeout {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if std::net::TcpStream::connect(addr).is_ok() {
             return true;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -198,18 +203,23 @@ impl Drop for Proc {
 pub struct NameServer {
     /// The process.
     pub proc: Proc,
-    /// `127.0.0.1:port`.
+    /// `127.0.0.1:port` (or the address it was started on).
     pub addr: String,
 }
 
 impl NameServer {
     /// Starts a name server in `dir` with a broker expiry of `broker_timeout_ms`.
     pub fn start(dir: &Path, broker_timeout_ms: u64) -> Result<NameServer, Error> {
+        NameServer::start_at(dir, broker_timeout_ms, "127.0.0.1")
+    }
+
+    /// [`NameServer::start`] listening on `ip` alone (`::1` for IPv6).
+    pub fn start_at(dir: &Path, broker_timeout_ms: u64, ip: &str) -> Result<NameServer, Error> {
         let port = free_ports(2);
         let mut cmd = Command::new(bin("mqnamesrv")?);
         cmd.args([
             "--bind",
-            "127.0.0.1",
+            ip,
             "-p",
             &port.to_string(),
             "--http-port",
@@ -219,17 +229,15 @@ impl NameServer {
         .arg(broker_timeout_ms.to_string())
         .env("RUST_LOG", "info");
         let proc = Proc::spawn("mqnamesrv", cmd, dir.join(format!("namesrv-{port}.log")))?;
-        if !wait_tcp(port, Duration::from_secs(10)) {
+        let addr = broker::net::host_port(ip, port);
+        if !wait_tcp_at(&addr, Duration::from_secs(10)) {
             return Err(format!(
-                "name server did not open port {port}; log {}",
+                "name server did not open {addr}; log {}",
                 proc.log.display()
             )
             .into());
         }
-        Ok(NameServer {
-            proc,
-            addr: format!("127.0.0.1:{port}"),
-        })
+        Ok(NameServer { proc, addr })
     }
 }
 
@@ -306,7 +314,15 @@ impl Broker {
         writeln!(f, "brokerId={}", spec.id)?;
         writeln!(f, "brokerRole={}", spec.role)?;
         writeln!(f, "flushDiskType={}", spec.flush)?;
-        writeln!(f, "brokerIP1=127.0.0.1")?;
+        let ip = spec
+            .extra
+            .iter()
+            .find_map(|l| l.strip_prefix("brokerIP1="))
+            .unwrap_or("127.0.0.1")
+            .to_string();
+        if !spec.extra.iter().any(|l| l.starts_with("brokerIP1=")) {
+            writeln!(f, "brokerIP1={ip}")?;
+        }
         writeln!(f, "listenPort={port}")?;
         writeln!(f, "haListenPort={}", port + 1)?;
         writeln!(f, "httpPort={}", port + 2)?;
@@ -325,7 +341,7 @@ impl Broker {
         drop(f);
         Ok(Broker {
             proc: None,
-            addr: format!("127.0.0.1:{port}"),
+            addr: broker::net::host_port(&ip, port),
             http_port: port + 2,
             store,
             conf,

@@ -647,6 +647,99 @@ async fn settings_changed_with_mqadmin_take_effect_and_outlive_a_restart() -> Re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_on_ipv6_serves_clients_of_both_families() -> Result<(), Error> {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this host has no IPv6 loopback");
+        return Ok(());
+    }
+    let dir = e2e::test_dir("ipv6")?;
+    let ns = NameServer::start_at(dir.path(), 120_000, "::1")?;
+    let member = BrokerSpec::master("broker-v6", "ASYNC_FLUSH").with(&["brokerIP1=::1"]);
+    let broker = Broker::start(dir.path(), &member, &[&ns.addr])?;
+    assert!(broker.addr.starts_with("[::1]:"), "{}", broker.addr);
+    let client = Client::new(vec![ns.addr.clone()]);
+    client
+        .create_topic(&broker.addr, &TopicConfig::new("V6", 1, 6))
+        .await?;
+    let mut routed = None;
+    for _ in 0..100 {
+        if let Ok(r) = client.refresh_route("V6").await {
+            routed = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let route = routed.ok_or("no route for V6")?;
+    assert_eq!(
+        route.broker_datas[0].broker_addrs.get(&0),
+        Some(&broker.addr),
+        "the name server hands out the bracketed IPv6 address"
+    );
+    // A producer over IPv6, found through the name server.
+    let sent = Producer::new(client.clone(), "pg")
+        .send(&Message {
+            topic: "V6".into(),
+            body: Bytes::from_static(b"over v6"),
+            ..Default::default()
+        })
+        .await?;
+    assert!(sent.is_ok());
+    assert_eq!(
+        sent.offset_msg_id.len(),
+        56,
+        "an IPv6 store host: {}",
+        sent.offset_msg_id
+    );
+    // The same broker over IPv4: its listener takes both families.
+    let port = broker.addr.rsplit(':').next().unwrap_or_default();
+    let req = RemotingCommand::request(
+        RequestCode::SendMessage.code(),
+        send_header("V6", 0, "").to_ext(),
+    )
+    .with_body(Bytes::from_static(b"over v4"));
+    client.call_ok(&format!("127.0.0.1:{port}"), req).await?;
+    let pulled = client
+        .pull(&broker.addr, spec("V6", 0, 0, Duration::ZERO))
+        .await?;
+    let got: Vec<(String, String, String)> = pulled
+        .messages
+        .iter()
+        .map(|m| {
+            (
+                String::from_utf8_lossy(&m.body).into_owned(),
+                m.born_host.ip().to_string(),
+                m.store_host.ip().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("over v6".to_string(), "::1".to_string(), "::1".to_string()),
+            // Seen as the IPv4 client it is, not as ::ffff:127.0.0.1.
+            (
+                "over v4".to_string(),
+                "127.0.0.1".to_string(),
+                "::1".to_string()
+            ),
+        ]
+    );
+    // Found again by its id, which carries the IPv6 host.
+    let h = broker::remoting::header::ViewMessageRequestHeader {
+        offset: broker::store::message::parse_offset_msg_id(&sent.offset_msg_id).ok_or("bad id")?,
+    };
+    let viewed = client
+        .call_ok(
+            &broker.addr,
+            RemotingCommand::request(RequestCode::ViewMessageById.code(), h.to_ext()),
+        )
+        .await?;
+    let viewed = broker::client::decode_messages(&viewed.body)?;
+    assert_eq!(&viewed[0].body[..], b"over v6");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_bench_whose_every_send_fails_exits_with_an_error() -> Result<(), Error> {
     let c = cluster(1, &[], 120_000)?;
     // Readable, not writable: every send is refused.

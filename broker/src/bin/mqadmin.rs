@@ -107,8 +107,15 @@ enum Cmd {
         /// Every master of this cluster (with -a, its slaves too).
         #[arg(short = 'c', long)]
         cluster: Option<String>,
-        /// With -c: slaves as well.
-        #[arg(short = 'a', long = "all", requires = "cluster")]
+        /// With -c: slaves as well (`-a` or, as Java's tool takes it, `-a true`).
+        #[arg(
+            short = 'a',
+            long = "all",
+            requires = "cluster",
+            num_args = 0..=1,
+            default_missing_value = "true",
+            default_value = "false"
+        )]
         all: bool,
         /// Setting, as broker.conf names it.
         #[arg(short = 'k', long)]

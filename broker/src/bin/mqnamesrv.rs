@@ -28,8 +28,9 @@ struct Args {
     /// HTTP port for /healthz, /readyz and /metrics.
     #[arg(long = "http-port", default_value_t = 9877, env = "NAMESRV_HTTP_PORT")]
     http_port: u16,
-    /// Address to bind.
-    #[arg(long, default_value = "0.0.0.0")]
+    /// Address to bind (`::`, the default, is every IPv6 and IPv4 address where the host has
+    /// IPv6, and every IPv4 address where it has not).
+    #[arg(long, default_value = "::")]
     bind: std::net::IpAddr,
     /// Drop a broker that has not registered for this long (ms).
     #[arg(long = "broker-timeout-ms", default_value_t = 120_000)]

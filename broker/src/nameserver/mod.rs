@@ -11,7 +11,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{self, HealthState};
@@ -30,7 +29,7 @@ use route::{Registration, RouteTable};
 /// Name server settings.
 #[derive(Debug, Clone)]
 pub struct NameServerConfig {
-    /// Address of the remoting port (default 0.0.0.0:9876).
+    /// Address of the remoting port (default every address, IPv6 and IPv4, port 9876).
     pub listen: SocketAddr,
     /// Address of the HTTP port.
     pub http: SocketAddr,
@@ -54,8 +53,8 @@ pub struct NameServerConfig {
 impl Default for NameServerConfig {
     fn default() -> Self {
         NameServerConfig {
-            listen: SocketAddr::from(([0, 0, 0, 0], 9876)),
-            http: SocketAddr::from(([0, 0, 0, 0], 9877)),
+            listen: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 9876)),
+            http: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 9877)),
             broker_timeout: Duration::from_secs(120),
             scan_interval: Duration::from_secs(1),
             max_frame: crate::remoting::frame::DEFAULT_MAX_FRAME,
@@ -361,7 +360,7 @@ pub enum NameServerError {
 
 /// Binds the ports and starts serving.
 pub async fn start(cfg: NameServerConfig) -> Result<NameServerHandle, NameServerError> {
-    let listener = TcpListener::bind(cfg.listen)
+    let listener = crate::net::bind(cfg.listen)
         .await
         .map_err(|source| NameServerError::Bind {
             addr: cfg.listen,
@@ -574,9 +573,9 @@ mod tests {
     #[tokio::test]
     async fn a_master_that_no_longer_answers_is_replaced_but_a_live_one_is_not() {
         let ns = name_server();
-        let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let live_addr = live.local_addr().unwrap().to_string();
-        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gone = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gone_addr = gone.local_addr().unwrap().to_string();
         drop(gone);
         let ok = ResponseCode::Success.code();

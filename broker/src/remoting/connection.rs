@@ -258,6 +258,7 @@ pub async fn serve<P: Processor>(
         match accepted {
             Ok((socket, addr)) => {
                 let _ = socket.set_nodelay(true);
+                let addr = crate::net::canonical(addr);
                 let p = processor.clone();
                 let stop = shutdown.clone();
                 let busy = busy.clone();

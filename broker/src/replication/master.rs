@@ -208,7 +208,7 @@ pub async fn serve(
             a = listener.accept() => a,
         };
         let (socket, addr) = match accepted {
-            Ok(a) => a,
+            Ok((socket, addr)) => (socket, crate::net::canonical(addr)),
             Err(e) => {
                 tracing::warn!(error = %e, "HA accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -35,7 +35,7 @@ pub async fn follow(
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        if let Some(why) = store.commitlog().write_back_failure() {
+        if let Some(why) = store.commitlog().stopped() {
             // Every replicated write would be refused: stop asking the master for them.
             tracing::error!(error = why, "replication stopped: this slave's commit log cannot be written to disk; restart it to recover");
             shutdown.cancelled().await;

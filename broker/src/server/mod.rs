@@ -28,7 +28,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -84,8 +83,14 @@ pub struct Broker {
     /// The settings in effect: those read at start, and the live ones as UPDATE_BROKER_CONFIG
     /// last set them (see [`crate::config::LIVE_SETTINGS`]).
     cfg: ArcSwap<BrokerConfig>,
-    /// Held while a settings update is made and saved, so two do not lose each other's.
-    updating_cfg: tokio::sync::Mutex<()>,
+    /// `brokerRole`, read only at start: asked on every request, so not through `cfg`.
+    role: BrokerRole,
+    /// Held while a settings update is made and saved, so two do not lose each other's; holds
+    /// the changes not saved yet (broker.conf could not be written), tried again with the next.
+    updating_cfg: tokio::sync::Mutex<Vec<(String, String)>>,
+    /// Changes of `brokerPermission` so far: registrations carry a new data version for each,
+    /// which name servers need to take the broker's topics again.
+    perm_changes: std::sync::atomic::AtomicI64,
     store: Arc<MessageStore>,
     consumers: clients::ConsumerRegistry,
     /// SQL92 subscriptions' selectors, parsed once.
@@ -136,7 +141,7 @@ impl Broker {
     }
 
     fn is_master(&self) -> bool {
-        self.cfg().role != BrokerRole::Slave
+        self.role != BrokerRole::Slave
     }
 
     /// Slaves: whether the master answered lately, so a consumer sent to it will be served.
@@ -540,7 +545,7 @@ impl Broker {
         // A store that failed to write its log takes nothing more: routes say so, and clients
         // send elsewhere, whatever way they send (a refused send is retried elsewhere only by
         // synchronous sends).
-        let unwritable = self.store.commitlog().write_back_failure().is_some();
+        let unwritable = self.store.commitlog().stopped().is_some();
         let mut perm = self.cfg().permission;
         if self.write_wiped() || unwritable {
             perm &= !PERM_WRITE;
@@ -555,6 +560,8 @@ impl Broker {
             // changes (Java's does so): the same table without write permission is another.
             version.counter += 1;
         }
+        // So is the table under each new brokerPermission (2 after 4, say).
+        version.counter += 2 * self.perm_changes.load(Ordering::Acquire);
         let body = RegisterBrokerBody {
             topic_config_serialize_wrapper: TopicConfigWrapper {
                 topic_config_table: table,
@@ -855,13 +862,17 @@ fn err_responder(code: ResponseCode, remark: String) -> ErrorResponder {
 }
 
 /// Expands name-server entries: `host:port` names resolving to several addresses (a headless
-/// Service) yield every one, re-resolved on each call.
+/// Service) yield every one, re-resolved on each call. A name with addresses of both
+/// families (a dual-stack Service, `localhost`) yields its IPv4 ones, so each name server is
+/// called once; an IPv6-only one yields its IPv6 ones.
 pub async fn resolve_all(entries: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     for e in entries {
         match tokio::net::lookup_host(e.as_str()).await {
             Ok(addrs) => {
-                for a in addrs.filter(|a| a.is_ipv4()) {
+                let addrs: Vec<SocketAddr> = addrs.collect();
+                let v4 = addrs.iter().any(SocketAddr::is_ipv4);
+                for a in addrs.iter().filter(|a| a.is_ipv4() == v4) {
                     let s = a.to_string();
                     if !out.contains(&s) {
                         out.push(s);
@@ -1024,13 +1035,13 @@ impl BrokerHandle {
 
 /// Opens the store, binds the ports, registers with the name servers and starts serving.
 pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
-    let ip: std::net::IpAddr = cfg
-        .broker_ip
-        .parse()
-        .map_err(|_| BrokerError::BadIp(cfg.broker_ip.clone()))?;
-    let listen = SocketAddr::from(([0, 0, 0, 0], cfg.listen_port));
-    let http_listen = SocketAddr::from(([0, 0, 0, 0], cfg.http_port));
-    let listener = TcpListener::bind(listen)
+    let ip = crate::net::parse_ip(&cfg.broker_ip)
+        .ok_or_else(|| BrokerError::BadIp(cfg.broker_ip.clone()))?;
+    // Every address, IPv6 and IPv4 alike where the host has IPv6.
+    let any = std::net::Ipv6Addr::UNSPECIFIED;
+    let listen = SocketAddr::from((any, cfg.listen_port));
+    let http_listen = SocketAddr::from((any, cfg.http_port));
+    let listener = crate::net::bind(listen)
         .await
         .map_err(|source| BrokerError::Bind {
             addr: listen,
@@ -1214,7 +1225,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
         registry,
         Some(Box::new(move || {
             let fault_store = fault_store.upgrade()?;
-            if let Some(e) = fault_store.commitlog().write_back_failure() {
+            if let Some(e) = fault_store.commitlog().stopped() {
                 return Some(format!(
                     "{e}; the store takes no more messages: restart the broker to recover its log"
                 ));
@@ -1227,7 +1238,9 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
 
     let broker = Arc::new(Broker {
         cfg: ArcSwap::from_pointee(cfg.clone()),
-        updating_cfg: tokio::sync::Mutex::new(()),
+        role: cfg.role,
+        updating_cfg: tokio::sync::Mutex::new(Vec::new()),
+        perm_changes: std::sync::atomic::AtomicI64::new(0),
         store,
         consumers: clients::ConsumerRegistry::default(),
         selectors: Default::default(),
@@ -1287,8 +1300,8 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
 
     // Replication: masters serve their slaves, slaves follow their master.
     if let Some(state) = &broker.replication {
-        let ha_listen = SocketAddr::from(([0, 0, 0, 0], cfg.ha_listen_port));
-        let ha = TcpListener::bind(ha_listen)
+        let ha_listen = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, cfg.ha_listen_port));
+        let ha = crate::net::bind(ha_listen)
             .await
             .map_err(|source| BrokerError::Bind {
                 addr: ha_listen,
@@ -1374,7 +1387,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if !unwritable && b.store.commitlog().write_back_failure().is_some() {
+            if !unwritable && b.store.commitlog().stopped().is_some() {
                 // Register again at once, without write permission.
                 unwritable = true;
                 b.topics_changed.notify_one();
@@ -1462,7 +1475,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
-            if b.store.commitlog().write_back_failure().is_some() || b.store.disk_full().is_some() {
+            if b.store.commitlog().stopped().is_some() || b.store.disk_full().is_some() {
                 continue;
             }
             match b.check_transactions().await {
@@ -1487,23 +1500,26 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
             }
             // A store that failed to write its log takes nothing: the due messages wait for
             // the restart (the store said why, once).
-            if b.store.commitlog().write_back_failure().is_some() || b.store.disk_full().is_some() {
+            if b.store.commitlog().stopped().is_some() || b.store.disk_full().is_some() {
                 continue;
             }
             if let Err(e) = b.scheduler.deliver_due(&b.store).await {
                 tracing::error!(error = %e, "delayed delivery failed");
             }
-            if b.cfg().timer.enabled {
-                let pass = timer::Pass {
-                    cfg: b.cfg().timer,
+            // Also with timerWheelEnable=false: it refuses new timer messages, and those
+            // already waiting are still delivered (and kept from retention).
+            let pass = {
+                let cfg = b.cfg();
+                timer::Pass {
+                    cfg: cfg.timer,
                     // Half the retention (at least 10 minutes): a waiting message's copy is
                     // never older than that, so retention never takes it first.
-                    roll_after_ms: (b.cfg().file_reserved_hours.saturating_mul(1_800_000) as i64)
+                    roll_after_ms: (cfg.file_reserved_hours.saturating_mul(1_800_000) as i64)
                         .max(600_000),
-                };
-                if let Err(e) = b.timers.deliver_due(&b.store, pass).await {
-                    tracing::error!(error = %e, "timer delivery failed");
                 }
+            };
+            if let Err(e) = b.timers.deliver_due(&b.store, pass).await {
+                tracing::error!(error = %e, "timer delivery failed");
             }
         }
     }));

@@ -14,40 +14,49 @@ impl Broker {
         let Ok(text) = std::str::from_utf8(&req.body) else {
             return req.error_to(ResponseCode::SystemError, "the settings are not UTF-8 text");
         };
-        // One update at a time: each starts from the settings the last one left.
-        let _one = self.updating_cfg.lock().await;
+        // One update at a time: each starts from the settings the last one left, and saves
+        // what an earlier one could not.
+        let mut unsaved = self.updating_cfg.lock().await;
         let current = self.cfg.load_full();
         let (next, changed) = match current.updated(text) {
             Ok(u) => u,
             Err(e) => return req.error_to(ResponseCode::SystemError, e.to_string()),
         };
-        if changed.is_empty() {
-            return req.response_to(ResponseCode::Success);
+        for (key, value) in &changed {
+            unsaved.retain(|(k, _)| k != key);
+            unsaved.push((key.clone(), value.clone()));
         }
-        let saved = match next.config_file.clone() {
-            Some(path) => {
-                let lines = changed.clone();
-                match tokio::task::spawn_blocking(move || {
-                    save(&path, &lines).map_err(|e| (path, e))
-                })
-                .await
-                {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err((path, e))) => {
-                        Err(format!("saving it to {} failed ({e})", path.display()))
+        let saved = if unsaved.is_empty() {
+            Ok(())
+        } else {
+            match next.config_file.clone() {
+                Some(path) => {
+                    let lines = unsaved.clone();
+                    let saving = move || save(&path, &lines).map_err(|e| (path, e));
+                    match tokio::task::spawn_blocking(saving).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err((path, e))) => {
+                            Err(format!("saving it to {} failed ({e})", path.display()))
+                        }
+                        Err(e) => Err(format!("saving it failed ({e})")),
                     }
-                    Err(e) => Err(format!("saving it failed ({e})")),
                 }
+                None => Err("the broker was started without a broker.conf to save it to".into()),
             }
-            None => Err("the broker was started without a broker.conf to save it to".to_string()),
         };
-        self.cfg.store(std::sync::Arc::new(next));
-        tracing::info!(settings = ?changed, saved = saved.is_ok(), "settings changed");
-        self.settings_changed(&current, &changed);
+        if saved.is_ok() {
+            unsaved.clear();
+        }
+        if !changed.is_empty() {
+            self.cfg.store(std::sync::Arc::new(next));
+            tracing::info!(settings = ?changed, saved = saved.is_ok(), "settings changed");
+            self.settings_changed(&current, &changed);
+        }
         match saved {
             Ok(()) => req.response_to(ResponseCode::Success),
             // Applied all the same (as Java's broker does): what the change is for, say more
-            // room on a full disk, is wanted now. The answer says it will not outlive a restart.
+            // room on a full disk, is wanted now. The answer says it will not outlive a
+            // restart; the next update tries to save it again.
             Err(why) => {
                 tracing::warn!(reason = %why, "changed settings last until the broker restarts");
                 let mut resp = req.response_to(ResponseCode::Success);
@@ -70,9 +79,8 @@ impl Broker {
                 // Registrations lend topics only what the broker allows; name servers take
                 // them again only under a new data version.
                 "brokerPermission" => {
-                    if let Err(e) = self.store.topics.touch() {
-                        tracing::warn!(error = %e, "saving the topic table's new version failed");
-                    }
+                    self.perm_changes
+                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     register = true;
                 }
                 "namesrvAddr" => register = true,
@@ -139,14 +147,37 @@ fn save(path: &Path, changed: &[(String, String)]) -> std::io::Result<()> {
         |n| n.to_string_lossy().into_owned(),
     );
     let tmp = dir.join(format!(".{name}.new"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(out.as_bytes())?;
+    let written = replace_with(&path, &tmp, out.as_bytes());
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Writes `bytes` to `tmp`, made with `path`'s permissions from the start (a broker.conf may
+/// hold `haAuthToken`) and, where allowed, its owner, then renames it over `path`.
+fn replace_with(path: &Path, tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let meta = std::fs::metadata(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(meta.mode() & 0o7777)
+        .open(tmp)?;
+    // The mode asked for is narrowed by the umask: set it as the original's.
+    f.set_permissions(meta.permissions())?;
+    // Only root may give a file away; anyone else keeps their own file as it was.
+    if let Err(e) = std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid())) {
+        if e.kind() != std::io::ErrorKind::PermissionDenied {
+            return Err(e);
+        }
+    }
+    f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
-    // Keep the file's permissions (a broker.conf may hold haAuthToken).
-    std::fs::set_permissions(&tmp, std::fs::metadata(&path)?.permissions())?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(dir)?.sync_all()
+    std::fs::rename(tmp, path)
 }
 
 #[cfg(test)]
@@ -182,6 +213,13 @@ mod tests {
             "# my broker\nbrokerName = b\nfileReservedTime=24\n! old\nhaMaxGapNotInSync=20\n\
              maxMessageSize=1024\n"
         );
+        // Its permissions kept (a broker.conf may hold haAuthToken), no file left beside it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o600)).unwrap();
+        save(&conf, &changed[..1]).unwrap();
+        let mode = std::fs::metadata(&conf).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
         let c = crate::config::BrokerConfig::load(&conf).unwrap();
         assert_eq!(c.file_reserved_hours, 24);
         assert_eq!(c.max_message_size, 1024);

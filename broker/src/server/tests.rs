@@ -2934,8 +2934,73 @@ async fn a_setting_that_cannot_be_saved_is_applied_and_the_answer_says_it_will_n
         "{remark}"
     );
     assert!(!h.broker.cfg().timer.enabled);
-    // The unchanged settings are not touched, and not saved.
+    h.stop().await;
+
+    // A broker.conf gone for a moment (a full disk, say): the next update saves both.
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let conf = etc.join("broker.conf");
+    std::fs::write(&conf, "brokerName=broker-a\n").unwrap();
+    let cfg = BrokerConfig {
+        config_file: Some(conf.clone()),
+        ..local_config(dir.path())
+    };
+    let h = broker_with_t(cfg).await;
+    let away = dir.path().join("away");
+    std::fs::rename(&etc, &away).unwrap();
     let resp = update_config(&h.broker, "timerWheelEnable=false").await;
+    assert!(resp
+        .remark
+        .unwrap_or_default()
+        .contains("only until the broker restarts"));
+    std::fs::rename(&away, &etc).unwrap();
+    let resp = update_config(&h.broker, "timerWheelEnable=false\nfileReservedTime=12").await;
     assert_eq!(resp.remark, None, "{resp:?}");
+    assert_eq!(
+        std::fs::read_to_string(&conf).unwrap(),
+        "brokerName=broker-a\ntimerWheelEnable=false\nfileReservedTime=12\n"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn name_servers_are_reached_on_ipv6_when_they_have_no_ipv4_address() {
+    let one = |e: &str| vec![e.to_string()];
+    assert_eq!(resolve_all(&one("[::1]:9876")).await, one("[::1]:9876"));
+    assert_eq!(
+        resolve_all(&one("127.0.0.1:9876")).await,
+        one("127.0.0.1:9876")
+    );
+    // A name of both families is called once, on IPv4.
+    let local = resolve_all(&one("localhost:9876")).await;
+    assert!(local.contains(&"127.0.0.1:9876".to_string()), "{local:?}");
+    assert!(!local.iter().any(|a| a.starts_with('[')), "{local:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_turned_off_refuse_new_timer_messages_and_deliver_those_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = broker_with_t(local_config(dir.path())).await;
+    let b = &h.broker;
+    let timed = "TIMER_DELAY_MS\u{1}1500\u{2}".to_string();
+    let resp = send_v2(b, "T", timed.clone(), None).await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    let resp = update_config(b, "timerWheelEnable=false").await;
+    assert_eq!(resp.code, ResponseCode::Success.code(), "{resp:?}");
+    let refused = send_v2(b, "T", timed, None).await;
+    assert_eq!(
+        refused.code,
+        ResponseCode::SystemError.code(),
+        "{refused:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stored_in(b, "T", 0) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiting one was never delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     h.stop().await;
 }

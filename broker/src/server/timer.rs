@@ -196,6 +196,14 @@ struct Progress {
     loaded: u64,
     /// Every entry read before `loaded` and due by this time (ms) was delivered.
     delivered_until: i64,
+    /// The widest `timerPrecisionMs` and `timerMaxDelaySec` entries not yet delivered may
+    /// have been timed under (0: none recorded): settings narrowed since, at run time or
+    /// across a restart, must not bring them forward.
+    #[serde(default)]
+    precision_ms: i64,
+    /// See `precision_ms`.
+    #[serde(default)]
+    max_delay_sec: i64,
 }
 
 /// Timer entries not yet due, and how far the timer queue was read.
@@ -216,6 +224,16 @@ struct State {
     failing: Option<(u64, u32)>,
     /// Store time of the oldest pending entry's message (queue offset, ms), read once.
     oldest_stored: Option<(u64, i64)>,
+    /// The widest settings waiting entries may have been timed under (see
+    /// [`Progress::precision_ms`]).
+    widest: Widest,
+}
+
+/// A precision and a longest delay: the widest the waiting entries were timed under.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Widest {
+    precision_ms: i64,
+    max_delay_sec: i64,
 }
 
 impl State {
@@ -273,6 +291,10 @@ impl Timers {
             path,
             state: Mutex::new(State {
                 loaded: restart.oldest_pending,
+                widest: Widest {
+                    precision_ms: restart.precision_ms,
+                    max_delay_sec: restart.max_delay_sec,
+                },
                 restart,
                 ..State::default()
             }),
@@ -305,14 +327,14 @@ impl Timers {
     /// to be stored [`ATTEMPTS`] times in a row too, after which the others go on.
     pub async fn deliver_due(&self, store: &MessageStore, pass: Pass) -> Result<usize, StoreError> {
         let now = now_ms();
-        let due_by = now.saturating_sub(pass.cfg.precision_ms.max(1));
-        let too_far = now.saturating_add(
-            pass.cfg
-                .max_delay_sec
-                .saturating_mul(1000)
-                .saturating_add(pass.cfg.precision_ms),
-        );
         self.read_new(store)?;
+        let w = self.widen(store, &pass.cfg);
+        let due_by = now.saturating_sub(w.precision_ms.max(1));
+        let too_far = now.saturating_add(
+            w.max_delay_sec
+                .saturating_mul(1000)
+                .saturating_add(w.precision_ms),
+        );
         let mut moved = 0;
         let mut since_save = 0;
         let result = loop {
@@ -359,6 +381,33 @@ impl Timers {
         let rolled = self.roll(store, now, pass.roll_after_ms);
         self.save(store, due_by).await?;
         result.and(rolled).map(|()| moved)
+    }
+
+    /// The settings to deliver by: the current ones once nothing waits (every entry read and
+    /// delivered), else the widest of them and those the waiting entries were timed under.
+    /// An entry stored under a coarser precision is due a step of that precision after its
+    /// time, and one timed under a longer limit is not "too far" under a shorter one: never
+    /// early, at worst one coarse step late.
+    fn widen(&self, store: &MessageStore, cfg: &TimerConfig) -> Widest {
+        let end = store.queue(TIMER_TOPIC, 0).map_or(0, |q| q.max_offset());
+        let mut st = self.lock();
+        let current = Widest {
+            precision_ms: cfg.precision_ms,
+            max_delay_sec: cfg.max_delay_sec,
+        };
+        let w = if st.by_offset.is_empty() && st.loaded >= end {
+            current
+        } else {
+            Widest {
+                precision_ms: st.widest.precision_ms.max(current.precision_ms),
+                max_delay_sec: st.widest.max_delay_sec.max(current.max_delay_sec),
+            }
+        };
+        if w != st.widest {
+            st.widest = w;
+            st.dirty = true;
+        }
+        w
     }
 
     /// Reads the timer queue's new entries into memory, up to [`MAX_PENDING`] held and
@@ -515,6 +564,8 @@ impl Timers {
             oldest_pending: st.oldest_pending(),
             loaded: st.loaded,
             delivered_until: due_by.min(next_due.saturating_sub(1)),
+            precision_ms: st.widest.precision_ms,
+            max_delay_sec: st.widest.max_delay_sec,
         }
     }
 }
@@ -691,6 +742,46 @@ mod tests {
         assert_eq!(third.deliver_due(&store, PASS).await.unwrap(), 1);
         assert_eq!(delivered(&store), ["m1", "m0", "m2", "m4"]);
         assert_eq!(third.pending(), 1, "the far one still waits");
+        store.shutdown();
+    }
+
+    #[tokio::test]
+    async fn narrower_settings_never_bring_waiting_messages_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_t(dir.path());
+        let wide = Pass {
+            cfg: TimerConfig {
+                precision_ms: 400,
+                ..PASS.cfg
+            },
+            ..PASS
+        };
+        let timers = Timers::load(dir.path()).unwrap();
+        let now = now_ms();
+        // Timed under a precision of 400 ms (due 400 ms after its time) and a 2 h limit.
+        store
+            .put(&[timed(0, now), timed(1, now + 7_000_000)])
+            .await
+            .unwrap();
+        assert_eq!(timers.deliver_due(&store, wide).await.unwrap(), 0);
+        // Narrowed at run time: 1 ms, 1 h. Neither is due yet, nor "too far".
+        let narrow = Pass {
+            cfg: TimerConfig {
+                precision_ms: 1,
+                max_delay_sec: 3600,
+                ..PASS.cfg
+            },
+            ..PASS
+        };
+        assert_eq!(timers.deliver_due(&store, narrow).await.unwrap(), 0);
+        // Nor across a restart with the narrow settings.
+        let again = Timers::load(dir.path()).unwrap();
+        assert_eq!(again.deliver_due(&store, narrow).await.unwrap(), 0);
+        assert_eq!(again.pending(), 2);
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert_eq!(again.deliver_due(&store, narrow).await.unwrap(), 1);
+        assert_eq!(delivered(&store), ["m0"]);
+        assert_eq!(again.pending(), 1, "the far one still waits");
         store.shutdown();
     }
 

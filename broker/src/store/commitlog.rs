@@ -167,8 +167,12 @@ pub struct CommitLog {
     /// Set when writing the log to disk failed (a flush, a write-out of zeroes or the
     /// write-back hint): the kernel reports a file's write-back error once per open file and
     /// may drop the pages it could not write, so no later flush may succeed in its place and
-    /// no more data is taken (see [`CommitLog::write_back_failure`]).
+    /// no more data is taken (see [`CommitLog::stopped`]).
     write_back_failed: std::sync::OnceLock<String>,
+    /// Set when the store must take no more data although the log itself is sound (a consume
+    /// queue could not be written after the log took its messages): appends are refused,
+    /// flushes go on, so what was acknowledged still reaches the disk.
+    stopped: std::sync::OnceLock<String>,
     /// Held while a segment file is created: the appender and the flush thread, which creates
     /// the next segment ahead of the data, never create the same one twice.
     creating: Mutex<()>,
@@ -299,6 +303,7 @@ impl CommitLog {
             flushed: AtomicU64::new(0),
             prepared: Mutex::new(Prepared::default()),
             write_back_failed: std::sync::OnceLock::new(),
+            stopped: std::sync::OnceLock::new(),
             creating: Mutex::new(()),
             filled: Condvar::new(),
             #[cfg(test)]
@@ -505,7 +510,7 @@ impl CommitLog {
     /// The wait reports any write-back error of the file, data pages' included, once per open
     /// file: it waits on a descriptor of its own, so the flush thread's `fdatasync` still sees
     /// the error. A failure here, like one of a flush, makes every later [`CommitLog::flush`]
-    /// and append fail (see [`CommitLog::write_back_failure`]).
+    /// and append fail (see [`CommitLog::stopped`]).
     pub fn write_out(&self, zeroes: &ZeroRun) -> Result<(), StoreError> {
         let seg = &zeroes.seg;
         // A descriptor that cannot be opened (too many open files) says nothing of the disk.
@@ -522,32 +527,40 @@ impl CommitLog {
     }
 
     /// Records that writing the log to disk failed and returns the error every caller gets
-    /// from now on.
+    /// from now on: nothing more is appended or flushed.
     fn write_back_lost(&self, e: StoreError) -> StoreError {
-        self.stop_writes(format!("writing the commit log to disk failed ({e})"))
-    }
-
-    /// Makes the store take no more data until a restart recovers its log, for a failure
-    /// after which log and queues may disagree (the first reason is logged, and is what
-    /// every caller gets from now on).
-    pub(crate) fn stop_writes(&self, why: String) -> StoreError {
+        let why = format!("writing the commit log to disk failed ({e})");
         if self.write_back_failed.set(why.clone()).is_ok() {
             tracing::error!(reason = %why, "the store takes no more messages until a restart recovers its log");
         }
         StoreError::WriteBackFailed(why)
     }
 
-    /// Why the log takes no more data, once writing it to disk has failed.
+    /// Makes the store take no more data until a restart recovers it, for a failure after
+    /// which log and queues may disagree although the log is sound: what it holds is still
+    /// flushed. The first reason is logged, and is what every caller gets from now on.
+    pub(crate) fn stop_writes(&self, why: String) -> StoreError {
+        if self.stopped.set(why.clone()).is_ok() {
+            tracing::error!(reason = %why, "the store takes no more messages until a restart recovers its log");
+        }
+        StoreError::WriteBackFailed(why)
+    }
+
+    /// Why the store takes no more data, if it stopped: writing the log to disk failed, or
+    /// log and queues may disagree ([`CommitLog::stop_writes`]).
     ///
-    /// Pages written before may be lost, and a log that went on past them would lose
-    /// acknowledged messages at the next recovery, which stops at the first damaged one. A
-    /// restart recovers it.
-    pub fn write_back_failure(&self) -> Option<&str> {
-        self.write_back_failed.get().map(String::as_str)
+    /// Pages written before a failed write-back may be lost, and a log that went on past
+    /// them would lose acknowledged messages at the next recovery, which stops at the first
+    /// damaged one. A restart recovers it.
+    pub fn stopped(&self) -> Option<&str> {
+        self.write_back_failed
+            .get()
+            .or_else(|| self.stopped.get())
+            .map(String::as_str)
     }
 
     fn check_writable(&self) -> Result<(), StoreError> {
-        match self.write_back_failure() {
+        match self.stopped() {
             Some(e) => Err(StoreError::WriteBackFailed(e.to_string())),
             None => Ok(()),
         }
@@ -778,7 +791,11 @@ impl CommitLog {
         if target <= from {
             return Ok(from);
         }
-        self.check_writable()?;
+        // Only a failed write-back stops flushes: a store stopped for its queues still makes
+        // what its log took durable.
+        if let Some(e) = self.write_back_failed.get() {
+            return Err(StoreError::WriteBackFailed(e.clone()));
+        }
         let segs: Vec<Arc<Segment>> = read(&self.segments)
             .iter()
             .filter(|s| s.base + self.segment_size > from && s.base < target)
@@ -1088,7 +1105,7 @@ mod tests {
         // A full disk fails the write, and only it.
         fail(&log, libc::ENOSPC);
         assert!(matches!(log.append(b"full"), Err(StoreError::Io { .. })));
-        assert!(log.write_back_failure().is_none());
+        assert!(log.stopped().is_none());
         fail(&log, 0);
         log.append(b"still taken").unwrap();
         // A file system gone read-only stops the log.
@@ -1098,9 +1115,7 @@ mod tests {
             Err(StoreError::WriteBackFailed(_))
         ));
         fail(&log, 0);
-        assert!(log
-            .write_back_failure()
-            .is_some_and(|w| w.contains("Read-only")));
+        assert!(log.stopped().is_some_and(|w| w.contains("Read-only")));
         assert!(matches!(
             log.append(b"refused"),
             Err(StoreError::WriteBackFailed(_))
@@ -1109,7 +1124,7 @@ mod tests {
         let other = CommitLog::open(&dir.path().join("other"), 64 * 1024).unwrap();
         fail(&other, libc::EIO);
         assert!(other.append_at(0, b"replicated").is_err());
-        assert!(other.write_back_failure().is_some());
+        assert!(other.stopped().is_some());
     }
 
     #[test]
@@ -1182,7 +1197,7 @@ mod tests {
         let log = CommitLog::open(dir.path(), 64 * 1024).unwrap();
         log.append(&[1u8; 100]).unwrap();
         assert_eq!(log.flush().unwrap(), 100);
-        assert_eq!(log.write_back_failure(), None);
+        assert_eq!(log.stopped(), None);
         log.break_syncing(0);
         log.append(&[2u8; 100]).unwrap();
         match log.flush() {
@@ -1194,10 +1209,7 @@ mod tests {
         for _ in 0..2 {
             assert!(matches!(log.flush(), Err(StoreError::WriteBackFailed(_))));
         }
-        assert!(log
-            .write_back_failure()
-            .unwrap()
-            .contains("Invalid argument"));
+        assert!(log.stopped().unwrap().contains("Invalid argument"));
         assert!(matches!(
             log.append(&[3u8; 100]),
             Err(StoreError::WriteBackFailed(_))

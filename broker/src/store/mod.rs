@@ -1514,7 +1514,7 @@ impl MessageStore {
                 // the disk may not have. The last good checkpoint stands, and recovery starts
                 // there. Failing to write the checkpoint file itself (a full disk) is only
                 // tried again: the data it would count is on disk.
-                let failed = checkpoint_failed || self.commitlog.write_back_failure().is_some();
+                let failed = checkpoint_failed || self.commitlog.stopped().is_some();
                 // `checkpointed` starts at the checkpoint written at open, not at what is
                 // dispatched when this thread starts: messages appended in between would
                 // otherwise wait for the next append.

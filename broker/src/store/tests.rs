@@ -206,6 +206,9 @@ fn a_queue_write_failing_after_the_log_took_the_message_stops_the_store_until_re
         Err(StoreError::WriteBackFailed(_))
     ));
     assert_eq!(store.commitlog().max_offset(), end);
+    // What the log took is still made durable (a SYNC_FLUSH send of an earlier group waits
+    // for it, and acknowledged ASYNC_FLUSH data should reach the disk).
+    assert_eq!(store.commitlog().flush().unwrap(), end);
     store.shutdown();
     drop(store);
     // The restart recovers from the last checkpoint: every message the log holds is in its
@@ -943,7 +946,7 @@ async fn a_failed_flush_refuses_every_later_message() {
             end,
             "{flush:?}: the refused message was written"
         );
-        assert!(store.commitlog().write_back_failure().is_some());
+        assert!(store.commitlog().stopped().is_some());
         store.shutdown();
     }
 }

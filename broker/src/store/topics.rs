@@ -162,17 +162,6 @@ impl TopicTable {
         })
     }
 
-    /// Marks the table changed without changing a topic: the broker's own permission, which
-    /// its registrations apply to every topic, changed, and name servers take a broker's
-    /// topics again only under a new version.
-    pub fn touch(&self) -> Result<(), StoreError> {
-        self.change(|t| {
-            t.data_version.bump();
-            true
-        })
-        .map(drop)
-    }
-
     /// Sets the permission of every topic (e.g. to drop write before a scale-in).
     pub fn set_all_perm(&self, perm: i32) -> Result<(), StoreError> {
         self.change(|t| {

@@ -180,7 +180,11 @@ async fn run(
     );
     let health = broker::http::HealthState::new(registry, None);
     let shutdown = CancellationToken::new();
-    let listener = broker::http::bind(SocketAddr::from(([0, 0, 0, 0], http_port))).await?;
+    let listener = broker::http::bind(SocketAddr::from((
+        std::net::Ipv6Addr::UNSPECIFIED,
+        http_port,
+    )))
+    .await?;
     tokio::spawn(broker::http::serve(
         listener,
         health.clone(),
