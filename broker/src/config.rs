@@ -227,6 +227,9 @@ pub struct BrokerConfig {
     /// `storeReplyMessageEnable`: whether replies to request messages are also stored in the
     /// cluster's reply topic, beside being pushed to the requester (Java: true).
     pub store_reply_message: bool,
+    /// `bindAddress` (Java's NettyServerConfig key): the address the remoting, HA and HTTP
+    /// ports listen on; `::`, every IPv6 and IPv4 address, by default.
+    pub bind_address: std::net::IpAddr,
     /// The broker.conf these settings were read from (not a setting): changes made while the
     /// broker runs are saved there, so a restart keeps them.
     pub config_file: Option<PathBuf>,
@@ -280,6 +283,7 @@ impl Default for BrokerConfig {
             transaction_check_interval_ms: 60_000,
             message_index: true,
             store_reply_message: true,
+            bind_address: std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
             config_file: None,
             timer: Default::default(),
             index_size: Default::default(),
@@ -514,6 +518,10 @@ impl BrokerConfig {
                     }
                 }
                 "enablePropertyFilter" => c.property_filter = boolean(k, v)?,
+                "bindAddress" => {
+                    c.bind_address = crate::net::parse_ip(v)
+                        .ok_or_else(|| bad(k, v, "an IP address (`::` or `0.0.0.0`: every one)"))?;
+                }
                 "maxHashSlotNum" => c.index_size.slots = num(k, v, "a slot count")?,
                 "maxIndexNum" => c.index_size.entries = num(k, v, "an entry count")?,
                 "transactionCheckInterval" => {
@@ -654,6 +662,7 @@ impl BrokerConfig {
             ("timerPrecisionMs", self.timer.precision_ms.to_string()),
             ("timerMaxDelaySec", self.timer.max_delay_sec.to_string()),
             ("enablePropertyFilter", self.property_filter.to_string()),
+            ("bindAddress", self.bind_address.to_string()),
             ("maxHashSlotNum", self.index_size.slots.to_string()),
             ("maxIndexNum", self.index_size.entries.to_string()),
         ];
@@ -880,12 +889,19 @@ impl BrokerConfig {
 
     /// The address clients use for this broker.
     pub fn broker_addr(&self) -> String {
-        crate::net::host_port(&self.broker_ip, self.listen_port)
+        crate::net::host_port(&self.advertised_host(), self.listen_port)
+    }
+
+    /// `brokerIP1` as advertised: an IP address in its usual short form (`fd00::5`, however
+    /// written), so the address clients see matches the one message ids carry.
+    fn advertised_host(&self) -> String {
+        crate::net::parse_ip(&self.broker_ip)
+            .map_or_else(|| self.broker_ip.clone(), |ip| ip.to_string())
     }
 
     /// The address slaves replicate from.
     pub fn ha_addr(&self) -> String {
-        crate::net::host_port(&self.broker_ip, self.ha_listen_port)
+        crate::net::host_port(&self.advertised_host(), self.ha_listen_port)
     }
 }
 

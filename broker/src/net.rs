@@ -13,16 +13,37 @@ pub async fn bind_any(port: u16) -> io::Result<TcpListener> {
     bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).await
 }
 
-/// Listens on `addr`; the IPv6 "every address" (`[::]`) falls back to IPv4's (`0.0.0.0`)
-/// on a host without IPv6.
+/// Listens on `addr`. The IPv6 "every address" (`[::]`) takes IPv4 clients too, whatever the
+/// host's default (`net.ipv6.bindv6only`), and falls back to IPv4's (`0.0.0.0`) on a host
+/// without IPv6.
 pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    match TcpListener::bind(addr).await {
-        // A kernel without IPv6 (EAFNOSUPPORT) or with it turned off (EADDRNOTAVAIL).
-        Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) && no_ipv6(&e) => {
-            TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()))).await
+    let any_v6 = addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    let listener = match listen(addr) {
+        // A kernel without IPv6 (EAFNOSUPPORT: booted with ipv6.disable=1), or one that
+        // cannot make a dual-stack socket.
+        Err(e) if any_v6 && no_ipv6(&e) => {
+            listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port())))?
         }
-        bound => bound,
+        bound => bound?,
+    };
+    TcpListener::from_std(listener)
+}
+
+/// A listening socket for `addr`, dual-stack when it is IPv6, as tokio makes them otherwise
+/// (address reuse, a backlog of 1024, non-blocking).
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket
+            .set_only_v6(false)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EAFNOSUPPORT))?;
     }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 fn no_ipv6(e: &io::Error) -> bool {
@@ -88,6 +109,10 @@ mod tests {
     #[tokio::test]
     async fn one_listener_takes_ipv4_and_ipv6_clients() {
         let l = bind_any(0).await.unwrap();
+        if l.local_addr().unwrap().is_ipv6() {
+            // Dual-stack whatever net.ipv6.bindv6only says.
+            assert!(!socket2::SockRef::from(&l).only_v6().unwrap());
+        }
         let port = l.local_addr().unwrap().port();
         let v4 = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await

@@ -117,6 +117,42 @@ impl GroupAdmin for BrokerAdmin {
         })
     }
 
+    fn apply_settings<'a>(
+        &'a self,
+        g: &'a GroupRef,
+        wanted: &'a [(String, String)],
+    ) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        Box::pin(async move {
+            let client = Client::new(broker::config::split_namesrv(&g.namesrv_addr));
+            let info = client.cluster_info().await.map_err(|e| e.to_string())?;
+            let Some(members) = info.broker_addr_table.get(&g.group) else {
+                return Err(format!(
+                    "{} has no member registered with the name servers",
+                    g.group
+                ));
+            };
+            let mut changed = Vec::new();
+            for addr in members.broker_addrs.values() {
+                let have = client
+                    .broker_config(addr)
+                    .await
+                    .map_err(|e| format!("reading the settings of {addr}: {e}"))?;
+                let change = settings_to_change(&have, wanted);
+                if change.is_empty() {
+                    continue;
+                }
+                // The broker cannot save them (its broker.conf is the ConfigMap, which
+                // already holds them): its warning says so, and is expected.
+                client
+                    .update_broker_config(addr, &change)
+                    .await
+                    .map_err(|e| format!("changing the settings of {addr}: {e}"))?;
+                changed.extend(change.iter().map(|(k, v)| format!("{addr}: {k}={v}")));
+            }
+            Ok(changed)
+        })
+    }
+
     fn share_topics<'a>(&'a self, g: &'a GroupRef) -> BoxFuture<'a, Result<Vec<String>, String>> {
         Box::pin(async move {
             let client = Client::new(broker::config::split_namesrv(&g.namesrv_addr));
@@ -175,6 +211,18 @@ impl GroupAdmin for BrokerAdmin {
             Ok(created)
         })
     }
+}
+
+/// The settings of `wanted` a broker whose settings are `have` differs on.
+pub fn settings_to_change(
+    have: &BTreeMap<String, String>,
+    wanted: &[(String, String)],
+) -> Vec<(String, String)> {
+    wanted
+        .iter()
+        .filter(|(k, v)| have.get(k) != Some(v))
+        .cloned()
+        .collect()
 }
 
 /// Adds `cfg` to the topics a new group should get. When groups disagree, the most permissive

@@ -109,6 +109,14 @@ pub trait GroupAdmin: Send + Sync {
         &'a self,
         group: &'a GroupRef,
     ) -> BoxFuture<'a, Result<Vec<String>, String>>;
+    /// Brings the settings brokers change while they run to `wanted` on every member of the
+    /// group registered with the name servers, without a restart; returns what it changed
+    /// (`member: key=value`), nothing when every member had them already.
+    fn apply_settings<'a>(
+        &'a self,
+        group: &'a GroupRef,
+        wanted: &'a [(String, String)],
+    ) -> BoxFuture<'a, Result<Vec<String>, String>>;
 }
 
 /// What reconcile needs.
@@ -977,6 +985,33 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
             }
         }
     }
+    // Settings brokers change while running reach them without a restart (the ConfigMap,
+    // which a restart reads, holds them too); one changed by hand on a broker (`mqadmin
+    // updateBrokerConfig`) is put back to what the spec says the same way.
+    let mut settings_pending = false;
+    for g in plan.groups.iter().filter(|g| ready_of(&g.name) > 0) {
+        match ctx
+            .admin
+            .apply_settings(&group_ref(&g.name), &g.live_settings)
+            .await
+        {
+            Ok(changed) if changed.is_empty() => {}
+            Ok(changed) => {
+                publish(
+                    &ctx,
+                    &bc,
+                    EventType::Normal,
+                    "SettingsApplied",
+                    format!("{} without a restart: {}", g.name, changed.join(", ")),
+                )
+                .await;
+            }
+            Err(reason) => {
+                tracing::warn!(cluster = %name, group = %g.name, %reason, "cannot bring the group's settings to the spec yet");
+                settings_pending = true;
+            }
+        }
+    }
     for s in &obs.stuck {
         publish(&ctx, &bc, EventType::Warning, "DrainTimeout", format!("{s} still has unconsumed messages; set annotation {ANNOTATION_FORCE_DRAIN}=true to remove it anyway")).await;
     }
@@ -990,7 +1025,7 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         )
         .await;
     }
-    if obs.draining.is_empty() && now_ready && !topics_pending {
+    if obs.draining.is_empty() && now_ready && !topics_pending && !settings_pending {
         Ok(Action::requeue(FULL_APPLY_EVERY))
     } else {
         Ok(Action::requeue(Duration::from_secs(10)))

@@ -277,6 +277,9 @@ pub struct LocalCluster {
     /// Groups started by this runtime that have not yet been given the cluster's topics,
     /// with how often that failed (their master may still be starting).
     unshared: BTreeMap<String, u32>,
+    /// Groups whose settings changeable at run time are to be pushed to their members, with
+    /// how often that failed (they may still be starting).
+    settings_pending: BTreeMap<String, u32>,
     namesrv: String,
     admin: Arc<dyn GroupAdmin>,
     readiness: Arc<dyn Readiness>,
@@ -312,6 +315,7 @@ impl LocalCluster {
             draining: BTreeMap::new(),
             unready: BTreeSet::new(),
             unshared: BTreeMap::new(),
+            settings_pending: BTreeMap::new(),
             namesrv: String::new(),
             admin,
             readiness: Arc::new(HttpReadiness),
@@ -561,7 +565,52 @@ impl LocalCluster {
                 self.hashes.insert(key, hash);
             }
         }
+        // Settings brokers take while running are pushed to them rather than restarting
+        // them (see push_settings), every group once after each apply.
+        for g in &plan.groups {
+            self.settings_pending.entry(g.name.clone()).or_insert(0);
+        }
         Ok(())
+    }
+
+    /// Brings the settings brokers change while running to the file's on the members of the
+    /// groups an apply marked, once they are registered (a broker saves them to its own
+    /// broker.conf, so a restart keeps them).
+    pub async fn push_settings(&mut self, plan: &ClusterPlan) {
+        let pending: Vec<String> = self.settings_pending.keys().cloned().collect();
+        for group in pending {
+            let Some(g) = plan.groups.iter().find(|g| g.name == group) else {
+                self.settings_pending.remove(&group);
+                continue;
+            };
+            // The members run with this runtime's name servers, not the plan's Service.
+            let wanted: Vec<(String, String)> = g
+                .live_settings
+                .iter()
+                .map(|(k, v)| match k.as_str() {
+                    "namesrvAddr" => (k.clone(), self.namesrv.clone()),
+                    _ => (k.clone(), v.clone()),
+                })
+                .collect();
+            let gref = self.group_ref(plan, &group);
+            match self.admin.apply_settings(&gref, &wanted).await {
+                Ok(changed) => {
+                    if !changed.is_empty() {
+                        println!("{group}: changed without a restart: {}", changed.join(", "));
+                    }
+                    self.settings_pending.remove(&group);
+                }
+                Err(e) => {
+                    let failures = self.settings_pending.entry(group.clone()).or_insert(0);
+                    *failures += 1;
+                    if failures.is_multiple_of(60) {
+                        tracing::warn!(group = %group, error = %e, "cannot change the group's settings yet");
+                    } else {
+                        tracing::debug!(group = %group, error = %e, "group not ready for its settings");
+                    }
+                }
+            }
+        }
     }
 
     /// Before a rollout restarts another member: waits for the members earlier restarts left
@@ -840,6 +889,7 @@ pub async fn run(
             }
         }
         cluster.share_topics(&plan).await; // nothing to do once every new group has them
+        cluster.push_settings(&plan).await; // nor once the members have the file's settings
     }
     println!("stopping...");
     cluster.stop().await;
@@ -913,6 +963,7 @@ mod tests {
     struct FakeAdmin {
         wipes: AtomicU32,
         drained: AtomicBool,
+        settings_pushes: AtomicU32,
     }
 
     impl GroupAdmin for FakeAdmin {
@@ -928,6 +979,14 @@ mod tests {
             &'a self,
             _: &'a GroupRef,
         ) -> BoxFuture<'a, Result<Vec<String>, String>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn apply_settings<'a>(
+            &'a self,
+            _: &'a GroupRef,
+            _: &'a [(String, String)],
+        ) -> BoxFuture<'a, Result<Vec<String>, String>> {
+            self.settings_pushes.fetch_add(1, Ordering::SeqCst);
             Box::pin(async { Ok(Vec::new()) })
         }
     }
@@ -1135,7 +1194,7 @@ mod tests {
             .await
             .unwrap();
         settle(&events, 4).await;
-        let changed = "  nameServer: {replicas: 1}\n  broker: {masters: 2, slavesPerMaster: 1, config: {fileReservedTime: \"48\"}}\n";
+        let changed = "  nameServer: {replicas: 1}\n  broker: {masters: 2, slavesPerMaster: 1, config: {flushIntervalCommitLog: \"200\"}}\n";
         cluster.apply(&plan_of(dir.path(), changed)).await.unwrap();
         // Each member restarts only once the one before it is ready.
         assert_eq!(
@@ -1155,6 +1214,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_setting_brokers_change_while_running_is_pushed_to_them_not_restarted_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = Arc::new(FakeAdmin::default());
+        let (mut cluster, events) = local(dir.path(), admin.clone());
+        let first = plan_of(dir.path(), TWO_BY_ONE);
+        cluster.apply(&first).await.unwrap();
+        settle(&events, 4).await;
+        cluster.push_settings(&first).await;
+        assert_eq!(
+            admin.settings_pushes.load(Ordering::SeqCst),
+            2,
+            "once per group"
+        );
+        cluster.push_settings(&first).await;
+        assert_eq!(
+            admin.settings_pushes.load(Ordering::SeqCst),
+            2,
+            "nothing pending"
+        );
+        let live = plan_of(
+            dir.path(),
+            "  nameServer: {replicas: 1}\n  broker: {masters: 2, slavesPerMaster: 1, config: {fileReservedTime: \"48\"}}\n",
+        );
+        cluster.apply(&live).await.unwrap();
+        cluster.push_settings(&live).await;
+        assert_eq!(admin.settings_pushes.load(Ordering::SeqCst), 4);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(recorded(&events).is_empty(), "{:?}", recorded(&events));
+        cluster.stop().await;
+    }
+
+    #[tokio::test]
     async fn a_member_not_ready_in_time_stops_the_rollout_with_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let (mut cluster, events) = local(dir.path(), Arc::default());
@@ -1170,7 +1261,7 @@ mod tests {
         cluster.ready_timeout = Duration::from_millis(300);
         let changed = plan_of(
             dir.path(),
-            "  nameServer: {replicas: 1}\n  broker: {masters: 2, slavesPerMaster: 1, config: {fileReservedTime: \"48\"}}\n",
+            "  nameServer: {replicas: 1}\n  broker: {masters: 2, slavesPerMaster: 1, config: {flushIntervalCommitLog: \"200\"}}\n",
         );
         for _ in 0..2 {
             let err = cluster.apply(&changed).await.unwrap_err();

@@ -2,7 +2,7 @@
 //! Kubernetes builders and the local runtime both render this plan, so what the quick start
 //! runs is what the cluster runs.
 
-use broker::config::BrokerConfig;
+use broker::config::{BrokerConfig, LIVE_SETTINGS};
 use sha2::{Digest, Sha256};
 
 use crate::crd::{BrokerClusterSpec, Flush, Replication, OWNED_CONFIG_KEYS};
@@ -116,8 +116,13 @@ pub struct BrokerGroupPlan {
     pub members: Vec<MemberPlan>,
     /// broker.conf shared by the members (brokerId and role of slaves come from the ordinal).
     pub broker_conf: String,
-    /// Hash of everything that should restart the pods when it changes.
+    /// Hash of everything that should restart the pods when it changes: the image and the
+    /// settings a broker reads only at start.
     pub config_hash: String,
+    /// The settings brokers change while they run ([`broker::config::LIVE_SETTINGS`]), each
+    /// as its broker.conf line reads in effect (defaults included): pushed to the members
+    /// instead of restarting them.
+    pub live_settings: Vec<(String, String)>,
 }
 
 impl BrokerGroupPlan {
@@ -193,6 +198,17 @@ pub fn describe(spec: &BrokerClusterSpec) -> String {
         Replication::Sync => "sync double write",
     };
     format!("{masters} x {slaves}, {repl}, {flush}")
+}
+
+/// The live settings of `cfg`, as broker.conf lines write them (what GET_BROKER_CONFIG
+/// answers, so a broker's answer compares line by line).
+fn live_settings(cfg: &BrokerConfig) -> Vec<(String, String)> {
+    cfg.to_properties()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| LIVE_SETTINGS.contains(k))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn hash(parts: &[&str]) -> String {
@@ -349,7 +365,9 @@ pub fn plan(
         }
         // The broker's own parser checks the result, so a bad key fails here, named, rather
         // than in a crash-looping pod.
-        BrokerConfig::parse(&conf).map_err(|e| PlanError::BrokerConfig(e.to_string()))?;
+        let parsed =
+            BrokerConfig::parse(&conf).map_err(|e| PlanError::BrokerConfig(e.to_string()))?;
+        let live_settings = live_settings(&parsed);
         let members = (0..=b.slaves_per_master)
             .map(|o| MemberPlan {
                 ordinal: o,
@@ -357,13 +375,23 @@ pub fn plan(
                 pod: format!("{gname}-{o}"),
             })
             .collect();
-        let config_hash = hash(&[&conf, &image]);
+        // Settings brokers take while running do not restart them (see live_settings).
+        let restart_only: String = conf
+            .lines()
+            .filter(|l| {
+                l.split_once('=')
+                    .is_none_or(|(k, _)| !LIVE_SETTINGS.contains(&k.trim()))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config_hash = hash(&[&restart_only, &image]);
         groups.push(BrokerGroupPlan {
             index: i,
             name: gname,
             members,
             broker_conf: conf,
             config_hash,
+            live_settings,
         });
     }
     Ok(ClusterPlan {
@@ -565,11 +593,31 @@ mod tests {
         let mut s3 = s.clone();
         s3.broker
             .config
-            .insert("fileReservedTime".into(), "24".into());
+            .insert("flushIntervalCommitLog".into(), "100".into());
         assert_ne!(
             a.groups[0].config_hash,
             plan("d", "n", &s3, "img").unwrap().groups[0].config_hash
         );
+        // A setting brokers change while running restarts nothing: it is pushed to them.
+        let mut s4 = s.clone();
+        s4.broker
+            .config
+            .insert("fileReservedTime".into(), "24".into());
+        let live = plan("d", "n", &s4, "img").unwrap();
+        assert_eq!(a.groups[0].config_hash, live.groups[0].config_hash);
+        assert_ne!(a.groups[0].broker_conf, live.groups[0].broker_conf);
+        let wanted = |p: &ClusterPlan, k: &str| {
+            p.groups[0]
+                .live_settings
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(wanted(&live, "fileReservedTime").as_deref(), Some("24"));
+        // Every live setting is wanted, defaults included (one removed from the spec goes
+        // back to its default on the brokers).
+        assert_eq!(wanted(&a, "fileReservedTime").as_deref(), Some("72"));
+        assert_eq!(a.groups[0].live_settings.len(), LIVE_SETTINGS.len());
         assert_ne!(
             a.groups[0].config_hash,
             plan("d", "n", &s, "img2").unwrap().groups[0].config_hash

@@ -127,3 +127,41 @@ async fn a_group_with_undecided_transactions_is_not_drained() {
     b.stop().await;
     ns.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_are_brought_to_the_spec_on_a_running_broker_and_only_when_they_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ns, b, g, client) = one_group(dir.path(), |_| {}).await;
+    // As registered (the address the admin finds).
+    let addr = format!("127.0.0.1:{}", b.addr.port());
+    let wanted = vec![
+        ("fileReservedTime".to_string(), "48".to_string()),
+        ("maxMessageSize".to_string(), "4194304".to_string()),
+    ];
+    // Registered with the name server first (the admin finds the members there).
+    let mut changed = Err(String::new());
+    for _ in 0..200 {
+        changed = BrokerAdmin.apply_settings(&g, &wanted).await;
+        if changed.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(changed, Ok(vec![format!("{addr}: fileReservedTime=48")]));
+    let have = client.broker_config(&addr).await.unwrap();
+    assert_eq!(have["fileReservedTime"], "48");
+    // Nothing to do the second time.
+    assert_eq!(
+        BrokerAdmin.apply_settings(&g, &wanted).await,
+        Ok(Vec::new())
+    );
+    // A value the broker refuses is reported, naming the broker.
+    let bad = vec![("fileReservedTime".to_string(), "soon".to_string())];
+    let refused = BrokerAdmin.apply_settings(&g, &bad).await.unwrap_err();
+    assert!(
+        refused.contains(&addr) && refused.contains("fileReservedTime"),
+        "{refused}"
+    );
+    b.stop().await;
+    ns.stop().await;
+}

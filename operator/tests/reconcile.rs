@@ -37,6 +37,8 @@ struct FakeAdmin {
     shared: std::sync::Mutex<Vec<String>>,
     /// Whether sharing topics fails (the new master is not registered yet).
     share_fails: AtomicBool,
+    /// Settings pushed to groups: (group, key=value...).
+    applied: std::sync::Mutex<Vec<(String, Vec<String>)>>,
 }
 
 impl GroupAdmin for FakeAdmin {
@@ -62,6 +64,15 @@ impl GroupAdmin for FakeAdmin {
                 Ok(d)
             }
         })
+    }
+    fn apply_settings<'a>(
+        &'a self,
+        g: &'a GroupRef,
+        wanted: &'a [(String, String)],
+    ) -> BoxFuture<'a, Result<Vec<String>, String>> {
+        let lines: Vec<String> = wanted.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        self.applied.lock().unwrap().push((g.group.clone(), lines));
+        Box::pin(async { Ok(Vec::new()) })
     }
     fn share_topics<'a>(&'a self, g: &'a GroupRef) -> BoxFuture<'a, Result<Vec<String>, String>> {
         self.shared.lock().unwrap().push(g.group.clone());
@@ -1145,9 +1156,55 @@ async fn stateful_sets_created_by_an_older_operator_keep_their_claim_templates()
     );
     assert_eq!(h.condition("Ready").0, "True");
     // Later spec changes apply as usual.
-    h.edit_spec(json!({"config": {"fileReservedTime": "48"}}));
+    h.edit_spec(json!({"config": {"flushIntervalCommitLog": "200"}}));
     assert_eq!(h.reconcile_pods().await, applied("demo-broker-0"));
     assert_eq!(claims(&h, "demo-broker-0"), before[0]);
+}
+
+#[tokio::test]
+async fn a_setting_brokers_change_while_running_reaches_them_without_a_rollout() {
+    let h = harness(json!({"broker": {"masters": 2}}));
+    h.reconcile().await;
+    h.mark_ready();
+    h.reconcile().await;
+    let pushed = |h: &Harness, key: &str| -> Vec<(String, String)> {
+        h.drain
+            .applied
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|(g, lines)| {
+                lines
+                    .iter()
+                    .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+                    .map(|v| (g.clone(), v.to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    // Every ready group is told the settings the spec gives (defaults included).
+    let first = pushed(&h, "fileReservedTime");
+    assert!(
+        first.contains(&("demo-broker-0".to_string(), "72".to_string()))
+            && first.contains(&("demo-broker-1".to_string(), "72".to_string())),
+        "{first:?}"
+    );
+    h.drain.applied.lock().unwrap().clear();
+    h.edit_spec(json!({"masters": 2, "config": {"fileReservedTime": "48"}}));
+    // The ConfigMaps change (a restart reads them); the pods do not roll.
+    assert_eq!(
+        h.reconcile_pods().await,
+        vec![
+            "PATCH configmaps/demo-broker-0".to_string(),
+            "PATCH configmaps/demo-broker-1".to_string()
+        ]
+    );
+    let now = pushed(&h, "fileReservedTime");
+    assert!(
+        now.contains(&("demo-broker-0".to_string(), "48".to_string()))
+            && now.contains(&("demo-broker-1".to_string(), "48".to_string())),
+        "{now:?}"
+    );
 }
 
 #[tokio::test]

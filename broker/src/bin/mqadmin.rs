@@ -514,16 +514,13 @@ async fn update_broker_config(
             })
         }
     };
-    let body = format!("{key}={value}\n");
+    let setting = [(key.to_string(), value.to_string())];
     let mut failed = None;
     for addr in &targets {
-        let req =
-            RemotingCommand::request(RequestCode::UpdateBrokerConfig.code(), Default::default())
-                .with_body(body.clone().into_bytes());
-        match client.call_ok(addr, req).await {
-            Ok(resp) => {
+        match client.update_broker_config(addr, &setting).await {
+            Ok(warning) => {
                 println!("update broker config success, {addr}");
-                if let Some(warning) = resp.remark.filter(|r| !r.is_empty()) {
+                if let Some(warning) = warning {
                     eprintln!("warning: {addr}: {warning}");
                 }
             }

@@ -320,6 +320,36 @@ impl Client {
             .map_err(|e| bad(broker, format!("runtime info: {e}")))
     }
 
+    /// A broker's settings in effect (GET_BROKER_CONFIG), by broker.conf key.
+    pub async fn broker_config(
+        &self,
+        broker: &str,
+    ) -> Result<BTreeMap<String, String>, ClientError> {
+        let req =
+            RemotingCommand::request(RequestCode::GetBrokerConfig.code(), ExtFields::default());
+        let resp = self.call_ok(broker, req).await?;
+        let text = std::str::from_utf8(&resp.body)
+            .map_err(|_| bad(broker, "broker config: not UTF-8 text"))?;
+        crate::config::parse_properties(text)
+            .map(|pairs| pairs.into_iter().map(|(k, v, _)| (k, v)).collect())
+            .map_err(|e| bad(broker, format!("broker config: {e}")))
+    }
+
+    /// Changes settings of a running broker (UPDATE_BROKER_CONFIG). `Ok(Some(warning))` when
+    /// the broker applied them but could not save them (they last until it restarts).
+    pub async fn update_broker_config(
+        &self,
+        broker: &str,
+        settings: &[(String, String)],
+    ) -> Result<Option<String>, ClientError> {
+        let body: String = settings.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        let req =
+            RemotingCommand::request(RequestCode::UpdateBrokerConfig.code(), ExtFields::default())
+                .with_body(body.into_bytes());
+        let resp = self.call_ok(broker, req).await?;
+        Ok(resp.remark.filter(|r| !r.is_empty()))
+    }
+
     /// Every topic config of one broker.
     pub async fn broker_topics(&self, broker: &str) -> Result<TopicConfigWrapper, ClientError> {
         let req =

@@ -539,6 +539,13 @@ impl Broker {
         Ok(raw)
     }
 
+    /// Every name server's address, in this broker's address family where a name has both.
+    async fn name_servers(&self) -> Vec<String> {
+        let cfg = self.cfg.load_full();
+        let v6 = crate::net::parse_ip(&cfg.broker_ip).is_some_and(|ip| ip.is_ipv6());
+        resolve_preferring(&cfg.namesrv_addrs, v6).await
+    }
+
     /// The registration body and header for the name servers.
     fn registration(&self) -> RemotingCommand {
         let (mut table, mut version) = self.store.topics.snapshot();
@@ -591,7 +598,7 @@ impl Broker {
     /// period).
     async fn register_all(&self) -> (Vec<String>, bool) {
         let req = self.registration();
-        let addrs = resolve_all(&self.cfg().namesrv_addrs).await;
+        let addrs = self.name_servers().await;
         let calls = addrs
             .iter()
             .map(|addr| self.pool.call_ok(addr, req.clone(), Duration::from_secs(6)));
@@ -832,7 +839,7 @@ impl Broker {
             broker_id: self.cfg().broker_id,
         };
         let req = RemotingCommand::request(RequestCode::UnregisterBroker.code(), h.to_ext());
-        for addr in resolve_all(&self.cfg().namesrv_addrs).await {
+        for addr in self.name_servers().await {
             if let Err(e) = self
                 .pool
                 .call_ok(&addr, req.clone(), Duration::from_secs(3))
@@ -866,13 +873,20 @@ fn err_responder(code: ResponseCode, remark: String) -> ErrorResponder {
 /// families (a dual-stack Service, `localhost`) yields its IPv4 ones, so each name server is
 /// called once; an IPv6-only one yields its IPv6 ones.
 pub async fn resolve_all(entries: &[String]) -> Vec<String> {
+    resolve_preferring(entries, false).await
+}
+
+/// [`resolve_all`], preferring IPv6 addresses where a name has both (`v6`: a broker on an
+/// IPv6 address, whose host may reach no IPv4 one).
+pub async fn resolve_preferring(entries: &[String], v6: bool) -> Vec<String> {
     let mut out = Vec::new();
     for e in entries {
         match tokio::net::lookup_host(e.as_str()).await {
             Ok(addrs) => {
                 let addrs: Vec<SocketAddr> = addrs.collect();
-                let v4 = addrs.iter().any(SocketAddr::is_ipv4);
-                for a in addrs.iter().filter(|a| a.is_ipv4() == v4) {
+                let has_preferred = addrs.iter().any(|a| a.is_ipv6() == v6);
+                let family = if has_preferred { v6 } else { !v6 };
+                for a in addrs.iter().filter(|a| a.is_ipv6() == family) {
                     let s = a.to_string();
                     if !out.contains(&s) {
                         out.push(s);
@@ -1037,10 +1051,9 @@ impl BrokerHandle {
 pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     let ip = crate::net::parse_ip(&cfg.broker_ip)
         .ok_or_else(|| BrokerError::BadIp(cfg.broker_ip.clone()))?;
-    // Every address, IPv6 and IPv4 alike where the host has IPv6.
-    let any = std::net::Ipv6Addr::UNSPECIFIED;
-    let listen = SocketAddr::from((any, cfg.listen_port));
-    let http_listen = SocketAddr::from((any, cfg.http_port));
+    // By default every address, IPv6 and IPv4 alike where the host has IPv6.
+    let listen = SocketAddr::new(cfg.bind_address, cfg.listen_port);
+    let http_listen = SocketAddr::new(cfg.bind_address, cfg.http_port);
     let listener = crate::net::bind(listen)
         .await
         .map_err(|source| BrokerError::Bind {
@@ -1300,7 +1313,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
 
     // Replication: masters serve their slaves, slaves follow their master.
     if let Some(state) = &broker.replication {
-        let ha_listen = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, cfg.ha_listen_port));
+        let ha_listen = SocketAddr::new(cfg.bind_address, cfg.ha_listen_port);
         let ha = crate::net::bind(ha_listen)
             .await
             .map_err(|source| BrokerError::Bind {

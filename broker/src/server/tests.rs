@@ -2976,6 +2976,19 @@ async fn name_servers_are_reached_on_ipv6_when_they_have_no_ipv4_address() {
     let local = resolve_all(&one("localhost:9876")).await;
     assert!(local.contains(&"127.0.0.1:9876".to_string()), "{local:?}");
     assert!(!local.iter().any(|a| a.starts_with('[')), "{local:?}");
+    // A broker on an IPv6 address prefers that family, when the name has it.
+    let v6 = resolve_preferring(&one("localhost:9876"), true).await;
+    if local.len()
+        < std::net::ToSocketAddrs::to_socket_addrs("localhost:9876")
+            .unwrap()
+            .count()
+    {
+        assert_eq!(v6, one("[::1]:9876"));
+    }
+    assert_eq!(
+        resolve_preferring(&one("127.0.0.1:9876"), true).await,
+        one("127.0.0.1:9876")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
