@@ -1297,4 +1297,18 @@ mod tests {
             Err(ConfigError::UnknownKey { line: 2, .. })
         ));
     }
+
+    #[test]
+    fn ipv6_hosts_are_advertised_in_short_form_and_the_bind_address_is_read() {
+        let c = BrokerConfig::parse("brokerIP1=FD00:0:0:0:0:0:0:5\nbindAddress=0.0.0.0\n").unwrap();
+        assert_eq!(c.broker_addr(), "[fd00::5]:10911");
+        assert_eq!(c.ha_addr(), "[fd00::5]:10912");
+        assert_eq!(c.bind_address.to_string(), "0.0.0.0");
+        assert_eq!(BrokerConfig::parse(&c.to_properties()).unwrap(), c);
+        let d = BrokerConfig::default();
+        assert_eq!(d.bind_address.to_string(), "::");
+        assert_eq!(d.broker_addr(), "127.0.0.1:10911");
+        let e = BrokerConfig::parse("bindAddress=everywhere\n").unwrap_err();
+        assert!(e.to_string().contains("bindAddress"), "{e}");
+    }
 }
