@@ -228,8 +228,8 @@ pub struct BrokerConfig {
     /// cluster's reply topic, beside being pushed to the requester (Java: true).
     pub store_reply_message: bool,
     /// `bindAddress` (Java's NettyServerConfig key): the address the remoting, HA and HTTP
-    /// ports listen on; `::`, every IPv6 and IPv4 address, by default.
-    pub bind_address: std::net::IpAddr,
+    /// ports listen on; unset, see [`BrokerConfig::listen_ip`].
+    pub bind_address: Option<std::net::IpAddr>,
     /// The broker.conf these settings were read from (not a setting): changes made while the
     /// broker runs are saved there, so a restart keeps them.
     pub config_file: Option<PathBuf>,
@@ -283,7 +283,7 @@ impl Default for BrokerConfig {
             transaction_check_interval_ms: 60_000,
             message_index: true,
             store_reply_message: true,
-            bind_address: std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            bind_address: None,
             config_file: None,
             timer: Default::default(),
             index_size: Default::default(),
@@ -520,6 +520,7 @@ impl BrokerConfig {
                 "enablePropertyFilter" => c.property_filter = boolean(k, v)?,
                 "bindAddress" => {
                     c.bind_address = crate::net::parse_ip(v)
+                        .map(Some)
                         .ok_or_else(|| bad(k, v, "an IP address (`::` or `0.0.0.0`: every one)"))?;
                 }
                 "maxHashSlotNum" => c.index_size.slots = num(k, v, "a slot count")?,
@@ -662,12 +663,14 @@ impl BrokerConfig {
             ("timerPrecisionMs", self.timer.precision_ms.to_string()),
             ("timerMaxDelaySec", self.timer.max_delay_sec.to_string()),
             ("enablePropertyFilter", self.property_filter.to_string()),
-            ("bindAddress", self.bind_address.to_string()),
             ("maxHashSlotNum", self.index_size.slots.to_string()),
             ("maxIndexNum", self.index_size.entries.to_string()),
         ];
         if let Some(ha) = &self.ha_master_address {
             lines.push(("haMasterAddress", ha.clone()));
+        }
+        if let Some(ip) = self.bind_address {
+            lines.push(("bindAddress", ip.to_string()));
         }
         lines
             .into_iter()
@@ -890,6 +893,19 @@ impl BrokerConfig {
     /// The address clients use for this broker.
     pub fn broker_addr(&self) -> String {
         crate::net::host_port(&self.advertised_host(), self.listen_port)
+    }
+
+    /// The address the ports listen on: `bindAddress`, or every address of the family of
+    /// `brokerIP1`: `0.0.0.0` for an IPv4 broker (as Java's), `::` for an IPv6 one, which
+    /// takes IPv4 clients as well (a dual-stack socket; it costs IPv4 traffic a few percent,
+    /// so IPv4 brokers keep IPv4 sockets).
+    pub fn listen_ip(&self) -> std::net::IpAddr {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        self.bind_address
+            .unwrap_or_else(|| match crate::net::parse_ip(&self.broker_ip) {
+                Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            })
     }
 
     /// `brokerIP1` as advertised: an IP address in its usual short form (`fd00::5`, however
@@ -1303,11 +1319,15 @@ mod tests {
         let c = BrokerConfig::parse("brokerIP1=FD00:0:0:0:0:0:0:5\nbindAddress=0.0.0.0\n").unwrap();
         assert_eq!(c.broker_addr(), "[fd00::5]:10911");
         assert_eq!(c.ha_addr(), "[fd00::5]:10912");
-        assert_eq!(c.bind_address.to_string(), "0.0.0.0");
+        assert_eq!(c.listen_ip().to_string(), "0.0.0.0");
         assert_eq!(BrokerConfig::parse(&c.to_properties()).unwrap(), c);
+        // Unset: the family of the advertised address.
         let d = BrokerConfig::default();
-        assert_eq!(d.bind_address.to_string(), "::");
+        assert_eq!(d.listen_ip().to_string(), "0.0.0.0");
         assert_eq!(d.broker_addr(), "127.0.0.1:10911");
+        let v6 = BrokerConfig::parse("brokerIP1=fd00::5\n").unwrap();
+        assert_eq!(v6.listen_ip().to_string(), "::");
+        assert_eq!(BrokerConfig::parse(&v6.to_properties()).unwrap(), v6);
         let e = BrokerConfig::parse("bindAddress=everywhere\n").unwrap_err();
         assert!(e.to_string().contains("bindAddress"), "{e}");
     }

@@ -1051,9 +1051,8 @@ impl BrokerHandle {
 pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
     let ip = crate::net::parse_ip(&cfg.broker_ip)
         .ok_or_else(|| BrokerError::BadIp(cfg.broker_ip.clone()))?;
-    // By default every address, IPv6 and IPv4 alike where the host has IPv6.
-    let listen = SocketAddr::new(cfg.bind_address, cfg.listen_port);
-    let http_listen = SocketAddr::new(cfg.bind_address, cfg.http_port);
+    let listen = SocketAddr::new(cfg.listen_ip(), cfg.listen_port);
+    let http_listen = SocketAddr::new(cfg.listen_ip(), cfg.http_port);
     let listener = crate::net::bind(listen)
         .await
         .map_err(|source| BrokerError::Bind {
@@ -1313,7 +1312,7 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
 
     // Replication: masters serve their slaves, slaves follow their master.
     if let Some(state) = &broker.replication {
-        let ha_listen = SocketAddr::new(cfg.bind_address, cfg.ha_listen_port);
+        let ha_listen = SocketAddr::new(cfg.listen_ip(), cfg.ha_listen_port);
         let ha = crate::net::bind(ha_listen)
             .await
             .map_err(|source| BrokerError::Bind {
