@@ -418,6 +418,8 @@ impl LocalCluster {
                     port.to_string(),
                     "--http-port".into(),
                     (port + 1).to_string(),
+                    "--kv-peers".into(),
+                    self.namesrv.clone(),
                 ],
                 log: logs.join(format!("{key}.log")),
                 child: None,

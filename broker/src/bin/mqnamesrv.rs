@@ -40,6 +40,10 @@ struct Args {
     /// are stateless by default: on Kubernetes they run on a read-only file system).
     #[arg(long = "kv-config-path", env = "NAMESRV_KV_CONFIG_PATH")]
     kv_config_path: Option<PathBuf>,
+    /// Other name servers (`host:port;...`, a name resolving to several, itself among them, as
+    /// a headless Service does): starting without KV config, this one copies a peer's.
+    #[arg(long = "kv-peers", env = "NAMESRV_KV_PEERS")]
+    kv_peers: Option<String>,
     /// Give routes an ordered topic's queues from the KV config (`orderTopicConf`, set by
     /// `updateTopic -o true`), as Java's `orderMessageEnable`; clients then route that topic by
     /// it alone.
@@ -57,6 +61,11 @@ async fn main() -> ExitCode {
         broker_timeout: Duration::from_millis(args.broker_timeout_ms),
         scan_interval: Duration::from_secs(1),
         kv_config_path: args.kv_config_path,
+        kv_peers: args
+            .kv_peers
+            .as_deref()
+            .map(broker::config::split_namesrv)
+            .unwrap_or_default(),
         order_message_enable: args.order_message_enable,
         ..Default::default()
     };

@@ -57,6 +57,39 @@ impl KvConfig {
             .cloned()
     }
 
+    /// Every value, by namespace.
+    pub fn all(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        self.0.read().config_table.clone()
+    }
+
+    /// Whether no value is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.read().config_table.is_empty()
+    }
+
+    /// Adds the values of `table` not set here (a value set here meanwhile wins); returns
+    /// how many were added.
+    pub fn add_missing(
+        &self,
+        table: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> Result<usize, StoreError> {
+        let mut added = 0;
+        self.0.change(|t| {
+            for (namespace, values) in table {
+                let ns = t.config_table.entry(namespace.clone()).or_default();
+                for (k, v) in values {
+                    if !ns.contains_key(k) {
+                        ns.insert(k.clone(), v.clone());
+                        added += 1;
+                    }
+                }
+            }
+            t.config_table.retain(|_, ns| !ns.is_empty());
+            added > 0
+        })?;
+        Ok(added)
+    }
+
     /// Sets a value.
     pub fn put(&self, namespace: &str, key: &str, value: &str) -> Result<(), StoreError> {
         self.0

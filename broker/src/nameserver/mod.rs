@@ -44,6 +44,10 @@ pub struct NameServerConfig {
     pub probe_timeout: Duration,
     /// Where the KV config is saved (`kvConfig.json`); none keeps it in memory only.
     pub kv_config_path: Option<std::path::PathBuf>,
+    /// Other name servers of the cluster (`host:port`, a name may resolve to several, itself
+    /// among them): one starting without KV values copies theirs, so a rolling restart of
+    /// name servers without files (on Kubernetes) keeps them.
+    pub kv_peers: Vec<String>,
     /// Whether routes carry an ordered topic's queues from the KV config as
     /// `orderTopicConf` (Java's `orderMessageEnable`, off by default: clients then route by
     /// that string alone, ignoring write permission and brokers that are gone).
@@ -60,6 +64,7 @@ impl Default for NameServerConfig {
             max_frame: crate::remoting::frame::DEFAULT_MAX_FRAME,
             probe_timeout: Duration::from_secs(1),
             kv_config_path: None,
+            kv_peers: Vec::new(),
             order_message_enable: false,
         }
     }
@@ -87,12 +92,62 @@ async fn answers(addr: &str, timeout: Duration) -> bool {
 /// Request processor of the name server.
 pub struct NameServer {
     cfg: NameServerConfig,
+    /// Tells this process apart when it asks its peers (a headless Service's names resolve
+    /// to itself too).
+    instance: String,
     routes: Mutex<RouteTable>,
     kv: kv::KvConfig,
     metrics: Metrics,
 }
 
+/// How long a name server starting without KV values keeps asking its peers for theirs
+/// (they may be starting too), and how often.
+const KV_COPY_FOR: Duration = Duration::from_secs(60);
+const KV_COPY_EVERY: Duration = Duration::from_secs(2);
+
 impl NameServer {
+    /// Copies the KV values of the first peer that has any (values set here meanwhile win).
+    /// Each name server keeps its own copy, as in Java (`mqadmin updateKvConfig` writes to
+    /// every one): one restarted without a file would otherwise start with none, and route
+    /// ordered topics by nothing.
+    async fn copy_kv_from_peers(&self) {
+        let pool = crate::remoting::connection::ConnectionPool::default();
+        let deadline = Instant::now() + KV_COPY_FOR;
+        while Instant::now() < deadline {
+            for peer in crate::server::resolve_all(&self.cfg.kv_peers).await {
+                let mut req = RemotingCommand::request(
+                    RequestCode::CopyKvConfig.code(),
+                    crate::remoting::ExtFields::default(),
+                );
+                req.ext_fields.insert("instance", &self.instance);
+                let Ok(resp) = pool.call_ok(&peer, req, Duration::from_secs(3)).await else {
+                    continue;
+                };
+                let table: kv::KvFile = match serde_json::from_slice(&resp.body) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "a peer's KV config could not be read");
+                        continue;
+                    }
+                };
+                if table.config_table.is_empty() {
+                    continue;
+                }
+                match self.kv.add_missing(&table.config_table) {
+                    Ok(added) => {
+                        tracing::info!(%peer, added, "KV config copied from a peer name server")
+                    }
+                    Err(e) => {
+                        tracing::error!(%peer, error = %e, "saving the KV config copied from a peer failed")
+                    }
+                }
+                return;
+            }
+            tokio::time::sleep(KV_COPY_EVERY).await;
+        }
+        tracing::info!("no peer name server had KV config to copy");
+    }
+
     fn routes(&self) -> std::sync::MutexGuard<'_, RouteTable> {
         self.routes.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -252,6 +307,14 @@ impl NameServer {
                     },
                     Err(e) => req.error_to(ResponseCode::SystemError, e.to_string()),
                 }
+            }
+            RequestCode::CopyKvConfig => {
+                if req.ext_fields.get("instance") == Some(self.instance.as_str()) {
+                    return req.error_to(ResponseCode::SystemError, "asked itself");
+                }
+                req.response_to(ResponseCode::Success).with_body(to_json(
+                    &serde_json::json!({ "configTable": self.kv.all() }),
+                ))
             }
             RequestCode::GetBrokerClusterInfo => req
                 .response_to(ResponseCode::Success)
@@ -413,9 +476,26 @@ pub async fn start(cfg: NameServerConfig) -> Result<NameServerHandle, NameServer
         routes: Mutex::new(RouteTable::default()),
         kv: kv::KvConfig::open(cfg.kv_config_path.clone())?,
         metrics,
+        instance: format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ),
     });
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
+    if ns.kv.is_empty() && !cfg.kv_peers.is_empty() {
+        let copier = ns.clone();
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = copier.copy_kv_from_peers() => {}
+            }
+        }));
+    }
     tasks.push(tokio::spawn(serve(
         listener,
         ns.clone(),
@@ -480,7 +560,74 @@ mod tests {
                 brokers: Gauge::default(),
                 expired: Counter::default(),
             },
+            instance: "me".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_name_server_starting_without_kv_config_copies_a_peers() {
+        let start = |peers: Vec<String>| {
+            start(NameServerConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                http: "127.0.0.1:0".parse().unwrap(),
+                kv_peers: peers,
+                ..NameServerConfig::default()
+            })
+        };
+        let a = start(Vec::new()).await.unwrap();
+        let client = crate::client::Client::new(vec![a.addr.to_string()]);
+        let put = |ns: &str, k: &str, v: &str| {
+            let h = PutKvConfigRequestHeader {
+                namespace: ns.into(),
+                key: k.into(),
+                value: v.into(),
+            };
+            RemotingCommand::request(RequestCode::PutKvConfig.code(), h.to_ext())
+        };
+        let a_addr = a.addr.to_string();
+        client
+            .call_ok(&a_addr, put(kv::ORDER_TOPIC_CONFIG, "T", "broker-a:4"))
+            .await
+            .unwrap();
+        client.call_ok(&a_addr, put("NS", "k", "v")).await.unwrap();
+        // A peer that is down is passed over.
+        let b = start(vec!["127.0.0.1:1".into(), a_addr.clone()])
+            .await
+            .unwrap();
+        let b_addr = b.addr.to_string();
+        let get = |k: &str| {
+            let h = KvConfigRequestHeader {
+                namespace: kv::ORDER_TOPIC_CONFIG.into(),
+                key: k.into(),
+            };
+            RemotingCommand::request(RequestCode::GetKvConfig.code(), h.to_ext())
+        };
+        let mut copied = None;
+        for _ in 0..200 {
+            if let Ok(resp) = client.call_ok(&b_addr, get("T")).await {
+                copied = resp.ext_fields.get("value").map(String::from);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(copied.as_deref(), Some("broker-a:4"));
+        b.stop().await;
+        a.stop().await;
+        // A name server does not take its own (empty) table for a peer's.
+        let ns = name_server();
+        let mut ask =
+            RemotingCommand::request(RequestCode::CopyKvConfig.code(), Default::default());
+        ask.ext_fields.insert("instance", "me");
+        let peer = Peer::detached("127.0.0.1:1".parse().unwrap());
+        assert_eq!(
+            ns.handle(&ask, &peer).await.code,
+            ResponseCode::SystemError.code()
+        );
+        ask.ext_fields.insert("instance", "another");
+        assert_eq!(
+            ns.handle(&ask, &peer).await.code,
+            ResponseCode::Success.code()
+        );
     }
 
     fn registration(addr: &str) -> RemotingCommand {

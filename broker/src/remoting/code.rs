@@ -66,6 +66,9 @@ pub enum RequestCode {
     DeleteKvConfig = 102,
     /// Every value of one namespace of the name server's KV config.
     GetKvlistByNamespace = 219,
+    /// ferromq's own: the name server's whole KV config, for a peer name server that
+    /// starts without it (no Java client sends it).
+    CopyKvConfig = 40_001,
     /// Broker joins the name server (and heartbeats).
     RegisterBroker = 103,
     /// Broker leaves the name server.
@@ -153,6 +156,7 @@ impl RequestCode {
         Self::GetKvConfig,
         Self::DeleteKvConfig,
         Self::GetKvlistByNamespace,
+        Self::CopyKvConfig,
         Self::RegisterBroker,
         Self::UnregisterBroker,
         Self::GetRouteinfoByTopic,

@@ -52,6 +52,10 @@ pub(super) fn render(
         NAMESRV_PORT.to_string(),
         "--http-port".into(),
         NAMESRV_HTTP_PORT.to_string(),
+        // Each name server keeps the KV config in memory (a read-only file system): one
+        // restarted copies it from the others (a rolling restart keeps it).
+        "--kv-peers".into(),
+        plan.namesrv_addr.clone(),
     ]);
     c.ports = Some(vec![
         port("remoting", NAMESRV_PORT),

@@ -334,3 +334,23 @@ fn affinity_of(
         .and_then(|p| p.affinity.as_ref())
         .expect("the pod template sets an affinity")
 }
+
+#[test]
+fn name_servers_copy_the_kv_config_from_each_other_through_their_headless_service() {
+    let s = spec(1, 0, Replication::Async, Flush::Async);
+    let r = render(&plan("demo", "mq", &s, "i").unwrap(), &s, &owner());
+    let pod = r.stateful_sets[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    let args = pod.containers[0].args.clone().unwrap_or_default();
+    let at = args
+        .iter()
+        .position(|a| a == "--kv-peers")
+        .expect("--kv-peers");
+    assert_eq!(args[at + 1], "demo-nameserver-headless.mq.svc:9876");
+}
