@@ -14,7 +14,7 @@ use broker::server::{SCHEDULE_OFFSET_PREFIX, TIMER_OFFSET_KEY};
 use broker::store::message::{DELAY_LEVELS_MS, SCHEDULE_TOPIC};
 use broker::store::topics::{is_system_topic, TopicConfig};
 
-use crate::controller::{GroupAdmin, GroupRef};
+use crate::controller::{GroupAdmin, GroupRef, SettingsApplied, SettingsError};
 
 /// The real actions, talking to the cluster's name servers and brokers.
 #[derive(Default)]
@@ -121,35 +121,47 @@ impl GroupAdmin for BrokerAdmin {
         &'a self,
         g: &'a GroupRef,
         wanted: &'a [(String, String)],
-    ) -> BoxFuture<'a, Result<Vec<String>, String>> {
+    ) -> BoxFuture<'a, Result<SettingsApplied, SettingsError>> {
         Box::pin(async move {
             let client = Client::new(broker::config::split_namesrv(&g.namesrv_addr));
-            let info = client.cluster_info().await.map_err(|e| e.to_string())?;
+            let info = client
+                .cluster_info()
+                .await
+                .map_err(|e| SettingsError::NotYet(e.to_string()))?;
             let Some(members) = info.broker_addr_table.get(&g.group) else {
-                return Err(format!(
+                return Err(SettingsError::NotYet(format!(
                     "{} has no member registered with the name servers",
                     g.group
-                ));
+                )));
             };
-            let mut changed = Vec::new();
+            let mut done = SettingsApplied::default();
+            let mut failed: Option<SettingsError> = None;
             for addr in members.broker_addrs.values() {
-                let have = client
-                    .broker_config(addr)
-                    .await
-                    .map_err(|e| format!("reading the settings of {addr}: {e}"))?;
-                let change = settings_to_change(&have, wanted);
-                if change.is_empty() {
-                    continue;
+                let change = match client.broker_config(addr).await {
+                    Ok(have) => settings_to_change(&have, wanted),
+                    Err(e) => {
+                        let e = settings_error(format!("reading the settings of {addr}"), e);
+                        failed = Some(worse(failed, e));
+                        continue;
+                    }
+                };
+                if !change.is_empty() {
+                    // The broker cannot save them (its broker.conf is the ConfigMap, which
+                    // already holds them): its warning says so, and is expected.
+                    if let Err(e) = client.update_broker_config(addr, &change).await {
+                        let e = settings_error(format!("changing the settings of {addr}"), e);
+                        failed = Some(worse(failed, e));
+                        continue;
+                    }
+                    done.changed
+                        .extend(change.iter().map(|(k, v)| format!("{addr}: {k}={v}")));
                 }
-                // The broker cannot save them (its broker.conf is the ConfigMap, which
-                // already holds them): its warning says so, and is expected.
-                client
-                    .update_broker_config(addr, &change)
-                    .await
-                    .map_err(|e| format!("changing the settings of {addr}: {e}"))?;
-                changed.extend(change.iter().map(|(k, v)| format!("{addr}: {k}={v}")));
+                done.checked += 1;
             }
-            Ok(changed)
+            match failed {
+                Some(e) => Err(e),
+                None => Ok(done),
+            }
         })
     }
 
@@ -210,6 +222,26 @@ impl GroupAdmin for BrokerAdmin {
             }
             Ok(created)
         })
+    }
+}
+
+/// A failed call to a member, sorted: an answer refusing the request (a broker too old to
+/// know it, or refusing a value) will not change by asking again; anything else may.
+fn settings_error(what: String, e: broker::remoting::connection::ClientError) -> SettingsError {
+    match e {
+        broker::remoting::connection::ClientError::Response { .. } => {
+            SettingsError::Refused(format!("{what}: {e}"))
+        }
+        _ => SettingsError::NotYet(format!("{what}: {e}")),
+    }
+}
+
+/// The failure to report of two: a refusal (which needs someone to act) over a member not
+/// answering yet.
+fn worse(a: Option<SettingsError>, b: SettingsError) -> SettingsError {
+    match (a, b) {
+        (Some(a @ SettingsError::Refused(_)), _) => a,
+        (_, b) => b,
     }
 }
 

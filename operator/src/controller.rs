@@ -110,13 +110,35 @@ pub trait GroupAdmin: Send + Sync {
         group: &'a GroupRef,
     ) -> BoxFuture<'a, Result<Vec<String>, String>>;
     /// Brings the settings brokers change while they run to `wanted` on every member of the
-    /// group registered with the name servers, without a restart; returns what it changed
-    /// (`member: key=value`), nothing when every member had them already.
+    /// group registered with the name servers, without a restart; goes on past a member that
+    /// fails, and reports the first failure after trying the others.
     fn apply_settings<'a>(
         &'a self,
         group: &'a GroupRef,
         wanted: &'a [(String, String)],
-    ) -> BoxFuture<'a, Result<Vec<String>, String>>;
+    ) -> BoxFuture<'a, Result<SettingsApplied, SettingsError>>;
+}
+
+/// What [`GroupAdmin::apply_settings`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SettingsApplied {
+    /// Members found registered and checked.
+    pub checked: usize,
+    /// What changed, as `member: key=value` (nothing when every member had them).
+    pub changed: Vec<String>,
+}
+
+/// Why a group's settings could not be brought to the spec.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    /// Not yet: the name servers or a member did not answer (tried again soon).
+    #[error("{0}")]
+    NotYet(String),
+    /// A member refused them: a broker too old to change settings while it runs, or a value
+    /// it does not take. Tried again at the next full pass; the group's pods get the values
+    /// when they restart (the ConfigMap holds them).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// What reconcile needs.
@@ -137,6 +159,10 @@ pub struct Context {
     pub full_apply_every: Duration,
     /// When each cluster last had every object applied.
     full_applies: std::sync::Mutex<BTreeMap<String, std::time::Instant>>,
+    /// The live settings last brought to every member of each group (`namespace/group` to
+    /// [`crate::plan::BrokerGroupPlan::live_hash`]); kept in memory, so a restarted operator
+    /// compares each group once more.
+    settings_applied: std::sync::Mutex<BTreeMap<String, String>>,
 }
 
 impl Context {
@@ -155,7 +181,26 @@ impl Context {
             failures: std::sync::Mutex::new(BTreeMap::new()),
             full_apply_every: FULL_APPLY_EVERY,
             full_applies: std::sync::Mutex::new(BTreeMap::new()),
+            settings_applied: std::sync::Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The live settings hash last brought to every member of `group`, if any.
+    fn settings_applied(&self, group: &str) -> Option<String> {
+        let applied = self
+            .settings_applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        applied.get(group).cloned()
+    }
+
+    /// Records that every member of `group` has the live settings hashed `hash`.
+    fn settings_done(&self, group: &str, hash: &str) {
+        let mut applied = self
+            .settings_applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        applied.insert(group.to_string(), hash.to_string());
     }
 
     /// Whether this pass of `cluster` applies every object; counted from the first pass seen.
@@ -986,29 +1031,55 @@ pub async fn reconcile(bc: Arc<BrokerCluster>, ctx: Arc<Context>) -> Result<Acti
         }
     }
     // Settings brokers change while running reach them without a restart (the ConfigMap,
-    // which a restart reads, holds them too); one changed by hand on a broker (`mqadmin
-    // updateBrokerConfig`) is put back to what the spec says the same way.
+    // which a restart reads, holds them too) once the spec changes them. Pushed only then,
+    // so a value changed by hand on one broker (an emergency `brokerPermission=4`) stays
+    // until the spec's live settings change; and only to a group settled on its template
+    // (one rolling or waiting its turn gets them from the ConfigMap as it restarts).
     let mut settings_pending = false;
-    for g in plan.groups.iter().filter(|g| ready_of(&g.name) > 0) {
+    let settled = |g: &crate::plan::BrokerGroupPlan| {
+        ready_of(&g.name) > 0
+            && !waiting.contains(&g.name)
+            && rollout_gap(&g.name, find(&g.name), g.replicas()).is_none()
+    };
+    let key = |g: &str| format!("{ns}/{g}");
+    for g in plan.groups.iter().filter(|g| {
+        settled(g) && ctx.settings_applied(&key(&g.name)).as_deref() != Some(g.live_hash.as_str())
+    }) {
         match ctx
             .admin
             .apply_settings(&group_ref(&g.name), &g.live_settings)
             .await
         {
-            Ok(changed) if changed.is_empty() => {}
-            Ok(changed) => {
+            Ok(done) if done.checked < g.replicas() as usize => settings_pending = true,
+            Ok(done) => {
+                ctx.settings_done(&key(&g.name), &g.live_hash);
+                if !done.changed.is_empty() {
+                    publish(
+                        &ctx,
+                        &bc,
+                        EventType::Normal,
+                        "SettingsApplied",
+                        format!("{} without a restart: {}", g.name, done.changed.join(", ")),
+                    )
+                    .await;
+                }
+            }
+            Err(SettingsError::NotYet(reason)) => {
+                tracing::warn!(cluster = %name, group = %g.name, %reason, "cannot bring the group's settings to the spec yet");
+                settings_pending = true;
+            }
+            Err(SettingsError::Refused(reason)) => {
                 publish(
                     &ctx,
                     &bc,
-                    EventType::Normal,
-                    "SettingsApplied",
-                    format!("{} without a restart: {}", g.name, changed.join(", ")),
+                    EventType::Warning,
+                    "SettingsRefused",
+                    format!(
+                        "{}: {reason}; its pods take the settings when they restart",
+                        g.name
+                    ),
                 )
                 .await;
-            }
-            Err(reason) => {
-                tracing::warn!(cluster = %name, group = %g.name, %reason, "cannot bring the group's settings to the spec yet");
-                settings_pending = true;
             }
         }
     }

@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
-use crate::controller::{GroupAdmin, GroupRef};
+use crate::controller::{GroupAdmin, GroupRef, SettingsError};
 use crate::crd::BrokerCluster;
 use crate::plan::{plan, ClusterPlan};
 
@@ -284,6 +284,18 @@ pub struct LocalCluster {
     admin: Arc<dyn GroupAdmin>,
     readiness: Arc<dyn Readiness>,
     ready_timeout: Duration,
+}
+
+/// Counts a failed attempt of a per-group action tried every tick while the group starts
+/// (its master may not be registered yet): logged as `what` every 30 s or so, quietly between.
+fn retry_later(pending: &mut BTreeMap<String, u32>, group: &str, e: &str, what: &str) {
+    let failures = pending.entry(group.to_string()).or_insert(0);
+    *failures += 1;
+    if failures.is_multiple_of(60) {
+        tracing::warn!(group, error = %e, "{what}");
+    } else {
+        tracing::debug!(group, error = %e, "{what}");
+    }
 }
 
 fn set_key(conf: &str, key: &str, value: &str) -> String {
@@ -596,20 +608,30 @@ impl LocalCluster {
                 .collect();
             let gref = self.group_ref(plan, &group);
             match self.admin.apply_settings(&gref, &wanted).await {
-                Ok(changed) => {
-                    if !changed.is_empty() {
-                        println!("{group}: changed without a restart: {}", changed.join(", "));
+                Ok(done) => {
+                    if !done.changed.is_empty() {
+                        println!(
+                            "{group}: changed without a restart: {}",
+                            done.changed.join(", ")
+                        );
                     }
-                    self.settings_pending.remove(&group);
+                    // A member not registered (restarting, say) is checked at the next tick.
+                    if done.checked >= g.members.len() {
+                        self.settings_pending.remove(&group);
+                    }
                 }
-                Err(e) => {
-                    let failures = self.settings_pending.entry(group.clone()).or_insert(0);
-                    *failures += 1;
-                    if failures.is_multiple_of(60) {
-                        tracing::warn!(group = %group, error = %e, "cannot change the group's settings yet");
-                    } else {
-                        tracing::debug!(group = %group, error = %e, "group not ready for its settings");
-                    }
+                Err(SettingsError::NotYet(e)) => retry_later(
+                    &mut self.settings_pending,
+                    &group,
+                    &e,
+                    "cannot change the group's settings yet",
+                ),
+                Err(SettingsError::Refused(e)) => {
+                    // Not asked again until the next edit; a restart takes the file's.
+                    eprintln!(
+                        "{group}: settings refused ({e}); members take them when they restart"
+                    );
+                    self.settings_pending.remove(&group);
                 }
             }
         }
@@ -741,16 +763,12 @@ impl LocalCluster {
                     }
                     self.unshared.remove(&group);
                 }
-                Err(e) => {
-                    let failures = self.unshared.entry(group.clone()).or_insert(0);
-                    *failures += 1;
-                    // Every tick while the master starts; complain every 30 s or so.
-                    if failures.is_multiple_of(60) {
-                        tracing::warn!(group = %group, error = %e, "cannot give the new group its topics yet");
-                    } else {
-                        tracing::debug!(group = %group, error = %e, "new group not ready for topics");
-                    }
-                }
+                Err(e) => retry_later(
+                    &mut self.unshared,
+                    &group,
+                    &e,
+                    "cannot give the new group its topics yet",
+                ),
             }
         }
     }
@@ -958,6 +976,7 @@ async fn round_trip(namesrv: &str) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::SettingsApplied;
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
     /// Drains that never finish unless told, counting the write wipes.
@@ -966,6 +985,7 @@ mod tests {
         wipes: AtomicU32,
         drained: AtomicBool,
         settings_pushes: AtomicU32,
+        last_wanted: std::sync::Mutex<Vec<(String, String)>>,
     }
 
     impl GroupAdmin for FakeAdmin {
@@ -986,10 +1006,17 @@ mod tests {
         fn apply_settings<'a>(
             &'a self,
             _: &'a GroupRef,
-            _: &'a [(String, String)],
-        ) -> BoxFuture<'a, Result<Vec<String>, String>> {
+            wanted: &'a [(String, String)],
+        ) -> BoxFuture<'a, Result<SettingsApplied, SettingsError>> {
             self.settings_pushes.fetch_add(1, Ordering::SeqCst);
-            Box::pin(async { Ok(Vec::new()) })
+            *self.last_wanted.lock().unwrap() = wanted.to_vec();
+            // Two members a group in these tests.
+            Box::pin(async {
+                Ok(SettingsApplied {
+                    checked: 2,
+                    changed: Vec::new(),
+                })
+            })
         }
     }
 
@@ -1242,6 +1269,16 @@ mod tests {
         cluster.apply(&live).await.unwrap();
         cluster.push_settings(&live).await;
         assert_eq!(admin.settings_pushes.load(Ordering::SeqCst), 4);
+        // The file's value, and this runtime's name servers rather than the plan's Service.
+        let wanted = admin.last_wanted.lock().unwrap().clone();
+        let value = |k: &str| {
+            wanted
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(value("fileReservedTime").as_deref(), Some("48"));
+        assert_eq!(value("namesrvAddr").as_deref(), Some("127.0.0.1:19000"));
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(recorded(&events).is_empty(), "{:?}", recorded(&events));
         cluster.stop().await;

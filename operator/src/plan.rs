@@ -123,6 +123,8 @@ pub struct BrokerGroupPlan {
     /// as its broker.conf line reads in effect (defaults included): pushed to the members
     /// instead of restarting them.
     pub live_settings: Vec<(String, String)>,
+    /// Hash of `live_settings`: the group's StatefulSet records the last one pushed.
+    pub live_hash: String,
 }
 
 impl BrokerGroupPlan {
@@ -385,6 +387,11 @@ pub fn plan(
             .collect::<Vec<_>>()
             .join("\n");
         let config_hash = hash(&[&restart_only, &image]);
+        let live_lines: Vec<String> = live_settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let live_hash = hash(&live_lines.iter().map(String::as_str).collect::<Vec<_>>());
         groups.push(BrokerGroupPlan {
             index: i,
             name: gname,
@@ -392,6 +399,7 @@ pub fn plan(
             broker_conf: conf,
             config_hash,
             live_settings,
+            live_hash,
         });
     }
     Ok(ClusterPlan {

@@ -10,7 +10,7 @@ use broker::config::BrokerConfig;
 use broker::nameserver::NameServerConfig;
 use broker::store::topics::TopicConfig;
 use operator::admin::BrokerAdmin;
-use operator::controller::{GroupAdmin, GroupRef};
+use operator::controller::{GroupAdmin, GroupRef, SettingsApplied, SettingsError};
 
 /// A name server and one broker (`cfg` adjusted by `tune`) in this process, the broker's
 /// group registered with the name server, and its topic `T`.
@@ -131,37 +131,83 @@ async fn a_group_with_undecided_transactions_is_not_drained() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_are_brought_to_the_spec_on_a_running_broker_and_only_when_they_differ() {
     let dir = tempfile::tempdir().unwrap();
-    let (ns, b, g, client) = one_group(dir.path(), |_| {}).await;
+    // The broker runs the broker.conf the operator renders (a spec setting two live keys),
+    // so the operator and the broker must agree on how every value reads: nothing to change.
+    let spec: operator::crd::BrokerClusterSpec = serde_json::from_value(serde_json::json!({
+        "broker": {"masters": 1, "config": {"deleteWhen": "04;16", "diskMaxUsedSpaceRatio": "99"}}
+    }))
+    .unwrap();
+    let plan = operator::plan::plan("demo", "mq", &spec, "img").unwrap();
+    let rendered = BrokerConfig::parse(&plan.groups[0].broker_conf).unwrap();
+    let (ns, b, g, client) = one_group(dir.path(), |c| {
+        *c = BrokerConfig {
+            store_root: c.store_root.clone(),
+            listen_port: 0,
+            http_port: 0,
+            ha_listen_port: 0,
+            namesrv_addrs: c.namesrv_addrs.clone(),
+            broker_ip: "127.0.0.1".into(),
+            broker_name: c.broker_name.clone(),
+            ..rendered.clone()
+        };
+    })
+    .await;
     // As registered (the address the admin finds).
     let addr = format!("127.0.0.1:{}", b.addr.port());
-    let wanted = vec![
-        ("fileReservedTime".to_string(), "48".to_string()),
-        ("maxMessageSize".to_string(), "4194304".to_string()),
-    ];
+    let mut wanted: Vec<(String, String)> = plan.groups[0]
+        .live_settings
+        .iter()
+        .map(|(k, v)| match k.as_str() {
+            // This test's name server, not the plan's Service.
+            "namesrvAddr" => (k.clone(), g.namesrv_addr.clone()),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect();
     // Registered with the name server first (the admin finds the members there).
-    let mut changed = Err(String::new());
+    let mut first = Err(SettingsError::NotYet(String::new()));
     for _ in 0..200 {
-        changed = BrokerAdmin.apply_settings(&g, &wanted).await;
-        if changed.is_ok() {
+        first = BrokerAdmin.apply_settings(&g, &wanted).await;
+        if first.is_ok() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert_eq!(changed, Ok(vec![format!("{addr}: fileReservedTime=48")]));
+    assert_eq!(
+        first,
+        Ok(SettingsApplied {
+            checked: 1,
+            changed: Vec::new()
+        })
+    );
+    // A changed value is sent, and only it.
+    for (k, v) in wanted.iter_mut() {
+        if k == "fileReservedTime" {
+            *v = "48".into();
+        }
+    }
+    let done = BrokerAdmin.apply_settings(&g, &wanted).await.unwrap();
+    assert_eq!(done.changed, vec![format!("{addr}: fileReservedTime=48")]);
     let have = client.broker_config(&addr).await.unwrap();
     assert_eq!(have["fileReservedTime"], "48");
-    // Nothing to do the second time.
     assert_eq!(
-        BrokerAdmin.apply_settings(&g, &wanted).await,
-        Ok(Vec::new())
+        BrokerAdmin
+            .apply_settings(&g, &wanted)
+            .await
+            .unwrap()
+            .changed,
+        Vec::<String>::new()
     );
-    // A value the broker refuses is reported, naming the broker.
+    // A value the broker refuses is a refusal, naming the broker.
     let bad = vec![("fileReservedTime".to_string(), "soon".to_string())];
-    let refused = BrokerAdmin.apply_settings(&g, &bad).await.unwrap_err();
-    assert!(
-        refused.contains(&addr) && refused.contains("fileReservedTime"),
-        "{refused}"
-    );
+    match BrokerAdmin.apply_settings(&g, &bad).await {
+        Err(SettingsError::Refused(why)) => {
+            assert!(
+                why.contains(&addr) && why.contains("fileReservedTime"),
+                "{why}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
     b.stop().await;
     ns.stop().await;
 }

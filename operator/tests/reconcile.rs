@@ -17,8 +17,8 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use operator::controller::{
-    reconcile, Context, GroupAdmin, GroupRef, ANNOTATION_DRAIN_FAILING_SINCE,
-    ANNOTATION_DRAIN_STARTED, ANNOTATION_WRITES_RESTORED,
+    reconcile, Context, GroupAdmin, GroupRef, SettingsApplied, SettingsError,
+    ANNOTATION_DRAIN_FAILING_SINCE, ANNOTATION_DRAIN_STARTED, ANNOTATION_WRITES_RESTORED,
 };
 use operator::crd::BrokerCluster;
 use serde_json::json;
@@ -39,6 +39,8 @@ struct FakeAdmin {
     share_fails: AtomicBool,
     /// Settings pushed to groups: (group, key=value...).
     applied: std::sync::Mutex<Vec<(String, Vec<String>)>>,
+    /// Whether the brokers refuse settings (too old to change them while running).
+    settings_refused: AtomicBool,
 }
 
 impl GroupAdmin for FakeAdmin {
@@ -69,10 +71,25 @@ impl GroupAdmin for FakeAdmin {
         &'a self,
         g: &'a GroupRef,
         wanted: &'a [(String, String)],
-    ) -> BoxFuture<'a, Result<Vec<String>, String>> {
+    ) -> BoxFuture<'a, Result<SettingsApplied, SettingsError>> {
         let lines: Vec<String> = wanted.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        self.applied.lock().unwrap().push((g.group.clone(), lines));
-        Box::pin(async { Ok(Vec::new()) })
+        self.applied
+            .lock()
+            .unwrap()
+            .push((g.group.clone(), lines.clone()));
+        let refused = self.settings_refused.load(Ordering::Relaxed);
+        Box::pin(async move {
+            if refused {
+                return Err(SettingsError::Refused(
+                    "changing the settings of 10.0.0.1:10911: request code 25 not supported".into(),
+                ));
+            }
+            Ok(SettingsApplied {
+                // Every member of any group these tests plan.
+                checked: 64,
+                changed: vec![format!("10.0.0.1:10911: {}", lines[0])],
+            })
+        })
     }
     fn share_topics<'a>(&'a self, g: &'a GroupRef) -> BoxFuture<'a, Result<Vec<String>, String>> {
         self.shared.lock().unwrap().push(g.group.clone());
@@ -1182,29 +1199,71 @@ async fn a_setting_brokers_change_while_running_reaches_them_without_a_rollout()
             })
             .collect()
     };
-    // Every ready group is told the settings the spec gives (defaults included).
+    // Every settled group is told the settings the spec gives (defaults included), once.
     let first = pushed(&h, "fileReservedTime");
-    assert!(
-        first.contains(&("demo-broker-0".to_string(), "72".to_string()))
-            && first.contains(&("demo-broker-1".to_string(), "72".to_string())),
-        "{first:?}"
-    );
-    h.drain.applied.lock().unwrap().clear();
-    h.edit_spec(json!({"masters": 2, "config": {"fileReservedTime": "48"}}));
-    // The ConfigMaps change (a restart reads them); the pods do not roll.
     assert_eq!(
-        h.reconcile_pods().await,
+        first,
         vec![
-            "PATCH configmaps/demo-broker-0".to_string(),
-            "PATCH configmaps/demo-broker-1".to_string()
+            ("demo-broker-0".to_string(), "72".to_string()),
+            ("demo-broker-1".to_string(), "72".to_string())
         ]
     );
-    let now = pushed(&h, "fileReservedTime");
-    assert!(
-        now.contains(&("demo-broker-0".to_string(), "48".to_string()))
-            && now.contains(&("demo-broker-1".to_string(), "48".to_string())),
-        "{now:?}"
+    h.reconcile().await;
+    assert_eq!(
+        pushed(&h, "fileReservedTime").len(),
+        2,
+        "pushed again unchanged"
     );
+    h.drain.applied.lock().unwrap().clear();
+    let template = |h: &Harness, g: &str| {
+        h.api.get("statefulsets", NS, g).unwrap()["spec"]["template"].clone()
+    };
+    let before = [template(&h, "demo-broker-0"), template(&h, "demo-broker-1")];
+    h.edit_spec(json!({"masters": 2, "config": {"fileReservedTime": "48"}}));
+    // The ConfigMaps change (a restart reads them); the pods do not roll (the StatefulSets
+    // only record what was pushed).
+    let writes = h.reconcile_pods().await;
+    assert!(
+        writes.contains(&"PATCH configmaps/demo-broker-0".to_string())
+            && writes.contains(&"PATCH configmaps/demo-broker-1".to_string()),
+        "{writes:?}"
+    );
+    assert_eq!(
+        [template(&h, "demo-broker-0"), template(&h, "demo-broker-1")],
+        before
+    );
+    assert_eq!(
+        pushed(&h, "fileReservedTime"),
+        vec![
+            ("demo-broker-0".to_string(), "48".to_string()),
+            ("demo-broker-1".to_string(), "48".to_string())
+        ]
+    );
+    let reasons = |h: &Harness| -> Vec<String> {
+        h.api
+            .names("events")
+            .iter()
+            .filter_map(|n| h.api.get("events", NS, n))
+            .map(|e| format!("{} {}", e["type"], e["reason"]))
+            .collect()
+    };
+    assert!(
+        reasons(&h).iter().any(|r| r.contains("SettingsApplied")),
+        "{:?}",
+        reasons(&h)
+    );
+    // Brokers that refuse them (too old): a Warning, and no retry every 10 s.
+    h.drain.settings_refused.store(true, Ordering::Relaxed);
+    h.edit_spec(json!({"masters": 2, "config": {"fileReservedTime": "24"}}));
+    h.reconcile().await;
+    assert!(
+        reasons(&h)
+            .iter()
+            .any(|r| r.contains("Warning") && r.contains("SettingsRefused")),
+        "{:?}",
+        reasons(&h)
+    );
+    assert_eq!(h.requeue().await, Action::requeue(Duration::from_secs(300)));
 }
 
 #[tokio::test]

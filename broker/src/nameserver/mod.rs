@@ -3,6 +3,7 @@
 pub mod kv;
 pub mod route;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -109,43 +110,88 @@ impl NameServer {
     /// Copies the KV values of the first peer that has any (values set here meanwhile win).
     /// Each name server keeps its own copy, as in Java (`mqadmin updateKvConfig` writes to
     /// every one): one restarted without a file would otherwise start with none, and route
-    /// ordered topics by nothing.
+    /// ordered topics by nothing. Gives up once every peer found answered without values
+    /// (a new cluster), or after [`KV_COPY_FOR`].
     async fn copy_kv_from_peers(&self) {
         let pool = crate::remoting::connection::ConnectionPool::default();
         let deadline = Instant::now() + KV_COPY_FOR;
         while Instant::now() < deadline {
-            for peer in crate::server::resolve_all(&self.cfg.kv_peers).await {
-                let mut req = RemotingCommand::request(
-                    RequestCode::CopyKvConfig.code(),
-                    crate::remoting::ExtFields::default(),
-                );
-                req.ext_fields.insert("instance", &self.instance);
-                let Ok(resp) = pool.call_ok(&peer, req, Duration::from_secs(3)).await else {
-                    continue;
-                };
-                let table: kv::KvFile = match serde_json::from_slice(&resp.body) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        tracing::warn!(%peer, error = %e, "a peer's KV config could not be read");
-                        continue;
+            let peers = crate::server::resolve_all(&self.cfg.kv_peers).await;
+            let mut all_answered = !peers.is_empty();
+            for peer in peers {
+                match self.peer_kv(&pool, &peer).await {
+                    Some(table) if !table.is_empty() => {
+                        match self.kv.add_missing(&table) {
+                            Ok(added) => {
+                                tracing::info!(%peer, added, "KV config copied from a peer name server")
+                            }
+                            Err(e) => {
+                                tracing::error!(%peer, error = %e, "saving the KV config copied from a peer failed")
+                            }
+                        }
+                        return;
                     }
-                };
-                if table.config_table.is_empty() {
-                    continue;
+                    Some(_) => {}
+                    None => all_answered = false,
                 }
-                match self.kv.add_missing(&table.config_table) {
-                    Ok(added) => {
-                        tracing::info!(%peer, added, "KV config copied from a peer name server")
-                    }
-                    Err(e) => {
-                        tracing::error!(%peer, error = %e, "saving the KV config copied from a peer failed")
-                    }
-                }
+            }
+            if all_answered {
+                tracing::info!("no peer name server has KV config to copy");
                 return;
             }
             tokio::time::sleep(KV_COPY_EVERY).await;
         }
-        tracing::info!("no peer name server had KV config to copy");
+        tracing::warn!("gave up copying the KV config: no peer name server answered");
+    }
+
+    /// A peer's KV values: empty when it has none (or is this name server), `None` when it
+    /// did not answer. A name server too old for [`RequestCode::CopyKvConfig`], or Java's,
+    /// is asked for the ordered topics' namespace (GET_KVLIST_BY_NAMESPACE) instead.
+    async fn peer_kv(
+        &self,
+        pool: &crate::remoting::connection::ConnectionPool,
+        peer: &str,
+    ) -> Option<BTreeMap<String, BTreeMap<String, String>>> {
+        let timeout = Duration::from_secs(3);
+        let mut req = RemotingCommand::request(
+            RequestCode::CopyKvConfig.code(),
+            crate::remoting::ExtFields::default(),
+        );
+        req.ext_fields.insert("instance", &self.instance);
+        let resp = pool.call(peer, req, timeout).await.ok()?;
+        if resp.code == ResponseCode::Success.code() {
+            return match serde_json::from_slice::<kv::KvFile>(&resp.body) {
+                Ok(t) => Some(t.config_table),
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "a peer's KV config could not be read");
+                    None
+                }
+            };
+        }
+        if resp.code != ResponseCode::RequestCodeNotSupported.code() {
+            return Some(BTreeMap::new()); // this name server itself
+        }
+        let h = KvNamespaceRequestHeader {
+            namespace: kv::ORDER_TOPIC_CONFIG.into(),
+        };
+        let req = RemotingCommand::request(RequestCode::GetKvlistByNamespace.code(), h.to_ext());
+        let resp = pool.call(peer, req, timeout).await.ok()?;
+        #[derive(serde::Deserialize)]
+        struct Table {
+            #[serde(default)]
+            table: BTreeMap<String, String>,
+        }
+        let table = (resp.code == ResponseCode::Success.code())
+            .then(|| serde_json::from_slice::<Table>(&resp.body).ok())
+            .flatten()
+            .map(|t| t.table)
+            .unwrap_or_default();
+        Some(
+            Some((kv::ORDER_TOPIC_CONFIG.to_string(), table))
+                .into_iter()
+                .filter(|(_, t)| !t.is_empty())
+                .collect(),
+        )
     }
 
     fn routes(&self) -> std::sync::MutexGuard<'_, RouteTable> {
@@ -486,13 +532,19 @@ pub async fn start(cfg: NameServerConfig) -> Result<NameServerHandle, NameServer
     });
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
-    if ns.kv.is_empty() && !cfg.kv_peers.is_empty() {
+    // Ready once it holds what its peers hold: a rolling restart then waits for the copy
+    // before it stops the next name server, the one that may hold the only copy.
+    let copying = ns.kv.is_empty() && !cfg.kv_peers.is_empty();
+    if copying {
         let copier = ns.clone();
         let stop = shutdown.clone();
+        let ready = health.clone();
         tasks.push(tokio::spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = copier.copy_kv_from_peers() => {}
+                _ = copier.copy_kv_from_peers() => {
+                    ready.ready.store(true, std::sync::atomic::Ordering::Release);
+                }
             }
         }));
     }
@@ -531,9 +583,11 @@ pub async fn start(cfg: NameServerConfig) -> Result<NameServerHandle, NameServer
             scanner.metrics.brokers.set(live as i64);
         }
     }));
-    health
-        .ready
-        .store(true, std::sync::atomic::Ordering::Release);
+    if !copying {
+        health
+            .ready
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
     tracing::info!(%addr, %http_addr, "name server started");
     Ok(NameServerHandle {
         addr,
@@ -595,22 +649,59 @@ mod tests {
             .await
             .unwrap();
         let b_addr = b.addr.to_string();
-        let get = |k: &str| {
+        let get = |ns: &str, k: &str| {
             let h = KvConfigRequestHeader {
-                namespace: kv::ORDER_TOPIC_CONFIG.into(),
+                namespace: ns.into(),
                 key: k.into(),
             };
             RemotingCommand::request(RequestCode::GetKvConfig.code(), h.to_ext())
         };
         let mut copied = None;
         for _ in 0..200 {
-            if let Ok(resp) = client.call_ok(&b_addr, get("T")).await {
+            if let Ok(resp) = client
+                .call_ok(&b_addr, get(kv::ORDER_TOPIC_CONFIG, "T"))
+                .await
+            {
                 copied = resp.ext_fields.get("value").map(String::from);
                 break;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         assert_eq!(copied.as_deref(), Some("broker-a:4"));
+        let other = client.call_ok(&b_addr, get("NS", "k")).await.unwrap();
+        assert_eq!(other.ext_fields.get("value"), Some("v"));
+        // Ready only once copied (a rolling restart waits for it): one whose peers do not
+        // answer is not ready yet.
+        async fn readyz(http: SocketAddr) -> String {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut c = tokio::net::TcpStream::connect(http).await.unwrap();
+            c.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await.unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).await.unwrap();
+            out
+        }
+        let mut ready = String::new();
+        for _ in 0..200 {
+            ready = readyz(b.http_addr).await;
+            if ready.lines().next().is_some_and(|l| l.contains(" 200 ")) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(
+            ready.lines().next().is_some_and(|l| l.contains(" 200 ")),
+            "{ready}"
+        );
+        let c = start(vec!["127.0.0.1:1".into()]).await.unwrap();
+        let not_ready = readyz(c.http_addr).await;
+        assert!(
+            not_ready
+                .lines()
+                .next()
+                .is_some_and(|l| l.contains(" 503 ")),
+            "{not_ready}"
+        );
+        c.stop().await;
         b.stop().await;
         a.stop().await;
         // A name server does not take its own (empty) table for a peer's.

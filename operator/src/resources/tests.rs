@@ -131,14 +131,7 @@ fn pods_are_locked_down_and_probed() {
         }
     }
     // Brokers learn identity from the pod, not from a shell script.
-    let broker = r.stateful_sets[1]
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap();
+    let broker = pod_of(&r, 1);
     let env: Vec<&str> = broker.containers[0]
         .env
         .as_ref()
@@ -339,18 +332,22 @@ fn affinity_of(
 fn name_servers_copy_the_kv_config_from_each_other_through_their_headless_service() {
     let s = spec(1, 0, Replication::Async, Flush::Async);
     let r = render(&plan("demo", "mq", &s, "i").unwrap(), &s, &owner());
-    let pod = r.stateful_sets[0]
+    let args = pod_of(&r, 0).containers[0].args.clone().unwrap_or_default();
+    let at = args
+        .iter()
+        .position(|a| a == "--kv-peers")
+        .expect("--kv-peers");
+    assert_eq!(args[at + 1], "demo-nameserver-headless.mq.svc:9876");
+}
+
+/// The pod template of the `i`th StatefulSet rendered (0: the name servers).
+fn pod_of(r: &Resources, i: usize) -> &k8s_openapi::api::core::v1::PodSpec {
+    r.stateful_sets[i]
         .spec
         .as_ref()
         .unwrap()
         .template
         .spec
         .as_ref()
-        .unwrap();
-    let args = pod.containers[0].args.clone().unwrap_or_default();
-    let at = args
-        .iter()
-        .position(|a| a == "--kv-peers")
-        .expect("--kv-peers");
-    assert_eq!(args[at + 1], "demo-nameserver-headless.mq.svc:9876");
+        .unwrap()
 }
