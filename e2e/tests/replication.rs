@@ -380,6 +380,49 @@ async fn slave_refuses_writes_serves_reads_and_gets_offsets_from_its_master() ->
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(synced, Some(7), "consumer offset never reached the slave");
+
+    // Settings changed at run time: `-c` reaches the masters, `-c -a` (or Java's `-a true`)
+    // the slaves too.
+    let admin = |args: &[&str]| -> Result<String, Error> {
+        let out = std::process::Command::new(e2e::bin("mqadmin")?)
+            .arg("-n")
+            .arg(&ns.addr)
+            .args([
+                "updateBrokerConfig",
+                "-c",
+                "TestCluster",
+                "-k",
+                "fileReservedTime",
+            ])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned().into());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let reserved = |addr: String| {
+        let client = client.clone();
+        async move {
+            let have = client.broker_config(&addr).await?;
+            Ok::<_, Error>(have.get("fileReservedTime").cloned().unwrap_or_default())
+        }
+    };
+    let out = admin(&["-v", "48"])?;
+    assert!(
+        out.contains(&master.addr) && !out.contains(&slave.addr),
+        "{out}"
+    );
+    assert_eq!(reserved(master.addr.clone()).await?, "48");
+    assert_eq!(reserved(slave.addr.clone()).await?, "72");
+    for all in [&["-a"][..], &["-a", "true"][..]] {
+        let out = admin(&[&["-v", "24"][..], all].concat())?;
+        assert!(
+            out.contains(&master.addr) && out.contains(&slave.addr),
+            "{out}"
+        );
+    }
+    assert_eq!(reserved(slave.addr.clone()).await?, "24");
     Ok(())
 }
 
