@@ -720,12 +720,15 @@ impl BrokerConfig {
                     return Err(restart_only(name))
                 }
                 Some(l) => l.1.clone_from(value),
-                // Settings without a default value (haMasterAddress) are not listed.
-                None if name == "haMasterAddress" => lines.push((name.into(), value.clone())),
+                // Settings not listed: unknown, or without a value in effect (bindAddress,
+                // haMasterAddress unset; haAuthToken is never shown), all read at start.
                 None => {
-                    return Err(ConfigError::UnknownKey {
-                        key: key.clone(),
-                        line: *line,
+                    return Err(match BrokerConfig::parse(&format!("{name}={value}\n")) {
+                        Err(ConfigError::UnknownKey { .. }) => ConfigError::UnknownKey {
+                            key: key.clone(),
+                            line: *line,
+                        },
+                        _ => restart_only(name),
                     })
                 }
             }
@@ -1294,6 +1297,17 @@ mod tests {
             .unwrap();
         assert!(changed.is_empty());
         // A start-only setting under its other name is still that setting.
+        for known in [
+            "bindAddress=::",
+            "haAuthToken=x",
+            "haMasterAddress=10.0.0.1:10912",
+        ] {
+            let refused = c.updated(known).unwrap_err().to_string();
+            assert!(
+                refused.contains("read only when the broker starts"),
+                "{refused}"
+            );
+        }
         let refused = c.updated("haSlaveFallbehindMax=1").unwrap_err().to_string();
         assert!(
             refused.contains("`haMaxGapNotInSync` is read only when the broker starts"),

@@ -6,13 +6,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tokio::net::TcpListener;
 
-/// Listens on `port` of every address: IPv6 and IPv4 both (a dual-stack socket) where the
-/// host has IPv6, IPv4 alone where it has not. Pods of an IPv6-only cluster are reached on
-/// their IPv6 address, those of others on their IPv4 one.
-pub async fn bind_any(port: u16) -> io::Result<TcpListener> {
-    bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).await
-}
-
 /// Listens on `addr`. The IPv6 "every address" (`[::]`) takes IPv4 clients too, whatever the
 /// host's default (`net.ipv6.bindv6only`), and falls back to IPv4's (`0.0.0.0`) on a host
 /// without IPv6.
@@ -108,7 +101,9 @@ mod tests {
 
     #[tokio::test]
     async fn one_listener_takes_ipv4_and_ipv6_clients() {
-        let l = bind_any(0).await.unwrap();
+        let l = bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)))
+            .await
+            .unwrap();
         if l.local_addr().unwrap().is_ipv6() {
             // Dual-stack whatever net.ipv6.bindv6only says.
             assert!(!socket2::SockRef::from(&l).only_v6().unwrap());

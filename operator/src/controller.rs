@@ -135,8 +135,8 @@ pub enum SettingsError {
     #[error("{0}")]
     NotYet(String),
     /// A member refused them: a broker too old to change settings while it runs, or a value
-    /// it does not take. Tried again at the next full pass; the group's pods get the values
-    /// when they restart (the ConfigMap holds them).
+    /// it does not take. Tried again at the next reconcile (at least every 5 minutes); the
+    /// group's pods get the values when they restart (the ConfigMap holds them).
     #[error("{0}")]
     Refused(String),
 }

@@ -280,6 +280,8 @@ pub struct LocalCluster {
     /// Groups whose settings changeable at run time are to be pushed to their members, with
     /// how often that failed (they may still be starting).
     settings_pending: BTreeMap<String, u32>,
+    /// What each group's members were last brought to (see `live_key`).
+    settings_pushed: BTreeMap<String, String>,
     namesrv: String,
     admin: Arc<dyn GroupAdmin>,
     readiness: Arc<dyn Readiness>,
@@ -328,6 +330,7 @@ impl LocalCluster {
             unready: BTreeSet::new(),
             unshared: BTreeMap::new(),
             settings_pending: BTreeMap::new(),
+            settings_pushed: BTreeMap::new(),
             namesrv: String::new(),
             admin,
             readiness: Arc::new(HttpReadiness),
@@ -580,11 +583,19 @@ impl LocalCluster {
             }
         }
         // Settings brokers take while running are pushed to them rather than restarting
-        // them (see push_settings), every group once after each apply.
+        // them (see push_settings), to a group whose file's values changed since the last
+        // push (a value changed by hand on a broker stays until then).
         for g in &plan.groups {
-            self.settings_pending.entry(g.name.clone()).or_insert(0);
+            if self.settings_pushed.get(&g.name) != Some(&self.live_key(g)) {
+                self.settings_pending.entry(g.name.clone()).or_insert(0);
+            }
         }
         Ok(())
+    }
+
+    /// What a group's pushed settings depend on: the file's values and the name servers.
+    fn live_key(&self, g: &crate::plan::BrokerGroupPlan) -> String {
+        format!("{}|{}", g.live_hash, self.namesrv)
     }
 
     /// Brings the settings brokers change while running to the file's on the members of the
@@ -610,14 +621,13 @@ impl LocalCluster {
             match self.admin.apply_settings(&gref, &wanted).await {
                 Ok(done) => {
                     if !done.changed.is_empty() {
-                        println!(
-                            "{group}: changed without a restart: {}",
-                            done.changed.join(", ")
-                        );
+                        tracing::info!(group = %group, changed = ?done.changed, "settings changed without a restart");
                     }
                     // A member not registered (restarting, say) is checked at the next tick.
                     if done.checked >= g.members.len() {
                         self.settings_pending.remove(&group);
+                        let key = self.live_key(g);
+                        self.settings_pushed.insert(group.clone(), key);
                     }
                 }
                 Err(SettingsError::NotYet(e)) => retry_later(
@@ -628,10 +638,10 @@ impl LocalCluster {
                 ),
                 Err(SettingsError::Refused(e)) => {
                     // Not asked again until the next edit; a restart takes the file's.
-                    eprintln!(
-                        "{group}: settings refused ({e}); members take them when they restart"
-                    );
+                    tracing::warn!(group = %group, error = %e, "settings refused; members take them when they restart");
                     self.settings_pending.remove(&group);
+                    let key = self.live_key(g);
+                    self.settings_pushed.insert(group.clone(), key);
                 }
             }
         }
@@ -1261,6 +1271,14 @@ mod tests {
             admin.settings_pushes.load(Ordering::SeqCst),
             2,
             "nothing pending"
+        );
+        // Applying the same file again (a drain or a retry does every tick) pushes nothing.
+        cluster.apply(&first).await.unwrap();
+        cluster.push_settings(&first).await;
+        assert_eq!(
+            admin.settings_pushes.load(Ordering::SeqCst),
+            2,
+            "pushed again"
         );
         let live = plan_of(
             dir.path(),

@@ -123,7 +123,8 @@ pub struct BrokerGroupPlan {
     /// as its broker.conf line reads in effect (defaults included): pushed to the members
     /// instead of restarting them.
     pub live_settings: Vec<(String, String)>,
-    /// Hash of `live_settings`: the group's StatefulSet records the last one pushed.
+    /// Hash of `live_settings`, compared with the one last pushed to the group (kept in
+    /// memory by the controller).
     pub live_hash: String,
 }
 

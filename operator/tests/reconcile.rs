@@ -1220,8 +1220,8 @@ async fn a_setting_brokers_change_while_running_reaches_them_without_a_rollout()
     };
     let before = [template(&h, "demo-broker-0"), template(&h, "demo-broker-1")];
     h.edit_spec(json!({"masters": 2, "config": {"fileReservedTime": "48"}}));
-    // The ConfigMaps change (a restart reads them); the pods do not roll (the StatefulSets
-    // only record what was pushed).
+    // The ConfigMaps change (a restart reads them); the pods do not roll: the StatefulSets'
+    // templates stay as they were.
     let writes = h.reconcile_pods().await;
     assert!(
         writes.contains(&"PATCH configmaps/demo-broker-0".to_string())

@@ -102,8 +102,9 @@ pub struct NameServer {
 }
 
 /// How long a name server starting without KV values keeps asking its peers for theirs
-/// (they may be starting too), and how often.
+/// (they may be starting too).
 const KV_COPY_FOR: Duration = Duration::from_secs(60);
+/// How often it asks them again meanwhile.
 const KV_COPY_EVERY: Duration = Duration::from_secs(2);
 
 impl NameServer {
@@ -158,7 +159,16 @@ impl NameServer {
             crate::remoting::ExtFields::default(),
         );
         req.ext_fields.insert("instance", &self.instance);
-        let resp = pool.call(peer, req, timeout).await.ok()?;
+        // Java 4's name server does not answer a code it does not know: silence on an open
+        // connection is a name server too old for it.
+        let resp = match pool.call(peer, req, timeout).await {
+            Ok(resp) => resp,
+            Err(crate::remoting::connection::ClientError::Timeout { .. }) => RemotingCommand {
+                code: ResponseCode::RequestCodeNotSupported.code(),
+                ..RemotingCommand::default()
+            },
+            Err(_) => return None,
+        };
         if resp.code == ResponseCode::Success.code() {
             return match serde_json::from_slice::<kv::KvFile>(&resp.body) {
                 Ok(t) => Some(t.config_table),

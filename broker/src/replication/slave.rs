@@ -37,7 +37,10 @@ pub async fn follow(
     loop {
         if let Some(why) = store.commitlog().stopped() {
             // Every replicated write would be refused: stop asking the master for them.
-            tracing::error!(error = why, "replication stopped: this slave's commit log cannot be written to disk; restart it to recover");
+            tracing::error!(
+                error = why,
+                "replication stopped: this slave's store takes no more data; restart it to recover"
+            );
             shutdown.cancelled().await;
             return;
         }

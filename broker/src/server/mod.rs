@@ -549,7 +549,8 @@ impl Broker {
     /// The registration body and header for the name servers.
     fn registration(&self) -> RemotingCommand {
         let (mut table, mut version) = self.store.topics.snapshot();
-        // A store that failed to write its log takes nothing more: routes say so, and clients
+        // A store that stopped (its log could not be written, or log and queues may disagree)
+        // takes nothing more: routes say so, and clients
         // send elsewhere, whatever way they send (a refused send is retried elsewhere only by
         // synchronous sends).
         let unwritable = self.store.commitlog().stopped().is_some();
@@ -1510,8 +1511,8 @@ pub async fn start(mut cfg: BrokerConfig) -> Result<BrokerHandle, BrokerError> {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(schedule::TICK) => {}
             }
-            // A store that failed to write its log takes nothing: the due messages wait for
-            // the restart (the store said why, once).
+            // A store that stopped takes nothing: the due messages wait for the restart (the
+            // store said why, once).
             if b.store.commitlog().stopped().is_some() || b.store.disk_full().is_some() {
                 continue;
             }

@@ -92,8 +92,9 @@ pub enum StoreError {
     /// The store is shutting down or its flusher died.
     #[error("store is shut down")]
     Shutdown,
-    /// Writing the commit log to disk failed and pages may be lost, so nothing more is taken
-    /// or acknowledged as durable until a restart recovers the log from the disk.
+    /// The store stopped taking data until a restart recovers it: writing the commit log to
+    /// disk failed and pages may be lost (nothing more is acknowledged as durable either), or
+    /// a consume queue could not be written after the log took its messages.
     #[error(
         "{0}; the store takes no more messages until the broker restarts and recovers its log"
     )]
