@@ -789,12 +789,15 @@ mod tests {
     async fn a_message_waiting_long_is_stored_anew_and_still_delivered_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = store_with_t(dir.path());
+        // Rolled after a second: long enough that a loaded machine's passes, a moment apart,
+        // never find the fresh copy old enough to roll again.
         let pass = Pass {
-            roll_after_ms: 100,
+            roll_after_ms: 1_000,
             ..PASS
         };
         let timers = Timers::load(dir.path()).unwrap();
-        store.put(&[timed(0, now_ms() + 700)]).await.unwrap();
+        let due = now_ms() + 2_500;
+        store.put(&[timed(0, due)]).await.unwrap();
         // A message for a topic deleted meanwhile is dropped when due.
         let mut gone = timed(1, now_ms() + 50);
         gone.properties = gone
@@ -802,10 +805,10 @@ mod tests {
             .replace("REAL_TOPIC\u{1}T", "REAL_TOPIC\u{1}Gone");
         store.put(&[gone]).await.unwrap();
         assert_eq!(timers.deliver_due(&store, pass).await.unwrap(), 0);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
         assert_eq!(timers.deliver_due(&store, pass).await.unwrap(), 0);
         assert!(store.queue("Gone", 1).is_none());
-        // Older than 100 ms: stored again at the timer queue's end, once (the copy is new).
+        // Older than a second: stored again at the timer queue's end, once (the copy is new).
         let q = store.queue(TIMER_TOPIC, 0).unwrap();
         assert_eq!(q.max_offset(), 3);
         assert_eq!(timers.deliver_due(&store, pass).await.unwrap(), 0);
@@ -819,7 +822,7 @@ mod tests {
         let again = Timers::load(dir.path()).unwrap();
         assert_eq!(again.deliver_due(&store, pass).await.unwrap(), 0);
         assert_eq!(again.pending(), 1);
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        tokio::time::sleep(Duration::from_millis((due + 100 - now_ms()).max(0) as u64)).await;
         assert_eq!(again.deliver_due(&store, pass).await.unwrap(), 1);
         assert_eq!(delivered(&store), ["m0"]);
         assert_eq!(again.pending(), 0);
