@@ -704,18 +704,20 @@ mod tests {
         let store = store_with_t(dir.path());
         let timers = Timers::load(dir.path()).unwrap();
         let now = now_ms();
-        // Stored out of time order; the last one is far off.
+        // Stored out of time order; the last one is far off. Spaced widely: a loaded machine's
+        // passes come late, and must still find the same ones due.
         for (i, at) in [
-            (0, now + 400),
-            (1, now + 200),
-            (2, now + 600),
+            (0, now + 800),
+            (1, now + 400),
+            (2, now + 2_400),
             (3, now + 3_600_000),
         ] {
             store.put(&[timed(i, at)]).await.unwrap();
         }
         assert_eq!(timers.deliver_due(&store, PASS).await.unwrap(), 0);
         assert_eq!(timers.pending(), 4);
-        tokio::time::sleep(Duration::from_millis(450)).await;
+        let until = |t: i64| Duration::from_millis((t - now_ms()).max(0) as u64);
+        tokio::time::sleep(until(now + 900)).await;
         assert_eq!(timers.deliver_due(&store, PASS).await.unwrap(), 2);
         assert_eq!(delivered(&store), ["m1", "m0"]);
         let m = store
@@ -730,15 +732,16 @@ mod tests {
         let again = Timers::load(dir.path()).unwrap();
         assert_eq!(again.deliver_due(&store, PASS).await.unwrap(), 0);
         assert_eq!(again.pending(), 2);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(until(now + 2_500)).await;
         assert_eq!(again.deliver_due(&store, PASS).await.unwrap(), 1);
         assert_eq!(delivered(&store), ["m1", "m0", "m2"]);
         // One stored after a restart, due before the far one.
-        store.put(&[timed(4, now_ms() + 100)]).await.unwrap();
+        let at = now_ms() + 600;
+        store.put(&[timed(4, at)]).await.unwrap();
         let third = Timers::load(dir.path()).unwrap();
         assert_eq!(third.deliver_due(&store, PASS).await.unwrap(), 0);
         assert_eq!(third.pending(), 2);
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(until(at + 50)).await;
         assert_eq!(third.deliver_due(&store, PASS).await.unwrap(), 1);
         assert_eq!(delivered(&store), ["m1", "m0", "m2", "m4"]);
         assert_eq!(third.pending(), 1, "the far one still waits");
@@ -751,14 +754,14 @@ mod tests {
         let store = store_with_t(dir.path());
         let wide = Pass {
             cfg: TimerConfig {
-                precision_ms: 400,
+                precision_ms: 1_500,
                 ..PASS.cfg
             },
             ..PASS
         };
         let timers = Timers::load(dir.path()).unwrap();
         let now = now_ms();
-        // Timed under a precision of 400 ms (due 400 ms after its time) and a 2 h limit.
+        // Timed under a precision of 1.5 s (due 1.5 s after its time) and a 2 h limit.
         store
             .put(&[timed(0, now), timed(1, now + 7_000_000)])
             .await
@@ -778,7 +781,7 @@ mod tests {
         let again = Timers::load(dir.path()).unwrap();
         assert_eq!(again.deliver_due(&store, narrow).await.unwrap(), 0);
         assert_eq!(again.pending(), 2);
-        tokio::time::sleep(Duration::from_millis(450)).await;
+        tokio::time::sleep(Duration::from_millis((now + 1_600 - now_ms()).max(0) as u64)).await;
         assert_eq!(again.deliver_due(&store, narrow).await.unwrap(), 1);
         assert_eq!(delivered(&store), ["m0"]);
         assert_eq!(again.pending(), 1, "the far one still waits");
