@@ -701,10 +701,11 @@ impl BrokerConfig {
         if updates.is_empty() {
             return Err(ConfigError::Inconsistent("no setting to change".into()));
         }
-        let mut lines: Vec<(String, String)> = parse_properties(&self.to_properties())?
+        let before: Vec<(String, String)> = parse_properties(&self.to_properties())?
             .into_iter()
             .map(|(k, v, _)| (k, v))
             .collect();
+        let mut lines = before.clone();
         let restart_only = |key: &str| {
             ConfigError::Inconsistent(format!(
                 "`{key}` is read only when the broker starts: change it in broker.conf and \
@@ -744,11 +745,10 @@ impl BrokerConfig {
         // What broker.conf lines do not carry.
         next.ha_auth_token.clone_from(&self.ha_auth_token);
         next.config_file.clone_from(&self.config_file);
-        let before = parse_properties(&self.to_properties())?;
         let changed: Vec<(String, String)> = parse_properties(&next.to_properties())?
             .into_iter()
-            .filter(|(k, v, _)| !before.iter().any(|(bk, bv, _)| bk == k && bv == v))
             .map(|(k, v, _)| (k, v))
+            .filter(|kv| !before.contains(kv))
             .collect();
         if let Some((key, _)) = changed
             .iter()

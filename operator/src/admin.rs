@@ -246,7 +246,7 @@ fn worse(a: Option<SettingsError>, b: SettingsError) -> SettingsError {
 }
 
 /// The settings of `wanted` a broker whose settings are `have` differs on.
-pub fn settings_to_change(
+fn settings_to_change(
     have: &BTreeMap<String, String>,
     wanted: &[(String, String)],
 ) -> Vec<(String, String)> {

@@ -160,48 +160,38 @@ impl NameServer {
         );
         req.ext_fields.insert("instance", &self.instance);
         // Java 4's name server does not answer a code it does not know: silence on an open
-        // connection is a name server too old for it.
-        let resp = match pool.call(peer, req, timeout).await {
-            Ok(resp) => resp,
-            Err(crate::remoting::connection::ClientError::Timeout { .. }) => RemotingCommand {
-                code: ResponseCode::RequestCodeNotSupported.code(),
-                ..RemotingCommand::default()
-            },
+        // connection is a name server too old for it, as is the code's refusal. Any other
+        // error answer is this name server itself.
+        match pool.call(peer, req, timeout).await {
+            Ok(resp) if resp.code == ResponseCode::Success.code() => {
+                return match serde_json::from_slice::<kv::KvFile>(&resp.body) {
+                    Ok(t) => Some(t.config_table),
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "a peer's KV config could not be read");
+                        None
+                    }
+                };
+            }
+            Ok(resp) if resp.code != ResponseCode::RequestCodeNotSupported.code() => {
+                return Some(BTreeMap::new())
+            }
+            Ok(_) | Err(crate::remoting::connection::ClientError::Timeout { .. }) => {}
             Err(_) => return None,
-        };
-        if resp.code == ResponseCode::Success.code() {
-            return match serde_json::from_slice::<kv::KvFile>(&resp.body) {
-                Ok(t) => Some(t.config_table),
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "a peer's KV config could not be read");
-                    None
-                }
-            };
-        }
-        if resp.code != ResponseCode::RequestCodeNotSupported.code() {
-            return Some(BTreeMap::new()); // this name server itself
         }
         let h = KvNamespaceRequestHeader {
             namespace: kv::ORDER_TOPIC_CONFIG.into(),
         };
         let req = RemotingCommand::request(RequestCode::GetKvlistByNamespace.code(), h.to_ext());
         let resp = pool.call(peer, req, timeout).await.ok()?;
-        #[derive(serde::Deserialize)]
-        struct Table {
-            #[serde(default)]
-            table: BTreeMap<String, String>,
+        let mut out = BTreeMap::new();
+        if resp.code == ResponseCode::Success.code() {
+            if let Ok(t) = serde_json::from_slice::<crate::server::RuntimeInfo>(&resp.body) {
+                if !t.table.is_empty() {
+                    out.insert(kv::ORDER_TOPIC_CONFIG.to_string(), t.table);
+                }
+            }
         }
-        let table = (resp.code == ResponseCode::Success.code())
-            .then(|| serde_json::from_slice::<Table>(&resp.body).ok())
-            .flatten()
-            .map(|t| t.table)
-            .unwrap_or_default();
-        Some(
-            Some((kv::ORDER_TOPIC_CONFIG.to_string(), table))
-                .into_iter()
-                .filter(|(_, t)| !t.is_empty())
-                .collect(),
-        )
+        Some(out)
     }
 
     fn routes(&self) -> std::sync::MutexGuard<'_, RouteTable> {
@@ -355,7 +345,7 @@ impl NameServer {
                     Ok(h) => match self.kv.namespace(&h.namespace) {
                         Some(table) => req
                             .response_to(ResponseCode::Success)
-                            .with_body(to_json(&serde_json::json!({ "table": table }))),
+                            .with_body(to_json(&crate::server::RuntimeInfo { table })),
                         None => req.error_to(
                             ResponseCode::QueryNotFound,
                             format!("No config item, Namespace: {}", h.namespace),
@@ -368,9 +358,10 @@ impl NameServer {
                 if req.ext_fields.get("instance") == Some(self.instance.as_str()) {
                     return req.error_to(ResponseCode::SystemError, "asked itself");
                 }
-                req.response_to(ResponseCode::Success).with_body(to_json(
-                    &serde_json::json!({ "configTable": self.kv.all() }),
-                ))
+                req.response_to(ResponseCode::Success)
+                    .with_body(to_json(&kv::KvFile {
+                        config_table: self.kv.all(),
+                    }))
             }
             RequestCode::GetBrokerClusterInfo => req
                 .response_to(ResponseCode::Success)

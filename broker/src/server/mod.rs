@@ -548,13 +548,13 @@ impl Broker {
 
     /// The registration body and header for the name servers.
     fn registration(&self) -> RemotingCommand {
+        let cfg = self.cfg();
         let (mut table, mut version) = self.store.topics.snapshot();
         // A store that stopped (its log could not be written, or log and queues may disagree)
-        // takes nothing more: routes say so, and clients
-        // send elsewhere, whatever way they send (a refused send is retried elsewhere only by
-        // synchronous sends).
+        // takes nothing more: routes say so, and clients send elsewhere, whatever way they
+        // send (a refused send is retried elsewhere only by synchronous sends).
         let unwritable = self.store.commitlog().stopped().is_some();
-        let mut perm = self.cfg().permission;
+        let mut perm = cfg.permission;
         if self.write_wiped() || unwritable {
             perm &= !PERM_WRITE;
         }
@@ -579,12 +579,12 @@ impl Broker {
         };
         let body = to_json(&body);
         let h = RegisterBrokerRequestHeader {
-            broker_name: self.cfg().broker_name.clone(),
-            broker_addr: self.cfg().broker_addr(),
-            cluster_name: self.cfg().cluster_name.clone(),
-            ha_server_addr: Some(self.cfg().ha_addr()),
-            broker_id: self.cfg().broker_id,
-            heartbeat_timeout_millis: Some(self.cfg().heartbeat_timeout_ms as i64),
+            broker_name: cfg.broker_name.clone(),
+            broker_addr: cfg.broker_addr(),
+            cluster_name: cfg.cluster_name.clone(),
+            ha_server_addr: Some(cfg.ha_addr()),
+            broker_id: cfg.broker_id,
+            heartbeat_timeout_millis: Some(cfg.heartbeat_timeout_ms as i64),
             compressed: false,
             body_crc32: Some(crate::store::message::body_crc(&body)),
         };
@@ -754,16 +754,11 @@ impl Broker {
     pub fn runtime_info(&self) -> RuntimeInfo {
         let mut t = BTreeMap::new();
         let log = self.store.commitlog();
-        t.insert("brokerName".to_string(), self.cfg().broker_name.clone());
-        t.insert("brokerId".to_string(), self.cfg().broker_id.to_string());
-        t.insert(
-            "brokerRole".to_string(),
-            self.cfg().role.as_str().to_string(),
-        );
-        t.insert(
-            "flushDiskType".to_string(),
-            format!("{:?}", self.cfg().flush),
-        );
+        let cfg = self.cfg();
+        t.insert("brokerName".to_string(), cfg.broker_name.clone());
+        t.insert("brokerId".to_string(), cfg.broker_id.to_string());
+        t.insert("brokerRole".to_string(), cfg.role.as_str().to_string());
+        t.insert("flushDiskType".to_string(), format!("{:?}", cfg.flush));
         t.insert(
             "commitLogMinOffset".to_string(),
             log.min_offset().to_string(),
@@ -833,11 +828,12 @@ impl Broker {
     }
 
     async fn unregister_all(&self) {
+        let cfg = self.cfg.load_full();
         let h = UnregisterBrokerRequestHeader {
-            broker_name: self.cfg().broker_name.clone(),
-            broker_addr: self.cfg().broker_addr(),
-            cluster_name: self.cfg().cluster_name.clone(),
-            broker_id: self.cfg().broker_id,
+            broker_name: cfg.broker_name.clone(),
+            broker_addr: cfg.broker_addr(),
+            cluster_name: cfg.cluster_name.clone(),
+            broker_id: cfg.broker_id,
         };
         let req = RemotingCommand::request(RequestCode::UnregisterBroker.code(), h.to_ext());
         for addr in self.name_servers().await {
